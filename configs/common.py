@@ -1,0 +1,159 @@
+"""The one base config every stage derives from (SPEC.md numbers; stages override fields).
+
+Sections: model, moe, reversible, tqp, data, tokenizer, optim, mesh, checkpoint, train.
+Stage files call `get_base_config()` and change only what differs for their stage.
+"""
+from ml_collections import ConfigDict
+
+
+def get_base_config() -> ConfigDict:
+  c = ConfigDict()
+  c.stage = "base"
+
+  # ------------------------------------------------------------------ model (SPEC §2)
+  m = c.model = ConfigDict()
+  m.d_model = 4096
+  m.n_layers = 8
+  m.pattern = "DDDG"              # layer i is G when (i+1) % 4 == 0 (SPEC §2.1)
+  m.vocab_size = 131072
+  m.max_seq_len = 4096
+  m.dtype = "bfloat16"            # compute dtype
+  m.param_dtype = "float32"       # master weights
+  m.norm_eps = 1e-6
+  m.use_rotary = True             # switch that disables rotary everywhere (last 20% of 9B)
+  m.rope_base = 10000.0
+  m.ffn_width = 2048              # dense SwiGLU width (2B seed); MoE stages use moe.*
+  m.ce_chunk = 1024               # tokens per cross-entropy chunk (never all float32 logits)
+
+  m.deltanet = ConfigDict()
+  m.deltanet.n_heads = 32
+  m.deltanet.head_dim = 128
+  m.deltanet.conv_kernel = 4
+  m.deltanet.chunk_size = 64
+  m.deltanet.impl = "chunked"     # chunked | recurrent (reference) | kernel
+
+  m.gsa = ConfigDict()
+  m.gsa.n_heads = 16
+  m.gsa.head_dim = 256
+  m.gsa.idx_heads = 4
+  m.gsa.idx_dim = 128
+  m.gsa.k_base = 128
+  m.gsa.k_min = 32
+  m.gsa.k_max = 256
+  m.gsa.n_sinks = 4
+  m.gsa.ema_decay = 0.99
+  m.gsa.query_chunk = 512         # queries processed at once (memory bound at T=8192)
+  m.gsa.impl = "xla"              # xla | kernel
+
+  m.hc = ConfigDict()
+  m.hc.n_streams = 4
+  m.hc.sinkhorn_iters = 20
+  m.hc.sinkhorn_eps = 1e-6
+
+  m.embed = ConfigDict()
+  m.embed.max_bytes = 32          # codec positions; vector dim = 256 * max_bytes = 8192
+  m.embed.form = "table"          # table | on_the_fly
+  m.embed.z_eps = 1e-6
+  m.embed.reference_text_decode = False  # reference behaviour: decode to text (U+FFFD collapse)
+
+  m.mtp = ConfigDict()
+  m.mtp.enabled = True
+  m.mtp.weight = 0.3
+
+  # ------------------------------------------------------------------ MoE (SPEC §2.4)
+  e = c.moe = ConfigDict()
+  e.enabled = False
+  e.router = "null_slot"          # null_slot (5B/9B) | sigmoid (120B)
+  e.n_experts = 20
+  e.n_null = 20
+  e.top_k = 2
+  e.expert_width = 1024
+  e.shared_width = 2048
+  e.mtp_n_experts = 20            # the MTP block keeps 20 experts in every MoE stage
+  e.balance_weight = 0.02
+  e.z_weight = 0.001
+  e.null_weight = 0.01
+  e.null_target = 0.5
+  e.dispatch = "dropless"         # dropless | capacity
+  e.capacity_factor = 1.25
+  e.group_pad = 128               # rows per expert group rounded up to this (dense grouped matmul)
+  # loss-free balancing controller (sigmoid router), hot-reloadable
+  e.bias_gamma = 5e-5
+  e.bias_cap_lo = 0.0005
+  e.bias_cap_hi = 0.004
+  e.bias_ema = 0.01
+  e.bias_guard_k = 4.0            # step multiplier outside [cap_lo, cap_hi]
+  e.hot_config = ""               # path to a JSON file re-read every hot_config_every steps
+  e.hot_config_every = 10
+
+  # ------------------------------------------------------------------ reversible (SPEC §2.6)
+  r = c.reversible = ConfigDict()
+  r.enabled = False
+  r.mode = "store_boundaries"     # store_boundaries | invert
+  r.h = 0.25
+  r.a = 0.5
+  r.fixed_point_bits = 24         # fractional bits of the exact integer state (invert mode)
+
+  # ------------------------------------------------------------------ TQP (SPEC §4)
+  q = c.tqp = ConfigDict()
+  q.enabled = False
+  q.bits = 4
+  q.rank = 16
+  q.seed = 0
+  q.flush_every = 0               # adapter merge; diverged at 120B, off by default
+  q.lr_mult_router = 1.0
+  q.lr_mult_adapters = 3.0
+  q.lr_mult_rest = 0.01
+
+  # ------------------------------------------------------------------ tokenizer (SPEC §7)
+  t = c.tokenizer = ConfigDict()
+  t.name = "o200k_base"           # o200k_base | brahmic (path to a built tokenizer dir)
+  t.path = ""
+  t.id_order = "natural"          # natural | frequency (permutation file beside the tokenizer)
+
+  # ------------------------------------------------------------------ data (SPEC §6)
+  d = c.data = ConfigDict()
+  d.path = ""                     # directory of uint32 shards (+ manifest)
+  d.seed = 0
+  d.val_fraction = 0.05
+  d.num_workers = 0
+
+  # ------------------------------------------------------------------ optimiser (SPEC §5)
+  o = c.optim = ConfigDict()
+  o.peak_lr = 1e-3
+  o.start_lr = 0.0                # or the previous stage's end LR
+  o.warmup_steps = 1000
+  o.schedule = "cosine"           # cosine | wsd | constant
+  o.decay_ratio = 10.0            # end LR = peak / decay_ratio
+  o.stable_fraction = 0.85        # WSD: fraction of post-warmup steps held at peak
+  o.b1 = 0.9
+  o.b2 = 0.95
+  o.eps = 1e-10
+  o.weight_decay = 0.1
+  o.clip_norm = 1.0
+
+  # ------------------------------------------------------------------ mesh
+  x = c.mesh = ConfigDict()
+  x.data = -1                     # -1: all remaining devices
+  x.expert = 1
+  x.tensor = 1
+
+  # ------------------------------------------------------------------ checkpoints
+  k = c.checkpoint = ConfigDict()
+  k.every_steps = 500
+  k.every_seconds = 1800
+  k.keep = 3
+  k.async_save = True
+
+  # ------------------------------------------------------------------ training
+  tr = c.train = ConfigDict()
+  tr.seed = 0
+  tr.seq_len = 4096
+  tr.global_batch = 64            # sequences per optimizer step
+  tr.micro_batch = 8              # sequences per device per forward (accumulate to global)
+  tr.total_tokens = 0             # token budget; steps = total_tokens / tokens_per_step
+  tr.steps = 0                    # explicit override when > 0
+  tr.log_every = 10
+  tr.eval_every = 200
+  tr.eval_batches = 4
+  return c

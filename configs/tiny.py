@@ -1,0 +1,29 @@
+"""Tiny LightningLM that trains on 2 CPU cores: same architecture as stage_2b, small sizes."""
+from configs.common import get_base_config
+
+
+def get_config():
+  c = get_base_config()
+  c.stage = "tiny"
+  m = c.model
+  m.d_model = 64
+  m.n_layers = 4
+  m.dtype = "float32"
+  m.max_seq_len = 8192
+  m.ffn_width = 128
+  m.ce_chunk = 512
+  m.deltanet.n_heads = 4
+  m.deltanet.head_dim = 16
+  m.deltanet.chunk_size = 64
+  m.gsa.n_heads = 2
+  m.gsa.head_dim = 32
+  m.gsa.idx_heads = 4
+  m.gsa.idx_dim = 16
+  m.gsa.k_min = 8
+  m.gsa.k_base = 16
+  m.gsa.k_max = 32
+  m.gsa.query_chunk = 128
+  c.moe.expert_width = 32
+  c.moe.shared_width = 64
+  c.train.seq_len = 128
+  return c

@@ -1,0 +1,98 @@
+"""Config helpers: the one place that rejects bad configs, with one sentence each."""
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+
+from ml_collections import ConfigDict
+
+
+class ConfigError(ValueError):
+  """A config value is wrong; the message names the field and what was expected."""
+
+
+def load_config(path: str) -> ConfigDict:
+  """Load `get_config()` from a config file path (as `--config=configs/x.py` would)."""
+  p = pathlib.Path(path)
+  if not p.exists():
+    raise ConfigError(f"config file {path} does not exist; expected a path like configs/tiny.py.")
+  spec = importlib.util.spec_from_file_location(f"_cfg_{p.stem}", p)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config()
+
+
+def layer_kinds(cfg: ConfigDict) -> list[str]:
+  """'D' or 'G' per layer: layer i is G when (i+1) % len(pattern) == 0 (SPEC §2.1)."""
+  pat = cfg.model.pattern
+  return [pat[i % len(pat)] for i in range(cfg.model.n_layers)]
+
+
+def n_groups(cfg: ConfigDict) -> int:
+  return cfg.model.n_layers // len(cfg.model.pattern)
+
+
+def _need(cond: bool, msg: str):
+  if not cond:
+    raise ConfigError(msg)
+
+
+def validate(cfg: ConfigDict) -> ConfigDict:
+  """Check a config; raise ConfigError naming the field on the first problem found."""
+  m = cfg.model
+  _need(m.d_model > 0, f"model.d_model={m.d_model} must be positive.")
+  _need(set(m.pattern) <= {"D", "G"} and len(m.pattern) > 0,
+        f"model.pattern={m.pattern!r} must be a string of 'D' and 'G' layers, e.g. 'DDDG'.")
+  _need(m.n_layers > 0 and m.n_layers % len(m.pattern) == 0,
+        f"model.n_layers={m.n_layers} must be a positive multiple of the pattern length "
+        f"{len(m.pattern)} ({m.pattern!r}).")
+  dn = m.deltanet
+  _need(dn.n_heads * dn.head_dim == m.d_model,
+        f"model.deltanet.n_heads={dn.n_heads} x head_dim={dn.head_dim} must equal "
+        f"model.d_model={m.d_model}.")
+  g = m.gsa
+  _need(g.n_heads * g.head_dim == m.d_model,
+        f"model.gsa.n_heads={g.n_heads} x head_dim={g.head_dim} must equal "
+        f"model.d_model={m.d_model}.")
+  _need(1 <= g.k_min <= g.k_base <= g.k_max,
+        f"model.gsa needs 1 <= k_min ({g.k_min}) <= k_base ({g.k_base}) <= k_max ({g.k_max}).")
+  _need(0 <= g.n_sinks <= g.k_min,
+        f"model.gsa.n_sinks={g.n_sinks} must be between 0 and k_min={g.k_min}.")
+  _need(dn.head_dim % 2 == 0 and g.head_dim % 2 == 0,
+        "model.deltanet.head_dim and model.gsa.head_dim must be even for interleaved rotary.")
+  _need(m.hc.n_streams >= 1, f"model.hc.n_streams={m.hc.n_streams} must be at least 1.")
+  _need(m.max_seq_len > 0, f"model.max_seq_len={m.max_seq_len} must be positive.")
+  _need(m.vocab_size > 0, f"model.vocab_size={m.vocab_size} must be positive.")
+  _need(m.embed.form in ("table", "on_the_fly"),
+        f"model.embed.form={m.embed.form!r} must be 'table' or 'on_the_fly'.")
+  _need(m.dtype in ("float32", "bfloat16", "float16"),
+        f"model.dtype={m.dtype!r} must be float32, bfloat16 or float16.")
+
+  e = cfg.moe
+  if e.enabled:
+    _need(e.router in ("null_slot", "sigmoid"),
+          f"moe.router={e.router!r} must be 'null_slot' or 'sigmoid'.")
+    n_slots = e.n_experts + (e.n_null if e.router == "null_slot" else 0)
+    _need(1 <= e.top_k <= n_slots,
+          f"moe.top_k={e.top_k} must be between 1 and the router's {n_slots} slots "
+          f"(moe.n_experts={e.n_experts}).")
+    _need(e.dispatch in ("dropless", "capacity"),
+          f"moe.dispatch={e.dispatch!r} must be 'dropless' or 'capacity'.")
+
+  r = cfg.reversible
+  if r.enabled:
+    _need(r.mode in ("store_boundaries", "invert"),
+          f"reversible.mode={r.mode!r} must be 'store_boundaries' or 'invert'.")
+    _need(r.a != 0, "reversible.a=0 makes the midpoint integrator non-invertible; "
+                    "expected a non-zero a (the paper uses 0.5).")
+    _need(r.h > 0, f"reversible.h={r.h} must be positive.")
+
+  q = cfg.tqp
+  if q.enabled:
+    _need(q.bits in (4, 8), f"tqp.bits={q.bits} is unsupported; expected 4 or 8.")
+    _need(e.enabled, "tqp.enabled needs moe.enabled: only routed experts are quantized.")
+
+  t = cfg.train
+  _need(t.seq_len <= m.max_seq_len,
+        f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}.")
+  return cfg
