@@ -1,0 +1,479 @@
+"""Mixture of experts (SPEC §2.4): shared SwiGLU + routed SwiGLU experts, two routers,
+dropless expert-parallel dispatch with dense grouped matmuls.
+
+Variables (names are part of the contract, docs/ARCHITECTURE.md)
+----------------------------------------------------------------
+params["moe"] = {
+  "router":  null_slot: {"w" [d, E], "logit_bias" [E], "null_logit" []};  sigmoid: {"w" [d, E]}
+  "shared":  SwiGLU {"gate" [d, Fs], "up" [d, Fs], "down" [Fs, d]}
+  "experts": {"gate" [Ep, d, f], "up" [Ep, d, f], "down" [Ep, f, d]}   (logical axis "expert" on Ep)
+}
+stats["moe"] = sigmoid router: {"bias" [E], "use_ema" [E]};  null-slot router: {}.
+
+E is the number of real experts; Ep = E rounded up to a multiple of `cfg.mesh.expert` (the
+expert-parallel size). Padding experts occupy the LAST Ep - E slots of the stacked arrays
+(460 experts on 8 devices: Ep = 464, devices 0-6 hold 58 real experts each, device 7 holds 54
+real + 4 padding). The router only has E outputs, so routing can never select a padding
+expert; padding weights are initialised to zero, get zero gradient and are excluded from
+counts (`expert_layout`).
+
+Routing (float32)
+-----------------
+* null_slot (5B/9B): logits = [x W + logit_bias, null_logit repeated n_null]; top-k over the
+  E + n_null slots; weights = softmax over the k picked logits, null picks zeroed, the rest
+  renormalised (sum clamped at 1e-6, so a token with only null picks gets no routed output).
+  aux = balance_w * E sum_e f_e p_e + z_w * mean(lse(all slot logits)^2)
+        + null_w * (null_rate - null_target)^2
+  with p_e = mean over tokens of softmax over the REAL logits, f_e = real picks of e / all real
+  picks (null picks count for neither), as in the reference. null_rate is a hard count, so its
+  term has no gradient (reference behaviour).
+* sigmoid (120B): s = sigmoid(x W); picks = top-k of s + bias (bias: non-trained buffer in
+  stats); gates = s at the picks, renormalised to sum 1. aux = z_w * mean(lse(x W)^2) with
+  z_w = 0 by default (logged). The balance value is logged, not trained.
+
+`selection` = {"idx": int32 [B, T, k] slot ids}. Given, it is reused (never re-selected): the
+gates are recomputed from it differentiably, which is what the reversible recompute needs.
+
+Dispatch (`moe.dispatch`)
+-------------------------
+Assignments (token, pick) are sorted by expert and packed into per-expert groups of a static
+capacity C0 = round_up(capacity_factor * N k / Ep, group_pad) rows, so the expert compute is one
+batched einsum [Ep_local, rows, d] x [Ep_local, d, f] (`grouped_swiglu`, the one function every
+routed expert computation goes through; TQP swaps in `tqp.tqp_grouped_swiglu`).
+* capacity: one round of C0 rows per expert; rows past C0 are dropped (counted in step_stats).
+* dropless (default): the same first round, then overflow rounds of C1 = round_up(C0 *
+  overflow_round, group_pad) rows for positions [C0 + r C1, C0 + (r+1) C1). The number of rounds
+  is bounded statically (an expert receives at most one pick per token, so at most N rows), and
+  each overflow round runs only when some group still has rows left (`lax.cond` on the
+  mesh-wide max load), so the result is exact for any routing and costs nothing extra when
+  loads fit in C0. Overflow rounds are rematerialised in the backward pass (their activations
+  are not stored).
+With an "expert" mesh axis of size n > 1 (sharding.current_mesh()), the dispatch runs inside
+`jax.shard_map`: tokens are split over (data, expert), experts over expert, and each round sends
+rows with one all_to_all and brings results back with another. Without a mesh, or with expert
+axis size 1, the same code runs locally.
+
+The test reference `moe_reference` computes every expert on every token, masked by the gates.
+
+Hot config
+----------
+`HotConfig` re-reads the JSON file named by `cfg.moe.hot_config` every `hot_config_every` steps;
+keys gamma, cap_lo, cap_hi, guard_k, z_weight (or their config names bias_gamma, ...) override
+the config at run time and every change is logged. `HotConfig.ctl()` returns the current values
+as float32 arrays: pass them as `consts["moe_ctl"]` to the forward (z weight) and as `ctl=` to
+`moe_update_stats`, so a change takes effect without recompiling.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from lightning_jax import nn, sharding
+from lightning_jax.config import ConfigError
+from lightning_jax.layers import ffn
+
+log = logging.getLogger(__name__)
+
+ROUTER_STD = 0.02
+EXPERT_STD = 0.02
+
+
+# ----------------------------------------------------------------------------- layout
+def ep_size(cfg) -> int:
+  """Expert-parallel size the stored layout is built for (cfg.mesh.expert)."""
+  return max(1, int(cfg.mesh.expert))
+
+
+def padded_experts(cfg, n_experts: int) -> int:
+  n = ep_size(cfg)
+  return -(-n_experts // n) * n
+
+
+def expert_layout(cfg, n_experts: int) -> dict:
+  """{"real", "padded", "per_device", "padding"}: padding experts are the last slots."""
+  ep = padded_experts(cfg, n_experts)
+  return {"real": n_experts, "padded": ep, "per_device": ep // ep_size(cfg),
+          "padding": ep - n_experts}
+
+
+def aux_layer_scale(n_layers: int) -> float:
+  """Summed aux over layers is scaled by 8/N_layers when N_layers > 8 (SPEC §2.4)."""
+  return 8.0 / n_layers if n_layers > 8 else 1.0
+
+
+def validate_moe(cfg, n_experts: int):
+  """Build-time checks: router kind, top-k against the router's slots, experts against the mesh."""
+  e = cfg.moe
+  if e.router not in ("null_slot", "sigmoid"):
+    raise ConfigError(f"moe.router={e.router!r} must be 'null_slot' or 'sigmoid'.")
+  if e.dispatch not in ("dropless", "capacity"):
+    raise ConfigError(f"moe.dispatch={e.dispatch!r} must be 'dropless' or 'capacity'.")
+  if n_experts < 1:
+    raise ConfigError(f"moe expert count {n_experts} must be at least 1.")
+  n_slots = n_experts + (int(e.n_null) if e.router == "null_slot" else 0)
+  if not 1 <= e.top_k <= n_slots:
+    raise ConfigError(f"moe.top_k={e.top_k} does not fit the {e.router} router's {n_slots} slots "
+                      f"({n_experts} experts"
+                      + (f" + {e.n_null} null" if e.router == "null_slot" else "") + ").")
+  ep = ep_size(cfg)
+  if n_experts < ep:
+    raise ConfigError(f"moe expert count {n_experts} is smaller than mesh.expert={ep}; expected "
+                      f"at least one real expert per expert-parallel device.")
+  if e.group_pad < 1 or e.capacity_factor <= 0:
+    raise ConfigError(f"moe.group_pad={e.group_pad} must be >= 1 and moe.capacity_factor="
+                      f"{e.capacity_factor} must be positive.")
+
+
+# ----------------------------------------------------------------------------- specs
+def _expert_init(n_real: int, std: float):
+  """N(0, std) for real experts, zeros for the padding slots at the end."""
+  def f(key, shape, dtype):
+    w = std * jax.random.normal(key, shape, jnp.float32)
+    keep = (jnp.arange(shape[0]) < n_real).reshape((-1,) + (1,) * (len(shape) - 1))
+    return jnp.where(keep, w, 0.0).astype(dtype)
+  return f
+
+
+def moe_specs(cfg, n_experts: int) -> dict:
+  """Spec tree {router, shared, experts} for one MoE sublayer with n_experts real experts."""
+  validate_moe(cfg, n_experts)
+  e, d = cfg.moe, cfg.model.d_model
+  f, ep = e.expert_width, padded_experts(cfg, n_experts)
+  router = {"w": nn.Spec((d, n_experts), ("embed", None), nn.normal(ROUTER_STD))}
+  if e.router == "null_slot":
+    router["logit_bias"] = nn.Spec((n_experts,), (None,), nn.zeros)
+    router["null_logit"] = nn.Spec((), (), nn.zeros)
+  init = _expert_init(n_experts, EXPERT_STD)
+  experts = {
+      "gate": nn.Spec((ep, d, f), ("expert", "embed", "expert_mlp"), init),
+      "up": nn.Spec((ep, d, f), ("expert", "embed", "expert_mlp"), init),
+      "down": nn.Spec((ep, f, d), ("expert", "expert_mlp", "embed"), init),
+  }
+  return {"router": router, "shared": ffn.swiglu_specs(d, e.shared_width), "experts": experts}
+
+
+def moe_stats_specs(cfg, n_experts: int) -> dict:
+  """Non-trained buffers: sigmoid router {bias [E], use_ema [E]}; null-slot router {}."""
+  if cfg.moe.router != "sigmoid":
+    return {}
+  return {"bias": nn.Spec((n_experts,), (None,), nn.zeros),
+          "use_ema": nn.Spec((n_experts,), (None,), nn.constant(1.0 / n_experts))}
+
+
+def moe_stats_init(cfg, n_experts: int) -> dict:
+  return nn.init(moe_stats_specs(cfg, n_experts), jax.random.PRNGKey(0))
+
+
+# ----------------------------------------------------------------------------- routing
+def _ctl(consts, name, default):
+  ctl = (consts or {}).get("moe_ctl") if isinstance(consts, dict) else None
+  if ctl is not None and name in ctl:
+    return jnp.asarray(ctl[name], jnp.float32)
+  return jnp.float32(default)
+
+
+def route(p_router, stats, x2, cfg, consts=None, idx=None):
+  """x2 [N, d] -> (idx [N, k] slot ids, eid [N, k] expert id or -1, gates [N, k] f32, aux, st)."""
+  e = cfg.moe
+  k = e.top_k
+  n_exp = p_router["w"].shape[-1]
+  raw = jnp.dot(x2.astype(jnp.float32), p_router["w"].astype(jnp.float32),
+                precision=jax.lax.Precision.HIGHEST)                       # [N, E]
+  if e.router == "null_slot":
+    real = raw + p_router["logit_bias"].astype(jnp.float32)
+    null = jnp.broadcast_to(p_router["null_logit"].astype(jnp.float32), real.shape[:-1] + (e.n_null,))
+    logits = jnp.concatenate([real, null], -1)                              # [N, E + n_null]
+    if idx is None:
+      _, idx = jax.lax.top_k(jax.lax.stop_gradient(logits), k)
+    w = jax.nn.softmax(jnp.take_along_axis(logits, idx, -1), -1)
+    is_real = idx < n_exp
+    w = w * is_real
+    gates = w / jnp.maximum(w.sum(-1, keepdims=True), 1e-6)
+    p_mean = jax.nn.softmax(real, -1).mean(0)
+    z = jnp.mean(jax.nn.logsumexp(logits, -1) ** 2)
+  else:
+    s = jax.nn.sigmoid(raw)
+    if idx is None:
+      _, idx = jax.lax.top_k(jax.lax.stop_gradient(s) + stats["bias"].astype(jnp.float32), k)
+    g = jnp.take_along_axis(s, idx, -1)
+    gates = g / jnp.maximum(g.sum(-1, keepdims=True), 1e-6)
+    is_real = jnp.ones(idx.shape, bool)
+    p_mean = jax.nn.softmax(raw, -1).mean(0)
+    z = jnp.mean(jax.nn.logsumexp(raw, -1) ** 2)
+  eid = jnp.where(is_real, idx, -1).astype(jnp.int32)
+  load = jnp.zeros((n_exp,), jnp.float32).at[jnp.where(is_real, idx, 0).reshape(-1)].add(
+      is_real.reshape(-1).astype(jnp.float32))
+  f_e = jax.lax.stop_gradient(load / jnp.maximum(load.sum(), 1e-6))
+  balance = n_exp * jnp.sum(f_e * p_mean)
+  null_rate = jnp.mean(1.0 - is_real.astype(jnp.float32))
+  zw = _ctl(consts, "z_weight", e.z_weight)
+  if e.router == "null_slot":
+    aux = (e.balance_weight * balance + zw * z
+           + e.null_weight * jax.lax.stop_gradient((null_rate - e.null_target) ** 2))
+  else:
+    aux = zw * z
+  st = {"load": load, "z": jax.lax.stop_gradient(z), "balance": jax.lax.stop_gradient(balance),
+        "null_rate": null_rate, "assignments": load.sum()}
+  return idx.astype(jnp.int32), eid, gates, aux.astype(jnp.float32), st
+
+
+# ----------------------------------------------------------------------------- experts
+def grouped_swiglu(experts_params, experts_frozen, xg, cfg):
+  """The per-group expert SwiGLU: xg [E_local, C, d] -> [E_local, C, d] in the compute dtype."""
+  if cfg.tqp.enabled:
+    from lightning_jax import tqp  # lazy: only the 120B path needs it
+    return tqp.tqp_grouped_swiglu(experts_params, experts_frozen, xg, cfg)
+  del experts_frozen
+  dt = nn.dtype_of(cfg.model.dtype)
+  x = xg.astype(dt)
+  g = jnp.einsum("ecd,edf->ecf", x, experts_params["gate"].astype(dt))
+  u = jnp.einsum("ecd,edf->ecf", x, experts_params["up"].astype(dt))
+  return jnp.einsum("ecf,efd->ecd", jax.nn.silu(g) * u, experts_params["down"].astype(dt))
+
+
+def _round_up(n: int, m: int) -> int:
+  return max(m, -(-int(n) // m) * m)
+
+
+def capacities(cfg, n_tokens_local: int, n_padded: int):
+  """Static (C0, C1, n_overflow_rounds) for a device holding n_tokens_local tokens."""
+  e = cfg.moe
+  mean = n_tokens_local * e.top_k / n_padded
+  c0 = min(_round_up(math.ceil(e.capacity_factor * mean), e.group_pad),
+           _round_up(n_tokens_local, e.group_pad))
+  if e.dispatch == "capacity":
+    return c0, 0, 0
+  frac = float(e.get("overflow_round", 0.25))
+  c1 = _round_up(math.ceil(frac * c0), e.group_pad)
+  rounds = max(0, -(-(n_tokens_local - c0) // c1))    # a group holds at most n_tokens_local rows
+  return c0, c1, rounds
+
+
+def _dispatch_local(wp, wf, x, eid, gates, cfg, n_dev, axis, reduce_axes):
+  """Per-device dispatch. x [N, d], eid/gates [N, k]; experts local [E_loc, ...]."""
+  n, d = x.shape
+  k = eid.shape[1]
+  a = n * k
+  e_loc = jax.tree_util.tree_leaves(wp)[0].shape[0]
+  e_tot = n_dev * e_loc
+  c0, c1, rounds = capacities(cfg, n, e_tot)
+
+  key = jnp.where(eid >= 0, eid, e_tot).reshape(-1)                 # sentinel sorts last
+  order = jnp.argsort(key, stable=True)
+  counts = jnp.zeros((e_tot + 1,), jnp.int32).at[key].add(1)[:e_tot]
+  offsets = jnp.cumsum(counts) - counts
+  rank = jnp.zeros((a,), jnp.int32).at[order].set(jnp.arange(a, dtype=jnp.int32))
+  pos = rank - jnp.concatenate([offsets, jnp.zeros((1,), jnp.int32)])[key]   # position in group
+  tok_sorted = (order // k).astype(jnp.int32)
+  key2 = key.reshape(n, k)
+  pos2 = pos.reshape(n, k)
+  gates = gates.astype(jnp.float32)
+
+  def one_round(start, cap):
+    slots = start + jnp.arange(cap, dtype=jnp.int32)                   # [C]
+    ok = slots[None, :] < counts[:, None]                              # [E_tot, C]
+    sidx = jnp.clip(offsets[:, None] + slots[None, :], 0, a - 1)
+    xs = jnp.where(ok[..., None], x[tok_sorted[sidx]], 0).astype(x.dtype)   # [E_tot, C, d]
+    if axis is not None:
+      xs = jax.lax.all_to_all(xs.reshape(n_dev, e_loc, cap, d), axis, 0, 0, tiled=True)
+      xg = xs.transpose(1, 0, 2, 3).reshape(e_loc, n_dev * cap, d)
+    else:
+      xg = xs
+    yg = grouped_swiglu(wp, wf, xg, cfg)
+    if axis is not None:
+      ys = yg.reshape(e_loc, n_dev, cap, d).transpose(1, 0, 2, 3)
+      ys = jax.lax.all_to_all(ys, axis, 0, 0, tiled=True).reshape(e_tot * cap, d)
+    else:
+      ys = yg.reshape(e_tot * cap, d)
+    # combine: each (token, pick) reads its row if it fell in this round
+    rel = pos2 - start
+    hit = (key2 < e_tot) & (rel >= 0) & (rel < cap)
+    row = jnp.where(hit, key2 * cap + jnp.clip(rel, 0, cap - 1), 0)
+    picked = ys[row]                                                   # [N, k, d]
+    return jnp.einsum("nkd,nk->nd", picked, gates * hit, preferred_element_type=jnp.float32,
+                      precision=jax.lax.Precision.HIGHEST)
+
+  out = one_round(0, c0)
+  if cfg.moe.dispatch == "capacity":
+    dropped = jnp.sum(jnp.maximum(counts - c0, 0)).astype(jnp.float32)
+  else:
+    dropped = jnp.zeros((), jnp.float32)
+    if rounds > 0:
+      maxc = jnp.max(counts)
+      if reduce_axes:
+        maxc = jax.lax.pmax(maxc, reduce_axes)
+
+      def tail(r):
+        start = c0 + r * c1
+        return jax.lax.cond(start < maxc, lambda: one_round(start, c1),
+                            lambda: jnp.zeros((n, d), jnp.float32))
+      tail = jax.checkpoint(tail)
+
+      def body(acc, r):
+        return acc + tail(r), None
+      out, _ = jax.lax.scan(body, out, jnp.arange(rounds, dtype=jnp.int32))
+  if reduce_axes:
+    dropped = jax.lax.psum(dropped, reduce_axes)
+  return out, dropped
+
+
+def dispatch(wp, wf, x2, eid, gates, cfg):
+  """Routed expert output [N, d] (float32) and the dropped-row count, on the current mesh."""
+  mesh = sharding.current_mesh()
+  n_ep = mesh.shape["expert"] if (mesh is not None and "expert" in mesh.axis_names) else 1
+  e_pad = jax.tree_util.tree_leaves(wp)[0].shape[0]
+  if n_ep == 1:
+    return _dispatch_local(wp, wf, x2, eid, gates, cfg, 1, None, ())
+  if e_pad % n_ep:
+    raise ConfigError(f"{e_pad} stored experts do not split over the mesh's expert axis of size "
+                      f"{n_ep}; expected mesh.expert={n_ep} in the config that built the layer.")
+  tok_axes = tuple(a for a in ("data", "expert") if mesh.shape[a] > 1)
+  n_tok_dev = math.prod(mesh.shape[a] for a in tok_axes)
+  if x2.shape[0] % n_tok_dev:
+    raise ConfigError(f"{x2.shape[0]} tokens do not split over the {n_tok_dev} data x expert "
+                      f"devices; expected a batch x sequence divisible by {n_tok_dev}.")
+  tok = P(tok_axes, None)
+  exp_spec = lambda t: jax.tree_util.tree_map(lambda l: P("expert"), t)
+  fn = lambda wp_, wf_, x_, e_, g_: _dispatch_local(wp_, wf_, x_, e_, g_, cfg, n_ep, "expert",
+                                                      tok_axes)
+  smap = jax.shard_map(fn, mesh=mesh, in_specs=(exp_spec(wp), exp_spec(wf), tok, tok, tok),
+                       out_specs=(tok, P()), check_vma=False)
+  return smap(wp, wf, x2, eid, gates)
+
+
+def _expert_vars(p, frozen, cfg):
+  if cfg.tqp.enabled:
+    return p["adapters"], (frozen or {})["experts"]
+  return p["experts"], None
+
+
+def moe_apply(p, frozen, stats, x, consts, cfg, selection=None):
+  """x [B, T, d] -> (y [B, T, d], selection, aux, step_stats)."""
+  b, t, d = x.shape
+  dt = nn.dtype_of(cfg.model.dtype)
+  x2 = x.reshape(b * t, d)
+  idx = None if selection is None else selection["idx"].reshape(b * t, -1)
+  idx, eid, gates, aux, st = route(p["router"], stats, x2, cfg, consts, idx)
+  wp, wf = _expert_vars(p, frozen, cfg)
+  routed, dropped = dispatch(wp, wf, x2.astype(dt), eid, gates, cfg)
+  y = ffn.swiglu(p["shared"], x2.astype(dt)).astype(jnp.float32) + routed
+  st["dropped"] = dropped
+  return (y.astype(dt).reshape(b, t, d), {"idx": idx.reshape(b, t, -1)}, aux, st)
+
+
+def moe_reference(p, frozen, stats, x, consts, cfg, selection=None):
+  """Test reference: every real expert on every token, masked by the gates (same routing)."""
+  b, t, d = x.shape
+  dt = nn.dtype_of(cfg.model.dtype)
+  x2 = x.reshape(b * t, d)
+  idx = None if selection is None else selection["idx"].reshape(b * t, -1)
+  idx, eid, gates, aux, st = route(p["router"], stats, x2, cfg, consts, idx)
+  n_exp = p["router"]["w"].shape[-1]
+  wp, wf = _expert_vars(p, frozen, cfg)
+  wp = jax.tree_util.tree_map(lambda l: l[:n_exp], wp)
+  wf = None if wf is None else jax.tree_util.tree_map(lambda l: l[:n_exp], wf)
+  dense_gates = jnp.zeros((b * t, n_exp + 1), jnp.float32).at[
+      jnp.arange(b * t)[:, None], jnp.where(eid >= 0, eid, n_exp)].add(gates)[:, :n_exp]
+  ye = grouped_swiglu(wp, wf, jnp.broadcast_to(x2.astype(dt), (n_exp, b * t, d)), cfg)
+  routed = jnp.einsum("end,ne->nd", ye.astype(jnp.float32), dense_gates,
+                      precision=jax.lax.Precision.HIGHEST)
+  y = ffn.swiglu(p["shared"], x2.astype(dt)).astype(jnp.float32) + routed
+  st["dropped"] = jnp.zeros((), jnp.float32)
+  return (y.astype(dt).reshape(b, t, d), {"idx": idx.reshape(b, t, -1)}, aux, st)
+
+
+# ----------------------------------------------------------------------------- bias controller
+def moe_update_stats(stats, step_stats, cfg, ctl=None):
+  """Loss-free balancing: move each expert's selection bias toward balanced use.
+
+  use_ema <- (1 - alpha) use_ema + alpha f, f = this step's share of real picks. Inside
+  [cap_lo, cap_hi] the bias moves by gamma toward the uniform share 1/E; below cap_lo it rises
+  by gamma * min(1 + k ((cap_lo - u)/cap_lo)^2, 20), above cap_hi it falls by
+  gamma * min(1 + k ((u - cap_hi)/cap_hi)^2, 20). Works on stacked stats ([..., E]).
+  `ctl` (HotConfig.ctl()) overrides gamma, cap_lo, cap_hi, guard_k without recompiling.
+  """
+  if not stats or "bias" not in stats:
+    return stats
+  e = cfg.moe
+  ctl = ctl or {}
+  gamma = jnp.asarray(ctl.get("gamma", e.bias_gamma), jnp.float32)
+  lo = jnp.asarray(ctl.get("cap_lo", e.bias_cap_lo), jnp.float32)
+  hi = jnp.asarray(ctl.get("cap_hi", e.bias_cap_hi), jnp.float32)
+  gk = jnp.asarray(ctl.get("guard_k", e.bias_guard_k), jnp.float32)
+  load = step_stats["load"].astype(jnp.float32)
+  f = load / jnp.maximum(load.sum(-1, keepdims=True), 1e-6)
+  ema = (1.0 - e.bias_ema) * stats["use_ema"] + e.bias_ema * f
+  target = 1.0 / load.shape[-1]
+  below, above = ema < lo, ema > hi
+  up = gamma * jnp.minimum(1.0 + gk * ((lo - ema) / lo) ** 2, 20.0)
+  down = -gamma * jnp.minimum(1.0 + gk * ((ema - hi) / hi) ** 2, 20.0)
+  band = gamma * jnp.where(ema < target, 1.0, -1.0)
+  step = jnp.where(below, up, jnp.where(above, down, band))
+  return {**stats, "bias": stats["bias"] + step, "use_ema": ema}
+
+
+# ----------------------------------------------------------------------------- hot config
+class HotConfig:
+  """Runtime overrides of the controller values from a JSON file (cfg.moe.hot_config).
+
+  Call `poll(step)` once per step; every `hot_config_every` steps the file is re-read, changed
+  values are applied and logged (also kept in `self.changes`). Unknown keys and non-numbers
+  are logged and ignored (a typo must not kill a long run). `ctl()` gives the current values as
+  float32 arrays for consts["moe_ctl"] / moe_update_stats(ctl=...); `apply(cfg)` returns a copy
+  of cfg with them written in.
+  """
+  FIELDS = {"gamma": "bias_gamma", "cap_lo": "bias_cap_lo", "cap_hi": "bias_cap_hi",
+            "guard_k": "bias_guard_k", "z_weight": "z_weight"}
+
+  def __init__(self, cfg, logger=None):
+    self.path = cfg.moe.hot_config
+    self.every = max(1, int(cfg.moe.hot_config_every))
+    self.values = {k: float(cfg.moe[v]) for k, v in self.FIELDS.items()}
+    self.changes: list = []
+    self._log = logger or log.info
+    self._mtime = None
+
+  def poll(self, step: int) -> dict:
+    """Re-read the file on every `every`-th step; return {key: (old, new)} of changed values."""
+    if not self.path or step % self.every:
+      return {}
+    try:
+      with open(self.path) as fh:
+        data = json.load(fh)
+    except FileNotFoundError:
+      return {}
+    except (OSError, json.JSONDecodeError) as err:
+      self._log(f"moe hot config {self.path} unreadable at step {step} ({err}); keeping "
+                f"current values.")
+      return {}
+    names = {**{k: k for k in self.FIELDS}, **{v: k for k, v in self.FIELDS.items()}}
+    changed = {}
+    for key, val in (data.items() if isinstance(data, dict) else []):
+      if key not in names or isinstance(val, bool) or not isinstance(val, (int, float)):
+        self._log(f"moe hot config {self.path}: ignoring {key}={val!r}; expected one of "
+                  f"{sorted(self.FIELDS)} with a number.")
+        continue
+      k = names[key]
+      if float(val) != self.values[k]:
+        changed[k] = (self.values[k], float(val))
+        self.values[k] = float(val)
+    for k, (old, new) in changed.items():
+      self._log(f"moe hot config step {step}: {k} {old:g} -> {new:g}")
+      self.changes.append((step, k, old, new))
+    return changed
+
+  def ctl(self) -> dict:
+    return {k: jnp.float32(v) for k, v in self.values.items()}
+
+  def apply(self, cfg):
+    c = cfg.copy_and_resolve_references()
+    for k, v in self.values.items():
+      c.moe[self.FIELDS[k]] = v
+    return c
