@@ -77,6 +77,7 @@ def get_base_config() -> ConfigDict:
   e.dispatch = "dropless"         # dropless | capacity
   e.capacity_factor = 1.25
   e.group_pad = 128               # rows per expert group rounded up to this (dense grouped matmul)
+  e.overflow_round = 0.25         # dropless: overflow rounds hold this fraction of the first round
   # loss-free balancing controller (sigmoid router), hot-reloadable
   e.bias_gamma = 5e-5
   e.bias_cap_lo = 0.0005

@@ -340,7 +340,9 @@ def dispatch(wp, wf, x2, eid, gates, cfg):
     raise ConfigError(f"{x2.shape[0]} tokens do not split over the {n_tok_dev} data x expert "
                       f"devices; expected a batch x sequence divisible by {n_tok_dev}.")
   tok = P(tok_axes, None)
-  exp_spec = lambda t: jax.tree_util.tree_map(lambda l: P("expert"), t)
+  # expert-stacked leaves ([Ep, ...]) split over "expert"; 1-D leaves (TQP's shared rotation
+  # signs) stay replicated
+  exp_spec = lambda t: jax.tree_util.tree_map(lambda l: P("expert") if l.ndim >= 2 else P(), t)
   fn = lambda wp_, wf_, x_, e_, g_: _dispatch_local(wp_, wf_, x_, e_, g_, cfg, n_ep, "expert",
                                                       tok_axes)
   smap = jax.shard_map(fn, mesh=mesh, in_specs=(exp_spec(wp), exp_spec(wf), tok, tok, tok),
@@ -377,8 +379,9 @@ def moe_reference(p, frozen, stats, x, consts, cfg, selection=None):
   idx, eid, gates, aux, st = route(p["router"], stats, x2, cfg, consts, idx)
   n_exp = p["router"]["w"].shape[-1]
   wp, wf = _expert_vars(p, frozen, cfg)
-  wp = jax.tree_util.tree_map(lambda l: l[:n_exp], wp)
-  wf = None if wf is None else jax.tree_util.tree_map(lambda l: l[:n_exp], wf)
+  real = lambda l: l[:n_exp] if l.ndim >= 2 else l
+  wp = jax.tree_util.tree_map(real, wp)
+  wf = None if wf is None else jax.tree_util.tree_map(real, wf)
   dense_gates = jnp.zeros((b * t, n_exp + 1), jnp.float32).at[
       jnp.arange(b * t)[:, None], jnp.where(eid >= 0, eid, n_exp)].add(gates)[:, :n_exp]
   ye = grouped_swiglu(wp, wf, jnp.broadcast_to(x2.astype(dt), (n_exp, b * t, d)), cfg)

@@ -1,0 +1,27 @@
+"""5B MoE (SPEC §1, §2.4): 8 layers, shared SwiGLU 2048 + 20 routed SwiGLU 1024, null-slot
+router (top-2 over 20 real + 20 null slots), reversible midpoint stack, 4K context.
+Training sections follow the training issue."""
+from configs.common import get_base_config
+
+
+def get_config():
+  c = get_base_config()
+  c.stage = "5b"
+  c.model.n_layers = 8
+  c.model.max_seq_len = 4096
+  c.train.seq_len = 4096
+  e = c.moe
+  e.enabled = True
+  e.router = "null_slot"
+  e.n_experts = 20
+  e.n_null = 20
+  e.top_k = 2
+  e.expert_width = 1024
+  e.shared_width = 2048
+  e.balance_weight = 0.02
+  e.z_weight = 0.001
+  e.null_weight = 0.01
+  e.null_target = 0.5
+  c.reversible.enabled = True
+  c.tqp.enabled = False
+  return c

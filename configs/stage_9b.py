@@ -1,0 +1,11 @@
+"""9B MoE (SPEC §1): the 5B MoE layer and router at 20 layers (DDDG x5), reversible stack;
+trained at 4K then 8K context (max_seq_len 8192). Training sections follow the training issue."""
+from configs import stage_5b
+
+
+def get_config():
+  c = stage_5b.get_config()
+  c.stage = "9b"
+  c.model.n_layers = 20
+  c.model.max_seq_len = 8192
+  return c
