@@ -321,3 +321,53 @@ def test_forward_at_8192_tokens_tiny_width():
   assert np.all(np.sort(sel[0, g.n_sinks:, :g.n_sinks], -1) == np.arange(g.n_sinks)[None]), \
       f"sinks come first, seed={seed}"
   assert float(st["var_count"]) == Tl and np.isfinite(float(st["var_sum"]))
+
+
+def _subjaxprs(eqn):
+  for v in eqn.params.values():
+    for u in (v if isinstance(v, (tuple, list)) else (v,)):
+      if hasattr(u, "eqns"):
+        yield u
+      elif hasattr(getattr(u, "jaxpr", None), "eqns"):
+        yield u.jaxpr
+
+
+def _largest_intermediate(jaxpr):
+  best = (0, ())
+  for e in jaxpr.eqns:
+    for v in e.outvars:
+      shape = tuple(getattr(v.aval, "shape", ()))
+      best = max(best, (math.prod(shape), shape))
+    for s in _subjaxprs(e):
+      best = max(best, _largest_intermediate(s))
+  return best
+
+
+def test_memory_is_chunked_at_8192_forward_and_backward():
+  """Trace only (no compile): no array of the forward+backward exceeds one query chunk's
+  indexer logits [B, Qc, idx_heads, T]; nothing is [T, T] or a whole-sequence gather."""
+  cfg = tiny.get_config()
+  g, d, Tl = cfg.model.gsa, cfg.model.d_model, 8192
+  p = jax.eval_shape(lambda: nn.init(gsa.gsa_specs(cfg), jax.random.PRNGKey(0)))
+  x = jax.ShapeDtypeStruct((1, Tl, d), jnp.float32)
+  rope = jax.eval_shape(lambda: rotary_tables(jnp.arange(Tl)[None], g.head_dim))
+  st = jax.eval_shape(lambda: gsa.gsa_stats_init(cfg))
+
+  def loss(p, st, x, rope):
+    return jnp.sum(gsa.gsa_apply(p, st, x, {"rope_gsa": rope}, cfg)[0])
+
+  jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 2)))(p, st, x, rope)
+  size, shape = _largest_intermediate(jaxpr.jaxpr)
+  chunk_logits = g.query_chunk * g.idx_heads * Tl
+  assert size <= chunk_logits, f"largest intermediate {shape}"
+  assert size < Tl * Tl and size < Tl * g.k_max * d, f"largest intermediate {shape}"
+
+
+def test_bfloat16_compute_close_to_float32():
+  seed, cfg, p, x, consts, stats = _base()
+  y32, sel, _, _ = _apply(p, stats, x, consts, cfg)
+  c16 = _cfg()
+  c16.model.dtype = "bfloat16"
+  y16, _, _, _ = _apply(p, stats, x, consts, c16, sel)
+  assert y16.dtype == jnp.bfloat16
+  assert _rel(y16.astype(jnp.float32), y32) < 3e-2, f"seed={seed}"
