@@ -1,0 +1,176 @@
+"""Build BrahmicTokenizer-131K (SPEC §7): crop, retrofit, checks, id order, byte buffers.
+
+  python -m tokenizer.build --base o200k_base --audit-corpus corpus --out DIR
+      [--target 131072] [--num-specials 32] [--retrofit-slots 2372] [--freq-corpus DIR]
+
+--base: "o200k_base" (the offline copy, hash-checked) or a .tiktoken(.gz) file, checked against
+--base-sha256 (default: o200k_base's content hash). --audit-corpus: a directory of .txt (one
+document per line) / .jsonl ("text") files; files named eval/val/test/... are held out and not
+read. Prints how many tokens each step removed and added, per script, and writes the tokenizer
+directory (see tokenizer/artifacts.py).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+import time
+
+import numpy as np
+
+from tokenizer import artifacts, base, bpe, crop, retrofit, scripts
+
+DEFAULT_TARGET = 131072
+DEFAULT_SPECIALS = 32
+DEFAULT_SLOTS = 2372   # SPEC §7: corpus-dead slots retrofitted
+
+
+class BuildError(ValueError):
+  """Bad build input (one sentence says which)."""
+
+
+def _script_key(raw: bytes) -> str:
+  sc = sorted(scripts.token_scripts(raw))
+  if not sc:
+    return "(no script)"
+  return sc[0] if len(sc) == 1 else "(mixed)"
+
+
+def build(base_ranks: dict[bytes, int], audit_texts: list[str], *, target: int = DEFAULT_TARGET,
+          num_specials: int = DEFAULT_SPECIALS, retrofit_slots: int = DEFAULT_SLOTS,
+          pattern: str = base.O200K_PATTERN, max_bytes: int = 32, name: str = "brahmic131k",
+          log=print):
+  """(tokens in rank order, special tokens {text: id}, report). Raises BuildError/CropError/RetrofitError."""
+  if target <= num_specials:
+    raise BuildError(f"target size {target} must be larger than the {num_specials} special tokens "
+                     "kept at the top ids.")
+  target_m = target - num_specials
+  if target_m > len(base_ranks):
+    raise BuildError(f"target size {target} needs {target_m} mergeable tokens but the base has "
+                     f"only {len(base_ranks)}.")
+  t0 = time.time()
+  cr = crop.crop(base_ranks, target_m, max_bytes=max_bytes, log=log)
+  log(f"crop: kept {len(cr.kept)} of {len(base_ranks)} mergeable tokens ({time.time() - t0:.1f} s)")
+  extra = target_m - len(cr.kept)
+  mk = lambda toks: artifacts.make_encoding(name + "-work", toks, pattern)
+  t1 = time.time()
+  rf = retrofit.retrofit(cr.kept, base_ranks, cr.splits, audit_texts, pattern,
+                         slots=retrofit_slots, extra_slots=extra, max_bytes=max_bytes,
+                         make_encoding=mk, log=log)
+  log(f"retrofit: {len(rf.new)} new tokens ({time.time() - t1:.1f} s)")
+  tokens = rf.kept + rf.new
+  if len(tokens) != target_m:
+    raise BuildError(f"internal: built {len(tokens)} mergeable tokens, expected {target_m}.")
+  enc = mk(tokens)
+  bad = bpe.closure_failures(enc, {t: i for i, t in enumerate(tokens)})
+  if bad:
+    raise BuildError(f"internal: {len(bad)} tokens do not encode alone to themselves, e.g. "
+                     f"{bad[0]!r}.")
+  names = artifacts.special_token_names(num_specials)
+  specials = {s: target_m + i for i, s in enumerate(names)}
+
+  # ---- report, per script
+  rows = collections.defaultdict(lambda: collections.Counter())
+  for t in base_ranks:
+    rows[_script_key(t)]["base"] += 1
+  for cls, toks in cr.removed.items():
+    for t in toks:
+      rows[_script_key(t)]["crop:" + cls] += 1
+  for s, toks in rf.dead.items():
+    rows[s]["dead"] += len(toks)
+  for s, n in rf.freed.items():
+    rows[s]["freed"] += n
+  for s, n in rf.added.items():
+    rows[s]["added"] += n
+  for t in tokens:
+    rows[_script_key(t)]["final"] += 1
+  report = {
+      "target": target, "num_specials": num_specials, "n_mergeable": target_m,
+      "base_mergeable": len(base_ranks),
+      "crop_removed": cr.counts(), "crop_kept": len(cr.kept), "extra_slots": extra,
+      "retrofit_slots": rf.slots, "dead_found": sum(map(len, rf.dead.values())),
+      "freed": rf.freed, "added": rf.added, "audit_tokens": rf.audit_tokens,
+      "curves": {s: v[:rf.slots] for s, v in rf.curves.items()},
+      "per_script": {k: dict(v) for k, v in sorted(rows.items())},
+  }
+  return tokens, specials, report
+
+
+REPORT_COLS = (("base", "base"), ("nine", "nine-script"), ("too_long", "too_long"),
+               ("mixed", "mixed"), ("unreachable", "unreach"), ("closure", "closure"),
+               ("extra", "extra"), ("dead", "dead"), ("freed", "freed"), ("added", "added"),
+               ("final", "final"))
+
+
+def _column(key: str) -> str:
+  if key.startswith("crop:script:"):
+    return "nine"
+  if key.startswith("crop:extra:"):
+    return "extra"
+  return key.removeprefix("crop:")
+
+
+def format_report(report: dict) -> str:
+  """Per-script table: base tokens, crop removals by class, dead/freed/added, final tokens."""
+  w = max(len(k) for k in report["per_script"]) + 2
+  lines = ["script".ljust(w) + "".join(h.rjust(12) for _, h in REPORT_COLS)]
+  tot = collections.Counter()
+  for s, v in report["per_script"].items():
+    row = collections.Counter()
+    for k, n in v.items():
+      row[_column(k)] += n
+    tot.update(row)
+    lines.append(s.ljust(w) + "".join(str(row.get(c, 0)).rjust(12) for c, _ in REPORT_COLS))
+  lines.append("TOTAL".ljust(w) + "".join(str(tot.get(c, 0)).rjust(12) for c, _ in REPORT_COLS))
+  lines.append("crop removals by class: " + ", ".join(
+      f"{k}={v}" for k, v in report["crop_removed"].items()))
+  lines.append("nine-script and too_long/mixed removals are forced; 'extra' is the size rule; "
+               "tokens of the nine scripts left in 'final' are single bytes (byte fallback).")
+  return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(prog="python -m tokenizer.build", description=__doc__.split("\n")[0])
+  ap.add_argument("--base", default="o200k_base")
+  ap.add_argument("--base-sha256", default=base.O200K_SHA256)
+  ap.add_argument("--audit-corpus", required=True)
+  ap.add_argument("--freq-corpus", default=None, help="corpus for the frequency id order "
+                  "(default: the audit corpus)")
+  ap.add_argument("--out", required=True)
+  ap.add_argument("--target", type=int, default=DEFAULT_TARGET)
+  ap.add_argument("--num-specials", type=int, default=DEFAULT_SPECIALS)
+  ap.add_argument("--retrofit-slots", type=int, default=DEFAULT_SLOTS)
+  ap.add_argument("--max-bytes", type=int, default=32)
+  ap.add_argument("--name", default="brahmic131k")
+  a = ap.parse_args(argv)
+  t0 = time.time()
+  try:
+    ranks = (base.load_ranks() if a.base == "o200k_base"
+             else base.load_ranks(a.base, a.base_sha256))
+    audit = retrofit.read_texts(a.audit_corpus)
+    tokens, specials, report = build(ranks, audit, target=a.target, num_specials=a.num_specials,
+                                     retrofit_slots=a.retrofit_slots, max_bytes=a.max_bytes,
+                                     name=a.name)
+    enc = artifacts.make_encoding(a.name, tokens, base.O200K_PATTERN, specials)
+    freq_texts = retrofit.read_texts(a.freq_corpus) if a.freq_corpus else audit
+    counts = np.zeros(enc.n_vocab, np.int64)
+    for ids in enc.encode_ordinary_batch(freq_texts, num_threads=2):
+      counts += np.bincount(np.asarray(ids, np.int64), minlength=enc.n_vocab)
+    report["freq_corpus"] = a.freq_corpus or a.audit_corpus
+    report["audit_corpus"] = a.audit_corpus
+    report["base"] = a.base
+    report["wall_s"] = round(time.time() - t0, 1)
+    artifacts.save(a.out, a.name, tokens, base.O200K_PATTERN, specials, counts, report,
+                   max_bytes=a.max_bytes)
+  except (base.TokenizerFileError, BuildError, crop.CropError, retrofit.RetrofitError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(format_report(report))
+  print(f"allocation (LP over saturation curves): {report['added']}")
+  print(f"wrote {a.out}: {enc.n_vocab} ids ({len(tokens)} mergeable + {len(specials)} special) "
+        f"in {time.time() - t0:.1f} s")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
