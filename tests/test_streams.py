@@ -1,0 +1,97 @@
+"""Hyper-connection streams (SPEC §2.5): Sinkhorn, coefficients, mixing against a slow reference."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from configs import tiny
+from lightning_jax import nn
+from lightning_jax.layers import streams
+
+
+def _seed():
+  return np.random.randint(1 << 30)
+
+
+def test_sinkhorn_doubly_stochastic():
+  seed = _seed()
+  # logit spread 0.5: twice what a_res=0.1 x phi_res (N(0, 0.02) over 4*4096 inputs) gives at init
+  logits = 0.5 * jax.random.normal(jax.random.PRNGKey(seed), (256, 4, 4))
+  m = np.asarray(streams.sinkhorn(logits, 20, 1e-6))
+  assert np.all(m >= 0)
+  np.testing.assert_allclose(m.sum(-1), 1.0, atol=1e-5, err_msg=f"rows, seed {seed}")
+  np.testing.assert_allclose(m.sum(-2), 1.0, atol=1e-5, err_msg=f"cols, seed {seed}")
+  # invariant to adding a constant per row (the reference subtracts the row max)
+  m2 = streams.sinkhorn(logits + jnp.arange(4.0)[:, None] * 3.0, 20, 1e-6)
+  np.testing.assert_allclose(m2, m, atol=1e-5, err_msg=f"seed {seed}")
+  # wide logits: 20 rounds leave rows off (columns are normalised last); more rounds converge
+  wide = 2.0 * jax.random.normal(jax.random.PRNGKey(seed + 1), (256, 4, 4))
+  w20 = np.asarray(streams.sinkhorn(wide, 20, 1e-6))
+  np.testing.assert_allclose(w20.sum(-2), 1.0, atol=1e-5, err_msg=f"seed {seed}")
+  w500 = np.asarray(streams.sinkhorn(wide, 500, 1e-6))
+  np.testing.assert_allclose(w500.sum(-1), 1.0, atol=1e-4, err_msg=f"seed {seed}")
+
+
+def _cfg():
+  c = tiny.get_config()
+  c.model.d_model = 16
+  return c
+
+
+def _ref_apply(p, x, f, eps=1e-6):
+  """Slow float64 numpy reference of one hyper-connection sublayer."""
+  p = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), p)
+  x = np.asarray(x, np.float64)
+  b, t, s, d = x.shape
+  out = np.zeros_like(x)
+  for bi in range(b):
+    for ti in range(t):
+      xf = x[bi, ti].reshape(-1)
+      xn = xf / np.sqrt(np.mean(xf ** 2) + eps) * p["norm"]["scale"]
+      sig = lambda z: 1 / (1 + np.exp(-z))
+      h_pre = sig(p["a_pre"] * (xn @ p["phi_pre"]) + p["b_pre"])
+      h_post = 2 * sig(p["a_post"] * (xn @ p["phi_post"]) + p["b_post"])
+      r = p["a_res"] * (xn @ p["phi_res"]).reshape(s, s) + p["b_res"]
+      m = np.exp(r)
+      for _ in range(20):
+        m = m / (m.sum(1, keepdims=True) + 1e-6)
+        m = m / (m.sum(0, keepdims=True) + 1e-6)
+      u = (h_pre[:, None] * x[bi, ti]).sum(0)
+      u = u / np.sqrt(np.mean(u ** 2) + eps) * p["in_norm"]["scale"]
+      y = f(u)
+      out[bi, ti] = m @ x[bi, ti] + h_post[:, None] * y[None, :]
+  return out
+
+
+def test_apply_matches_reference():
+  seed = _seed()
+  cfg = _cfg()
+  keys = jax.random.split(jax.random.PRNGKey(seed), 4)
+  p = nn.init(streams.hc_specs(cfg), keys[0])
+  # move away from the init so a/b/scales all matter
+  p = jax.tree_util.tree_map(lambda a: a + 0.3 * jax.random.normal(keys[1], a.shape), p)
+  x = jax.random.normal(keys[2], (2, 3, 4, 16))
+  wmat = jax.random.normal(keys[3], (16, 16)) / 4
+  out, extras = streams.apply(p, x, lambda u: (jnp.tanh(u @ wmat), 7), cfg)
+  assert extras == (7,)
+  ref = _ref_apply(p, x, lambda u: np.tanh(u @ np.asarray(wmat, np.float64)))
+  np.testing.assert_allclose(out, ref, rtol=2e-5, atol=2e-5, err_msg=f"seed {seed}")
+  _, _, h_res = streams.coefficients(p, x, cfg)
+  np.testing.assert_allclose(h_res.sum(-1), 1.0, atol=1e-3, err_msg=f"seed {seed}")
+  np.testing.assert_allclose(h_res.sum(-2), 1.0, atol=1e-5, err_msg=f"seed {seed}")
+
+
+def test_init_values_and_expand_readout():
+  cfg = _cfg()
+  p = nn.init(streams.hc_specs(cfg), jax.random.PRNGKey(0))
+  assert p["phi_res"].shape == (64, 16) and p["phi_pre"].shape == (64, 4)
+  assert float(p["a_pre"]) == np.float32(0.1) and float(p["a_res"]) == np.float32(0.1)
+  assert not np.any(np.asarray(p["b_res"]))
+  e = jax.random.normal(jax.random.PRNGKey(_seed()), (2, 5, 16))
+  x = streams.expand(e, 4)
+  assert x.shape == (2, 5, 4, 16)
+  np.testing.assert_array_equal(x[:, :, 0], e)
+  assert not np.any(np.asarray(x[:, :, 1:]))
+  r = streams.readout(x, jnp.ones(16))
+  m = np.asarray(e) / 4
+  np.testing.assert_allclose(r, m / np.sqrt(np.mean(m ** 2, -1, keepdims=True) + 1e-6),
+                             rtol=1e-5, atol=1e-6)
