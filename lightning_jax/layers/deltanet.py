@@ -258,7 +258,8 @@ def deltanet_apply(p: dict, x, consts, cfg):
   bsz, t, d = x.shape
   if d != m.d_model:
     raise ValueError(f"deltanet_apply: x has width {d} but model.d_model={m.d_model}.")
-  x = x.astype(dtype)
+  p = jax.tree_util.tree_map(jnp.asarray, p)       # numpy leaves would compute in numpy
+  x = jnp.asarray(x).astype(dtype)
 
   def proj(name):
     return x @ p[name].astype(dtype)
