@@ -50,6 +50,10 @@ VAR_EMA_INIT = 1.0
 VAR_EMA_FLOOR = 1e-6
 _NEG = -1e30          # finite "minus infinity" for masked attention logits (no NaN gradients)
 _VAR_ROWS = ("full_row", "causal")
+# The indexer's parameters: never differentiated (their gradient is identically 0). The
+# reference never changes them (torch AdamW skips grad-None params); an optax AdamW with
+# decoupled weight decay would shrink them every step unless they are masked out.
+INDEXER_PARAMS = ("idx_q", "idx_k", "idx_w", "idx_b")
 
 
 # ----------------------------------------------------------------------------- variables
