@@ -276,3 +276,25 @@ def test_loader_config_errors(tmp_path):
     tokenizer.load(ConfigDict({"name": "brahmic", "path": str(tmp_path), "id_order": "natural"}))
   with pytest.raises(ConfigError, match="frequency"):
     tokenizer.load(ConfigDict({"name": "o200k_base", "path": "", "id_order": "frequency"}))
+
+
+# ------------------------------------------------------------------------------ the committed build
+def test_committed_brahmic131k_build_and_fertility():
+  """tokenizer/brahmic131k (built from the real o200k_base): size, specials, sampled tokens, fertility."""
+  from tokenizer import fertility
+  t = tokenizer.load(ConfigDict({"name": "brahmic", "path": "", "id_order": "natural"}))
+  enc = t.encoding
+  assert enc.n_vocab == 131072 and enc.eot_token == 131040
+  assert sorted(enc._special_tokens.values()) == list(range(131040, 131072))
+  seed = random.randrange(1 << 30)
+  rng = random.Random(seed)
+  toks = list(enc._mergeable_ranks.items())
+  for raw, i in rng.sample(toks, 3000) + toks[-2372:]:          # a random sample + all new tokens
+    assert enc._encode_single_piece(raw) == [i], f"seed={seed} {raw!r}"
+    assert len(raw) <= 32 and not scripts.is_mixed(raw), f"seed={seed} {raw!r}"
+    assert len(raw) == 1 or crop.removed_script(raw) is None, f"seed={seed} {raw!r}"
+  rep = fertility.report(enc, base.load_o200k_base(), REPO / "corpus")
+  for lang in fertility.BRAHMIC_LANGS:
+    assert rep[lang]["fertility"] < rep[lang]["o200k_fertility"], (lang, rep[lang])
+  for lang in ("en", "code"):
+    assert abs(rep[lang]["ratio"] - 1) <= 0.01, (lang, rep[lang])

@@ -48,6 +48,7 @@ def build(base_ranks: dict[bytes, int], audit_texts: list[str], *, target: int =
   if target_m > len(base_ranks):
     raise BuildError(f"target size {target} needs {target_m} mergeable tokens but the base has "
                      f"only {len(base_ranks)}.")
+  retrofit.check_audit(retrofit.texts_by_script(audit_texts))   # fail before the slow crop
   t0 = time.time()
   cr = crop.crop(base_ranks, target_m, max_bytes=max_bytes, log=log)
   log(f"crop: kept {len(cr.kept)} of {len(base_ranks)} mergeable tokens ({time.time() - t0:.1f} s)")
@@ -166,6 +167,11 @@ def main(argv=None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   print(format_report(report))
+  print("saturation curves (audit tokens saved with k slots; audit tokens under the crop):")
+  for sc, curve in report["curves"].items():
+    pts = ", ".join(f"{k}:{sum(curve[:k])}" for k in (50, 100, 200, 400, 800) if k <= len(curve))
+    print(f"  {sc:<11} {pts}  | allocated {report['added'].get(sc, 0)} -> saves "
+          f"{sum(curve[:report['added'].get(sc, 0)])} of {report['audit_tokens'][sc]}")
   print(f"allocation (LP over saturation curves): {report['added']}")
   print(f"wrote {a.out}: {enc.n_vocab} ids ({len(tokens)} mergeable + {len(specials)} special) "
         f"in {time.time() - t0:.1f} s")

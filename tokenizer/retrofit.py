@@ -214,16 +214,20 @@ class RetrofitResult:
   slots: int
 
 
+def check_audit(by_script: dict) -> None:
+  if not by_script:
+    raise RetrofitError("the audit corpus holds no Brahmic text (no line with a letter of "
+                        "Devanagari, Bengali, Gurmukhi, Gujarati, Oriya, Tamil, Telugu, Kannada "
+                        "or Malayalam); the retrofit needs some.")
+
+
 def retrofit(kept: list[bytes], base_ranks: dict[bytes, int], splits, audit_texts, pattern: str,
              slots: int, extra_slots: int = 0, max_bytes: int = 32, make_encoding=None,
              log=None) -> RetrofitResult:
   """Steps 1-5 of the module docstring. `make_encoding(list_of_tokens)` -> tiktoken.Encoding."""
   log = log or (lambda *a: None)
   by_script = texts_by_script(audit_texts)
-  if not by_script:
-    raise RetrofitError("the audit corpus holds no Brahmic text (no line with a letter of "
-                        "Devanagari, Bengali, Gurmukhi, Gujarati, Oriya, Tamil, Telugu, Kannada "
-                        "or Malayalam); the retrofit needs some.")
+  check_audit(by_script)
   enc = make_encoding(kept)
   produced_ids = token_counts(enc, [t for v in by_script.values() for t in v])
   produced = {enc.decode_single_token_bytes(i) for i in produced_ids}
