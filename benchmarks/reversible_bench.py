@@ -62,28 +62,28 @@ def topk_layer(vj, x, consts, choices, k: int = 2):
   return y, choices, aux, {"load": load}
 
 
-def synthetic_vars(key, n_groups: int, s: int, d: int, f: int, n_experts: int = 4,
+def synthetic_vars(seed: int, n_groups: int, s: int, d: int, f: int, n_experts: int = 4,
                    pattern: str = "DDDG"):
-  """group_vars for the synthetic pattern (every leaf stacked over n_groups)."""
+  """group_vars for the synthetic pattern (every leaf stacked over n_groups), drawn with numpy
+  (no per-shape eager jax compiles)."""
+  rng = np.random.default_rng(seed)
+  nrm = lambda *shape: rng.standard_normal(shape, dtype=np.float32)
   out = []
   for j, kind in enumerate(pattern):
-    kj = jax.random.fold_in(key, j)
-    k1, k2, k3 = jax.random.split(kj, 3)
     if kind == "D":
       out.append({
-          "params": {"w1": jax.random.normal(k1, (n_groups, d, f)) / np.sqrt(d),
-                     "w2": jax.random.normal(k2, (n_groups, f, d)) / np.sqrt(f)},
-          "frozen": {"scale": 1.0 + 0.1 * jax.random.normal(k3, (n_groups, d)),
-                     "perm": jnp.tile(jnp.roll(jnp.arange(s, dtype=jnp.int32), j), (n_groups, 1))},
-          "stats": {"shift": 0.01 * jnp.ones((n_groups, f))},
+          "params": {"w1": nrm(n_groups, d, f) / np.sqrt(d), "w2": nrm(n_groups, f, d) / np.sqrt(f)},
+          "frozen": {"scale": 1.0 + 0.1 * nrm(n_groups, d),
+                     "perm": np.tile(np.roll(np.arange(s, dtype=np.int32), j), (n_groups, 1))},
+          "stats": {"shift": np.full((n_groups, f), 0.01, np.float32)},
       })
     else:
       out.append({
-          "params": {"router": jax.random.normal(k1, (n_groups, s, d, n_experts)) / np.sqrt(d),
-                     "experts": jax.random.normal(k2, (n_groups, n_experts, d, d)) / np.sqrt(d)},
+          "params": {"router": nrm(n_groups, s, d, n_experts) / np.sqrt(d),
+                     "experts": nrm(n_groups, n_experts, d, d) / np.sqrt(d)},
           "frozen": {}, "stats": {},
       })
-  return out
+  return jax.tree_util.tree_map(jnp.asarray, out)
 
 
 def synthetic_layers(pattern: str = "DDDG"):
@@ -109,9 +109,8 @@ def _mode_fn(mode, layer_fns, a, bits):
 
 def synthetic_problem(n_layers, batch, seq, d, s=4, f=None):
   f = f or 2 * d
-  key = jax.random.PRNGKey(0)
-  gv = synthetic_vars(key, n_layers // 4, s, d, f)
-  x = jax.random.normal(jax.random.fold_in(key, 99), (batch, seq, s, d))
+  gv = synthetic_vars(0, n_layers // 4, s, d, f)
+  x = jnp.asarray(np.random.default_rng(99).standard_normal((batch, seq, s, d), np.float32))
   return synthetic_layers(), gv, x, {"gain": jnp.float32(1.0)}
 
 
