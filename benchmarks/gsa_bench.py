@@ -1,9 +1,9 @@
 """Time and memory of one Gated Sparse Attention layer (lightning_jax.layers.sparse_attention).
 
     python -m benchmarks.gsa_bench [--config configs/stage_2b.py] [--batch 1] [--seq 4096,8192]
-        [--query_chunk 256,512] [--dtype bfloat16] [--repeat 5]
+        [--query_chunk 256,512] [--attention gather,dense_masked] [--dtype bfloat16] [--repeat 5]
 
-For each (seq, query_chunk) it compiles and times, on the default device:
+For each (seq, query_chunk, attention mode) it compiles and times, on the default device:
   select      indexer + adaptive top-k only (gsa_select)
   forward     gsa_apply, selecting
   reuse_fwd   gsa_apply with a given selection (what the reversible recompute runs)
@@ -49,6 +49,7 @@ def main():
   ap.add_argument("--batch", type=int, default=1)
   ap.add_argument("--seq", default="4096,8192")
   ap.add_argument("--query_chunk", default="")
+  ap.add_argument("--attention", default="gather,dense_masked")
   ap.add_argument("--dtype", default="bfloat16")
   ap.add_argument("--repeat", type=int, default=5)
   a = ap.parse_args()
@@ -63,8 +64,9 @@ def main():
   for T in [int(s) for s in a.seq.split(",")]:
     x = jax.random.normal(jax.random.PRNGKey(1), (a.batch, T, cfg.model.d_model), jnp.float32)
     consts = {"rope_gsa": rotary_tables(jnp.arange(T)[None], g.head_dim, cfg.model.rope_base)}
-    for qc in chunks:
+    for qc, mode in [(c, m) for c in chunks for m in a.attention.split(",")]:
       g.query_chunk = qc
+      g.attention = mode
       st0 = gsa.gsa_stats_init(cfg)
       _, _, var_t = jax.jit(lambda p, s, x: gsa.gsa_select(p, s, x, cfg))(p, st0, x)
       stats = {"var_ema": jnp.mean(var_t)}
@@ -80,7 +82,7 @@ def main():
         return jnp.mean(jnp.square(y.astype(jnp.float32)))
 
       ms_tr, m_tr, _ = _time(jax.grad(loss, argnums=(0, 2)), (p, stats, x, consts), a.repeat)
-      print(f"T={T:6d} Qc={qc:5d} kept/query={float(jnp.mean(k_t)):7.1f} | "
+      print(f"T={T:6d} Qc={qc:5d} {mode:12s} kept/query={float(jnp.mean(k_t)):7.1f} | "
             f"select {ms_sel:8.2f} ms ({m_sel:6.2f} GiB) | forward {ms_fwd:8.2f} ms ({m_fwd:6.2f} GiB)"
             f" | reuse_fwd {ms_re:8.2f} ms ({m_re:6.2f} GiB) | train {ms_tr:8.2f} ms ({m_tr:6.2f} GiB)")
 

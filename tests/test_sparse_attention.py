@@ -211,6 +211,10 @@ def test_sparse_matches_dense_masked_reference():
   k = np.asarray((sel >= 0).sum(-1))
   assert float(st["k_sum"]) == k.sum(), f"seed={seed}"
   assert k.min() < k.max(), f"expected a spread of budgets, seed={seed}"
+  # the matmul-friendly mode gives the same result on the same selection
+  cm = _cfg(attention="dense_masked")
+  ym, _, _, _ = _apply(p, stats, x, consts, cm, sel)
+  assert _rel(ym, ref) <= 1e-5, f"dense_masked rel err {_rel(ym, ref):.2e}, seed={seed}"
 
 
 def test_full_budget_is_full_causal_attention():
@@ -299,6 +303,8 @@ def test_bad_inputs_are_named():
     gsa.gsa_apply(p, stats, x, consts, cfg, jnp.zeros((B, T, 3), jnp.int32))
   with pytest.raises(ConfigError, match="model.gsa.var_row"):
     gsa.gsa_apply(p, stats, x, consts, _cfg(var_row="rows"))
+  with pytest.raises(ConfigError, match="model.gsa.attention"):
+    gsa.gsa_apply(p, stats, x, consts, _cfg(attention="flash"))
 
 
 def test_forward_at_8192_tokens_tiny_width():

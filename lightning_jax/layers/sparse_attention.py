@@ -32,7 +32,9 @@ relies on.
 Memory: queries are processed in chunks of model.gsa.query_chunk with lax.map; a chunk forms
 [B, Qc, idx_heads, T] indexer logits and gathers [B, Qc, k_max, H, D] keys and values. The
 attention chunk body is rematerialised (jax.checkpoint), so the backward pass never holds the
-gathered keys of more than one chunk either.
+gathered keys of more than one chunk either. The optional config field model.gsa.attention
+picks "gather" (default, O(T k_max)) or "dense_masked" (a chunk's dense [B, H, Qc, T] logits
+masked to the selection: O(T^2) FLOPs in plain matmuls instead of gathers; same result).
 """
 from __future__ import annotations
 
@@ -227,7 +229,7 @@ def _projections(p, x, consts, cfg):
 
 
 def _attend_chunk(q_c, k, v, idx_c, scale):
-  """Softmax attention of q_c [B, Q, H, D] over the keys idx_c [B, Q, K] (-1 = none)."""
+  """Softmax attention of q_c [B, Q, H, D] over the keys idx_c [B, Q, K] (-1 = none), by gather."""
   valid = idx_c >= 0
   safe = jnp.maximum(idx_c, 0)
   take = jax.vmap(lambda a, i: a[i])                                  # [T,H,D],[Q,K] -> [Q,K,H,D]
@@ -241,8 +243,34 @@ def _attend_chunk(q_c, k, v, idx_c, scale):
   return out.astype(q_c.dtype)
 
 
-def sparse_attention(q, k, v, selection, query_chunk: int):
-  """Attention over selected keys, chunked over queries (rematerialised per chunk)."""
+def _attend_chunk_masked(q_c, k, v, idx_c, scale):
+  """The same result by dense [B, H, Q, T] logits under the selection's mask (matmul-friendly)."""
+  B, Q, K = idx_c.shape
+  T = k.shape[1]
+  tgt = jnp.where(idx_c >= 0, idx_c, T)                               # -1 -> a dropped column
+  bi = jnp.arange(B)[:, None, None]
+  qi = jnp.arange(Q)[None, :, None]
+  mask = jnp.zeros((B, Q, T + 1), bool).at[bi, qi, tgt].set(True)[..., :T][:, None]
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q_c, k, preferred_element_type=jnp.float32) * scale
+  probs = jax.nn.softmax(jnp.where(mask, logits, _NEG), axis=-1)
+  probs = jnp.where(mask, probs, 0.0)
+  out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  return out.astype(q_c.dtype)
+
+
+_ATTENDS = {"gather": _attend_chunk, "dense_masked": _attend_chunk_masked}
+
+
+def sparse_attention(q, k, v, selection, query_chunk: int, mode: str = "gather"):
+  """Attention over selected keys, chunked over queries (rematerialised per chunk).
+
+  mode "gather": gathers the k_max selected keys/values per query, O(T * k_max) work and memory.
+  mode "dense_masked": dense logits of a query chunk against all T keys, masked to the
+  selection; O(T^2) FLOPs but plain matmuls (often faster on GPUs at T <= 8K). Same result.
+  """
+  if mode not in _ATTENDS:
+    raise ConfigError(f"model.gsa.attention={mode!r} must be one of {sorted(_ATTENDS)}.")
+  attend = _ATTENDS[mode]
   B, T, H, D = q.shape
   qc = min(int(query_chunk), T)
   n = -(-T // qc)
@@ -251,7 +279,7 @@ def sparse_attention(q, k, v, selection, query_chunk: int):
   if n * qc > T:
     idx = jnp.pad(idx, ((0, 0), (0, n * qc - T), (0, 0)), constant_values=-1)
   idx = jnp.moveaxis(idx.reshape(B, n, qc, -1), 1, 0)
-  body = jax.checkpoint(lambda args: _attend_chunk(args[0], k, v, args[1], scale))
+  body = jax.checkpoint(lambda args: attend(args[0], k, v, args[1], scale))
   out = jax.lax.map(body, (_to_chunks(q, n, qc), idx))
   return _from_chunks(out, T)
 
@@ -288,7 +316,7 @@ def gsa_apply(p, stats, x, consts, cfg, selection=None):
     selection = jax.lax.stop_gradient(selection.astype(jnp.int32))
     step_stats = {"var_sum": zero, "var_count": zero, "k_sum": zero}
   q, k, v, go = _projections(p, x, consts, cfg)
-  att = sparse_attention(q, k, v, selection, _chunk(g, T))
+  att = sparse_attention(q, k, v, selection, _chunk(g, T), g.get("attention", "gather"))
   out = att.reshape(B, T, g.n_heads * g.head_dim) * jax.nn.sigmoid(go)
   y = out @ p["o"].astype(dtype)
   return y, selection, zero, step_stats
