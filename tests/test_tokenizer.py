@@ -85,6 +85,8 @@ def test_token_scripts_whole_and_partial_utf8():
   assert scripts.token_scripts("नमस्ते".encode()) == {"Devanagari"}
   assert scripts.token_scripts(b"\xe0\xa4") == {"Devanagari"}       # can only start U+0900..093F
   assert scripts.token_scripts(b"\xe0") == frozenset()               # Devanagari..Thai: ambiguous
+  assert scripts.token_scripts(b"\xe3\x83") == frozenset()           # Katakana or Common U+30FC
+  assert scripts.token_scripts(b" \xf0\x9f\x98") == frozenset()      # emoji, not Hiragana
   assert scripts.token_scripts(b" \xd0") == {"Cyrillic"}             # U+0400..043F
   assert scripts.token_scripts("\u0964 ".encode()) == frozenset()    # danda is Common
   assert scripts.token_scripts("क".encode()[1:] + b"abc") == {"Latin"}  # tail of a char: no script
@@ -293,6 +295,8 @@ def test_committed_brahmic131k_build_and_fertility():
     assert enc._encode_single_piece(raw) == [i], f"seed={seed} {raw!r}"
     assert len(raw) <= 32 and not scripts.is_mixed(raw), f"seed={seed} {raw!r}"
     assert len(raw) == 1 or crop.removed_script(raw) is None, f"seed={seed} {raw!r}"
+  for shared in ("\ufffd", "\ufeff", "\u30fc", " \U0001F642"):     # Common-script tokens stay
+    assert shared.encode() in enc._mergeable_ranks, shared
   rep = fertility.report(enc, base.load_o200k_base(), REPO / "corpus")
   for lang in fertility.BRAHMIC_LANGS:
     assert rep[lang]["fertility"] < rep[lang]["o200k_fertility"], (lang, rep[lang])

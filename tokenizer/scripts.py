@@ -9,10 +9,11 @@ A byte-level BPE token need not be whole UTF-8. Its bytes are read as:
   * leading continuation bytes (0x80-0xBF) of a character begun in an earlier token: no script;
   * complete characters: their script;
   * a trailing incomplete character (lead byte + fewer continuation bytes than it needs): the set
-    of code points it can still become is a range; if all assigned code points of that range
-    belong to one script (Common/Inherited aside), the fragment counts as that script
-    (e.g. b"\\xe0\\xa4" can only start U+0900..U+093F: Devanagari; b"\\xd0" only U+0400..U+043F:
-    Cyrillic); otherwise (b"\\xe0" could start Devanagari ... Thai) it counts as no script.
+    of code points it can still become is a range; if every assigned code point of that range
+    has one and the same script (Common/Inherited included in "every"), the fragment counts as
+    that script (e.g. b"\\xe0\\xa4" can only start U+0900..U+093F: Devanagari; b"\\xd0" only
+    U+0400..U+043F: Cyrillic); otherwise (b"\\xe0" could start Devanagari ... Thai; b"\\xe3\\x83"
+    Katakana or the Common U+30FC) it counts as no script.
 """
 from __future__ import annotations
 
@@ -70,17 +71,23 @@ def char_script(ch: str) -> str:
 
 @functools.lru_cache(maxsize=1 << 14)
 def _range_script(lo: int, hi: int) -> str | None:
-  """The one non-neutral script of the assigned code points lo..hi, else None."""
-  found = set()
+  """The script of every assigned code point in lo..hi, if they all share one, else None.
+
+  Strict on purpose: a Common/Inherited code point in the range makes the fragment script-less
+  (b"\\xe3\\x83" can complete to Katakana or to the Common U+30FB/U+30FC; b"\\xf0\\x9f" to emoji
+  or to one Hiragana square), so the crop never drops a fragment that shared text needs.
+  """
+  found = None
   for cp in range(lo, min(hi, 0x10FFFF) + 1):
     if 0xD800 <= cp <= 0xDFFF:
       continue
     s = char_script(chr(cp))
-    if s not in NEUTRAL:
-      found.add(s)
-      if len(found) > 1:
-        return None
-  return found.pop() if found else None
+    if s == "Unknown":
+      continue
+    if s in NEUTRAL or (found is not None and s != found):
+      return None
+    found = s
+  return found
 
 
 def _seq_len(lead: int) -> int:
