@@ -6,6 +6,12 @@ Stage files call `get_base_config()` and change only what differs for their stag
 from ml_collections import ConfigDict
 
 
+def _pool(weight: float, always_on: bool = False) -> ConfigDict:
+  """One data.pools entry: D1 web foundation, D2 web diverse, D3 code, D4 STEM, always-on."""
+  return ConfigDict(dict(weight=float(weight), always_on=always_on, domains="", shards="",
+                         val_shards=""))
+
+
 def get_base_config() -> ConfigDict:
   c = ConfigDict()
   c.stage = "base"
@@ -118,6 +124,15 @@ def get_base_config() -> ConfigDict:
   d.seed = 0
   d.val_fraction = 0.05
   d.num_workers = 0
+  # pool mixture (data curriculum, lightning_jax/data/pools.py, docs/data.md): weights are
+  # absolute token shares summing to 1; always-on pools take always_on_fraction of every batch.
+  # A pool's source: domains="en,hi" (of data.path) or shards=<glob | list file | prepare_data dir>.
+  d.use_pools = False             # True: train on data.pools instead of data.path's single stream
+  d.always_on_fraction = 0.25
+  d.pools = ConfigDict()
+  for name, w in (("D1", 0.34), ("D2", 0.24), ("D3", 0.11), ("D4", 0.06)):   # 2B (SPEC §6)
+    d.pools[name] = _pool(w)
+  d.pools.always_on = _pool(0.25, always_on=True)
 
   # ------------------------------------------------------------------ optimiser (SPEC §5)
   o = c.optim = ConfigDict()

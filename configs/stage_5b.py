@@ -24,4 +24,6 @@ def get_config():
   e.null_target = 0.5
   c.reversible.enabled = True
   c.tqp.enabled = False
+  for name, w in zip(("D1", "D2", "D3", "D4"), (0.18, 0.23, 0.2, 0.14)):   # data pools (SPEC §6)
+    c.data.pools[name].weight = w
   return c

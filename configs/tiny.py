@@ -26,4 +26,15 @@ def get_config():
   c.moe.expert_width = 32
   c.moe.shared_width = 64
   c.train.seq_len = 128
+  d = c.data
+  # curriculum over the bundled corpus: D1 English prose, D2 seven Brahmic languages (UI/help
+  # text), D3 Python code; always-on: Hindi + Bengali. The corpus has no STEM slice, so D4 is
+  # declared with weight 0 and its 2B share (0.06) goes to D3 (0.11 + 0.06).
+  d.use_pools = True
+  d.always_on_fraction = 0.25
+  d.pools.D1.update(weight=0.34, domains="en")
+  d.pools.D2.update(weight=0.24, domains="pa,gu,or,ta,te,kn,ml")
+  d.pools.D3.update(weight=0.17, domains="code")
+  d.pools.D4.update(weight=0.0)
+  d.pools.always_on.update(weight=0.25, domains="hi,bn")
   return c
