@@ -33,6 +33,13 @@ def _setup(c, n_exp, seed):
   rng = np.random.default_rng(seed)
   p = nn.init(moe.moe_specs(c, n_exp), jax.random.PRNGKey(seed))
   st = moe.moe_stats_init(c, n_exp)
+  frozen = {}
+  if c.tqp.enabled:      # 120B: quantized base experts (frozen) + trained adapters
+    from lightning_jax import tqp
+    n_pad = moe.padded_experts(c, n_exp)
+    del p["experts"]
+    p["adapters"] = nn.init(tqp.adapter_specs(c, n_pad), jax.random.PRNGKey(seed + 1))
+    frozen = {"experts": nn.init(tqp.qbase_specs(c, n_pad), jax.random.PRNGKey(seed + 2))}
   # uneven loads: one expert strongly preferred, another pushed away
   hot, cold = rng.choice(n_exp, 2, replace=False)
   if c.moe.router == "null_slot":
@@ -40,31 +47,36 @@ def _setup(c, n_exp, seed):
   else:
     st["bias"] = st["bias"].at[hot].set(1.0).at[cold].set(-1.0)
   x = jnp.asarray(rng.standard_normal((2, 32, D)), jnp.float32)
-  return p, st, x, hot
+  return p, frozen, st, x, hot
 
 
-def _loss(fn, c, st):
+def _loss(fn, c, st, frozen=None):
   def f(p, x):
-    y, sel, aux, s = fn(p, {}, st, x, {}, c)
+    y, sel, aux, s = fn(p, frozen or {}, st, x, {}, c)
     w = jnp.sin(jnp.arange(y.size, dtype=jnp.float32)).reshape(y.shape)
     return jnp.sum(y * w) + aux, (y, aux, s)
   return jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))
 
 
-@pytest.mark.parametrize("router,n_exp,k", [("null_slot", 20, 2), ("sigmoid", 460, 12)])
-def test_sharded_dispatch_matches_dense_reference(router, n_exp, k):
+@pytest.mark.parametrize("router,n_exp,k,use_tqp", [("null_slot", 20, 2, False),
+                                                    ("sigmoid", 460, 12, True)])
+def test_sharded_dispatch_matches_dense_reference(router, n_exp, k, use_tqp):
+  """8-device mesh (expert=8): grouped all_to_all dispatch with overflow rounds (skewed loads)
+  == every expert on every token masked by the gates; 460 experts use the 120B layout + TQP."""
   seed = int(np.random.randint(1 << 30))
   c = _cfg(router, n_exp, k, ep=8, capacity_factor=0.5)
-  p, st, x, hot = _setup(c, n_exp, seed)
-  assert p["experts"]["gate"].shape[0] == moe.padded_experts(c, n_exp)
+  c.tqp.enabled = use_tqp
+  p, frozen, st, x, hot = _setup(c, n_exp, seed)
+  wname = "adapters" if use_tqp else "experts"
+  assert jax.tree_util.tree_leaves(p[wname])[0].shape[0] == moe.padded_experts(c, n_exp)
   mesh = sharding.make_mesh(c.mesh)
   assert mesh.shape["expert"] == 8
   with sharding.use_mesh(mesh):
-    (_, (y, aux, s)), g = _loss(moe.moe_apply, c, st)(p, x)
-  (_, (y_ref, aux_ref, s_ref)), g_ref = _loss(moe.moe_reference, c, st)(p, x)
+    (_, (y, aux, s)), g = _loss(moe.moe_apply, c, st, frozen)(p, x)
+  (_, (y_ref, aux_ref, s_ref)), g_ref = _loss(moe.moe_reference, c, st, frozen)(p, x)
   msg = f"seed={seed} router={router}"
   # the skewed expert overflows the first round (8 tokens per device, C0 < 8): rounds exercised
-  c0, _, rounds = moe.capacities(c, 2 * 32 // 8, moe.padded_experts(c, n_exp))
+  c0, _, rounds = moe.capacities(c, 2 * 32 // 8, moe.padded_experts(c, n_exp), 8)
   assert rounds > 0 and float(s["load"][hot]) / 8 > c0, msg
   np.testing.assert_array_equal(s["load"], s_ref["load"], err_msg=msg)
   assert float(s["dropped"]) == 0.0, msg
@@ -75,16 +87,16 @@ def test_sharded_dispatch_matches_dense_reference(router, n_exp, k):
     np.testing.assert_allclose(flat[name], flat_ref[name], rtol=1e-5, atol=1e-5,
                                err_msg=f"{msg} grad {name}")
   np.testing.assert_allclose(g[1], g_ref[1], rtol=1e-5, atol=1e-5, err_msg=f"{msg} grad x")
-  # padding experts (sigmoid: 460 -> 464) are never selected and get no gradient
-  n_pad = moe.expert_layout(c, n_exp)["padding"]
-  if n_pad:
-    assert float(jnp.abs(g[0]["experts"]["gate"][n_exp:]).max()) == 0.0, msg
+  # padding experts (460 -> 464) are never selected and get no gradient
+  if moe.expert_layout(c, n_exp)["padding"]:
+    for leaf in jax.tree_util.tree_leaves(g[0][wname]):
+      assert float(jnp.abs(leaf[n_exp:]).max()) == 0.0, msg
 
 
 def test_capacity_mode_drops_overflow_and_counts_it():
   seed = int(np.random.randint(1 << 30))
   c = _cfg("null_slot", 6, 2, dispatch="capacity", capacity_factor=0.6, n_null=2)
-  p, st, x, _ = _setup(c, 6, seed)
+  p, _, st, x, _ = _setup(c, 6, seed)
   y, sel, aux, s = jax.jit(lambda p, x: moe.moe_apply(p, {}, st, x, {}, c))(p, x)
   n = x.shape[0] * x.shape[1]
   c0, _, _ = moe.capacities(c, n, 6)

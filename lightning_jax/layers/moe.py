@@ -242,16 +242,18 @@ def _round_up(n: int, m: int) -> int:
   return max(m, -(-int(n) // m) * m)
 
 
-def capacities(cfg, n_tokens_local: int, n_padded: int):
-  """Static (C0, C1, n_overflow_rounds) for a device holding n_tokens_local tokens."""
+def capacities(cfg, n_tokens_local: int, n_padded: int, n_dev: int = 1):
+  """Static (C0, C1, n_overflow_rounds) of one (sending device, expert) group for a device
+  holding n_tokens_local tokens. With n_dev expert-parallel devices an expert's matmul sees
+  n_dev such groups, so each is padded to group_pad / n_dev rows (the matmul to group_pad)."""
   e = cfg.moe
+  pad = max(1, int(e.group_pad) // n_dev)
   mean = n_tokens_local * e.top_k / n_padded
-  c0 = min(_round_up(math.ceil(e.capacity_factor * mean), e.group_pad),
-           _round_up(n_tokens_local, e.group_pad))
+  c0 = min(_round_up(math.ceil(e.capacity_factor * mean), pad), _round_up(n_tokens_local, pad))
   if e.dispatch == "capacity":
     return c0, 0, 0
   frac = float(e.get("overflow_round", 0.25))
-  c1 = _round_up(math.ceil(frac * c0), e.group_pad)
+  c1 = _round_up(math.ceil(frac * c0), pad)
   rounds = max(0, -(-(n_tokens_local - c0) // c1))    # a group holds at most n_tokens_local rows
   return c0, c1, rounds
 
@@ -263,7 +265,7 @@ def _dispatch_local(wp, wf, x, eid, gates, cfg, n_dev, axis, reduce_axes):
   a = n * k
   e_loc = jax.tree_util.tree_leaves(wp)[0].shape[0]
   e_tot = n_dev * e_loc
-  c0, c1, rounds = capacities(cfg, n, e_tot)
+  c0, c1, rounds = capacities(cfg, n, e_tot, n_dev)
 
   key = jnp.where(eid >= 0, eid, e_tot).reshape(-1)                 # sentinel sorts last
   order = jnp.argsort(key, stable=True)
