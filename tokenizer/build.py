@@ -91,6 +91,7 @@ def build(base_ranks: dict[bytes, int], audit_texts: list[str], *, target: int =
       "crop_removed": cr.counts(), "crop_kept": len(cr.kept), "extra_slots": extra,
       "retrofit_slots": rf.slots, "dead_found": sum(map(len, rf.dead.values())),
       "freed": rf.freed, "added": rf.added, "audit_tokens": rf.audit_tokens,
+      "lp_equals_greedy": rf.lp_equals_greedy,
       "curves": {s: v[:rf.slots] for s, v in rf.curves.items()},
       "per_script": {k: dict(v) for k, v in sorted(rows.items())},
   }
@@ -172,7 +173,8 @@ def main(argv=None) -> int:
     pts = ", ".join(f"{k}:{sum(curve[:k])}" for k in (50, 100, 200, 400, 800) if k <= len(curve))
     print(f"  {sc:<11} {pts}  | allocated {report['added'].get(sc, 0)} -> saves "
           f"{sum(curve[:report['added'].get(sc, 0)])} of {report['audit_tokens'][sc]}")
-  print(f"allocation (LP over saturation curves): {report['added']}")
+  print(f"allocation (LP over saturation curves): {report['added']}; greedy gives the same: "
+        f"{report['lp_equals_greedy']}")
   print(f"wrote {a.out}: {enc.n_vocab} ids ({len(tokens)} mergeable + {len(specials)} special) "
         f"in {time.time() - t0:.1f} s")
   return 0

@@ -212,6 +212,7 @@ class RetrofitResult:
   curves: dict[str, list[int]]           # tokens saved by the k-th candidate, per script
   audit_tokens: dict[str, int]           # audit tokens per script under the crop
   slots: int
+  lp_equals_greedy: bool = True          # the LP's allocation equals the greedy's
 
 
 def check_audit(by_script: dict) -> None:
@@ -254,6 +255,7 @@ def retrofit(kept: list[bytes], base_ranks: dict[bytes, int], splits, audit_text
                         f"least twice) for {total_slots} slots; give more Brahmic text or fewer "
                         "--retrofit-slots.")
   alloc = allocate_lp(gains, total_slots)
+  same = alloc == allocate_greedy(gains, total_slots)
   new, added = [], {}
   for s in sorted(cands):
     for left, right, _ in cands[s][:alloc.get(s, 0)]:
@@ -261,4 +263,5 @@ def retrofit(kept: list[bytes], base_ranks: dict[bytes, int], splits, audit_text
     added[s] = alloc.get(s, 0)
   freed_by = collections.Counter(brahmic_script_of(t) for t in freed)
   return RetrofitResult(kept=kept2, new=new, dead=dead, freed=dict(freed_by), added=added,
-                        curves=curves, audit_tokens=audit_tokens, slots=total_slots)
+                        curves=curves, audit_tokens=audit_tokens, slots=total_slots,
+                        lp_equals_greedy=same)
