@@ -302,3 +302,11 @@ def test_committed_brahmic131k_build_and_fertility():
     assert rep[lang]["fertility"] < rep[lang]["o200k_fertility"], (lang, rep[lang])
   for lang in ("en", "code"):
     assert abs(rep[lang]["ratio"] - 1) <= 0.01, (lang, rep[lang])
+
+
+def test_crop_target_below_what_can_go(synth):
+  ranks, _ = synth
+  with pytest.raises(crop.CropError, match="cannot be reached"):
+    crop.crop(ranks, 300)                 # the Brahmic tokens and single bytes alone exceed 300
+  with pytest.raises(crop.CropError, match="256 single-byte tokens"):
+    crop.crop(ranks, 100)
