@@ -427,6 +427,27 @@ def _layer_key(seed: int, path: str) -> jax.Array:
   return nn.path_key(jax.random.PRNGKey(seed), path)
 
 
+# ============================================================================ spec-level form
+def tqp_specs(param_specs: dict, cfg) -> tuple[dict, dict]:
+  """Model spec tree with dense `moe.experts` -> (param specs with `moe.adapters`, frozen specs
+  holding the quantized bases at `<path>/moe/experts`), stacking dims preserved. The spec-level
+  twin of `convert_moe_to_tqp`, for init and `jax.eval_shape` (counting, memory planning)."""
+  frozen: dict = {}
+  for path, node in list(_moe_nodes(param_specs)):
+    if "experts" not in node:
+      continue
+    g = node["experts"]["gate"]
+    lead, lead_axes, n_exp = g.shape[:-3], g.axes[:-3], g.shape[-3]
+    ad, qb = adapter_specs(cfg, n_exp), qbase_specs(cfg, n_exp)
+    for n, ax in reversed(list(zip(lead, lead_axes))):
+      ad, qb = nn.stack(ad, n, ax), nn.stack(qb, n, ax)
+    new_node = {k: v for k, v in node.items() if k != "experts"}
+    new_node["adapters"] = ad
+    param_specs = _set(param_specs, path, new_node)
+    frozen = _set(frozen, path + ("experts",), qb)
+  return param_specs, frozen
+
+
 # ============================================================================ conversion
 def convert_moe_to_tqp(params: dict, cfg, chunk: int = 16) -> tuple[dict, dict]:
   """Trained full-model params (every moe.experts, possibly stacked over groups) -> TQP form.

@@ -155,6 +155,19 @@ def test_adapter_count_at_120b_is_2_26b():
   total = per_layer * 20
   assert per_layer == 460 * 3 * 16 * (4096 + 1024)
   assert round(total / 1e9, 2) == 2.26, total
+  # spec-level conversion of a stacked model tree (5 groups x 4 positions = 20 layers)
+  d, f = 4096, 1024
+  ex = {"gate": nn.Spec((460, d, f), ("expert", "embed", "expert_mlp"), nn.zeros),
+        "up": nn.Spec((460, d, f), ("expert", "embed", "expert_mlp"), nn.zeros),
+        "down": nn.Spec((460, f, d), ("expert", "expert_mlp", "embed"), nn.zeros)}
+  layer = {"moe": {"router": {"w": nn.Spec((d, 460), ("embed", None), nn.zeros)}, "experts": ex}}
+  specs = {"groups": {f"l{j}": nn.stack(layer, 5) for j in range(4)}}
+  p_specs, f_specs = tqp.tqp_specs(specs, c)
+  ad = {k: v for k, v in nn.flatten(p_specs).items() if "/adapters/" in k}
+  assert sum(math.prod(v.shape) for v in ad.values()) == total
+  assert "experts" not in p_specs["groups"]["l2"]["moe"]
+  codes = f_specs["groups"]["l3"]["moe"]["experts"]["down"]["codes"]
+  assert codes.shape == (5, 460, d, f // 2) and codes.axes[:2] == ("layers", "expert")
   rep = tqp.conversion_report(c, 460, 20)
   # routed base at 4 bits: 115.76B weights x 0.5 byte (+ row norms, signs)
   assert abs(rep["qbase_bytes"] / 1e9 - 115.76e9 * 0.5 / 1e9) < 0.3, rep

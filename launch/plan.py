@@ -1,0 +1,161 @@
+"""Memory plan: lower and compile the full training step abstractly and print per-device bytes.
+
+  python -m launch.plan --config=configs/stage_120b.py [--devices=8] [--config.train.micro_batch=8]
+
+Nothing is allocated: the state is ShapeDtypeStructs carrying the training shardings (parameters
+by sharding.RULES, TQP bases split over the expert axis like the experts they replace, optimizer
+state ZeRO-1 as in launch.train), the step is launch.train.make_train_step, and the numbers come
+from XLA's compiled memory analysis of the SPMD-partitioned program (per device). On CPU
+`peak_memory_in_bytes` only repeats the argument size, so the total reported is
+  arguments + outputs - aliased (donated state) + temporaries.
+The breakdown of the arguments (parameters, frozen, optimizer state, stats, batch) is computed
+from the per-device shard shapes; "activations etc." is the temporaries (activations kept for
+the backward, gradient accumulators, workspace).
+Run on a CPU host it forces `--devices` virtual CPU devices (before jax is imported).
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+
+
+def _parse_devices(argv) -> int:
+  for a in argv:
+    if a.startswith("--devices="):
+      return int(a.split("=", 1)[1])
+  return 8
+
+
+if __name__ == "__main__":
+  _n = _parse_devices(sys.argv)
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             f" --xla_force_host_platform_device_count={_n}").strip()
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+
+from lightning_jax import nn, optim, sharding, tqp  # noqa: E402
+from lightning_jax.config import ConfigError, validate  # noqa: E402
+
+GB = 1e9
+TARGETS = {"H100 80 GB": 80e9, "H200 141 GB": 141e9}
+
+
+def _per_device_bytes(abstract, shardings) -> int:
+  total = 0
+  for a, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(
+      shardings, is_leaf=lambda x: isinstance(x, NamedSharding))):
+    shape = s.shard_shape(a.shape) if hasattr(s, "shard_shape") else a.shape
+    total += math.prod(shape) * jnp.dtype(a.dtype).itemsize
+  return total
+
+
+def build(cfg, mesh):
+  """Abstract state, shardings and the jitted step for `cfg` on `mesh` (nothing allocated)."""
+  from launch import train as train_lib
+  from lightning_jax import model
+  from lightning_jax.layers import kronecker
+
+  specs = model.param_specs(cfg)
+  frozen_specs = {}
+  if cfg.tqp.enabled and any("experts" in n for _, n in tqp._moe_nodes(specs)):
+    specs, frozen_specs = tqp.tqp_specs(specs, cfg)
+  params = nn.abstract(specs)
+  p_shard = sharding.tree_shardings(mesh, nn.logical_axes(specs), params)
+  rep = NamedSharding(mesh, P())
+  f_abs = {"embed": kronecker.frozen_abstract(cfg)}
+  f_shard = {"embed": jax.tree.map(lambda _: rep, f_abs["embed"])}
+  if frozen_specs:
+    q_abs = nn.abstract(frozen_specs)
+    q_shard = sharding.tree_shardings(mesh, nn.logical_axes(frozen_specs), q_abs)
+    f_abs, f_shard = tqp.merge_frozen(f_abs, q_abs), tqp.merge_frozen(f_shard, q_shard)
+  stats = jax.eval_shape(lambda: model.init_stats(cfg))
+  s_shard = jax.tree.map(lambda _: rep, stats)
+  steps = max(1, optim.total_steps(cfg)) if cfg.train.total_tokens or cfg.train.steps else 1000
+  tx, _ = optim.make_optimizer(cfg, params, steps)
+  opt_abs = jax.eval_shape(tx.init, params)
+  o_shard = train_lib.opt_state_shardings(mesh, opt_abs, p_shard)
+  n_batch = mesh.shape["data"] * mesh.shape["expert"]
+  accum = train_lib.check_train_config(cfg, n_batch)
+  state_abs = {"params": params, "frozen": f_abs, "stats": stats, "opt_state": opt_abs,
+               "step": jax.ShapeDtypeStruct((), jnp.int32)}
+  state_shard = {"params": p_shard, "frozen": f_shard, "stats": s_shard, "opt_state": o_shard,
+                 "step": rep}
+  batch_abs = {"ids": jax.ShapeDtypeStruct((cfg.train.global_batch, cfg.train.seq_len + 2),
+                                           jnp.int32)}
+  batch_shard = {"ids": NamedSharding(mesh, P(train_lib.BATCH_AXES, None))}
+  step = jax.jit(train_lib.make_train_step(cfg, tx, accum, model, mesh),
+                 in_shardings=(state_shard, batch_shard), out_shardings=(state_shard, rep),
+                 donate_argnums=(0,))
+  return {"state_abs": state_abs, "state_shard": state_shard, "batch_abs": batch_abs,
+          "batch_shard": batch_shard, "step": step, "accum": accum}
+
+
+def plan(cfg, mesh, log=print) -> dict:
+  b = build(cfg, mesh)
+  sa, ss = b["state_abs"], b["state_shard"]
+  parts = {
+      "parameters (trainable, f32)": _per_device_bytes(sa["params"], ss["params"]),
+      "frozen (TQP base, codec)": _per_device_bytes(sa["frozen"], ss["frozen"]),
+      "optimizer state": _per_device_bytes(sa["opt_state"], ss["opt_state"]),
+      "stats + step": _per_device_bytes(sa["stats"], ss["stats"]) + 4,
+      "batch": _per_device_bytes(b["batch_abs"], b["batch_shard"]),
+  }
+  t0 = time.perf_counter()
+  with sharding.use_mesh(mesh):
+    lowered = b["step"].lower(sa, b["batch_abs"])
+  t_lower = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  compiled = lowered.compile()
+  t_compile = time.perf_counter() - t0
+  ma = compiled.memory_analysis()
+  arg, out = ma.argument_size_in_bytes, ma.output_size_in_bytes
+  alias, temp = ma.alias_size_in_bytes, ma.temp_size_in_bytes
+  total = arg + out - alias + temp
+  res = {"arguments": arg, "outputs": out, "aliased": alias, "temporaries": temp, "total": total,
+         "breakdown": parts, "lower_s": t_lower, "compile_s": t_compile, "accum": b["accum"],
+         "mesh": dict(mesh.shape)}
+  t = cfg.train
+  log(f"stage {cfg.stage}: mesh {dict(mesh.shape)}, global batch {t.global_batch} x {t.seq_len}, "
+      f"micro-batch {t.micro_batch}/device ({b['accum']} accumulation step(s)); "
+      f"tqp {'%d-bit' % cfg.tqp.bits if cfg.tqp.enabled else 'off'}")
+  log(f"lowered in {t_lower:.1f} s, compiled in {t_compile:.1f} s")
+  log("per-device bytes (compiled memory analysis):")
+  for k in ("arguments", "outputs", "aliased", "temporaries", "total"):
+    log(f"  {k:<28s} {res[k] / GB:9.2f} GB")
+  log("arguments by part (from shard shapes):")
+  for k, v in parts.items():
+    log(f"  {k:<28s} {v / GB:9.2f} GB")
+  log(f"  {'sum':<28s} {sum(parts.values()) / GB:9.2f} GB")
+  log(f"activations etc. (temporaries) {temp / GB:9.2f} GB")
+  for name, cap in TARGETS.items():
+    verdict = "fits" if total <= cap else f"over by {(total - cap) / GB:.2f} GB"
+    log(f"vs {name}: {verdict} ({total / cap * 100:.0f}%)")
+  return res
+
+
+def main(argv):
+  from absl import flags
+  from ml_collections import config_flags
+  fl = flags.FLAGS
+  config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/stage_120b.py")
+  flags.DEFINE_integer("devices", 8, "virtual CPU devices (set before jax starts)")
+  fl(argv)
+  cfg = fl.config
+  if cfg is None:
+    raise ConfigError("--config is required, e.g. --config=configs/stage_120b.py.")
+  validate(cfg)
+  n = len(jax.devices())
+  if n != fl.devices:
+    raise ConfigError(f"--devices={fl.devices} but jax sees {n} devices; run launch.plan as a "
+                      "fresh process so it can set the virtual device count.")
+  mesh = sharding.make_mesh(cfg.mesh)
+  plan(cfg, mesh)
+
+
+if __name__ == "__main__":
+  main(sys.argv)
