@@ -285,7 +285,12 @@ def resolve_pools(specs: Sequence[PoolSpec], data_dir=None, manifest=None) -> li
       val = res.domains(s.domains, "val", what)
     elif s.shards:
       train = res.source(s.shards, "train", what)
-      val = res.source(s.val_shards, "val", f"{what} val_shards") if s.val_shards else {}
+      if s.val_shards:
+        val = res.source(s.val_shards, "val", f"{what} val_shards")
+      elif pathlib.Path(s.shards).expanduser().is_dir():     # a prepare_data dir: its val split
+        val = res.source(s.shards, "val", what)
+      else:
+        val = {}
       if "" in val:
         val = {s.name: val.pop("")}
     else:
