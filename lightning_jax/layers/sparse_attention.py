@@ -305,6 +305,10 @@ def gsa_apply(p, stats, x, consts, cfg, selection=None):
   if x.ndim != 3 or x.shape[-1] != cfg.model.d_model:
     raise ValueError(f"GSA input must be [B, T, d_model={cfg.model.d_model}]; got {x.shape}.")
   B, T, _ = x.shape
+  _var_row(g)
+  mode = g.get("attention", "gather")
+  if mode not in _ATTENDS:
+    raise ConfigError(f"model.gsa.attention={mode!r} must be one of {sorted(_ATTENDS)}.")
   x = x.astype(dtype)
   zero = jnp.zeros((), jnp.float32)
   if selection is None:
@@ -316,7 +320,7 @@ def gsa_apply(p, stats, x, consts, cfg, selection=None):
     selection = jax.lax.stop_gradient(selection.astype(jnp.int32))
     step_stats = {"var_sum": zero, "var_count": zero, "k_sum": zero}
   q, k, v, go = _projections(p, x, consts, cfg)
-  att = sparse_attention(q, k, v, selection, _chunk(g, T), g.get("attention", "gather"))
+  att = sparse_attention(q, k, v, selection, _chunk(g, T), mode)
   out = att.reshape(B, T, g.n_heads * g.head_dim) * jax.nn.sigmoid(go)
   y = out @ p["o"].astype(dtype)
   return y, selection, zero, step_stats
