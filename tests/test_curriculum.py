@@ -191,6 +191,17 @@ def test_new_stage_weights_on_resume_no_replay(data):
       rows[NAMES.index(stage2.pool_names[p])] += 1
   for i, n in enumerate(NAMES):
     assert abs(rows[i] / rows.sum() - W_9B[n]) <= 0.01, f"pool {n} after the stage switch ({msg})"
+  # a stage without D4 keeps D4's position in the record; the stage after continues it
+  stage3 = _loader(data, {**W_9B, "D4": 0.0, "D3": .53}, 16, 20, seed)
+  stage3.set_state(json.loads(json.dumps(stage2.get_state())))
+  for _ in range(20):
+    chk.batch(stage3, next(stage3))
+  assert "D4" not in stage3.pool_names and "D4" in stage3.get_state()["pools"]
+  stage4 = _loader(data, W_2B, 16, 20, seed)
+  stage4.set_state(json.loads(json.dumps(stage3.get_state())))
+  for _ in range(20):
+    chk.batch(stage4, next(stage4))
+  assert chk.k["D4"] > 0
 
 
 def test_state_mismatch_is_rejected(data):

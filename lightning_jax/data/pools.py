@@ -458,6 +458,7 @@ class MixtureLoader:
     self._set_weights()
     self.pos = {n: [0] * num_ranks for n in self.pool_names}
     self.batches = 0
+    self.dormant: dict[str, dict] = {}   # saved positions of pools with weight 0 in this stage
 
   # -- allocation
   def _set_weights(self):
@@ -499,17 +500,20 @@ class MixtureLoader:
 
   # -- state
   def get_state(self) -> dict:
+    pools = {n: dict(rec) for n, rec in self.dormant.items()}
+    pools.update({p.name: {"fingerprint": p.fingerprint(), "pos": list(self.pos[p.name])}
+                  for p in self.pools})
     return {"kind": self.kind, "seed": self.seed, "batch": self.batch,
             "num_ranks": self.num_ranks, "batches": self.batches,
             "weights": dict(self.units),
             "alloc": {"top": list(self.top.cur), "sub": [list(s.cur) for s in self.sub]},
-            "pools": {p.name: {"fingerprint": p.fingerprint(), "pos": list(self.pos[p.name])}
-                      for p in self.pools}}
+            "pools": pools}
 
   def set_state(self, state: dict, log=None) -> None:
     """Continue from a saved record. Same weights: the exact stream. New weights (a new stage):
     every pool keeps its position (no replay) and the allocator restarts for the new weights;
-    a pool new to the mixture starts at its beginning."""
+    a pool new to the mixture starts at its beginning; a pool whose weight became 0 keeps its
+    saved position in the record for a later stage."""
     if not isinstance(state, dict) or state.get("kind") != self.kind:
       raise DataError(f"saved loader state has kind {state.get('kind') if isinstance(state, dict) else state!r}, "
                       f"expected {self.kind!r} (a pool mixture); the run switched data pipelines.")
@@ -532,6 +536,8 @@ class MixtureLoader:
                         f"positions, expected {self.num_ranks}.")
       pos[p.name] = [int(x) for x in rec["pos"]]
     self.pos = pos
+    # pools that sit this stage out keep their saved positions for a later stage
+    self.dormant = {n: rec for n, rec in saved.items() if n not in self.pos}
     self.batches = int(state["batches"])
     self._set_weights()
     if state.get("weights") == self.units:
