@@ -58,25 +58,26 @@ def _loss(fn, c, st, frozen=None):
   return jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))
 
 
-@pytest.mark.parametrize("router,n_exp,k,use_tqp", [("null_slot", 20, 2, False),
-                                                    ("sigmoid", 460, 12, True)])
-def test_sharded_dispatch_matches_dense_reference(router, n_exp, k, use_tqp):
-  """8-device mesh (expert=8): grouped all_to_all dispatch with overflow rounds (skewed loads)
-  == every expert on every token masked by the gates; 460 experts use the 120B layout + TQP."""
+@pytest.mark.parametrize("router,n_exp,k,use_tqp,ep", [("null_slot", 20, 2, False, 4),
+                                                       ("sigmoid", 460, 12, True, 8)])
+def test_sharded_dispatch_matches_dense_reference(router, n_exp, k, use_tqp, ep):
+  """8-device mesh (data 2 x expert 4, and expert 8): grouped all_to_all dispatch with overflow
+  rounds (skewed loads) == every expert on every token masked by the gates; 460 experts use the
+  120B layout (464 slots, 58 per device) with TQP experts."""
   seed = int(np.random.randint(1 << 30))
-  c = _cfg(router, n_exp, k, ep=8, capacity_factor=0.5)
+  c = _cfg(router, n_exp, k, ep=ep, capacity_factor=0.5)
   c.tqp.enabled = use_tqp
   p, frozen, st, x, hot = _setup(c, n_exp, seed)
   wname = "adapters" if use_tqp else "experts"
   assert jax.tree_util.tree_leaves(p[wname])[0].shape[0] == moe.padded_experts(c, n_exp)
   mesh = sharding.make_mesh(c.mesh)
-  assert mesh.shape["expert"] == 8
+  assert mesh.shape["expert"] == ep and mesh.size == 8
   with sharding.use_mesh(mesh):
     (_, (y, aux, s)), g = _loss(moe.moe_apply, c, st, frozen)(p, x)
   (_, (y_ref, aux_ref, s_ref)), g_ref = _loss(moe.moe_reference, c, st, frozen)(p, x)
   msg = f"seed={seed} router={router}"
   # the skewed expert overflows the first round (8 tokens per device, C0 < 8): rounds exercised
-  c0, _, rounds = moe.capacities(c, 2 * 32 // 8, moe.padded_experts(c, n_exp), 8)
+  c0, _, rounds = moe.capacities(c, 2 * 32 // 8, moe.padded_experts(c, n_exp), ep)
   assert rounds > 0 and float(s["load"][hot]) / 8 > c0, msg
   np.testing.assert_array_equal(s["load"], s_ref["load"], err_msg=msg)
   assert float(s["dropped"]) == 0.0, msg
