@@ -263,7 +263,7 @@ def test_ranks_read_disjoint_shards_covering_all(data, num_ranks):
 
 
 def test_too_few_shards_for_ranks(data):
-  with pytest.raises(DataError, match="8 train shards but 16 data-parallel ranks"):
+  with pytest.raises(DataError, match=r"8 train shard\(s\) but 16 data-parallel ranks"):
     _loader(data, W_2B, 16, 16, 0, 0, 16)
 
 

@@ -321,7 +321,7 @@ def resolve_pools(specs: Sequence[PoolSpec], data_dir=None, manifest=None) -> li
 def stripe(shards: Sequence[Shard], rank: int, num_ranks: int, pool: str = "?") -> list[Shard]:
   """Rank `rank`'s shards: i -> rank i % num_ranks over the path-sorted list."""
   if len(shards) < num_ranks:
-    raise DataError(f"pool {pool} has {len(shards)} train shards but {num_ranks} data-parallel "
+    raise DataError(f"pool {pool} has {len(shards)} train shard(s) but {num_ranks} data-parallel "
                     f"ranks; expected at least one shard per rank (prepare it with a smaller "
                     f"--shard_tokens).")
   return list(sorted(shards, key=lambda s: s.path))[rank::num_ranks]
