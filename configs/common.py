@@ -50,6 +50,8 @@ def get_base_config() -> ConfigDict:
   m.gsa.ema_decay = 0.99
   m.gsa.query_chunk = 512         # queries processed at once (memory bound at T=8192)
   m.gsa.impl = "xla"              # xla | kernel
+  m.gsa.var_row = "full_row"      # full_row (reference: future keys count as 0) | causal
+  m.gsa.attention = "gather"      # gather (kept keys only) | dense_masked (O(T^2) matmuls)
 
   m.hc = ConfigDict()
   m.hc.n_streams = 4
@@ -124,6 +126,9 @@ def get_base_config() -> ConfigDict:
   d.seed = 0
   d.val_fraction = 0.05
   d.num_workers = 0
+  d.build_from = ""               # raw .txt/.jsonl dir: prepare shards into data.path if missing
+  d.id_order = "frequency"        # id order when building from build_from (frequency | natural)
+  d.vocab_from_data = False       # True: model.vocab_size := the data's (compact) vocabulary
   # pool mixture (data curriculum, lightning_jax/data/pools.py, docs/data.md): weights are
   # absolute token shares summing to 1; always-on pools take always_on_fraction of every batch.
   # A pool's source: domains="en,hi" (of data.path) or shards=<glob | list file | prepare_data dir>.
@@ -137,7 +142,8 @@ def get_base_config() -> ConfigDict:
   # ------------------------------------------------------------------ optimiser (SPEC §5)
   o = c.optim = ConfigDict()
   o.peak_lr = 1e-3
-  o.start_lr = 0.0                # or the previous stage's end LR
+  o.start_lr = 0.0                # or the previous stage's end LR:
+  o.start_from = ""               # previous stage's config file; start_lr := its end LR
   o.warmup_steps = 1000
   o.schedule = "cosine"           # cosine | wsd | constant
   o.decay_ratio = 10.0            # end LR = peak / decay_ratio
@@ -172,4 +178,5 @@ def get_base_config() -> ConfigDict:
   tr.log_every = 10
   tr.eval_every = 200
   tr.eval_batches = 4
+  tr.eval_batch = 8               # held-out sequences per eval batch (per domain)
   return c

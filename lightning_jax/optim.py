@@ -1,0 +1,161 @@
+"""AdamW with LR groups, global-norm clipping and token-budget schedules (SPEC §4, §5).
+
+* Steps come from a token budget: steps = train.total_tokens // (global_batch * seq_len)
+  (train.steps > 0 overrides).
+* Schedule: linear warmup from `optim.start_lr` (or, when `optim.start_from` names a previous
+  stage's config file, that stage's end LR) to `optim.peak_lr` over `optim.warmup_steps`, then
+    cosine    -> peak / decay_ratio at the last step,
+    wsd       -> hold peak for `stable_fraction` of the post-warmup steps, then decay linearly
+                 to peak / decay_ratio (warmup-stable-decay),
+    constant  -> hold peak.
+* Optimizer: clip_by_global_norm(clip_norm) over all gradients, then per LR group AdamW
+  (b1, b2, eps from config; paper 0.9 / 0.95 / 1e-10). Groups are labels on parameter paths:
+  "router" (any path through a `router`), "adapters" (through `adapters`), "rest". Their LR
+  multipliers are tqp.lr_mult_* when tqp.enabled (SPEC §4: router x1, adapters x3, rest x0.01),
+  else 1.
+* Weight decay (optim.weight_decay, decoupled, multiplied by the LR) applies only to matrices:
+  leaves that have at least 2 dims after removing the layer-stacking axis of `groups/...`.
+  Norm scales, biases, per-head vectors (A_log, D, dt_bias), hyper-connection scalars and the
+  null-slot logit are not decayed.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from lightning_jax.config import ConfigError
+
+GROUPS = ("router", "adapters", "rest")
+
+
+# ----------------------------------------------------------------------------- budget and LR
+def tokens_per_step(cfg) -> int:
+  return int(cfg.train.global_batch) * int(cfg.train.seq_len)
+
+
+def total_steps(cfg) -> int:
+  t = cfg.train
+  if t.steps and t.steps > 0:
+    return int(t.steps)
+  if t.total_tokens <= 0:
+    raise ConfigError("train.total_tokens and train.steps are both 0; expected a token budget "
+                      "(train.total_tokens) or an explicit train.steps > 0.")
+  n = int(t.total_tokens) // tokens_per_step(cfg)
+  if n < 1:
+    raise ConfigError(f"train.total_tokens={t.total_tokens} is less than one step of "
+                      f"{tokens_per_step(cfg)} tokens (global_batch x seq_len).")
+  return n
+
+
+def start_lr(cfg) -> float:
+  o = cfg.optim
+  if o.get("start_from", ""):
+    from lightning_jax.config import load_config
+    prev = load_config(o.start_from)
+    return end_lr(prev.optim)
+  return float(o.start_lr)
+
+
+def end_lr(o) -> float:
+  if o.schedule == "constant":
+    return float(o.peak_lr)
+  return float(o.peak_lr) / float(o.decay_ratio)
+
+
+def make_schedule(cfg, steps: int | None = None):
+  """optax schedule: step -> LR for the whole run (`steps` optimizer steps)."""
+  o = cfg.optim
+  steps = total_steps(cfg) if steps is None else int(steps)
+  if o.schedule not in ("cosine", "wsd", "constant"):
+    raise ConfigError(f"optim.schedule={o.schedule!r} must be 'cosine', 'wsd' or 'constant'.")
+  if o.peak_lr <= 0:
+    raise ConfigError(f"optim.peak_lr={o.peak_lr} must be positive.")
+  if o.schedule != "constant" and o.decay_ratio < 1:
+    raise ConfigError(f"optim.decay_ratio={o.decay_ratio} must be >= 1 (end LR = peak / ratio).")
+  if not 0 <= o.stable_fraction <= 1:
+    raise ConfigError(f"optim.stable_fraction={o.stable_fraction} must be in [0, 1].")
+  if o.warmup_steps < 0:
+    raise ConfigError(f"optim.warmup_steps={o.warmup_steps} must be >= 0.")
+  lr0, peak, lr_end = start_lr(cfg), float(o.peak_lr), end_lr(o)
+  warm = min(int(o.warmup_steps), steps)
+  rest = max(steps - warm, 1)
+  stable = int(round(o.stable_fraction * rest)) if o.schedule == "wsd" else 0
+
+  def sched(step):
+    s = jnp.asarray(step, jnp.float32)
+    w = jnp.where(warm > 0, lr0 + (peak - lr0) * jnp.minimum(s, warm) / max(warm, 1), peak)
+    if o.schedule == "constant":
+      after = jnp.full_like(s, peak)
+    elif o.schedule == "cosine":
+      frac = jnp.clip((s - warm) / max(rest - 1, 1), 0.0, 1.0)
+      after = lr_end + (peak - lr_end) * 0.5 * (1.0 + jnp.cos(math.pi * frac))
+    else:
+      frac = jnp.clip((s - warm - stable) / max(rest - stable - 1, 1), 0.0, 1.0)
+      after = peak + (lr_end - peak) * frac
+    return jnp.where(s < warm, w, after)
+  return sched
+
+
+# ----------------------------------------------------------------------------- labels and masks
+def _keys(path) -> list[str]:
+  out = []
+  for p in path:
+    out.append(str(getattr(p, "key", getattr(p, "idx", p))))
+  return out
+
+
+def group_labels(params):
+  """Same tree as params: 'router' | 'adapters' | 'rest' per leaf, by path."""
+  def label(path, _):
+    ks = _keys(path)
+    if "adapters" in ks:
+      return "adapters"
+    if "router" in ks:
+      return "router"
+    return "rest"
+  return jax.tree_util.tree_map_with_path(label, params)
+
+
+def decay_mask(params):
+  """True where weight decay applies: matrices (>= 2 dims beyond the group-stacking axis)."""
+  def m(path, leaf):
+    ks = _keys(path)
+    nd = len(leaf.shape) - (1 if ks and ks[0] == "groups" else 0)
+    return nd >= 2
+  return jax.tree_util.tree_map_with_path(m, params)
+
+
+def lr_multipliers(cfg) -> dict:
+  if cfg.tqp.enabled:
+    q = cfg.tqp
+    return {"router": float(q.lr_mult_router), "adapters": float(q.lr_mult_adapters),
+            "rest": float(q.lr_mult_rest)}
+  return {g: 1.0 for g in GROUPS}
+
+
+def make_optimizer(cfg, params, steps: int | None = None):
+  """(optax.GradientTransformation, schedule). `params` may be abstract (only paths/shapes used)."""
+  o = cfg.optim
+  if o.clip_norm <= 0:
+    raise ConfigError(f"optim.clip_norm={o.clip_norm} must be positive.")
+  if o.weight_decay < 0:
+    raise ConfigError(f"optim.weight_decay={o.weight_decay} must be >= 0.")
+  sched = make_schedule(cfg, steps)
+  mults = lr_multipliers(cfg)
+
+  def group(mult):
+    return optax.chain(
+        optax.scale_by_adam(b1=o.b1, b2=o.b2, eps=o.eps),
+        optax.add_decayed_weights(o.weight_decay, mask=decay_mask) if o.weight_decay else
+        optax.identity(),
+        optax.scale_by_learning_rate(lambda s, _m=mult: sched(s) * _m))
+
+  labels = group_labels(params)
+  present = set(jax.tree_util.tree_leaves(labels))
+  tx = optax.chain(
+      optax.clip_by_global_norm(o.clip_norm),
+      optax.multi_transform({g: group(mults[g]) for g in GROUPS if g in present}, labels))
+  return tx, sched
