@@ -1,0 +1,405 @@
+"""LightningLM: Kronecker embedding -> streams -> DDDG layers -> read-out -> head, + MTP (SPEC §2).
+
+Variables (docs/ARCHITECTURE.md): {"params", "frozen", "stats"}.
+
+    params/embed       {proj [8192, d], norm}
+    params/groups/l{j} layer at pattern position j, stacked over groups (leading dim n_groups)
+                       {mix_hc, mixer, ffn_hc, ffn | moe}
+    params/final_norm  read-out RMSNorm (also used after the MTP block)
+    params/head/w      [d, V], untied
+    params/mtp         {in_proj [2d, d], layer: <G layer>}   when model.mtp.enabled
+
+Forward, for batch["ids"] int32 [B, T + 2]:
+  inputs ids[:, :T], next-token targets ids[:, 1:T+1], MTP targets ids[:, 2:T+2].
+  emb = embed(ids[:, :T+1]) (one pass; positions 1..T are the MTP block's emb_{t+1}),
+  x = streams.expand(emb[:, :T]) -> run_stack over the groups -> h = RMSNorm(mean of streams),
+  logits = h @ head. MTP (as the reference): m = in_proj([h_t ; emb_{t+1}]) -> streams ->
+  one GSA sublayer + one FFN/MoE sublayer -> mean of streams -> final_norm -> head.
+  loss = CE_next + mtp.weight * CE_mtp + aux, aux = sum over backbone layers, scaled by
+  8 / n_layers when n_layers > 8. The MTP block's own aux (router balance) is left out of the
+  loss, as in the reference ("ignore aux_loss for clean aux-loss accounting"); set
+  model.mtp.include_aux=True to add it. Cross-entropy is chunked over the sequence inside a scan
+  whose body is rematerialised, so float32 logits exist for one chunk at a time only.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lightning_jax import nn, reversible, sharding
+from lightning_jax.config import ConfigError, layer_kinds, n_groups, validate
+from lightning_jax.layers import ffn, kronecker, rotary, streams
+from lightning_jax.layers.norms import rms_norm_specs
+
+
+class InputError(ValueError):
+  """A batch does not fit the model; the message names the field and what was expected."""
+
+
+# ----------------------------------------------------------------------------- layer modules
+def _mod(name: str):
+  return importlib.import_module(f"lightning_jax.layers.{name}")
+
+
+def _deltanet():
+  return _mod("deltanet")
+
+
+def _gsa():
+  return _mod("sparse_attention")
+
+
+def _moe():
+  return _mod("moe")
+
+
+def _materialise(tree):
+  """Stats initialisers may return Spec trees or arrays; give arrays."""
+  if tree is None:
+    return None
+  leaves = jax.tree_util.tree_leaves(tree, is_leaf=nn.is_spec)
+  if leaves and any(nn.is_spec(l) for l in leaves):
+    return nn.init(tree, jax.random.PRNGKey(0))
+  return jax.tree_util.tree_map(jnp.asarray, tree)
+
+
+# ----------------------------------------------------------------------------- specs
+def layer_specs(cfg, kind: str, n_experts: int | None = None) -> dict:
+  """Parameter specs of one layer (unstacked)."""
+  if kind == "D":
+    mixer = _deltanet().deltanet_specs(cfg)
+  elif kind == "G":
+    mixer = _gsa().gsa_specs(cfg)
+  else:
+    raise ConfigError(f"model.pattern has layer kind {kind!r}; expected 'D' or 'G'.")
+  p = {"mix_hc": streams.hc_specs(cfg), "mixer": mixer, "ffn_hc": streams.hc_specs(cfg)}
+  if cfg.moe.enabled:
+    p["moe"] = _moe().moe_specs(cfg, n_experts if n_experts is not None else cfg.moe.n_experts)
+  else:
+    p["ffn"] = ffn.swiglu_specs(cfg.model.d_model, cfg.model.ffn_width)
+  return p
+
+
+def layer_stats(cfg, kind: str, n_experts: int | None = None) -> dict:
+  """Non-trained statistics of one layer (unstacked arrays)."""
+  st = {}
+  if kind == "G":
+    st["mixer"] = _materialise(_gsa().gsa_stats_init(cfg))
+  if cfg.moe.enabled:
+    s = _moe().moe_stats_init(cfg, n_experts if n_experts is not None else cfg.moe.n_experts)
+    if s is not None and jax.tree_util.tree_leaves(s, is_leaf=nn.is_spec):
+      st["moe"] = _materialise(s)
+  return st
+
+
+def param_specs(cfg) -> dict:
+  m = cfg.model
+  d, v = m.d_model, m.vocab_size
+  ng = n_groups(cfg)
+  specs = {
+      "embed": kronecker.embed_specs(cfg),
+      "groups": {f"l{j}": nn.stack(layer_specs(cfg, k), ng)
+                 for j, k in enumerate(m.pattern)},
+      "final_norm": rms_norm_specs(d),
+      "head": {"w": nn.Spec((d, v), ("embed", "vocab"), nn.normal(0.02))},
+  }
+  if m.mtp.enabled:
+    specs["mtp"] = {
+        "in_proj": nn.Spec((2 * d, d), (None, "embed"), nn.normal(0.02)),
+        "layer": layer_specs(cfg, "G", cfg.moe.mtp_n_experts if cfg.moe.enabled else None),
+    }
+  return specs
+
+
+def init_stats(cfg) -> dict:
+  ng = n_groups(cfg)
+  groups = {}
+  for j, k in enumerate(cfg.model.pattern):
+    one = layer_stats(cfg, k)
+    groups[f"l{j}"] = jax.tree_util.tree_map(
+        lambda a: jnp.broadcast_to(a, (ng,) + a.shape).copy(), one)
+  stats = {"groups": groups}
+  if cfg.model.mtp.enabled:
+    stats["mtp"] = {"layer": layer_stats(cfg, "G", cfg.moe.mtp_n_experts if cfg.moe.enabled
+                                         else None)}
+  return stats
+
+
+def _codec_frozen(codec, cfg) -> dict:
+  if codec is None:
+    raise ConfigError("init_variables needs a codec: a tiktoken Encoding, a list of token byte "
+                      "strings, or frozen['embed'] from kronecker.codec_from_tokenizer.")
+  if isinstance(codec, dict):
+    if "embed" in codec and isinstance(codec["embed"], dict):
+      codec = codec["embed"]
+    want_table = cfg.model.embed.form == "table"
+    if want_table and "table" in codec:
+      return {"table": jnp.asarray(codec["table"], nn.dtype_of(cfg.model.dtype))}
+    if "bytes" in codec:
+      return kronecker.frozen_from_buffers(np.asarray(codec["bytes"]),
+                                           np.asarray(codec["lengths"]), cfg)
+    raise ConfigError(f"the codec holds {sorted(codec)} but model.embed.form="
+                      f"{cfg.model.embed.form!r} needs byte buffers ('bytes', 'lengths').")
+  return kronecker.codec_from_tokenizer(codec, cfg)
+
+
+def init_variables(cfg, key, codec) -> dict:
+  """{"params", "frozen", "stats"} for `cfg`; `codec`: see kronecker.codec_from_tokenizer."""
+  validate(cfg)
+  params = nn.init(param_specs(cfg), key)
+  frozen = {"embed": _codec_frozen(codec, cfg)}
+  return {"params": params, "frozen": frozen, "stats": init_stats(cfg)}
+
+
+def abstract_variables(cfg) -> dict:
+  """ShapeDtypeStructs of every variable, without allocating (jax.eval_shape)."""
+  validate(cfg)
+  specs = param_specs(cfg)
+  params = jax.eval_shape(lambda k: nn.init(specs, k), jax.random.PRNGKey(0))
+  stats = jax.eval_shape(lambda: init_stats(cfg))
+  return {"params": params, "frozen": {"embed": kronecker.frozen_abstract(cfg)}, "stats": stats}
+
+
+def param_axes(cfg) -> dict:
+  return nn.logical_axes(param_specs(cfg))
+
+
+# ----------------------------------------------------------------------------- forward pieces
+def make_consts(cfg, seq_len: int) -> dict:
+  m = cfg.model
+  if not m.use_rotary:
+    return {"rope_dn": None, "rope_gsa": None}
+  pos = jnp.arange(seq_len, dtype=jnp.int32)[None]
+  return {"rope_dn": rotary.rotary_tables(pos, m.deltanet.head_dim, m.rope_base),
+          "rope_gsa": rotary.rotary_tables(pos, m.gsa.head_dim, m.rope_base)}
+
+
+_STATE_AXES = ("batch", "seq", "streams", "embed")
+_ZERO = None
+
+
+def layer_apply(vars_j, x, consts, choices, *, cfg, kind: str):
+  """One layer on the stream state (reversible.run_stack's layer_fn interface)."""
+  p = vars_j["params"]
+  fr = vars_j.get("frozen") or {}
+  st = vars_j.get("stats") or {}
+  ch = choices or {}
+  x = sharding.constrain(x, _STATE_AXES)
+  aux = jnp.zeros((), jnp.float32)
+  out_choices, out_stats = {}, {}
+
+  if kind == "D":
+    dn = _deltanet()
+    x, _ = streams.apply(p["mix_hc"], x, lambda u: (dn.deltanet_apply(p["mixer"], u, consts, cfg),),
+                         cfg)
+  else:
+    g = _gsa()
+
+    def mix(u):
+      return g.gsa_apply(p["mixer"], st.get("mixer"), u, consts, cfg, selection=ch.get("mixer"))
+
+    x, (sel, a, s) = streams.apply(p["mix_hc"], x, mix, cfg)
+    aux = aux + jnp.asarray(a, jnp.float32)
+    out_choices["mixer"], out_stats["mixer"] = sel, s
+  x = sharding.constrain(x, _STATE_AXES)
+
+  if cfg.moe.enabled:
+    mo = _moe()
+
+    def moe_fn(u):
+      return mo.moe_apply(p["moe"], fr.get("moe"), st.get("moe"), u, consts, cfg,
+                          selection=ch.get("moe"))
+
+    x, (sel, a, s) = streams.apply(p["ffn_hc"], x, moe_fn, cfg)
+    aux = aux + jnp.asarray(a, jnp.float32)
+    out_choices["moe"], out_stats["moe"] = sel, s
+  else:
+    dtype = nn.dtype_of(cfg.model.dtype)
+    x, _ = streams.apply(p["ffn_hc"], x, lambda u: (ffn.swiglu(p["ffn"], u, dtype),), cfg)
+  x = sharding.constrain(x, _STATE_AXES)
+  return x, out_choices, aux, out_stats
+
+
+def _group_vars(params, frozen, stats, cfg):
+  fg = (frozen or {}).get("groups", {})
+  sg = (stats or {}).get("groups", {})
+  return [{"params": params["groups"][f"l{j}"], "frozen": fg.get(f"l{j}", {}),
+           "stats": sg.get(f"l{j}", {})} for j in range(len(cfg.model.pattern))]
+
+
+def check_batch(batch, cfg):
+  """Host-side checks, one clear sentence each. Value checks run only on concrete arrays."""
+  if "ids" not in batch:
+    raise InputError(f"batch has keys {sorted(batch)}; expected 'ids' int32 [batch, seq_len + 2].")
+  ids = batch["ids"]
+  if ids.ndim != 2 or ids.shape[1] < 3:
+    raise InputError(f"batch['ids'] has shape {tuple(ids.shape)}; expected [batch, seq_len + 2] "
+                     "with seq_len >= 1.")
+  if not jnp.issubdtype(ids.dtype, jnp.integer):
+    raise InputError(f"batch['ids'] has dtype {ids.dtype}; expected an integer dtype (int32).")
+  t = ids.shape[1] - 2
+  if t > cfg.model.max_seq_len:
+    raise InputError(f"batch['ids'] holds sequences of {t} input tokens (shape {tuple(ids.shape)}"
+                     f" = seq_len + 2), longer than model.max_seq_len={cfg.model.max_seq_len}.")
+  if isinstance(ids, jax.core.Tracer):
+    return
+  a = np.asarray(ids)
+  lo, hi = int(a.min()), int(a.max())
+  if lo < 0 or hi >= cfg.model.vocab_size:
+    bad = lo if lo < 0 else hi
+    raise InputError(f"batch['ids'] contains token id {bad}, outside the vocabulary "
+                     f"[0, model.vocab_size={cfg.model.vocab_size}).")
+
+
+def forward(params, frozen, stats, ids, cfg, with_mtp: bool | None = None):
+  """ids int [B, T + 1] (the +1 feeds the MTP block's emb_{t+1}; pass [B, T] for no MTP).
+
+  Returns dict(h [B, T, d] read-out, h_mtp [B, T, d] | None, aux, aux_mtp, step_stats, choices).
+  """
+  m = cfg.model
+  if with_mtp is None:
+    with_mtp = bool(m.mtp.enabled)
+  dtype = nn.dtype_of(m.dtype)
+  t = ids.shape[1] - (1 if with_mtp else 0)
+  ids = sharding.constrain(ids, ("batch", "seq"))
+  emb = kronecker.embed_apply(params["embed"], frozen["embed"], ids, cfg).astype(dtype)
+  emb = sharding.constrain(emb, ("batch", "seq", "embed"))
+  consts = make_consts(cfg, t)
+  x = streams.expand(emb[:, :t], m.hc.n_streams)
+  fns = [functools.partial(layer_apply, cfg=cfg, kind=k) for k in m.pattern]
+  x, aux, step_stats, choices = reversible.run_stack(
+      cfg.reversible, fns, _group_vars(params, frozen, stats, cfg), x, consts,
+      remat=bool(m.get("remat", False)))
+  h = streams.readout(x, params["final_norm"]["scale"], m.norm_eps)
+  h = sharding.constrain(h, ("batch", "seq", "embed"))
+  step_stats = {"groups": {f"l{j}": s for j, s in enumerate(step_stats)}}
+  out = {"h": h, "h_mtp": None, "aux": aux, "aux_mtp": jnp.zeros((), jnp.float32),
+         "step_stats": step_stats, "choices": choices}
+  if with_mtp:
+    mp = params["mtp"]
+    z = jnp.concatenate([h, emb[:, 1:t + 1]], axis=-1)
+    z = jnp.einsum("btk,kd->btd", z, mp["in_proj"].astype(dtype),
+                   preferred_element_type=jnp.float32).astype(dtype)
+    xs = streams.expand(z, m.hc.n_streams)
+    fz = (frozen or {}).get("mtp", {}).get("layer", {})
+    sz = (stats or {}).get("mtp", {}).get("layer", {})
+    xs, _, a, s = layer_apply({"params": mp["layer"], "frozen": fz, "stats": sz}, xs, consts,
+                              None, cfg=cfg, kind="G")
+    out["h_mtp"] = streams.readout(xs, params["final_norm"]["scale"], m.norm_eps)
+    out["aux_mtp"] = a
+    step_stats["mtp"] = {"layer": s}
+  return out
+
+
+def logits(params, h, cfg):
+  """Full logits (inference / tests only: [B, T, V] float32)."""
+  dtype = nn.dtype_of(cfg.model.dtype)
+  return jnp.einsum("btd,dv->btv", h.astype(dtype), params["head"]["w"].astype(dtype),
+                    preferred_element_type=jnp.float32)
+
+
+def chunked_cross_entropy(h, w, targets, chunk_tokens: int, dtype=jnp.float32):
+  """Mean CE of logits h @ w against targets, chunked over the sequence.
+
+  The chunk holds `chunk_tokens` tokens of the whole traced batch (seq chunk of
+  max(1, chunk_tokens // B) positions); each chunk's body is rematerialised in the backward
+  pass, so only one chunk's float32 logits [B, chunk, V] exist at any time.
+  """
+  b, t, d = h.shape
+  tc = max(1, min(t, chunk_tokens // max(b, 1)))
+  n = -(-t // tc)
+  pad = n * tc - t
+  mask = jnp.ones((b, t), jnp.float32)
+  if pad:
+    h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
+    targets = jnp.pad(targets, ((0, 0), (0, pad)))
+    mask = jnp.pad(mask, ((0, 0), (0, pad)))
+  hs = jnp.swapaxes(h.reshape(b, n, tc, d), 0, 1)
+  ts = jnp.swapaxes(targets.reshape(b, n, tc), 0, 1)
+  ms = jnp.swapaxes(mask.reshape(b, n, tc), 0, 1)
+  wc = w.astype(dtype)
+
+  @jax.checkpoint
+  def chunk(hc, tgt, mc):
+    lg = jnp.einsum("btd,dv->btv", hc.astype(dtype), wc, preferred_element_type=jnp.float32)
+    lse = jax.nn.logsumexp(lg, axis=-1)
+    picked = jnp.take_along_axis(lg, tgt[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return jnp.sum((lse - picked) * mc)
+
+  def body(acc, xs):
+    return acc + chunk(*xs), None
+
+  total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (hs, ts, ms))
+  return total / (b * t)
+
+
+def aux_scale(cfg) -> float:
+  nl = cfg.model.n_layers
+  return 8.0 / nl if nl > 8 else 1.0
+
+
+def loss_fn(params, frozen, stats, batch, cfg):
+  """(total, metrics) for batch["ids"] int32 [B, seq_len + 2]."""
+  check_batch(batch, cfg)
+  m = cfg.model
+  ids = batch["ids"]
+  dtype = nn.dtype_of(m.dtype)
+  with_mtp = bool(m.mtp.enabled)
+  out = forward(params, frozen, stats, ids[:, :-1] if with_mtp else ids[:, :-2], cfg,
+                with_mtp=with_mtp)
+  w = params["head"]["w"]
+  ce_next = chunked_cross_entropy(out["h"], w, ids[:, 1:-1], m.ce_chunk, dtype)
+  aux = out["aux"] * aux_scale(cfg)
+  total = ce_next + aux
+  ce_mtp = jnp.zeros((), jnp.float32)
+  if with_mtp:
+    ce_mtp = chunked_cross_entropy(out["h_mtp"], w, ids[:, 2:], m.ce_chunk, dtype)
+    total = total + m.mtp.weight * ce_mtp
+    if m.mtp.get("include_aux", False):
+      total = total + out["aux_mtp"]
+  metrics = {"loss": ce_next, "ce_mtp": ce_mtp, "aux": aux, "aux_mtp": out["aux_mtp"],
+             "total": total, "step_stats": out["step_stats"]}
+  return total, metrics
+
+
+# ----------------------------------------------------------------------------- stats
+def update_stats(cfg, stats, step_stats, moe_ctl=None):
+  """New stats after an optimizer step from the forward's step_stats (pure).
+
+  moe_ctl: optional hot-config controls (moe.HotConfig.ctl()) for the router bias controller.
+  """
+  if not stats:
+    return stats
+  new = jax.tree_util.tree_map(lambda a: a, stats)
+  kinds = cfg.model.pattern
+
+  def upd(kind_mod, fn_name, cur, st, stacked):
+    fn = getattr(kind_mod, fn_name)
+    if fn_name == "moe_update_stats" and moe_ctl is not None:
+      fn = functools.partial(fn, ctl=moe_ctl)
+    if stacked:
+      return jax.vmap(lambda c, s: fn(c, s, cfg))(cur, st)
+    return fn(cur, st, cfg)
+
+  for j, k in enumerate(kinds):
+    lj = f"l{j}"
+    cur = stats["groups"].get(lj, {})
+    st = step_stats["groups"][lj]
+    if k == "G" and "mixer" in cur:
+      new["groups"][lj]["mixer"] = upd(_gsa(), "gsa_update_stats", cur["mixer"], st["mixer"], True)
+    if "moe" in cur:
+      new["groups"][lj]["moe"] = upd(_moe(), "moe_update_stats", cur["moe"], st["moe"], True)
+  if "mtp" in stats and "mtp" in step_stats:
+    cur = stats["mtp"]["layer"]
+    st = step_stats["mtp"]["layer"]
+    if "mixer" in cur:
+      new["mtp"]["layer"]["mixer"] = upd(_gsa(), "gsa_update_stats", cur["mixer"], st["mixer"],
+                                         False)
+    if "moe" in cur:
+      new["mtp"]["layer"]["moe"] = upd(_moe(), "moe_update_stats", cur["moe"], st["moe"], False)
+  return new

@@ -1,0 +1,143 @@
+"""LightningLM assembly: overfitting a batch, T=8192 forward, chunked CE, input checks, stats."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from configs import tiny
+from lightning_jax import model
+from lightning_jax.config import ConfigError
+
+VOCAB = 64
+
+
+def _cfg(vocab=VOCAB):
+  c = tiny.get_config()
+  c.model.vocab_size = vocab
+  return c
+
+
+def _words(n):
+  # a small byte-level vocabulary: single bytes, a few multi-byte tokens, one special token
+  out = [bytes([32 + i]) for i in range(n - 4)] + ["नम".encode(), b" the", b"<|endoftext|>", b""]
+  return out[:n]
+
+
+def _seed():
+  return np.random.randint(1 << 30)
+
+
+def test_tiny_overfits_one_batch():
+  seed = _seed()
+  cfg = _cfg()
+  v = model.init_variables(cfg, jax.random.PRNGKey(seed), _words(VOCAB))
+  ids = jnp.asarray(np.random.default_rng(seed).integers(0, VOCAB, (2, 34)), jnp.int32)
+  batch = {"ids": ids}
+  opt = optax.adamw(3e-3, b1=0.9, b2=0.95, eps=1e-10, weight_decay=0.0)
+  state = opt.init(v["params"])
+  frozen, stats = v["frozen"], v["stats"]
+
+  @jax.jit
+  def step(params, state, stats):
+    (total, met), g = jax.value_and_grad(model.loss_fn, has_aux=True)(params, frozen, stats,
+                                                                       batch, cfg)
+    upd, state = opt.update(g, state, params)
+    stats = model.update_stats(cfg, stats, met["step_stats"])
+    return optax.apply_updates(params, upd), state, stats, met["loss"], met["ce_mtp"]
+
+  params = v["params"]
+  losses = []
+  for _ in range(100):
+    params, state, stats, loss, ce_mtp = step(params, state, stats)
+    losses.append(float(loss))
+  assert np.all(np.isfinite(losses)), f"seed {seed}: {losses}"
+  assert abs(losses[0] - np.log(VOCAB)) < 1.0, f"seed {seed}: first loss {losses[0]}"
+  assert losses[-1] < 0.5 * losses[0], f"seed {seed}: {losses[0]:.3f} -> {losses[-1]:.3f}"
+  assert float(ce_mtp) < np.log(VOCAB), f"seed {seed}: MTP loss did not fall ({float(ce_mtp)})"
+  # the GSA variance EMA (a non-trained statistic) moved with the steps
+  assert not np.allclose(np.asarray(stats["groups"]["l3"]["mixer"]["var_ema"]),
+                         np.asarray(v["stats"]["groups"]["l3"]["mixer"]["var_ema"]))
+
+
+def test_forward_t8192_tiny_width():
+  cfg = _cfg()
+  t = 8192
+  v = model.init_variables(cfg, jax.random.PRNGKey(_seed()), _words(VOCAB))
+  ids = jnp.asarray(np.random.default_rng(0).integers(0, VOCAB, (1, t + 2)), jnp.int32)
+  total, met = jax.jit(lambda p, f, s, b: model.loss_fn(p, f, s, b, cfg))(
+      v["params"], v["frozen"], v["stats"], {"ids": ids})
+  assert np.isfinite(float(total)) and abs(float(met["loss"]) - np.log(VOCAB)) < 1.0
+
+
+def test_chunked_ce_equals_naive():
+  seed = _seed()
+  k = jax.random.split(jax.random.PRNGKey(seed), 3)
+  b, t, d, vv = 2, 37, 8, 50
+  h = jax.random.normal(k[0], (b, t, d))
+  w = jax.random.normal(k[1], (d, vv))
+  tg = jax.random.randint(k[2], (b, t), 0, vv)
+
+  def naive(h, w):
+    lg = h @ w
+    return jnp.mean(jax.nn.logsumexp(lg, -1) - jnp.take_along_axis(lg, tg[..., None], -1)[..., 0])
+
+  for chunk in (2, 16, 1000):   # seq chunks of 1, 8 (ragged: 37 = 4*8 + 5) and all
+    got = model.chunked_cross_entropy(h, w, tg, chunk)
+    np.testing.assert_allclose(got, naive(h, w), rtol=1e-5, err_msg=f"seed {seed}")
+    g1 = jax.grad(lambda h, w: model.chunked_cross_entropy(h, w, tg, chunk), (0, 1))(h, w)
+    g2 = jax.grad(naive, (0, 1))(h, w)
+    for a, r in zip(g1, g2):
+      np.testing.assert_allclose(a, r, rtol=1e-4, atol=1e-6, err_msg=f"seed {seed}")
+
+
+def test_ce_never_holds_full_logits():
+  cfg = _cfg(vocab=4096)
+  h = jax.ShapeDtypeStruct((2, 1024, 64), jnp.float32)
+  w = jax.ShapeDtypeStruct((64, 4096), jnp.float32)
+  tg = jax.ShapeDtypeStruct((2, 1024), jnp.int32)
+  f = jax.grad(lambda h, w, t: model.chunked_cross_entropy(h, w, t, cfg.model.ce_chunk), (0, 1))
+  text = jax.jit(f).lower(h, w, tg).as_text()
+  assert "2x1024x4096" not in text.replace(",", "x"), "full [B, T, V] logits appear in the graph"
+
+
+def test_bad_input_names_the_field():
+  cfg = _cfg()
+  v = model.init_variables(cfg, jax.random.PRNGKey(0), _words(VOCAB))
+  args = (v["params"], v["frozen"], v["stats"])
+  too_long = jnp.zeros((1, cfg.model.max_seq_len + 3), jnp.int32)
+  with pytest.raises(model.InputError, match="model.max_seq_len"):
+    model.loss_fn(*args, {"ids": too_long}, cfg)
+  bad = jnp.full((1, 10), VOCAB, jnp.int32)
+  with pytest.raises(model.InputError, match="model.vocab_size"):
+    model.loss_fn(*args, {"ids": bad}, cfg)
+  with pytest.raises(model.InputError, match="token id -1"):
+    model.check_batch({"ids": jnp.full((1, 10), -1, jnp.int32)}, cfg)
+  c2 = _cfg()
+  c2.model.gsa.n_heads = 3
+  with pytest.raises(ConfigError, match="model.gsa.n_heads"):
+    model.init_variables(c2, jax.random.PRNGKey(0), _words(VOCAB))
+  with pytest.raises(ConfigError, match="model.vocab_size"):
+    model.init_variables(cfg, jax.random.PRNGKey(0), _words(VOCAB) + [b"z"])
+
+
+def test_parameter_tree_layout():
+  cfg = _cfg()
+  a = model.abstract_variables(cfg)
+  p = a["params"]
+  d, ng = cfg.model.d_model, cfg.model.n_layers // 4
+  assert set(p) == {"embed", "groups", "final_norm", "head", "mtp"}
+  assert p["embed"]["proj"].shape == (8192, d)
+  assert p["head"]["w"].shape == (d, VOCAB)
+  assert p["mtp"]["in_proj"].shape == (2 * d, d)
+  assert set(p["groups"]) == {"l0", "l1", "l2", "l3"}
+  for j in range(4):
+    g = p["groups"][f"l{j}"]
+    assert set(g) == {"mix_hc", "mixer", "ffn_hc", "ffn"}
+    assert g["ffn"]["gate"].shape == (ng, d, cfg.model.ffn_width)
+  assert "idx_q" in p["groups"]["l3"]["mixer"] and "A_log" in p["groups"]["l0"]["mixer"]
+  assert set(a["stats"]["groups"]["l3"]) == {"mixer"} and not a["stats"]["groups"]["l0"]
+  assert cfg.model.embed.form == "on_the_fly"
+  assert a["frozen"]["embed"]["bytes"].shape == (VOCAB, 32)
+  cfg.model.embed.form = "table"
+  assert model.abstract_variables(cfg)["frozen"]["embed"]["table"].shape == (VOCAB, 8192)
