@@ -171,7 +171,8 @@ def test_resume_reproduces_stream(data, num_ranks, rank):
   assert second.get_state() == straight.get_state()
 
 
-def test_new_stage_weights_on_resume_no_replay(data):
+def test_new_stage_weights_on_resume_no_replay(data, monkeypatch):
+  monkeypatch.setattr(P, "MAX_OPEN", 3)            # memory maps are evicted and reopened
   seed = 11 + data["seed"] % 1000
   msg = f"data seed {data['seed']}"
   chk = RefChecker(data, seed, 0, 1, 20, msg)

@@ -41,6 +41,7 @@ training and held-out data, or in two pools, is an error.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import glob as globlib
 import hashlib
@@ -327,7 +328,8 @@ def stripe(shards: Sequence[Shard], rank: int, num_ranks: int, pool: str = "?") 
   return list(sorted(shards, key=lambda s: s.path))[rank::num_ranks]
 
 
-_OPEN: dict[str, np.ndarray] = {}
+_OPEN: "collections.OrderedDict[str, np.ndarray]" = collections.OrderedDict()
+MAX_OPEN = 256                    # memory maps kept open (each holds a file descriptor)
 
 
 def _tokens(path: str) -> np.ndarray:
@@ -336,6 +338,10 @@ def _tokens(path: str) -> np.ndarray:
     size = os.path.getsize(path)
     arr = (np.zeros(0, TOKEN_DTYPE) if size == 0 else np.memmap(path, dtype=TOKEN_DTYPE, mode="r"))
     _OPEN[path] = arr
+    while len(_OPEN) > MAX_OPEN:
+      _OPEN.popitem(last=False)
+  else:
+    _OPEN.move_to_end(path)
   return arr
 
 
