@@ -17,8 +17,8 @@ real + 4 padding). The router only has E outputs, so routing can never select a 
 expert; padding weights are initialised to zero, get zero gradient and are excluded from
 counts (`expert_layout`).
 
-Routing (float32)
------------------
+Routing (router matmul in the compute dtype, float32 logits and everything after)
+-----------------------------------------------------------------------------------
 * null_slot (5B/9B): logits = [x W + logit_bias, null_logit repeated n_null]; top-k over the
   E + n_null slots; weights = softmax over the k picked logits, null picks zeroed, the rest
   renormalised (sum clamped at 1e-6, so a token with only null picks gets no routed output).
@@ -184,8 +184,9 @@ def route(p_router, stats, x2, cfg, consts=None, idx=None):
   e = cfg.moe
   k = e.top_k
   n_exp = p_router["w"].shape[-1]
-  raw = jnp.dot(x2.astype(jnp.float32), p_router["w"].astype(jnp.float32),
-                precision=jax.lax.Precision.HIGHEST)                       # [N, E]
+  # router matmul in the compute dtype with float32 accumulation/output (SPEC: softmaxes f32)
+  raw = jnp.einsum("nd,de->ne", x2, p_router["w"].astype(x2.dtype),
+                   preferred_element_type=jnp.float32)                    # [N, E]
   if e.router == "null_slot":
     real = raw + p_router["logit_bias"].astype(jnp.float32)
     null = jnp.broadcast_to(p_router["null_logit"].astype(jnp.float32), real.shape[:-1] + (e.n_null,))
@@ -299,8 +300,8 @@ def _dispatch_local(wp, wf, x, eid, gates, cfg, n_dev, axis, reduce_axes):
     hit = (key2 < e_tot) & (rel >= 0) & (rel < cap)
     row = jnp.where(hit, key2 * cap + jnp.clip(rel, 0, cap - 1), 0)
     picked = ys[row]                                                   # [N, k, d]
-    return jnp.einsum("nkd,nk->nd", picked, gates * hit, preferred_element_type=jnp.float32,
-                      precision=jax.lax.Precision.HIGHEST)
+    return jnp.einsum("nkd,nk->nd", picked, (gates * hit).astype(picked.dtype),
+                      preferred_element_type=jnp.float32)
 
   out = one_round(0, c0)
   if cfg.moe.dispatch == "capacity":
@@ -364,7 +365,7 @@ def moe_apply(p, frozen, stats, x, consts, cfg, selection=None):
   dt = nn.dtype_of(cfg.model.dtype)
   x2 = x.reshape(b * t, d)
   idx = None if selection is None else selection["idx"].reshape(b * t, -1)
-  idx, eid, gates, aux, st = route(p["router"], stats, x2, cfg, consts, idx)
+  idx, eid, gates, aux, st = route(p["router"], stats, x2.astype(dt), cfg, consts, idx)
   wp, wf = _expert_vars(p, frozen, cfg)
   routed, dropped = dispatch(wp, wf, x2.astype(dt), eid, gates, cfg)
   y = ffn.swiglu(p["shared"], x2.astype(dt)).astype(jnp.float32) + routed
@@ -378,7 +379,7 @@ def moe_reference(p, frozen, stats, x, consts, cfg, selection=None):
   dt = nn.dtype_of(cfg.model.dtype)
   x2 = x.reshape(b * t, d)
   idx = None if selection is None else selection["idx"].reshape(b * t, -1)
-  idx, eid, gates, aux, st = route(p["router"], stats, x2, cfg, consts, idx)
+  idx, eid, gates, aux, st = route(p["router"], stats, x2.astype(dt), cfg, consts, idx)
   n_exp = p["router"]["w"].shape[-1]
   wp, wf = _expert_vars(p, frozen, cfg)
   real = lambda l: l[:n_exp] if l.ndim >= 2 else l
@@ -387,8 +388,7 @@ def moe_reference(p, frozen, stats, x, consts, cfg, selection=None):
   dense_gates = jnp.zeros((b * t, n_exp + 1), jnp.float32).at[
       jnp.arange(b * t)[:, None], jnp.where(eid >= 0, eid, n_exp)].add(gates)[:, :n_exp]
   ye = grouped_swiglu(wp, wf, jnp.broadcast_to(x2.astype(dt), (n_exp, b * t, d)), cfg)
-  routed = jnp.einsum("end,ne->nd", ye.astype(jnp.float32), dense_gates,
-                      precision=jax.lax.Precision.HIGHEST)
+  routed = jnp.einsum("end,ne->nd", ye.astype(jnp.float32), dense_gates)
   y = ffn.swiglu(p["shared"], x2.astype(dt)).astype(jnp.float32) + routed
   st["dropped"] = jnp.zeros((), jnp.float32)
   return (y.astype(dt).reshape(b, t, d), {"idx": idx.reshape(b, t, -1)}, aux, st)
