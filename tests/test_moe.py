@@ -121,6 +121,9 @@ def test_capacity_mode_drops_overflow_and_counts_it():
       seen[e] += 1
   msg = f"seed={seed}"
   assert dropped > 0 and float(s["dropped"]) == dropped, msg
+  np.testing.assert_allclose(s["dropped_fraction"], dropped / (idx < 6).sum(), rtol=1e-6)
+  summary = moe.log_summary(s)
+  assert float(summary["dropped_fraction"]) > 0 and float(summary["load_max_over_mean"]) > 1
   xf = np.asarray(x, np.float64).reshape(n, D)
   sw = lambda w, v: (v @ w["gate"] / (1 + np.exp(-(v @ w["gate"])))) * (v @ w["up"]) @ w["down"]
   pe = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), p)

@@ -68,11 +68,9 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from lightning_jax import nn, sharding
@@ -370,6 +368,7 @@ def moe_apply(p, frozen, stats, x, consts, cfg, selection=None):
   routed, dropped = dispatch(wp, wf, x2.astype(dt), eid, gates, cfg)
   y = ffn.swiglu(p["shared"], x2.astype(dt)).astype(jnp.float32) + routed
   st["dropped"] = dropped
+  st["dropped_fraction"] = dropped / jnp.maximum(st["assignments"], 1.0)
   return (y.astype(dt).reshape(b, t, d), {"idx": idx.reshape(b, t, -1)}, aux, st)
 
 
@@ -391,6 +390,7 @@ def moe_reference(p, frozen, stats, x, consts, cfg, selection=None):
   routed = jnp.einsum("end,ne->nd", ye.astype(jnp.float32), dense_gates)
   y = ffn.swiglu(p["shared"], x2.astype(dt)).astype(jnp.float32) + routed
   st["dropped"] = jnp.zeros((), jnp.float32)
+  st["dropped_fraction"] = jnp.zeros((), jnp.float32)
   return (y.astype(dt).reshape(b, t, d), {"idx": idx.reshape(b, t, -1)}, aux, st)
 
 
@@ -422,6 +422,23 @@ def moe_update_stats(stats, step_stats, cfg, ctl=None):
   band = gamma * jnp.where(ema < target, 1.0, -1.0)
   step = jnp.where(below, up, jnp.where(above, down, band))
   return {**stats, "bias": stats["bias"] + step, "use_ema": ema}
+
+
+def log_summary(step_stats, stats=None) -> dict:
+  """Scalars for the metrics log from one layer's (or stacked layers') step_stats and stats:
+  load max/min over mean (per-expert use), dropped fraction, null rate, z, balance, and the
+  selection-bias range of the sigmoid router."""
+  load = step_stats["load"]
+  mean = jnp.maximum(load.mean(-1), 1e-6)
+  out = {"load_max_over_mean": jnp.max(load.max(-1) / mean),
+         "load_min_over_mean": jnp.min(load.min(-1) / mean),
+         "dropped_fraction": jnp.max(step_stats["dropped_fraction"]),
+         "null_rate": jnp.mean(step_stats["null_rate"]),
+         "z": jnp.mean(step_stats["z"]), "balance": jnp.mean(step_stats["balance"])}
+  if stats and "bias" in stats:
+    out.update(bias_min=stats["bias"].min(), bias_max=stats["bias"].max(),
+               bias_mean=stats["bias"].mean())
+  return out
 
 
 # ----------------------------------------------------------------------------- hot config
