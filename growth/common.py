@@ -94,10 +94,19 @@ def dense_expert_cfg(cfg):
   return cfg
 
 
+_ABSTRACT_CACHE: dict = {}
+
+
 def abstract_flat(cfg, collections) -> tuple[dict, dict]:
   """(abstract variables tree restricted to `collections`, its flat form) for cfg (TQP off)."""
   from lightning_jax import model
-  ab = model.abstract_variables(dense_expert_cfg(cfg))
+  cfg = dense_expert_cfg(cfg)
+  key = (cfg.to_json_best_effort(sort_keys=True), id(model.param_specs))
+  if key not in _ABSTRACT_CACHE:
+    if len(_ABSTRACT_CACHE) > 16:
+      _ABSTRACT_CACHE.clear()
+    _ABSTRACT_CACHE[key] = model.abstract_variables(cfg)
+  ab = _ABSTRACT_CACHE[key]
   ab = {c: ab[c] for c in collections}
   return ab, flatten(ab)
 
