@@ -161,7 +161,10 @@ def test_sigmoid_router_selects_with_bias_gates_unbiased():
   x = jax.random.normal(jax.random.PRNGKey(seed + 1), (64, D))
   stats = moe.moe_stats_init(c, 12)
   stats["bias"] = stats["bias"].at[7].set(10.0)       # forces expert 7 into every pick set
-  idx, _, gates, _, _ = jax.jit(lambda r, s, x: moe.route(r, s, x, c))(p["router"], stats, x)
+  route = jax.jit(lambda r, s, x, zw: moe.route(r, s, x, c, {"moe_ctl": {"z_weight": zw}}))
+  idx, _, gates, aux, st = route(p["router"], stats, x, 0.5)
+  # z weight from consts["moe_ctl"] (hot config) replaces the config's, no balance term
+  np.testing.assert_allclose(aux, 0.5 * st["z"], rtol=1e-6)
   s = jax.nn.sigmoid(x @ p["router"]["w"])
   msg = f"seed={seed}"
   assert np.all((np.asarray(idx) == 7).any(1)), msg

@@ -36,18 +36,21 @@ gates are recomputed from it differentiably, which is what the reversible recomp
 
 Dispatch (`moe.dispatch`)
 -------------------------
-Assignments (token, pick) are sorted by expert and packed into per-expert groups of a static
-capacity C0 = round_up(capacity_factor * N k / Ep, group_pad) rows, so the expert compute is one
-batched einsum [Ep_local, rows, d] x [Ep_local, d, f] (`grouped_swiglu`, the one function every
-routed expert computation goes through; TQP swaps in `tqp.tqp_grouped_swiglu`).
+Assignments (token, pick) are sorted by expert and packed into groups of a static capacity
+C0 = round_up(capacity_factor * N k / Ep, group_pad / n_ep) rows per (sending device, expert)
+(N = the device's tokens, n_ep = expert-parallel devices: an expert's matmul then sees n_ep
+groups, a multiple of group_pad rows), so the expert compute is one batched einsum
+[Ep_local, n_ep C0, d] x [Ep_local, d, f] (`grouped_swiglu`, the one function every routed expert
+computation goes through; TQP swaps in `tqp.tqp_grouped_swiglu`). See `capacities`.
 * capacity: one round of C0 rows per expert; rows past C0 are dropped (counted in step_stats).
 * dropless (default): the same first round, then overflow rounds of C1 = round_up(C0 *
   overflow_round, group_pad) rows for positions [C0 + r C1, C0 + (r+1) C1). The number of rounds
   is bounded statically (an expert receives at most one pick per token, so at most N rows), and
   each overflow round runs only when some group still has rows left (`lax.cond` on the
   mesh-wide max load), so the result is exact for any routing and costs nothing extra when
-  loads fit in C0. Overflow rounds are rematerialised in the backward pass (their activations
-  are not stored).
+  loads fit in C0. Overflow rounds are one `lax.scan` body, rematerialised in the backward
+  pass: their activations are not stored per round (compiled temp memory does not grow with
+  the number of rounds; checked on CPU).
 With an "expert" mesh axis of size n > 1 (sharding.current_mesh()), the dispatch runs inside
 `jax.shard_map`: tokens are split over (data, expert), experts over expert, and each round sends
 rows with one all_to_all and brings results back with another. Without a mesh, or with expert
