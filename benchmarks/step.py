@@ -1,0 +1,349 @@
+"""Time one full training step of a stage config, with MFU, peak memory and a per-layer-type split.
+
+    python -m benchmarks.step --config configs/stage_2b.py [--layers 4] [--batch 1] [--seq 4096]
+        [--steps 5] [--breakdown] [--set model.deltanet.impl=kernel --set ...] [--json out.json]
+
+What it runs: launch.train.make_train_step (the training loop's own step: forward, MTP, chunked
+cross-entropy, backward, global-norm clip, AdamW, stats update) under jit with the loop's
+shardings, on random token ids, one micro-batch of `--batch` sequences per device
+(train.global_batch = batch x devices, micro_batch = 0). Parameters come from the config's
+initialisers; the frozen Kronecker table (or byte buffers) is random, which costs the same.
+
+Reported:
+  step time     median over --steps timed steps after two warm-up steps (host clock around a
+                blocking step; the first call's compile time is reported apart)
+  tokens/s      global_batch x seq_len / step time
+  MFU           counting.flops_per_token(cfg, seq)["total"] x tokens/s / peak, where peak is
+                lightning_jax.metrics.peak_flops (datasheet dense bf16; CPU nominal)
+  peak memory   device.memory_stats()["peak_bytes_in_use"] where the backend keeps it (GPU),
+                otherwise the compiled step's memory_analysis (arguments + temporaries)
+  breakdown     (--breakdown) forward+backward of each piece in isolation, jit-compiled alone,
+                on the shapes the step sees: one D layer (mHC streams + DeltaNet mixer + FFN/MoE),
+                one G layer, the DeltaNet mixer alone, the GSA mixer alone, the FFN/MoE sublayer
+                alone, head + chunked cross-entropy; "rest" = step - (n_D x D + n_G x G + MTP G +
+                2 x head/CE), i.e. embedding, optimizer update, stats and what isolation misses.
+
+--layers N overrides model.n_layers (a multiple of the pattern length) to fit a big stage on
+one device; the report says so. --set section.field=value overrides any config field (ints,
+floats, booleans and strings are parsed as Python literals when they parse).
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import datetime
+import json
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from lightning_jax import counting, metrics as metrics_lib, model, nn, optim, sharding
+from lightning_jax.config import ConfigError, layer_kinds, load_config, validate
+from lightning_jax.layers import ffn, kronecker
+
+
+def _parse_value(s: str):
+  try:
+    return ast.literal_eval(s)
+  except (ValueError, SyntaxError):
+    return s
+
+
+def apply_overrides(cfg, sets):
+  for item in sets or []:
+    if "=" not in item:
+      raise ConfigError(f"--set {item!r} must look like section.field=value.")
+    path, val = item.split("=", 1)
+    node = cfg
+    parts = path.split(".")
+    for p in parts[:-1]:
+      if p not in node:
+        raise ConfigError(f"--set {item!r}: config has no section {p!r} on the path {path!r}.")
+      node = node[p]
+    if parts[-1] not in node:
+      raise ConfigError(f"--set {item!r}: config has no field {path!r}.")
+    old = node[parts[-1]]
+    v = _parse_value(val)
+    if isinstance(old, str) and not isinstance(v, str):
+      v = val
+    if isinstance(old, float) and isinstance(v, int):
+      v = float(v)
+    node[parts[-1]] = v
+  return cfg
+
+
+def bench_config(cfg, *, layers: int = 0, seq: int = 0, batch: int = 1, n_dev: int = 1):
+  """The config the step runs with: layer count, sequence length, one micro-batch per device."""
+  m = cfg.model
+  if layers:
+    if layers % len(m.pattern):
+      raise ConfigError(f"--layers={layers} must be a multiple of the pattern length "
+                        f"{len(m.pattern)} (model.pattern={m.pattern!r}).")
+    m.n_layers = int(layers)
+  if seq:
+    cfg.train.seq_len = int(seq)
+    m.max_seq_len = max(int(m.max_seq_len), int(seq))
+  if batch < 1:
+    raise ConfigError(f"--batch={batch} must be at least 1 sequence per device.")
+  cfg.train.global_batch = int(batch) * n_dev
+  cfg.train.micro_batch = 0
+  cfg.train.eval_every = 0
+  validate(cfg)
+  return cfg
+
+
+def random_frozen(cfg, key):
+  """frozen["embed"] of the configured form filled with random values (same cost as real)."""
+  ab = kronecker.frozen_abstract(cfg)
+  if "table" in ab:
+    s = ab["table"]
+    return {"embed": {"table": jax.random.normal(key, s.shape, jnp.float32).astype(s.dtype)}}
+  v, mb = ab["bytes"].shape
+  k1, k2 = jax.random.split(key)
+  lengths = jax.random.randint(k2, (v,), 1, mb + 1).astype(jnp.int16)
+  by = jax.random.randint(k1, (v, mb), 0, 256).astype(jnp.uint8)
+  by = jnp.where(jnp.arange(mb)[None] < lengths[:, None], by, 0).astype(jnp.uint8)
+  return {"embed": {"bytes": by, "lengths": lengths}}
+
+
+def peak_memory(device, compiled=None) -> tuple[float, str]:
+  """(bytes, how it was read)."""
+  try:
+    st = device.memory_stats()
+  except Exception:  # noqa: BLE001 (backends without stats raise different errors)
+    st = None
+  if st and "peak_bytes_in_use" in st:
+    return float(st["peak_bytes_in_use"]), "device.memory_stats peak_bytes_in_use"
+  if compiled is not None:
+    ma = compiled.memory_analysis()
+    if ma is not None:
+      b = sum(float(getattr(ma, f, 0) or 0) for f in
+              ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes"))
+      return b, "compiled memory_analysis (arguments + outputs + temporaries)"
+  return float("nan"), "unavailable"
+
+
+def _median_time(fn, args, steps: int, warmup: int = 2) -> tuple[float, list]:
+  out = None
+  for _ in range(warmup):
+    out = fn(*args)
+    jax.block_until_ready(out)
+  ts = []
+  for _ in range(steps):
+    t = time.perf_counter()
+    out = fn(*args)
+    jax.block_until_ready(out)
+    ts.append(time.perf_counter() - t)
+  return float(np.median(ts)), ts
+
+
+# ----------------------------------------------------------------------------- the step
+def build_step(cfg, mesh, key):
+  from launch.train import make_train_step, opt_state_shardings  # the loop's own step
+  abstract = model.abstract_variables(cfg)
+  p_shard = sharding.tree_shardings(mesh, model.param_axes(cfg), abstract["params"])
+  rep = NamedSharding(mesh, P())
+  tx, _ = optim.make_optimizer(cfg, abstract["params"], 1000)
+  opt_abs = jax.eval_shape(tx.init, abstract["params"])
+  o_shard = opt_state_shardings(mesh, opt_abs, p_shard)
+  state_shard = {"params": p_shard,
+                 "frozen": jax.tree_util.tree_map(lambda _: rep, abstract["frozen"]),
+                 "stats": jax.tree_util.tree_map(lambda _: rep, abstract["stats"]),
+                 "opt_state": o_shard, "step": rep}
+  batch_shard = NamedSharding(mesh, P(("data", "expert"), None))
+  specs = model.param_specs(cfg)
+  k_p, k_f = jax.random.split(key)
+  with sharding.use_mesh(mesh):
+    params = jax.jit(lambda k: nn.init(specs, k), out_shardings=p_shard)(k_p)
+    frozen = jax.jit(lambda k: random_frozen(cfg, k), out_shardings=state_shard["frozen"])(k_f)
+    stats = jax.jit(lambda: model.init_stats(cfg), out_shardings=state_shard["stats"])()
+    opt_state = jax.jit(tx.init, out_shardings=o_shard)(params)
+  state = {"params": params, "frozen": frozen, "stats": stats, "opt_state": opt_state,
+           "step": jax.device_put(jnp.int32(0), rep)}
+  step = jax.jit(make_train_step(cfg, tx, 1, model, mesh),
+                 in_shardings=(state_shard, {"ids": batch_shard}),
+                 out_shardings=(state_shard, rep), donate_argnums=(0,))
+  return step, state, batch_shard
+
+
+def time_step(cfg, mesh, steps: int, seed: int = 0) -> dict:
+  key = jax.random.PRNGKey(seed)
+  step, state, batch_shard = build_step(cfg, mesh, key)
+  b, t = cfg.train.global_batch, cfg.train.seq_len
+  ids = jax.random.randint(jax.random.fold_in(key, 7), (b, t + 2), 0, cfg.model.vocab_size,
+                           jnp.int32)
+  ids = jax.device_put(ids, batch_shard)
+  with sharding.use_mesh(mesh):
+    t0 = time.perf_counter()
+    lowered = step.lower(state, {"ids": ids})
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - t0
+    holder = {"state": state}
+
+    def run():
+      holder["state"], m = compiled(holder["state"], {"ids": ids})
+      return m
+    for _ in range(2):
+      m = run()
+      jax.block_until_ready(m)
+    ts = []
+    for _ in range(steps):
+      t1 = time.perf_counter()
+      m = run()
+      jax.block_until_ready(m)
+      ts.append(time.perf_counter() - t1)
+  m = jax.device_get(m)
+  mem, mem_how = peak_memory(mesh.devices.flat[0], compiled)
+  return {"step_s": float(np.median(ts)), "step_times_s": ts, "compile_s": compile_s,
+          "loss": float(m["loss"]), "finite": bool(m["finite"]),
+          "peak_mem_bytes": mem, "peak_mem_how": mem_how}
+
+
+# ----------------------------------------------------------------------------- breakdown
+def _vjp_timer(f, primals, steps: int, key):
+  """Median time of forward + backward of f w.r.t. all primals, with a random cotangent."""
+  out_shape = jax.eval_shape(f, *primals)
+  ct = jax.tree_util.tree_map(
+      lambda s: jax.random.normal(key, s.shape, jnp.float32).astype(s.dtype), out_shape)
+
+  @jax.jit
+  def fb(prims, ct):
+    out, vjp = jax.vjp(f, *prims)
+    return vjp(ct)
+  return _median_time(fb, (primals, ct), steps)[0]
+
+
+def breakdown(cfg, mesh, steps: int, seed: int = 0) -> dict:
+  """Forward+backward time of each layer type and sublayer in isolation (seconds)."""
+  m = cfg.model
+  dtype = nn.dtype_of(m.dtype)
+  b, t, d = cfg.train.global_batch, cfg.train.seq_len, m.d_model
+  key = jax.random.PRNGKey(seed + 11)
+  ks = jax.random.split(key, 8)
+  consts = model.make_consts(cfg, t)
+  x_streams = (jax.random.normal(ks[0], (b, t, m.hc.n_streams, d), jnp.float32)).astype(dtype)
+  x_flat = jax.random.normal(ks[1], (b, t, d), jnp.float32).astype(dtype)
+  out = {}
+  with sharding.use_mesh(mesh):
+    for kind in sorted(set(m.pattern)):
+      p = nn.init(model.layer_specs(cfg, kind), ks[2])
+      st = model.layer_stats(cfg, kind)
+      fz = {}
+      if cfg.moe.enabled and cfg.tqp.enabled:
+        out[f"note_{kind}"] = "TQP frozen experts are not built in isolation; layer time skipped"
+        continue
+
+      def layer(p, x, kind=kind, st=st, fz=fz):
+        y, _, aux, _ = model.layer_apply({"params": p, "frozen": fz, "stats": st}, x, consts,
+                                         None, cfg=cfg, kind=kind)
+        return y
+      out[f"layer_{kind}"] = _vjp_timer(layer, (p, x_streams), steps, ks[3])
+      if kind == "D":
+        from lightning_jax.layers import deltanet
+        out["mixer_D"] = _vjp_timer(
+            lambda pm, x: deltanet.deltanet_apply(pm, x, consts, cfg), (p["mixer"], x_flat),
+            steps, ks[4])
+      else:
+        from lightning_jax.layers import sparse_attention as gsa
+        stg = st.get("mixer")
+        out["mixer_G"] = _vjp_timer(
+            lambda pm, x: gsa.gsa_apply(pm, stg, x, consts, cfg)[0], (p["mixer"], x_flat),
+            steps, ks[4])
+      if "ffn_done" not in out:
+        if cfg.moe.enabled:
+          from lightning_jax.layers import moe
+          stm = st.get("moe")
+          out["ffn"] = _vjp_timer(
+              lambda pm, x: moe.moe_apply(pm, fz.get("moe"), stm, x, consts, cfg)[0],
+              (p["moe"], x_flat), steps, ks[5])
+        else:
+          out["ffn"] = _vjp_timer(lambda pf, x: ffn.swiglu(pf, x, dtype), (p["ffn"], x_flat),
+                                  steps, ks[5])
+        out["ffn_done"] = True
+    out.pop("ffn_done", None)
+    w = nn.init({"w": nn.Spec((d, m.vocab_size), ("embed", "vocab"), nn.normal(0.02))}, ks[6])["w"]
+    tgt = jax.random.randint(ks[7], (b, t), 0, m.vocab_size, jnp.int32)
+    out["head_ce"] = _vjp_timer(
+        lambda h, w: model.chunked_cross_entropy(h, w, tgt, m.ce_chunk, dtype), (x_flat, w),
+        steps, ks[7])
+  return out
+
+
+# ----------------------------------------------------------------------------- report
+def report(cfg, res: dict, bd: dict | None, n_dev: int, layers_note: str) -> tuple[str, dict]:
+  b, t = cfg.train.global_batch, cfg.train.seq_len
+  tokens = b * t
+  fpt = counting.flops_per_token(cfg, t)
+  peak, peak_note = metrics_lib.peak_flops(jax.devices()[:n_dev], cfg.model.dtype)
+  tps = tokens / res["step_s"]
+  mfu = tps * fpt["total"] / peak if peak == peak and peak > 0 else float("nan")
+  dev = jax.devices()[0]
+  kinds = layer_kinds(cfg)
+  rec = {"date": f"{datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC", "device": dev.device_kind,
+         "n_devices": n_dev, "host": platform.node(), "stage": cfg.stage,
+         "layers": cfg.model.n_layers, "layers_note": layers_note, "pattern": "".join(kinds),
+         "batch": b, "seq": t, "dtype": cfg.model.dtype,
+         "deltanet_impl": cfg.model.deltanet.impl, "gsa_impl": cfg.model.gsa.impl,
+         "gsa_attention": cfg.model.gsa.attention, "tokens_per_s": tps, "mfu": mfu,
+         "flops_per_token": fpt, "peak_note": peak_note, **res}
+  lines = [f"# {rec['date']}  {dev.device_kind} x{n_dev}  stage {cfg.stage}: "
+           f"{cfg.model.n_layers} layers {''.join(kinds)}{layers_note}, B={b} T={t} "
+           f"{cfg.model.dtype}, deltanet.impl={cfg.model.deltanet.impl} gsa.impl="
+           f"{cfg.model.gsa.impl} gsa.attention={cfg.model.gsa.attention}",
+           f"step {res['step_s'] * 1e3:.1f} ms (median of {len(res['step_times_s'])}; compile "
+           f"{res['compile_s']:.1f} s; loss {res['loss']:.3f})  tokens/s {tps:,.0f}  "
+           f"model {fpt['total'] / 1e9:.3f} GFLOP/token -> {tps * fpt['total'] / 1e12:.1f} "
+           f"TFLOP/s, MFU {mfu * 100:.1f}% ({peak_note})",
+           f"peak memory {res['peak_mem_bytes'] / 2**30:.2f} GiB ({res['peak_mem_how']})"]
+  if bd:
+    n_d = kinds.count("D")
+    n_g = kinds.count("G") + (1 if cfg.model.mtp.enabled else 0)
+    n_ce = 2 if cfg.model.mtp.enabled else 1
+    parts = {"D layers": n_d * bd.get("layer_D", 0.0), "G layers (incl. MTP)":
+             n_g * bd.get("layer_G", 0.0), "head + CE": n_ce * bd["head_ce"]}
+    rest = res["step_s"] - sum(parts.values())
+    lines.append("breakdown (forward+backward in isolation, ms): " + ", ".join(
+        f"{k} {v * 1e3:.2f}" for k, v in bd.items() if not k.startswith("note")))
+    for k, v in parts.items():
+      lines.append(f"  {k:<22} {v * 1e3:9.1f} ms  {v / res['step_s'] * 100:5.1f}% of the step")
+    lines.append(f"  {'rest (embed, optimizer, ...)':<22} {rest * 1e3:9.1f} ms  "
+                 f"{rest / res['step_s'] * 100:5.1f}%")
+    rec["breakdown_s"] = bd
+    rec["breakdown_parts_s"] = {**parts, "rest": rest}
+  return "\n".join(lines), rec
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--config", default="configs/stage_2b.py")
+  ap.add_argument("--layers", type=int, default=0, help="override model.n_layers (0: config's)")
+  ap.add_argument("--seq", type=int, default=0, help="sequence length (0: train.seq_len)")
+  ap.add_argument("--batch", type=int, default=1, help="sequences per device")
+  ap.add_argument("--steps", type=int, default=5)
+  ap.add_argument("--breakdown", action="store_true")
+  ap.add_argument("--set", action="append", default=[], help="section.field=value override")
+  ap.add_argument("--json", default="", help="also write the record as JSON here")
+  a = ap.parse_args(argv)
+  cfg = load_config(a.config)
+  layers_cfg = int(cfg.model.n_layers)
+  apply_overrides(cfg, a.set)
+  n_dev = len(jax.devices())
+  cfg = bench_config(cfg, layers=a.layers, seq=a.seq, batch=a.batch, n_dev=n_dev)
+  note = (f" (REDUCED from {layers_cfg} layers)" if a.layers and a.layers != layers_cfg else "")
+  mesh = sharding.make_mesh(cfg.mesh)
+  res = time_step(cfg, mesh, a.steps)
+  bd = breakdown(cfg, mesh, a.steps) if a.breakdown else None
+  text, rec = report(cfg, res, bd, n_dev, note)
+  print(text, flush=True)
+  if a.json:
+    with open(a.json, "w") as f:
+      json.dump(rec, f, indent=1, default=float)
+  return rec
+
+
+if __name__ == "__main__":
+  main()
