@@ -1,0 +1,279 @@
+"""Command-line driver shared by the growth transforms:
+
+  python -m growth.dense_to_moe   --src RUN --dst NEW_RUN --config=configs/stage_5b.py --strategy partition [--seed 0]
+  python -m growth.depth_map      --src RUN --dst NEW_RUN --config=configs/stage_9b.py --mapping 5b_to_9b
+  python -m growth.expand_experts --src RUN --dst NEW_RUN --config=configs/stage_120b.py --ratio 0.5 --router_sigma 0.05 --seed 1337
+  python -m growth.to_tqp         --src RUN --dst NEW_RUN --config=configs/stage_120b.py
+
+--src: a run directory, its checkpoints/ directory, or one checkpoints/<step> directory (the
+newest step by default). The source config is the one saved in the checkpoint. --config is the
+TARGET stage's config (any field overrides as --config.section.field=...): pass launch.train
+exactly the same --config flags and --workdir=NEW_RUN, and it starts the next stage from the
+grown checkpoint.
+
+The grown checkpoint is NEW_RUN/checkpoints/0 in launch.train's format: params/frozen/stats
+from the transform, FRESH optimizer state for the target config (its LR groups), step 0, a
+fresh data-loader state, the target config (so the schedule is the new stage's), and in its meta
+record the provenance: source path and step, transform, arguments, seed, and the growth report
+(`python -m launch.inspect NEW_RUN` shows it). When data.path is empty, the target run's shards
+are prepared in NEW_RUN/data exactly as launch.train would.
+
+Growth report (printed, and stored in meta): held-out loss (CE_next) of the source model and of
+the grown model on the same held-out batch, and for MoE targets the router load statistics at
+init (max/min expert load over the mean, null rate, per layer).
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+import time
+
+import numpy as np
+
+TRANSFORMS = ("dense_to_moe", "depth_map", "expand_experts", "to_tqp")
+
+
+# ----------------------------------------------------------------------------- reading
+def locate(path: str):
+  from launch.inspect import locate as _locate
+  return _locate(path)
+
+
+def read_source(path: str, log=print) -> dict:
+  """{"cfg", "variables" (numpy), "step", "dir", "meta"} of a checkpoint; params, frozen and
+  stats are restored onto one host device (the optimizer state is not needed)."""
+  import jax
+  from ml_collections import ConfigDict
+  from lightning_jax import checkpoint as ck
+  cdir, step = locate(path)
+  c = ck.Checkpointer(cdir, ck.config_ns(keep=0), read_only=True)
+  steps = c.steps()
+  if not steps:
+    raise ck.CheckpointError(f"{cdir} holds no complete checkpoint.")
+  step = steps[-1] if step is None else step
+  if step not in steps:
+    raise ck.CheckpointError(f"step {step} is not among the checkpoints in {cdir}: {steps}.")
+  md = c.state_metadata(step)
+  dev = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0] if jax.devices("cpu")
+                                          else jax.devices()[0])
+  abstract = jax.tree_util.tree_map(
+      lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=dev), dict(md))
+  got = c.restore(step, abstract)
+  c.close()
+  state = got["state"]
+  variables = {k: jax.tree_util.tree_map(np.asarray, state[k]) for k in ("params", "frozen", "stats")}
+  cfg = ConfigDict(got["config"])
+  log(f"source: {c.step_dir(step)} (step {step}, stage {cfg.get('stage')!r})")
+  return {"cfg": cfg, "variables": variables, "step": int(step), "dir": str(c.step_dir(step)),
+          "meta": got["meta"]}
+
+
+# ----------------------------------------------------------------------------- evaluation
+def heldout_batch(cfg, data_dir, manifest):
+  """The first held-out batch of the first evaluated domain: int32 [eval_batch, seq_len + 2]."""
+  from launch import train as train_lib
+  c = cfg.copy_and_resolve_references()
+  with c.unlocked():
+    c.train.eval_every = max(1, int(c.train.eval_every))
+    c.train.eval_batches = 1
+  _, evals = train_lib.make_data(c, data_dir, manifest)
+  for dom in sorted(evals):
+    if len(evals[dom]):
+      return dom, np.asarray(evals[dom][0], np.int32)
+  raise ValueError(f"no held-out batch of train.eval_batch={c.train.eval_batch} windows in "
+                   f"{data_dir}; expected a data split with held-out text.")
+
+
+def evaluate(variables, cfg, ids) -> dict:
+  """CE_next on ids, and router load statistics per MoE layer at these weights."""
+  import jax
+  from lightning_jax import model
+  f = jax.jit(lambda v, x: model.loss_fn(v["params"], v["frozen"], v["stats"], {"ids": x}, cfg)[1])
+  m = jax.device_get(f(variables, ids))
+  out = {"loss": float(m["loss"])}
+  if cfg.moe.enabled:
+    from lightning_jax.layers import moe
+    loads = {}
+    groups = m["step_stats"].get("groups", {})
+    for lj in sorted(groups):
+      st = groups[lj].get("moe")
+      if st is None:
+        continue
+      s = moe.log_summary(st)
+      loads[lj] = {k: round(float(v), 4) for k, v in s.items()
+                   if k in ("load_max_over_mean", "load_min_over_mean", "null_rate")}
+    mtp = m["step_stats"].get("mtp", {}).get("layer", {}).get("moe")
+    if mtp is not None:
+      s = moe.log_summary(mtp)
+      loads["mtp"] = {k: round(float(v), 4) for k, v in s.items()
+                      if k in ("load_max_over_mean", "load_min_over_mean", "null_rate")}
+    out["router_load"] = loads
+  return out
+
+
+# ----------------------------------------------------------------------------- writing
+def write_grown(dst: pathlib.Path, cfg, variables, data_dir, manifest, meta, log=print):
+  """NEW_RUN/checkpoints/0: the grown variables, fresh optimizer state, step 0, fresh loader."""
+  import jax
+  import jax.numpy as jnp
+  from launch import train as train_lib
+  from lightning_jax import checkpoint as ck, optim
+  steps_total = optim.total_steps(cfg)
+  tx, _ = optim.make_optimizer(cfg, variables["params"], steps_total)
+  params = jax.tree_util.tree_map(jnp.asarray, variables["params"])
+  state = {"params": params,
+           "frozen": jax.tree_util.tree_map(jnp.asarray, variables["frozen"]),
+           "stats": jax.tree_util.tree_map(jnp.asarray, variables["stats"]),
+           "opt_state": tx.init(params), "step": jnp.int32(0)}
+  loader, _ = train_lib.make_data(cfg, data_dir, manifest)
+  kc = ck.config_ns(keep=0)
+  w = ck.Checkpointer(dst / "checkpoints", kc)
+  w.save(0, state, loader.get_state(), ck.config_to_json(cfg), meta)
+  w.close()
+  log(f"wrote {dst / 'checkpoints' / '0'}: step 0, fresh optimizer state, schedule of "
+      f"{steps_total} steps from the target config (stage {cfg.stage!r})")
+
+
+def _jsonable(x):
+  if isinstance(x, dict):
+    return {str(k): _jsonable(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_jsonable(v) for v in x]
+  if isinstance(x, np.ndarray):
+    return x.tolist()
+  if isinstance(x, np.generic):
+    return x.item()
+  return x
+
+
+# ----------------------------------------------------------------------------- the driver
+def grow(transform: str, src: str, dst: str, cfg, args: dict, log=print) -> dict:
+  """Read the source checkpoint, apply `transform`, evaluate both, write the grown run."""
+  from launch import train as train_lib
+  from lightning_jax import checkpoint as ck
+  t0 = time.perf_counter()
+  dst = pathlib.Path(dst)
+  if (dst / "checkpoints").exists() and any(p.name.isdigit() for p in (dst / "checkpoints").iterdir()):
+    raise ck.CheckpointError(f"--dst {dst} already holds checkpoints; expected a new run directory "
+                             f"for the grown model.")
+  source = read_source(src, log)
+  src_cfg = source["cfg"]
+  cfg = cfg.copy_and_resolve_references()
+  dst.mkdir(parents=True, exist_ok=True)
+  data_dir, manifest = train_lib.resolve_data(cfg, dst, log)
+  train_lib.apply_data_vocab(cfg, manifest, data_dir)
+  from lightning_jax.config import validate
+  validate(cfg)
+
+  if transform == "dense_to_moe":
+    from growth.dense_to_moe import dense_to_moe
+    grown, rep = dense_to_moe(source["variables"], src_cfg, cfg, strategy=args["strategy"],
+                              seed=args["seed"], return_report=True)
+  elif transform == "depth_map":
+    from growth.depth_map import depth_map
+    grown, rep = depth_map(source["variables"], src_cfg, cfg, mapping=args["mapping"],
+                           return_report=True)
+  elif transform == "expand_experts":
+    from growth.expand_experts import expand_experts
+    grown, rep = expand_experts(source["variables"], src_cfg, cfg, ratio=args["ratio"],
+                                router_sigma=args["router_sigma"], seed=args["seed"],
+                                return_report=True)
+  elif transform == "to_tqp":
+    from growth.to_tqp import to_tqp
+    grown, rep = to_tqp(source["variables"], src_cfg, cfg, return_report=True)
+  else:
+    raise ValueError(f"unknown growth transform {transform!r}; expected one of {TRANSFORMS}.")
+  if transform != "to_tqp" and cfg.tqp.enabled:
+    from growth.common import dense_expert_cfg
+    cfg = dense_expert_cfg(cfg)
+    log("note: the target config has tqp.enabled; the grown checkpoint holds the routed experts "
+        "in dense form (tqp.enabled=False in its config): quantize it with python -m growth.to_tqp.")
+  t_grow = time.perf_counter() - t0
+
+  dom, ids = heldout_batch(cfg, data_dir, manifest)
+  ev_src = evaluate(source["variables"], src_cfg, ids)
+  ev_dst = evaluate(grown, cfg, ids)
+  report = {"transform": transform, "args": args, "heldout_domain": dom,
+            "heldout_batch": list(ids.shape), "source_loss": ev_src["loss"],
+            "grown_loss": ev_dst["loss"], "leaves": rep.summary()["leaves"],
+            "fresh": rep.fresh(), "dropped": sorted(rep.dropped)}
+  if "router_load" in ev_dst:
+    report["router_load_at_init"] = ev_dst["router_load"]
+  if transform == "depth_map":
+    report["mapping"] = rep.choices["mapping"]
+  meta = {"provenance": _jsonable({"source_path": str(pathlib.Path(source["dir"]).absolute()),
+                                   "source_step": source["step"],
+                                   "source_stage": src_cfg.get("stage"),
+                                   "transform": transform, "args": args,
+                                   "seed": args.get("seed")}),
+          "growth_report": _jsonable(report), "loss": None, "tokens": 0}
+  write_grown(dst, cfg, grown, data_dir, manifest, meta, log)
+  log("growth report:")
+  log(f"  transform {transform} {json.dumps(_jsonable(args))} from {source['dir']} "
+      f"(stage {src_cfg.get('stage')!r}, step {source['step']}) to stage {cfg.stage!r}")
+  log(f"  leaves: {report['leaves']}; fresh: {len(report['fresh'])}; dropped source leaves: "
+      f"{len(report['dropped'])}")
+  log(f"  held-out loss on the same batch ({dom}, {ids.shape[0]} x {ids.shape[1] - 2} tokens): "
+      f"source {ev_src['loss']:.4f} -> grown {ev_dst['loss']:.4f}")
+  for lj, s in report.get("router_load_at_init", {}).items():
+    log(f"  router load at init {lj}: " + ", ".join(f"{k} {v}" for k, v in s.items()))
+  log(f"  (growth {t_grow:.1f}s, total {time.perf_counter() - t0:.1f}s)")
+  return {"report": report, "meta": meta, "dst": str(dst)}
+
+
+def _define_flags(transform: str):
+  from absl import flags
+  from ml_collections import config_flags
+  config_flags.DEFINE_config_file("config", None, "TARGET stage config file, e.g. "
+                                  "configs/stage_5b.py (overrides: --config.section.field=...).",
+                                  lock_config=True)
+  flags.DEFINE_string("src", None, "Source run directory, checkpoints/ dir or checkpoints/<step>.")
+  flags.DEFINE_string("dst", None, "New run directory for the grown model.")
+  if transform == "dense_to_moe":
+    flags.DEFINE_enum("strategy", "partition", ["partition", "drop"], "Expert initialisation.")
+    flags.DEFINE_integer("seed", 0, "Seed of every random draw.")
+  elif transform == "depth_map":
+    flags.DEFINE_string("mapping", "5b_to_9b", "Named mapping or comma-separated source layers.")
+  elif transform == "expand_experts":
+    flags.DEFINE_float("ratio", 0.5, "Fraction of each target expert's channels re-drawn.")
+    flags.DEFINE_float("router_sigma", 0.05, "Router noise std relative to std(source router).")
+    flags.DEFINE_integer("seed", 1337, "Seed of every random draw.")
+  flags.mark_flags_as_required(["config", "src", "dst"])
+
+
+def _args(transform: str) -> dict:
+  from absl import flags
+  F = flags.FLAGS
+  if transform == "dense_to_moe":
+    return {"strategy": F.strategy, "seed": F.seed}
+  if transform == "depth_map":
+    return {"mapping": F.mapping}
+  if transform == "expand_experts":
+    return {"ratio": F.ratio, "router_sigma": F.router_sigma, "seed": F.seed}
+  return {}
+
+
+def run(transform: str):
+  """Entry point of `python -m growth.<transform>`."""
+  from absl import app, flags, logging as absl_logging
+
+  def main(argv):
+    from growth.common import GrowthError
+    from lightning_jax import checkpoint as ck
+    from lightning_jax.config import ConfigError
+    if len(argv) > 1:
+      print(f"error: unexpected arguments {argv[1:]}; flags look like --src=RUN --dst=NEW_RUN "
+            f"--config=configs/x.py.", file=sys.stderr)
+      return 2
+    F = flags.FLAGS
+    try:
+      grow(transform, F.src, F.dst, F.config, _args(transform))
+    except (GrowthError, ConfigError, ck.CheckpointError) as e:
+      print(f"error: {e}", file=sys.stderr)
+      return 1
+    return 0
+
+  _define_flags(transform)
+  absl_logging.set_verbosity(absl_logging.ERROR)
+  app.run(lambda argv: sys.exit(main(argv)))
