@@ -42,6 +42,7 @@ def test_prepare_shards_frequency_order_and_roundtrip(tmp_path):
   assert m["vocab_size"] % 128 == 0 and m["eot_id"] == m["vocab_size"] - 1
   # every document comes back exactly, end-of-text separated, through the data id order
   tb = shards.token_bytes(out, enc)
+  assert shards.token_bytes(out) == tb, "stored token bytes differ from the tokenizer's"
   got = []
   counts = np.zeros(m["vocab_size"], np.int64)
   for e in m["shards"]:

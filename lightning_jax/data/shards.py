@@ -30,6 +30,7 @@ import numpy as np
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 VOCAB_IDS = "vocab_ids.npy"
+TOKEN_BYTES = "token_bytes.npz"   # raw bytes of every data id (data order), offsets [V + 1]
 PAD_ID = 0xFFFFFFFF
 TOKEN_DTYPE = np.dtype("<u4")
 
@@ -179,8 +180,8 @@ def prepare(inputs: Sequence[str], output: str, *, encoding=None, id_order: str 
 
   out = pathlib.Path(output)
   out.mkdir(parents=True, exist_ok=True)
-  for old in out.glob("*.u32"):
-    old.unlink()
+  for old in list(out.glob("*.u32")) + [out / VOCAB_IDS, out / TOKEN_BYTES]:
+    old.unlink(missing_ok=True)
   shards = []
   for (split, dom), arrs in sorted(enc.items()):
     stream = np.concatenate([np.append(a, eot_tok) for a in arrs])
@@ -208,6 +209,14 @@ def prepare(inputs: Sequence[str], output: str, *, encoding=None, id_order: str 
   if data_to_tok is not None:
     np.save(out / VOCAB_IDS, data_to_tok)
     manifest["vocab_ids"] = VOCAB_IDS
+  # raw bytes of every data id, so that training needs no tokenizer files (GPU machines)
+  from tokenizer.base import token_bytes_list
+  natural = token_bytes_list(encoding)
+  tb = natural if data_to_tok is None else [b"" if t == PAD_ID else natural[int(t)]
+                                              for t in data_to_tok]
+  np.savez(out / TOKEN_BYTES, data=np.frombuffer(b"".join(tb), np.uint8),
+           offsets=np.cumsum([0] + [len(b) for b in tb]).astype(np.int64))
+  manifest["token_bytes"] = TOKEN_BYTES
   tmp = out / (MANIFEST + ".tmp")
   tmp.write_text(json.dumps(manifest, indent=1))
   os.replace(tmp, out / MANIFEST)
@@ -265,6 +274,13 @@ def token_bytes(data_dir: str | os.PathLike, encoding=None) -> list[bytes]:
   Pass this to the Kronecker codec so its byte buffers follow the data's id order.
   """
   m = load_manifest(data_dir)
+  if encoding is None and m.get("token_bytes"):
+    z = np.load(pathlib.Path(data_dir) / m["token_bytes"])
+    data, off = z["data"].tobytes(), z["offsets"]
+    if len(off) != m["vocab_size"] + 1:
+      raise DataError(f"{data_dir}/{m['token_bytes']} holds {len(off) - 1} tokens, expected "
+                      f"vocab_size={m['vocab_size']}.")
+    return [data[off[i]:off[i + 1]] for i in range(len(off) - 1)]
   if encoding is None:
     from tokenizer.base import load_o200k_base
     encoding = load_o200k_base()

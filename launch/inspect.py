@@ -1,0 +1,152 @@
+"""Look inside a run or checkpoint directory without building the model.
+
+  python -m launch.inspect runs/tiny                 # newest checkpoint of a run
+  python -m launch.inspect runs/tiny/checkpoints/80  # one step
+  python -m launch.inspect runs/tiny --step 40 --opt_state --full_config
+
+Prints the steps present, the config (its sections), the data-loader state, the save's meta
+record, and the parameter tree with shape, dtype, bytes and sharding of every leaf (optimizer
+state totals; --opt_state lists its leaves too). Sizes are read from orbax metadata: no arrays
+are loaded.
+"""
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import sys
+
+import numpy as np
+from absl import app, flags, logging as absl_logging
+
+from lightning_jax import checkpoint as ck
+
+flags.DEFINE_integer("step", -1, "Step to show (default: the newest).")
+flags.DEFINE_bool("opt_state", False, "Also list every optimizer-state leaf.")
+flags.DEFINE_bool("full_config", False, "Print the whole config as JSON (default: the "
+                  "model/train/data/optim/mesh/checkpoint sections, one line each).")
+FLAGS = flags.FLAGS
+
+
+def locate(path: str) -> tuple[pathlib.Path, int | None]:
+  """(checkpoints directory, step or None) for a run dir, checkpoints dir or step dir."""
+  p = pathlib.Path(path)
+  if not p.exists():
+    raise ck.CheckpointError(f"{p} does not exist; expected a run directory, its checkpoints/ "
+                             f"directory or one checkpoints/<step> directory.")
+  if (p / "checkpoints").is_dir():
+    return p / "checkpoints", None
+  if p.name.isdigit() and (p / "state").is_dir():
+    return p.parent, int(p.name)
+  if any(c.name.isdigit() for c in p.iterdir()):
+    return p, None
+  raise ck.CheckpointError(f"{p} holds no checkpoints; expected a run directory (with "
+                           f"checkpoints/) or a checkpoints directory.")
+
+
+def _sharding_str(sh) -> str:
+  if sh is None:
+    return "-"
+  spec = getattr(sh, "partition_spec", None)
+  if spec is None:
+    return str(sh)
+  mesh = getattr(sh, "shape", None)
+  names = getattr(sh, "axis_names", None)
+  m = ""
+  if mesh is not None and names is not None:
+    m = " mesh " + "x".join(f"{n}{s}" for n, s in zip(names, np.ravel(mesh).tolist()))
+  return f"P{tuple(spec)}{m}"
+
+
+def _rows(tree, prefix):
+  import jax
+  rows = []
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    name = "/".join(str(getattr(p, "key", getattr(p, "idx", getattr(p, "name", p))))
+                    for p in path)
+    shape = tuple(getattr(leaf, "shape", ()) or ())
+    dtype = np.dtype(getattr(leaf, "dtype", np.float32))
+    nbytes = math.prod(shape) * dtype.itemsize
+    rows.append((f"{prefix}/{name}", shape, str(dtype), nbytes,
+                 _sharding_str(getattr(leaf, "sharding", None))))
+  return rows
+
+
+def _fmt_bytes(n: float) -> str:
+  for unit in ("B", "KB", "MB", "GB", "TB"):
+    if n < 1024 or unit == "TB":
+      return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+    n /= 1024
+
+
+def inspect(path: str, step: int = -1, opt_state: bool = False, full_config: bool = False,
+            out=print) -> dict:
+  cdir, given = locate(path)
+  cfg = ck.config_ns(keep=0)
+  c = ck.Checkpointer(cdir, cfg, read_only=True)
+  steps = c.steps()
+  if not steps:
+    raise ck.CheckpointError(f"{cdir} holds no complete checkpoint.")
+  step = given if given is not None else (step if step >= 0 else steps[-1])
+  if step not in steps:
+    raise ck.CheckpointError(f"step {step} is not among the checkpoints in {cdir}: {steps}.")
+  out(f"checkpoints: {cdir}")
+  out(f"steps present: {steps}   (showing {step})")
+  try:
+    config = c.read_json(step, "config")
+    loader = c.read_json(step, "loader")
+    meta = c.read_json(step, "meta")
+    md = c.state_metadata(step)
+  except Exception as e:
+    raise ck.CheckpointError(f"checkpoint {c.step_dir(step)} is unreadable ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:200]}).") from e
+  out("\nconfig:")
+  if full_config:
+    out(json.dumps(config, indent=1))
+  else:
+    for sec in ("stage", "model", "moe", "reversible", "tqp", "data", "optim", "train", "mesh",
+                "checkpoint"):
+      v = config.get(sec)
+      if isinstance(v, dict):
+        flat = {k: x for k, x in v.items() if not isinstance(x, dict)}
+        out(f"  {sec}: " + ", ".join(f"{k}={x}" for k, x in flat.items()))
+      elif v is not None:
+        out(f"  {sec}: {v}")
+  out(f"\ndata loader state: {json.dumps(loader)}")
+  out(f"meta: {json.dumps(meta)}")
+  total = {}
+  for coll in ("params", "frozen", "stats"):
+    rows = _rows(md.get(coll, {}) if hasattr(md, "get") else md[coll], coll)
+    total[coll] = (sum(math.prod(r[1]) for r in rows), sum(r[3] for r in rows))
+    out(f"\n{coll}: {len(rows)} leaves, {total[coll][0]:,} values, {_fmt_bytes(total[coll][1])}")
+    w = max([len(r[0]) for r in rows] + [10])
+    for name, shape, dtype, nbytes, sh in rows:
+      out(f"  {name:<{w}}  {str(list(shape)):<22} {dtype:<9} {_fmt_bytes(nbytes):>10}  {sh}")
+  orows = _rows(md["opt_state"], "opt_state")
+  total["opt_state"] = (sum(math.prod(r[1]) for r in orows), sum(r[3] for r in orows))
+  out(f"\nopt_state: {len(orows)} leaves, {total['opt_state'][0]:,} values, "
+      f"{_fmt_bytes(total['opt_state'][1])}")
+  if opt_state:
+    w = max([len(r[0]) for r in orows] + [10])
+    for name, shape, dtype, nbytes, sh in orows:
+      out(f"  {name:<{w}}  {str(list(shape)):<22} {dtype:<9} {_fmt_bytes(nbytes):>10}  {sh}")
+  c.close()
+  return {"steps": steps, "step": step, "config": config, "loader": loader, "totals": total}
+
+
+def main(argv):
+  if len(argv) != 2:
+    print("usage: python -m launch.inspect RUN_OR_CHECKPOINT_DIR [--step N] [--opt_state]",
+          file=sys.stderr)
+    return 2
+  try:
+    inspect(argv[1], FLAGS.step, FLAGS.opt_state, FLAGS.full_config)
+  except ck.CheckpointError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == "__main__":
+  absl_logging.set_verbosity(absl_logging.ERROR)
+  app.run(lambda argv: sys.exit(main(argv)))

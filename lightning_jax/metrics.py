@@ -1,0 +1,203 @@
+"""Throughput, MFU and logging sinks (JSONL, TensorBoard), plus the PNG curves of launch.plot.
+
+MFU = achieved model FLOP/s / peak FLOP/s of the devices in use. Model FLOPs per token come
+from the model's own count (lightning_jax.counting.flops_per_token, forward + backward); the
+peak is looked up in PEAK_FLOPS below by device kind and compute dtype (dense, no sparsity).
+CPUs have no published peak: we assume a nominal 32 FLOP/cycle (two 8-wide FP32 FMA units) at
+2.5 GHz per core in use, so CPU MFU is only a rough relative figure.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import time
+
+import jax
+
+# device kind substring -> {compute dtype: dense peak FLOP/s per device}
+PEAK_FLOPS = {
+    "H200": {"bfloat16": 989e12, "float16": 989e12, "float32": 67e12},
+    "H100": {"bfloat16": 989e12, "float16": 989e12, "float32": 67e12},   # SXM
+    "A100": {"bfloat16": 312e12, "float16": 312e12, "float32": 19.5e12},
+    "L4": {"bfloat16": 121e12, "float16": 121e12, "float32": 30e12},
+    "TPU v5 lite": {"bfloat16": 197e12, "float32": 197e12},
+    "TPU v4": {"bfloat16": 275e12, "float32": 275e12},
+}
+CPU_FLOPS_PER_CORE = 32 * 2.5e9
+
+
+def cpu_cores() -> int:
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:
+    return os.cpu_count() or 1
+
+
+def peak_flops(devices=None, dtype: str = "bfloat16") -> tuple[float, str]:
+  """(total peak FLOP/s of `devices`, a sentence saying where the number comes from)."""
+  devices = list(devices if devices is not None else jax.devices())
+  d = devices[0]
+  if d.platform == "cpu":
+    n = cpu_cores()
+    return (n * CPU_FLOPS_PER_CORE,
+            f"peak = nominal CPU {n} cores x 32 FLOP/cycle x 2.5 GHz = "
+            f"{n * CPU_FLOPS_PER_CORE / 1e9:.0f} GFLOP/s (assumed; CPU MFU is only indicative)")
+  kind = getattr(d, "device_kind", str(d))
+  for key, table in PEAK_FLOPS.items():
+    if key.lower() in kind.lower():
+      per = table.get(dtype, table.get("bfloat16"))
+      return (per * len(devices),
+              f"peak = {len(devices)} x {kind} {dtype} dense {per / 1e12:.0f} TFLOP/s "
+              f"(lightning_jax.metrics.PEAK_FLOPS)")
+  return (float("nan"), f"peak unknown for device kind {kind!r}: MFU not reported")
+
+
+def model_flops_per_token(cfg, abstract_params=None) -> tuple[float, str]:
+  """(training FLOPs per token, where it comes from): the model's own count when available."""
+  try:
+    from lightning_jax import counting
+    fn = counting.flops_per_token
+  except (ImportError, AttributeError):
+    fn = None
+  if fn is not None:
+    f = fn(cfg, cfg.train.seq_len)
+    f = f["total"] if isinstance(f, dict) else f
+    return float(f), "lightning_jax.counting.flops_per_token, fwd+bwd"
+  n = sum(math.prod(l.shape) for l in jax.tree_util.tree_leaves(abstract_params))
+  return 6.0 * n, "fallback 6 x stored parameters (counting.flops_per_token not available)"
+
+
+class Throughput:
+  """Tokens/s and MFU over the steps since the last call to `tick`."""
+
+  def __init__(self, flops_per_token: float, peak: float):
+    self.fpt, self.peak = float(flops_per_token), float(peak)
+    self.t = time.perf_counter()
+
+  def reset(self):
+    self.t = time.perf_counter()
+
+  def tick(self, tokens: int) -> dict:
+    now = time.perf_counter()
+    dt = max(now - self.t, 1e-9)
+    self.t = now
+    tps = tokens / dt
+    mfu = tps * self.fpt / self.peak if self.peak == self.peak and self.peak > 0 else float("nan")
+    return {"tokens_per_s": tps, "mfu": mfu, "step_time_s": dt}
+
+
+class Logger:
+  """One record per call to JSONL (run_dir/metrics.jsonl) and TensorBoard (run_dir/tb)."""
+
+  def __init__(self, run_dir, tensorboard: bool = True):
+    self.dir = pathlib.Path(run_dir)
+    self.dir.mkdir(parents=True, exist_ok=True)
+    self.f = open(self.dir / "metrics.jsonl", "a", buffering=1)
+    self.tb = None
+    if tensorboard:
+      try:
+        from tensorboardX import SummaryWriter
+        self.tb = SummaryWriter(str(self.dir / "tb"))
+      except ImportError:    # optional on machines without tensorboardX
+        self.tb = None
+
+  def write(self, step: int, record: dict):
+    rec = {"step": int(step), "time": time.time()}
+    for k, v in record.items():
+      rec[k] = _plain(v)
+    self.f.write(json.dumps(rec) + "\n")
+    if self.tb is not None:
+      for k, v in rec.items():
+        if k not in ("step", "time") and isinstance(v, (int, float)) and math.isfinite(v):
+          self.tb.add_scalar(k, v, step)
+
+  def note(self, text: str):
+    self.f.write(json.dumps({"note": text, "time": time.time()}) + "\n")
+
+  def close(self):
+    self.f.close()
+    if self.tb is not None:
+      self.tb.close()
+
+
+def _plain(v):
+  if hasattr(v, "item"):
+    v = v.item()
+  if isinstance(v, float) and not math.isfinite(v):
+    return str(v)
+  return v
+
+
+def read_jsonl(path) -> list[dict]:
+  out = []
+  with open(path) as f:
+    for line in f:
+      line = line.strip()
+      if line:
+        try:
+          out.append(json.loads(line))
+        except json.JSONDecodeError:
+          continue      # a line cut by a kill
+  return out
+
+
+def plot_run(run_dir, out_dir=None) -> list[pathlib.Path]:
+  """PNG curves from run_dir/metrics.jsonl: loss, held-out loss per domain, LR, throughput."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  run_dir = pathlib.Path(run_dir)
+  mf = run_dir / "metrics.jsonl"
+  if not mf.exists():
+    raise FileNotFoundError(f"run directory {run_dir} has no metrics.jsonl; expected a directory "
+                            f"written by launch.train --workdir.")
+  recs = [r for r in read_jsonl(mf) if "step" in r]
+  # a resumed run appends: keep the last record written for each (step, key)
+  out_dir = pathlib.Path(out_dir) if out_dir else run_dir / "plots"
+  out_dir.mkdir(parents=True, exist_ok=True)
+
+  def series(key):
+    pts = {}
+    for r in recs:
+      v = r.get(key)
+      if isinstance(v, (int, float)):
+        pts[r["step"]] = v
+    ks = sorted(pts)
+    return ks, [pts[k] for k in ks]
+
+  written = []
+
+  def fig(name, keys, ylabel, logy=False):
+    plt.figure(figsize=(7, 4))
+    any_data = False
+    for k in keys:
+      xs, ys = series(k)
+      if xs:
+        any_data = True
+        plt.plot(xs, ys, label=k, marker="." if len(xs) < 40 else None)
+    if not any_data:
+      plt.close()
+      return
+    plt.xlabel("step")
+    plt.ylabel(ylabel)
+    if logy:
+      plt.yscale("log")
+    plt.grid(alpha=0.3)
+    plt.legend(fontsize=7)
+    plt.tight_layout()
+    p = out_dir / f"{name}.png"
+    plt.savefig(p, dpi=110)
+    plt.close()
+    written.append(p)
+
+  all_keys = sorted({k for r in recs for k in r})
+  fig("loss", ["loss", "ce_mtp", "aux"], "loss")
+  fig("heldout", [k for k in all_keys if k.startswith("val/")], "held-out CE_next")
+  fig("lr", ["lr"], "learning rate")
+  fig("throughput", ["tokens_per_s"], "tokens / s")
+  fig("mfu", ["mfu"], "MFU")
+  fig("grad_norm", ["grad_norm"], "global grad norm", logy=True)
+  return written
