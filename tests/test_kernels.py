@@ -1,0 +1,96 @@
+"""Pallas kernels (lightning_jax/kernels) vs their pure-JAX references, in the Pallas interpreter.
+
+float32, fresh random inputs each run (seed in the messages), T not a multiple of the chunk,
+a non-zero initial state, the state split over Dv blocks (partial sums in the backward).
+"""
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import tiny
+from lightning_jax.config import ConfigError
+from lightning_jax.kernels import delta_rule as kdr
+from lightning_jax.layers import deltanet as dn
+
+
+def _seed():
+  return int(np.random.randint(1 << 30))
+
+
+def _rel(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def _inputs(seed, b=1, t=100, h=2, dk=16, dv=8):
+  rng = np.random.default_rng(seed)
+  unit = lambda a: a / np.linalg.norm(a, axis=-1, keepdims=True)
+  q = unit(rng.standard_normal((b, t, h, dk)))
+  k = unit(rng.standard_normal((b, t, h, dk)))
+  v = rng.standard_normal((b, t, h, dv))
+  # head 0 mild decay (the state carries across chunks), head 1 model-like strong decay
+  sp = np.log1p(np.exp(rng.standard_normal((b, t, h)) - 2.0))
+  log_alpha = np.maximum(-np.array([0.1, 8.0])[:h] * sp, np.log(1e-6))
+  beta = 1.0 / (1.0 + np.exp(-rng.standard_normal((b, t, h))))
+  s0 = rng.standard_normal((b, h, dv, dk))
+  return tuple(a.astype(np.float32) for a in (q, k, v, log_alpha, beta, s0))
+
+
+KW = dict(chunk_size=32, block_v=4, block_v_bwd=4, interpret=True)   # 4 chunks, 2 Dv blocks
+
+
+def test_delta_rule_kernel_forward_and_gradients_match_reference():
+  seed = _seed()
+  args = _inputs(seed)                                 # T = 100 = 3 x 32 + 4 (padded tail)
+  rng = np.random.default_rng(seed + 1)
+  ct_o = rng.standard_normal(args[2].shape).astype(np.float32)
+  ct_s = rng.standard_normal(args[5].shape).astype(np.float32)
+
+  def loss(fn):
+    def f(q, k, v, la, b, s0):
+      o, s = fn(q, k, v, la, b, s0)
+      return jnp.sum(o * ct_o) + jnp.sum(s * ct_s), (o, s)
+    return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3, 4, 5), has_aux=True))
+
+  (_, (o_k, s_k)), g_k = loss(lambda *a: kdr.chunk_gated_delta_rule(*a[:5], initial_state=a[5],
+                                                                    **KW))(*args)
+  (_, (o_r, s_r)), g_r = loss(lambda *a: dn.recurrent_gated_delta_rule(*a[:5], a[5]))(*args)
+  assert o_k.shape == o_r.shape and s_k.shape == s_r.shape
+  assert np.all(np.isfinite(np.asarray(o_k))), f"seed={seed}"
+  assert _rel(o_k, o_r) <= 1e-5, f"seed={seed} output rel err {_rel(o_k, o_r)}"
+  assert _rel(s_k, s_r) <= 1e-5, f"seed={seed} final state rel err {_rel(s_k, s_r)}"
+  for name, a, b in zip(("q", "k", "v", "log_alpha", "beta", "initial_state"), g_k, g_r):
+    assert np.linalg.norm(np.asarray(b)) > 0, f"seed={seed} reference d{name} is zero"
+    assert _rel(a, b) <= 1e-4, f"seed={seed} d{name} rel err {_rel(a, b)}"
+
+
+def test_delta_rule_kernel_bfloat16_inputs_close_to_float32():
+  seed = _seed()
+  args = _inputs(seed, t=64, h=1)
+  bf = [a.astype(jnp.bfloat16) for a in args[:3]] + list(args[3:])
+  o_b, s_b = jax.jit(lambda *a: kdr.chunk_gated_delta_rule(*a[:5], initial_state=a[5], **KW))(*bf)
+  o_r, s_r = jax.jit(dn.recurrent_gated_delta_rule)(*args)
+  assert o_b.dtype == jnp.bfloat16 and s_b.dtype == jnp.float32
+  assert _rel(o_b, o_r) <= 3e-2, f"seed={seed} bf16 output rel err {_rel(o_b, o_r)}"
+  assert _rel(s_b, s_r) <= 3e-2, f"seed={seed} bf16 state rel err {_rel(s_b, s_r)}"
+
+
+def test_delta_rule_kernel_config_selection_and_bad_input(caplog):
+  seed = _seed()
+  cfg = tiny.get_config()
+  cfg.model.deltanet.impl = "kernel"
+  args = _inputs(seed, t=40, h=1)
+  kdr._FALLBACK_LOGGED.clear()
+  with caplog.at_level(logging.WARNING, logger="lightning_jax.kernels"):
+    o, s = dn._delta_rule(cfg, *args[:5])
+  assert "running the pure-JAX chunked delta rule" in caplog.text      # visible CPU fallback
+  o_c, s_c = dn.chunk_gated_delta_rule(*args[:5], chunk_size=cfg.model.deltanet.chunk_size)
+  assert _rel(o, o_c) <= 1e-6, f"seed={seed}"
+  cfg.model.deltanet.chunk_size = 48
+  with pytest.raises(ConfigError, match="chunk_size=48 must be a power of two"):
+    dn._delta_rule(cfg, *args[:5])
+  with pytest.raises(ValueError, match="block_v=3 must be a power of two"):
+    kdr.chunk_gated_delta_rule(*args[:5], chunk_size=32, block_v=3, interpret=True)
