@@ -243,8 +243,11 @@ def _delta_rule(cfg, q, k, v, log_alpha, beta):
                                   chunk_size=int(cfg.model.deltanet.chunk_size))
   if impl == "recurrent":
     return recurrent_gated_delta_rule(q, k, v, log_alpha, beta)
+  if impl == "kernel":   # Pallas kernels (lightning_jax/kernels/delta_rule.py); GPU only
+    from lightning_jax.kernels import delta_rule as kernel
+    return kernel.select_and_run(cfg, q, k, v, log_alpha, beta)
   raise ConfigError(f"model.deltanet.impl={impl!r} is not available in layers/deltanet.py; "
-                    f"expected 'chunked' or 'recurrent'.")
+                    f"expected 'chunked', 'recurrent' or 'kernel'.")
 
 
 def deltanet_apply(p: dict, x, consts, cfg):
