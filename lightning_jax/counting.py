@@ -108,6 +108,9 @@ def count_params(cfg) -> dict:
          "mtp_stored": dict(mtp_s), "mtp_active": {k: int(round(v)) for k, v in mtp_a.items()}}
   out["total_stored"] = sum(out["stored"].values())
   out["total_active"] = sum(out["active"].values())
+  # the paper's 120B figures (118.67B / 5.93B) count the quantized experts, not the adapters
+  out["total_stored_no_adapters"] = out["total_stored"] - out["stored"].get("tqp_adapters", 0)
+  out["total_active_no_adapters"] = out["total_active"] - out["active"].get("tqp_adapters", 0)
   out["mtp_total_stored"] = sum(out["mtp_stored"].values())
   out["mtp_total_active"] = sum(out["mtp_active"].values())
   return out
@@ -181,6 +184,11 @@ def format_report(cfg, counts: dict | None = None, seq_len: int | None = None) -
       lines.append(f"{comp:<22}{s:>16,}{a:>16,}  ({s / 1e6:,.2f}M / {a / 1e6:,.2f}M)")
   lines.append(f"{'TOTAL (no MTP)':<22}{counts['total_stored']:>16,}{counts['total_active']:>16,}"
                f"  ({counts['total_stored'] / 1e9:.3f}B / {counts['total_active'] / 1e9:.3f}B)")
+  if counts["stored"].get("tqp_adapters"):
+    lines.append(f"{'TOTAL w/o adapters':<22}{counts['total_stored_no_adapters']:>16,}"
+                 f"{counts['total_active_no_adapters']:>16,}"
+                 f"  ({counts['total_stored_no_adapters'] / 1e9:.3f}B / "
+                 f"{counts['total_active_no_adapters'] / 1e9:.3f}B)")
   if counts["mtp_stored"]:
     lines.append("MTP block (excluded from the totals):")
     for comp in ("mtp_in_proj",) + COMPONENTS:

@@ -98,6 +98,24 @@ def layer_stats(cfg, kind: str, n_experts: int | None = None) -> dict:
 
 
 def param_specs(cfg) -> dict:
+  """Spec tree of params (with TQP: routed experts replaced by adapters, see frozen_specs)."""
+  return _specs(cfg)[0]
+
+
+def frozen_specs(cfg) -> dict:
+  """Spec tree of the frozen buffers other than the embedding codec (TQP quantized experts)."""
+  return _specs(cfg)[1]
+
+
+def _specs(cfg):
+  specs = _dense_param_specs(cfg)
+  if cfg.tqp.enabled:
+    from lightning_jax import tqp
+    return tqp.tqp_specs(specs, cfg)
+  return specs, {}
+
+
+def _dense_param_specs(cfg) -> dict:
   m = cfg.model
   d, v = m.d_model, m.vocab_size
   ng = n_groups(cfg)
@@ -151,22 +169,35 @@ def _codec_frozen(codec, cfg) -> dict:
 def init_variables(cfg, key, codec) -> dict:
   """{"params", "frozen", "stats"} for `cfg`; `codec`: see kronecker.codec_from_tokenizer."""
   validate(cfg)
-  params = nn.init(param_specs(cfg), key)
   frozen = {"embed": _codec_frozen(codec, cfg)}
+  specs, fspecs = _specs(cfg)
+  params = jax.jit(lambda k: nn.init(specs, k))(key)   # one compile instead of eager per-leaf ops
+  if fspecs:   # TQP: a random quantized base (growth replaces it with the converted experts)
+    frozen.update(jax.jit(lambda k: nn.init(fspecs, k))(jax.random.fold_in(key, 1)))
   return {"params": params, "frozen": frozen, "stats": init_stats(cfg)}
 
 
 def abstract_variables(cfg) -> dict:
   """ShapeDtypeStructs of every variable, without allocating (jax.eval_shape)."""
   validate(cfg)
-  specs = param_specs(cfg)
+  specs, fspecs = _specs(cfg)
   params = jax.eval_shape(lambda k: nn.init(specs, k), jax.random.PRNGKey(0))
   stats = jax.eval_shape(lambda: init_stats(cfg))
-  return {"params": params, "frozen": {"embed": kronecker.frozen_abstract(cfg)}, "stats": stats}
+  frozen = {"embed": kronecker.frozen_abstract(cfg)}
+  if fspecs:
+    frozen.update(jax.eval_shape(lambda k: nn.init(fspecs, k), jax.random.PRNGKey(0)))
+  return {"params": params, "frozen": frozen, "stats": stats}
 
 
 def param_axes(cfg) -> dict:
   return nn.logical_axes(param_specs(cfg))
+
+
+def frozen_axes(cfg) -> dict:
+  """Logical axes of every frozen leaf (codec buffers or table, TQP bases)."""
+  emb = ({"table": ("vocab", "codec")} if cfg.model.embed.form == "table"
+         else {"bytes": ("vocab", None), "lengths": ("vocab",)})
+  return {"embed": emb, **nn.logical_axes(frozen_specs(cfg))}
 
 
 # ----------------------------------------------------------------------------- forward pieces

@@ -38,6 +38,19 @@ def test_moe_active_fraction_and_padding():
   assert "ffn" not in c["stored"] and c["stored"]["shared_experts"] > 0
 
 
+def test_stage_counts_match_spec():
+  from lightning_jax.config import load_config
+  c5 = counting.count_params(load_config("configs/stage_5b.py"))
+  assert round(c5["total_stored"] / 1e9, 1) == 3.5                  # SPEC: ~3.5B without MTP
+  c9 = counting.count_params(load_config("configs/stage_9b.py"))
+  assert round(c9["total_stored"] / 1e9, 1) == 7.9                  # SPEC: ~7.9B without MTP
+  c120 = counting.count_params(load_config("configs/stage_120b.py"))
+  assert c120["stored"]["routed_experts"] == 20 * 460 * 3 * 4096 * 1024     # 115.76B
+  assert round(c120["total_stored_no_adapters"] / 1e9, 2) == 118.67  # paper: 118.67B stored
+  assert round(c120["total_active_no_adapters"] / 1e9, 2) == 5.93    # paper: 5.93B active
+  assert round(c120["stored"]["tqp_adapters"] / 1e9, 2) == 2.26      # SPEC §4: 2.26B adapters
+
+
 def test_flops_per_token_dense_term():
   cfg = stage_2b.get_config()
   f = counting.flops_per_token(cfg, 4096, include_mtp=False)
