@@ -1,0 +1,234 @@
+"""Kernels vs XLA references vs named anchors on one GPU (docs/PERFORMANCE.md, "Kernels").
+
+    python -m benchmarks.kernels_bench [--small] [--only ceilings,delta,gsa] [--json out.json]
+
+ceilings  an 8192^3 bf16 matmul (TFLOP/s) and a 2 GiB device-to-device copy (bytes read + written)
+delta     gated delta rule, 32 heads x 128, bf16 q/k/v, float32 decay and beta, at B4 T4096 and
+          B2 T8192: the XLA chunked reference (layers/deltanet.py) forward and forward+backward,
+          its prep alone (everything but the recurrence), and the Pallas kernels
+          (kernels/delta_rule.py) for a few block/warp settings; plus the kernel's relative error
+          against the XLA path on the same inputs (output, final state, dq/dk/dv). Anchor: FLA
+          0.6.0 chunk_gated_delta_rule 4.60 ms fwd+bwd, 1.54 / 1.08 ms fwd (B4T4096 / B2T8192).
+gsa       attention core at T=8192, 16 heads x 256, bf16: layers.sparse_attention.sparse_attention
+          over a synthetic selection of 128 causal keys per query (k_max 256 slots, the rest -1),
+          modes gather and dense_masked, forward and forward+backward; vs
+          jax.nn.dot_product_attention(is_causal=True, implementation="cudnn") and "xla".
+          Anchor: cuDNN 4.39 ms fwd+bwd.
+Times: median of --iters runs after warm-up, host clock around blocking calls (each call is
+milliseconds, so the clock's overhead is small). --small runs the same code at toy shapes (CPU).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+RESULTS: dict = {}
+
+
+def bench(fn, args, iters=10, warmup=2):
+  f = jax.jit(fn)
+  t0 = time.perf_counter()
+  out = f(*args)
+  jax.block_until_ready(out)
+  first = time.perf_counter() - t0
+  for _ in range(warmup - 1):
+    jax.block_until_ready(f(*args))
+  ts = []
+  for _ in range(iters):
+    t = time.perf_counter()
+    jax.block_until_ready(f(*args))
+    ts.append(time.perf_counter() - t)
+  return float(np.median(ts)) * 1e3, first, out
+
+
+def record(name, ms, note="", **extra):
+  RESULTS[name] = {"ms": ms, "note": note, **extra}
+  print(f"{name:<58} {ms:9.3f} ms  {note}", flush=True)
+
+
+def guarded(name, fn):
+  try:
+    fn()
+  except Exception as e:  # noqa: BLE001 (report and go on: one failure must not lose the rest)
+    RESULTS[name] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+    print(f"{name:<58} FAILED {type(e).__name__}: {str(e)[:600]}", flush=True)
+    traceback.print_exc(limit=3)
+
+
+def _rel(a, b):
+  a = np.asarray(jnp.asarray(a, jnp.float32), np.float64)
+  b = np.asarray(jnp.asarray(b, jnp.float32), np.float64)
+  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+# ----------------------------------------------------------------------------- ceilings
+def ceilings(small):
+  n = 512 if small else 8192
+  k = jax.random.split(jax.random.PRNGKey(0), 2)
+  a = jax.random.normal(k[0], (n, n), jnp.bfloat16)
+  b = jax.random.normal(k[1], (n, n), jnp.bfloat16)
+  ms, _, _ = bench(lambda a, b: a @ b, (a, b), iters=20)
+  record(f"matmul bf16 {n}^3", ms, f"{2 * n ** 3 / ms / 1e9:.0f} TFLOP/s", tflops=2 * n**3 / ms / 1e9)
+  m = (1 << 20) if small else (1 << 30)
+  x = jax.random.normal(k[0], (m,), jnp.bfloat16)
+  ms, _, _ = bench(lambda x: x * 2, (x,), iters=20)
+  gbs = 2 * 2 * m / ms / 1e6
+  record(f"copy-scale {2 * m / 2**30:.2f} GiB", ms, f"{gbs:.0f} GB/s read+write", gbs=gbs)
+
+
+# ----------------------------------------------------------------------------- delta rule
+def delta_inputs(key, b, t, h, d):
+  ks = jax.random.split(key, 6)
+  unit = lambda a: a / jnp.linalg.norm(a, axis=-1, keepdims=True)
+  q = unit(jax.random.normal(ks[0], (b, t, h, d))).astype(jnp.bfloat16)
+  k = unit(jax.random.normal(ks[1], (b, t, h, d))).astype(jnp.bfloat16)
+  v = jax.random.normal(ks[2], (b, t, h, d)).astype(jnp.bfloat16)
+  la = -jax.nn.softplus(jax.random.normal(ks[3], (b, t, h)) - 2.0) * jax.random.uniform(
+      ks[4], (1, 1, h), minval=0.1, maxval=8.0)
+  la = jnp.maximum(la, np.log(1e-6)).astype(jnp.float32)
+  beta = jax.nn.sigmoid(jax.random.normal(ks[5], (b, t, h))).astype(jnp.float32)
+  return q, k, v, la, beta
+
+
+def delta(small, iters):
+  from lightning_jax.kernels import delta_rule as kdr
+  from lightning_jax.layers import deltanet as dn
+  shapes = [(2, 128, 4, 16)] if small else [(4, 4096, 32, 128), (2, 8192, 32, 128)]
+  settings = ([dict(block_v=8, block_v_bwd=8)] if small else
+              [dict(block_v=64, block_v_bwd=64, num_warps=4, num_warps_bwd=4),
+               dict(block_v=128, block_v_bwd=64, num_warps=8, num_warps_bwd=4),
+               dict(block_v=32, block_v_bwd=32, num_warps=4, num_warps_bwd=4)])
+  for si, (b, t, h, d) in enumerate(shapes):
+    tag = f"B{b}T{t}"
+    args = delta_inputs(jax.random.PRNGKey(t), b, t, h, d)
+    ct = jax.random.normal(jax.random.PRNGKey(1), (b, t, h, d), jnp.bfloat16)
+
+    def fwd(rule):
+      return lambda q, k, v, la, be: rule(q, k, v, la, be)[0]
+
+    def fwd_bwd(rule):
+      def f(q, k, v, la, be):
+        o, vjp = jax.vjp(lambda *a: rule(*a)[0], q, k, v, la, be)
+        return o, vjp(ct)
+      return f
+
+    xla = lambda *a: dn.chunk_gated_delta_rule(*a, chunk_size=64)
+    ref = {}
+
+    def run_xla():
+      ms, c, o = bench(fwd(xla), args, iters)
+      record(f"delta {tag} XLA chunked fwd", ms, f"(compile+first {c:.1f} s)")
+      ms, c, og = bench(fwd_bwd(xla), args, iters)
+      record(f"delta {tag} XLA chunked fwd+bwd", ms, f"(compile+first {c:.1f} s)")
+      ref["o"], ref["g"] = og
+    guarded(f"delta {tag} XLA", run_xla)
+
+    def run_prep():
+      def prep_f(q, k, v, la, be):
+        return kdr._prep(q, k, v, la, be, 64)
+      ms, _, _ = bench(prep_f, args, iters)
+      record(f"delta {tag} prep only fwd (XLA, f32)", ms)
+
+      def prep_fb(q, k, v, la, be):
+        out, vjp = jax.vjp(prep_f, q, k, v, la, be)
+        return vjp(jax.tree_util.tree_map(jnp.ones_like, out))
+      ms, _, _ = bench(prep_fb, args, iters)
+      record(f"delta {tag} prep only fwd+bwd (XLA, f32)", ms)
+    guarded(f"delta {tag} prep", run_prep)
+
+    for st in (settings if si == 0 else settings[:2]):
+      name = ",".join(f"{k}={v}" for k, v in st.items())
+
+      def run_kernel(st=st, name=name):
+        rule = lambda *a: kdr.chunk_gated_delta_rule(*a, chunk_size=64, **st)
+        ms, c, o = bench(fwd(rule), args, iters)
+        record(f"delta {tag} kernel fwd [{name}]", ms, f"(compile+first {c:.1f} s)")
+        ms, c, (o2, g) = bench(fwd_bwd(rule), args, iters)
+        errs = {}
+        if "o" in ref:
+          errs = {"o": _rel(o2, ref["o"]), "dq": _rel(g[0], ref["g"][0]),
+                  "dk": _rel(g[1], ref["g"][1]), "dv": _rel(g[2], ref["g"][2]),
+                  "dlog_alpha": _rel(g[3], ref["g"][3]), "dbeta": _rel(g[4], ref["g"][4])}
+        record(f"delta {tag} kernel fwd+bwd [{name}]", ms,
+               "rel err vs XLA " + " ".join(f"{k}={v:.1e}" for k, v in errs.items()),
+               errors=errs)
+      guarded(f"delta {tag} kernel [{name}]", run_kernel)
+
+
+# ----------------------------------------------------------------------------- GSA
+def gsa(small, iters):
+  from lightning_jax.layers import sparse_attention as sa
+  b, t, h, d, kb, kmax, qc = (1, 256, 2, 32, 16, 32, 64) if small else (1, 8192, 16, 256, 128,
+                                                                         256, 512)
+  ks = jax.random.split(jax.random.PRNGKey(5), 5)
+  q, k, v = (jax.random.normal(ks[i], (b, t, h, d), jnp.bfloat16) for i in range(3))
+  ct = jax.random.normal(ks[3], (b, t, h, d), jnp.bfloat16)
+  pos = jnp.arange(t)[:, None]
+  u = jax.random.uniform(ks[4], (b, t, kb))
+  sel = jnp.floor(u * (pos + 1)).astype(jnp.int32)                  # causal random keys
+  sel = sel.at[..., 0].set(pos[:, 0])                                 # the query's own key
+  sel = jnp.concatenate([sel, -jnp.ones((b, t, kmax - kb), jnp.int32)], axis=-1)
+  flops_sparse = 4 * b * t * h * d * kb
+  flops_dense = 4 * b * h * d * t * t / 2
+
+  def fb(f):
+    def g(q, k, v):
+      o, vjp = jax.vjp(f, q, k, v)
+      return o, vjp(ct)
+    return g
+
+  for mode in ("gather", "dense_masked"):
+    def run(mode=mode):
+      f = lambda q, k, v: sa.sparse_attention(q, k, v, sel, qc, mode)
+      ms, c, _ = bench(f, (q, k, v), iters)
+      record(f"gsa T{t} {mode} fwd", ms, f"useful {flops_sparse / ms / 1e9:.0f} TFLOP/s")
+      ms, c, _ = bench(fb(f), (q, k, v), iters)
+      record(f"gsa T{t} {mode} fwd+bwd", ms, f"useful {3.5 * flops_sparse / ms / 1e9:.0f} TFLOP/s"
+             " (bwd counted 2.5x fwd)")
+    guarded(f"gsa {mode}", run)
+  for impl in ("cudnn", "xla"):
+    def run(impl=impl):
+      f = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                                       implementation=impl)
+      ms, _, _ = bench(f, (q, k, v), iters)
+      record(f"dense causal T{t} {impl} fwd", ms, f"{flops_dense / ms / 1e9:.0f} TFLOP/s")
+      ms, _, _ = bench(fb(f), (q, k, v), iters)
+      record(f"dense causal T{t} {impl} fwd+bwd", ms,
+             f"{3.5 * flops_dense / ms / 1e9:.0f} TFLOP/s (bwd counted 2.5x fwd)")
+    guarded(f"dense {impl}", run)
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--small", action="store_true")
+  ap.add_argument("--only", default="ceilings,delta,gsa")
+  ap.add_argument("--iters", type=int, default=10)
+  ap.add_argument("--json", default="")
+  a = ap.parse_args(argv)
+  dev = jax.devices()[0]
+  head = (f"# {datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC  {dev.device_kind}  "
+          f"{platform.node()}  jax {jax.__version__}")
+  print(head, flush=True)
+  RESULTS["_meta"] = {"header": head}
+  parts = a.only.split(",")
+  if "ceilings" in parts:
+    guarded("ceilings", lambda: ceilings(a.small))
+  if "delta" in parts:
+    delta(a.small, a.iters)
+  if "gsa" in parts:
+    gsa(a.small, a.iters)
+  if a.json:
+    with open(a.json, "w") as f:
+      json.dump(RESULTS, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
