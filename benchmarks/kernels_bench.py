@@ -104,8 +104,8 @@ def delta(small, iters):
   shapes = [(2, 128, 4, 16)] if small else [(4, 4096, 32, 128), (2, 8192, 32, 128)]
   settings = ([dict(block_v=8, block_v_bwd=8)] if small else
               [dict(block_v=64, block_v_bwd=64, num_warps=4, num_warps_bwd=4),
-               dict(block_v=128, block_v_bwd=64, num_warps=8, num_warps_bwd=4),
-               dict(block_v=32, block_v_bwd=32, num_warps=4, num_warps_bwd=4)])
+               dict(block_v=64, block_v_bwd=128, num_warps=4, num_warps_bwd=8),
+               dict(block_v=128, block_v_bwd=128, num_warps=8, num_warps_bwd=8)])
   for si, (b, t, h, d) in enumerate(shapes):
     tag = f"B{b}T{t}"
     args = delta_inputs(jax.random.PRNGKey(t), b, t, h, d)

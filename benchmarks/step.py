@@ -182,6 +182,7 @@ def time_step(cfg, mesh, steps: int, seed: int = 0) -> dict:
     lowered = step.lower(state, {"ids": ids})
     compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
+    print(f"step compiled in {compile_s:.1f} s", flush=True)
     holder = {"state": state}
 
     def run():
@@ -214,7 +215,11 @@ def _vjp_timer(f, primals, steps: int, key):
   def fb(prims, ct):
     out, vjp = jax.vjp(f, *prims)
     return vjp(ct)
-  return _median_time(fb, (primals, ct), steps)[0]
+  t0 = time.perf_counter()
+  ms = _median_time(fb, (primals, ct), steps)[0]
+  print(f"  isolated fwd+bwd {getattr(f, '__name__', 'fn')}: {ms * 1e3:.2f} ms "
+        f"(with compile {time.perf_counter() - t0:.1f} s)", flush=True)
+  return ms
 
 
 def breakdown(cfg, mesh, steps: int, seed: int = 0) -> dict:

@@ -94,3 +94,14 @@ def test_delta_rule_kernel_config_selection_and_bad_input(caplog):
     dn._delta_rule(cfg, *args[:5])
   with pytest.raises(ValueError, match="block_v=3 must be a power of two"):
     kdr.chunk_gated_delta_rule(*args[:5], chunk_size=32, block_v=3, interpret=True)
+
+
+def test_unit_lower_inverse_matches_numpy():
+  seed = _seed()
+  rng = np.random.default_rng(seed)
+  for c in (1, 16, 64):
+    a = np.tril(rng.uniform(-1, 1, (3, c, c)), -1).astype(np.float32)
+    ref = np.linalg.inv(np.eye(c) + a.astype(np.float64))
+    got = np.asarray(kdr.unit_lower_inverse(a))
+    err = np.abs(got - ref).max() / np.abs(ref).max()
+    assert err <= 1e-5, f"seed={seed} C={c} max rel err {err}"

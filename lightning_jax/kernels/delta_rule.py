@@ -204,6 +204,40 @@ _recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
 
 
 # ----------------------------------------------------------------------------- prep + wrapper
+def unit_lower_inverse(a, block: int = 16, precision=jax.lax.Precision.HIGHEST):
+  """(I + a)^-1 for strictly lower-triangular a [..., C, C] (C a power of two), by matmuls only.
+
+  Diagonal blocks of `block` rows: I + D with D nilpotent of order `block`, so
+  (I + D)^-1 = (I - D)(I + D^2)(I + D^4)... exactly (log2(block) factors). Then blocks are merged
+  pairwise: with X the inverse of the block-diagonal part at size s and O the off-diagonal
+  s-blocks inside each 2s-block, (X^-1 + O)^-1 = X - X O X exactly (O X O = 0). Entries of D^m
+  stay bounded by binomial(block-1, m) for |a| <= 1 (|beta| < 1, decay <= 1, |k| = 1), which is
+  why the power series is confined to small blocks. Replaces a batched triangular solve (slow on
+  GPUs for many small systems) with ~10 batched C x C matmuls.
+  """
+  c = a.shape[-1]
+  b = min(int(block), c)
+  pos = jnp.arange(c)
+  eye = jnp.eye(c, dtype=a.dtype)
+  mm = lambda x, y: jnp.matmul(x, y, precision=precision)
+  same = (pos[:, None] // b) == (pos[None, :] // b)
+  x = -jnp.where(same, a, 0.0)
+  inv = eye + x
+  p = x
+  s = 2
+  while s < b:
+    p = mm(p, p)
+    inv = inv + mm(inv, p)
+    s *= 2
+  s = b
+  while s < c:
+    off = ((pos[:, None] // s) != (pos[None, :] // s)) & \
+          ((pos[:, None] // (2 * s)) == (pos[None, :] // (2 * s)))
+    inv = inv - mm(inv, mm(jnp.where(off, a, 0.0), inv))
+    s *= 2
+  return inv
+
+
 def _prep(q, k, v, log_alpha, beta, c):
   """Chunk quantities in float32: W, Uv, P, Qg, Kd [B, H, N, C, .], ge [B, H, N]."""
   bsz, t, h, dk = q.shape
@@ -225,10 +259,9 @@ def _prep(q, k, v, log_alpha, beta, c):
   a_mat = jnp.where(strict, bc[..., :, None] * decay * jnp.einsum("...td,...sd->...ts", kc, kc),
                     0.0)
   gamma = jnp.exp(g)
-  rhs = jnp.concatenate([kc * (bc * gamma)[..., None], vc * bc[..., None]], axis=-1)
-  sol = jax.scipy.linalg.solve_triangular(a_mat + jnp.eye(c, dtype=F32), rhs, lower=True,
-                                          unit_diagonal=True)
-  w, uv = sol[..., :dk], sol[..., dk:]
+  t_inv = unit_lower_inverse(a_mat)
+  w = jnp.einsum("...ts,...sd->...td", t_inv, kc * (bc * gamma)[..., None])
+  uv = jnp.einsum("...ts,...sd->...td", t_inv, vc * bc[..., None])
   p = decay * jnp.einsum("...td,...sd->...ts", qc, kc)
   qg = qc * gamma[..., None]
   kd = kc * jnp.exp(g[..., -1:] - g)[..., None]
