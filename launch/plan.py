@@ -61,15 +61,15 @@ def build(cfg, mesh):
   from lightning_jax.layers import kronecker
 
   specs = model.param_specs(cfg)
-  frozen_specs = {}
+  frozen_specs = model.frozen_specs(cfg) if hasattr(model, "frozen_specs") else {}
   if cfg.tqp.enabled and any("experts" in n for _, n in tqp._moe_nodes(specs)):
-    specs, frozen_specs = tqp.tqp_specs(specs, cfg)
+    specs, frozen_specs = tqp.tqp_specs(specs, cfg)     # a model without the TQP layout
   params = nn.abstract(specs)
   p_shard = sharding.tree_shardings(mesh, nn.logical_axes(specs), params)
   rep = NamedSharding(mesh, P())
   f_abs = {"embed": kronecker.frozen_abstract(cfg)}
   f_shard = {"embed": jax.tree.map(lambda _: rep, f_abs["embed"])}
-  if frozen_specs:
+  if frozen_specs:     # TQP bases: split over the expert axis like the experts they replace
     q_abs = nn.abstract(frozen_specs)
     q_shard = sharding.tree_shardings(mesh, nn.logical_axes(frozen_specs), q_abs)
     f_abs, f_shard = tqp.merge_frozen(f_abs, q_abs), tqp.merge_frozen(f_shard, q_shard)
