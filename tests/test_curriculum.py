@@ -361,3 +361,15 @@ def test_stage_configs_and_tiny_pools(data):
   c.train.seq_len, c.train.global_batch = 16, 4
   c.data.use_pools = False
   assert isinstance(P.make_train_loader(c, data["dir"], rank=0, num_ranks=1), pipeline.Loader)
+
+
+def test_resume_check_ignores_stage_weights_only():
+  from configs import stage_2b
+  a = stage_2b.get_config().data.to_dict()
+  b = json.loads(json.dumps(a))
+  for n, w in W_9B.items():
+    b["pools"]["always_on" if n == "AO" else n]["weight"] = w
+  b["always_on_fraction"] = 0.3
+  assert a != b and P.without_stage_fields(a) == P.without_stage_fields(b)
+  b["pools"]["D1"]["domains"] = "web"
+  assert P.without_stage_fields(a) != P.without_stage_fields(b)

@@ -607,6 +607,16 @@ def make_train_loader(cfg, data_dir, manifest=None, *, rank=None, num_ranks=None
                                cfg.data.seed, manifest=manifest)
 
 
+def without_stage_fields(data_section: Mapping) -> dict:
+  """`cfg.data` as a dict without what a new stage may change on resume (pool weights and
+  always_on_fraction), for a resume check that compares the saved and current data sections."""
+  d = {k: v for k, v in dict(data_section).items() if k != "always_on_fraction"}
+  if isinstance(d.get("pools"), Mapping):
+    d["pools"] = {n: {k: v for k, v in dict(p).items() if k != "weight"}
+                  for n, p in dict(d["pools"]).items()}
+  return d
+
+
 def eval_batches(pools: Sequence[Pool], seq_len: int, batch: int, n_batches: int) -> dict:
   """Fixed held-out batches per domain (per pool for `shards` pools): the first windows of its
   held-out shards in path order, like pipeline.eval_batches. {key: [int32 [b, seq_len + 2]]}."""
