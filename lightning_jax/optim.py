@@ -4,7 +4,8 @@
   (train.steps > 0 overrides).
 * Schedule: linear warmup from `optim.start_lr` (or, when `optim.start_from` names a previous
   stage's config file, that stage's end LR) to `optim.peak_lr` over `optim.warmup_steps`, then
-    cosine    -> peak / decay_ratio at the last step,
+    cosine    -> peak / decay_ratio at the end of the budget (step = steps, as the reference's
+                 staged scheduler: progress = (step - warmup) / (steps - warmup)),
     wsd       -> hold peak for `stable_fraction` of the post-warmup steps, then decay linearly
                  to peak / decay_ratio (warmup-stable-decay),
     constant  -> hold peak.
@@ -90,10 +91,10 @@ def make_schedule(cfg, steps: int | None = None):
     if o.schedule == "constant":
       after = jnp.full_like(s, peak)
     elif o.schedule == "cosine":
-      frac = jnp.clip((s - warm) / max(rest - 1, 1), 0.0, 1.0)
+      frac = jnp.clip((s - warm) / rest, 0.0, 1.0)
       after = lr_end + (peak - lr_end) * 0.5 * (1.0 + jnp.cos(math.pi * frac))
     else:
-      frac = jnp.clip((s - warm - stable) / max(rest - stable - 1, 1), 0.0, 1.0)
+      frac = jnp.clip((s - warm - stable) / max(rest - stable, 1), 0.0, 1.0)
       after = peak + (lr_end - peak) * frac
     return jnp.where(s < warm, w, after)
   return sched

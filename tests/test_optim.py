@@ -28,10 +28,10 @@ def _ref_lr(step, steps, lr0, peak, warm, kind, ratio, stable_frac):
   if kind == "constant":
     return peak
   if kind == "cosine":
-    frac = min(max((step - warm) / max(rest - 1, 1), 0), 1)
+    frac = min(max((step - warm) / rest, 0), 1)
     return end + (peak - end) * 0.5 * (1 + math.cos(math.pi * frac))
   stable = round(stable_frac * rest)
-  frac = min(max((step - warm - stable) / max(rest - stable - 1, 1), 0), 1)
+  frac = min(max((step - warm - stable) / max(rest - stable, 1), 0), 1)
   return peak + (end - peak) * frac
 
 
@@ -48,12 +48,12 @@ def test_schedule_matches_reference(kind):
   assert optim.total_steps(c) == steps
   s = optim.make_schedule(c)
   o = c.optim
-  pts = [0, warm - 1, warm, steps - 1] + rng.integers(0, steps, 20).tolist()
+  pts = [0, warm - 1, warm, steps - 1, steps] + rng.integers(0, steps, 20).tolist()
   for t in pts:
     want = _ref_lr(t, steps, o.start_lr, o.peak_lr, warm, kind, o.decay_ratio, o.stable_fraction)
     assert abs(float(s(t)) - want) <= 1e-6 * o.peak_lr, (kind, t, float(s(t)), want, seed)
   if kind != "constant":
-    assert abs(float(s(steps - 1)) - o.peak_lr / o.decay_ratio) < 1e-6 * o.peak_lr, seed
+    assert abs(float(s(steps)) - o.peak_lr / o.decay_ratio) < 1e-6 * o.peak_lr, seed
   if kind == "wsd":
     mid = warm + round(o.stable_fraction * (steps - warm)) - 1
     assert float(s(mid)) == pytest.approx(o.peak_lr, rel=1e-6), seed

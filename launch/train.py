@@ -1,0 +1,545 @@
+"""Train LightningLM: `python -m launch.train --config=configs/tiny.py [--config.optim.peak_lr=3e-3]`.
+
+Flags: --config (ml_collections config file; any field overrides as --config.section.field=...),
+--workdir (run directory; default runs/<stage>), --fallback_to_previous (resume from the newest
+READABLE checkpoint when the newest one is torn; otherwise that is an error), --stop_after
+(stop, with a checkpoint, after this many steps of this invocation: the schedule still spans the
+whole budget), --no_progress.
+
+Restarting the same command in the same run directory resumes from the newest complete
+checkpoint: parameters, optimizer state, running statistics, step and the data loader's position.
+
+Run directory: checkpoints/<step>/, metrics.jsonl, tb/ (TensorBoard), data/ (shards prepared
+from data.build_from when data.path is empty), plots/ (launch.plot).
+
+The train step (one jit with explicit in/out shardings):
+  parameters replicated over (data, expert) except expert axes (sharding.RULES), the batch split
+  over ("data", "expert"), optimizer state ZeRO-1 (sharding.zero1_sharding); the global batch is
+  split into micro-batches of train.micro_batch sequences per device and the gradients are
+  accumulated with lax.scan; AdamW (lightning_jax.optim); then model.update_stats. A step whose
+  loss or gradient norm is not finite does not change the state, and the run stops naming the
+  step; the last checkpoint written stays as it was.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+import pathlib
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from lightning_jax import checkpoint as ckpt_lib
+from lightning_jax import metrics as metrics_lib
+from lightning_jax import optim, sharding
+from lightning_jax.config import ConfigError, validate
+from lightning_jax.data import pipeline, shards
+
+BATCH_AXES = ("data", "expert")
+
+
+class TrainingStopped(RuntimeError):
+  """The run stopped on a non-finite loss; the message names the step."""
+
+
+# ----------------------------------------------------------------------------- config checks
+def check_train_config(cfg, n_batch_shards: int) -> int:
+  """Validate the train section against the mesh; returns gradient-accumulation steps."""
+  t = cfg.train
+  if t.seq_len < 1:
+    raise ConfigError(f"train.seq_len={t.seq_len} must be positive.")
+  if t.micro_batch < 0:
+    raise ConfigError(f"train.micro_batch={t.micro_batch} must be >= 1 sequence per device (or 0: "
+                      f"no gradient accumulation).")
+  if t.micro_batch == 0:          # no accumulation: the whole global batch in one forward
+    if t.global_batch < n_batch_shards or t.global_batch % n_batch_shards:
+      raise ConfigError(f"train.global_batch={t.global_batch} must be a positive multiple of the "
+                        f"{n_batch_shards} batch shards (mesh data x expert).")
+    return 1
+  micro_global = t.micro_batch * n_batch_shards
+  if t.global_batch < 1 or t.global_batch % micro_global:
+    raise ConfigError(
+        f"train.global_batch={t.global_batch} must be a positive multiple of train.micro_batch="
+        f"{t.micro_batch} x {n_batch_shards} batch shards (mesh data x expert) = {micro_global}.")
+  if t.eval_every > 0 and (t.eval_batch < 1 or t.eval_batch % n_batch_shards):
+    raise ConfigError(f"train.eval_batch={t.eval_batch} must be a positive multiple of the "
+                      f"{n_batch_shards} batch shards (mesh data x expert).")
+  return t.global_batch // micro_global
+
+
+# ----------------------------------------------------------------------------- data
+def resolve_data(cfg, workdir: pathlib.Path, log=print) -> tuple[str, dict]:
+  d = cfg.data
+  path = d.path
+  if not path:
+    if not d.build_from:
+      raise ConfigError("data.path is empty and data.build_from is empty; expected a shard "
+                        "directory (python -m launch.prepare_data) or raw text to build from.")
+    path = str(workdir / "data")
+  p = pathlib.Path(path)
+  if not (p / shards.MANIFEST).exists() and d.build_from:
+    src = pathlib.Path(d.build_from)
+    if not src.exists():
+      raise shards.DataError(f"data.build_from={d.build_from} does not exist; expected a "
+                             f"directory of .txt/.jsonl files.")
+    log(f"preparing shards from {src} into {p} (id order {d.id_order}) ...")
+    shards.prepare([str(src)], str(p), id_order=d.id_order, val_fraction=d.val_fraction,
+                   seed=d.seed, log=log)
+  manifest = shards.load_manifest(p)
+  return str(p), manifest
+
+
+def apply_data_vocab(cfg, manifest, data_dir):
+  v = int(manifest["vocab_size"])
+  if cfg.data.vocab_from_data:
+    with cfg.unlocked() if hasattr(cfg, "unlocked") else _null():
+      cfg.model.vocab_size = v
+  elif v > cfg.model.vocab_size:
+    raise ConfigError(f"the data in {data_dir} uses {v} token ids but model.vocab_size="
+                      f"{cfg.model.vocab_size}; expected vocab_size >= the data's vocabulary "
+                      f"(or data.vocab_from_data=True).")
+
+
+class _null:
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *a):
+    return False
+
+
+def make_data(cfg, data_dir, manifest):
+  """(train loader, held-out batches per domain). The pool mixture (data.use_pools) when the
+  data-curriculum module is present, else the single-source grain window pipeline."""
+  try:
+    from lightning_jax.data import pools
+  except ImportError:
+    pools = None
+  if pools is not None and hasattr(pools, "make_train_loader"):
+    loader = pools.make_train_loader(cfg, data_dir, manifest)
+  else:
+    loader = pipeline.train_loader(data_dir, cfg.train.seq_len, cfg.train.global_batch,
+                                   cfg.data.seed, manifest=manifest)
+  evals = {}
+  if cfg.train.eval_every > 0:
+    if pools is not None and cfg.data.get("use_pools", False):
+      evals = pools.eval_batches_from_config(cfg, data_dir, manifest)
+    else:
+      evals = pipeline.eval_batches(data_dir, cfg.train.seq_len, cfg.train.eval_batch,
+                                    cfg.train.eval_batches, manifest=manifest)
+  return loader, evals
+
+
+# ----------------------------------------------------------------------------- shardings
+def _keys(path):
+  return [str(getattr(p, "key", getattr(p, "idx", getattr(p, "name", p)))) for p in path]
+
+
+def opt_state_shardings(mesh, opt_abstract, param_shardings):
+  """ZeRO-1: each moment leaf takes its parameter's sharding plus a split over free batch axes."""
+  by_path = {}
+  for path, s in jax.tree_util.tree_flatten_with_path(param_shardings)[0]:
+    by_path[tuple(_keys(path))] = s
+  rep = NamedSharding(mesh, P())
+
+  def one(path, leaf):
+    # the parameter path is the trailing run of dict keys
+    tail = []
+    for p in reversed(path):
+      if isinstance(p, jax.tree_util.DictKey):
+        tail.append(str(p.key))
+      else:
+        break
+    tail = tuple(reversed(tail))
+    for k in range(len(tail)):
+      s = by_path.get(tail[k:])
+      if s is not None:
+        return sharding.zero1_sharding(mesh, s, leaf.shape)
+    return rep
+  return jax.tree_util.tree_map_with_path(one, opt_abstract)
+
+
+# ----------------------------------------------------------------------------- the step
+def make_train_step(cfg, tx, accum: int, model, mesh):
+  """(state, batch) -> (state, metrics). state: params, frozen, stats, opt_state, step."""
+  micro_spec = P(None, BATCH_AXES, None)
+
+  def grads_of(params, frozen, stats, ids):
+    def f(p):
+      return model.loss_fn(p, frozen, stats, {"ids": ids}, cfg)
+    (total, m), g = jax.value_and_grad(f, has_aux=True)(params)
+    return total, m, g
+
+  def step_fn(state, batch):
+    params, frozen, stats = state["params"], state["frozen"], state["stats"]
+    ids = batch["ids"]
+    g_rows = ids.shape[0]
+    mb = g_rows // accum
+    # row r = i * accum + a -> micro-batch a: every device keeps its rows of every micro-batch
+    micro = ids.reshape(mb, accum, ids.shape[1]).swapaxes(0, 1)
+    micro = jax.lax.with_sharding_constraint(micro, NamedSharding(mesh, micro_spec))
+
+    def body(carry, mids):
+      gsum, lsum = carry
+      total, m, g = grads_of(params, frozen, stats, mids)
+      gsum = jax.tree_util.tree_map(jnp.add, gsum, g)
+      scal = {"total": total, "loss": m["loss"], "ce_mtp": m["ce_mtp"], "aux": m["aux"]}
+      lsum = jax.tree_util.tree_map(jnp.add, lsum, scal)
+      return (gsum, lsum), m["step_stats"]
+
+    zeros_g = jax.tree_util.tree_map(jnp.zeros_like, params)
+    zeros_l = {k: jnp.zeros((), jnp.float32) for k in ("total", "loss", "ce_mtp", "aux")}
+    (gsum, lsum), step_stats = jax.lax.scan(body, (zeros_g, zeros_l), micro)
+    grads = jax.tree_util.tree_map(lambda g: g / accum, gsum)
+    scal = {k: v / accum for k, v in lsum.items()}
+    step_stats = jax.tree_util.tree_map(lambda s: jnp.mean(s, axis=0), step_stats)
+    grad_norm = (optax.tree.norm(grads) if hasattr(optax, "tree") and hasattr(optax.tree, "norm")
+                 else optax.global_norm(grads))
+    updates, new_opt = tx.update(grads, state["opt_state"], params)
+    new_params = optax.apply_updates(params, updates)
+    new_stats = model.update_stats(cfg, stats, step_stats)
+    ok = jnp.isfinite(scal["total"]) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)
+    out = {"params": keep(new_params, params), "frozen": frozen,
+           "stats": keep(new_stats, stats), "opt_state": keep(new_opt, state["opt_state"]),
+           "step": state["step"] + ok.astype(state["step"].dtype)}
+    scal["grad_norm"] = grad_norm
+    scal["finite"] = ok
+    return out, scal
+  return step_fn
+
+
+def make_eval_step(cfg, model):
+  """(state, ids [n_batches, batch, seq_len + 2]) -> CE_next per batch, one compiled loop."""
+  def eval_fn(state, stacked):
+    def one(ids):
+      _, m = model.loss_fn(state["params"], state["frozen"], state["stats"], {"ids": ids}, cfg)
+      return m["loss"]
+    return jax.lax.map(one, stacked)
+  return eval_fn
+
+
+_JIT_CACHE: dict = {}
+
+
+def _cached_jit(key, build):
+  if key not in _JIT_CACHE:
+    _JIT_CACHE[key] = build()
+  return _JIT_CACHE[key]
+
+
+# ----------------------------------------------------------------------------- training
+def train(cfg, workdir, *, fallback_to_previous: bool = False, stop_after: int = 0,
+          progress: bool = True, log=print, model=None, debug_poison_step: int = -1,
+          checkpointing: bool = True) -> dict:
+  """Run (or resume) training; returns a summary dict (also the last line of metrics.jsonl)."""
+  if model is None:
+    from lightning_jax import model
+  t_start = time.perf_counter()
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  cfg = cfg.copy_and_resolve_references() if hasattr(cfg, "copy_and_resolve_references") else cfg
+  data_dir, manifest = resolve_data(cfg, workdir, log)
+  apply_data_vocab(cfg, manifest, data_dir)
+  validate(cfg)
+  mesh = sharding.make_mesh(cfg.mesh)
+  n_batch = mesh.shape["data"] * mesh.shape["expert"]
+  accum = check_train_config(cfg, n_batch)
+  steps_total = optim.total_steps(cfg)
+  tps = optim.tokens_per_step(cfg)
+
+  # ---- abstract state and shardings
+  abstract = model.abstract_variables(cfg)
+  p_shard = sharding.tree_shardings(mesh, model.param_axes(cfg), abstract["params"])
+  rep = NamedSharding(mesh, P())
+  tx, sched = optim.make_optimizer(cfg, abstract["params"], steps_total)
+  opt_abs = jax.eval_shape(tx.init, abstract["params"])
+  o_shard = opt_state_shardings(mesh, opt_abs, p_shard)
+  state_abs = {"params": abstract["params"], "frozen": abstract["frozen"],
+               "stats": abstract["stats"], "opt_state": opt_abs,
+               "step": jax.ShapeDtypeStruct((), jnp.int32)}
+  state_shard = {"params": p_shard,
+                 "frozen": jax.tree_util.tree_map(lambda _: rep, abstract["frozen"]),
+                 "stats": jax.tree_util.tree_map(lambda _: rep, abstract["stats"]),
+                 "opt_state": o_shard, "step": rep}
+  batch_shard = NamedSharding(mesh, P(BATCH_AXES, None))
+
+  # ---- data
+  loader, evals = make_data(cfg, data_dir, manifest)
+  eval_names, eval_stack = [], None
+  for dom, bs in evals.items():
+    full = [b for b in bs if b.shape[0] == cfg.train.eval_batch]
+    if not full:
+      log(f"note: held-out set {dom!r} has fewer than train.eval_batch={cfg.train.eval_batch} "
+          f"windows of seq_len + 2 tokens; it is not evaluated.")
+    eval_names += [dom] * len(full)
+    evals[dom] = full
+  if eval_names:
+    eval_stack = np.stack([b for bs in evals.values() for b in bs])
+
+  # ---- checkpoints: resume or init
+  cfg_json = ckpt_lib.config_to_json(cfg)
+  ckey = (json.dumps(cfg_json, sort_keys=True), tuple(d.id for d in mesh.devices.flat), accum,
+          id(model))
+  ck = ckpt_lib.Checkpointer(workdir / "checkpoints", cfg.checkpoint)
+  restored = None
+  if checkpointing:
+    restored = ck.restore_latest(ckpt_lib.abstract_with_shardings(state_abs, state_shard),
+                                 fallback_to_previous=fallback_to_previous, log=log)
+  else:
+    log("checkpointing is off (--no_checkpoint): nothing is restored or saved.")
+  if restored is not None:
+    _check_same_run(restored["config"], cfg_json, ck.step_dir(restored["step"]))
+    state = restored["state"]
+    loader.set_state(restored["loader"])
+    start = int(restored["step"])
+    log(f"resuming from {ck.step_dir(start)} (step {start}); data loader at "
+        f"{restored['loader'].get('iterator')}")
+  else:
+    start = 0
+    token_bytes = shards.token_bytes(data_dir)
+    from lightning_jax.layers import kronecker
+    codec = kronecker.codec_from_tokenizer(token_bytes, cfg)
+    key = jax.random.PRNGKey(cfg.train.seed)
+    ikey = ("init", hashlib.sha256(b"\0".join(token_bytes)).hexdigest()) + ckey
+    init_jit = _cached_jit(ikey, lambda: jax.jit(
+        lambda k: model.init_variables(cfg, k, codec),
+        out_shardings={"params": p_shard, "frozen": state_shard["frozen"],
+                       "stats": state_shard["stats"]}))
+    opt_init_jit = _cached_jit(("opt_init",) + ckey, lambda: jax.jit(tx.init,
+                                                                   out_shardings=o_shard))
+    with sharding.use_mesh(mesh):
+      var = init_jit(key)
+      opt_state = opt_init_jit(var["params"])
+    state = {**var, "opt_state": opt_state, "step": jax.device_put(jnp.int32(0), rep)}
+
+  # ---- compiled functions (cached per config within a process: tests resume in-process)
+  step_jit = _cached_jit(("train",) + ckey, lambda: jax.jit(
+      make_train_step(cfg, tx, accum, model, mesh), in_shardings=(state_shard, {"ids": batch_shard}),
+      out_shardings=(state_shard, rep), donate_argnums=(0,)))
+  eval_jit = _cached_jit(("eval",) + ckey, lambda: jax.jit(
+      make_eval_step(cfg, model), in_shardings=(state_shard, NamedSharding(mesh, P(None, BATCH_AXES,
+                                                                              None))),
+      out_shardings=rep))
+
+  # ---- metrics
+  fpt, fpt_note = metrics_lib.model_flops_per_token(cfg, abstract["params"])
+  peak, peak_note = metrics_lib.peak_flops(mesh.devices.flat, cfg.model.dtype)
+  thr = metrics_lib.Throughput(fpt, peak)
+  logger = metrics_lib.Logger(workdir)
+  log(f"MFU: model FLOPs/token {fpt:.4g} ({fpt_note}); {peak_note}")
+  log(f"run {workdir}: {steps_total} steps x {tps} tokens (global_batch {cfg.train.global_batch}"
+      f" x seq_len {cfg.train.seq_len}; {accum} micro-batches of {cfg.train.micro_batch}/device "
+      f"on mesh {dict(mesh.shape)}); vocabulary {cfg.model.vocab_size}")
+  logger.note(peak_note)
+
+  eval_shard = NamedSharding(mesh, P(None, BATCH_AXES, None))
+
+  def run_eval(step):
+    out = {}
+    if eval_stack is None:
+      return out
+    with sharding.use_mesh(mesh):
+      vals = np.asarray(jax.device_get(eval_jit(state, jax.device_put(eval_stack, eval_shard))))
+    for dom in dict.fromkeys(eval_names):
+      out[f"val/{dom}"] = float(np.mean([v for n, v in zip(eval_names, vals) if n == dom]))
+    if out:
+      out["val/mean"] = float(np.mean(list(out.values())))
+      logger.write(step, out)
+    return out
+
+  def save(step, meta):
+    if checkpointing:
+      ck.save(step, state, loader.get_state(), cfg_json, meta)
+
+  history, first_eval, last_eval = [], None, None
+  if eval_stack is not None and start == 0:
+    first_eval = run_eval(0)
+    log(f"held-out loss at step 0: {first_eval['val/mean']:.4f}")
+  end = steps_total if stop_after <= 0 else min(steps_total, start + stop_after)
+  bar = None
+  if progress:
+    from tqdm import tqdm
+    bar = tqdm(total=steps_total, initial=start, dynamic_ncols=True, file=sys.stderr)
+  stopped = None
+  step = start
+  thr.reset()
+  try:
+    for step in range(start, end):
+      batch = next(loader)
+      if step == debug_poison_step:      # fault injection for the NaN-stop test
+        state["params"] = jax.tree_util.tree_map(lambda a: a * jnp.nan, state["params"])
+      with sharding.use_mesh(mesh):
+        state, m = step_jit(state, {"ids": jax.device_put(batch["ids"], batch_shard)})
+      m = jax.device_get(m)
+      rec = {k: float(v) for k, v in m.items() if k != "finite"}
+      if not bool(m["finite"]):
+        last = ck.steps()
+        stopped = (f"non-finite loss at step {step + 1} (loss={rec['loss']}, grad_norm="
+                   f"{rec['grad_norm']}); stopping without applying it. Last good checkpoint: "
+                   f"{ck.step_dir(last[-1]) if last else 'none yet'} (left intact).")
+        logger.write(step + 1, {**rec, "stopped": stopped})
+        break
+      rec["lr"] = float(sched(step))
+      rec.update(thr.tick(tps))
+      rec["tokens"] = (step + 1) * tps
+      history.append((step + 1, rec["loss"]))
+      logger.write(step + 1, rec)
+      if bar is not None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}",
+                        mfu=f"{rec['mfu']:.2%}" if rec["mfu"] == rec["mfu"] else "n/a")
+      elif (step + 1) % cfg.train.log_every == 0:
+        log(f"step {step + 1}: loss {rec['loss']:.4f} lr {rec['lr']:.3g} "
+            f"{rec['tokens_per_s']:.0f} tok/s")
+      done = step + 1
+      if eval_stack is not None and done % cfg.train.eval_every == 0 and done < end:
+        last_eval = run_eval(done)
+        thr.reset()
+      if checkpointing and ck.due(done) and done < end:
+        save(done, {"loss": rec["loss"], "lr": rec["lr"], "tokens": rec["tokens"]})
+        thr.reset()
+  finally:
+    if bar is not None:
+      bar.close()
+  if stopped is not None:
+    ck.close()
+    logger.close()
+    raise TrainingStopped(stopped)
+  final = int(jax.device_get(state["step"]))
+  if eval_stack is not None and final > start:
+    last_eval = run_eval(final)
+  if checkpointing and final > start and (not ck.steps() or ck.steps()[-1] != final):
+    save(final, {"loss": history[-1][1] if history else None, "tokens": final * tps})
+  ck.close()
+  summary = {"final_step": final, "steps_total": steps_total, "wall_s": time.perf_counter() - t_start,
+             "losses": history,
+             "heldout_start": first_eval.get("val/mean") if first_eval else None,
+             "heldout_end": last_eval.get("val/mean") if last_eval else None,
+             "heldout_end_by_domain": last_eval}
+  logger.write(final, {"summary": {k: v for k, v in summary.items() if k != "losses"}})
+  logger.close()
+  return summary
+
+
+def _check_same_run(saved: dict, current: dict, where):
+  """Resuming with a different model/train/data section would not continue the same run."""
+  diffs = []
+  for sec in ("model", "moe", "reversible", "tqp", "data", "train", "mesh"):
+    a, b = saved.get(sec), current.get(sec)
+    if a != b:
+      keys = sorted(k for k in set(a or {}) | set(b or {}) if (a or {}).get(k) != (b or {}).get(k))
+      diffs.append(f"{sec}.{keys[0] if keys else '?'}")
+  if diffs:
+    raise ConfigError(f"checkpoint {where} was written with a different config ({', '.join(diffs)}"
+                      f" differ); use a new --workdir, or restore the original settings.")
+
+
+# ----------------------------------------------------------------------------- CLI
+def main(argv):
+  from absl import flags
+  FLAGS = flags.FLAGS
+  if len(argv) > 1:
+    print(f"error: unexpected arguments {argv[1:]}; flags look like --config=configs/tiny.py.",
+          file=sys.stderr)
+    return 2
+  cfg = FLAGS.config
+  workdir = FLAGS.workdir or f"runs/{cfg.stage}"
+  try:
+    s = train(cfg, workdir, fallback_to_previous=FLAGS.fallback_to_previous,
+              stop_after=FLAGS.stop_after, progress=not FLAGS.no_progress,
+              debug_poison_step=FLAGS.debug_poison_step,
+              checkpointing=not FLAGS.no_checkpoint)
+  except (ConfigError, shards.DataError, ckpt_lib.CheckpointError, TrainingStopped) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  hs, he = s["heldout_start"], s["heldout_end"]
+  print(f"done: step {s['final_step']}/{s['steps_total']} in {s['wall_s']:.1f}s; "
+        f"final loss {s['losses'][-1][1]:.4f}" if s["losses"] else
+        f"done: step {s['final_step']}/{s['steps_total']} (nothing to do)")
+  if hs is not None and he is not None:
+    print(f"held-out loss (mean over domains): {hs:.4f} at step 0 -> {he:.4f} at step "
+          f"{s['final_step']}")
+  elif he is not None:
+    print(f"held-out loss (mean over domains) at step {s['final_step']}: {he:.4f}")
+  return 0
+
+
+def check_overrides(argv) -> None:
+  """Reject --config.<field>=<value> overrides naming no field or of the wrong type, with one
+  sentence each, before absl parses them (its messages for these cases are misleading)."""
+  from lightning_jax.config import load_config
+  path, overrides = None, []
+  for i, a in enumerate(argv[1:], 1):
+    if a.startswith("--config="):
+      path = a.split("=", 1)[1]
+    elif a == "--config" and i + 1 < len(argv):
+      path = argv[i + 1]
+    elif a.startswith("--config."):
+      name, eq, value = a[len("--config."):].partition("=")
+      overrides.append((name, value if eq else None))
+  if path is None:
+    if overrides:
+      raise ConfigError("config overrides were given without --config=<file>; expected e.g. "
+                        "--config=configs/tiny.py first.")
+    return
+  cfg = load_config(path)
+  for name, value in overrides:
+    node, parts = cfg, name.split(".")
+    for k, part in enumerate(parts):
+      keys = list(node.keys()) if hasattr(node, "keys") else []
+      if part not in keys:
+        where = ".".join(parts[:k]) or "the config"
+        raise ConfigError(f"--config.{name}: {where} has no field {part!r} (it has: "
+                          f"{', '.join(sorted(keys))}).")
+      if k < len(parts) - 1:
+        node = node[part]
+    cur = node[parts[-1]]
+    if value is None or hasattr(cur, "keys"):
+      continue
+    kind = type(cur)
+    try:
+      if kind is bool:
+        if value.lower() not in ("true", "false", "1", "0"):
+          raise ValueError
+      elif kind in (int, float):
+        kind(value) if kind is float else int(value)
+    except ValueError:
+      raise ConfigError(f"--config.{name}={value}: {name} is a {kind.__name__} field "
+                        f"(now {cur!r}); {value!r} is not a {kind.__name__}.") from None
+
+
+def _define_flags():
+  from absl import flags
+  from ml_collections import config_flags
+  config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/tiny.py.",
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", "", "Run directory (default runs/<stage>).")
+  flags.DEFINE_bool("fallback_to_previous", False, "If the newest checkpoint is unreadable, "
+                    "resume from the newest readable one instead of stopping with an error.")
+  flags.DEFINE_integer("stop_after", 0, "Stop (with a checkpoint) after this many steps of this "
+                       "invocation; 0 = run to the end of the budget.")
+  flags.DEFINE_bool("no_progress", False, "No progress bar (log lines every train.log_every).")
+  flags.DEFINE_bool("no_checkpoint", False, "Neither restore nor save checkpoints (benchmarks).")
+  flags.DEFINE_integer("debug_poison_step", -1, "Fault injection: make the parameters NaN "
+                       "before this step (tests the non-finite stop).")
+  flags.mark_flag_as_required("config")
+
+
+if __name__ == "__main__":
+  from absl import app, logging as absl_logging
+  absl_logging.set_verbosity(absl_logging.WARNING)   # orbax logs every save at INFO
+  try:
+    check_overrides(sys.argv)
+  except ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  _define_flags()
+  app.run(lambda argv: sys.exit(main(argv)))

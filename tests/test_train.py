@@ -1,0 +1,131 @@
+"""launch.train on the real LightningLM (8-device CPU mesh): exact resume, NaN stop, bad input.
+
+One small config is compiled once (launch.train caches the jitted step per config within a
+process) and reused by every test here.
+"""
+import json
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+from launch import train as T
+from lightning_jax import checkpoint as ck
+from lightning_jax.config import ConfigError, load_config
+from lightning_jax.data import shards
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def small_cfg(data_dir):
+  c = load_config(str(REPO / "configs" / "tiny.py"))
+  m = c.model
+  m.d_model = 32
+  m.ffn_width = 64
+  m.deltanet.n_heads, m.deltanet.head_dim = 2, 16
+  m.deltanet.chunk_size = 16
+  m.gsa.n_heads, m.gsa.head_dim = 1, 32
+  m.gsa.idx_heads, m.gsa.idx_dim = 2, 8
+  m.gsa.k_min, m.gsa.k_base, m.gsa.k_max = 4, 8, 16
+  m.gsa.query_chunk = 32
+  m.ce_chunk = 128
+  c.data.path = str(data_dir)
+  c.data.build_from = ""
+  c.data.use_pools = False        # the single-source grain window pipeline
+  c.train.seq_len = 32
+  c.train.global_batch = 8
+  c.train.micro_batch = 0
+  c.train.steps = 4
+  c.train.eval_every = 0
+  c.optim.warmup_steps = 1
+  c.checkpoint.every_steps = 1000
+  c.checkpoint.every_seconds = 0
+  return c
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  """A small slice of the bundled English and code corpus, two domains."""
+  root = tmp_path_factory.mktemp("corpus")
+  for sub in ("en", "code"):
+    (root / sub).mkdir()
+    lines = (REPO / "corpus" / sub / f"{sub}.jsonl").read_text().splitlines()[:6]
+    docs = [json.loads(l)["text"][:3000] for l in lines]
+    (root / sub / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+  out = root / "shards"
+  shards.prepare([str(root)], str(out), val_fraction=0.2, log=lambda *_: None)
+  return out
+
+
+def test_resume_is_bitwise_exact(data_dir, tmp_path):
+  """2N steps straight == N steps, stop, resume N steps: the same loss at every step."""
+  cfg = small_cfg(data_dir)
+  a = T.train(cfg, tmp_path / "a", progress=False, log=lambda *_: None)
+  assert [s for s, _ in a["losses"]] == [1, 2, 3, 4]
+  b1 = T.train(cfg, tmp_path / "b", stop_after=2, progress=False, log=lambda *_: None)
+  assert b1["final_step"] == 2
+  assert ck.Checkpointer(tmp_path / "b" / "checkpoints", cfg.checkpoint).steps() == [2]
+  msgs = []
+  b2 = T.train(cfg, tmp_path / "b", progress=False, log=msgs.append)
+  assert any("resuming from" in m and "step 2" in m for m in msgs), msgs
+  assert b2["final_step"] == 4
+  assert a["losses"] == b1["losses"] + b2["losses"], (a["losses"], b1["losses"], b2["losses"])
+  assert a["losses"][-1][1] < a["losses"][0][1], a["losses"]
+  # the metrics log has one record per step with the fields the issue asks for
+  recs = [json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+  steps = [r for r in recs if "loss" in r]
+  assert [r["step"] for r in steps] == [1, 2, 3, 4]
+  for k in ("loss", "ce_mtp", "aux", "grad_norm", "lr", "tokens_per_s", "mfu"):
+    assert k in steps[0], k
+  # restarting a finished run does nothing and keeps the step
+  again = T.train(cfg, tmp_path / "a", progress=False, log=lambda *_: None)
+  assert again["final_step"] == 4 and again["losses"] == []
+
+
+def test_nan_stops_with_step_and_keeps_last_checkpoint(data_dir, tmp_path):
+  cfg = small_cfg(data_dir)
+  T.train(cfg, tmp_path / "n", stop_after=2, progress=False, log=lambda *_: None)
+  with pytest.raises(T.TrainingStopped, match=r"non-finite loss at step 4 .*checkpoints/2 "
+                                              r"\(left intact\)"):
+    T.train(cfg, tmp_path / "n", progress=False, log=lambda *_: None, debug_poison_step=3)
+  c = ck.Checkpointer(tmp_path / "n" / "checkpoints", cfg.checkpoint)
+  assert c.steps() == [2]
+  st = c.restore(2, None)["state"]
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(st["params"]))
+  c.close()
+
+
+def test_torn_checkpoint_stops_resume_naming_it(data_dir, tmp_path):
+  cfg = small_cfg(data_dir)
+  T.train(cfg, tmp_path / "t", stop_after=1, progress=False, log=lambda *_: None)
+  T.train(cfg, tmp_path / "t", stop_after=1, progress=False, log=lambda *_: None)
+  state_dir = tmp_path / "t" / "checkpoints" / "2" / "state"
+  for f in state_dir.rglob("*"):
+    if f.is_file() and f.parent.name == "d":
+      f.unlink()
+  with pytest.raises(ck.CheckpointError, match=r"checkpoints/2 is unreadable"):
+    T.train(cfg, tmp_path / "t", progress=False, log=lambda *_: None)
+  msgs = []
+  s = T.train(cfg, tmp_path / "t", stop_after=1, fallback_to_previous=True, progress=False,
+              log=msgs.append)
+  assert any("skipping checkpoint" in m for m in msgs) and s["final_step"] == 2
+
+
+def test_bad_inputs_one_sentence(data_dir, tmp_path):
+  cfg = small_cfg(data_dir)
+  cfg.data.path = str(tmp_path / "missing")
+  with pytest.raises(shards.DataError, match=r"data directory .*missing does not exist"):
+    T.train(cfg, tmp_path / "x", progress=False, log=lambda *_: None)
+  cfg = small_cfg(data_dir)
+  cfg.train.global_batch = 12
+  with pytest.raises(ConfigError, match=r"train.global_batch=12 must be a positive multiple"):
+    T.train(cfg, tmp_path / "y", progress=False, log=lambda *_: None)
+  tiny = str(REPO / "configs" / "tiny.py")
+  with pytest.raises(ConfigError, match=r"--config.optim.bogus: optim has no field 'bogus'"):
+    T.check_overrides(["prog", f"--config={tiny}", "--config.optim.bogus=1"])
+  with pytest.raises(ConfigError, match=r"--config.nope.x: the config has no field 'nope'"):
+    T.check_overrides(["prog", f"--config={tiny}", "--config.nope.x=1"])
+  with pytest.raises(ConfigError, match=r"optim.peak_lr is a float field .* 'abc' is not"):
+    T.check_overrides(["prog", f"--config={tiny}", "--config.optim.peak_lr=abc"])
+  T.check_overrides(["prog", f"--config={tiny}", "--config.optim.peak_lr=1e-3"])
