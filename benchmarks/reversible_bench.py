@@ -163,18 +163,22 @@ def main(argv=None):
       rows[(mode, a, n)] = (temp, t, comp, sb)
   sb = rows[(modes[0][0], modes[0][1], depths[0])][3]
   print(f"# one state = {sb} bytes ({sb / 2**20:.3f} MiB)")
-  hdr = ("| mode | a | " + " | ".join(f"temp MiB @{n}" for n in depths) +
-         f" | growth / layer (states) {depths[0]}->{depths[-1]} | " +
+  pairs = list(zip(depths[:-1], depths[1:]))
+  hdr = ("| mode | a | " + " | ".join(f"temp MiB @{n}" for n in depths) + " | " +
+         " | ".join(f"growth/layer (states) {u}->{w}" for u, w in pairs) +
+         f" | temp @{depths[-1]} / @{depths[0]} | " +
          " | ".join(f"step ms @{n}" for n in depths) + f" | time vs autodiff+remat @{depths[-1]} |")
   print(hdr)
   print("|" + "---|" * (hdr.count("|") - 1))
   for mode, a in modes:
     temps = [rows[(mode, a, n)][0] for n in depths]
     times = [rows[(mode, a, n)][1] for n in depths]
-    growth = (temps[-1] - temps[0]) / (depths[-1] - depths[0]) / sb
+    growth = [(temps[i + 1] - temps[i]) / (depths[i + 1] - depths[i]) / sb
+              for i in range(len(pairs))]
     ref = rows[("autodiff+remat", 0.5, depths[-1])][1]
-    print(f"| {mode} | {a} | " + " | ".join(f"{v / 2**20:.2f}" for v in temps) +
-          f" | {growth:.4f} | " + " | ".join(f"{v * 1e3:.1f}" for v in times) +
+    print(f"| {mode} | {a} | " + " | ".join(f"{v / 2**20:.2f}" for v in temps) + " | " +
+          " | ".join(f"{v:.4f}" for v in growth) + f" | {temps[-1] / temps[0]:.2f}x | " +
+          " | ".join(f"{v * 1e3:.1f}" for v in times) +
           f" | {times[-1] / ref:.2f}x |")
 
 
