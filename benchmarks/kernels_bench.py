@@ -98,6 +98,40 @@ def delta_inputs(key, b, t, h, d):
   return q, k, v, la, beta
 
 
+def delta_variants(small, iters):
+  """Backward and inverse-precision variants of the kernel path, forward+backward, B4 T4096."""
+  from lightning_jax.kernels import delta_rule as kdr
+  from lightning_jax.layers import deltanet as dn
+  b, t, h, d = (2, 128, 4, 16) if small else (4, 4096, 32, 128)
+  args = delta_inputs(jax.random.PRNGKey(t), b, t, h, d)
+  ct = jax.random.normal(jax.random.PRNGKey(1), (b, t, h, d), jnp.bfloat16)
+  bv = 8 if small else 64
+
+  def fwd_bwd(rule):
+    def f(*a):
+      o, vjp = jax.vjp(lambda *x: rule(*x)[0], *a)
+      return o, vjp(ct)
+    return f
+  _, _, ref = bench(fwd_bwd(lambda *a: dn.chunk_gated_delta_rule(*a, chunk_size=64)), args, 2)
+  for st in (dict(bwd="fused", inverse_precision="highest", block_v_bwd=2 * bv,
+                  num_warps_bwd=8),
+             dict(bwd="split", inverse_precision="highest", block_v_bwd=bv),
+             dict(bwd="split", inverse_precision="default", block_v_bwd=bv),
+             dict(bwd="split", inverse_precision="default", block_v_bwd=2 * bv,
+                  num_warps_bwd=8)):
+    name = ",".join(f"{k}={v}" for k, v in st.items())
+
+    def run(st=st, name=name):
+      rule = lambda *a: kdr.chunk_gated_delta_rule(*a, chunk_size=64, block_v=bv, **st)
+      ms, _, (o, g) = bench(fwd_bwd(rule), args, iters)
+      errs = {"o": _rel(o, ref[0]), "dq": _rel(g[0], ref[1][0]), "dk": _rel(g[1], ref[1][1]),
+              "dv": _rel(g[2], ref[1][2]), "dlog_alpha": _rel(g[3], ref[1][3]),
+              "dbeta": _rel(g[4], ref[1][4])}
+      record(f"delta B{b}T{t} kernel fwd+bwd [{name}]", ms,
+             "rel err vs XLA " + " ".join(f"{k}={v:.1e}" for k, v in errs.items()), errors=errs)
+    guarded(f"delta variant [{name}]", run)
+
+
 def delta(small, iters):
   from lightning_jax.kernels import delta_rule as kdr
   from lightning_jax.layers import deltanet as dn
@@ -214,7 +248,7 @@ def main(argv=None):
   ap.add_argument("--json", default="")
   a = ap.parse_args(argv)
   dev = jax.devices()[0]
-  head = (f"# {datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC  {dev.device_kind}  "
+  head = (f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC  {dev.device_kind}  "
           f"{platform.node()}  jax {jax.__version__}")
   print(head, flush=True)
   RESULTS["_meta"] = {"header": head}
@@ -225,6 +259,8 @@ def main(argv=None):
     delta(a.small, a.iters)
   if "gsa" in parts:
     gsa(a.small, a.iters)
+  if "variants" in parts:
+    delta_variants(a.small, a.iters)
   if a.json:
     with open(a.json, "w") as f:
       json.dump(RESULTS, f, indent=1)

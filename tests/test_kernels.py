@@ -42,7 +42,8 @@ def _inputs(seed, b=1, t=100, h=2, dk=16, dv=8):
 KW = dict(chunk_size=32, block_v=4, block_v_bwd=4, interpret=True)   # 4 chunks, 2 Dv blocks
 
 
-def test_delta_rule_kernel_forward_and_gradients_match_reference():
+@pytest.mark.parametrize("bwd", ["fused", "split"])
+def test_delta_rule_kernel_forward_and_gradients_match_reference(bwd):
   seed = _seed()
   args = _inputs(seed)                                 # T = 100 = 3 x 32 + 4 (padded tail)
   rng = np.random.default_rng(seed + 1)
@@ -56,7 +57,7 @@ def test_delta_rule_kernel_forward_and_gradients_match_reference():
     return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3, 4, 5), has_aux=True))
 
   (_, (o_k, s_k)), g_k = loss(lambda *a: kdr.chunk_gated_delta_rule(*a[:5], initial_state=a[5],
-                                                                    **KW))(*args)
+                                                                    bwd=bwd, **KW))(*args)
   (_, (o_r, s_r)), g_r = loss(lambda *a: dn.recurrent_gated_delta_rule(*a[:5], a[5]))(*args)
   assert o_k.shape == o_r.shape and s_k.shape == s_r.shape
   assert np.all(np.isfinite(np.asarray(o_k))), f"seed={seed}"
@@ -64,7 +65,7 @@ def test_delta_rule_kernel_forward_and_gradients_match_reference():
   assert _rel(s_k, s_r) <= 1e-5, f"seed={seed} final state rel err {_rel(s_k, s_r)}"
   for name, a, b in zip(("q", "k", "v", "log_alpha", "beta", "initial_state"), g_k, g_r):
     assert np.linalg.norm(np.asarray(b)) > 0, f"seed={seed} reference d{name} is zero"
-    assert _rel(a, b) <= 1e-4, f"seed={seed} d{name} rel err {_rel(a, b)}"
+    assert _rel(a, b) <= 1e-4, f"seed={seed} bwd={bwd} d{name} rel err {_rel(a, b)}"
 
 
 def test_delta_rule_kernel_bfloat16_inputs_close_to_float32():

@@ -108,6 +108,21 @@ def _bwd_kernel(w_ref, uv_ref, p_ref, qg_ref, kd_ref, ge_ref, hs_ref, do_ref, ds
   ds0_ref[...] = ds
 
 
+def _bwd_states_kernel(w_ref, p_ref, qg_ref, kd_ref, ge_ref, do_ref, dsn_ref, dss_ref, ds0_ref,
+                       *, n_chunks, dot_dtype):
+  """Only the sequential part of the backward: dS entering each chunk from the right."""
+  def body(j, ds):
+    i = n_chunks - 1 - j
+    dss_ref[i] = ds                                                             # dS_{i+1}
+    do = do_ref[i].astype(F32)
+    du = _dot(kd_ref[i], ds, _DN_T, dot_dtype) + _dot(p_ref[i], do, _DN_TA, dot_dtype)
+    ge = jnp.max(ge_ref[i].astype(F32))
+    return (ge * ds + _dot(do, qg_ref[i], _DN_TA, dot_dtype)
+            - _dot(du, w_ref[i], _DN_TA, dot_dtype))
+  ds = jax.lax.fori_loop(0, n_chunks, body, dsn_ref[...].astype(F32))
+  ds0_ref[...] = ds
+
+
 def _specs(n, c, dk, bv, nv_axis: bool):
   """BlockSpecs: per-(bh) full chunk slabs; Dv-blocked slabs; the partial outputs' NV axis."""
   sq = pl.squeezed if hasattr(pl, "squeezed") else None
@@ -178,6 +193,37 @@ def _bwd_call(w, uv, p, qg, kd, gev, hs, do, dsn, opts):
   return duv, dw.sum(1), dp.sum(1), dqg.sum(1), dkd.sum(1), dge.sum(1), ds0
 
 
+def _bwd_call_split(w, uv, p, qg, kd, gev, hs, do, dsn, opts):
+  """Backward as a sequential dS kernel + every other gradient as batched einsums over chunks."""
+  bh, n, c, dk = w.shape
+  dv = uv.shape[-1]
+  bv = _block_v(dv, opts["block_v_bwd"])
+  sp = _specs(n, c, dk, bv, True)
+  kern = functools.partial(_bwd_states_kernel, n_chunks=n, dot_dtype=opts["dot_dtype"])
+  dss, ds0 = pl.pallas_call(
+      kern, grid=(bh, dv // bv),
+      in_specs=[sp["full_k"], sp["full_c"], sp["full_k"], sp["full_k"], sp["vec"], sp["blk_v"],
+                sp["state"]],
+      out_specs=[sp["states"], sp["state"]],
+      out_shape=[jax.ShapeDtypeStruct((bh, n, dv, dk), F32),
+                 jax.ShapeDtypeStruct((bh, dv, dk), F32)],
+      interpret=opts["interpret"], name="gdr_chunk_bwd_states",
+      compiler_params=_compiler_params(opts["num_warps_bwd"], opts["num_stages"]),
+  )(w, p, qg, kd, gev, do, dsn)
+  f = lambda a: a.astype(F32)
+  w, uv, p, qg, kd = f(w), f(uv), f(p), f(qg), f(kd)
+  es = functools.partial(jnp.einsum, preferred_element_type=F32)
+  u = uv - es("...ck,...vk->...cv", w, hs)
+  du = es("...ck,...vk->...cv", kd, dss) + es("...ts,...tv->...sv", p, do)
+  dkd = es("...cv,...vk->...ck", u, dss)
+  dge = jnp.sum(hs * dss, axis=(-2, -1))
+  dqg = es("...cv,...vk->...ck", do, hs)
+  dp = es("...tv,...sv->...ts", do, u)
+  dw = -es("...cv,...vk->...ck", du, hs)
+  dgev = jnp.broadcast_to(dge[..., None], dge.shape + (c,))
+  return du, dw, dp, dqg, dkd, dgev, ds0
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
 def _recurrence(w, uv, p, qg, kd, gev, s0, opts_key):
   o, _, sn = _fwd_call(w, uv, p, qg, kd, gev, s0, dict(opts_key))
@@ -192,8 +238,10 @@ def _recurrence_fwd(w, uv, p, qg, kd, gev, s0, opts_key):
 def _recurrence_bwd(opts_key, res, cts):
   w, uv, p, qg, kd, gev, hs = res
   do, dsn = cts
-  duv, dw, dp, dqg, dkd, dge, ds0 = _bwd_call(w, uv, p, qg, kd, gev, hs, do.astype(F32),
-                                              dsn.astype(F32), dict(opts_key))
+  opts = dict(opts_key)
+  call = _bwd_call_split if opts["bwd"] == "split" else _bwd_call
+  duv, dw, dp, dqg, dkd, dge, ds0 = call(w, uv, p, qg, kd, gev, hs, do.astype(F32),
+                                         dsn.astype(F32), opts)
   return (dw.astype(w.dtype), duv.astype(uv.dtype), dp.astype(p.dtype), dqg.astype(qg.dtype),
           dkd.astype(kd.dtype), (dge / gev.shape[-1]).astype(gev.dtype), ds0)
   # (every entry of a chunk's gev row holds the same ge, broadcast over C outside: its
@@ -238,7 +286,7 @@ def unit_lower_inverse(a, block: int = 16, precision=jax.lax.Precision.HIGHEST):
   return inv
 
 
-def _prep(q, k, v, log_alpha, beta, c):
+def _prep(q, k, v, log_alpha, beta, c, precision=jax.lax.Precision.HIGHEST):
   """Chunk quantities in float32: W, Uv, P, Qg, Kd [B, H, N, C, .], ge [B, H, N]."""
   bsz, t, h, dk = q.shape
   n = -(-t // c)
@@ -259,7 +307,7 @@ def _prep(q, k, v, log_alpha, beta, c):
   a_mat = jnp.where(strict, bc[..., :, None] * decay * jnp.einsum("...td,...sd->...ts", kc, kc),
                     0.0)
   gamma = jnp.exp(g)
-  t_inv = unit_lower_inverse(a_mat)
+  t_inv = unit_lower_inverse(a_mat, precision=precision)
   w = jnp.einsum("...ts,...sd->...td", t_inv, kc * (bc * gamma)[..., None])
   uv = jnp.einsum("...ts,...sd->...td", t_inv, vc * bc[..., None])
   p = decay * jnp.einsum("...td,...sd->...ts", qc, kc)
@@ -272,13 +320,22 @@ def _prep(q, k, v, log_alpha, beta, c):
 def chunk_gated_delta_rule(q, k, v, log_alpha, beta, chunk_size: int = 64, initial_state=None,
                            *, block_v: int = 64, block_v_bwd: int = 64, num_warps: int = 4,
                            num_warps_bwd: int = 4, num_stages: int = 1, dot_dtype=None,
+                           bwd: str = "fused", inverse_precision: str = "highest",
                            interpret: bool | None = None):
   """Gated delta rule, chunked, with the recurrence over chunks in Pallas kernels.
 
   Same arguments and results as layers.deltanet.chunk_gated_delta_rule. chunk_size must be a
   power of two (Triton tensor sizes); head dims must be powers of two. interpret=None runs the
-  kernels natively on GPU and in the Pallas interpreter elsewhere.
+  kernels natively on GPU and in the Pallas interpreter elsewhere. bwd: "fused" (one reverse
+  kernel computes every gradient) or "split" (a reverse kernel for dS only, the rest as batched
+  einsums over all chunks). inverse_precision: matmul precision of the (I + A)^-1 build
+  ("highest" | "default").
   """
+  if bwd not in ("fused", "split"):
+    raise ValueError(f"delta rule kernel: bwd={bwd!r} must be 'fused' or 'split'.")
+  if inverse_precision not in ("highest", "default"):
+    raise ValueError(f"delta rule kernel: inverse_precision={inverse_precision!r} must be "
+                     f"'highest' or 'default'.")
   from lightning_jax.layers.deltanet import _check_rule_shapes, _state0
   _check_rule_shapes(q, k, v, log_alpha, beta, initial_state)
   bsz, t, h, dk = q.shape
@@ -292,7 +349,8 @@ def chunk_gated_delta_rule(q, k, v, log_alpha, beta, chunk_size: int = 64, initi
   if dot_dtype is None:
     dot_dtype = F32 if jnp.dtype(v.dtype) == jnp.dtype(F32) else jnp.bfloat16
   s0 = _state0(initial_state, q, v).reshape(bsz * h, dv, dk)
-  w, uv, p, qg, kd, ge = _prep(q, k, v, log_alpha, beta, c)
+  w, uv, p, qg, kd, ge = _prep(q, k, v, log_alpha, beta, c,
+                               precision=getattr(jax.lax.Precision, inverse_precision.upper()))
   n = w.shape[2]
   cast = lambda a: a.astype(dot_dtype)
   flat = lambda a: a.reshape((bsz * h,) + a.shape[2:])
@@ -300,7 +358,7 @@ def chunk_gated_delta_rule(q, k, v, log_alpha, beta, chunk_size: int = 64, initi
   opts = (("block_v", int(block_v)), ("block_v_bwd", int(block_v_bwd)),
           ("num_warps", int(num_warps)), ("num_warps_bwd", int(num_warps_bwd)),
           ("num_stages", int(num_stages)), ("dot_dtype", jnp.dtype(dot_dtype)),
-          ("interpret", bool(interpret)))
+          ("interpret", bool(interpret)), ("bwd", bwd))
   o, sn = _recurrence(cast(flat(w)), cast(flat(uv)), cast(flat(p)), cast(flat(qg)),
                       cast(flat(kd)), flat(gev), s0, opts)
   o = o.reshape(bsz, h, n * c, dv)[:, :, :t]
