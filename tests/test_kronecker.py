@@ -122,8 +122,9 @@ def test_on_the_fly_equals_table():
   # gradients of the projection agree too
   g_t = jax.grad(lambda w: jnp.sum(kronecker.embed_apply({**p, "proj": w}, fr_t, ids, cfg_t) ** 3))
   g_f = jax.grad(lambda w: jnp.sum(kronecker.embed_apply({**p, "proj": w}, fr_f, ids, cfg_f) ** 3))
-  np.testing.assert_allclose(g_f(p["proj"]), g_t(p["proj"]), rtol=1e-3, atol=1e-6,
-                             err_msg=f"seed {seed}")
+  gf, gt = np.asarray(g_f(p["proj"])), np.asarray(g_t(p["proj"]))
+  rel = np.linalg.norm(gf - gt) / np.linalg.norm(gt)
+  assert rel < 1e-5, f"seed {seed}: normwise relative error {rel:.2e}"
 
 
 def test_projection_init_and_padding():

@@ -31,8 +31,9 @@ def _seed():
 def test_tiny_overfits_one_batch():
   seed = _seed()
   cfg = _cfg()
+  cfg.model.mtp.enabled = False   # keeps the compile small; the MTP path is trained in the MoE test
   v = model.init_variables(cfg, jax.random.PRNGKey(seed), _words(VOCAB))
-  ids = jnp.asarray(np.random.default_rng(seed).integers(0, VOCAB, (2, 34)), jnp.int32)
+  ids = jnp.asarray(np.random.default_rng(seed).integers(0, VOCAB, (2, 18)), jnp.int32)
   batch = {"ids": ids}
   opt = optax.adamw(3e-3, b1=0.9, b2=0.95, eps=1e-10, weight_decay=0.0)
   state = opt.init(v["params"])
@@ -44,17 +45,16 @@ def test_tiny_overfits_one_batch():
                                                                        batch, cfg)
     upd, state = opt.update(g, state, params)
     stats = model.update_stats(cfg, stats, met["step_stats"])
-    return optax.apply_updates(params, upd), state, stats, met["loss"], met["ce_mtp"]
+    return optax.apply_updates(params, upd), state, stats, met["loss"]
 
   params = v["params"]
   losses = []
   for _ in range(100):
-    params, state, stats, loss, ce_mtp = step(params, state, stats)
+    params, state, stats, loss = step(params, state, stats)
     losses.append(float(loss))
   assert np.all(np.isfinite(losses)), f"seed {seed}: {losses}"
   assert abs(losses[0] - np.log(VOCAB)) < 1.0, f"seed {seed}: first loss {losses[0]}"
   assert losses[-1] < 0.5 * losses[0], f"seed {seed}: {losses[0]:.3f} -> {losses[-1]:.3f}"
-  assert float(ce_mtp) < np.log(VOCAB), f"seed {seed}: MTP loss did not fall ({float(ce_mtp)})"
   # the GSA variance EMA (a non-trained statistic) moved with the steps
   assert not np.allclose(np.asarray(stats["groups"]["l3"]["mixer"]["var_ema"]),
                          np.asarray(v["stats"]["groups"]["l3"]["mixer"]["var_ema"]))
@@ -62,6 +62,7 @@ def test_tiny_overfits_one_batch():
 
 def test_forward_t8192_tiny_width():
   cfg = _cfg()
+  cfg.model.mtp.enabled = False   # the backbone at T=8192; the MTP block is one more GSA layer
   t = 8192
   v = model.init_variables(cfg, jax.random.PRNGKey(_seed()), _words(VOCAB))
   ids = jnp.asarray(np.random.default_rng(0).integers(0, VOCAB, (1, t + 2)), jnp.int32)
