@@ -286,8 +286,10 @@ def train(cfg, workdir, *, fallback_to_previous: bool = False, stop_after: int =
 
   # ---- checkpoints: resume or init
   cfg_json = ckpt_lib.config_to_json(cfg)
-  ckey = (json.dumps(cfg_json, sort_keys=True), tuple(d.id for d in mesh.devices.flat), accum,
-          id(model))
+  # what the compiled functions depend on (not data paths, logging or checkpoint policy)
+  ckey = (json.dumps({k: cfg_json.get(k) for k in ("model", "moe", "reversible", "tqp", "optim",
+                                                    "train", "mesh")}, sort_keys=True),
+          tuple(d.id for d in mesh.devices.flat), accum, id(model))
   ck = ckpt_lib.Checkpointer(workdir / "checkpoints", cfg.checkpoint)
   restored = None
   if checkpointing:
@@ -298,7 +300,7 @@ def train(cfg, workdir, *, fallback_to_previous: bool = False, stop_after: int =
   if restored is not None:
     _check_same_run(restored["config"], cfg_json, ck.step_dir(restored["step"]))
     state = restored["state"]
-    loader.set_state(restored["loader"])
+    loader.set_state(restored["loader"], log=log)       # the pool mixture reports stage notes
     start = int(restored["step"])
     log(f"resuming from {ck.step_dir(start)} (step {start}); data loader at "
         f"{restored['loader'].get('iterator')}")
@@ -336,7 +338,8 @@ def train(cfg, workdir, *, fallback_to_previous: bool = False, stop_after: int =
   logger = metrics_lib.Logger(workdir)
   log(f"MFU: model FLOPs/token {fpt:.4g} ({fpt_note}); {peak_note}")
   log(f"run {workdir}: {steps_total} steps x {tps} tokens (global_batch {cfg.train.global_batch}"
-      f" x seq_len {cfg.train.seq_len}; {accum} micro-batches of {cfg.train.micro_batch}/device "
+      f" x seq_len {cfg.train.seq_len}; {accum} micro-batch(es) of "
+      f"{cfg.train.global_batch // (accum * n_batch)}/device "
       f"on mesh {dict(mesh.shape)}); vocabulary {cfg.model.vocab_size}")
   logger.note(peak_note)
 
@@ -375,9 +378,10 @@ def train(cfg, workdir, *, fallback_to_previous: bool = False, stop_after: int =
     for step in range(start, end):
       batch = next(loader)
       if step == debug_poison_step:      # fault injection for the NaN-stop test
-        state["params"] = jax.tree_util.tree_map(lambda a: a * jnp.nan, state["params"])
+        state["params"]["head"]["w"] = state["params"]["head"]["w"] * jnp.nan
       with sharding.use_mesh(mesh):
-        state, m = step_jit(state, {"ids": jax.device_put(batch["ids"], batch_shard)})
+        ids = jax.make_array_from_process_local_data(batch_shard, np.asarray(batch["ids"]))
+        state, m = step_jit(state, {"ids": ids})
       m = jax.device_get(m)
       rec = {k: float(v) for k, v in m.items() if k != "finite"}
       if not bool(m["finite"]):
@@ -429,17 +433,39 @@ def train(cfg, workdir, *, fallback_to_previous: bool = False, stop_after: int =
   return summary
 
 
+MOE_TUNABLE = ("bias_gamma", "bias_cap_lo", "bias_cap_hi", "bias_ema", "bias_guard_k",
+               "hot_config", "hot_config_every", "balance_weight", "z_weight", "null_weight",
+               "null_target", "capacity_factor")
+
+
+def _resume_view(c: dict) -> dict:
+  """What must not change when a run resumes: the architecture, the sequence geometry and
+  seed, and the data (minus what a new stage may change: pool weights, always_on_fraction).
+  Schedules, logging, checkpoint policy, mesh shape and hot-tunable router knobs may change."""
+  try:
+    from lightning_jax.data.pools import without_stage_fields
+  except ImportError:
+    without_stage_fields = dict
+  t = c.get("train", {})
+  return {"model": c.get("model"), "reversible": c.get("reversible"),
+          "moe": {k: v for k, v in (c.get("moe") or {}).items() if k not in MOE_TUNABLE},
+          "tqp": {k: (c.get("tqp") or {}).get(k) for k in ("enabled", "bits", "rank", "seed")},
+          "train": {k: t.get(k) for k in ("seq_len", "global_batch", "seed")},
+          "data": without_stage_fields(c.get("data") or {})}
+
+
 def _check_same_run(saved: dict, current: dict, where):
-  """Resuming with a different model/train/data section would not continue the same run."""
+  """Resuming with a different architecture or data stream would not continue the same run."""
+  a, b = _resume_view(saved), _resume_view(current)
   diffs = []
-  for sec in ("model", "moe", "reversible", "tqp", "data", "train", "mesh"):
-    a, b = saved.get(sec), current.get(sec)
-    if a != b:
-      keys = sorted(k for k in set(a or {}) | set(b or {}) if (a or {}).get(k) != (b or {}).get(k))
-      diffs.append(f"{sec}.{keys[0] if keys else '?'}")
+  for sec in a:
+    x, y = a[sec] or {}, b[sec] or {}
+    keys = sorted(k for k in set(x) | set(y) if x.get(k) != y.get(k))
+    diffs += [f"{sec}.{k} ({x.get(k)!r} -> {y.get(k)!r})" for k in keys]
   if diffs:
-    raise ConfigError(f"checkpoint {where} was written with a different config ({', '.join(diffs)}"
-                      f" differ); use a new --workdir, or restore the original settings.")
+    raise ConfigError(f"checkpoint {where} was written with a different config ({'; '.join(diffs[:4])}"
+                      f"{' ...' if len(diffs) > 4 else ''}); use a new --workdir, or restore the "
+                      f"original settings.")
 
 
 # ----------------------------------------------------------------------------- CLI

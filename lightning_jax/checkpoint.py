@@ -28,8 +28,18 @@ ITEMS = ("state", "loader", "config", "meta")
 # orbax's default "replica-parallel" save slices every replicated array across its replicas
 # with a small jitted slice per shape: hundreds of compilations for a model's parameter and
 # optimizer trees (minutes on a busy CPU). Save each array from its first replica instead.
-ocp.type_handlers.register_type_handler(
-    jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
+def _register_array_handler():
+  from absl import logging as absl_logging
+  level = absl_logging.get_verbosity()
+  absl_logging.set_verbosity(absl_logging.ERROR)      # "overriding jax.Array" is intended
+  try:
+    ocp.type_handlers.register_type_handler(
+        jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
+  finally:
+    absl_logging.set_verbosity(level)
+
+
+_register_array_handler()
 
 
 class CheckpointError(RuntimeError):

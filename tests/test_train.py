@@ -85,7 +85,7 @@ def test_resume_is_bitwise_exact(data_dir, tmp_path):
 
 def test_nan_stops_with_step_and_keeps_last_checkpoint(data_dir, tmp_path):
   cfg = small_cfg(data_dir)
-  T.train(cfg, tmp_path / "n", stop_after=2, progress=False, log=lambda *_: None)
+  cfg.checkpoint.every_steps = 2
   with pytest.raises(T.TrainingStopped, match=r"non-finite loss at step 4 .*checkpoints/2 "
                                               r"\(left intact\)"):
     T.train(cfg, tmp_path / "n", progress=False, log=lambda *_: None, debug_poison_step=3)
@@ -94,14 +94,15 @@ def test_nan_stops_with_step_and_keeps_last_checkpoint(data_dir, tmp_path):
   st = c.restore(2, None)["state"]
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(st["params"]))
   c.close()
+  recs = [json.loads(l) for l in (tmp_path / "n" / "metrics.jsonl").read_text().splitlines()]
+  assert any("stopped" in r and r["step"] == 4 for r in recs)
 
 
 def test_torn_checkpoint_stops_resume_naming_it(data_dir, tmp_path):
   cfg = small_cfg(data_dir)
-  T.train(cfg, tmp_path / "t", stop_after=1, progress=False, log=lambda *_: None)
-  T.train(cfg, tmp_path / "t", stop_after=1, progress=False, log=lambda *_: None)
-  state_dir = tmp_path / "t" / "checkpoints" / "2" / "state"
-  for f in state_dir.rglob("*"):
+  cfg.checkpoint.every_steps = 1
+  T.train(cfg, tmp_path / "t", stop_after=2, progress=False, log=lambda *_: None)
+  for f in (tmp_path / "t" / "checkpoints" / "2" / "state").rglob("*"):
     if f.is_file() and f.parent.name == "d":
       f.unlink()
   with pytest.raises(ck.CheckpointError, match=r"checkpoints/2 is unreadable"):
@@ -110,6 +111,7 @@ def test_torn_checkpoint_stops_resume_naming_it(data_dir, tmp_path):
   s = T.train(cfg, tmp_path / "t", stop_after=1, fallback_to_previous=True, progress=False,
               log=msgs.append)
   assert any("skipping checkpoint" in m for m in msgs) and s["final_step"] == 2
+  assert any("resuming from" in m and "step 1" in m for m in msgs), msgs
 
 
 def test_bad_inputs_one_sentence(data_dir, tmp_path):

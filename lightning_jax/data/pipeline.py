@@ -80,7 +80,8 @@ class Loader:
     return {"kind": self.kind, "seed": self.seed, "seq_len": self.seq_len, "batch": self.batch,
             "n_windows": len(self.source), "iterator": dict(self._it.get_state())}
 
-  def set_state(self, state: dict):
+  def set_state(self, state: dict, log=None):
+    del log    # same interface as pools.MixtureLoader.set_state
     mine = self.get_state()
     for k in ("kind", "seed", "seq_len", "batch", "n_windows"):
       if state.get(k) != mine[k]:
