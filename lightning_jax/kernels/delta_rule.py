@@ -318,8 +318,8 @@ def _prep(q, k, v, log_alpha, beta, c, precision=jax.lax.Precision.HIGHEST):
 
 
 def chunk_gated_delta_rule(q, k, v, log_alpha, beta, chunk_size: int = 64, initial_state=None,
-                           *, block_v: int = 64, block_v_bwd: int = 64, num_warps: int = 4,
-                           num_warps_bwd: int = 4, num_stages: int = 1, dot_dtype=None,
+                           *, block_v: int = 64, block_v_bwd: int = 128, num_warps: int = 4,
+                           num_warps_bwd: int = 8, num_stages: int = 1, dot_dtype=None,
                            bwd: str = "fused", inverse_precision: str = "highest",
                            interpret: bool | None = None):
   """Gated delta rule, chunked, with the recurrence over chunks in Pallas kernels.
@@ -329,7 +329,8 @@ def chunk_gated_delta_rule(q, k, v, log_alpha, beta, chunk_size: int = 64, initi
   kernels natively on GPU and in the Pallas interpreter elsewhere. bwd: "fused" (one reverse
   kernel computes every gradient) or "split" (a reverse kernel for dS only, the rest as batched
   einsums over all chunks). inverse_precision: matmul precision of the (I + A)^-1 build
-  ("highest" | "default").
+  ("highest" | "default"). Defaults: the fastest setting measured on one H100 at B4 T4096,
+  32 x 128 (docs/PERFORMANCE.md, "Kernels"); "split" and "default" were not measured on GPU.
   """
   if bwd not in ("fused", "split"):
     raise ValueError(f"delta rule kernel: bwd={bwd!r} must be 'fused' or 'split'.")
