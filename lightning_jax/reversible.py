@@ -38,20 +38,26 @@ Two modes (cfg.reversible.mode):
   (p_{n-1}, p_n) per layer; p_{n-1} only enters linearly, and consecutive pairs share a state,
   so keeping p_n alone is the same information at half the memory: ONE state per layer.
 
-* `invert`: only the final two states, one state-sized checksum-free buffer of 1/32 state
-  per destroyed bit and layer, and the choices are kept; the backward rebuilds every earlier
-  state with the inverse formula, BIT-EXACTLY. The state is carried as a fixed-point integer
-  P = round(p * 2^F) (int32, F = cfg.reversible.fixed_point_bits); the layer sees P * 2^-F and
-  its increment enters as D_n = round(c (layer(p_n) - p_n) 2^F), so every addition is exact.
-  With a = m / 2^k (dyadic, m odd), a P_{n-1} is computed as floor(m P_{n-1} / 2^k) and the k
-  low bits that the division drops are kept in a per-layer buffer packed 32 to a uint32 word
-  (MacKay et al. 2018, "Reversible Recurrent Neural Networks"). The inverse
+* `invert`: the forward keeps only the final two states, a small per-layer bit buffer and the
+  choices; the backward rebuilds every earlier state with the inverse formula, BIT-EXACTLY. The
+  state is carried as a fixed-point integer P = round(p * 2^F) (int32,
+  F = cfg.reversible.fixed_point_bits); the layer sees p = P * 2^-F and its increment enters as
+  D_n = round(c (layer(p_n) - p_n) 2^F), so every addition is exact. With a = m / 2^k (dyadic,
+  m odd), a P_{n-1} is computed as floor(m P_{n-1} / 2^k) and the k low bits that the division
+  drops are kept per layer, packed 32 to a uint32 word (MacKay et al. 2018, "Reversible
+  Recurrent Neural Networks"). The inverse
       m P_{n-1} = (P_{n+1} - (P_n - floor(m P_n / 2^k)) - D_n) * 2^k + bits_n
-  is then exact integer arithmetic. For a = 0.5 that is 1 bit per element and layer (1/32 of an
-  int32 state); for a = 1 (leapfrog) nothing is kept and memory is flat in depth.
-  Exactness needs the backward's recompute of D_n to equal the forward's bit for bit (same
-  layer, same inputs, same choices). A per-layer checksum of P_n (wrapping int32 sum) is kept
-  and compared in the backward; on a mismatch every gradient is NaN, never silently wrong.
+  is exact integer arithmetic. For a = 0.5 that is 1 bit per element and layer (1/32 of an
+  int32/float32 state); for a = 1 (leapfrog) nothing is kept and memory is flat in depth.
+  Exactness needs the backward's D_n to equal the forward's bit for bit. So D_n is always
+  computed on the layer's reuse path (choices given; in the forward a first call selects the
+  choices and gives aux and stats, a second computes y), fenced by optimization barriers so XLA
+  compiles it as the same isolated computation in both scans; in the backward it is computed
+  apart from the vjp (whose own linearisation XLA may fuse differently: without this the real
+  model's rebuilt states were off by ~10 units of 2^-24). Cost: about two layer forwards in the
+  forward pass and two plus the vjp in the backward. A per-layer checksum of P_n (wrapping int32
+  sum) is kept and compared in the backward; on a mismatch every gradient is NaN, never
+  silently wrong.
   Range: |P| must stay below about 2^29.4 / |m| (|p| < ~42 at F = 24, ~10900 at F = 16); a state
   outside it makes the stack's output NaN (lower fixed_point_bits then).
   Its output differs from the float integrator's by the fixed-point rounding (about 2^-(F+1)

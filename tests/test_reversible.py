@@ -73,9 +73,10 @@ def test_gradients_match_plain_float_integrator(deep20, mode, tol):
       lambda gg, xx: R.run_stack(rcfg(mode), synthetic_layers(), gg, xx, CONSTS), gv, w)(params, x)
   e_p, e_x = _rel(g[0], ref_g[0]), _rel(g[1], ref_g[1])
   e_out = float(jnp.max(jnp.abs(out - ref_out)))
-  e_loss = abs(float(loss) - float(ref_loss)) / abs(float(ref_loss))
+  # the loss is a signed sum that can nearly cancel: scale its error by sum |w| >= sum |terms|
+  e_loss = abs(float(loss) - float(ref_loss)) / float(jnp.sum(jnp.abs(w)))
   msg = (f"seed={seed} mode={mode}: grad rel err params {e_p:.2e}, input {e_x:.2e}; "
-         f"max |out - ref| {e_out:.2e}; loss rel {e_loss:.2e}")
+         f"max |out - ref| {e_out:.2e}; loss err / sum|w| {e_loss:.2e}")
   print(msg)
   assert e_p <= tol and e_x <= tol, msg
   assert e_out <= (1e-6 if mode == "store_boundaries" else 1e-5), msg
@@ -116,8 +117,9 @@ def test_debug_probe_sees_a_broken_inverse(monkeypatch):
 
 
 def test_backward_reuses_forward_choices():
-  """Traced calls of the top-k layer: the forward selects (choices=None); the backward
-  recompute gets the stored choices, once, and nothing selects after it."""
+  """Traced calls of the top-k layer: selection (choices=None) happens only in the forward; the
+  backward's calls (the last ones traced: 1 recompute in store_boundaries, the increment and the
+  vjp in invert) all get the stored choices."""
   seen = []
 
   def spy(vj, x, consts, choices):
@@ -126,12 +128,14 @@ def test_backward_reuses_forward_choices():
 
   gv, x, w = _problem(int(np.random.randint(1 << 30)), 8)
   fns = synthetic_layers()[:3] + [spy]
-  for mode in ("store_boundaries", "invert"):
+  for mode, n_bwd in (("store_boundaries", 1), ("invert", 2)):
     seen.clear()
     out = jax.jit(jax.grad(lambda xx: jnp.sum(R.run_stack(rcfg(mode), fns, gv, xx, CONSTS)[0] * w)
                            ))(x)
     assert bool(jnp.all(jnp.isfinite(out)))
-    assert seen.count(False) == 1 and not any(seen[seen.index(False):]), (mode, seen)
+    assert seen[-n_bwd:] == [False] * n_bwd and True in seen[:-n_bwd], (mode, seen)
+    if mode == "store_boundaries":
+      assert seen.count(False) == 1, seen
 
 
 def test_choices_and_stats_returned_like_plain_stack():
@@ -146,18 +150,25 @@ def test_choices_and_stats_returned_like_plain_stack():
     np.testing.assert_allclose(out[1], ref[1], rtol=1e-5, err_msg=f"seed={seed} {mode}")
 
 
-def test_recompute_that_differs_poisons_invert_grads():
-  """A layer whose reuse path computes something else than its select path cannot be inverted
-  exactly: the checksum catches it and every gradient is NaN instead of silently wrong."""
-  def sloppy(vj, x, consts, choices):
-    y, ch, aux, st = topk_layer(vj, x, consts, choices)
-    return (y + 1e-3 if choices is None else y), ch, aux, st
+def test_rebuild_mismatch_poisons_invert_grads(monkeypatch):
+  """If a rebuilt state's checksum differs from the forward's (a layer that does not recompute
+  bit for bit), every gradient is NaN instead of silently wrong. Simulated by a checksum that
+  is off by one when traced inside the backward."""
+  import inspect
 
+  def cks(P):
+    in_bwd = any(f.function == "stack_bwd" for f in inspect.stack())
+    return jnp.sum(P, dtype=jnp.int32) + int(in_bwd)
+
+  monkeypatch.setattr(R, "_checksum", cks)
   gv, x, w = _problem(int(np.random.randint(1 << 30)), 8)
-  fns = synthetic_layers()[:3] + [sloppy]
-  g = jax.jit(jax.grad(lambda xx: jnp.sum(R.run_stack(rcfg("invert"), fns, gv, xx, CONSTS)[0] * w)
-                       ))(x)
+  g = jax.jit(jax.grad(lambda xx: jnp.sum(
+      R.run_stack(rcfg("invert"), synthetic_layers(), gv, xx, CONSTS)[0] * w)))(x)
   assert bool(jnp.all(jnp.isnan(g)))
+  monkeypatch.setattr(R, "_checksum", lambda P: jnp.sum(P, dtype=jnp.int32))
+  g = jax.jit(jax.grad(lambda xx: jnp.sum(
+      R.run_stack(rcfg("invert"), synthetic_layers(), gv, xx, CONSTS)[0] * w)))(x)
+  assert bool(jnp.all(jnp.isfinite(g)))
 
 
 def test_frozen_and_stats_get_zero_cotangents():
