@@ -10,10 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from benchmarks import step as step_bench
 from configs import tiny
 from lightning_jax.config import ConfigError
 from lightning_jax.kernels import delta_rule as kdr
 from lightning_jax.layers import deltanet as dn
+from lightning_jax.layers import sparse_attention as gsa
 
 
 def _seed():
@@ -86,9 +88,10 @@ def test_delta_rule_kernel_config_selection_and_bad_input(caplog):
   args = _inputs(seed, t=40, h=1)
   kdr._FALLBACK_LOGGED.clear()
   with caplog.at_level(logging.WARNING, logger="lightning_jax.kernels"):
-    o, s = dn._delta_rule(cfg, *args[:5])
+    o, s = jax.jit(lambda *a: dn._delta_rule(cfg, *a))(*args[:5])
   assert "running the pure-JAX chunked delta rule" in caplog.text      # visible CPU fallback
-  o_c, s_c = dn.chunk_gated_delta_rule(*args[:5], chunk_size=cfg.model.deltanet.chunk_size)
+  o_c, s_c = jax.jit(dn.chunk_gated_delta_rule, static_argnums=5)(*args[:5],
+                                                                 cfg.model.deltanet.chunk_size)
   assert _rel(o, o_c) <= 1e-6, f"seed={seed}"
   cfg.model.deltanet.chunk_size = 48
   with pytest.raises(ConfigError, match="chunk_size=48 must be a power of two"):
@@ -106,3 +109,28 @@ def test_unit_lower_inverse_matches_numpy():
     got = np.asarray(kdr.unit_lower_inverse(a))
     err = np.abs(got - ref).max() / np.abs(ref).max()
     assert err <= 1e-5, f"seed={seed} C={c} max rel err {err}"
+
+
+def test_gsa_kernel_impl_is_a_config_error():
+  cfg = tiny.get_config()
+  cfg.model.gsa.impl = "kernel"
+  x = np.zeros((1, 8, cfg.model.d_model), np.float32)
+  with pytest.raises(ConfigError, match="model.gsa.impl='kernel' is not available"):
+    gsa.gsa_apply(None, None, x, None, cfg)
+
+
+def test_step_bench_config_and_overrides():
+  cfg = tiny.get_config()
+  step_bench.apply_overrides(cfg, ["model.deltanet.impl=kernel", "model.rope_base=500",
+                                   "model.mtp.enabled=False"])
+  assert cfg.model.deltanet.impl == "kernel" and cfg.model.rope_base == 500.0
+  assert cfg.model.mtp.enabled is False
+  with pytest.raises(ConfigError, match="no field 'model.nope'"):
+    step_bench.apply_overrides(cfg, ["model.nope=1"])
+  with pytest.raises(ConfigError, match="must look like section.field=value"):
+    step_bench.apply_overrides(cfg, ["model.d_model"])
+  cfg = step_bench.bench_config(cfg, layers=8, seq=256, batch=3, n_dev=2)
+  assert (cfg.model.n_layers, cfg.train.seq_len, cfg.train.global_batch,
+          cfg.train.micro_batch) == (8, 256, 6, 0)
+  with pytest.raises(ConfigError, match="--layers=6 must be a multiple of the pattern length 4"):
+    step_bench.bench_config(cfg, layers=6)

@@ -309,6 +309,9 @@ def gsa_apply(p, stats, x, consts, cfg, selection=None):
   mode = g.get("attention", "gather")
   if mode not in _ATTENDS:
     raise ConfigError(f"model.gsa.attention={mode!r} must be one of {sorted(_ATTENDS)}.")
+  if g.get("impl", "xla") != "xla":   # no GSA kernel yet (issue 11): fail loudly, never ignore
+    raise ConfigError(f"model.gsa.impl={g.get('impl')!r} is not available: only 'xla' exists "
+                      f"(lightning_jax/kernels has no GSA kernel yet).")
   x = x.astype(dtype)
   zero = jnp.zeros((), jnp.float32)
   if selection is None:
