@@ -1,7 +1,8 @@
 """Time one full training step of a stage config, with MFU, peak memory and a per-layer-type split.
 
     python -m benchmarks.step --config configs/stage_2b.py [--layers 4] [--batch 1] [--seq 4096]
-        [--steps 5] [--breakdown] [--set model.deltanet.impl=kernel --set ...] [--json out.json]
+        [--steps 5] [--breakdown | --only_breakdown] [--set model.deltanet.impl=kernel --set ...]
+        [--json out.json]
 
 What it runs: launch.train.make_train_step (the training loop's own step: forward, MTP, chunked
 cross-entropy, backward, global-norm clip, AdamW, stats update) under jit with the loop's
@@ -209,7 +210,7 @@ def time_step(cfg, mesh, steps: int, seed: int = 0) -> dict:
 
 
 # ----------------------------------------------------------------------------- breakdown
-def _vjp_timer(f, primals, steps: int, key):
+def _vjp_timer(f, primals, steps: int, key, name: str = ""):
   """Median time of forward + backward of f w.r.t. all primals, with a random cotangent."""
   out_shape = jax.eval_shape(f, *primals)
   ct = jax.tree_util.tree_map(
@@ -221,7 +222,7 @@ def _vjp_timer(f, primals, steps: int, key):
     return vjp(ct)
   t0 = time.perf_counter()
   ms = _median_time(fb, (primals, ct), steps)[0]
-  print(f"  isolated fwd+bwd {getattr(f, '__name__', 'fn')}: {ms * 1e3:.2f} ms "
+  print(f"  isolated fwd+bwd {name or getattr(f, '__name__', 'fn')}: {ms * 1e3:.2f} ms "
         f"(with compile {time.perf_counter() - t0:.1f} s)", flush=True)
   return ms
 
@@ -250,35 +251,35 @@ def breakdown(cfg, mesh, steps: int, seed: int = 0) -> dict:
         y, _, aux, _ = model.layer_apply({"params": p, "frozen": fz, "stats": st}, x, consts,
                                          None, cfg=cfg, kind=kind)
         return y
-      out[f"layer_{kind}"] = _vjp_timer(layer, (p, x_streams), steps, ks[3])
+      out[f"layer_{kind}"] = _vjp_timer(layer, (p, x_streams), steps, ks[3], f"layer_{kind}")
       if kind == "D":
         from lightning_jax.layers import deltanet
         out["mixer_D"] = _vjp_timer(
             lambda pm, x: deltanet.deltanet_apply(pm, x, consts, cfg), (p["mixer"], x_flat),
-            steps, ks[4])
+            steps, ks[4], "mixer_D")
       else:
         from lightning_jax.layers import sparse_attention as gsa
         stg = st.get("mixer")
         out["mixer_G"] = _vjp_timer(
             lambda pm, x: gsa.gsa_apply(pm, stg, x, consts, cfg)[0], (p["mixer"], x_flat),
-            steps, ks[4])
+            steps, ks[4], "mixer_G")
       if "ffn_done" not in out:
         if cfg.moe.enabled:
           from lightning_jax.layers import moe
           stm = st.get("moe")
           out["ffn"] = _vjp_timer(
               lambda pm, x: moe.moe_apply(pm, fz.get("moe"), stm, x, consts, cfg)[0],
-              (p["moe"], x_flat), steps, ks[5])
+              (p["moe"], x_flat), steps, ks[5], "ffn")
         else:
           out["ffn"] = _vjp_timer(lambda pf, x: ffn.swiglu(pf, x, dtype), (p["ffn"], x_flat),
-                                  steps, ks[5])
+                                  steps, ks[5], "ffn")
         out["ffn_done"] = True
     out.pop("ffn_done", None)
     w = nn.init({"w": nn.Spec((d, m.vocab_size), ("embed", "vocab"), nn.normal(0.02))}, ks[6])["w"]
     tgt = jax.random.randint(ks[7], (b, t), 0, m.vocab_size, jnp.int32)
     out["head_ce"] = _vjp_timer(
         lambda h, w: model.chunked_cross_entropy(h, w, tgt, m.ce_chunk, dtype), (x_flat, w),
-        steps, ks[7])
+        steps, ks[7], "head_ce")
   return out
 
 
@@ -334,6 +335,8 @@ def main(argv=None):
   ap.add_argument("--batch", type=int, default=1, help="sequences per device")
   ap.add_argument("--steps", type=int, default=5)
   ap.add_argument("--breakdown", action="store_true")
+  ap.add_argument("--only_breakdown", action="store_true",
+                  help="skip the full step (its compile takes minutes on a GPU): breakdown only")
   ap.add_argument("--set", action="append", default=[], help="section.field=value override")
   ap.add_argument("--json", default="", help="also write the record as JSON here")
   a = ap.parse_args(argv)
@@ -344,6 +347,16 @@ def main(argv=None):
   cfg = bench_config(cfg, layers=a.layers, seq=a.seq, batch=a.batch, n_dev=n_dev)
   note = (f" (REDUCED from {layers_cfg} layers)" if a.layers and a.layers != layers_cfg else "")
   mesh = sharding.make_mesh(cfg.mesh)
+  if a.only_breakdown:
+    bd = breakdown(cfg, mesh, a.steps)
+    print("isolated forward+backward (ms): " + ", ".join(
+        f"{k} {v * 1e3:.2f}" for k, v in bd.items() if not k.startswith("note")), flush=True)
+    if a.json:
+      with open(a.json, "w") as f:
+        json.dump({"breakdown_s": bd, "stage": cfg.stage, "layers": cfg.model.n_layers,
+                   "batch": cfg.train.global_batch, "seq": cfg.train.seq_len,
+                   "device": jax.devices()[0].device_kind}, f, indent=1, default=float)
+    return bd
   res = time_step(cfg, mesh, a.steps)
   text, rec = report(cfg, res, None, n_dev, note)
   print(text, flush=True)
