@@ -142,3 +142,21 @@ def test_step_bench_config_and_overrides():
           cfg.train.micro_batch) == (8, 256, 6, 0)
   with pytest.raises(ConfigError, match="--layers=6 must be a multiple of the pattern length 4"):
     step_bench.bench_config(cfg, layers=6)
+
+
+def test_delta_rule_kernel_under_a_data_mesh_matches_reference(monkeypatch):
+  """select_and_run shards the kernel over the batch (shard_map) under an 8-device mesh."""
+  from lightning_jax import sharding
+  seed = _seed()
+  cfg = tiny.get_config()
+  cfg.model.deltanet.impl = "kernel"
+  cfg.model.deltanet.chunk_size = 32
+  args = _inputs(seed, b=8, t=40, h=2, dk=8, dv=4)
+  monkeypatch.setattr(kdr, "_FORCE_INTERPRET", True)
+  mesh = sharding.make_mesh(cfg.mesh)
+  assert mesh.size == 8
+  with sharding.use_mesh(mesh):
+    o, s = jax.jit(lambda *a: dn._delta_rule(cfg, *a))(*args[:5])
+  o_r, s_r = jax.jit(dn.recurrent_gated_delta_rule)(*args[:5])
+  assert _rel(o, o_r) <= 1e-5, f"seed={seed} sharded output rel err {_rel(o, o_r)}"
+  assert _rel(s, s_r) <= 1e-5, f"seed={seed} sharded state rel err {_rel(s, s_r)}"

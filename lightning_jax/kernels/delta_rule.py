@@ -408,7 +408,7 @@ def select_and_run(cfg, q, k, v, log_alpha, beta):
   if c < 1 or c & (c - 1):
     raise ConfigError(f"model.deltanet.chunk_size={c} must be a power of two with "
                       f"model.deltanet.impl='kernel' (Triton tensor sizes).")
-  if not on_gpu():
+  if not on_gpu() and not _FORCE_INTERPRET:
     be = jax.default_backend()
     if be not in _FALLBACK_LOGGED:
       _FALLBACK_LOGGED.add(be)
@@ -417,4 +417,27 @@ def select_and_run(cfg, q, k, v, log_alpha, beta):
           "delta rule instead (the kernels run off GPU only in tests, through the Pallas "
           "interpreter).", be)
     return deltanet.chunk_gated_delta_rule(q, k, v, log_alpha, beta, chunk_size=c)
-  return chunk_gated_delta_rule(q, k, v, log_alpha, beta, chunk_size=c)
+  rule = functools.partial(chunk_gated_delta_rule, chunk_size=c,
+                           interpret=True if _FORCE_INTERPRET else None)
+  return sharded(rule, q, k, v, log_alpha, beta)
+
+
+_FORCE_INTERPRET = False     # tests: run the kernels (interpreted) through select_and_run on CPU
+
+
+def sharded(rule, q, k, v, log_alpha, beta):
+  """Run `rule` per device under the active mesh (sharding.use_mesh): batch over the batch axes,
+  heads over "heads"' axes (every (batch, head) pair is independent), so a pallas_call, which XLA
+  cannot partition, never sees a global array. Axes that do not divide B or H stay unsplit."""
+  from jax.sharding import PartitionSpec as P
+  from lightning_jax import sharding as shd
+  mesh = shd.current_mesh()
+  if mesh is None or mesh.size == 1:
+    return rule(q, k, v, log_alpha, beta)
+  spec4 = shd._fits(q.shape, shd.spec_for(("batch", None, "heads", None)), mesh)
+  b_ax, h_ax = spec4[0], spec4[2]
+  spec3 = P(b_ax, None, h_ax)
+  spec_s = P(b_ax, h_ax, None, None)
+  fn = lambda *a: rule(*a)
+  return jax.shard_map(fn, mesh=mesh, in_specs=(spec4, spec4, spec4, spec3, spec3),
+                       out_specs=(spec4, spec_s), check_vma=False)(q, k, v, log_alpha, beta)
