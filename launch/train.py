@@ -137,6 +137,36 @@ def make_data(cfg, data_dir, manifest):
   return loader, evals
 
 
+def heldout_weights(cfg, manifest, domains) -> dict:
+  """Weight of each held-out domain in the training mixture (sums to 1 over `domains`).
+
+  Pools: pool weight x the domain's share of its pool's training tokens. Single stream: the
+  domain's share of all training tokens. The headline held-out loss ("val/mix") is the
+  held-out CE_next averaged with these weights, i.e. measured on the distribution the model
+  is trained on; "val/mean" is the plain mean over domains.
+  """
+  tok = {}
+  for e in manifest["shards"]:
+    if e["split"] == "train":
+      tok[e["domain"]] = tok.get(e["domain"], 0) + e["n_tokens"]
+  w = {}
+  if cfg.data.get("use_pools", False):
+    from lightning_jax.data import pools
+    for p in pools.pool_specs(cfg.data.pools):
+      doms = p.domains
+      doms = [d.strip() for d in (doms.split(",") if isinstance(doms, str) else doms) if d.strip()]
+      total = sum(tok.get(d, 0) for d in doms)
+      for d in doms:
+        if total and d in domains:
+          w[d] = w.get(d, 0.0) + float(p.weight) * tok.get(d, 0) / total
+  else:
+    w = {d: float(tok.get(d, 0)) for d in domains}
+  z = sum(w.get(d, 0.0) for d in domains)
+  if z <= 0:
+    return {d: 1.0 / len(domains) for d in domains}
+  return {d: w.get(d, 0.0) / z for d in domains}
+
+
 # ----------------------------------------------------------------------------- shardings
 def _keys(path):
   return [str(getattr(p, "key", getattr(p, "idx", getattr(p, "name", p)))) for p in path]
@@ -344,6 +374,7 @@ def train(cfg, workdir, *, fallback_to_previous: bool = False, stop_after: int =
   logger.note(peak_note)
 
   eval_shard = NamedSharding(mesh, P(None, BATCH_AXES, None))
+  hw = heldout_weights(cfg, manifest, list(dict.fromkeys(eval_names))) if eval_names else {}
 
   def run_eval(step):
     out = {}
@@ -355,6 +386,7 @@ def train(cfg, workdir, *, fallback_to_previous: bool = False, stop_after: int =
       out[f"val/{dom}"] = float(np.mean([v for n, v in zip(eval_names, vals) if n == dom]))
     if out:
       out["val/mean"] = float(np.mean(list(out.values())))
+      out["val/mix"] = float(sum(hw[d] * out[f"val/{d}"] for d in hw))
       logger.write(step, out)
     return out
 
@@ -365,7 +397,8 @@ def train(cfg, workdir, *, fallback_to_previous: bool = False, stop_after: int =
   history, first_eval, last_eval = [], None, None
   if eval_stack is not None and start == 0:
     first_eval = run_eval(0)
-    log(f"held-out loss at step 0: {first_eval['val/mean']:.4f}")
+    log(f"held-out loss at step 0: {first_eval['val/mix']:.4f} (training-mixture weighted; "
+        f"plain mean over {len(hw)} domains {first_eval['val/mean']:.4f})")
   end = steps_total if stop_after <= 0 else min(steps_total, start + stop_after)
   bar = None
   if progress:
@@ -425,8 +458,10 @@ def train(cfg, workdir, *, fallback_to_previous: bool = False, stop_after: int =
   ck.close()
   summary = {"final_step": final, "steps_total": steps_total, "wall_s": time.perf_counter() - t_start,
              "losses": history,
-             "heldout_start": first_eval.get("val/mean") if first_eval else None,
-             "heldout_end": last_eval.get("val/mean") if last_eval else None,
+             "heldout_start": first_eval.get("val/mix") if first_eval else None,
+             "heldout_end": last_eval.get("val/mix") if last_eval else None,
+             "heldout_mean_start": first_eval.get("val/mean") if first_eval else None,
+             "heldout_mean_end": last_eval.get("val/mean") if last_eval else None,
              "heldout_end_by_domain": last_eval}
   logger.write(final, {"summary": {k: v for k, v in summary.items() if k != "losses"}})
   logger.close()
@@ -491,10 +526,14 @@ def main(argv):
         f"final loss {s['losses'][-1][1]:.4f}" if s["losses"] else
         f"done: step {s['final_step']}/{s['steps_total']} (nothing to do)")
   if hs is not None and he is not None:
-    print(f"held-out loss (mean over domains): {hs:.4f} at step 0 -> {he:.4f} at step "
-          f"{s['final_step']}")
+    print(f"held-out loss (weighted like the training mixture): {hs:.4f} at step 0 -> {he:.4f} "
+          f"at step {s['final_step']}; plain mean over domains {s['heldout_mean_start']:.4f} -> "
+          f"{s['heldout_mean_end']:.4f}; per domain: " + ", ".join(
+              f"{k[4:]} {v:.2f}" for k, v in (s["heldout_end_by_domain"] or {}).items()
+              if k not in ("val/mean", "val/mix")))
   elif he is not None:
-    print(f"held-out loss (mean over domains) at step {s['final_step']}: {he:.4f}")
+    print(f"held-out loss (weighted like the training mixture) at step {s['final_step']}: "
+          f"{he:.4f}")
   return 0
 
 

@@ -131,3 +131,22 @@ def test_bad_inputs_one_sentence(data_dir, tmp_path):
   with pytest.raises(ConfigError, match=r"optim.peak_lr is a float field .* 'abc' is not"):
     T.check_overrides(["prog", f"--config={tiny}", "--config.optim.peak_lr=abc"])
   T.check_overrides(["prog", f"--config={tiny}", "--config.optim.peak_lr=1e-3"])
+
+
+def test_heldout_weights_follow_the_training_mixture():
+  cfg = load_config(str(REPO / "configs" / "tiny.py"))
+  man = {"shards": [{"split": "train", "domain": d, "n_tokens": n}
+                    for d, n in (("en", 100), ("code", 300), ("hi", 50), ("bn", 150),
+                                 ("pa", 10), ("gu", 30))] +
+                   [{"split": "val", "domain": "en", "n_tokens": 999}]}
+  doms = ["en", "code", "hi", "bn", "pa", "gu"]
+  cfg.data.use_pools = False
+  w = T.heldout_weights(cfg, man, doms)
+  assert w == pytest.approx({"en": 100 / 640, "code": 300 / 640, "hi": 50 / 640,
+                             "bn": 150 / 640, "pa": 10 / 640, "gu": 30 / 640})
+  cfg.data.use_pools = True     # tiny's pools: D1 en .34, D2 (pa, gu, ...) .24, D3 code .17,
+  w = T.heldout_weights(cfg, man, doms)   # always-on hi, bn .25
+  raw = {"en": 0.34, "code": 0.17, "hi": 0.25 * 50 / 200, "bn": 0.25 * 150 / 200,
+         "pa": 0.24 * 10 / 40, "gu": 0.24 * 30 / 40}
+  z = sum(raw.values())
+  assert w == pytest.approx({k: v / z for k, v in raw.items()})
