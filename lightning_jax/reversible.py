@@ -12,8 +12,8 @@ position j of the pattern are stacked over groups: `group_vars[j]` is a dict
   consts     : pytree shared by all layers (rotary tables, ...), never differentiated
   choices_j  : discrete decisions (MoE top-k ids, sparse-attention key ids). None -> the layer
                selects and returns them; given -> the layer must reuse them, never reselect.
-               Given the choices it would itself have selected, a layer must compute the same
-               output (the `invert` mode checks this bit for bit, see below).
+               Given the choices it would itself have selected, a layer should compute the same
+               output (mode `invert` takes its increments from the reuse path, see below).
   aux        : float32 scalar added to the loss (MoE balance terms), differentiable
   stats_j    : non-differentiated per-layer statistics (expert load, score variance)
 
