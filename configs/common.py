@@ -30,6 +30,7 @@ def get_base_config() -> ConfigDict:
   m.rope_base = 10000.0
   m.ffn_width = 2048              # dense SwiGLU width (2B seed); MoE stages use moe.*
   m.ce_chunk = 1024               # tokens per cross-entropy chunk (never all float32 logits)
+  m.remat = False                 # plain stack: rematerialise each layer in the backward
 
   m.deltanet = ConfigDict()
   m.deltanet.n_heads = 32
