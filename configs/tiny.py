@@ -63,16 +63,16 @@ def get_config():
   t.seq_len = 128
   t.global_batch = 8
   t.micro_batch = 0               # no accumulation (whole batch split over the batch shards)
-  t.steps = 60
-  t.total_tokens = 60 * 8 * 128
+  t.steps = 50
+  t.total_tokens = 50 * 8 * 128
   t.log_every = 10
-  t.eval_every = 30
+  t.eval_every = 25
   t.eval_batches = 1
   t.eval_batch = 8
 
   # ---- checkpoints
   k = c.checkpoint
-  k.every_steps = 30
+  k.every_steps = 25
   k.every_seconds = 600
   k.keep = 2
   return c
