@@ -101,7 +101,7 @@ def abstract_flat(cfg, collections) -> tuple[dict, dict]:
   """(abstract variables tree restricted to `collections`, its flat form) for cfg (TQP off)."""
   from lightning_jax import model
   cfg = dense_expert_cfg(cfg)
-  key = (cfg.to_json_best_effort(sort_keys=True), id(model.param_specs))
+  key = (cfg.to_json_best_effort(sort_keys=True), id(model.abstract_variables))
   if key not in _ABSTRACT_CACHE:
     if len(_ABSTRACT_CACHE) > 16:
       _ABSTRACT_CACHE.clear()

@@ -327,15 +327,16 @@ def common_unflatten(flat_tree):
 
 def test_unwritten_target_leaf_refused(cfgs, dense_src, monkeypatch):
   """A target leaf nobody writes (a name the transform does not know) is refused by name."""
-  from lightning_jax import model, nn
-  orig = model.param_specs
+  import jax
+  from lightning_jax import model
+  orig = model.abstract_variables
 
   def with_extra(cfg):
-    s = orig(cfg)
+    ab = orig(cfg)
     if cfg.moe.enabled:
-      s["head"]["bias"] = nn.Spec((VOCAB,), ("vocab",), nn.zeros)
-    return s
-  monkeypatch.setattr(model, "param_specs", with_extra)
+      ab["params"]["head"]["bias"] = jax.ShapeDtypeStruct((VOCAB,), np.float32)
+    return ab
+  monkeypatch.setattr(model, "abstract_variables", with_extra)
   with pytest.raises(GrowthError, match=r"not written from the source nor listed as fresh.*"
                                         r"params/head/bias"):
     dense_to_moe(dense_src, cfgs["dense"], cfgs["moe"], seed=0)
