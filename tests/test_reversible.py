@@ -1,6 +1,5 @@
 """Reversible midpoint stack: gradients vs the plainly differentiated float integrator,
 bit-exact state reconstruction in mode 'invert', reuse of discrete choices, bad input."""
-import os
 
 import jax
 import jax.numpy as jnp
@@ -237,18 +236,11 @@ def test_shape_changing_layer_rejected_at_build_time():
 
 
 # ----------------------------------------------------------------------------- the tiny model
-SLOW = os.environ.get("LJ_SLOW_TESTS") == "1"
-
-
-@pytest.mark.skipif(not SLOW, reason="about 2.5 min of CPU (two heavy 20-layer model compiles); "
-                    "run with LJ_SLOW_TESTS=1")
 def test_tiny_moe_model_20_layers(monkeypatch):
   """LightningLM (configs/tiny.py, null-slot MoE, GSA with its indexer top-k) at 20 layers:
   loss and gradients w.r.t. all parameters of both modes against the float integrator
   differentiated by plain autodiff; in 'invert' every state rebuilt in the backward is
-  bit-identical to the forward's (debug probe). Each mode is one heavy compile (~60 s of CPU),
-  so the test runs only with LJ_SLOW_TESTS=1 (CI budget); the synthetic 20/40-layer tests above
-  cover the same properties in every run."""
+  bit-identical to the forward's (debug probe). Each mode is one heavy compile (~60 s of CPU)."""
   from configs import tiny
   from lightning_jax import model
 
