@@ -5,7 +5,9 @@
 
 .txt: one document per file. .jsonl: one document per line ({"text": ..., "domain"?: ...}).
 The domain of a file is its first directory below an --input directory (else its file stem).
-Tokenizer: o200k_base loaded offline (tokenizer/base.py). See lightning_jax/data/shards.py.
+Tokenizer: o200k_base loaded offline (tokenizer/base.py), or `--tokenizer brahmic` for the built
+BrahmicTokenizer-131K (tokenizer/brahmic131k, or --tokenizer_path DIR from `python -m tokenizer.build`).
+The data's id order (--id_order) is applied on top of the tokenizer's own ids. See lightning_jax/data/shards.py.
 """
 from __future__ import annotations
 
@@ -25,13 +27,22 @@ flags.DEFINE_float("val_fraction", 0.05, "Fraction of each domain's documents he
 flags.DEFINE_integer("seed", 0, "Seed of the held-out split.")
 flags.DEFINE_integer("shard_tokens", 1 << 24, "Tokens per shard file at most.")
 flags.DEFINE_integer("vocab_multiple", 128, "Compact vocabulary size is rounded up to this.")
+flags.DEFINE_enum("tokenizer", "o200k_base", ["o200k_base", "brahmic"], "Tokenizer to encode with.")
+flags.DEFINE_string("tokenizer_path", "", "Built tokenizer directory for --tokenizer brahmic "
+                    "(default: the committed tokenizer/brahmic131k).")
 FLAGS = flags.FLAGS
 
 
 def main(argv):
   inputs = list(FLAGS.input) + list(argv[1:])
   try:
-    prepare(inputs, FLAGS.output, id_order=FLAGS.id_order, val_fraction=FLAGS.val_fraction,
+    encoding = None
+    if FLAGS.tokenizer != "o200k_base":
+      import tokenizer as tokenizer_lib
+      from ml_collections import ConfigDict
+      encoding = tokenizer_lib.load(ConfigDict({"name": FLAGS.tokenizer, "path": FLAGS.tokenizer_path,
+                                                "id_order": "natural"})).encoding
+    prepare(inputs, FLAGS.output, encoding=encoding, id_order=FLAGS.id_order, val_fraction=FLAGS.val_fraction,
             seed=FLAGS.seed, shard_tokens=FLAGS.shard_tokens, vocab_multiple=FLAGS.vocab_multiple)
   except DataError as e:
     print(f"error: {e}", file=sys.stderr)
