@@ -18,7 +18,14 @@ The train step (one jit with explicit in/out shardings):
   split into micro-batches of train.micro_batch sequences per device and the gradients are
   accumulated with lax.scan; AdamW (lightning_jax.optim); then model.update_stats. A step whose
   loss or gradient norm is not finite does not change the state, and the run stops naming the
-  step; the last checkpoint written stays as it was.
+  step; the last checkpoint written stays as it was. Frozen buffers (codec, TQP quantized
+  bases) take model.frozen_axes: the TQP bases are split over "expert" like the experts.
+
+Between steps, on the host: with moe.enabled and moe.hot_config set, moe.HotConfig.poll(step)
+re-reads the hot-config JSON and its ctl() values enter the step as an array argument (the
+forward's consts["moe_ctl"] and model.update_stats(moe_ctl=...)), so edits apply without a
+recompile; with tqp.enabled and tqp.flush_every > 0, tqp.maybe_flush folds the adapters into
+the quantized bases every flush_every steps.
 """
 from __future__ import annotations
 
@@ -196,18 +203,30 @@ def opt_state_shardings(mesh, opt_abstract, param_shardings):
   return jax.tree_util.tree_map_with_path(one, opt_abstract)
 
 
+def frozen_shardings(mesh, model, cfg, frozen_abstract):
+  """Frozen buffers by their logical axes (model.frozen_axes): the TQP quantized bases split
+  over "expert" like the experts they replace; the codec by its vocab rule."""
+  return sharding.tree_shardings(mesh, model.frozen_axes(cfg), frozen_abstract)
+
+
 # ----------------------------------------------------------------------------- the step
 def make_train_step(cfg, tx, accum: int, model, mesh):
-  """(state, batch) -> (state, metrics). state: params, frozen, stats, opt_state, step."""
+  """(state, batch[, moe_ctl]) -> (state, metrics). state: params, frozen, stats, opt_state, step.
+
+  moe_ctl: optional dict of float32 scalars (moe.HotConfig.ctl()), a traced argument: the
+  forward reads it as consts["moe_ctl"] and the router-bias update as ctl=.
+  """
   micro_spec = P(None, BATCH_AXES, None)
 
-  def grads_of(params, frozen, stats, ids):
+  def grads_of(params, frozen, stats, ids, moe_ctl):
     def f(p):
-      return model.loss_fn(p, frozen, stats, {"ids": ids}, cfg)
+      if moe_ctl is None:
+        return model.loss_fn(p, frozen, stats, {"ids": ids}, cfg)
+      return model.loss_fn(p, frozen, stats, {"ids": ids}, cfg, moe_ctl=moe_ctl)
     (total, m), g = jax.value_and_grad(f, has_aux=True)(params)
     return total, m, g
 
-  def step_fn(state, batch):
+  def step_fn(state, batch, moe_ctl=None):
     params, frozen, stats = state["params"], state["frozen"], state["stats"]
     ids = batch["ids"]
     g_rows = ids.shape[0]
@@ -218,7 +237,7 @@ def make_train_step(cfg, tx, accum: int, model, mesh):
 
     def body(carry, mids):
       gsum, lsum = carry
-      total, m, g = grads_of(params, frozen, stats, mids)
+      total, m, g = grads_of(params, frozen, stats, mids, moe_ctl)
       gsum = jax.tree_util.tree_map(jnp.add, gsum, g)
       scal = {"total": total, "loss": m["loss"], "ce_mtp": m["ce_mtp"], "aux": m["aux"]}
       lsum = jax.tree_util.tree_map(jnp.add, lsum, scal)
@@ -234,7 +253,8 @@ def make_train_step(cfg, tx, accum: int, model, mesh):
                  else optax.global_norm(grads))
     updates, new_opt = tx.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
-    new_stats = model.update_stats(cfg, stats, step_stats)
+    new_stats = (model.update_stats(cfg, stats, step_stats) if moe_ctl is None else
+                 model.update_stats(cfg, stats, step_stats, moe_ctl=moe_ctl))
     ok = jnp.isfinite(scal["total"]) & jnp.isfinite(grad_norm)
     keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)
     out = {"params": keep(new_params, params), "frozen": frozen,
@@ -296,7 +316,7 @@ def train(cfg, workdir, *, fallback_to_previous: bool = False, stop_after: int =
                "stats": abstract["stats"], "opt_state": opt_abs,
                "step": jax.ShapeDtypeStruct((), jnp.int32)}
   state_shard = {"params": p_shard,
-                 "frozen": jax.tree_util.tree_map(lambda _: rep, abstract["frozen"]),
+                 "frozen": frozen_shardings(mesh, model, cfg, abstract["frozen"]),
                  "stats": jax.tree_util.tree_map(lambda _: rep, abstract["stats"]),
                  "opt_state": o_shard, "step": rep}
   batch_shard = NamedSharding(mesh, P(BATCH_AXES, None))
@@ -352,9 +372,20 @@ def train(cfg, workdir, *, fallback_to_previous: bool = False, stop_after: int =
       opt_state = opt_init_jit(var["params"])
     state = {**var, "opt_state": opt_state, "step": jax.device_put(jnp.int32(0), rep)}
 
+  # ---- host-side controls between steps
+  hot = None
+  if cfg.moe.enabled and cfg.moe.hot_config:
+    from lightning_jax.layers import moe as moe_lib
+    hot = moe_lib.HotConfig(cfg, logger=log)
+    hot.poll(start - start % hot.every)     # a resumed run starts from the file's values
+  flush_on = bool(cfg.tqp.enabled) and int(cfg.tqp.flush_every) > 0
+  if flush_on:
+    from lightning_jax import tqp as tqp_lib
+
   # ---- compiled functions (cached per config within a process: tests resume in-process)
-  step_jit = _cached_jit(("train",) + ckey, lambda: jax.jit(
-      make_train_step(cfg, tx, accum, model, mesh), in_shardings=(state_shard, {"ids": batch_shard}),
+  step_in = (state_shard, {"ids": batch_shard}) + ((rep,) if hot is not None else ())
+  step_jit = _cached_jit(("train", hot is not None) + ckey, lambda: jax.jit(
+      make_train_step(cfg, tx, accum, model, mesh), in_shardings=step_in,
       out_shardings=(state_shard, rep), donate_argnums=(0,)))
   eval_jit = _cached_jit(("eval",) + ckey, lambda: jax.jit(
       make_eval_step(cfg, model), in_shardings=(state_shard, NamedSharding(mesh, P(None, BATCH_AXES,
@@ -412,9 +443,13 @@ def train(cfg, workdir, *, fallback_to_previous: bool = False, stop_after: int =
       batch = next(loader)
       if step == debug_poison_step:      # fault injection for the NaN-stop test
         state["params"]["head"]["w"] = state["params"]["head"]["w"] * jnp.nan
+      extra = ()
+      if hot is not None:
+        hot.poll(step)
+        extra = (hot.ctl(),)
       with sharding.use_mesh(mesh):
         ids = jax.make_array_from_process_local_data(batch_shard, np.asarray(batch["ids"]))
-        state, m = step_jit(state, {"ids": ids})
+        state, m = step_jit(state, {"ids": ids}, *extra)
       m = jax.device_get(m)
       rec = {k: float(v) for k, v in m.items() if k != "finite"}
       if not bool(m["finite"]):
@@ -425,6 +460,8 @@ def train(cfg, workdir, *, fallback_to_previous: bool = False, stop_after: int =
         logger.write(step + 1, {**rec, "stopped": stopped})
         break
       rec["lr"] = float(sched(step))
+      if flush_on:
+        state = _maybe_flush(state, cfg, step + 1, tx, state_shard, tqp_lib, rec)
       rec.update(thr.tick(tps))
       rec["tokens"] = (step + 1) * tps
       history.append((step + 1, rec["loss"]))
@@ -466,6 +503,20 @@ def train(cfg, workdir, *, fallback_to_previous: bool = False, stop_after: int =
   logger.write(final, {"summary": {k: v for k, v in summary.items() if k != "losses"}})
   logger.close()
   return summary
+
+
+def _maybe_flush(state, cfg, step, tx, state_shard, tqp_lib, rec):
+  """tqp.maybe_flush after optimizer step `step` (outside jit); the results are put back on
+  the state's shardings so the next call of the jitted step takes them as they are."""
+  params, frozen, opt_state, fstats = tqp_lib.maybe_flush(state["params"], state["frozen"], cfg,
+                                                          step, tx, state["opt_state"])
+  if fstats is None:
+    return state
+  rec["tqp_flush_ab_norm"] = float(fstats["ab_norm"])
+  rec["tqp_flush_changed_frac"] = float(fstats["changed_frac"])
+  new = {"params": params, "frozen": frozen, "opt_state": opt_state}
+  new = jax.device_put(new, {k: state_shard[k] for k in new})
+  return {**state, **new}
 
 
 MOE_TUNABLE = ("bias_gamma", "bias_cap_lo", "bias_cap_hi", "bias_ema", "bias_guard_k",

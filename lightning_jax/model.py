@@ -287,8 +287,9 @@ def check_batch(batch, cfg):
                      f"[0, model.vocab_size={cfg.model.vocab_size}).")
 
 
-def forward(params, frozen, stats, ids, cfg, with_mtp: bool | None = None):
+def forward(params, frozen, stats, ids, cfg, with_mtp: bool | None = None, moe_ctl=None):
   """ids int [B, T + 1] (the +1 feeds the MTP block's emb_{t+1}; pass [B, T] for no MTP).
+  moe_ctl: optional MoE hot-config controls (moe.HotConfig.ctl(), arrays), as consts["moe_ctl"].
 
   Returns dict(h [B, T, d] read-out, h_mtp [B, T, d] | None, aux, aux_mtp, step_stats, choices).
   """
@@ -301,6 +302,8 @@ def forward(params, frozen, stats, ids, cfg, with_mtp: bool | None = None):
   emb = kronecker.embed_apply(params["embed"], frozen["embed"], ids, cfg).astype(dtype)
   emb = sharding.constrain(emb, ("batch", "seq", "embed"))
   consts = make_consts(cfg, t)
+  if moe_ctl is not None:
+    consts["moe_ctl"] = moe_ctl
   x = streams.expand(emb[:, :t], m.hc.n_streams)
   fns = [functools.partial(layer_apply, cfg=cfg, kind=k) for k in m.pattern]
   x, aux, step_stats, choices = reversible.run_stack(
@@ -374,15 +377,15 @@ def aux_scale(cfg) -> float:
   return 8.0 / nl if nl > 8 else 1.0
 
 
-def loss_fn(params, frozen, stats, batch, cfg):
-  """(total, metrics) for batch["ids"] int32 [B, seq_len + 2]."""
+def loss_fn(params, frozen, stats, batch, cfg, moe_ctl=None):
+  """(total, metrics) for batch["ids"] int32 [B, seq_len + 2]; moe_ctl: see forward."""
   check_batch(batch, cfg)
   m = cfg.model
   ids = batch["ids"]
   dtype = nn.dtype_of(m.dtype)
   with_mtp = bool(m.mtp.enabled)
   out = forward(params, frozen, stats, ids[:, :-1] if with_mtp else ids[:, :-2], cfg,
-                with_mtp=with_mtp)
+                with_mtp=with_mtp, moe_ctl=moe_ctl)
   w = params["head"]["w"]
   ce_next = chunked_cross_entropy(out["h"], w, ids[:, 1:-1], m.ce_chunk, dtype)
   aux = out["aux"] * aux_scale(cfg)

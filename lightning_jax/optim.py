@@ -17,7 +17,9 @@
 * Weight decay (optim.weight_decay, decoupled, multiplied by the LR) applies only to matrices:
   leaves that have at least 2 dims after removing the layer-stacking axis of `groups/...`.
   Norm scales, biases, per-head vectors (A_log, D, dt_bias), hyper-connection scalars and the
-  null-slot logit are not decayed.
+  null-slot logit are not decayed. Neither are the GSA indexer weights
+  (sparse_attention.INDEXER_PARAMS): they never get a gradient (the reference never trains
+  them), so decoupled decay would be the only thing changing them.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ import jax.numpy as jnp
 import optax
 
 from lightning_jax.config import ConfigError
+from lightning_jax.layers.sparse_attention import INDEXER_PARAMS
 
 GROUPS = ("router", "adapters", "rest")
 
@@ -121,9 +124,12 @@ def group_labels(params):
 
 
 def decay_mask(params):
-  """True where weight decay applies: matrices (>= 2 dims beyond the group-stacking axis)."""
+  """True where weight decay applies: matrices (>= 2 dims beyond the group-stacking axis),
+  except the never-trained GSA indexer weights (INDEXER_PARAMS)."""
   def m(path, leaf):
     ks = _keys(path)
+    if ks and ks[-1] in INDEXER_PARAMS:
+      return False
     nd = len(leaf.shape) - (1 if ks and ks[0] == "groups" else 0)
     return nd >= 2
   return jax.tree_util.tree_map_with_path(m, params)
