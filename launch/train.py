@@ -97,8 +97,12 @@ def resolve_data(cfg, workdir: pathlib.Path, log=print) -> tuple[str, dict]:
       raise shards.DataError(f"data.build_from={d.build_from} does not exist; expected a "
                              f"directory of .txt/.jsonl files.")
     log(f"preparing shards from {src} into {p} (id order {d.id_order}) ...")
-    shards.prepare([str(src)], str(p), id_order=d.id_order, val_fraction=d.val_fraction,
-                   seed=d.seed, log=log)
+    encoding = None
+    if cfg.tokenizer.name != "o200k_base":        # e.g. "brahmic": the built BrahmicTokenizer-131K
+      import tokenizer as tokenizer_lib
+      encoding = tokenizer_lib.load(cfg.tokenizer).encoding
+    shards.prepare([str(src)], str(p), encoding=encoding, id_order=d.id_order,
+                   val_fraction=d.val_fraction, seed=d.seed, log=log)
   manifest = shards.load_manifest(p)
   return str(p), manifest
 
