@@ -30,7 +30,8 @@ SMALL = ["train.seq_len=32", "train.global_batch=4", "train.eval_every=0", "trai
 def _env(ndev=1):
   return dict(os.environ, PYTHONPATH=str(REPO),
               XLA_FLAGS=f"--xla_force_host_platform_device_count={ndev} "
-                        "--xla_cpu_multi_thread_eigen=false", JAX_PLATFORMS="cpu")
+                        "--xla_cpu_multi_thread_eigen=false --xla_backend_optimization_level=0",
+              JAX_PLATFORMS="cpu")
 
 
 def test_tiny_lineage(tmp_path):
