@@ -27,4 +27,11 @@ def get_config():
   c.tqp.bits = 4
   c.tqp.rank = 16
   c.mesh.expert = 8
+  o = c.optim                     # SPEC §5, 120B stage 1: WSD, peak 3.5e-5, decay x10, 85% stable
+  o.schedule = "wsd"
+  o.peak_lr = 3.5e-5
+  o.start_lr = 1e-5
+  o.warmup_steps = 300
+  o.decay_ratio = 10.0
+  o.stable_fraction = 0.85
   return c
