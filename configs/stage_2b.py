@@ -1,8 +1,13 @@
 """2B dense seed (SPEC §1, §5): 8 layers DDDGDDDG, dense SwiGLU 2048, plain (non-reversible) stack."""
 from configs.common import get_base_config
+from lightning_jax.config import apply_phase
+
+# One training phase (SPEC §5); get_config accepts the phase argument like the other stages
+# (--config=configs/stage_2b.py:p1 is the same as --config=configs/stage_2b.py).
+PHASES = {"p1": {}}
 
 
-def get_config():
+def get_config(phase=None):
   c = get_base_config()
   c.stage = "2b"
   c.model.n_layers = 8
@@ -42,4 +47,4 @@ def get_config():
   k.every_seconds = 1800
   k.keep = 3
   k.async_save = True
-  return c
+  return apply_phase(c, "configs/stage_2b.py", phase, PHASES, "p1")

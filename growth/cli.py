@@ -113,8 +113,10 @@ def evaluate(variables, cfg, ids) -> dict:
 
 
 # ----------------------------------------------------------------------------- writing
-def write_grown(dst: pathlib.Path, cfg, variables, data_dir, manifest, meta, log=print):
-  """NEW_RUN/checkpoints/0: the grown variables, fresh optimizer state, step 0, fresh loader."""
+def write_grown(dst: pathlib.Path, cfg, variables, data_dir, manifest, meta, log=print,
+                opt_state=None, loader_state=None):
+  """NEW_RUN/checkpoints/0: the grown variables, fresh optimizer state, step 0, fresh loader.
+  opt_state / loader_state (optional; growth.next_phase): written instead of the fresh ones."""
   import jax
   import jax.numpy as jnp
   from launch import train as train_lib
@@ -125,13 +127,18 @@ def write_grown(dst: pathlib.Path, cfg, variables, data_dir, manifest, meta, log
   state = {"params": params,
            "frozen": jax.tree_util.tree_map(jnp.asarray, variables["frozen"]),
            "stats": jax.tree_util.tree_map(jnp.asarray, variables["stats"]),
-           "opt_state": tx.init(params), "step": jnp.int32(0)}
-  loader, _ = train_lib.make_data(cfg, data_dir, manifest)
+           "opt_state": (tx.init(params) if opt_state is None else
+                         jax.tree_util.tree_map(jnp.asarray, opt_state)),
+           "step": jnp.int32(0)}
+  if loader_state is None:
+    loader, _ = train_lib.make_data(cfg, data_dir, manifest)
+    loader_state = loader.get_state()
   kc = ck.config_ns(keep=0)
   w = ck.Checkpointer(dst / "checkpoints", kc)
-  w.save(0, state, loader.get_state(), ck.config_to_json(cfg), meta)
+  w.save(0, state, loader_state, ck.config_to_json(cfg), meta)
   w.close()
-  log(f"wrote {dst / 'checkpoints' / '0'}: step 0, fresh optimizer state, schedule of "
+  log(f"wrote {dst / 'checkpoints' / '0'}: step 0, "
+      f"{'fresh' if opt_state is None else 'given'} optimizer state, schedule of "
       f"{steps_total} steps from the target config (stage {cfg.stage!r})")
 
 

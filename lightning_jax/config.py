@@ -11,15 +11,55 @@ class ConfigError(ValueError):
   """A config value is wrong; the message names the field and what was expected."""
 
 
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
 def load_config(path: str) -> ConfigDict:
-  """Load `get_config()` from a config file path (as `--config=configs/x.py` would)."""
-  p = pathlib.Path(path)
+  """Load a config file as `--config=configs/x.py` would, including the ml_collections argument
+  form `--config=configs/stage_9b.py:p3` (the text after ':' is passed to get_config). A relative
+  path that does not exist from the working directory is looked up from the repository root."""
+  path = str(path)
+  file, sep, arg = path.partition(":")
+  p = pathlib.Path(file)
+  if not p.exists() and not p.is_absolute() and (REPO / p).exists():
+    p = REPO / p
   if not p.exists():
-    raise ConfigError(f"config file {path} does not exist; expected a path like configs/tiny.py.")
+    raise ConfigError(f"config file {file} does not exist; expected a path like configs/tiny.py "
+                      f"(optionally with a phase, configs/stage_9b.py:p2).")
   spec = importlib.util.spec_from_file_location(f"_cfg_{p.stem}", p)
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
-  return mod.get_config()
+  if not sep:
+    return mod.get_config()
+  import inspect
+  if not inspect.signature(mod.get_config).parameters:
+    raise ConfigError(f"config file {file} takes no argument, but {path!r} passes {arg!r}; "
+                      f"expected just {file}.")
+  return mod.get_config(arg)
+
+
+def select_phase(stage_file: str, phase, phases: dict, default: str):
+  """(name, spec) of a training phase of a stage config: `phase` None or '' gives `default`;
+  an unknown name is a ConfigError listing the valid ones."""
+  name = default if phase in (None, "") else str(phase).strip()
+  if name not in phases:
+    raise ConfigError(f"{stage_file} has no phase {name!r}; expected one of "
+                      f"{', '.join(phases)} (e.g. --config={stage_file}:{default}).")
+  return name, phases[name]
+
+
+def apply_phase(c: ConfigDict, stage_file: str, phase, phases: dict, default: str) -> ConfigDict:
+  """Set a phase's fields (dotted names, e.g. 'train.total_tokens') on c, and c.phase = its name."""
+  name, spec = select_phase(stage_file, phase, phases, default)
+  for key, value in spec.items():
+    node, parts = c, key.split(".")
+    for part in parts[:-1]:
+      node = node[part]
+    if parts[-1] not in node:
+      raise ConfigError(f"{stage_file} phase {name}: {key} names no config field.")
+    node[parts[-1]] = value
+  c.phase = name
+  return c
 
 
 def layer_kinds(cfg: ConfigDict) -> list[str]:
