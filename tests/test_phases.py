@@ -122,3 +122,146 @@ def test_120b_schedule():
   assert _close(_lr(p2, 0), 3.5e-6) and _close(_lr(p2, 485), 2e-5)
   assert _close(_lr(p2, n2), 1e-6)
   assert optim.lr_multipliers(p2) == {"router": 1.0, "adapters": 1.0, "rest": 1.0}
+
+
+# ----------------------------------------------------------------------------- checkpoints
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+  """(config, data_dir, manifest) of the tiny config on the bundled corpus (prepared once)."""
+  from launch import train as train_lib
+  work = tmp_path_factory.mktemp("phase_data")
+  c = _cfg("tiny.py")
+  data_dir, manifest = train_lib.resolve_data(c, work, log=lambda *a: None)
+  c.data.path = data_dir
+  train_lib.apply_data_vocab(c, manifest, data_dir)
+  return c, data_dir, manifest
+
+
+def _random_state(cfg, rng, step):
+  """A launch.train state for cfg from random arrays (no model init, no compile): params, frozen
+  and stats shaped like the model; Adam moments random; every int counter = step."""
+  import jax
+  import jax.numpy as jnp
+  from lightning_jax import model
+  ab = model.abstract_variables(cfg)
+
+  def rand(a, positive=False):
+    if np.issubdtype(np.dtype(a.dtype), np.floating):
+      x = rng.normal(0, 0.05, a.shape)
+      return np.asarray(np.abs(x) if positive else x, a.dtype)
+    return np.full(a.shape, step, a.dtype)
+  var = {k: jax.tree_util.tree_map(rand, ab[k]) for k in ("params", "frozen", "stats")}
+  tx, _ = optim.make_optimizer(cfg, var["params"], optim.total_steps(cfg))
+  opt = jax.eval_shape(tx.init, var["params"])
+  opt = jax.tree_util.tree_map(lambda a: jnp.asarray(rand(a, positive=True)), opt)
+  return {**{k: jax.tree_util.tree_map(jnp.asarray, v) for k, v in var.items()},
+          "opt_state": opt, "step": jnp.int32(step)}
+
+
+def _save_run(run, cfg, data_dir, manifest, states: dict):
+  from launch import train as train_lib
+  from lightning_jax import checkpoint as ck
+  loader, _ = train_lib.make_data(cfg, data_dir, manifest)
+  w = ck.Checkpointer(pathlib.Path(run) / "checkpoints", ck.config_ns(keep=0))
+  for step, st in states.items():
+    w.save(step, st, loader.get_state(), ck.config_to_json(cfg), {"loss": 1.0, "tokens": 0})
+    w.wait()
+  w.close()
+  return loader.get_state()
+
+
+def _np(tree):
+  import jax
+  return {k: np.asarray(v) for k, v in
+          ((jax.tree_util.keystr(p), v) for p, v in jax.tree_util.tree_flatten_with_path(tree)[0])}
+
+
+def test_next_phase_carries_params_moments_and_loader(tiny, tmp_path):
+  import optax
+  from growth import cli
+  from growth.common import GrowthError
+  from growth.next_phase import next_phase, restore_opt_state
+  cfg, data_dir, manifest = tiny
+  rng = np.random.default_rng(SEED)
+  src_state = _random_state(cfg, rng, step=7)
+  saved_loader = _save_run(tmp_path / "p1", cfg, data_dir, manifest, {7: src_state})
+  tgt = cfg.copy_and_resolve_references()
+  tgt.model.use_rotary = False                       # like 9B p4
+  tgt.optim.schedule, tgt.optim.warmup_steps = "constant", 0
+  tgt.phase = "p2"
+  out = next_phase(str(tmp_path / "p1"), str(tmp_path / "p2"), tgt, log=lambda *a: None)
+  prov = out["meta"]["provenance"]
+  assert (prov["source_step"], prov["phase"], prov["optimizer"], prov["loader"]) == \
+      (7, "p2", "carried", "carried"), f"seed {SEED}"
+  got = cli.read_source(str(tmp_path / "p2"), log=lambda *a: None)
+  assert got["step"] == 0 and got["cfg"].model.use_rotary is False
+  assert got["meta"]["provenance"]["source_path"].endswith("p1/checkpoints/7")
+  a, b = _np(src_state["params"]), _np(got["variables"]["params"])
+  assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a), f"seed {SEED}"
+  # Adam moments and Adam's count carried; the schedule's count restarts at 0
+  opt = restore_opt_state(tmp_path / "p2" / "checkpoints" / "0", tgt, got["variables"]["params"])
+  adam = [s for s in _leaves_of(opt, optax.ScaleByAdamState)]
+  sched = [s for s in _leaves_of(opt, optax.ScaleByScheduleState)]
+  src_adam = _leaves_of(src_state["opt_state"], optax.ScaleByAdamState)
+  assert adam and sched and len(adam) == len(src_adam)
+  for x, y in zip(adam, src_adam):
+    assert int(x.count) == 7
+    for m in ("mu", "nu"):
+      u, v = _np(getattr(x, m)), _np(getattr(y, m))
+      assert all(np.array_equal(u[k], v[k]) for k in v), f"{m} seed {SEED}"
+  assert all(int(s.count) == 0 for s in sched)
+  from lightning_jax import checkpoint as ck
+  r = ck.Checkpointer(tmp_path / "p2" / "checkpoints", ck.config_ns(keep=0), read_only=True)
+  assert r.read_json(0, "loader") == saved_loader
+  r.close()
+
+  # another batch geometry: the loader restarts, the moments still carry
+  t3 = tgt.copy_and_resolve_references()
+  t3.train.global_batch = 16
+  out3 = next_phase(str(tmp_path / "p1"), str(tmp_path / "p3"), t3, log=lambda *a: None)
+  assert out3["meta"]["provenance"]["loader"] == "fresh"
+  # a different model is growth's job; so is another stage
+  bad = tgt.copy_and_resolve_references()
+  bad.model.n_layers = 8
+  with pytest.raises(GrowthError, match="model differs"):
+    next_phase(str(tmp_path / "p1"), str(tmp_path / "bad"), bad, log=lambda *a: None)
+  bad = tgt.copy_and_resolve_references()
+  bad.stage = "9b"
+  with pytest.raises(GrowthError, match="continues one stage"):
+    next_phase(str(tmp_path / "p1"), str(tmp_path / "bad2"), bad, log=lambda *a: None)
+
+
+def _leaves_of(tree, kind):
+  import jax
+  return [n for n in jax.tree_util.tree_leaves(tree, is_leaf=lambda n: isinstance(n, kind))
+          if isinstance(n, kind)]
+
+
+def test_ema_over_last_checkpoints(tiny, tmp_path):
+  from growth import cli
+  from launch.ema import ema, ema_weights
+  from lightning_jax import checkpoint as ck
+  cfg, data_dir, manifest = tiny
+  rng = np.random.default_rng(SEED + 1)
+  states = {s: _random_state(cfg, rng, step=s) for s in (10, 20, 30, 40)}
+  _save_run(tmp_path / "run", cfg, data_dir, manifest, states)
+  alpha = float(rng.uniform(0.1, 0.9))
+  with pytest.raises(ck.CheckpointError, match=r"holds 4 checkpoint\(s\)"):
+    ema(str(tmp_path / "run"), str(tmp_path / "e6"), alpha=alpha, last=6, log=lambda *a: None)
+  out = ema(str(tmp_path / "run"), str(tmp_path / "e3"), alpha=alpha, last=3, log=lambda *a: None)
+  assert out["steps"] == [20, 30, 40]
+  # hand reference, float64: oldest first, e = alpha * x + (1 - alpha) * e
+  flat = {s: _np(states[s]["params"]) for s in (20, 30, 40)}
+  got = cli.read_source(str(tmp_path / "e3"), log=lambda *a: None)
+  g = _np(got["variables"]["params"])
+  for k in g:
+    e = flat[20][k].astype(np.float64)
+    for s in (30, 40):
+      e = alpha * flat[s][k].astype(np.float64) + (1 - alpha) * e
+    np.testing.assert_allclose(g[k], e, rtol=1e-5, atol=1e-7, err_msg=f"{k} seed {SEED}")
+  # frozen and stats are the newest checkpoint's; the provenance names the steps and alpha
+  nf, gf = _np(states[40]["stats"]), _np(got["variables"]["stats"])
+  assert all(np.array_equal(nf[k], gf[k]) for k in nf)
+  assert got["meta"]["provenance"]["ema"]["steps"] == [20, 30, 40]
+  assert math.isclose(sum(ema_weights(6, 0.2)), 1.0) and \
+      np.allclose(ema_weights(6, 0.2), [0.32768, 0.08192, 0.1024, 0.128, 0.16, 0.2])
