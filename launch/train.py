@@ -9,7 +9,8 @@ whole budget), --no_progress.
 Restarting the same command in the same run directory resumes from the newest complete
 checkpoint: parameters, optimizer state, running statistics, step and the data loader's position.
 
-Run directory: checkpoints/<step>/, metrics.jsonl, tb/ (TensorBoard), data/ (shards prepared
+Run directory: checkpoints/<step>/ (+ checkpoints/frozen/<version>/: the frozen buffers, written
+once per version, see lightning_jax/checkpoint.py), metrics.jsonl, tb/ (TensorBoard), data/ (shards prepared
 from data.build_from when data.path is empty), plots/ (launch.plot).
 
 The train step (one jit with explicit in/out shardings):
@@ -356,10 +357,14 @@ def train(cfg, workdir, *, fallback_to_previous: bool = False, stop_after: int =
     state = restored["state"]
     loader.set_state(restored["loader"], log=log)       # the pool mixture reports stage notes
     start = int(restored["step"])
+    frozen_version = restored.get("frozen_version")
+    if frozen_version is None:      # a step of the older layout (frozen inside the state)
+      frozen_version = start
     log(f"resuming from {ck.step_dir(start)} (step {start}); data loader at "
         f"{restored['loader'].get('iterator')}")
   else:
     start = 0
+    frozen_version = 0      # checkpoint.py: the step at which the frozen tree came into being
     token_bytes = shards.token_bytes(data_dir)
     from lightning_jax.layers import kronecker
     codec = kronecker.codec_from_tokenizer(token_bytes, cfg)
@@ -427,7 +432,7 @@ def train(cfg, workdir, *, fallback_to_previous: bool = False, stop_after: int =
 
   def save(step, meta):
     if checkpointing:
-      ck.save(step, state, loader.get_state(), cfg_json, meta)
+      ck.save(step, state, loader.get_state(), cfg_json, meta, frozen_version=frozen_version)
 
   history, first_eval, last_eval = [], None, None
   if eval_stack is not None and start == 0:
@@ -465,7 +470,9 @@ def train(cfg, workdir, *, fallback_to_previous: bool = False, stop_after: int =
         break
       rec["lr"] = float(sched(step))
       if flush_on:
-        state = _maybe_flush(state, cfg, step + 1, tx, state_shard, tqp_lib, rec)
+        state, flushed = _maybe_flush(state, cfg, step + 1, tx, state_shard, tqp_lib, rec)
+        if flushed:           # requantized bases: a new frozen version, stored at the next save
+          frozen_version = step + 1
       rec.update(thr.tick(tps))
       rec["tokens"] = (step + 1) * tps
       history.append((step + 1, rec["loss"]))
@@ -511,16 +518,17 @@ def train(cfg, workdir, *, fallback_to_previous: bool = False, stop_after: int =
 
 def _maybe_flush(state, cfg, step, tx, state_shard, tqp_lib, rec):
   """tqp.maybe_flush after optimizer step `step` (outside jit); the results are put back on
-  the state's shardings so the next call of the jitted step takes them as they are."""
+  the state's shardings so the next call of the jitted step takes them as they are. Returns
+  (state, whether it flushed)."""
   params, frozen, opt_state, fstats = tqp_lib.maybe_flush(state["params"], state["frozen"], cfg,
                                                           step, tx, state["opt_state"])
   if fstats is None:
-    return state
+    return state, False
   rec["tqp_flush_ab_norm"] = float(fstats["ab_norm"])
   rec["tqp_flush_changed_frac"] = float(fstats["changed_frac"])
   new = {"params": params, "frozen": frozen, "opt_state": opt_state}
   new = jax.device_put(new, {k: state_shard[k] for k in new})
-  return {**state, **new}
+  return {**state, **new}, True
 
 
 MOE_TUNABLE = ("bias_gamma", "bias_cap_lo", "bias_cap_hi", "bias_ema", "bias_guard_k",

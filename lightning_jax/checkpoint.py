@@ -1,29 +1,52 @@
-"""Checkpoints with orbax: async save, keep-N, step and time intervals, validated resume.
+"""Checkpoints with orbax: async save, keep-N, step and time intervals, validated resume, and the
+frozen base stored once per run.
 
-A run directory holds `checkpoints/<step>/` with four items:
-  state   params, frozen, stats, opt_state, step  (orbax StandardSave: sharded arrays)
-  loader  the data loader's small JSON state record (continues the same data stream)
-  config  the run's config as JSON
-  meta    JSON: loss, LR, tokens seen, wall time of the save
+A run directory holds `checkpoints/<step>/` with five items:
+  state       params, stats, opt_state, step  (orbax StandardSave: sharded arrays)
+  frozen_ref  JSON: which frozen version the step uses and that version's fingerprint
+  loader      the data loader's small JSON state record (continues the same data stream)
+  config      the run's config as JSON
+  meta        JSON: loss, LR, tokens seen, wall time of the save
+and `checkpoints/frozen/<version>/` (items `frozen`: the frozen tree, `info`: its fingerprint).
 
-orbax writes each step into a temporary directory and renames it when complete, so a process
-killed during a save leaves the previous checkpoints as they were (the partial temporary
-directory is ignored, and removed on the next start). A committed step that cannot be read
-(files missing or corrupt) is never skipped silently: `restore_latest` raises CheckpointError
+The frozen tree (codec buffers, the TQP quantized routed-expert bases: ~58 GB at 120B) does not
+change between steps, so it is written ONCE per version rather than at every save. Its version
+is the step at which it came into being: 0 for an initialised or grown model, the flush step
+after a tqp flush (which requantizes the bases). `save(..., frozen_version=v)` writes version v
+only if it is not on disk yet (synchronously, before the step that references it, so a
+committed step never points at an uncommitted version); without frozen_version the tree's
+fingerprint is compared with the versions present and a new one (numbered by the step) is
+written only when none matches. The fingerprint: every leaf's path, shape, dtype and a cheap
+position-weighted uint32 checksum (computed on the devices for big trees), plus tqp.bits. Keep-N
+also applies to the frozen versions: a version is deleted once no kept step references it.
+
+orbax writes each step (and each frozen version) into a temporary directory and renames it when
+complete, so a process killed during a save leaves the previous checkpoints as they were (the
+partial temporary directory is ignored, and removed on the next start). A committed step that
+cannot be read (files missing or corrupt, its frozen version missing, unreadable or not matching
+the recorded fingerprint) is never skipped silently: `restore_latest` raises CheckpointError
 naming it, unless the caller passes fallback_to_previous=True, which restores the newest
-readable older step and says which one it skipped.
+readable older step and says which one it skipped. A frozen base whose shapes do not match the
+model being restored is refused before anything is read (a TQP base of other bits than
+tqp.bits: one sentence naming both). Step directories of the older layout (`frozen` inside
+`state`, no `frozen_ref`) are still read.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import pathlib
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-ITEMS = ("state", "loader", "config", "meta")
+ITEMS = ("state", "frozen_ref", "loader", "config", "meta")
+FROZEN_DIR = "frozen"
+FROZEN_ITEMS = ("frozen", "info")
 
 # orbax's default "replica-parallel" save slices every replicated array across its replicas
 # with a small jitted slice per shape: hundreds of compilations for a model's parameter and
@@ -56,8 +79,14 @@ def _options(cfg_ckpt, read_only=False):
 
 
 def _handlers():
-  return {"state": ocp.StandardCheckpointHandler(), "loader": ocp.JsonCheckpointHandler(),
-          "config": ocp.JsonCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+  return {"state": ocp.StandardCheckpointHandler(), "frozen_ref": ocp.JsonCheckpointHandler(),
+          "loader": ocp.JsonCheckpointHandler(), "config": ocp.JsonCheckpointHandler(),
+          "meta": ocp.JsonCheckpointHandler()}
+
+
+def _first_line(e: Exception, n=300) -> str:
+  s = str(e).splitlines()
+  return f"{type(e).__name__}: {(s[0] if s else '')[:n]}"
 
 
 class Checkpointer:
@@ -66,10 +95,15 @@ class Checkpointer:
   def __init__(self, directory, cfg_ckpt, read_only: bool = False):
     self.directory = pathlib.Path(directory).absolute()
     self.cfg = cfg_ckpt
+    self.read_only = read_only
     if read_only and not self.directory.exists():
       raise CheckpointError(f"checkpoint directory {self.directory} does not exist.")
     self.manager = ocp.CheckpointManager(self.directory, options=_options(cfg_ckpt, read_only),
                                          item_names=ITEMS, item_handlers=_handlers())
+    self._frozen_manager = None
+    self._refs: dict = {}          # step -> frozen_ref record (committed steps do not change)
+    self._verified: dict = {}      # frozen version -> fingerprint known to match the disk
+    self._pending: set = set()     # version used by the step save in flight
     self._last_save_time = time.monotonic()
 
   # ---------------------------------------------------------------------------- saving
@@ -80,21 +114,197 @@ class Checkpointer:
     secs = float(self.cfg.every_seconds)
     return secs > 0 and time.monotonic() - self._last_save_time >= secs
 
-  def save(self, step: int, state: dict, loader_state: dict, config_json: dict, meta: dict):
-    """Start an (async) save of `state` at `step`; returns once the device arrays are copied."""
-    self.manager.save(int(step), args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        loader=ocp.args.JsonSave(loader_state),
-        config=ocp.args.JsonSave(config_json),
-        meta=ocp.args.JsonSave(meta)), force=True)
+  def save(self, step: int, state: dict, loader_state: dict, config_json: dict, meta: dict,
+           frozen_version: int | None = None):
+    """Start an (async) save of `state` at `step`; returns once the device arrays are copied.
+
+    state["frozen"] (if present) goes to checkpoints/frozen/<version>/, written only when that
+    version is not on disk yet; frozen_version: the step at which this frozen tree came into
+    being (launch.train passes it); None: found by fingerprint, else a new version = step."""
+    step = int(step)
+    self.manager.wait_until_finished()      # orbax's save waits for the previous one anyway
+    state = dict(state)
+    ref = None
+    if "frozen" in state:
+      ref = self._store_frozen(step, state.pop("frozen"), config_json, frozen_version)
+    items = {"state": ocp.args.StandardSave(state), "loader": ocp.args.JsonSave(loader_state),
+             "config": ocp.args.JsonSave(config_json), "meta": ocp.args.JsonSave(meta)}
+    if ref is not None:
+      items["frozen_ref"] = ocp.args.JsonSave(ref)
+      self._pending = {ref["version"]}
+    self._refs.pop(step, None)
+    self._gc_frozen()
+    self.manager.save(step, args=ocp.args.Composite(**items), force=True)
     self._last_save_time = time.monotonic()
 
   def wait(self):
     self.manager.wait_until_finished()
+    self._pending = set()
+    self._gc_frozen()
 
   def close(self):
-    self.manager.wait_until_finished()
+    self.wait()
     self.manager.close()
+    if self._frozen_manager is not None:
+      self._frozen_manager.close()
+
+  # ---------------------------------------------------------------------------- frozen versions
+  def frozen_root(self) -> pathlib.Path:
+    return self.directory / FROZEN_DIR
+
+  def frozen_dir(self, version: int) -> pathlib.Path:
+    return self.frozen_root() / str(version)
+
+  def _fm(self, create: bool = False):
+    """The orbax manager of checkpoints/frozen/ (None while it does not exist and create=False)."""
+    if self._frozen_manager is None:
+      if not self.frozen_root().is_dir() and (self.read_only or not create):
+        return None
+      ro = self.read_only
+      self._frozen_manager = ocp.CheckpointManager(
+          self.frozen_root(),
+          options=ocp.CheckpointManagerOptions(
+              max_to_keep=None, enable_async_checkpointing=False, cleanup_tmp_directories=not ro,
+              create=not ro, read_only=ro),
+          item_names=FROZEN_ITEMS,
+          item_handlers={"frozen": ocp.StandardCheckpointHandler(),
+                         "info": ocp.JsonCheckpointHandler()})
+    return self._frozen_manager
+
+  def frozen_versions(self) -> list[int]:
+    fm = self._fm()
+    return [] if fm is None else sorted(int(v) for v in fm.all_steps())
+
+  def frozen_info(self, version: int) -> dict:
+    """{"version", "fingerprint", "written_at_step", "time"} of a stored frozen version."""
+    fm = self._fm()
+    if fm is None or int(version) not in fm.all_steps():
+      raise CheckpointError(f"frozen base {self.frozen_dir(version)} does not exist.")
+    try:
+      return fm.restore(int(version), args=ocp.args.Composite(info=ocp.args.JsonRestore()))["info"]
+    except Exception as e:
+      raise CheckpointError(f"frozen base {self.frozen_dir(version)} is unreadable or incomplete "
+                            f"({_first_line(e)}).") from e
+
+  def frozen_ref(self, step: int):
+    """The step's frozen_ref record {"version", "fingerprint"}, or None for a step without one
+    (the older layout, with frozen inside state, or a state without a frozen tree)."""
+    step = int(step)
+    if step in self._refs:
+      return self._refs[step]
+    if not (self.step_dir(step) / "frozen_ref").exists():
+      ref = None
+    else:
+      ref = self.manager.restore(step, args=ocp.args.Composite(
+          frozen_ref=ocp.args.JsonRestore()))["frozen_ref"]
+    self._refs[step] = ref
+    return ref
+
+  def frozen_users(self, version: int) -> list[int]:
+    """Committed steps whose frozen_ref names `version`."""
+    out = []
+    for s in self.steps():
+      try:
+        r = self.frozen_ref(s)
+      except Exception:
+        continue
+      if r is not None and r.get("version") == int(version):
+        out.append(s)
+    return out
+
+  def _store_frozen(self, step, frozen, config_json, version) -> dict:
+    bits = _tqp_bits(config_json)
+    if not jax.tree_util.tree_leaves(frozen):
+      return {"version": None, "fingerprint": None}
+    fp = None
+    if version is None:
+      fp = frozen_fingerprint(frozen, bits)
+      for v in reversed(self.frozen_versions()):
+        known = self._verified.get(v)
+        if known is None:
+          try:
+            known = self.frozen_info(v)["fingerprint"]
+          except CheckpointError:
+            continue
+        if same_fingerprint(known, fp):
+          self._verified[v] = known
+          return {"version": v, "fingerprint": known}
+      version = step
+    version = int(version)
+    known = self._verified.get(version)
+    if known is not None:
+      # written or verified by this process: only the (free) structure is compared here
+      if _structure(known) == _structure(frozen_fingerprint(frozen, bits, sums=False)):
+        return {"version": version, "fingerprint": known}
+      self._verified.pop(version)
+    if fp is None:
+      fp = frozen_fingerprint(frozen, bits)
+    if version in self.frozen_versions():
+      try:
+        stored = self.frozen_info(version)["fingerprint"]
+      except CheckpointError:
+        stored = None
+      if stored is not None and same_fingerprint(stored, fp):
+        self._verified[version] = stored
+        return {"version": version, "fingerprint": stored}     # on disk already: not rewritten
+      users = self.frozen_users(version)
+      if users:
+        raise CheckpointError(
+            f"frozen base {self.frozen_dir(version)} already exists with different contents "
+            f"({fingerprint_diff(stored, fp) if stored else 'unreadable'}) and checkpoints "
+            f"{users} use it; expected the same frozen tree for version {version} (use a new "
+            f"run directory, or delete those checkpoints).")
+      self._fm().delete(version)        # left by a save that never committed a step: replace it
+    info = {"version": version, "fingerprint": fp, "written_at_step": int(step),
+            "time": time.time()}
+    self._fm(create=True).save(version, args=ocp.args.Composite(
+        frozen=ocp.args.StandardSave(frozen), info=ocp.args.JsonSave(info)), force=True)
+    self._fm().wait_until_finished()
+    self._verified[version] = fp
+    return {"version": version, "fingerprint": fp}
+
+  def _gc_frozen(self):
+    """Delete frozen versions that no kept step (nor the save in flight) references."""
+    if self.read_only:
+      return
+    versions = self.frozen_versions()
+    if not versions:
+      return
+    used = set(self._pending)
+    for s in self.steps():
+      try:
+        r = self.frozen_ref(s)
+      except Exception:       # a step we cannot read: keep every version (it may need one)
+        return
+      if r is not None:
+        used.add(r.get("version"))
+    for v in versions:
+      if v not in used:
+        self._fm().delete(v)
+        self._verified.pop(v, None)
+
+  def _restore_frozen(self, ref, abstract_frozen, d):
+    v = ref["version"]
+    fdir = self.frozen_dir(v)
+    hint = (f"pass --fallback_to_previous to resume from an older checkpoint instead, or "
+            f"delete {d}.")
+    if v not in self.frozen_versions():
+      raise CheckpointError(f"checkpoint {d} uses the frozen base {fdir}, which is missing; "
+                            f"restore that directory, or {hint}")
+    try:
+      frozen = self._fm().restore(int(v), args=ocp.args.Composite(
+          frozen=ocp.args.StandardRestore(abstract_frozen)))["frozen"]
+    except Exception as e:  # orbax / tensorstore raise many types for torn files
+      raise CheckpointError(f"frozen base {fdir} (used by checkpoint {d}) is unreadable or "
+                            f"incomplete ({_first_line(e)}); {hint}") from e
+    want = ref["fingerprint"]
+    got = frozen_fingerprint(frozen, want.get("tqp_bits"))
+    if not same_fingerprint(want, got):
+      raise CheckpointError(f"frozen base {fdir} does not match the fingerprint recorded by "
+                            f"checkpoint {d} ({fingerprint_diff(want, got)}); it is corrupt or "
+                            f"was replaced: {hint}")
+    self._verified[v] = want
+    return frozen
 
   # ---------------------------------------------------------------------------- reading
   def steps(self) -> list[int]:
@@ -104,8 +314,23 @@ class Checkpointer:
     return self.directory / str(step)
 
   def restore(self, step: int, abstract_state) -> dict:
-    """Restore one step; abstract_state: ShapeDtypeStructs with shardings (or None: as saved)."""
+    """Restore one step and the frozen version it references; abstract_state: ShapeDtypeStructs
+    with shardings (or None: as saved). Returns {"state", "loader", "config", "meta", "step",
+    "frozen_version"} (frozen_version None for a step of the older layout)."""
     d = self.step_dir(step)
+    hint = (f"pass --fallback_to_previous to resume from the previous checkpoint instead, or "
+            f"delete {d}.")
+    try:
+      ref = self.frozen_ref(step)
+    except Exception as e:
+      raise CheckpointError(f"checkpoint {d} is unreadable or incomplete ({_first_line(e)}); "
+                            f"{hint}") from e
+    abstract_frozen = None
+    if ref is not None and abstract_state is not None:
+      abstract_state = dict(abstract_state)
+      abstract_frozen = abstract_state.pop("frozen", None)
+      if abstract_frozen is not None and ref["fingerprint"] is not None:
+        check_frozen_matches(ref, abstract_frozen, d, self.frozen_dir(ref["version"]))
     try:
       out = self.manager.restore(int(step), args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state),
@@ -113,13 +338,15 @@ class Checkpointer:
           meta=ocp.args.JsonRestore()))
     except Exception as e:  # orbax / tensorstore raise many types for torn files
       raise CheckpointError(f"checkpoint {d} is unreadable or incomplete "
-                            f"({type(e).__name__}: {str(e).splitlines()[0][:300]}); pass "
-                            f"--fallback_to_previous to resume from the previous checkpoint "
-                            f"instead, or delete {d}.") from e
-    state = out["state"]
+                            f"({_first_line(e)}); {hint}") from e
+    state = dict(out["state"])
+    if ref is not None:
+      state["frozen"] = ({} if ref["version"] is None else
+                         self._restore_frozen(ref, abstract_frozen, d))
     _check_finite_tree(state, d)
     return {"state": state, "loader": out["loader"], "config": out["config"],
-            "meta": out["meta"], "step": int(step)}
+            "meta": out["meta"], "step": int(step),
+            "frozen_version": None if ref is None else ref["version"]}
 
   def restore_latest(self, abstract_state, fallback_to_previous: bool = False, log=print):
     """Newest readable checkpoint, or None when there is none at all."""
@@ -146,6 +373,7 @@ class Checkpointer:
     dst = self.directory.parent / f"{self.directory.name}.unreadable" / f"{step}-{int(time.time())}"
     dst.parent.mkdir(parents=True, exist_ok=True)
     src.rename(dst)
+    self._refs.pop(int(step), None)
     self.manager.reload()
     return dst
 
@@ -155,7 +383,154 @@ class Checkpointer:
     return out[item]
 
   def state_metadata(self, step: int):
-    return self.manager.item_metadata(int(step))["state"]
+    """Metadata tree of the step's state, its frozen version's tree under "frozen"."""
+    md = self.manager.item_metadata(int(step))["state"]
+    ref = self.frozen_ref(step)
+    if ref is None or ref["version"] is None:
+      return md
+    md = dict(md)
+    md["frozen"] = self.frozen_metadata(ref["version"])
+    return md
+
+  def frozen_metadata(self, version: int):
+    fm = self._fm()
+    if fm is None or int(version) not in fm.all_steps():
+      raise CheckpointError(f"frozen base {self.frozen_dir(version)} does not exist.")
+    return fm.item_metadata(int(version))["frozen"]
+
+
+# ------------------------------------------------------------------------------ fingerprints
+def _path_str(path) -> str:
+  return "/".join(str(getattr(p, "key", getattr(p, "idx", getattr(p, "name", p)))) for p in path)
+
+
+def _tqp_bits(config_json):
+  t = (config_json or {}).get("tqp") or {}
+  return int(t["bits"]) if t.get("enabled") and t.get("bits") is not None else None
+
+
+_UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32}
+_HOST_LIMIT = 1 << 28      # trees up to 256 MB are summed on the host, bigger ones on devices
+_WEIGHT_MOD = 65521
+
+
+def _u32_host(a: np.ndarray) -> np.ndarray:
+  a = np.ascontiguousarray(a)
+  if a.dtype == np.bool_:
+    return a.astype(np.uint32)
+  if a.dtype.itemsize == 8:
+    return a.view(np.uint32)
+  return a.view(_UINT[a.dtype.itemsize]).astype(np.uint32)
+
+
+def _leaf_sums_host(a) -> list[int]:
+  u = _u32_host(np.asarray(a)).reshape(-1)
+  w = (np.arange(u.size, dtype=np.uint32) % np.uint32(_WEIGHT_MOD)) + np.uint32(1)
+  mask = (1 << 32) - 1
+  return [int((u * w).sum(dtype=np.uint64)) & mask, int(u.sum(dtype=np.uint64)) & mask]
+
+
+def _u32_device(x):
+  if x.dtype == jnp.bool_:
+    return x.astype(jnp.uint32)
+  n = np.dtype(x.dtype).itemsize
+  if n == 8:
+    return jax.lax.bitcast_convert_type(x, jnp.uint32)
+  return jax.lax.bitcast_convert_type(x, jnp.dtype(_UINT[n])).astype(jnp.uint32)
+
+
+def _leaf_sums_device_one(x):
+  u = _u32_device(x)
+  idx = jnp.zeros(u.shape, jnp.uint32)
+  stride = 1
+  for ax in reversed(range(u.ndim)):          # the row-major linear index, modulo 2**32
+    idx = idx + jax.lax.broadcasted_iota(jnp.uint32, u.shape, ax) * jnp.uint32(stride % (1 << 32))
+    stride *= u.shape[ax]
+  w = idx % jnp.uint32(_WEIGHT_MOD) + jnp.uint32(1)
+  return jnp.stack([jnp.sum(u * w, dtype=jnp.uint32), jnp.sum(u, dtype=jnp.uint32)])
+
+
+_leaf_sums_device = jax.jit(lambda leaves: [_leaf_sums_device_one(x) for x in leaves])
+
+
+def leaf_sums(leaves, on_device: bool | None = None) -> list[list[int]]:
+  """Per leaf [position-weighted sum, plain sum] of its bits as uint32 words, modulo 2**32
+  (integer sums: the same for any sharding or reduction order)."""
+  nbytes = sum(math.prod(np.shape(x)) * np.dtype(x.dtype).itemsize for x in leaves)
+  if on_device is None:
+    on_device = (jax.process_count() > 1 or nbytes > _HOST_LIMIT or not all(
+        getattr(x, "is_fully_addressable", True) for x in leaves))
+  if not on_device:
+    return [_leaf_sums_host(x) for x in leaves]
+  out = jax.device_get(_leaf_sums_device([jnp.asarray(x) for x in leaves]))
+  return [[int(v) for v in np.asarray(o)] for o in out]
+
+
+def frozen_fingerprint(frozen, tqp_bits=None, sums: bool = True) -> dict:
+  """{"leaves": {path: [shape, dtype, [wsum, sum]]}, "n_bytes", "tqp_bits", "checksum"}."""
+  flat = jax.tree_util.tree_flatten_with_path(frozen)[0]
+  paths = [_path_str(p) for p, _ in flat]
+  leaves = [x for _, x in flat]
+  s = leaf_sums(leaves) if sums else [None] * len(leaves)
+  rec = {p: [list(np.shape(x)), str(np.dtype(x.dtype)), v] for p, x, v in zip(paths, leaves, s)}
+  n_bytes = sum(math.prod(np.shape(x)) * np.dtype(x.dtype).itemsize for x in leaves)
+  digest = hashlib.sha256(json.dumps(rec, sort_keys=True).encode()).hexdigest()[:16]
+  return {"leaves": rec, "n_bytes": int(n_bytes), "tqp_bits": tqp_bits,
+          "checksum": digest if sums else None}
+
+
+def _structure(fp) -> dict:
+  return {p: v[:2] for p, v in fp["leaves"].items()}
+
+
+def same_fingerprint(a, b) -> bool:
+  return a is not None and b is not None and a["leaves"] == b["leaves"]
+
+
+def fingerprint_diff(want, got) -> str:
+  """The first difference between two fingerprints, in words."""
+  for p in sorted(set(want["leaves"]) | set(got["leaves"])):
+    a, b = want["leaves"].get(p), got["leaves"].get(p)
+    if a is None or b is None:
+      return f"{p} is {'missing' if b is None else 'unexpected'}"
+    if a[:2] != b[:2]:
+      return f"{p} is {b[0]}/{b[1]}, expected {a[0]}/{a[1]}"
+    if a[2] != b[2]:
+      return f"{p} has checksum {b[2]}, expected {a[2]}"
+  return "no difference"
+
+
+def _codes_bits(struct: dict, codes_path: str):
+  signs = struct.get(codes_path[:-len("codes")] + "signs")
+  if not signs or not struct[codes_path][0] or not signs[0][-1:]:
+    return None
+  return struct[codes_path][0][-1] * 8 // signs[0][-1]
+
+
+def check_frozen_matches(ref, abstract_frozen, d, fdir):
+  """Refuse a stored frozen tree whose leaves do not match the model being restored (before
+  any array is read): a TQP base of other bits gets one sentence naming both."""
+  have = _structure(ref["fingerprint"])
+  want = {_path_str(p): [list(x.shape), str(np.dtype(x.dtype))]
+          for p, x in jax.tree_util.tree_flatten_with_path(abstract_frozen)[0]}
+  if have == want:
+    return
+  for p in sorted(set(have) & set(want)):
+    if p.endswith("/codes") and have[p] != want[p]:
+      got, exp = ref["fingerprint"].get("tqp_bits") or _codes_bits(have, p), _codes_bits(want, p)
+      if got and exp and got != exp:
+        raise CheckpointError(
+            f"checkpoint {d} holds a {got}-bit TQP quantized base ({fdir}) but the config has "
+            f"tqp.bits={exp}; set tqp.bits={got} to resume it, or quantize the source again "
+            f"(python -m growth.to_tqp) with tqp.bits={exp}.")
+  missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+  if missing or extra:
+    what = (f"lacks {missing[0]}" if missing else f"has {extra[0]}, which the model does not")
+  else:
+    p = next(p for p in sorted(want) if have[p] != want[p])
+    what = f"has {p} as {have[p][0]}/{have[p][1]} but the model expects {want[p][0]}/{want[p][1]}"
+  raise CheckpointError(f"checkpoint {d}'s frozen base {fdir} does not match the model being "
+                        f"restored: it {what}; expected a checkpoint of the same architecture.")
 
 
 def _check_finite_tree(state, d):
