@@ -11,10 +11,11 @@ TARGET stage's config (any field overrides as --config.section.field=...): pass 
 exactly the same --config flags and --workdir=NEW_RUN, and it starts the next stage from the
 grown checkpoint.
 
-The grown checkpoint is NEW_RUN/checkpoints/0 in launch.train's format: params/frozen/stats
-from the transform, FRESH optimizer state for the target config (its LR groups), step 0, a
-fresh data-loader state, the target config (so the schedule is the new stage's), and in its meta
-record the provenance: source path and step, transform, arguments, seed, and the growth report
+The grown checkpoint is NEW_RUN/checkpoints/0 in launch.train's format (the frozen buffers, e.g.
+the TQP quantized bases, go once to NEW_RUN/checkpoints/frozen/0: lightning_jax/checkpoint.py):
+params/frozen/stats from the transform, FRESH optimizer state for the target config (its LR
+groups), step 0, a fresh data-loader state, the target config (so the schedule is the new
+stage's), and in its meta record the provenance: source path and step, transform, arguments, seed, and the growth report
 (`python -m launch.inspect NEW_RUN` shows it). When data.path is empty, the target run's shards
 are prepared in NEW_RUN/data exactly as launch.train would.
 
@@ -41,8 +42,9 @@ def locate(path: str):
 
 
 def read_source(path: str, log=print) -> dict:
-  """{"cfg", "variables" (numpy), "step", "dir", "meta"} of a checkpoint; params, frozen and
-  stats are restored onto one host device (the optimizer state is not needed)."""
+  """{"cfg", "variables" (numpy), "step", "dir", "meta"} of a checkpoint; params, frozen (from
+  the frozen version the step references) and stats are restored onto one host device (the
+  optimizer state is not needed)."""
   import jax
   from ml_collections import ConfigDict
   from lightning_jax import checkpoint as ck
@@ -135,7 +137,7 @@ def write_grown(dst: pathlib.Path, cfg, variables, data_dir, manifest, meta, log
     loader_state = loader.get_state()
   kc = ck.config_ns(keep=0)
   w = ck.Checkpointer(dst / "checkpoints", kc)
-  w.save(0, state, loader_state, ck.config_to_json(cfg), meta)
+  w.save(0, state, loader_state, ck.config_to_json(cfg), meta, frozen_version=0)
   w.close()
   log(f"wrote {dst / 'checkpoints' / '0'}: step 0, "
       f"{'fresh' if opt_state is None else 'given'} optimizer state, schedule of "

@@ -5,7 +5,9 @@
   python -m launch.inspect runs/tiny --step 40 --opt_state --full_config
 
 Prints the steps present, the config (its sections), the data-loader state, the save's meta
-record, and the parameter tree with shape, dtype, bytes and sharding of every leaf (optimizer
+record, the frozen version the step uses (checkpoints/frozen/<version>/, stored once per run and
+shared by the steps: its fingerprint, the steps using it, its bytes on disk, and every stored
+version), and the parameter tree with shape, dtype, bytes and sharding of every leaf (optimizer
 state totals; --opt_state lists its leaves too). Sizes are read from orbax metadata: no arrays
 are loaded.
 """
@@ -114,11 +116,16 @@ def inspect(path: str, step: int = -1, opt_state: bool = False, full_config: boo
         out(f"  {sec}: {v}")
   out(f"\ndata loader state: {json.dumps(loader)}")
   out(f"meta: {json.dumps(meta)}")
+  frozen = _frozen_summary(c, step, out)
   total = {}
   for coll in ("params", "frozen", "stats"):
     rows = _rows(md.get(coll, {}) if hasattr(md, "get") else md[coll], coll)
     total[coll] = (sum(math.prod(r[1]) for r in rows), sum(r[3] for r in rows))
-    out(f"\n{coll}: {len(rows)} leaves, {total[coll][0]:,} values, {_fmt_bytes(total[coll][1])}")
+    where = ""
+    if coll == "frozen" and frozen.get("version") is not None:
+      where = f"  (frozen version {frozen['version']}, stored once in {frozen['dir']})"
+    out(f"\n{coll}: {len(rows)} leaves, {total[coll][0]:,} values, {_fmt_bytes(total[coll][1])}"
+        f"{where}")
     w = max([len(r[0]) for r in rows] + [10])
     for name, shape, dtype, nbytes, sh in rows:
       out(f"  {name:<{w}}  {str(list(shape)):<22} {dtype:<9} {_fmt_bytes(nbytes):>10}  {sh}")
@@ -131,7 +138,40 @@ def inspect(path: str, step: int = -1, opt_state: bool = False, full_config: boo
     for name, shape, dtype, nbytes, sh in orows:
       out(f"  {name:<{w}}  {str(list(shape)):<22} {dtype:<9} {_fmt_bytes(nbytes):>10}  {sh}")
   c.close()
-  return {"steps": steps, "step": step, "config": config, "loader": loader, "totals": total}
+  return {"steps": steps, "step": step, "config": config, "loader": loader, "totals": total,
+          "frozen": frozen}
+
+
+def _disk_bytes(path: pathlib.Path) -> int:
+  return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _frozen_summary(c, step, out) -> dict:
+  """The frozen version `step` uses and every stored version, with bytes (metadata only)."""
+  try:
+    ref = c.frozen_ref(step)
+  except Exception as e:
+    raise ck.CheckpointError(f"checkpoint {c.step_dir(step)} is unreadable ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:200]}).") from e
+  if ref is None:
+    out("frozen: inside the step's state (older checkpoint layout)")
+    return {"version": None}
+  if ref["version"] is None:
+    out("frozen: none")
+    return {"version": None}
+  v, fp = ref["version"], ref["fingerprint"]
+  versions = c.frozen_versions()
+  users = {u: c.frozen_users(u) for u in versions}
+  d = c.frozen_dir(v)
+  state = "stored" if v in versions else "MISSING"
+  out(f"frozen: version {v} ({d}, {state}), {_fmt_bytes(fp['n_bytes'])} in {len(fp['leaves'])} "
+      f"leaves, tqp.bits {fp.get('tqp_bits')}, checksum {fp.get('checksum')}; used by steps "
+      f"{users.get(v, [])}")
+  out("frozen versions on disk: " + (", ".join(
+      f"{u} ({_fmt_bytes(_disk_bytes(c.frozen_dir(u)))}, steps {users[u]})" for u in versions)
+      or "none"))
+  return {"version": v, "dir": str(d), "n_bytes": fp["n_bytes"], "versions": versions,
+          "users": users}
 
 
 def main(argv):
