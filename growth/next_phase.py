@@ -133,14 +133,23 @@ def next_phase(src: str, dst: str, cfg, optimizer: str = "carry", log=print) -> 
   variables = source["variables"]
   check_same_model(variables, src_cfg, cfg)
 
+  from lightning_jax import optim
+  try:
+    src_total = optim.total_steps(src_cfg)
+  except ConfigError:
+    src_total = None
+  if src_total is not None and source["step"] < src_total:
+    log(f"warning: the source checkpoint is step {source['step']} of its phase's {src_total} "
+        f"steps; the next phase starts before the previous one finished.")
+
   opt_state = None
   if optimizer == "carry":
     opt_state = restore_opt_state(pathlib.Path(source["dir"]), cfg, variables["params"])
 
   # the data stream: continue it when the new phase's loader accepts the saved position
   loader, _ = train_lib.make_data(cfg, data_dir, manifest)
-  cdir, _ = pathlib.Path(source["dir"]).parent, None
-  reader = ck.Checkpointer(cdir, ck.config_ns(keep=0), read_only=True)
+  reader = ck.Checkpointer(pathlib.Path(source["dir"]).parent, ck.config_ns(keep=0),
+                           read_only=True)
   try:
     saved_loader = reader.read_json(source["step"], "loader")
   finally:
@@ -154,7 +163,8 @@ def next_phase(src: str, dst: str, cfg, optimizer: str = "carry", log=print) -> 
 
   meta = {"provenance": _jsonable({
       "source_path": str(pathlib.Path(source["dir"]).absolute()),
-      "source_step": source["step"], "source_stage": src_cfg.get("stage"),
+      "source_step": source["step"], "source_phase_steps": src_total,
+      "source_stage": src_cfg.get("stage"),
       "source_phase": src_cfg.get("phase"), "transform": "next_phase",
       "phase": cfg.get("phase"), "optimizer": "carried" if opt_state is not None else "fresh",
       "loader": "carried" if loader_state is not None else "fresh"}),
