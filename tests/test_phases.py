@@ -69,6 +69,14 @@ def test_default_phase_is_the_first_and_unknown_phase_is_one_sentence():
     _cfg("tiny.py:p1")
 
 
+def test_relative_paths_resolve_from_the_repository(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)                  # start_from "configs/stage_9b.py:p3" is relative
+  c = load_config("configs/stage_9b.py:p4")
+  assert c.phase == "p4" and _close(optim.start_lr(c), 5e-5)
+  with pytest.raises(ConfigError, match="does not exist"):
+    load_config("configs/no_such_stage.py:p1")
+
+
 def test_config_flags_passes_the_phase():
   from absl import flags
   from ml_collections import config_flags
