@@ -57,7 +57,10 @@ def sinkhorn(logits, iters: int = 20, eps: float = 1e-6):
     m = m / (jnp.sum(m, axis=-1, keepdims=True) + eps)
     return m / (jnp.sum(m, axis=-2, keepdims=True) + eps)
 
-  return jax.lax.fori_loop(0, iters, body, m, unroll=iters <= 32)
+  # A rolled loop, not an unrolled one: unrolled, the 20 rounds' backward becomes ~100 separate
+  # small reductions per call (x2 per layer); on GPU every one is a kernel to compile, and the
+  # tiny model's training step did not finish compiling in 4 minutes (47 s rolled; PERFORMANCE.md).
+  return jax.lax.fori_loop(0, iters, body, m)
 
 
 def coefficients(p: dict, x, cfg):
