@@ -165,3 +165,33 @@ def test_heldout_weights_follow_the_training_mixture():
          "pa": 0.24 * 10 / 40, "gu": 0.24 * 30 / 40}
   z = sum(raw.values())
   assert w == pytest.approx({k: v / z for k, v in raw.items()})
+
+
+def test_resume_refuses_a_tqp_base_of_other_bits(data_dir, tmp_path):
+  """A grown TQP run (growth.cli.write_grown: frozen version 0) resumed with another tqp.bits
+  stops with one sentence naming both, before anything is compiled."""
+  from growth import cli
+  from lightning_jax import model
+
+  def tqp_cfg(bits):
+    c = small_cfg(data_dir)
+    e = c.moe
+    e.enabled, e.router, e.n_experts, e.n_null, e.top_k = True, "sigmoid", 4, 0, 2
+    e.expert_width, e.shared_width, e.mtp_n_experts = 16, 64, 4
+    c.tqp.enabled, c.tqp.bits, c.tqp.rank = True, bits, 2
+    return c
+  cfg8 = tqp_cfg(8)
+  manifest = shards.load_manifest(data_dir)
+  T.apply_data_vocab(cfg8, manifest, str(data_dir))
+  rng = np.random.default_rng(0)
+  variables = jax.tree_util.tree_map(lambda a: rng.integers(0, 2, a.shape).astype(a.dtype),
+                                     model.abstract_variables(cfg8))
+  cli.write_grown(tmp_path / "g", cfg8, variables, str(data_dir), manifest, {"loss": None},
+                  log=lambda *_: None)
+  c = ck.Checkpointer(tmp_path / "g" / "checkpoints", cfg8.checkpoint, read_only=True)
+  assert c.steps() == [0] and c.frozen_versions() == [0] and c.frozen_ref(0)["version"] == 0
+  assert c.frozen_ref(0)["fingerprint"]["tqp_bits"] == 8
+  c.close()
+  with pytest.raises(ck.CheckpointError, match=r"checkpoint .*/g/checkpoints/0 holds a 8-bit TQP "
+                                               r"quantized base .* but the config has tqp.bits=4"):
+    T.train(tqp_cfg(4), tmp_path / "g", progress=False, log=lambda *_: None)
