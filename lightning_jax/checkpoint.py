@@ -69,6 +69,14 @@ class CheckpointError(RuntimeError):
   """A checkpoint cannot be used; the message names its directory."""
 
 
+class FrozenVersionError(CheckpointError):
+  """The frozen version a step references is unreadable or does not match its fingerprint."""
+
+  def __init__(self, msg, version):
+    super().__init__(msg)
+    self.version = version
+
+
 def _options(cfg_ckpt, read_only=False):
   return ocp.CheckpointManagerOptions(
       max_to_keep=int(cfg_ckpt.keep) if cfg_ckpt.keep > 0 else None,
@@ -295,14 +303,14 @@ class Checkpointer:
       frozen = self._fm().restore(int(v), args=ocp.args.Composite(
           frozen=ocp.args.StandardRestore(abstract_frozen)))["frozen"]
     except Exception as e:  # orbax / tensorstore raise many types for torn files
-      raise CheckpointError(f"frozen base {fdir} (used by checkpoint {d}) is unreadable or "
-                            f"incomplete ({_first_line(e)}); {hint}") from e
+      raise FrozenVersionError(f"frozen base {fdir} (used by checkpoint {d}) is unreadable or "
+                               f"incomplete ({_first_line(e)}); {hint}", v) from e
     want = ref["fingerprint"]
     got = frozen_fingerprint(frozen, want.get("tqp_bits"))
     if not same_fingerprint(want, got):
-      raise CheckpointError(f"frozen base {fdir} does not match the fingerprint recorded by "
-                            f"checkpoint {d} ({fingerprint_diff(want, got)}); it is corrupt or "
-                            f"was replaced: {hint}")
+      raise FrozenVersionError(f"frozen base {fdir} does not match the fingerprint recorded by "
+                               f"checkpoint {d} ({fingerprint_diff(want, got)}); it is corrupt "
+                               f"or was replaced: {hint}", v)
     self._verified[v] = want
     return frozen
 
@@ -364,6 +372,10 @@ class Checkpointer:
         moved = self.set_aside(step)
         log(f"warning: skipping checkpoint {self.step_dir(step)}: it is unreadable "
             f"(--fallback_to_previous); moved it to {moved}.")
+        if isinstance(e, FrozenVersionError):   # never reused by a later save of that version
+          moved = self.set_aside_frozen(e.version)
+          log(f"warning: moved the unreadable frozen base {self.frozen_dir(e.version)} to "
+              f"{moved}.")
     raise CheckpointError(f"no readable checkpoint in {self.directory} (tried steps {steps}); "
                           f"first error: {errors[0]}")
 
@@ -375,6 +387,17 @@ class Checkpointer:
     src.rename(dst)
     self._refs.pop(int(step), None)
     self.manager.reload()
+    return dst
+
+  def set_aside_frozen(self, version: int) -> pathlib.Path:
+    """Move an unreadable frozen version out of sight (steps using it then report it missing)."""
+    src = self.frozen_dir(version)
+    dst = (self.directory.parent / f"{self.directory.name}.unreadable" /
+           f"frozen-{version}-{int(time.time())}")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    src.rename(dst)
+    self._verified.pop(int(version), None)
+    self._fm().reload()
     return dst
 
   def read_json(self, step: int, item: str):
@@ -450,7 +473,18 @@ def _leaf_sums_device_one(x):
   return jnp.stack([jnp.sum(u * w, dtype=jnp.uint32), jnp.sum(u, dtype=jnp.uint32)])
 
 
-_leaf_sums_device = jax.jit(lambda leaves: [_leaf_sums_device_one(x) for x in leaves])
+_SUMS_JIT: dict = {}
+
+
+def _leaf_sums_device(leaves):
+  """One jit over the tree; the sums come back replicated (readable on every process)."""
+  mesh = next((x.sharding.mesh for x in leaves
+               if isinstance(getattr(x, "sharding", None), jax.sharding.NamedSharding)), None)
+  if mesh not in _SUMS_JIT:
+    out = None if mesh is None else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    _SUMS_JIT[mesh] = jax.jit(lambda xs: [_leaf_sums_device_one(x) for x in xs],
+                              out_shardings=out)
+  return _SUMS_JIT[mesh](leaves)
 
 
 def leaf_sums(leaves, on_device: bool | None = None) -> list[list[int]]:

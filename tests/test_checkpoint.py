@@ -266,19 +266,12 @@ def test_corrupt_missing_or_replaced_frozen_base_is_an_error_naming_it(tmp_path,
   cj = ck.config_to_json(cfg)
   c = ck.Checkpointer(d, _cfg(keep=0, async_save=False))
   c.save(1, state, {}, cj, {}, frozen_version=0)
-  flushed = _flush(state, rng, mesh)
-  c.save(2, flushed, {}, cj, {}, frozen_version=2)
+  c.save(2, _flush(state, rng, mesh), {}, cj, {}, frozen_version=2)
   c.close()
   ab = _abstract(state)
-  # another version's arrays in place of version 0: the fingerprint check notices
-  shutil.rmtree(d / "frozen" / "0" / "frozen")
-  shutil.copytree(d / "frozen" / "2" / "frozen", d / "frozen" / "0" / "frozen")
-  c = ck.Checkpointer(d, _cfg())
-  with pytest.raises(ck.CheckpointError, match=r"frozen base .*/c/frozen/0 does not match the "
-                     r"fingerprint recorded by checkpoint .*/c/1 "
-                     r"\(groups/l0/moe/experts/down/codes has checksum"):
-    c.restore(1, ab)
-  # corrupt bytes in the data files
+  spare = tmp_path / "spare"
+  shutil.copytree(d / "frozen" / "2" / "frozen", spare)
+  # corrupt bytes in the newest version's data files
   data = [f for f in (d / "frozen" / "2" / "frozen").rglob("*")
           if f.is_file() and f.stat().st_size > 64 and "METADATA" not in f.name
           and f.parent.name != "frozen"]
@@ -287,14 +280,31 @@ def test_corrupt_missing_or_replaced_frozen_base_is_an_error_naming_it(tmp_path,
     raw = bytearray(f.read_bytes())
     raw[len(raw) // 2:] = b"\xff" * (len(raw) - len(raw) // 2)
     f.write_bytes(bytes(raw))
+  c = ck.Checkpointer(d, _cfg())
   with pytest.raises(ck.CheckpointError, match=r"frozen base .*/c/frozen/2 .*(unreadable|does not "
                                                r"match).*checkpoint .*/c/2"):
     c.restore_latest(ab)
-  # the version directory gone
-  shutil.rmtree(d / "frozen" / "2")
+  # --fallback_to_previous: step 2 and its version go aside, step 1 (version 0) is restored
+  logs = []
+  out = c.restore_latest(ab, fallback_to_previous=True, log=logs.append)
+  assert out["step"] == 1 and out["frozen_version"] == 0
+  _assert_same(out["state"]["frozen"], state["frozen"], "fallback")
+  assert any("moved the unreadable frozen base" in m and "/c/frozen/2" in m for m in logs), logs
+  assert c.steps() == [1] and c.frozen_versions() == [0]
+  c.close()
+  # another version's arrays in place of version 0: the fingerprint check notices
+  shutil.rmtree(d / "frozen" / "0" / "frozen")
+  shutil.copytree(spare, d / "frozen" / "0" / "frozen")
   c = ck.Checkpointer(d, _cfg())
-  with pytest.raises(ck.CheckpointError, match=r"checkpoint .*/c/2 uses the frozen base "
-                                               r".*/c/frozen/2, which is missing"):
+  with pytest.raises(ck.CheckpointError, match=r"frozen base .*/c/frozen/0 does not match the "
+                     r"fingerprint recorded by checkpoint .*/c/1 "
+                     r"\(groups/l0/moe/experts/down/codes has checksum"):
+    c.restore(1, ab)
+  # the version directory gone
+  shutil.rmtree(d / "frozen" / "0")
+  c = ck.Checkpointer(d, _cfg())
+  with pytest.raises(ck.CheckpointError, match=r"checkpoint .*/c/1 uses the frozen base "
+                                               r".*/c/frozen/0, which is missing"):
     c.restore_latest(ab)
   c.close()
 
