@@ -91,6 +91,15 @@ def test_chunked_ce_equals_naive():
     np.testing.assert_allclose(got, ref, rtol=1e-5, err_msg=f"seed {seed}")
     for a, r in zip(g, g_ref):
       np.testing.assert_allclose(a, r, rtol=1e-4, atol=1e-6, err_msg=f"seed {seed}")
+  # bf16 compute: the logit cotangent is rounded to bf16 before both backward matmuls
+  # (head_logits); dw stays in the float32 master's dtype and both gradients stay close
+  f = jax.jit(jax.grad(lambda h, w: model.chunked_cross_entropy(h, w, tg, 16, jnp.bfloat16),
+                       (0, 1)))
+  gb = f(h, w)
+  assert gb[1].dtype == jnp.float32
+  for a, r in zip(gb, g_ref):
+    rel = float(jnp.linalg.norm(a - r) / jnp.linalg.norm(r))
+    assert rel < 2e-2, f"bf16 CE gradient rel err {rel:.3g}, seed {seed}"
 
 
 def test_ce_never_holds_full_logits():

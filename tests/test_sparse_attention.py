@@ -215,6 +215,10 @@ def test_sparse_matches_dense_masked_reference():
   cm = _cfg(attention="dense_masked")
   ym, _, _, _ = _apply(p, stats, x, consts, cm, sel)
   assert _rel(ym, ref) <= 1e-5, f"dense_masked rel err {_rel(ym, ref):.2e}, seed={seed}"
+  # and so does the fused flash-attention mode (XLA's implementation on CPU)
+  cf = _cfg(attention="flash")
+  yf, _, _, _ = _apply(p, stats, x, consts, cf, sel)
+  assert _rel(yf, ref) <= 1e-5, f"flash rel err {_rel(yf, ref):.2e}, seed={seed}"
 
 
 def test_full_budget_is_full_causal_attention():
@@ -283,6 +287,13 @@ def test_gradients_reach_attention_not_indexer():
     assert _rel(gp[n], rp[n]) <= 1e-5, f"grad {n} rel err {_rel(gp[n], rp[n]):.2e}, seed={seed}"
   # the sparse path's dx excludes the indexer branch, as does the reference's
   assert _rel(gx, rx) <= 1e-5, f"grad x rel err {_rel(gx, rx):.2e}, seed={seed}"
+  # the flash mode's gradients on the same selection
+  cf = _cfg(attention="flash")
+  f_loss = lambda p, x: jnp.sum(gsa.gsa_apply(p, stats, x, consts, cf, sel)[0] * r)
+  fp, fx = jax.jit(jax.grad(f_loss, argnums=(0, 1)))(p, x)
+  for n in ATTN_PARAMS:
+    assert _rel(fp[n], rp[n]) <= 1e-5, f"flash grad {n} rel {_rel(fp[n], rp[n]):.2e}, seed={seed}"
+  assert _rel(fx, rx) <= 1e-5, f"flash grad x rel err {_rel(fx, rx):.2e}, seed={seed}"
 
 
 def test_update_stats_ema():
@@ -304,7 +315,7 @@ def test_bad_inputs_are_named():
   with pytest.raises(ConfigError, match="model.gsa.var_row"):
     gsa.gsa_apply(p, stats, x, consts, _cfg(var_row="rows"))
   with pytest.raises(ConfigError, match="model.gsa.attention"):
-    gsa.gsa_apply(p, stats, x, consts, _cfg(attention="flash"))
+    gsa.gsa_apply(p, stats, x, consts, _cfg(attention="sparse_flash"))
 
 
 def test_forward_at_8192_tokens_tiny_width():

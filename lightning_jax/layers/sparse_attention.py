@@ -34,7 +34,9 @@ Memory: queries are processed in chunks of model.gsa.query_chunk with lax.map; a
 attention chunk body is rematerialised (jax.checkpoint), so the backward pass never holds the
 gathered keys of more than one chunk either. The optional config field model.gsa.attention
 picks "gather" (default, O(T k_max)) or "dense_masked" (a chunk's dense [B, H, Qc, T] logits
-masked to the selection: O(T^2) FLOPs in plain matmuls instead of gathers; same result).
+masked to the selection: O(T^2) FLOPs in plain matmuls instead of gathers; same result), or
+"flash" (one fused flash-attention call, cuDNN on GPU, with the selection as a [B, 1, T, T]
+mask: causal-dense FLOPs at flash-kernel speed; the stage configs' choice on GPU).
 """
 from __future__ import annotations
 
@@ -259,6 +261,29 @@ def _attend_chunk_masked(q_c, k, v, idx_c, scale):
 
 
 _ATTENDS = {"gather": _attend_chunk, "dense_masked": _attend_chunk_masked}
+MODES = ("gather", "dense_masked", "flash")
+
+
+def selection_to_mask(selection, T: int):
+  """Selection int32 [B, T, K] (-1 padding) -> bool [B, T, T] key mask, by one scatter."""
+  B, Tq, _ = selection.shape
+  tgt = jnp.where(selection >= 0, selection, T)                       # -1 -> a dropped column
+  bi = jnp.arange(B)[:, None, None]
+  qi = jnp.arange(Tq)[:, None][None]
+  return jnp.zeros((B, Tq, T + 1), bool).at[bi, qi, tgt].set(True)[..., :T]
+
+
+def flash_attention(q, k, v, selection):
+  """Fused (flash) attention of q [B, T, H, D] over the selected keys, through
+  jax.nn.dot_product_attention with the selection as a [B, 1, T, T] mask and the causal flag
+  (cuDNN's flash kernel on GPUs in bf16/f16 skips the blocks above the diagonal; elsewhere
+  XLA's implementation). Every query keeps at least its sinks or itself, so no row is empty."""
+  T = k.shape[1]
+  mask = selection_to_mask(selection, T)[:, None]
+  impl = "cudnn" if (jax.default_backend() == "gpu"
+                     and q.dtype in (jnp.bfloat16, jnp.float16)) else "xla"
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True,
+                                      implementation=impl).astype(q.dtype)
 
 
 def sparse_attention(q, k, v, selection, query_chunk: int, mode: str = "gather"):
@@ -267,9 +292,13 @@ def sparse_attention(q, k, v, selection, query_chunk: int, mode: str = "gather")
   mode "gather": gathers the k_max selected keys/values per query, O(T * k_max) work and memory.
   mode "dense_masked": dense logits of a query chunk against all T keys, masked to the
   selection; O(T^2) FLOPs but plain matmuls (often faster on GPUs at T <= 8K). Same result.
+  mode "flash": one fused flash-attention call under the selection's dense mask (cuDNN on
+  GPU): causal O(T^2 / 2) FLOPs at flash speed, no [T, T] logits in memory, no chunking.
   """
-  if mode not in _ATTENDS:
-    raise ConfigError(f"model.gsa.attention={mode!r} must be one of {sorted(_ATTENDS)}.")
+  if mode not in MODES:
+    raise ConfigError(f"model.gsa.attention={mode!r} must be one of {list(MODES)}.")
+  if mode == "flash":
+    return flash_attention(q, k, v, selection)
   attend = _ATTENDS[mode]
   B, T, H, D = q.shape
   qc = min(int(query_chunk), T)
@@ -307,8 +336,8 @@ def gsa_apply(p, stats, x, consts, cfg, selection=None):
   B, T, _ = x.shape
   _var_row(g)
   mode = g.get("attention", "gather")
-  if mode not in _ATTENDS:
-    raise ConfigError(f"model.gsa.attention={mode!r} must be one of {sorted(_ATTENDS)}.")
+  if mode not in MODES:
+    raise ConfigError(f"model.gsa.attention={mode!r} must be one of {list(MODES)}.")
   if g.get("impl", "xla") != "xla":   # no GSA kernel yet (issue 11): fail loudly, never ignore
     raise ConfigError(f"model.gsa.impl={g.get('impl')!r} is not available: only 'xla' exists "
                       f"(lightning_jax/kernels has no GSA kernel yet).")
