@@ -26,7 +26,8 @@ partial temporary directory is ignored, and removed on the next start). A commit
 cannot be read (files missing or corrupt, its frozen version missing, unreadable or not matching
 the recorded fingerprint) is never skipped silently: `restore_latest` raises CheckpointError
 naming it, unless the caller passes fallback_to_previous=True, which restores the newest
-readable older step and says which one it skipped. A frozen base whose shapes do not match the
+readable older step and says which one it skipped (an unreadable frozen version is moved aside
+with it, so no later save reuses it). A frozen base whose shapes do not match the
 model being restored is refused before anything is read (a TQP base of other bits than
 tqp.bits: one sentence naming both). Step directories of the older layout (`frozen` inside
 `state`, no `frozen_ref`) are still read.
