@@ -37,7 +37,7 @@ def get_base_config() -> ConfigDict:
   m.deltanet.head_dim = 128
   m.deltanet.conv_kernel = 4
   m.deltanet.chunk_size = 64
-  m.deltanet.impl = "chunked"     # chunked | recurrent (reference) | kernel
+  m.deltanet.impl = "auto"        # auto (kernel on GPU, else chunked) | chunked | recurrent | kernel
 
   m.gsa = ConfigDict()
   m.gsa.n_heads = 16
@@ -52,7 +52,8 @@ def get_base_config() -> ConfigDict:
   m.gsa.query_chunk = 512         # queries processed at once (memory bound at T=8192)
   m.gsa.impl = "xla"              # xla | kernel
   m.gsa.var_row = "full_row"      # full_row (reference: future keys count as 0) | causal
-  m.gsa.attention = "gather"      # gather (kept keys only) | dense_masked (O(T^2) matmuls)
+  m.gsa.attention = "auto"        # auto (flash on GPU, else gather) | gather (kept keys only) |
+                                  # dense_masked (O(T^2) matmuls) | flash (cuDNN, selection mask)
 
   m.hc = ConfigDict()
   m.hc.n_streams = 4

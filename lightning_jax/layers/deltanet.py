@@ -236,8 +236,16 @@ def chunk_gated_delta_rule(q, k, v, log_alpha, beta, chunk_size: int = 64, initi
 
 
 # ----------------------------------------------------------------------------- mixer
-def _delta_rule(cfg, q, k, v, log_alpha, beta):
+def resolve_impl(cfg) -> str:
+  """model.deltanet.impl with "auto" resolved: the Pallas kernels on GPU, chunked elsewhere."""
   impl = cfg.model.deltanet.impl
+  if impl == "auto":
+    return "kernel" if jax.default_backend() == "gpu" else "chunked"
+  return impl
+
+
+def _delta_rule(cfg, q, k, v, log_alpha, beta):
+  impl = resolve_impl(cfg)
   if impl == "chunked":
     return chunk_gated_delta_rule(q, k, v, log_alpha, beta,
                                   chunk_size=int(cfg.model.deltanet.chunk_size))
@@ -247,7 +255,7 @@ def _delta_rule(cfg, q, k, v, log_alpha, beta):
     from lightning_jax.kernels import delta_rule as kernel
     return kernel.select_and_run(cfg, q, k, v, log_alpha, beta)
   raise ConfigError(f"model.deltanet.impl={impl!r} is not available in layers/deltanet.py; "
-                    f"expected 'chunked', 'recurrent' or 'kernel'.")
+                    f"expected 'auto', 'chunked', 'recurrent' or 'kernel'.")
 
 
 def deltanet_apply(p: dict, x, consts, cfg):

@@ -264,6 +264,16 @@ _ATTENDS = {"gather": _attend_chunk, "dense_masked": _attend_chunk_masked}
 MODES = ("gather", "dense_masked", "flash")
 
 
+def resolve_attention(g) -> str:
+  """model.gsa.attention with "auto" resolved: "flash" on GPU, "gather" elsewhere."""
+  mode = g.get("attention", "gather")
+  if mode == "auto":
+    return "flash" if jax.default_backend() == "gpu" else "gather"
+  if mode not in MODES:
+    raise ConfigError(f"model.gsa.attention={mode!r} must be 'auto' or one of {list(MODES)}.")
+  return mode
+
+
 def selection_to_mask(selection, T: int):
   """Selection int32 [B, T, K] (-1 padding) -> bool [B, T, T] key mask, by one scatter."""
   B, Tq, _ = selection.shape
@@ -335,9 +345,7 @@ def gsa_apply(p, stats, x, consts, cfg, selection=None):
     raise ValueError(f"GSA input must be [B, T, d_model={cfg.model.d_model}]; got {x.shape}.")
   B, T, _ = x.shape
   _var_row(g)
-  mode = g.get("attention", "gather")
-  if mode not in MODES:
-    raise ConfigError(f"model.gsa.attention={mode!r} must be one of {list(MODES)}.")
+  mode = resolve_attention(g)
   if g.get("impl", "xla") != "xla":   # no GSA kernel yet (issue 11): fail loudly, never ignore
     raise ConfigError(f"model.gsa.impl={g.get('impl')!r} is not available: only 'xla' exists "
                       f"(lightning_jax/kernels has no GSA kernel yet).")
