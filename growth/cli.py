@@ -4,6 +4,8 @@
   python -m growth.depth_map      --src RUN --dst NEW_RUN --config=configs/stage_9b.py --mapping 5b_to_9b
   python -m growth.expand_experts --src RUN --dst NEW_RUN --config=configs/stage_120b.py --ratio 0.5 --router_sigma 0.05 --seed 1337
   python -m growth.to_tqp         --src RUN --dst NEW_RUN --config=configs/stage_120b.py
+  python -m growth.expand_to_tqp  --src RUN --dst NEW_RUN --config=configs/stage_120b.py --ratio 0.5 --router_sigma 0.05 --seed 1337
+  (expand_experts then to_tqp in one process, without the dense intermediate run: growth/expand_to_tqp.py)
 
 --src: a run directory, its checkpoints/ directory, or one checkpoints/<step> directory (the
 newest step by default). The source config is the one saved in the checkpoint. --config is the
@@ -32,7 +34,7 @@ import time
 
 import numpy as np
 
-TRANSFORMS = ("dense_to_moe", "depth_map", "expand_experts", "to_tqp")
+TRANSFORMS = ("dense_to_moe", "depth_map", "expand_experts", "to_tqp", "expand_to_tqp")
 
 
 # ----------------------------------------------------------------------------- reading
@@ -191,9 +193,14 @@ def grow(transform: str, src: str, dst: str, cfg, args: dict, log=print) -> dict
   elif transform == "to_tqp":
     from growth.to_tqp import to_tqp
     grown, rep = to_tqp(source["variables"], src_cfg, cfg, return_report=True)
+  elif transform == "expand_to_tqp":
+    from growth.expand_to_tqp import expand_to_tqp
+    grown, rep = expand_to_tqp(source["variables"], src_cfg, cfg, ratio=args["ratio"],
+                               router_sigma=args["router_sigma"], seed=args["seed"],
+                               return_report=True)
   else:
     raise ValueError(f"unknown growth transform {transform!r}; expected one of {TRANSFORMS}.")
-  if transform != "to_tqp" and cfg.tqp.enabled:
+  if transform not in ("to_tqp", "expand_to_tqp") and cfg.tqp.enabled:
     from growth.common import dense_expert_cfg
     cfg = dense_expert_cfg(cfg)
     log("note: the target config has tqp.enabled; the grown checkpoint holds the routed experts "
@@ -244,7 +251,7 @@ def _define_flags(transform: str):
     flags.DEFINE_integer("seed", 0, "Seed of every random draw.")
   elif transform == "depth_map":
     flags.DEFINE_string("mapping", "5b_to_9b", "Named mapping or comma-separated source layers.")
-  elif transform == "expand_experts":
+  elif transform in ("expand_experts", "expand_to_tqp"):
     flags.DEFINE_float("ratio", 0.5, "Fraction of each target expert's channels re-drawn.")
     flags.DEFINE_float("router_sigma", 0.05, "Router noise std relative to std(source router).")
     flags.DEFINE_integer("seed", 1337, "Seed of every random draw.")
@@ -258,7 +265,7 @@ def _args(transform: str) -> dict:
     return {"strategy": F.strategy, "seed": F.seed}
   if transform == "depth_map":
     return {"mapping": F.mapping}
-  if transform == "expand_experts":
+  if transform in ("expand_experts", "expand_to_tqp"):
     return {"ratio": F.ratio, "router_sigma": F.router_sigma, "seed": F.seed}
   return {}
 

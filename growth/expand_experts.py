@@ -25,6 +25,9 @@ Everything else copies unchanged. Depth is kept (run depth_map first).
 """
 from __future__ import annotations
 
+import concurrent.futures
+import os
+
 import numpy as np
 
 from growth import common
@@ -149,6 +152,9 @@ def expand_experts(params, src_cfg, dst_cfg, *, ratio: float = 0.5, router_sigma
         if f"stats/{prefix}/{k}" in flat_src:
           report.dropped[f"stats/{prefix}/{k}"] = "router statistics restart with the new experts"
 
+  # every (layer position, group) is expanded from its own random stream, so the layers run in
+  # parallel threads (numpy's draws and copies release the GIL) with the same result as in order
+  layers = {}
   for j in range(len(dst_cfg.model.pattern)):
     prefix = f"groups/l{j}/moe"
     src = {k: common.np32(flat_src[f"params/{prefix}/experts/{k}"]) for k in ("gate", "up", "down")}
@@ -157,18 +163,26 @@ def expand_experts(params, src_cfg, dst_cfg, *, ratio: float = 0.5, router_sigma
     n_pad = want[f"params/{prefix}/experts/gate"].shape[-3]
     g_n = int(np.prod(lead))
     flat_in = {k: v.reshape((g_n,) + v.shape[-3:])[:, :es] for k, v in src.items()}
-    res = {k: [] for k in src}
-    sets = []
-    for g in range(g_n):
-      rng = common.rng_for(seed, "expand_experts", prefix, g)
-      ex, S = expand_one(flat_in["gate"][g], flat_in["up"][g], flat_in["down"][g], n_clones, n_pad,
-                         ratio, rng)
-      for k in res:
-        res[k].append(ex[k])
-      sets.append(S)
+    layers[j] = (prefix, lead, n_pad, g_n, flat_in)
+
+  def expand_layer(jg):
+    j, g = jg
+    prefix, _, n_pad, _, flat_in = layers[j]
+    rng = common.rng_for(seed, "expand_experts", prefix, g)
+    return expand_one(flat_in["gate"][g], flat_in["up"][g], flat_in["down"][g], n_clones, n_pad,
+                      ratio, rng)
+
+  jobs = [(j, g) for j in layers for g in range(layers[j][3])]
+  with concurrent.futures.ThreadPoolExecutor(max(1, min(len(jobs), os.cpu_count() or 1))) as pool:
+    done = dict(zip(jobs, pool.map(expand_layer, jobs)))
+  for j, (prefix, lead, n_pad, g_n, _) in layers.items():
+    res = {k: [done[j, g][0][k] for g in range(g_n)] for k in ("gate", "up", "down")}
+    sets = [done.pop((j, g))[1] for g in range(g_n)]
     for k in res:
       key = f"params/{prefix}/experts/{k}"
-      out[key] = np.stack(res[k]).reshape(lead + res[k][0].shape)
+      # one group: a view, not a second copy of the layer's experts (23 GB at the 120B's width)
+      out[key] = (np.stack(res[k]) if g_n > 1 else res[k][0][None]).reshape(lead + res[k][0].shape)
+      res[k] = None
       report.provenance[key] = (f"grown {n_clones} clones x {es} (clone-major), ratio {ratio} of "
                                 f"channels re-drawn, from {key}")
     report.choices.setdefault(prefix, {})["redrawn"] = np.stack(sets)
