@@ -511,9 +511,33 @@ def train(cfg, workdir, *, fallback_to_previous: bool = False, stop_after: int =
              "heldout_mean_start": first_eval.get("val/mean") if first_eval else None,
              "heldout_mean_end": last_eval.get("val/mean") if last_eval else None,
              "heldout_end_by_domain": last_eval}
+  mem = device_peak_memory(mesh.devices.flat)
+  if mem is not None:
+    summary.update(mem)
+    log(f"peak device memory (peak_bytes_in_use): max {mem['peak_bytes_in_use_max'] / 1e9:.2f} GB; "
+        f"per device {[round(b / 1e9, 2) for b in mem['peak_bytes_in_use']]} GB")
   logger.write(final, {"summary": {k: v for k, v in summary.items() if k != "losses"}})
   logger.close()
   return summary
+
+
+def device_peak_memory(devices) -> dict | None:
+  """{"peak_bytes_in_use": [per device], "peak_bytes_in_use_max", "bytes_limit"} from each
+  device's memory_stats() (the allocator's peak since the process started: init or restore,
+  every step, checkpoint copies); None where the backend keeps no statistics (CPU)."""
+  peaks, limits = [], []
+  for d in devices:
+    try:
+      st = d.memory_stats()
+    except Exception:       # backends without allocator statistics
+      st = None
+    if not st or "peak_bytes_in_use" not in st:
+      return None
+    peaks.append(int(st["peak_bytes_in_use"]))
+    limits.append(int(st.get("bytes_limit", 0)))
+  if not peaks:
+    return None
+  return {"peak_bytes_in_use": peaks, "peak_bytes_in_use_max": max(peaks), "bytes_limit": limits}
 
 
 def _maybe_flush(state, cfg, step, tx, state_shard, tqp_lib, rec):
