@@ -31,7 +31,6 @@ the quantized bases every flush_every steps.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import math
 import pathlib
@@ -369,15 +368,15 @@ def train(cfg, workdir, *, fallback_to_previous: bool = False, stop_after: int =
     from lightning_jax.layers import kronecker
     codec = kronecker.codec_from_tokenizer(token_bytes, cfg)
     key = jax.random.PRNGKey(cfg.train.seed)
-    ikey = ("init", hashlib.sha256(b"\0".join(token_bytes)).hexdigest()) + ckey
-    init_jit = _cached_jit(ikey, lambda: jax.jit(
-        lambda k: model.init_variables(cfg, k, codec),
+    # the codec (at 2B a [131072, 8192] table, 2 GB) is an argument, not a captured constant
+    init_jit = _cached_jit(("init",) + ckey, lambda: jax.jit(
+        lambda k, c: model.init_variables(cfg, k, c),
         out_shardings={"params": p_shard, "frozen": state_shard["frozen"],
                        "stats": state_shard["stats"]}))
     opt_init_jit = _cached_jit(("opt_init",) + ckey, lambda: jax.jit(tx.init,
                                                                    out_shardings=o_shard))
     with sharding.use_mesh(mesh):
-      var = init_jit(key)
+      var = init_jit(key, codec)
       opt_state = opt_init_jit(var["params"])
     state = {**var, "opt_state": opt_state, "step": jax.device_put(jnp.int32(0), rep)}
 

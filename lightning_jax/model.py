@@ -159,8 +159,10 @@ def _codec_frozen(codec, cfg) -> dict:
     if want_table and "table" in codec:
       return {"table": jnp.asarray(codec["table"], nn.dtype_of(cfg.model.dtype))}
     if "bytes" in codec:
-      return kronecker.frozen_from_buffers(np.asarray(codec["bytes"]),
-                                           np.asarray(codec["lengths"]), cfg)
+      if want_table:     # the table is built on the host from the byte buffers
+        return kronecker.frozen_from_buffers(np.asarray(codec["bytes"]),
+                                             np.asarray(codec["lengths"]), cfg)
+      return kronecker.frozen_from_buffers(codec["bytes"], codec["lengths"], cfg)  # may be traced
     raise ConfigError(f"the codec holds {sorted(codec)} but model.embed.form="
                       f"{cfg.model.embed.form!r} needs byte buffers ('bytes', 'lengths').")
   return kronecker.codec_from_tokenizer(codec, cfg)
