@@ -20,6 +20,7 @@
 #                order, 10% held out: the same as benchmarks/train_gpu.sh). Prepared here if missing;
 #                the GPU image has no o200k file, so prepare them on a CPU host beforehand:
 #                  python -m launch.prepare_data --input corpus --output benchmarks/data/bundled --val_fraction 0.1
+#   PLAN_GB      launch.plan's per-device total to compare with when OUT has no plan.txt
 #   PHASES [init,grow,train,report]  any of: init grow train report plan (plan: launch.plan on
 #                DEVICES virtual CPU devices; minutes of CPU)
 #   EXTRA        more --config.x=y flags for every stage. Default memory settings (every stage, they
@@ -30,7 +31,7 @@
 #                growth.expand_to_tqp (the same result in one process)
 #   TINY [0]     1: configs/tiny_deep.py -> configs/tiny_120b.py at tiny widths on DEVICES forced
 #                CPU devices (tests the pipeline; SMALL overrides of tests/test_lineage.py)
-#   PY [python]
+#   PY [python]   WHEELS [shared/wheels]: grain / ml_collections wheels, installed when missing
 # Steps (each skipped when its output exists, so a later call continues):
 #   init   python -m growth.init --dst $RUNS/init9b --config=configs/stage_9b.py <flags>
 #   grow   python -m growth.expand_to_tqp --src $RUNS/init9b --dst $RUNS/tqp120b --config=configs/stage_120b.py
@@ -57,6 +58,7 @@ PHASES=${PHASES:-init,grow,train,report}
 MEMORY=${MEMORY:-reduced}
 GLOBAL=$((DEVICES * MICRO * ACCUM))
 mkdir -p "$RUNS"
+RUNS=$(cd "$RUNS" && pwd)
 has() { [[ ",$PHASES," == *",$1,"* ]]; }
 
 if [ "$TINY" = 1 ]; then
@@ -107,11 +109,23 @@ step() {  # name, command...: run, tee the log into $OUT/<name>.log, print the w
   echo "$name $rc $((SECONDS - t0))" >> "$OUT/times.txt"
   return "$rc"
 }
-done_ckpt() { [ -d "$1/checkpoints/0" ]; }
+done_ckpt() {  # a complete checkpoints/0 (orbax finalizes a step only when it is fully written)
+  [ -d "$1/checkpoints" ] && $PY -c "import sys; from lightning_jax import checkpoint as ck
+c = ck.Checkpointer(sys.argv[1], ck.config_ns(keep=0), read_only=True); sys.exit(0 if 0 in c.steps() else 1)" \
+    "$1/checkpoints" 2>/dev/null
+}
 
 echo "run_120b_reduced: LAYERS=$LAYERS DEVICES=$DEVICES STEPS=$STEPS global batch $GLOBAL (micro $MICRO x accum $ACCUM) TINY=$TINY"
 echo "  OUT=$OUT RUNS=$RUNS DATA=$DATA PHASES=$PHASES"
-$PY -c "import jax; print('jax', jax.__version__, jax.devices())"
+WHEELS=${WHEELS:-shared/wheels}
+if ! $PY -c "import grain, ml_collections" 2>/dev/null; then     # as benchmarks/train_gpu.sh
+  $PY -m pip install -q --no-index --find-links "$WHEELS" grain ml_collections \
+    || { echo "grain/ml_collections are missing and cannot be installed from $WHEELS" >&2; exit 1; }
+fi
+if has train; then
+  $PY -c "import jax, sys; d = jax.devices(); print('jax', jax.__version__, d)
+if len(d) < $DEVICES: sys.exit(f'DEVICES=$DEVICES but jax sees {len(d)} devices')"
+fi
 
 if [ ! -f "$DATA/manifest.json" ] && { has init || has grow || has train; }; then
   step prepare_data $PY -m launch.prepare_data --input corpus --output "$DATA" --val_fraction 0.1
@@ -143,6 +157,8 @@ if has grow; then
 fi
 
 if has train; then
+  # always from the grown step 0: drop the steps an earlier train call wrote (frozen/0 stays)
+  find "$RUNS/tqp120b/checkpoints" -mindepth 1 -maxdepth 1 -regex '.*/[0-9]+' ! -name 0 -exec rm -rf {} +
   rm -f "$RUNS/tqp120b/metrics.jsonl"
   step train $PY -m launch.train --config="$DST_CFG" "${COMMON[@]}" "${DST[@]}" "${EXTRA_FLAGS[@]}" \
     --workdir="$RUNS/tqp120b" --no_progress
@@ -158,7 +174,7 @@ fi
 
 if has report; then
   $PY - "$OUT" "$RUNS" "$LAYERS" "$DEVICES" "$GLOBAL" <<'PYEOF' | tee "$OUT/report.md"
-import json, pathlib, re, statistics, sys
+import json, os, pathlib, re, statistics, sys
 out, runs = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
 layers, devices, gbatch = sys.argv[3:6]
 mf = out / "metrics.jsonl"
@@ -197,17 +213,18 @@ if peaks:
         f"{[round(p / 1e9, 1) for p in summ.get('bytes_limit', [])]} GB)")
 else:
   print("peak device memory: not reported (a backend without memory_stats, e.g. CPU)")
-plan = out / "plan.txt"
+plan, plan_gb = out / "plan.txt", os.environ.get("PLAN_GB", "")
 if plan.exists():
   m = re.search(r"total\s+([\d.]+) GB", plan.read_text())
-  if m:
-    rep["plan_total_gb"] = float(m.group(1))
-    print(f"launch.plan (virtual CPU devices) predicts {m.group(1)} GB per device", end="")
-    if peaks:
-      ratio = max(peaks) / 1e9 / float(m.group(1))
-      rep["measured_over_plan"] = ratio
-      print(f"; measured max / plan = {ratio:.2f}", end="")
-    print()
+  plan_gb = m.group(1) if m else plan_gb
+if plan_gb:
+  rep["plan_total_gb"] = float(plan_gb)
+  print(f"launch.plan (virtual CPU devices) predicts {float(plan_gb):.2f} GB per device", end="")
+  if peaks:
+    ratio = max(peaks) / 1e9 / float(plan_gb)
+    rep["measured_over_plan"] = ratio
+    print(f"; measured max / plan = {ratio:.2f}", end="")
+  print()
 times = out / "times.txt"
 if times.exists():
   rep["times"] = [l.split() for l in times.read_text().splitlines() if l.strip()]
