@@ -22,9 +22,12 @@ import time
 
 
 def _parse_devices(argv) -> int:
-  for a in argv:
+  """--devices=N or --devices N (absl accepts both), read before jax is imported."""
+  for i, a in enumerate(argv):
     if a.startswith("--devices="):
       return int(a.split("=", 1)[1])
+    if a == "--devices" and i + 1 < len(argv):
+      return int(argv[i + 1])
   return 8
 
 
