@@ -1,7 +1,7 @@
 """Time and memory of one Gated Sparse Attention layer (lightning_jax.layers.sparse_attention).
 
     python -m benchmarks.gsa_bench [--config configs/stage_2b.py] [--batch 1] [--seq 4096,8192]
-        [--query_chunk 256,512] [--attention gather,dense_masked] [--dtype bfloat16] [--repeat 5]
+        [--query_chunk 256,512] [--attention gather,dense_masked,flash] [--dtype bfloat16] [--repeat 5]
 
 For each (seq, query_chunk, attention mode) it compiles and times, on the default device:
   select      indexer + adaptive top-k only (gsa_select)
@@ -49,7 +49,7 @@ def main():
   ap.add_argument("--batch", type=int, default=1)
   ap.add_argument("--seq", default="4096,8192")
   ap.add_argument("--query_chunk", default="")
-  ap.add_argument("--attention", default="gather,dense_masked")
+  ap.add_argument("--attention", default="gather,dense_masked,flash")
   ap.add_argument("--dtype", default="bfloat16")
   ap.add_argument("--repeat", type=int, default=5)
   a = ap.parse_args()
