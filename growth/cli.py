@@ -270,25 +270,32 @@ def _args(transform: str) -> dict:
   return {}
 
 
+def guarded(argv, usage: str, fn) -> int:
+  """The growth commands' shared main body: refuse stray arguments (exit 2), run `fn()`, and turn
+  the errors a user can act on into one `error: ...` line on stderr (exit 1)."""
+  from growth.common import GrowthError
+  from lightning_jax import checkpoint as ck
+  from lightning_jax.config import ConfigError
+  from lightning_jax.data.shards import DataError
+  if len(argv) > 1:
+    print(f"error: unexpected arguments {argv[1:]}; flags look like {usage}.", file=sys.stderr)
+    return 2
+  try:
+    fn()
+  except (GrowthError, ConfigError, ck.CheckpointError, DataError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  return 0
+
+
 def run(transform: str):
   """Entry point of `python -m growth.<transform>`."""
   from absl import app, flags, logging as absl_logging
 
   def main(argv):
-    from growth.common import GrowthError
-    from lightning_jax import checkpoint as ck
-    from lightning_jax.config import ConfigError
-    if len(argv) > 1:
-      print(f"error: unexpected arguments {argv[1:]}; flags look like --src=RUN --dst=NEW_RUN "
-            f"--config=configs/x.py.", file=sys.stderr)
-      return 2
     F = flags.FLAGS
-    try:
-      grow(transform, F.src, F.dst, F.config, _args(transform))
-    except (GrowthError, ConfigError, ck.CheckpointError) as e:
-      print(f"error: {e}", file=sys.stderr)
-      return 1
-    return 0
+    return guarded(argv, "--src=RUN --dst=NEW_RUN --config=configs/x.py",
+                   lambda: grow(transform, F.src, F.dst, F.config, _args(transform)))
 
   _define_flags(transform)
   absl_logging.set_verbosity(absl_logging.ERROR)

@@ -67,20 +67,10 @@ def main():
   flags.mark_flags_as_required(["config", "dst"])
 
   def run(argv):
-    from lightning_jax import checkpoint as ck
-    from lightning_jax.config import ConfigError
-    from lightning_jax.data.shards import DataError
-    if len(argv) > 1:
-      print(f"error: unexpected arguments {argv[1:]}; flags look like --dst=RUN "
-            f"--config=configs/x.py.", file=sys.stderr)
-      return 2
+    from growth.cli import guarded
     F = flags.FLAGS
-    try:
-      init_run(F.dst, F.config, on_cpu=F.cpu)
-    except (ConfigError, ck.CheckpointError, DataError) as e:
-      print(f"error: {e}", file=sys.stderr)
-      return 1
-    return 0
+    return guarded(argv, "--dst=RUN --config=configs/x.py",
+                   lambda: init_run(F.dst, F.config, on_cpu=F.cpu))
 
   absl_logging.set_verbosity(absl_logging.ERROR)
   app.run(lambda argv: sys.exit(run(argv)))

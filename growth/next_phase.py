@@ -180,22 +180,13 @@ def next_phase(src: str, dst: str, cfg, optimizer: str = "carry", log=print) -> 
 
 def main(argv):
   from absl import flags
-  from growth.common import GrowthError
-  from lightning_jax import checkpoint as ck
-  from lightning_jax.config import ConfigError
-  from lightning_jax.data import shards
-  if len(argv) > 1:
-    print(f"error: unexpected arguments {argv[1:]}; flags look like --src=RUN --dst=NEW_RUN "
-          f"--config=configs/stage_9b.py:p2.", file=sys.stderr)
-    return 2
+  from growth.cli import guarded
   F = flags.FLAGS
-  try:
+
+  def go():
     out = next_phase(F.src, F.dst, F.config, optimizer=F.optimizer)
-  except (GrowthError, ConfigError, ck.CheckpointError, shards.DataError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
-  print(json.dumps(out["meta"]["provenance"]))
-  return 0
+    print(json.dumps(out["meta"]["provenance"]))
+  return guarded(argv, "--src=RUN --dst=NEW_RUN --config=configs/stage_9b.py:p2", go)
 
 
 def _define_flags():

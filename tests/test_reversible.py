@@ -80,7 +80,10 @@ def test_gradients_match_plain_float_integrator(deep20, mode, tol):
          f"max |out - ref| {e_out:.2e}; loss err / sum|w| {e_loss:.2e}")
   print(msg)
   assert e_p <= tol and e_x <= tol, msg
-  assert e_out <= (1e-6 if mode == "store_boundaries" else 1e-5), msg
+  # relative to the output's scale: the two forwards are the same float math, but XLA may fuse
+  # them differently (a 1-ulp difference at |out| ~ 10 is 1.2e-6, seen at seed 809705546)
+  scale = max(1.0, float(jnp.max(jnp.abs(ref_out))))
+  assert e_out <= (1e-6 if mode == "store_boundaries" else 1e-5) * scale, msg
   assert e_loss <= 1e-5, msg
   # the aux terms (top-k router balance, hidden-size penalty) received their gradient: the
   # router weights only get gradient through the gates and aux; check it is non-zero and matched
