@@ -195,3 +195,28 @@ def test_resume_refuses_a_tqp_base_of_other_bits(data_dir, tmp_path):
   with pytest.raises(ck.CheckpointError, match=r"checkpoint .*/g/checkpoints/0 holds a 8-bit TQP "
                                                r"quantized base .* but the config has tqp.bits=4"):
     T.train(tqp_cfg(4), tmp_path / "g", progress=False, log=lambda *_: None)
+
+
+def test_tqp_run_with_flush_checkpoints_frozen_versions_and_resumes(data_dir, tmp_path):
+  """A tiny TQP model trains from scratch with a flush every 2 steps: loss stays finite, each
+  flush makes a new frozen version (stored once, not per save), old versions go once no kept
+  step uses them, and a restart resumes the newest step with its version."""
+  c = small_cfg(data_dir)
+  e = c.moe
+  e.enabled, e.router, e.n_experts, e.n_null, e.top_k = True, "sigmoid", 4, 0, 2
+  e.expert_width, e.shared_width, e.mtp_n_experts = 16, 64, 4
+  c.tqp.enabled, c.tqp.bits, c.tqp.rank, c.tqp.flush_every = True, 4, 2, 2
+  c.train.steps = 4
+  c.checkpoint.every_steps, c.checkpoint.keep = 1, 2
+  s = T.train(c, tmp_path / "r", stop_after=3, progress=False, log=lambda *_: None)
+  assert s["final_step"] == 3 and all(np.isfinite(l) for _, l in s["losses"])
+  k = ck.Checkpointer(tmp_path / "r" / "checkpoints", c.checkpoint, read_only=True)
+  assert k.steps() == [2, 3], k.steps()
+  # the flush after step 2 made version 2; version 0 (init) is gone: no kept step uses it
+  assert k.frozen_versions() == [2] and k.frozen_ref(3)["version"] == 2, k.frozen_versions()
+  k.close()
+  s = T.train(c, tmp_path / "r", progress=False, log=lambda *_: None)
+  assert s["final_step"] == 4 and [st for st, _ in s["losses"]] == [4]
+  k = ck.Checkpointer(tmp_path / "r" / "checkpoints", c.checkpoint, read_only=True)
+  assert k.steps() == [3, 4] and k.frozen_versions() == [2, 4], (k.steps(), k.frozen_versions())
+  k.close()
