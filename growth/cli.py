@@ -43,10 +43,38 @@ def locate(path: str):
   return _locate(path)
 
 
-def read_source(path: str, log=print) -> dict:
+def _restore_without_opt(c, step: int, abstract: dict) -> dict:
+  """Checkpointer.restore's result for params / frozen / stats only: the state item is read with
+  orbax's partial restore (the optimizer state's files are never opened), the frozen version
+  through the checkpointer (fingerprint-verified), and every restored leaf is checked finite."""
+  import orbax.checkpoint as ocp
+  from lightning_jax import checkpoint as ck
+  d = c.step_dir(step)
+  ref = c.frozen_ref(step)
+  abstract = dict(abstract)
+  abstract_frozen = abstract.pop("frozen", None) if ref is not None else None
+  sub = {k: abstract[k] for k in ("params", "frozen", "stats") if k in abstract}
+  try:
+    with ocp.PyTreeCheckpointer() as pc:
+      state = dict(pc.restore(d / "state", args=ocp.args.PyTreeRestore(
+          item=sub, restore_args=ocp.checkpoint_utils.construct_restore_args(sub),
+          partial_restore=True)))
+  except Exception as e:  # orbax / tensorstore raise many types for torn files
+    raise ck.CheckpointError(f"checkpoint {d} is unreadable or incomplete "
+                             f"({ck._first_line(e)}).") from e
+  if ref is not None:
+    state["frozen"] = ({} if ref["version"] is None else
+                       c._restore_frozen(ref, abstract_frozen, d))
+  ck._check_finite_tree(state, d)
+  return {"state": state, "config": c.read_json(step, "config"), "meta": c.read_json(step, "meta")}
+
+
+def read_source(path: str, log=print, *, opt_state: bool = False) -> dict:
   """{"cfg", "variables" (numpy), "step", "dir", "meta"} of a checkpoint; params, frozen (from
-  the frozen version the step references) and stats are restored onto one host device (the
-  optimizer state is not needed)."""
+  the frozen version the step references) and stats are restored onto one host device.
+  opt_state: also restore the optimizer state (into "opt_state", numpy); by default it is not
+  read at all (orbax placeholders): the growth transforms only need the variables, and at the
+  9B's width the Adam moments are 67 GB of host memory."""
   import jax
   from ml_collections import ConfigDict
   from lightning_jax import checkpoint as ck
@@ -63,14 +91,20 @@ def read_source(path: str, log=print) -> dict:
                                           else jax.devices()[0])
   abstract = jax.tree_util.tree_map(
       lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=dev), dict(md))
-  got = c.restore(step, abstract)
+  if opt_state or "opt_state" not in abstract:
+    got = c.restore(step, abstract)
+  else:
+    got = _restore_without_opt(c, step, abstract)
   c.close()
   state = got["state"]
   variables = {k: jax.tree_util.tree_map(np.asarray, state[k]) for k in ("params", "frozen", "stats")}
   cfg = ConfigDict(got["config"])
   log(f"source: {c.step_dir(step)} (step {step}, stage {cfg.get('stage')!r})")
-  return {"cfg": cfg, "variables": variables, "step": int(step), "dir": str(c.step_dir(step)),
-          "meta": got["meta"]}
+  out = {"cfg": cfg, "variables": variables, "step": int(step), "dir": str(c.step_dir(step)),
+         "meta": got["meta"]}
+  if opt_state:
+    out["opt_state"] = jax.tree_util.tree_map(np.asarray, state.get("opt_state"))
+  return out
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -118,32 +152,46 @@ def evaluate(variables, cfg, ids) -> dict:
 
 # ----------------------------------------------------------------------------- writing
 def write_grown(dst: pathlib.Path, cfg, variables, data_dir, manifest, meta, log=print,
-                opt_state=None, loader_state=None):
+                opt_state=None, loader_state=None, *, on_cpu: bool = False):
   """NEW_RUN/checkpoints/0: the grown variables, fresh optimizer state, step 0, fresh loader.
-  opt_state / loader_state (optional; growth.next_phase): written instead of the fresh ones."""
+  opt_state / loader_state (optional; growth.next_phase): written instead of the fresh ones.
+  on_cpu: build the state (the variables' device copies, the fresh optimizer state, the frozen
+  fingerprint) and save it on the host CPU device instead of the default device, which would
+  otherwise hold the whole state at once (the 120B's TQP state: 125 GB). Host memory then holds
+  the caller's (numpy) variables plus the state: params + frozen + stats + 2 x params for Adam
+  (about 82 + 43 GB at the 120B's full width). The checkpoint is the same either way; launch.train
+  restores it with its own shardings."""
+  import contextlib
   import jax
   import jax.numpy as jnp
   from launch import train as train_lib
   from lightning_jax import checkpoint as ck, optim
-  steps_total = optim.total_steps(cfg)
-  tx, _ = optim.make_optimizer(cfg, variables["params"], steps_total)
-  params = jax.tree_util.tree_map(jnp.asarray, variables["params"])
-  state = {"params": params,
-           "frozen": jax.tree_util.tree_map(jnp.asarray, variables["frozen"]),
-           "stats": jax.tree_util.tree_map(jnp.asarray, variables["stats"]),
-           "opt_state": (tx.init(params) if opt_state is None else
-                         jax.tree_util.tree_map(jnp.asarray, opt_state)),
-           "step": jnp.int32(0)}
-  if loader_state is None:
-    loader, _ = train_lib.make_data(cfg, data_dir, manifest)
-    loader_state = loader.get_state()
-  kc = ck.config_ns(keep=0)
-  w = ck.Checkpointer(dst / "checkpoints", kc)
-  w.save(0, state, loader_state, ck.config_to_json(cfg), meta, frozen_version=0)
-  w.close()
+  if on_cpu:
+    cpu = jax.devices("cpu")[0]
+    where, put = jax.default_device(cpu), (lambda x: jax.device_put(x, cpu))
+  else:
+    where, put = contextlib.nullcontext(), jnp.asarray
+  with where:
+    steps_total = optim.total_steps(cfg)
+    tx, _ = optim.make_optimizer(cfg, variables["params"], steps_total)
+    params = jax.tree_util.tree_map(put, variables["params"])
+    state = {"params": params,
+             "frozen": jax.tree_util.tree_map(put, variables["frozen"]),
+             "stats": jax.tree_util.tree_map(put, variables["stats"]),
+             "opt_state": (tx.init(params) if opt_state is None else
+                           jax.tree_util.tree_map(put, opt_state)),
+             "step": put(np.int32(0))}
+    if loader_state is None:
+      loader, _ = train_lib.make_data(cfg, data_dir, manifest)
+      loader_state = loader.get_state()
+    kc = ck.config_ns(keep=0)
+    w = ck.Checkpointer(dst / "checkpoints", kc)
+    w.save(0, state, loader_state, ck.config_to_json(cfg), meta, frozen_version=0)
+    w.close()
   log(f"wrote {dst / 'checkpoints' / '0'}: step 0, "
       f"{'fresh' if opt_state is None else 'given'} optimizer state, schedule of "
-      f"{steps_total} steps from the target config (stage {cfg.stage!r})")
+      f"{steps_total} steps from the target config (stage {cfg.stage!r})"
+      f"{' (built on the host CPU)' if on_cpu else ''}")
 
 
 def _jsonable(x):
@@ -224,7 +272,9 @@ def grow(transform: str, src: str, dst: str, cfg, args: dict, log=print) -> dict
                                    "transform": transform, "args": args,
                                    "seed": args.get("seed")}),
           "growth_report": _jsonable(report), "loss": None, "tokens": 0}
-  write_grown(dst, cfg, grown, data_dir, manifest, meta, log)
+  # the TQP targets are the 120B's size: written from the host (write_grown's on_cpu)
+  write_grown(dst, cfg, grown, data_dir, manifest, meta, log,
+              on_cpu=transform in ("to_tqp", "expand_to_tqp"))
   log("growth report:")
   log(f"  transform {transform} {json.dumps(_jsonable(args))} from {source['dir']} "
       f"(stage {src_cfg.get('stage')!r}, step {source['step']}) to stage {cfg.stage!r}")

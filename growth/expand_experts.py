@@ -86,11 +86,29 @@ def expand_one(gate, up, down, n_clones, n_padded, ratio, rng):
   return out, sets
 
 
-def expand_experts(params, src_cfg, dst_cfg, *, ratio: float = 0.5, router_sigma: float = 0.05,
-                   seed: int = 1337, return_report: bool = False):
-  """Clone and drop-upcycle routed experts (module docstring). Returns the same kind of tree as
-  given (numpy leaves), or (tree, GrowthReport); the report's `choices[<moe node>]["redrawn"]`
-  holds the re-drawn channel sets [G, E_target, round(ratio * f)]."""
+class Plan:
+  """Everything expand_experts writes except the routed experts of the layer groups: `out` (flat
+  {path: array}, routers, MTP block, copies), `report`, `used`, and per pattern position j
+  `layers[j] = (prefix, lead, n_pad, g_n, flat_in)` (flat_in: the source experts [g_n, Es, ...],
+  views). The experts of (j, g) come from `expand_layer(plan, j, g)`; every (j, g) has its own
+  random stream, so they can be expanded in any order, one at a time (growth.expand_to_tqp) or
+  all at once (expand_experts), with the same result."""
+
+  def __init__(self, **kw):
+    self.__dict__.update(kw)
+
+  def jobs(self) -> list:
+    return [(j, g) for j in self.layers for g in range(self.layers[j][3])]
+
+  def expert_keys(self):
+    """(j, prefix, lead, {matrix: params/<prefix>/experts/<matrix>}) per pattern position."""
+    for j, (prefix, lead, _, _, _) in self.layers.items():
+      yield j, prefix, lead, {k: f"params/{prefix}/experts/{k}" for k in ("gate", "up", "down")}
+
+
+def plan(params, src_cfg, dst_cfg, *, ratio: float = 0.5, router_sigma: float = 0.05,
+         seed: int = 1337) -> Plan:
+  """Checks, routers, MTP block and copies of expand_experts (see Plan)."""
   variables, was_full = common.as_variables(common.to_host(params))
   cols = tuple(c for c in common.COLLECTIONS if c in variables)
   flat_src = common.flatten({c: variables[c] for c in cols})
@@ -152,8 +170,6 @@ def expand_experts(params, src_cfg, dst_cfg, *, ratio: float = 0.5, router_sigma
         if f"stats/{prefix}/{k}" in flat_src:
           report.dropped[f"stats/{prefix}/{k}"] = "router statistics restart with the new experts"
 
-  # every (layer position, group) is expanded from its own random stream, so the layers run in
-  # parallel threads (numpy's draws and copies release the GIL) with the same result as in order
   layers = {}
   for j in range(len(dst_cfg.model.pattern)):
     prefix = f"groups/l{j}/moe"
@@ -164,28 +180,12 @@ def expand_experts(params, src_cfg, dst_cfg, *, ratio: float = 0.5, router_sigma
     g_n = int(np.prod(lead))
     flat_in = {k: v.reshape((g_n,) + v.shape[-3:])[:, :es] for k, v in src.items()}
     layers[j] = (prefix, lead, n_pad, g_n, flat_in)
-
-  def expand_layer(jg):
-    j, g = jg
-    prefix, _, n_pad, _, flat_in = layers[j]
-    rng = common.rng_for(seed, "expand_experts", prefix, g)
-    return expand_one(flat_in["gate"][g], flat_in["up"][g], flat_in["down"][g], n_clones, n_pad,
-                      ratio, rng)
-
-  jobs = [(j, g) for j in layers for g in range(layers[j][3])]
-  with concurrent.futures.ThreadPoolExecutor(max(1, min(len(jobs), os.cpu_count() or 1))) as pool:
-    done = dict(zip(jobs, pool.map(expand_layer, jobs)))
   for j, (prefix, lead, n_pad, g_n, _) in layers.items():
-    res = {k: [done[j, g][0][k] for g in range(g_n)] for k in ("gate", "up", "down")}
-    sets = [done.pop((j, g))[1] for g in range(g_n)]
-    for k in res:
+    for k in ("gate", "up", "down"):
       key = f"params/{prefix}/experts/{k}"
-      # one group: a view, not a second copy of the layer's experts (23 GB at the 120B's width)
-      out[key] = (np.stack(res[k]) if g_n > 1 else res[k][0][None]).reshape(lead + res[k][0].shape)
-      res[k] = None
       report.provenance[key] = (f"grown {n_clones} clones x {es} (clone-major), ratio {ratio} of "
                                 f"channels re-drawn, from {key}")
-    report.choices.setdefault(prefix, {})["redrawn"] = np.stack(sets)
+    report.choices.setdefault(prefix, {})["redrawn"] = None      # filled in by the expansion
     router_params(prefix, lead, ed, tiled=True)
 
   if dst_cfg.model.mtp.enabled:
@@ -209,8 +209,42 @@ def expand_experts(params, src_cfg, dst_cfg, *, ratio: float = 0.5, router_sigma
       out[k] = v
       report.provenance[k] = f"copy {k}"
       used.add(k)
-  grown = common.finish(out, report, dst_cfg, cols, flat_src, used, was_full)
-  return (grown, report) if return_report else grown
+  return Plan(out=out, report=report, used=used, layers=layers, flat_src=flat_src, cols=cols,
+              was_full=was_full, n_clones=n_clones, ratio=ratio, seed=seed, dst_cfg=dst_cfg)
+
+
+def expand_layer(p: Plan, j: int, g: int):
+  """The routed experts of pattern position j, group g: ({gate, up, down} [n_pad, ...] float32,
+  redrawn channel sets [n_clones * Es, n_re]) from that (layer, group)'s own random stream."""
+  prefix, _, n_pad, _, flat_in = p.layers[j]
+  rng = common.rng_for(p.seed, "expand_experts", prefix, g)
+  return expand_one(flat_in["gate"][g], flat_in["up"][g], flat_in["down"][g], p.n_clones, n_pad,
+                    p.ratio, rng)
+
+
+def expand_experts(params, src_cfg, dst_cfg, *, ratio: float = 0.5, router_sigma: float = 0.05,
+                   seed: int = 1337, return_report: bool = False):
+  """Clone and drop-upcycle routed experts (module docstring). Returns the same kind of tree as
+  given (numpy leaves), or (tree, GrowthReport); the report's `choices[<moe node>]["redrawn"]`
+  holds the re-drawn channel sets [G, E_target, round(ratio * f)]. Holds every layer's dense
+  experts at once; growth.expand_to_tqp expands and quantizes one (layer, group) at a time."""
+  p = plan(params, src_cfg, dst_cfg, ratio=ratio, router_sigma=router_sigma, seed=seed)
+  # every (layer position, group) is expanded from its own random stream, so the layers run in
+  # parallel threads (numpy's draws and copies release the GIL) with the same result as in order
+  jobs = p.jobs()
+  with concurrent.futures.ThreadPoolExecutor(max(1, min(len(jobs), os.cpu_count() or 1))) as pool:
+    done = dict(zip(jobs, pool.map(lambda jg: expand_layer(p, *jg), jobs)))
+  for j, prefix, lead, keys in p.expert_keys():
+    g_n = p.layers[j][3]
+    res = {k: [done[j, g][0][k] for g in range(g_n)] for k in keys}
+    sets = [done.pop((j, g))[1] for g in range(g_n)]
+    for k, key in keys.items():
+      # one group: a view, not a second copy of the layer's experts (23 GB at the 120B's width)
+      p.out[key] = (np.stack(res[k]) if g_n > 1 else res[k][0][None]).reshape(lead + res[k][0].shape)
+      res[k] = None
+    p.report.choices[prefix]["redrawn"] = np.stack(sets)
+  grown = common.finish(p.out, p.report, dst_cfg, p.cols, p.flat_src, p.used, p.was_full)
+  return (grown, p.report) if return_report else grown
 
 
 if __name__ == "__main__":

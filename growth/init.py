@@ -51,7 +51,7 @@ def init_run(dst: str, cfg, *, on_cpu: bool = False, log=print) -> dict:
                            "transform": "init", "args": {"seed": int(cfg.train.seed)},
                            "seed": int(cfg.train.seed)},
             "loss": None, "tokens": 0}
-    cli.write_grown(dst, cfg, variables, data_dir, manifest, meta, log)
+    cli.write_grown(dst, cfg, variables, data_dir, manifest, meta, log, on_cpu=on_cpu)
   log(f"random init of stage {cfg.stage!r}: {n_params:,} parameters (seed train.seed="
       f"{cfg.train.seed}) in {time.perf_counter() - t0:.1f}s")
   return {"dst": str(dst), "meta": meta, "n_params": n_params}

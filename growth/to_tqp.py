@@ -31,10 +31,8 @@ def _target_abstract(dst_cfg, cols):
   return ab, flat
 
 
-def to_tqp(variables, src_cfg, dst_cfg, *, return_report: bool = False):
-  import jax
-  from lightning_jax import tqp
-  t = "to_tqp"
+def check_configs(src_cfg, dst_cfg):
+  """to_tqp only quantizes: TQP on in the target, off in the (MoE) source, the rest equal."""
   if not dst_cfg.tqp.enabled:
     raise GrowthError("to_tqp needs a target config with tqp.enabled=True.")
   if src_cfg.tqp.enabled:
@@ -49,18 +47,42 @@ def to_tqp(variables, src_cfg, dst_cfg, *, return_report: bool = False):
       diff = sorted(k for k in set(a[sec]) | set(b[sec]) if a[sec].get(k) != b[sec].get(k))
       raise GrowthError(f"to_tqp only quantizes: source and target configs differ in "
                         f"{sec}.{diff[0]} ({b[sec].get(diff[0])!r} vs {a[sec].get(diff[0])!r}).")
-  v, was_full = common.as_variables(common.to_host(variables))
-  if not was_full:
-    raise GrowthError("to_tqp needs the full variables {'params', 'frozen', 'stats'}: the "
-                      "quantized bases live in 'frozen'.")
-  flat_src = common.flatten(v)
-  common.check_source(flat_src, src_cfg, common.COLLECTIONS, t)
-  params, qfrozen = tqp.convert_moe_to_tqp(v["params"], dst_cfg)
-  frozen = tqp.merge_frozen(v["frozen"], qfrozen)
-  out_tree = {"params": params, "frozen": frozen, "stats": v["stats"]}
-  out = {k: np.asarray(x) for k, x in common.flatten(out_tree).items()}
-  report = GrowthReport(t, {"bits": int(dst_cfg.tqp.bits), "rank": int(dst_cfg.tqp.rank),
-                            "tqp_seed": int(dst_cfg.tqp.seed)})
+
+
+def convert_layer(w, cfg, path: str, li: int, chunk: int = 16):
+  """One layer's routed-expert matrix w [E, in, out] (`path`: "<moe node>/<mat>", e.g.
+  "groups/l0/moe/gate"; li: the layer's flat index in the node's stack) -> ({codes, norms,
+  signs}, {a, b}) as numpy: exactly the slice lightning_jax.tqp.convert_moe_to_tqp writes for it
+  (same key per (node, layer, matrix) from tqp.seed, same quantizer; tests/test_run_120b_reduced.py
+  compares them bit for bit)."""
+  import math
+  import jax
+  import jax.numpy as jnp
+  from lightning_jax import tqp
+  node, mat = path.rsplit("/", 1)
+  bits, r = int(cfg.tqp.bits), int(cfg.tqp.rank)
+  E, d_in, d_out = w.shape
+  if (d_out, d_in) != tqp._dims(cfg, mat):
+    raise GrowthError(f"{path} has shape {tuple(w.shape)} but the config expects "
+                      f"[E, {tqp._dims(cfg, mat)[1]}, {tqp._dims(cfg, mat)[0]}].")
+  n = tqp.pow2_dim(d_in, cfg, f"moe.{mat} input dimension")
+  key = tqp._layer_key(int(cfg.tqp.seed), f"{node}/{li}/{mat}")
+  ks, ka, kb = jax.random.split(key, 3)
+  s = jax.random.rademacher(ks, (n,), jnp.int32).astype(jnp.int8)
+  c, nr = tqp._quantize_experts(w, s, bits, chunk)
+  a = tqp.ADAPTER_A_STD * jax.random.normal(ka, (E, d_out, r), jnp.float32)
+  b = jax.random.normal(kb, (E, r, n), jnp.float32) / math.sqrt(r)
+  h = np.asarray                                              # to the host
+  return {"codes": h(c), "norms": h(nr), "signs": h(s)}, {"a": h(a), "b": h(b)}
+
+
+def assemble(out: dict, flat_src: dict, dst_cfg, *, return_report: bool = True):
+  """Flat TQP output {path: array} -> (target tree, GrowthReport): provenance per leaf, and the
+  guards (exactly the target TQP model's leaves, shapes and dtypes; every source leaf used).
+  flat_src: the dense source's flat tree (leaves are only looked up by name)."""
+  import jax
+  report = GrowthReport("to_tqp", {"bits": int(dst_cfg.tqp.bits), "rank": int(dst_cfg.tqp.rank),
+                                   "tqp_seed": int(dst_cfg.tqp.seed)})
   used = set()
   for k in out:
     if k in flat_src:
@@ -87,6 +109,24 @@ def to_tqp(variables, src_cfg, dst_cfg, *, return_report: bool = False):
   if unused:
     raise GrowthError(f"to_tqp: source leaves were not carried over: {common._names(unused)}.")
   tree = jax.tree_util.tree_map_with_path(lambda p, _: out[common._path_str(p)], ab)
+  return tree, report
+
+
+def to_tqp(variables, src_cfg, dst_cfg, *, return_report: bool = False):
+  from lightning_jax import tqp
+  t = "to_tqp"
+  check_configs(src_cfg, dst_cfg)
+  v, was_full = common.as_variables(common.to_host(variables))
+  if not was_full:
+    raise GrowthError("to_tqp needs the full variables {'params', 'frozen', 'stats'}: the "
+                      "quantized bases live in 'frozen'.")
+  flat_src = common.flatten(v)
+  common.check_source(flat_src, src_cfg, common.COLLECTIONS, t)
+  params, qfrozen = tqp.convert_moe_to_tqp(v["params"], dst_cfg)
+  frozen = tqp.merge_frozen(v["frozen"], qfrozen)
+  out_tree = {"params": params, "frozen": frozen, "stats": v["stats"]}
+  out = {k: np.asarray(x) for k, x in common.flatten(out_tree).items()}
+  tree, report = assemble(out, flat_src, dst_cfg)
   return (tree, report) if return_report else tree
 
 

@@ -18,7 +18,7 @@ import numpy as np
 from configs import tiny_120b, tiny_deep
 from growth import common
 from growth.expand_experts import expand_experts, expand_one
-from growth.expand_to_tqp import expand_to_tqp
+from growth.expand_to_tqp import chain_reports, expand_to_tqp
 from growth.to_tqp import to_tqp
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -52,14 +52,27 @@ def test_expand_to_tqp_is_expand_then_quantize():
   src_cfg, dst_cfg = _cfg(tiny_deep), _cfg(tiny_120b)      # 8 layers: 2 groups per position
   src = _random_variables(src_cfg, SEED)
   args = dict(ratio=0.5, router_sigma=0.05, seed=SEED % 1000)
-  got, rep = expand_to_tqp(src, src_cfg, dst_cfg, return_report=True, **args)
+  dst_cfg.tqp.seed = SEED % 997
+  workers = 1 + SEED % 3                                   # the layer pipeline's width: any
+  lines = []
+  got, rep = expand_to_tqp(src, src_cfg, dst_cfg, return_report=True, workers=workers,
+                           log=lines.append, **args)
+  assert len(lines) == 8, (SEED, lines)                    # 4 positions x 2 groups, one at a time
   mid_cfg = common.dense_expert_cfg(dst_cfg)
-  mid = expand_experts(src, src_cfg, mid_cfg, **args)
-  want = to_tqp(mid, mid_cfg, dst_cfg)
+  mid, r1 = expand_experts(src, src_cfg, mid_cfg, return_report=True, **args)
+  want, r2 = to_tqp(mid, mid_cfg, dst_cfg, return_report=True)
   g, w = common.flatten(got), common.flatten(want)
   assert set(g) == set(w), (SEED, sorted(set(g) ^ set(w))[:4])
   for k in w:
     assert g[k].dtype == w[k].dtype and np.array_equal(np.asarray(g[k]), np.asarray(w[k])), (SEED, k)
+  # the same report as the two steps chained
+  ref = chain_reports(r1, r2)
+  assert rep.provenance == ref.provenance and rep.dropped == ref.dropped and rep.args == ref.args, SEED
+  assert set(rep.choices) == set(ref.choices), SEED
+  for node, ch in ref.choices.items():
+    assert set(rep.choices[node]) == set(ch), (SEED, node)
+    for k, v in ch.items():
+      assert np.array_equal(np.asarray(rep.choices[node][k]), np.asarray(v)), (SEED, node, k)
   assert any(k.startswith("frozen/") and "/moe/experts/" in k for k in g), SEED
   # provenance chains both steps: the quantized bases name the clone expansion they came from
   base = next(k for k in rep.provenance if k.startswith("frozen/groups/l0/moe/experts/gate"))
@@ -91,9 +104,17 @@ def test_growth_init_is_launch_train_init(tmp_path):
   cfg.train.seed = SEED % 1000
   cfg.data.build_from = str(REPO / "corpus" / "en")
   cfg.data.use_pools = False
-  out = init_run(str(tmp_path / "run"), cfg, log=lambda *_: None)
+  out = init_run(str(tmp_path / "run"), cfg, on_cpu=True, log=lambda *_: None)
   got = cli.read_source(str(tmp_path / "run"), log=lambda *_: None)
   assert got["step"] == 0 and got["meta"]["provenance"]["transform"] == "init", got["meta"]
+  # the optimizer state is read only on request (the growth transforms never need it)
+  assert "opt_state" not in got
+  with_opt = cli.read_source(str(tmp_path / "run"), log=lambda *_: None, opt_state=True)
+  opt = jax.tree_util.tree_leaves(with_opt["opt_state"])
+  n_par = len(jax.tree_util.tree_leaves(got["variables"]["params"]))
+  assert len(opt) >= 2 * n_par and all(isinstance(x, np.ndarray) for x in opt), (len(opt), n_par)
+  assert sum(x.size for x in opt) >= 2 * sum(x.size for x in jax.tree_util.tree_leaves(
+      got["variables"]["params"])), SEED
   data_dir, manifest = train_lib.resolve_data(cfg, tmp_path / "run", log=lambda *_: None)
   c = cfg.copy_and_resolve_references()
   train_lib.apply_data_vocab(c, manifest, data_dir)
