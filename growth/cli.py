@@ -160,7 +160,10 @@ def write_grown(dst: pathlib.Path, cfg, variables, data_dir, manifest, meta, log
   otherwise hold the whole state at once (the 120B's TQP state: 125 GB). Host memory then holds
   the caller's (numpy) variables plus the state: params + frozen + stats + 2 x params for Adam
   (about 82 + 43 GB at the 120B's full width). The checkpoint is the same either way; launch.train
-  restores it with its own shardings."""
+  restores it with its own shardings. Caveat (lightning_jax/checkpoint.py, not here): the save's
+  frozen fingerprint (leaf_sums in one jit over the frozen tree) holds about 8-12x the frozen
+  tree's bytes in buffers on the CPU backend (measured: 3.3 GB for one 268 MB uint8 leaf, 8.6 GB
+  for four), which at the 120B's 61 GB frozen tree does not fit a 500 GB host."""
   import contextlib
   import jax
   import jax.numpy as jnp
@@ -245,7 +248,7 @@ def grow(transform: str, src: str, dst: str, cfg, args: dict, log=print) -> dict
     from growth.expand_to_tqp import expand_to_tqp
     grown, rep = expand_to_tqp(source["variables"], src_cfg, cfg, ratio=args["ratio"],
                                router_sigma=args["router_sigma"], seed=args["seed"],
-                               return_report=True)
+                               return_report=True, log=log)
   else:
     raise ValueError(f"unknown growth transform {transform!r}; expected one of {TRANSFORMS}.")
   if transform not in ("to_tqp", "expand_to_tqp") and cfg.tqp.enabled:

@@ -12,7 +12,7 @@ two fresh Adam moments (3x).
 
 Per layer: every (pattern position j, group g) of the stacked layer groups is expanded from its
 own random stream (growth.expand_experts.expand_layer: the draws expand_experts makes for it),
-each of its three matrices is quantized at once (growth.to_tqp.convert_layer: the slice
+each of its three matrices is quantized, 16 experts per call (growth.to_tqp.convert_layer: the slice
 lightning_jax.tqp.convert_moe_to_tqp writes for it, key from tqp.seed and the layer's path), the
 codes / norms / signs and the fresh adapters are copied into the preallocated output stacks, and
 the dense copy is dropped. `workers` layers are expanded in parallel threads (numpy releases the
@@ -20,17 +20,23 @@ GIL) while the main thread quantizes the oldest; the order does not change the r
 
 Peak host memory (bytes; D = d_model, F = moe.expert_width, Ep = padded experts, r = tqp.rank,
 b = tqp.bits, W = workers):
-  source variables (growth.cli.read_source without the optimizer state; 35.4 GB for the 9B at 20
-  layers)
-  + the TQP output variables, filled in as the layers finish (params + frozen of the target:
-    per expert layer 3 Ep D F b/8 codes + 4 Ep (2 F + D) norms + 4 Ep r 3 (D + F) adapters
-    = 3.39 GB at the 120B's width; 82.3 GB for the whole 120B at 20 layers)
-  + W dense expanded layers, 12 Ep D F each (23.35 GB at the 120B's width)
-  + the quantizer's input copy and chunk buffers for one matrix: about 4 Ep D F (7.8 GB; on a GPU
-    host this copy is in device memory instead).
-At the 120B's width, 20 layers, W = 4: 35.4 + 82.3 + 93.4 + 7.8 = 219 GB (the whole-tree path:
-35.4 + 467 + 82 > 580 GB, with the optimizer state restored as well 67 GB more). The default W is
-min(4, CPU count, available memory / (3 x 12 Ep D F)).
+  source variables (growth.cli.read_source, which no longer reads the optimizer state: 35.4 GB
+  for the 9B at 20 layers; the Adam moments would be 67 GB more)
+  + the TQP output variables, filled in as the layers finish (params + frozen of the target; per
+    expert layer 3 Ep D F b/8 codes + 4 Ep (2 F + D) norms + 12 Ep r (D + F) adapters = 3.39 GB
+    at the 120B's width; 82.3 GB for the whole 120B at 20 layers, its other params included)
+  + W dense expanded layers, 12 Ep D F bytes each (23.35 GB at the 120B's width)
+  + the quantizer's buffers for one batch of 16 experts: about 5 x 16 x 4 D F (1.3 GB)
+  + the MTP block's dense experts until they are quantized (12 x 20 D F: 1 GB).
+At the 120B's width and 20 layers: W = 1: 35.4 + 82.3 + 23.4 + 1.3 + 1 = 143 GB; W = 4 (the
+default on a large host): 213 GB. The whole-tree path held all layers' dense experts and
+quantized each stack in one call (about 5x a matrix in buffers): 35.4 (+ 67 optimizer state) +
+467 + 82.3 + 39 > 620 GB. growth.cli.grow then writes with write_grown(on_cpu=True): + 82.3 GB of
+device (host) copies and 42.9 GB of fresh Adam moments. Measured on a 2-core CPU host at d_model 512,
+expert_width 1024, 4 layers, 16 -> 64 experts (benchmarks/expand_to_tqp_memory.py; source 613 MB,
+output 387 MB, one dense layer 403 MB): peak RSS growth during the transform, whole-tree path
++2990 MB, per-layer W = 1 +969 MB, W = 2 +1124 MB (the same checksum).
+The default W is min(4, CPU count, available memory / (3 x 12 Ep D F)).
 
 The meta provenance records transform "expand_to_tqp" with the expand_experts arguments; the
 growth report's provenance of each leaf chains both steps.
@@ -66,6 +72,11 @@ def chain_reports(r1: GrowthReport, r2: GrowthReport) -> GrowthReport:
   return report
 
 
+def _stand_in(s):
+  """A zero-byte array of ShapeDtypeStruct s's shape and dtype (for the name/shape guards)."""
+  return np.broadcast_to(np.zeros((), np.dtype(s.dtype)), tuple(s.shape))
+
+
 def default_workers(layer_bytes: int) -> int:
   """min(4, CPU count, available host memory / (3 x one dense expanded layer)), at least 1."""
   n = min(4, os.cpu_count() or 1)
@@ -98,7 +109,7 @@ def expand_to_tqp(variables, src_cfg, dst_cfg, *, ratio: float = 0.5, router_sig
   for j, prefix, lead, keys in p.expert_keys():
     for key in keys.values():
       s = want_mid[key]
-      p.out[key] = np.broadcast_to(np.zeros((), np.dtype(s.dtype)), tuple(s.shape))
+      p.out[key] = _stand_in(s)
       layer_bytes += int(np.prod(s.shape[len(lead):])) * np.dtype(s.dtype).itemsize
   layer_bytes //= max(1, len(p.layers))
   common.finish(p.out, p.report, mid_cfg, p.cols, p.flat_src, p.used, p.was_full)
@@ -128,6 +139,8 @@ def expand_to_tqp(variables, src_cfg, dst_cfg, *, ratio: float = 0.5, router_sig
       wl = w.reshape((-1,) + w.shape[-3:])
       for li in range(wl.shape[0]):
         store(prefix, lead, li, mat, *convert_layer(wl[li], dst_cfg, f"{prefix}/{mat}", li))
+      del w, wl
+      flat_mid[f"params/{prefix}/experts/{mat}"] = _stand_in(want_mid[f"params/{prefix}/experts/{mat}"])
 
   # the layer groups: expand W at a time in threads, quantize in order on this thread
   jobs = p.jobs()

@@ -53,6 +53,8 @@ def test_expand_to_tqp_is_expand_then_quantize():
   src = _random_variables(src_cfg, SEED)
   args = dict(ratio=0.5, router_sigma=0.05, seed=SEED % 1000)
   dst_cfg.tqp.seed = SEED % 997
+  # 20..36 experts: the quantizer's batches of 16 experts, a remainder batch for most draws
+  dst_cfg.moe.n_experts = src_cfg.moe.n_experts * (5 + SEED % 5)
   workers = 1 + SEED % 3                                   # the layer pipeline's width: any
   lines = []
   got, rep = expand_to_tqp(src, src_cfg, dst_cfg, return_report=True, workers=workers,
