@@ -434,7 +434,7 @@ def _tqp_bits(config_json):
 
 
 _UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32}
-_HOST_LIMIT = 1 << 28      # trees up to 256 MB are summed on the host, bigger ones on devices
+_HOST_BLOCK = 1 << 24      # elements per block of the host checksum
 _WEIGHT_MOD = 65521
 
 
@@ -447,11 +447,19 @@ def _u32_host(a: np.ndarray) -> np.ndarray:
   return a.view(_UINT[a.dtype.itemsize]).astype(np.uint32)
 
 
-def _leaf_sums_host(a) -> list[int]:
-  u = _u32_host(np.asarray(a)).reshape(-1)
-  w = (np.arange(u.size, dtype=np.uint32) % np.uint32(_WEIGHT_MOD)) + np.uint32(1)
+def _leaf_sums_host(a, block: int = _HOST_BLOCK) -> list[int]:
+  """In blocks of `block` elements: the working memory is a few blocks, not a multiple of the
+  leaf (the 120B's frozen tree is 61 GB; whole-leaf uint32 copies would need ~8x that)."""
+  flat = np.asarray(a).reshape(-1)
   mask = (1 << 32) - 1
-  return [int((u * w).sum(dtype=np.uint64)) & mask, int(u.sum(dtype=np.uint64)) & mask]
+  wsum = tot = pos = 0          # pos: offset in uint32 words (8-byte values are two words)
+  for i in range(0, flat.size, block):
+    u = _u32_host(flat[i:i + block]).reshape(-1)
+    w = ((np.arange(pos, pos + u.size, dtype=np.uint64) % _WEIGHT_MOD) + 1).astype(np.uint32)
+    wsum += int((u * w).sum(dtype=np.uint64))
+    tot += int(u.sum(dtype=np.uint64))
+    pos += u.size
+  return [wsum & mask, tot & mask]
 
 
 def _u32_device(x):
@@ -491,10 +499,9 @@ def _leaf_sums_device(leaves):
 def leaf_sums(leaves, on_device: bool | None = None) -> list[list[int]]:
   """Per leaf [position-weighted sum, plain sum] of its bits as uint32 words, modulo 2**32
   (integer sums: the same for any sharding or reduction order)."""
-  nbytes = sum(math.prod(np.shape(x)) * np.dtype(x.dtype).itemsize for x in leaves)
-  if on_device is None:
-    on_device = (jax.process_count() > 1 or nbytes > _HOST_LIMIT or not all(
-        getattr(x, "is_fully_addressable", True) for x in leaves))
+  if on_device is None:      # the host path, leaf by leaf in blocks, unless the arrays are not all here
+    on_device = jax.process_count() > 1 or not all(
+        getattr(x, "is_fully_addressable", True) for x in leaves)
   if not on_device:
     return [_leaf_sums_host(x) for x in leaves]
   out = jax.device_get(_leaf_sums_device([jnp.asarray(x) for x in leaves]))

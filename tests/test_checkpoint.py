@@ -359,6 +359,10 @@ def test_checksum_on_devices_equals_host_reference():
                         else NamedSharding(m, P())) for x in leaves]
   want = ck.leaf_sums(leaves, on_device=False)
   assert ck.leaf_sums(dev, on_device=True) == want, f"seed {seed}"
+  # the host sum runs in blocks (bounded memory): any block size gives the same words
+  leaves.append(rng.normal(size=(5, 3)))                     # float64: two words per value
+  for b in (1, 7, 64):
+    assert [ck._leaf_sums_host(x, block=b) for x in leaves] == ck.leaf_sums(leaves, on_device=False)
   swapped = leaves[0].copy()
   swapped[[0, 1]] = swapped[[1, 0]]
   if not np.array_equal(swapped, leaves[0]):
