@@ -210,23 +210,31 @@ def _jsonable(x):
 
 
 # ----------------------------------------------------------------------------- the driver
-def grow(transform: str, src: str, dst: str, cfg, args: dict, log=print) -> dict:
-  """Read the source checkpoint, apply `transform`, evaluate both, write the grown run."""
+def open_target(src: str, dst: str, cfg, what: str, log=print):
+  """Shared start of the commands that write a step-0 run from a source checkpoint: refuse a DST
+  that already holds checkpoints, read the source, resolve the target config and its data (shards
+  prepared in DST/data when data.path is empty). Returns (source, cfg, dst, data_dir, manifest)."""
   from launch import train as train_lib
   from lightning_jax import checkpoint as ck
-  t0 = time.perf_counter()
+  from lightning_jax.config import validate
   dst = pathlib.Path(dst)
   if (dst / "checkpoints").exists() and any(p.name.isdigit() for p in (dst / "checkpoints").iterdir()):
     raise ck.CheckpointError(f"--dst {dst} already holds checkpoints; expected a new run directory "
-                             f"for the grown model.")
+                             f"for {what}.")
   source = read_source(src, log)
-  src_cfg = source["cfg"]
   cfg = cfg.copy_and_resolve_references()
   dst.mkdir(parents=True, exist_ok=True)
   data_dir, manifest = train_lib.resolve_data(cfg, dst, log)
   train_lib.apply_data_vocab(cfg, manifest, data_dir)
-  from lightning_jax.config import validate
   validate(cfg)
+  return source, cfg, dst, data_dir, manifest
+
+
+def grow(transform: str, src: str, dst: str, cfg, args: dict, log=print) -> dict:
+  """Read the source checkpoint, apply `transform`, evaluate both, write the grown run."""
+  t0 = time.perf_counter()
+  source, cfg, dst, data_dir, manifest = open_target(src, dst, cfg, "the grown model", log)
+  src_cfg = source["cfg"]
 
   if transform == "dense_to_moe":
     from growth.dense_to_moe import dense_to_moe

@@ -112,24 +112,15 @@ def restore_opt_state(step_dir: pathlib.Path, cfg, params):
 
 def next_phase(src: str, dst: str, cfg, optimizer: str = "carry", log=print) -> dict:
   """Write DST/checkpoints/0: SRC's last (or given) checkpoint continued under phase config cfg."""
-  from growth.cli import _jsonable, read_source, write_grown
+  from growth.cli import _jsonable, open_target, write_grown
   from launch import train as train_lib
   from lightning_jax import checkpoint as ck
-  from lightning_jax.config import ConfigError, validate
+  from lightning_jax.config import ConfigError
   from lightning_jax.data import shards
   if optimizer not in OPTIMIZER:
     raise ConfigError(f"--optimizer={optimizer!r}; expected one of {', '.join(OPTIMIZER)}.")
-  dst = pathlib.Path(dst)
-  if (dst / "checkpoints").exists() and any(p.name.isdigit() for p in (dst / "checkpoints").iterdir()):
-    raise ck.CheckpointError(f"--dst {dst} already holds checkpoints; expected a new run directory "
-                             f"for the next phase.")
-  source = read_source(src, log)
+  source, cfg, dst, data_dir, manifest = open_target(src, dst, cfg, "the next phase", log)
   src_cfg = source["cfg"]
-  cfg = cfg.copy_and_resolve_references()
-  dst.mkdir(parents=True, exist_ok=True)
-  data_dir, manifest = train_lib.resolve_data(cfg, dst, log)
-  train_lib.apply_data_vocab(cfg, manifest, data_dir)
-  validate(cfg)
   variables = source["variables"]
   check_same_model(variables, src_cfg, cfg)
 
