@@ -112,16 +112,21 @@ def test_torn_newest_checkpoint_is_an_error_naming_it(tmp_path, mesh):
   c.close()
 
 
-def test_corrupt_bytes_in_newest_checkpoint_is_an_error(tmp_path, mesh):
-  states = _save_steps(tmp_path / "c", [2, 4], mesh, np.random.default_rng(2))
-  data = [f for f in (tmp_path / "c" / "4" / "state").rglob("*")
+def _corrupt_array_files(item_dir):
+  """Overwrite the second half of every array data file of an orbax item with 0xff bytes."""
+  data = [f for f in item_dir.rglob("*")
           if f.is_file() and f.stat().st_size > 64 and "METADATA" not in f.name
-          and f.parent.name != "state"]
-  assert data, "no array data files found to corrupt"
+          and f.parent.name != item_dir.name]
+  assert data, f"no array data files found to corrupt in {item_dir}"
   for f in data:
     raw = bytearray(f.read_bytes())
     raw[len(raw) // 2:] = b"\xff" * (len(raw) - len(raw) // 2)
     f.write_bytes(bytes(raw))
+
+
+def test_corrupt_bytes_in_newest_checkpoint_is_an_error(tmp_path, mesh):
+  states = _save_steps(tmp_path / "c", [2, 4], mesh, np.random.default_rng(2))
+  _corrupt_array_files(tmp_path / "c" / "4" / "state")
   c = ck.Checkpointer(tmp_path / "c", _cfg())
   with pytest.raises(ck.CheckpointError, match=r"checkpoint .*/c/4 "):
     c.restore_latest(_abstract(states[4]))
@@ -272,14 +277,7 @@ def test_corrupt_missing_or_replaced_frozen_base_is_an_error_naming_it(tmp_path,
   spare = tmp_path / "spare"
   shutil.copytree(d / "frozen" / "2" / "frozen", spare)
   # corrupt bytes in the newest version's data files
-  data = [f for f in (d / "frozen" / "2" / "frozen").rglob("*")
-          if f.is_file() and f.stat().st_size > 64 and "METADATA" not in f.name
-          and f.parent.name != "frozen"]
-  assert data, "no array data files found to corrupt"
-  for f in data:
-    raw = bytearray(f.read_bytes())
-    raw[len(raw) // 2:] = b"\xff" * (len(raw) - len(raw) // 2)
-    f.write_bytes(bytes(raw))
+  _corrupt_array_files(d / "frozen" / "2" / "frozen")
   c = ck.Checkpointer(d, _cfg())
   with pytest.raises(ck.CheckpointError, match=r"frozen base .*/c/frozen/2 .*(unreadable|does not "
                                                r"match).*checkpoint .*/c/2"):

@@ -20,6 +20,7 @@ from growth import common
 from growth.expand_experts import expand_experts, expand_one
 from growth.expand_to_tqp import chain_reports, expand_to_tqp
 from growth.to_tqp import to_tqp
+from test_growth import random_tree   # the growth tests' random variables (tests/ is on sys.path)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 VOCAB = 64
@@ -34,23 +35,9 @@ def _cfg(mod, **model):
   return c
 
 
-def _random_variables(cfg, seed):
-  """Variables shaped like cfg's tree (TQP off); float leaves N(mu, sd) with per-leaf mu, sd."""
-  ab, flat = common.abstract_flat(cfg, common.COLLECTIONS)
-  rng = np.random.default_rng(seed)
-  out = {}
-  for k, s in flat.items():
-    if np.issubdtype(np.dtype(s.dtype), np.floating):
-      v = rng.normal(rng.uniform(-0.02, 0.02), rng.uniform(0.01, 0.05), s.shape)
-    else:
-      v = rng.integers(0, 100, s.shape)
-    out[k] = np.asarray(v).astype(s.dtype)
-  return jax.tree_util.tree_map_with_path(lambda p, _: out[common._path_str(p)], ab)
-
-
 def test_expand_to_tqp_is_expand_then_quantize():
   src_cfg, dst_cfg = _cfg(tiny_deep), _cfg(tiny_120b)      # 8 layers: 2 groups per position
-  src = _random_variables(src_cfg, SEED)
+  src = random_tree(src_cfg, SEED)
   args = dict(ratio=0.5, router_sigma=0.05, seed=SEED % 1000)
   dst_cfg.tqp.seed = SEED % 997
   # 20..36 experts: the quantizer's batches of 16 experts, a remainder batch for most draws
