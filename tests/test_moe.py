@@ -267,3 +267,91 @@ def test_120b_layout_and_counts():
 
 def test_aux_layer_scale():
   assert moe.aux_layer_scale(8) == 1.0 and moe.aux_layer_scale(20) == pytest.approx(0.4)
+
+
+def _random_round(rng, n, k, rows, keep):
+  """A random partial bijection between assignments (n, j) and packed rows: each assignment
+  lands in a distinct row with probability `keep` (else dropped), the other rows stay empty."""
+  perm = rng.permutation(rows)
+  slot = np.full((n, k), rows, np.int32)
+  src = np.full((rows,), n * k, np.int32)
+  used = 0
+  for t in range(n):
+    for j in range(k):
+      if rng.random() < keep and used < rows:
+        slot[t, j] = perm[used]
+        src[perm[used]] = t * k + j
+        used += 1
+  return jnp.asarray(src), jnp.asarray(slot), used
+
+
+def test_gather_only_dispatch_and_combine_match_autodiff_of_plain_version():
+  """dispatch_rows / combine_rows (custom VJPs whose backward gathers through the inverse map)
+  == plain autodiff of the straightforward masked gather / [N, k, d] combine, float32, with
+  dropped assignments and empty rows."""
+  seed = int(np.random.randint(1 << 30))
+  rng = np.random.default_rng(seed)
+  n, k, d, rows = 11, 3, 5, 29
+  src, slot, used = _random_round(rng, n, k, rows, keep=0.7)
+  msg = f"seed={seed}"
+  assert 0 < used < n * k and used < rows, msg          # some dropped, some empty
+  x = jnp.asarray(rng.standard_normal((n, d)), jnp.float32)
+  ys = jnp.asarray(rng.standard_normal((rows, d)), jnp.float32)
+  gates = jnp.asarray(rng.uniform(0.1, 1.0, (n, k)), jnp.float32)
+  wx = jnp.asarray(rng.standard_normal((rows, d)), jnp.float32)
+  wo = jnp.asarray(rng.standard_normal((n, d)), jnp.float32)
+
+  def plain_dispatch(x):
+    ok = (src < n * k)[:, None]
+    return jnp.where(ok, x[jnp.clip(src // k, 0, n - 1)], 0.0)
+
+  def plain_combine(ys, gates):
+    hit = slot < rows
+    picked = ys[jnp.clip(slot, 0, rows - 1)]                        # [N, k, d]
+    return jnp.einsum("nkd,nk->nd", picked, gates * hit)
+
+  fd = lambda f: jax.jit(jax.value_and_grad(lambda x: jnp.sum(f(x) * wx)))
+  fc = lambda f: jax.jit(jax.value_and_grad(lambda y, g: jnp.sum(f(y, g) * wo), argnums=(0, 1)))
+  v, g = fd(lambda x: moe.dispatch_rows(x, src, slot))(x)
+  v_ref, g_ref = fd(plain_dispatch)(x)
+  np.testing.assert_allclose(v, v_ref, rtol=1e-5, err_msg=msg)
+  np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-6, err_msg=msg)
+  v, (gy, gg) = fc(lambda y, g: moe.combine_rows(y, g, src, slot))(ys, gates)
+  v_ref, (gy_ref, gg_ref) = fc(plain_combine)(ys, gates)
+  np.testing.assert_allclose(v, v_ref, rtol=1e-5, err_msg=msg)
+  np.testing.assert_allclose(gy, gy_ref, rtol=1e-5, atol=1e-6, err_msg=msg)
+  np.testing.assert_allclose(gg, gg_ref, rtol=1e-5, atol=1e-6, err_msg=msg)
+  # dropped assignments get no gate gradient, empty rows no ys gradient
+  assert np.all(np.asarray(gg)[np.asarray(slot) == rows] == 0.0), msg
+  assert np.all(np.asarray(gy)[np.asarray(src) == n * k] == 0.0), msg
+
+
+def test_round_maps_are_mutually_inverse_and_match_group_positions():
+  """_round_maps: slot and src invert each other, rows hold their expert's picks in (token,
+  pick) order, and the rows of the round cover exactly group positions [start, start + cap)."""
+  seed = int(np.random.randint(1 << 30))
+  rng = np.random.default_rng(seed)
+  n, k, e, cap, start = 13, 3, 4, 3, 2
+  eid = np.stack([rng.choice(e + 1, k, replace=False) for _ in range(n)]) - 1   # -1 = null pick
+  key = jnp.asarray(np.where(eid >= 0, eid, e).reshape(-1), jnp.int32)
+  order = jnp.argsort(key, stable=True).astype(jnp.int32)
+  counts = jnp.zeros((e + 1,), jnp.int32).at[key].add(1)[:e]
+  offsets = jnp.cumsum(counts) - counts
+  rank = jnp.zeros((n * k,), jnp.int32).at[order].set(jnp.arange(n * k, dtype=jnp.int32))
+  pos = rank - jnp.concatenate([offsets, jnp.zeros((1,), jnp.int32)])[key]
+  src, slot = moe._round_maps(key, pos, order, counts, offsets, start, cap, n, k)
+  src, slot = np.asarray(src), np.asarray(slot)
+  msg = f"seed={seed}"
+  seen = np.zeros(e, int)
+  for t in range(n):
+    for j in range(k):
+      ex = eid[t, j]
+      want = e * cap
+      if ex >= 0:
+        if start <= seen[ex] < start + cap:
+          want = ex * cap + seen[ex] - start
+        seen[ex] += 1
+      assert slot[t, j] == want, (msg, t, j)
+      if want < e * cap:
+        assert src[want] == t * k + j, msg
+  assert (src < n * k).sum() == (slot < e * cap).sum(), msg

@@ -42,6 +42,9 @@ C0 = round_up(capacity_factor * N k / Ep, group_pad / n_ep) rows per (sending de
 groups, a multiple of group_pad rows), so the expert compute is one batched einsum
 [Ep_local, n_ep C0, d] x [Ep_local, d, f] (`grouped_swiglu`, the one function every routed expert
 computation goes through; TQP swaps in `tqp.tqp_grouped_swiglu`). See `capacities`.
+Packing and combining are gathers in both directions (`dispatch_rows`, `combine_rows`: custom
+VJPs over a round's two index maps, assignment -> row and row -> assignment), so no backward
+scatter-add runs and no [N, k, d] tensor of picked rows is built.
 * capacity: one round of C0 rows per expert; rows past C0 are dropped (counted in step_stats).
 * dropless (default): the same first round, then overflow rounds of C1 = round_up(C0 *
   overflow_round, group_pad) rows for positions [C0 + r C1, C0 + (r+1) C1). The number of rounds
@@ -260,6 +263,82 @@ def capacities(cfg, n_tokens_local: int, n_padded: int, n_dev: int = 1):
   return c0, c1, rounds
 
 
+# ----------------------------------------------------------------------------- gather-only
+# dispatch / combine. A round's packing is a partial bijection between assignments (token n,
+# pick j) and rows of the packed [E_tot * C, d] buffer: every row holds at most one assignment
+# and every assignment sits in at most one row. Given both directions of that map, the forward
+# AND the backward of dispatch and combine are gathers (autodiff of a gather is a scatter-add,
+# slow on GPU), and the combine never materialises the [N, k, d] tensor of picked rows.
+#   slot [N, k] int32: packed row of (n, j), or R (= rows) when it is not in this round;
+#   src  [R]    int32: flat assignment n k + j held by a row, or N k for an empty row.
+def _take(a, idx):
+  """a[idx] along axis 0 with zeros for out-of-range indices (the sentinels)."""
+  return jnp.take(a, idx, axis=0, mode="fill", fill_value=0)
+
+
+@jax.custom_vjp
+def dispatch_rows(x, src, slot):
+  """x [N, d] -> packed rows xs [R, d]: xs[r] = x[src[r] // k] (zero for empty rows)."""
+  return _take(x, src // slot.shape[1])
+
+
+def _dispatch_rows_fwd(x, src, slot):
+  return dispatch_rows(x, src, slot), slot
+
+
+def _dispatch_rows_bwd(slot, dxs):
+  # dx[n] = sum_j dxs[slot[n, j]]: k gathers of [N, d], accumulated in float32
+  acc = sum(_take(dxs, slot[:, j]).astype(jnp.float32) for j in range(slot.shape[1]))
+  return acc.astype(dxs.dtype), None, None
+
+
+dispatch_rows.defvjp(_dispatch_rows_fwd, _dispatch_rows_bwd)
+
+
+@jax.custom_vjp
+def combine_rows(ys, gates, src, slot):
+  """ys [R, d], gates [N, k] -> out [N, d] float32 = sum_j gates[n, j] ys[slot[n, j]]."""
+  out = jnp.zeros((slot.shape[0], ys.shape[1]), jnp.float32)
+  for j in range(slot.shape[1]):
+    out = out + gates[:, j, None].astype(jnp.float32) * _take(ys, slot[:, j]).astype(jnp.float32)
+  return out
+
+
+def _combine_rows_fwd(ys, gates, src, slot):
+  return combine_rows(ys, gates, src, slot), (ys, gates, src, slot)
+
+
+def _combine_rows_bwd(res, dout):
+  ys, gates, src, slot = res
+  k = slot.shape[1]
+  # dys[r] = gate(r) dout[token(r)]: one gather of [R, d]; empty rows read the sentinel (zero)
+  g_row = _take(gates.reshape(-1).astype(jnp.float32), src)
+  dys = (g_row[:, None] * _take(dout, src // k)).astype(ys.dtype)
+  # dgates[n, j] = <ys[slot[n, j]], dout[n]>
+  dg = jnp.stack([jnp.sum(_take(ys, slot[:, j]).astype(jnp.float32) * dout, -1)
+                  for j in range(k)], -1)
+  return dys, dg.astype(gates.dtype), None, None
+
+
+combine_rows.defvjp(_combine_rows_fwd, _combine_rows_bwd)
+
+
+def _round_maps(key, pos, order, counts, offsets, start, cap, n, k):
+  """(src [E_tot cap], slot [N, k]) of the round holding group positions [start, start + cap).
+  key/pos [A]: expert (sentinel E_tot) and position in its group of each flat assignment;
+  order [A]: assignments sorted by expert; counts/offsets [E_tot]: group sizes and starts."""
+  e_tot = counts.shape[0]
+  a = key.shape[0]
+  rows = e_tot * cap
+  rel = pos - start
+  hit = (key < e_tot) & (rel >= 0) & (rel < cap)
+  slot = jnp.where(hit, key * cap + rel, rows).astype(jnp.int32).reshape(n, k)
+  s = start + jnp.arange(cap, dtype=jnp.int32)
+  ok = s[None, :] < counts[:, None]                                    # [E_tot, cap]
+  src = jnp.where(ok, order[jnp.clip(offsets[:, None] + s[None, :], 0, a - 1)], a)
+  return src.astype(jnp.int32).reshape(rows), slot
+
+
 def _dispatch_local(wp, wf, x, eid, gates, cfg, n_dev, axis, reduce_axes):
   """Per-device dispatch. x [N, d], eid/gates [N, k]; experts local [E_loc, ...]."""
   n, d = x.shape
@@ -269,40 +348,29 @@ def _dispatch_local(wp, wf, x, eid, gates, cfg, n_dev, axis, reduce_axes):
   e_tot = n_dev * e_loc
   c0, c1, rounds = capacities(cfg, n, e_tot, n_dev)
 
-  key = jnp.where(eid >= 0, eid, e_tot).reshape(-1)                 # sentinel sorts last
-  order = jnp.argsort(key, stable=True)
+  key = jnp.where(eid >= 0, eid, e_tot).reshape(-1).astype(jnp.int32)   # sentinel sorts last
+  order = jnp.argsort(key, stable=True).astype(jnp.int32)
   counts = jnp.zeros((e_tot + 1,), jnp.int32).at[key].add(1)[:e_tot]
   offsets = jnp.cumsum(counts) - counts
   rank = jnp.zeros((a,), jnp.int32).at[order].set(jnp.arange(a, dtype=jnp.int32))
   pos = rank - jnp.concatenate([offsets, jnp.zeros((1,), jnp.int32)])[key]   # position in group
-  tok_sorted = (order // k).astype(jnp.int32)
-  key2 = key.reshape(n, k)
-  pos2 = pos.reshape(n, k)
   gates = gates.astype(jnp.float32)
 
   def one_round(start, cap):
-    slots = start + jnp.arange(cap, dtype=jnp.int32)                   # [C]
-    ok = slots[None, :] < counts[:, None]                              # [E_tot, C]
-    sidx = jnp.clip(offsets[:, None] + slots[None, :], 0, a - 1)
-    xs = jnp.where(ok[..., None], x[tok_sorted[sidx]], 0).astype(x.dtype)   # [E_tot, C, d]
+    src, slot = _round_maps(key, pos, order, counts, offsets, start, cap, n, k)
+    xs = dispatch_rows(x, src, slot)                                   # [E_tot cap, d]
     if axis is not None:
       xs = jax.lax.all_to_all(xs.reshape(n_dev, e_loc, cap, d), axis, 0, 0, tiled=True)
       xg = xs.transpose(1, 0, 2, 3).reshape(e_loc, n_dev * cap, d)
     else:
-      xg = xs
+      xg = xs.reshape(e_tot, cap, d)
     yg = grouped_swiglu(wp, wf, xg, cfg)
     if axis is not None:
       ys = yg.reshape(e_loc, n_dev, cap, d).transpose(1, 0, 2, 3)
       ys = jax.lax.all_to_all(ys, axis, 0, 0, tiled=True).reshape(e_tot * cap, d)
     else:
       ys = yg.reshape(e_tot * cap, d)
-    # combine: each (token, pick) reads its row if it fell in this round
-    rel = pos2 - start
-    hit = (key2 < e_tot) & (rel >= 0) & (rel < cap)
-    row = jnp.where(hit, key2 * cap + jnp.clip(rel, 0, cap - 1), 0)
-    picked = ys[row]                                                   # [N, k, d]
-    return jnp.einsum("nkd,nk->nd", picked, (gates * hit).astype(picked.dtype),
-                      preferred_element_type=jnp.float32)
+    return combine_rows(ys, gates, src, slot)                          # [N, d] float32
 
   out = one_round(0, c0)
   if cfg.moe.dispatch == "capacity":
