@@ -6,10 +6,11 @@ One device's share of a 120B MoE layer: 58 local experts, 786,944 rows (65,536 t
 rounded to equal groups of 13,568), gate/up 4096 -> 1024 and down 1024 -> 4096, bf16:
   dense       one [M, 4096] x [4096, 1024] matmul (the rate to reach)
   einsum      the batched einsum on equal groups (what moe.grouped_swiglu does on padded groups)
-  lax         jax.lax.ragged_dot
   tokamax     tokamax.ragged_dot (Pallas Mosaic GPU kernel on sm90), bf16 and with the expert
               weights quantised to int4 by qwix (tiles of 128 along K; affine int4, not TQP's
               codebook — it is the rate an int4 dequantising kernel reaches on this GPU)
+(jax.lax.ragged_dot is not run: on jax 0.11.2 / H100 XLA lowers it at this shape to a dense dot
+over a [786944, 237568] operand and the autotuner asks for 348 GiB.)
 Forward only for every row, forward+backward for the bf16 ones. tokamax is optional: its absence is
 printed and the XLA rows still run. Results are TFLOP/s against the dense row.
 """
@@ -53,7 +54,6 @@ def main(argv=None):
   row("einsum", lambda x, w: jnp.einsum("gcd,gdf->gcf", x.reshape(g, rows, d), w), (x, w))
   row("einsum down", lambda h, w: jnp.einsum("gcf,gfd->gcd", h.reshape(g, rows, f), w),
       (x[:, :f], wd))
-  row("lax.ragged_dot", lambda x, w, s: jax.lax.ragged_dot(x, w, s), (x, w, sizes))
 
   def loss_of(mm):
     return lambda x, w, *r: jnp.sum(mm(x, w, *r).astype(jnp.float32) ** 2)
