@@ -98,9 +98,9 @@ def validate(cfg: ConfigDict) -> ConfigDict:
         f"model.gsa needs 1 <= k_min ({g.k_min}) <= k_base ({g.k_base}) <= k_max ({g.k_max}).")
   _need(g.get("var_row", "full_row") in ("full_row", "causal"),
         f"model.gsa.var_row={g.get('var_row')!r} must be 'full_row' or 'causal'.")
-  _need(g.get("attention", "gather") in ("auto", "gather", "dense_masked", "flash"),
-        f"model.gsa.attention={g.get('attention')!r} must be 'auto', 'gather', 'dense_masked' "
-        f"or 'flash'.")
+  _need(g.get("attention", "gather") in ("auto", "gather", "dense_masked", "flash", "kernel"),
+        f"model.gsa.attention={g.get('attention')!r} must be 'auto', 'gather', 'dense_masked', "
+        f"'flash' or 'kernel'.")
   _need(0 <= g.n_sinks <= g.k_min,
         f"model.gsa.n_sinks={g.n_sinks} must be between 0 and k_min={g.k_min}.")
   _need(dn.head_dim % 2 == 0 and g.head_dim % 2 == 0,

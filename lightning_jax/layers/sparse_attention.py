@@ -36,7 +36,9 @@ gathered keys of more than one chunk either. The optional config field model.gsa
 picks "gather" (default, O(T k_max)) or "dense_masked" (a chunk's dense [B, H, Qc, T] logits
 masked to the selection: O(T^2) FLOPs in plain matmuls instead of gathers; same result), or
 "flash" (one fused flash-attention call, cuDNN on GPU, with the selection as a [B, 1, T, T]
-mask: causal-dense FLOPs at flash-kernel speed; the stage configs' choice on GPU).
+mask: causal-dense FLOPs at flash-kernel speed; the stage configs' choice on GPU), or "kernel"
+(lightning_jax.kernels.sparse_attention: Pallas Triton kernels that gather the selected keys
+in-kernel, forward and backward; off GPU it logs once and runs "gather").
 """
 from __future__ import annotations
 
@@ -261,7 +263,7 @@ def _attend_chunk_masked(q_c, k, v, idx_c, scale):
 
 
 _ATTENDS = {"gather": _attend_chunk, "dense_masked": _attend_chunk_masked}
-MODES = ("gather", "dense_masked", "flash")
+MODES = ("gather", "dense_masked", "flash", "kernel")
 
 
 def resolve_attention(g) -> str:
@@ -317,11 +319,15 @@ def sparse_attention(q, k, v, selection, query_chunk: int, mode: str = "gather")
   selection; O(T^2) FLOPs but plain matmuls (often faster on GPUs at T <= 8K). Same result.
   mode "flash": one fused flash-attention call under the selection's dense mask (cuDNN on
   GPU): causal O(T^2 / 2) FLOPs at flash speed, no [T, T] logits in memory, no chunking.
+  mode "kernel": Pallas kernels gathering the selected keys in-kernel (GPU; "gather" elsewhere).
   """
   if mode not in MODES:
     raise ConfigError(f"model.gsa.attention={mode!r} must be one of {list(MODES)}.")
   if mode == "flash":
     return flash_attention(q, k, v, selection)
+  if mode == "kernel":
+    from lightning_jax.kernels import sparse_attention as gsa_kernel
+    return gsa_kernel.select_and_run(q, k, v, selection, query_chunk)
   attend = _ATTENDS[mode]
   B, T, H, D = q.shape
   qc = min(int(query_chunk), T)

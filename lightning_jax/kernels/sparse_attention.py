@@ -1,0 +1,441 @@
+"""GSA attention core as Pallas (Triton) kernels that gather the selected keys in-kernel.
+
+Contract (the same as layers.sparse_attention.sparse_attention in modes "gather" / "flash"):
+  q, k, v [B, T, H, D], selection int32 [B, T, K] (row t: the key positions query t attends,
+  -1 = empty slot; one selection shared by all heads) -> o [B, T, H, D] in q's dtype,
+  o[b, t, h] = softmax_j(q . k_j / sqrt(D)) v_j over the keys j of row t only.
+Differentiable in q, k, v (jax.custom_vjp); the selection gets no gradient. A key listed twice
+in one row counts once (the "flash" / "dense_masked" semantics; the indexer's top-k never
+repeats a key).
+
+Layout of the work: the selection is turned (plain JAX, one sort) into compressed lists.
+  * forward / dQ: queries are grouped in blocks of BQ consecutive queries; each block gets the
+    UNION of its queries' selected keys (distinct key positions, ascending) and, per union key,
+    a BQ-bit mask (bit i: query i of the block selected it). A kernel program (query block, b,
+    head) loops over its union list in chunks of BK keys: it gathers the BK rows of K and V by
+    index (`k_ref[cols, :]`, one 2*D-byte row per key), computes the dense [BQ, BK] logits
+    Q_blk K_c^T on the tensor cores, masks them with the bits and runs an online softmax in
+    float32 (forward: o and the log-sum-exp per (query, head); dQ: recomputes p from the LSE,
+    ds = p (dO V^T - delta), dq += ds K_c).
+  * dK / dV: the TRANSPOSED selection in the same form: keys in blocks of BKB consecutive keys,
+    each block with the union of the queries that selected any of its keys and a BKB-bit mask
+    per query. A program (key block, b, head) holds K_blk, V_blk and dK, dV [BKB, D] in
+    registers and loops over its query list in chunks of BQC, gathering q, dO rows and the
+    LSE / delta entries. Deterministic: no atomics, every dK / dV row is written once.
+  The lists are CSR arrays (offsets per block into a flat [B, T*K] array) built by one sort of
+  the (block, position) pairs: O(T K log) integer work, shared by all heads.
+Grid order: Pallas' first grid axis is CUDA's x (fastest-varying in launch order), so the grid
+is (blocks, B, H): programs running at the same time share one (b, head), whose K and V
+(2 x T x D x 2 B = 8 MiB at T = 8192, D = 256) stay in the 50 MB L2.
+
+Why dense [BQ, BK] tiles over a union instead of a per-query gather: the tensor cores need a
+tile of queries that all see the same keys. A union tile computes BQ logits per gathered key
+of which (without overlap between neighbouring queries' selections) one is used: FLOPs grow
+BQ-fold, bytes do not. Where neighbouring queries share keys (sinks, local context: the usual
+indexer behaviour), each shared key is gathered once per block instead of once per query, so
+bytes shrink by the overlap factor. Broadcast-multiply-reduce on the CUDA cores would avoid the
+FLOP waste but not the bytes, and is slower than the tensor cores at these sizes.
+
+Prediction, H100 SXM, T = 8192, 16 heads x 256, B1, random causal selections (128 of 256 slots
+used on average, no overlap between neighbours beyond the 4 sinks), bf16, BQ = 16:
+  bytes: every (query, head, kept key) pulls one K row and one V row, 2 x 512 B, from L2:
+    8192 x 16 x 128 x 1 KiB = 16 GiB per pass (HBM traffic is only ~K, V once per head);
+    forward 1 pass, dQ 1 pass (K, V), dK/dV 1 pass (q, dO rows): 48 GiB fwd+bwd.
+  FLOPs: forward 2 dots x 2 x BQ x (T x 128) x H x D = 275 GFLOP (16x the useful 17 GFLOP);
+    dQ 3 dots, dK/dV 4 dots (BKB = 16 keys x BQC queries, again 16x): ~1.2 TFLOP fwd+bwd.
+  At ~5-7 TB/s of L2 gather bandwidth: forward ~2.5-3.5 ms, fwd+bwd ~8-10 ms, i.e. about the
+  "flash" mode (cuDNN under a dense mask, 10.2 ms) and 2x SLOWER than dense causal cuDNN (4.4 ms)
+  on RANDOM selections. The kernel wins only when neighbouring queries' selections overlap:
+  with a union of u keys per block of 16 queries instead of 16 x 128, the bytes scale by
+  u / 2048 (block-shared selections: ~16x fewer bytes, ~1 ms fwd+bwd predicted).
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from lightning_jax.kernels.common import compiler_params, interpret_default, on_gpu
+
+F32 = jnp.float32
+_NEG = -1e30
+_SENTINEL = jnp.iinfo(jnp.int32).max
+_DN_T = (((1,), (1,)), ((), ()))     # a @ b.T
+_DN_TA = (((0,), (0,)), ((), ()))    # a.T @ b
+_DN = (((1,), (0,)), ((), ()))       # a @ b
+
+DEFAULTS = dict(block_q=16, block_k=64, block_kb=16, block_qc=64, num_warps=4, num_stages=2,
+                num_warps_bwd=4)
+
+
+def _dot(a, b, dn, dt):
+  prec = jax.lax.Precision.HIGHEST if jnp.dtype(dt) == jnp.dtype(F32) else None
+  return jax.lax.dot_general(a.astype(dt), b.astype(dt), dn, precision=prec,
+                             preferred_element_type=F32)
+
+
+# ----------------------------------------------------------------------------- CSR lists
+def _csr_one(group, col, bit, valid, n_groups: int, n_cols: int):
+  """One batch row: pairs (group, col, bit) -> distinct cols per group (ascending) + bitmasks.
+
+  Returns (offsets int32 [n_groups + 1], cols int32 [N], bits int32 [N]); group g's list is
+  cols[offsets[g]:offsets[g + 1]], bits[i] = OR of 1 << bit over the pairs (g, cols[i]).
+  Repeated pairs count once."""
+  n = group.shape[0]
+  key = jnp.where(valid, group * n_cols + col, _SENTINEL).astype(jnp.int32)
+  val = jnp.left_shift(jnp.ones_like(bit), bit).astype(jnp.int32)
+  key_s, val_s = jax.lax.sort((key, val), num_keys=2)
+  live = key_s != _SENTINEL
+  # a repeated (group, col, bit) pair (a key listed twice in one row) counts once, as in a mask
+  val_s = jnp.where((key_s == jnp.roll(key_s, 1)) & (val_s == jnp.roll(val_s, 1))
+                    & (jnp.arange(n) > 0), 0, val_s)
+  first = jnp.concatenate([jnp.ones((1,), bool), key_s[1:] != key_s[:-1]]) & live
+  seg = jnp.cumsum(first.astype(jnp.int32)) - 1
+  # distinct bits inside a segment: their sum is their OR (int32 wrap-around included)
+  bits = jnp.zeros((n,), jnp.int32).at[jnp.where(live, seg, n)].add(val_s, mode="drop")
+  cols = jnp.zeros((n,), jnp.int32).at[jnp.where(first, seg, n)].set(key_s % n_cols,
+                                                                    mode="drop")
+  counts = jnp.zeros((n_groups,), jnp.int32).at[jnp.where(first, key_s // n_cols, n_groups)].add(
+      1, mode="drop")
+  offsets = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(counts).astype(jnp.int32)])
+  return offsets, cols, bits
+
+
+def query_lists(selection, block_q: int):
+  """Per block of block_q queries: the union of their selected keys with block_q-bit masks."""
+  B, T, K = selection.shape
+  t = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[:, None], (T, K)).reshape(-1)
+  f = lambda s: _csr_one(t // block_q, jnp.maximum(s, 0), t % block_q, s >= 0,
+                         T // block_q, T)
+  return jax.vmap(f)(selection.reshape(B, T * K).astype(jnp.int32))
+
+
+def key_lists(selection, block_k: int):
+  """Per block of block_k keys: the queries that selected any of them, with block_k-bit masks."""
+  B, T, K = selection.shape
+  t = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[:, None], (T, K)).reshape(-1)
+
+  def f(s):
+    j = jnp.maximum(s, 0)
+    return _csr_one(j // block_k, t, j % block_k, s >= 0, T // block_k, T)
+  return jax.vmap(f)(selection.reshape(B, T * K).astype(jnp.int32))
+
+
+# ----------------------------------------------------------------------------- kernels
+def _chunk(col_ref, bit_ref, start, end, c, n: int, length: int):
+  """Entries start + c*n ... of a CSR list: (positions clamped to valid rows, bits, 0 past end)."""
+  pos = start + c * n + jnp.arange(n, dtype=jnp.int32)
+  ok = pos < end
+  pos_c = jnp.minimum(pos, length - 1)
+  cols = jnp.where(ok, col_ref[pos_c], 0)
+  bits = jnp.where(ok, bit_ref[pos_c], 0)
+  return cols, bits
+
+
+def _fwd_kernel(off_ref, col_ref, bit_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, bq, bk,
+                scale, dot_dtype, length):
+  g, b = pl.program_id(0), pl.program_id(1)
+  start = off_ref[b, g]
+  end = off_ref[b, g + 1]
+  q = q_ref[...]
+  rows = jnp.arange(bq, dtype=jnp.int32)[:, None]
+
+  def body(c, carry):
+    m, l, acc = carry
+    cols, bits = _chunk(col_ref, bit_ref, start, end, c, bk, length)
+    kc = k_ref[cols, :]
+    vc = v_ref[cols, :]
+    s = _dot(q, kc, _DN_T, dot_dtype) * scale                                 # [BQ, BK]
+    mask = (jnp.right_shift(bits[None, :], rows) & 1) != 0
+    s = jnp.where(mask, s, _NEG)
+    m_new = jnp.maximum(m, jnp.max(s, axis=1))
+    p = jnp.where(mask, jnp.exp(s - m_new[:, None]), 0.0)
+    alpha = jnp.exp(m - m_new)
+    l = l * alpha + jnp.sum(p, axis=1)
+    acc = acc * alpha[:, None] + _dot(p, vc, _DN, dot_dtype)
+    return m_new, l, acc
+
+  n_chunks = (end - start + bk - 1) // bk
+  init = (jnp.full((bq,), _NEG, F32), jnp.zeros((bq,), F32),
+          jnp.zeros((bq, q.shape[-1]), F32))
+  m, l, acc = jax.lax.fori_loop(0, n_chunks, body, init)
+  has = l > 0
+  l_safe = jnp.where(has, l, 1.0)
+  o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
+  lse_ref[...] = jnp.where(has, m + jnp.log(l_safe), 0.0)
+
+
+def _dq_kernel(off_ref, col_ref, bit_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, dq_ref,
+               *, bq, bk, scale, dot_dtype, length):
+  g, b = pl.program_id(0), pl.program_id(1)
+  start = off_ref[b, g]
+  end = off_ref[b, g + 1]
+  q = q_ref[...]
+  do = do_ref[...]
+  lse = lse_ref[...]
+  dl = dl_ref[...]
+  rows = jnp.arange(bq, dtype=jnp.int32)[:, None]
+
+  def body(c, dq):
+    cols, bits = _chunk(col_ref, bit_ref, start, end, c, bk, length)
+    kc = k_ref[cols, :]
+    vc = v_ref[cols, :]
+    s = _dot(q, kc, _DN_T, dot_dtype) * scale
+    mask = (jnp.right_shift(bits[None, :], rows) & 1) != 0
+    p = jnp.where(mask, jnp.exp(s - lse[:, None]), 0.0)
+    dp = _dot(do, vc, _DN_T, dot_dtype)
+    ds = p * (dp - dl[:, None])
+    return dq + _dot(ds, kc, _DN, dot_dtype)
+
+  n_chunks = (end - start + bk - 1) // bk
+  dq = jax.lax.fori_loop(0, n_chunks, body, jnp.zeros(q.shape, F32))
+  dq_ref[...] = dq * scale
+
+
+def _dkv_kernel(off_ref, col_ref, bit_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref,
+                dk_ref, dv_ref, *, bkb, bqc, scale, dot_dtype, length):
+  g, b = pl.program_id(0), pl.program_id(1)
+  start = off_ref[b, g]
+  end = off_ref[b, g + 1]
+  kb = k_ref[...]
+  vb = v_ref[...]
+  keys = jnp.arange(bkb, dtype=jnp.int32)[None, :]
+
+  def body(c, carry):
+    dk, dv = carry
+    qrows, bits = _chunk(col_ref, bit_ref, start, end, c, bqc, length)
+    qc = q_ref[qrows, :]
+    doc = do_ref[qrows, :]
+    lse = lse_ref[qrows]
+    dl = dl_ref[qrows]
+    s = _dot(qc, kb, _DN_T, dot_dtype) * scale                                # [BQC, BKB]
+    mask = (jnp.right_shift(bits[:, None], keys) & 1) != 0
+    p = jnp.where(mask, jnp.exp(s - lse[:, None]), 0.0)
+    dv = dv + _dot(p, doc, _DN_TA, dot_dtype)                                 # [BKB, D]
+    dp = _dot(doc, vb, _DN_T, dot_dtype)
+    ds = p * (dp - dl[:, None])
+    dk = dk + _dot(ds, qc, _DN_TA, dot_dtype)
+    return dk, dv
+
+  n_chunks = (end - start + bqc - 1) // bqc
+  z = jnp.zeros(kb.shape, F32)
+  dk, dv = jax.lax.fori_loop(0, n_chunks, body, (z, z))
+  dk_ref[...] = dk * scale
+  dv_ref[...] = dv
+
+
+# ----------------------------------------------------------------------------- calls
+def _sq():
+  return pl.squeezed if hasattr(pl, "squeezed") else None
+
+
+def _full(shape):
+  return pl.BlockSpec(shape, lambda g, b, h: (0,) * len(shape))
+
+
+def _rows_spec(T, D):           # all rows of one (b, head) of a [B, T, H, D] array
+  sq = _sq()
+  return pl.BlockSpec((sq, T, sq, D), lambda g, b, h: (b, 0, h, 0))
+
+
+def _blk_spec(n, D):            # rows g*n ... of one (b, head)
+  sq = _sq()
+  return pl.BlockSpec((sq, n, sq, D), lambda g, b, h: (b, g, h, 0))
+
+
+def _vec_rows_spec(T):          # [B, H, T] float32, all of one (b, head)
+  sq = _sq()
+  return pl.BlockSpec((sq, sq, T), lambda g, b, h: (b, h, 0))
+
+
+def _vec_blk_spec(n):
+  sq = _sq()
+  return pl.BlockSpec((sq, sq, n), lambda g, b, h: (b, h, g))
+
+
+def _list_spec(length):
+  sq = _sq()
+  return pl.BlockSpec((sq, length), lambda g, b, h: (b, 0))
+
+
+def _params(opts, warps_key):
+  return compiler_params(opts[warps_key], opts["num_stages"], force=opts["force_params"])
+
+
+def _fwd_call(q, k, v, lists, opts):
+  B, T, H, D = q.shape
+  off, cols, bits = lists
+  L = cols.shape[1]
+  bq, bk = opts["block_q"], opts["block_k"]
+  kern = functools.partial(_fwd_kernel, bq=bq, bk=bk, scale=1.0 / math.sqrt(D),
+                           dot_dtype=opts["dot_dtype"], length=L)
+  return pl.pallas_call(
+      kern, grid=(T // bq, B, H),
+      in_specs=[_full(off.shape), _list_spec(L), _list_spec(L), _blk_spec(bq, D),
+                _rows_spec(T, D), _rows_spec(T, D)],
+      out_specs=[_blk_spec(bq, D), _vec_blk_spec(bq)],
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((B, H, T), F32)],
+      interpret=opts["interpret"], name="gsa_fwd",
+      compiler_params=_params(opts, "num_warps"),
+  )(off, cols, bits, q, k, v)
+
+
+def _dq_call(q, k, v, do, lse, dl, lists, opts):
+  B, T, H, D = q.shape
+  off, cols, bits = lists
+  L = cols.shape[1]
+  bq, bk = opts["block_q"], opts["block_k"]
+  kern = functools.partial(_dq_kernel, bq=bq, bk=bk, scale=1.0 / math.sqrt(D),
+                           dot_dtype=opts["dot_dtype"], length=L)
+  return pl.pallas_call(
+      kern, grid=(T // bq, B, H),
+      in_specs=[_full(off.shape), _list_spec(L), _list_spec(L), _blk_spec(bq, D),
+                _rows_spec(T, D), _rows_spec(T, D), _blk_spec(bq, D), _vec_blk_spec(bq),
+                _vec_blk_spec(bq)],
+      out_specs=_blk_spec(bq, D),
+      out_shape=jax.ShapeDtypeStruct(q.shape, F32),
+      interpret=opts["interpret"], name="gsa_dq",
+      compiler_params=_params(opts, "num_warps_bwd"),
+  )(off, cols, bits, q, k, v, do, lse, dl)
+
+
+def _dkv_call(q, k, v, do, lse, dl, lists, opts):
+  B, T, H, D = q.shape
+  off, cols, bits = lists
+  L = cols.shape[1]
+  bkb, bqc = opts["block_kb"], opts["block_qc"]
+  kern = functools.partial(_dkv_kernel, bkb=bkb, bqc=bqc, scale=1.0 / math.sqrt(D),
+                           dot_dtype=opts["dot_dtype"], length=L)
+  return pl.pallas_call(
+      kern, grid=(T // bkb, B, H),
+      in_specs=[_full(off.shape), _list_spec(L), _list_spec(L), _rows_spec(T, D),
+                _blk_spec(bkb, D), _blk_spec(bkb, D), _rows_spec(T, D), _vec_rows_spec(T),
+                _vec_rows_spec(T)],
+      out_specs=[_blk_spec(bkb, D), _blk_spec(bkb, D)],
+      out_shape=[jax.ShapeDtypeStruct(k.shape, F32), jax.ShapeDtypeStruct(v.shape, F32)],
+      interpret=opts["interpret"], name="gsa_dkv",
+      compiler_params=_params(opts, "num_warps_bwd"),
+  )(off, cols, bits, q, k, v, do, lse, dl)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _core(q, k, v, selection, opts_key):
+  opts = dict(opts_key)
+  o, _ = _fwd_call(q, k, v, query_lists(selection, opts["block_q"]), opts)
+  return o
+
+
+def _core_fwd(q, k, v, selection, opts_key):
+  opts = dict(opts_key)
+  lists = query_lists(selection, opts["block_q"])
+  o, lse = _fwd_call(q, k, v, lists, opts)
+  return o, (q, k, v, selection, o, lse, lists)
+
+
+def _core_bwd(opts_key, res, do):
+  opts = dict(opts_key)
+  q, k, v, selection, o, lse, lists = res
+  do = do.astype(q.dtype)
+  dl = jnp.einsum("bthd,bthd->bht", do.astype(F32), o.astype(F32))            # delta [B, H, T]
+  dq = _dq_call(q, k, v, do, lse, dl, lists, opts)
+  dk, dv = _dkv_call(q, k, v, do, lse, dl, key_lists(selection, opts["block_kb"]), opts)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+
+
+_core.defvjp(_core_fwd, _core_bwd)
+
+
+def _pow2(name, val):
+  if val < 1 or val & (val - 1):
+    raise ValueError(f"GSA kernel: {name}={val} must be a power of two.")
+
+
+def gsa_attention(q, k, v, selection, *, block_q: int = DEFAULTS["block_q"],
+                  block_k: int = DEFAULTS["block_k"], block_kb: int = DEFAULTS["block_kb"],
+                  block_qc: int = DEFAULTS["block_qc"], num_warps: int = DEFAULTS["num_warps"],
+                  num_warps_bwd: int = DEFAULTS["num_warps_bwd"],
+                  num_stages: int = DEFAULTS["num_stages"], interpret: bool | None = None,
+                  gpu_lowering: bool = False):
+  """Attention of q [B, T, H, D] over the selected keys (selection int32 [B, T, K], -1 empty).
+
+  Tiles: block_q queries per forward / dQ program, block_k union keys per loop step; block_kb
+  keys per dK/dV program, block_qc listed queries per loop step. block_q and block_kb are at
+  most 32 (bit masks in an int32); every tile and D must be a power of two, the dot tiles >= 16.
+  interpret=None: native on GPU, the Pallas interpreter elsewhere. gpu_lowering=True builds the
+  Triton version on any host (for common.lower_for_gpu).
+  """
+  B, T, H, D = q.shape
+  if k.shape != q.shape or v.shape != q.shape:
+    raise ValueError(f"GSA kernel: q, k, v must share one shape [B, T, H, D]; got {q.shape}, "
+                     f"{k.shape}, {v.shape}.")
+  if selection.ndim != 3 or selection.shape[:2] != (B, T):
+    raise ValueError(f"GSA kernel: selection must be int32 [B={B}, T={T}, k_max]; got "
+                     f"{selection.shape}.")
+  for name, val in (("block_q", block_q), ("block_k", block_k), ("block_kb", block_kb),
+                    ("block_qc", block_qc), ("head_dim", D)):
+    _pow2(name, int(val))
+  for name, val in (("block_q", block_q), ("block_kb", block_kb)):
+    if not 16 <= val <= 32:
+      raise ValueError(f"GSA kernel: {name}={val} must be 16 or 32 (dot tiles >= 16, bit "
+                       f"masks in an int32).")
+  for name, val in (("block_k", block_k), ("block_qc", block_qc), ("head_dim", D)):
+    if val < 16:
+      raise ValueError(f"GSA kernel: {name}={val} must be at least 16 (Triton dot tiles).")
+  tile = max(int(block_q), int(block_kb))
+  Tp = -(-T // tile) * tile
+  if (Tp // min(block_q, block_kb) + 1) * (Tp + 1) >= 2 ** 31:
+    raise ValueError(f"GSA kernel: T={T} is too long for the int32 sort keys of the lists.")
+  sel = selection.astype(jnp.int32)
+  if Tp > T:
+    pad = ((0, 0), (0, Tp - T), (0, 0), (0, 0))
+    q, k, v = (jnp.pad(a, pad) for a in (q, k, v))
+    sel = jnp.pad(sel, ((0, 0), (0, Tp - T), (0, 0)), constant_values=-1)
+  sel = jax.lax.stop_gradient(sel)
+  interp = False if gpu_lowering else interpret_default(interpret)
+  dot_dtype = F32 if jnp.dtype(q.dtype) == jnp.dtype(F32) else jnp.bfloat16
+  opts = (("block_q", int(block_q)), ("block_k", int(block_k)), ("block_kb", int(block_kb)),
+          ("block_qc", int(block_qc)), ("num_warps", int(num_warps)),
+          ("num_warps_bwd", int(num_warps_bwd)), ("num_stages", int(num_stages)),
+          ("dot_dtype", jnp.dtype(dot_dtype)), ("interpret", bool(interp)),
+          ("force_params", bool(gpu_lowering)))
+  o = _core(q, k, v, sel, opts)
+  return o[:, :T]
+
+
+# ----------------------------------------------------------------------------- config selection
+_FALLBACK_LOGGED = set()
+_FORCE_INTERPRET = False     # tests: run the kernels (interpreted) through select_and_run on CPU
+
+
+def sharded(fn, q, k, v, selection):
+  """Run fn(q, k, v, selection) per device under the active mesh: batch over the batch axes,
+  heads over "heads"' axes (a pallas_call is never partitioned by XLA); the selection follows
+  the batch split and is replicated over heads."""
+  from jax.sharding import PartitionSpec as P
+  from lightning_jax import sharding as shd
+  mesh = shd.current_mesh()
+  if mesh is None or mesh.size == 1:
+    return fn(q, k, v, selection)
+  spec4 = shd._fits(q.shape, shd.spec_for(("batch", None, "heads", None)), mesh)
+  return jax.shard_map(fn, mesh=mesh, in_specs=(spec4, spec4, spec4, P(spec4[0], None, None)),
+                       out_specs=spec4, check_vma=False)(q, k, v, selection)
+
+
+def select_and_run(q, k, v, selection, query_chunk: int, **tiles):
+  """model.gsa.attention == "kernel": the Pallas kernels on GPU (per device under a mesh);
+  elsewhere the XLA gather reference (logged once per backend), except in tests."""
+  if not on_gpu() and not _FORCE_INTERPRET:
+    be = jax.default_backend()
+    if be not in _FALLBACK_LOGGED:
+      _FALLBACK_LOGGED.add(be)
+      logging.getLogger("lightning_jax.kernels").warning(
+          "model.gsa.attention='kernel': no GPU (backend %s), running the XLA gather attention "
+          "instead (the kernels run off GPU only in tests, through the Pallas interpreter).", be)
+    from lightning_jax.layers.sparse_attention import sparse_attention
+    return sparse_attention(q, k, v, selection, query_chunk, "gather")
+  fn = functools.partial(gsa_attention, interpret=True if _FORCE_INTERPRET else None, **tiles)
+  return sharded(fn, q, k, v, selection)
