@@ -112,6 +112,7 @@ def get_base_config() -> ConfigDict:
   q.rank = 16
   q.seed = 0
   q.flush_every = 0               # adapter merge; diverged at 120B, off by default
+  q.kernel = "auto"               # base expert matmul: auto (pallas on GPU, else xla) | xla | pallas
   q.lr_mult_router = 1.0
   q.lr_mult_adapters = 3.0
   q.lr_mult_rest = 0.01

@@ -357,29 +357,61 @@ def validate_qbase(qbase: dict, cfg, where: str = "frozen moe experts") -> None:
 
 
 # ============================================================================ expert matmul
-def _qlinear(xr, q, ad, bits, dtype):
-  """xr [E, C, n] rotated input -> [E, C, d_out]; base is stop-gradient, adapters train."""
+KERNELS = ("auto", "xla", "pallas")
+
+
+def base_kernel(cfg) -> str:
+  """cfg.tqp.kernel resolved: "pallas" (the dequantising Pallas/Triton kernel,
+  kernels/expert_matmul.py) or "xla" (dequantise to the compute dtype, then einsum).
+  "auto" = pallas on GPU, xla elsewhere (the interpreter would be slow)."""
+  k = cfg.tqp.get("kernel", "auto")
+  if k not in KERNELS:
+    raise ConfigError(f"tqp.kernel={k!r} is not a known base-matmul kernel; expected one of "
+                      f"{KERNELS} (auto = pallas on GPU, xla elsewhere).")
+  if k == "auto":
+    from lightning_jax.kernels import common
+    return "pallas" if common.on_gpu() else "xla"
+  return k
+
+
+def _qbase(xr, q, bits, dtype, kernel="xla"):
+  """Base output n ⊙ (Q xr) [E, C, d_out], no gradient. kernel "xla" builds the dequantised
+  weight [E, d_out, n] in `dtype` and einsums; "pallas" dequantises tile by tile inside the
+  matmul kernel (never writes the weight)."""
+  if kernel == "pallas":
+    from lightning_jax.kernels import expert_matmul
+    lv = jnp.asarray(codebook(q["signs"].shape[-1], bits))
+    return expert_matmul.tqp_matmul(jax.lax.stop_gradient(xr), q["codes"], q["norms"], lv, bits)
   w = dequantize_rotated({"codes": q["codes"], "norms": q["norms"], "signs": q["signs"]},
                          bits, dtype)                                   # [E, d_out, n]
-  base = jnp.einsum("ecn,eon->eco", xr, w)
-  base = jax.lax.stop_gradient(base)
+  return jax.lax.stop_gradient(jnp.einsum("ecn,eon->eco", xr, w))
+
+
+def _qlinear(xr, q, ad, bits, dtype, kernel="xla"):
+  """xr [E, C, n] rotated input -> [E, C, d_out]; base is stop-gradient, adapters train.
+  The rank-r adapter runs alongside the base in XLA (two thin einsums, r = 16)."""
+  base = jax.lax.stop_gradient(_qbase(xr, q, bits, dtype, kernel))
   xb = jnp.einsum("ecn,ern->ecr", xr, ad["b"].astype(dtype))
-  return base + jnp.einsum("ecr,eor->eco", xb, ad["a"].astype(dtype))
+  return base.astype(dtype) + jnp.einsum("ecr,eor->eco", xb, ad["a"].astype(dtype))
 
 
 def tqp_grouped_swiglu(adapters: dict, qbase: dict, xg: jax.Array, cfg) -> jax.Array:
   """xg [E, C, d] (tokens grouped per expert) -> [E, C, d] = down(silu(gate x) * up x),
-  with every routed matrix = stop_gradient(dequantized base) + adapter, in compute dtype."""
+  with every routed matrix = stop_gradient(dequantized base) + adapter, in compute dtype.
+
+  The base matmuls use `base_kernel(cfg)`. gate and up are separate kernel calls: each matrix
+  has its own rotation signs (drawn per (layer, matrix)), so their rotated inputs differ."""
   validate_qbase(qbase, cfg)
   bits = int(cfg.tqp.bits)
   dtype = nn.dtype_of(cfg.model.dtype)
+  kernel = base_kernel(cfg)
   x = xg.astype(dtype)
   d = x.shape[-1]
 
   def lin(mat, inp):
     q = qbase[mat]
     xr = rotate(_pad_last(inp, q["signs"].shape[-1]), q["signs"])
-    return _qlinear(xr, q, adapters[mat], bits, dtype)
+    return _qlinear(xr, q, adapters[mat], bits, dtype, kernel)
 
   h = jax.nn.silu(lin("gate", x)) * lin("up", x)
   y = lin("down", h)

@@ -1,0 +1,191 @@
+"""Dequantising grouped matmul for the TQP base experts (SPEC §4), as a Pallas (Triton) kernel.
+
+  out[e, c, o] = norms[e, o] * sum_n xr[e, c, n] * levels[codes[e, o, n]]
+
+xr [E, C, n] is the rotated expert input (tqp.rotate), codes uint8 [E, O, n * bits / 8] the packed
+codebook indices (tqp.pack: 4 bits = two indices per byte, low nibble = even column; 8 bits = one
+per byte), levels [2^bits] the scalar codebook, norms [E, O] float32 the row norms.
+
+One program per (block of outputs, block of rows, expert); the K loop over n runs inside. Per K
+step it loads a [BN, BK * bits / 8] byte tile of codes, unpacks the nibbles (4 bits: even columns
+from the low nibble, odd from the high, multiplied against the even / odd columns of x, which the
+wrapper permutes to [even | odd] in XLA so both load contiguously; nothing is interleaved in
+registers), looks each index up in the codebook (a gather load from the tiny `levels` array,
+L1-resident), and accumulates x W^T in float32 on the
+tensor cores (operands in the dot dtype: bfloat16 for bf16 inputs, float32 for float32). The norms
+scale the accumulator in the epilogue. The dequantised weights never reach HBM: the base reads 0.5
+(4-bit) or 1 (8-bit) byte per weight and tile instead of writing and re-reading a bf16 copy.
+
+Forward only: `tqp_matmul` stops the gradient of its inputs (the TQP base output is
+stop-gradient; the rotated input gets its gradient through the adapters), so no tangent ever
+reaches the pallas_call.
+
+Backends: Triton on GPU, the Pallas interpreter elsewhere (tests). `gpu_lowering=True` builds the
+native call with Triton compiler parameters on any host, for kernels.common.lower_for_gpu.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from lightning_jax.kernels import common
+
+F32 = common.F32
+_DN_T = (((1,), (1,)), ((), ()))     # a @ b.T
+
+
+def _kernel(x_ref, c_ref, lv_ref, nrm_ref, o_ref, *, bits, bk, n_k, dot_dtype, split):
+  """x_ref [BM, n], c_ref [BN, n bits / 8] uint8, lv_ref [2^bits], nrm_ref [BN], o_ref [BM, BN].
+
+  4 bits with split=True: x's columns are [even | odd] (see `split_even_odd`), so both halves load
+  contiguously; split=False loads the even / odd columns of the natural layout with stride 2."""
+  bm, bn = o_ref.shape
+  n = x_ref.shape[-1]
+
+  def body(i, acc):
+    if bits == 4:
+      half = bk // 2
+      h0 = pl.multiple_of(i * half, half)
+      c = c_ref[:, pl.ds(h0, half)].astype(jnp.int32)                          # [BN, BK/2]
+      w_even = lv_ref[c & 15].astype(dot_dtype)
+      w_odd = lv_ref[c >> 4].astype(dot_dtype)
+      if split:
+        x_even = x_ref[:, pl.ds(h0, half)]
+        x_odd = x_ref[:, pl.ds(pl.multiple_of(n // 2 + h0, half), half)]
+      else:
+        k0 = pl.multiple_of(i * bk, bk)
+        x_even = x_ref[:, pl.ds(k0, half, stride=2)]
+        x_odd = x_ref[:, pl.ds(k0 + 1, half, stride=2)]
+      acc = acc + common.dot(x_even, w_even, _DN_T, dot_dtype)
+      return acc + common.dot(x_odd, w_odd, _DN_T, dot_dtype)
+    k0 = pl.multiple_of(i * bk, bk)
+    c = c_ref[:, pl.ds(k0, bk)].astype(jnp.int32)                                # [BN, BK]
+    w = lv_ref[c].astype(dot_dtype)
+    return acc + common.dot(x_ref[:, pl.ds(k0, bk)], w, _DN_T, dot_dtype)
+
+  acc = jax.lax.fori_loop(0, n_k, body, jnp.zeros((bm, bn), F32))
+  o_ref[...] = (acc * nrm_ref[...].astype(F32)[None, :]).astype(o_ref.dtype)
+
+
+def split_even_odd(x):
+  """[..., n] -> [..., n] with the even columns first, then the odd ones (the 4-bit kernel's
+  contiguous input layout; XLA fuses this permutation into the producer of x)."""
+  lead, n = x.shape[:-1], x.shape[-1]
+  return jnp.swapaxes(x.reshape(lead + (n // 2, 2)), -1, -2).reshape(x.shape)
+
+
+def _pow2(v: int) -> bool:
+  return v >= 1 and v & (v - 1) == 0
+
+
+def _next_pow2(v: int) -> int:
+  return 1 << max(0, int(v) - 1).bit_length()
+
+
+def _tile(dim: int, want: int, what: str, least: int) -> int:
+  """A power-of-two tile: `want`, shrunk to the (power-of-two-rounded) dimension, >= least."""
+  if not _pow2(int(want)) or want < least:
+    raise ValueError(f"expert_matmul: {what}={want} must be a power of two >= {least}.")
+  return max(least, min(int(want), _next_pow2(dim)))
+
+
+def default_blocks(bits: int) -> dict:
+  """Tile sizes for H100-class GPUs (modest, powers of two; shared memory well under 228 KB)."""
+  return {"block_m": 128, "block_n": 128, "block_k": 128 if bits == 4 else 64,
+          "num_warps": 8, "num_stages": 3, "x_layout": "split"}
+
+
+def _pad_to(a, axis, size):
+  if a.shape[axis] == size:
+    return a
+  pad = [(0, 0)] * a.ndim
+  pad[axis] = (0, size - a.shape[axis])
+  return jnp.pad(a, pad)
+
+
+def _call(xr, codes, norms, levels, *, bits, block_m, block_n, block_k, num_warps, num_stages,
+          x_layout, interpret, force_params):
+  e, c, n = xr.shape
+  o = codes.shape[1]
+  per_byte = 2 if bits == 4 else 1
+  # tiles: powers of two, dot dims >= 16 (4 bits: each half of a K step is one dot, so BK >= 32).
+  # Dimensions that are not a multiple of their tile are zero-padded (zero x columns meet code 0,
+  # zero norms give zero output rows), then cut off again.
+  bm = _tile(c, block_m, "block_m", 16)
+  bn = _tile(o, block_n, "block_n", 16)
+  bk = _tile(n, block_k, "block_k", 16 * per_byte)
+  c_pad, o_pad, n_pad = (-(-v // t) * t for v, t in ((c, bm), (o, bn), (n, bk)))
+  xr = _pad_to(_pad_to(xr, 1, c_pad), 2, n_pad)
+  codes = _pad_to(_pad_to(codes, 1, o_pad), 2, n_pad // per_byte)
+  norms = _pad_to(norms, 1, o_pad)
+  if x_layout not in ("split", "strided"):
+    raise ValueError(f"expert_matmul: x_layout={x_layout!r} must be 'split' or 'strided'.")
+  split = bits == 4 and x_layout == "split"
+  if split:
+    xr = split_even_odd(xr)
+  dot_dtype = F32 if xr.dtype == F32 else jnp.bfloat16
+  sq = pl.squeezed if hasattr(pl, "squeezed") else None
+  kern = functools.partial(_kernel, bits=bits, bk=bk, n_k=n_pad // bk, dot_dtype=dot_dtype,
+                           split=split)
+  params = (common.compiler_params(num_warps, num_stages, force=True) if force_params else
+            common.compiler_params(num_warps, num_stages))
+  out = pl.pallas_call(
+      # output blocks vary fastest (grid x), so the programs running together share one expert's
+      # x row tiles and codes in L2: x is read from HBM about once
+      kern, grid=(o_pad // bn, c_pad // bm, e),
+      in_specs=[pl.BlockSpec((sq, bm, n_pad), lambda j, i, g: (g, i, 0)),
+                pl.BlockSpec((sq, bn, n_pad // per_byte), lambda j, i, g: (g, j, 0)),
+                pl.BlockSpec((levels.shape[0],), lambda j, i, g: (0,)),
+                pl.BlockSpec((sq, bn), lambda j, i, g: (g, j))],
+      out_specs=pl.BlockSpec((sq, bm, bn), lambda j, i, g: (g, i, j)),
+      out_shape=jax.ShapeDtypeStruct((e, c_pad, o_pad), xr.dtype),
+      interpret=interpret, name=f"tqp{bits}_expert_matmul", compiler_params=params,
+  )(xr, codes, levels.astype(F32), norms.astype(F32))
+  return out[:, :c, :o] if (c_pad, o_pad) != (c, o) else out
+
+
+def check_shapes(xr, codes, norms, levels, bits: int):
+  e, c, n = xr.shape
+  per_byte = 2 if bits == 4 else 1
+  if bits not in (4, 8):
+    raise ValueError(f"expert_matmul: bits={bits} is unsupported; expected 4 or 8.")
+  if codes.ndim != 3 or codes.shape[0] != e or codes.shape[2] * per_byte != n:
+    raise ValueError(f"expert_matmul: codes {tuple(codes.shape)} do not match xr {tuple(xr.shape)} "
+                     f"at {bits} bits; expected uint8 [{e}, d_out, {n // per_byte}].")
+  if codes.dtype != jnp.uint8:
+    raise ValueError(f"expert_matmul: codes must be uint8, got {codes.dtype}.")
+  if norms.shape != codes.shape[:2]:
+    raise ValueError(f"expert_matmul: norms {tuple(norms.shape)} must be [E, d_out] = "
+                     f"{tuple(codes.shape[:2])}.")
+  if levels.shape != (2 ** bits,):
+    raise ValueError(f"expert_matmul: levels {tuple(levels.shape)} must hold 2^{bits} values.")
+
+
+def tqp_matmul(xr, codes, norms, levels, bits: int, *, interpret: bool | None = None,
+               gpu_lowering: bool = False, **blocks):
+  """[E, C, n] x quantized [E, O, n] -> [E, C, O] in xr's dtype; no gradient flows through it.
+
+  blocks: block_m, block_n, block_k, num_warps, num_stages, x_layout ("split": even/odd columns
+  permuted in XLA so the 4-bit kernel loads contiguously; "strided": stride-2 loads in the kernel)
+  (defaults: `default_blocks(bits)`).
+  interpret=None runs natively on GPU and in the Pallas interpreter elsewhere; gpu_lowering=True
+  forces the native Triton call on any host (for lowering checks)."""
+  check_shapes(xr, codes, norms, levels, bits)
+  opts = {**default_blocks(bits), **blocks}
+  interp = False if gpu_lowering else common.interpret_default(interpret)
+  xr, norms, levels = (jax.lax.stop_gradient(a) for a in (xr, norms, jnp.asarray(levels)))
+  return _call(xr, codes, norms, levels, bits=bits, interpret=interp,
+               force_params=gpu_lowering, **opts)
+
+
+def reference(xr, codes, norms, levels, bits: int):
+  """Plain-JAX float32 reference: unpack, look up, scale rows, batched matmul."""
+  if bits == 4:
+    idx = jnp.stack([codes & 15, codes >> 4], -1).reshape(codes.shape[:-1] + (-1,))
+  else:
+    idx = codes
+  w = jnp.asarray(levels, F32)[idx.astype(jnp.int32)] * norms.astype(F32)[..., None]
+  return jnp.einsum("ecn,eon->eco", xr.astype(F32), w, precision=jax.lax.Precision.HIGHEST)
