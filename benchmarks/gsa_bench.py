@@ -1,7 +1,8 @@
 """Time and memory of one Gated Sparse Attention layer (lightning_jax.layers.sparse_attention).
 
     python -m benchmarks.gsa_bench [--config configs/stage_2b.py] [--batch 1] [--seq 4096,8192]
-        [--query_chunk 256,512] [--attention gather,dense_masked,flash] [--dtype bfloat16] [--repeat 5]
+        [--query_chunk 256,512] [--attention gather,dense_masked,flash,kernel] [--dtype bfloat16]
+        [--repeat 5]
 
 For each (seq, query_chunk, attention mode) it compiles and times, on the default device:
   select      indexer + adaptive top-k only (gsa_select)
@@ -10,7 +11,9 @@ For each (seq, query_chunk, attention mode) it compiles and times, on the defaul
   train       loss + grads w.r.t. params and x (selecting; the indexer gets no gradient)
 and prints XLA's memory_analysis().temp_size_in_bytes for each compiled function, plus the mean
 kept keys per query. Parameters use the config's init; the variance EMA is calibrated to the
-first batch so budgets spread around k_base as after warm-up.
+first batch so budgets spread around k_base as after warm-up. Attention modes are those of
+model.gsa.attention ("kernel": the Pallas kernels of lightning_jax/kernels/sparse_attention.py;
+benchmarks/gsa_kernel_bench.py times the attention core alone against cuDNN).
 """
 from __future__ import annotations
 

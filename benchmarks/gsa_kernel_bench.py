@@ -1,0 +1,181 @@
+"""GSA attention core: Pallas kernels (gather in-kernel) vs flash-under-mask vs dense cuDNN.
+
+    python -m benchmarks.gsa_kernel_bench [--seq 4096,8192] [--heads 16] [--head_dim 256]
+        [--batch 1] [--k_max 256] [--selection random,clustered] [--tiles a,b,c]
+        [--variants kernel,flash,cudnn] [--repeat 10] [--no-check]
+
+Times, on the default device, for each sequence length and selection kind:
+  lists      the kernels' CSR lists alone (query unions + key lists; one sort each)
+  kernel:X   lightning_jax.kernels.sparse_attention.gsa_attention with tile set X (below)
+  flash      layers.sparse_attention.flash_attention (cuDNN under the [B, 1, T, T] selection mask)
+  cudnn      jax.nn.dot_product_attention(implementation="cudnn", is_causal=True), no selection
+each as forward ms and forward+backward ms (grad of sum(o * r) w.r.t. q, k, v), in bf16.
+Selections: "random": per query k_t uniform in [32, 224] (mean ~128, at most t + 1), the 4 sinks,
+then distinct uniformly random earlier keys (no overlap between neighbours: the kernels' worst
+case); "clustered": the top-k_t of a score shared by all queries (per-key salience) plus a
+recency bonus plus per-query noise, so neighbouring queries share most keys (closer to an
+indexer). The mean union size per block of 16 queries is printed ("union/16q") next to 16 x the
+mean k_t. --check (default on) also prints the kernel's relative errors against the float32 XLA
+gather reference (o, dq, dk, dv) at the first sequence length. Every variant runs in its own
+try/except: a failure prints its error and the run goes on.
+
+Tile sets (block_q, block_k, block_kb, block_qc, warps fwd, warps bwd, stages):
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import datetime
+import platform
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lightning_jax.kernels import sparse_attention as ks
+from lightning_jax.layers import sparse_attention as gsa
+
+TILES = {
+    "a": dict(block_q=16, block_k=64, block_kb=16, block_qc=64, num_warps=4, num_warps_bwd=4,
+              num_stages=2),
+    "b": dict(block_q=16, block_k=32, block_kb=16, block_qc=32, num_warps=4, num_warps_bwd=4,
+              num_stages=3),
+    "c": dict(block_q=32, block_k=64, block_kb=32, block_qc=64, num_warps=8, num_warps_bwd=8,
+              num_stages=2),
+}
+__doc__ += "".join(f"  {k}: {tuple(v.values())}\n" for k, v in TILES.items())
+
+
+def _time(fn, args, repeat):
+  """(median ms, compile s) of jit(fn)(*args)."""
+  t0 = time.perf_counter()
+  compiled = jax.jit(fn).lower(*args).compile()
+  t_c = time.perf_counter() - t0
+  jax.block_until_ready(compiled(*args))
+  ts = []
+  for _ in range(repeat):
+    t = time.perf_counter()
+    jax.block_until_ready(compiled(*args))
+    ts.append(time.perf_counter() - t)
+  return float(np.median(ts)) * 1e3, t_c
+
+
+def make_selection(key, b, t, k_max, kind, n_sinks=4, k_lo=32, k_hi=224):
+  """int32 [b, t, k_max], -1 padded, causal, sinks first, distinct keys (see the docstring)."""
+  k1, k2, k3, k4 = jax.random.split(key, 4)
+  pos = jnp.arange(t)
+  kt = jax.random.randint(k1, (b, t), k_lo, k_hi + 1)
+  kt = jnp.minimum(kt, pos[None] + 1)
+
+  def rows(qpos, kt_c, noise_key):
+    # scores of the queries qpos [Q] against all keys, -inf after the query; sinks +inf
+    if kind == "random":
+      s = jax.random.uniform(noise_key, (b, qpos.shape[0], t))
+    else:
+      sal = jax.random.normal(k3, (b, 1, t))
+      rec = 3.0 * jnp.exp(-(qpos[:, None] - pos[None, :]).astype(jnp.float32) / 64.0)
+      s = sal + rec[None] + 0.3 * jax.random.normal(noise_key, (b, qpos.shape[0], t))
+    causal = pos[None, None, :] <= qpos[None, :, None]
+    s = jnp.where(pos[None, None, :] < n_sinks, jnp.inf, s)
+    s = jnp.where(causal, s, -jnp.inf)
+    _, idx = jax.lax.top_k(s, k_max)
+    ok = (jnp.arange(k_max)[None, None] < kt_c[..., None]) & (idx <= qpos[None, :, None])
+    return jnp.where(ok, idx, -1).astype(jnp.int32)
+
+  qc = math.gcd(t, 1024)
+  n = t // qc
+  out = jax.lax.map(lambda a: rows(*a), (pos.reshape(n, qc), jnp.moveaxis(kt.reshape(b, n, qc), 1, 0),
+                                         jax.random.split(k4, n)))
+  return jnp.moveaxis(out, 0, 1).reshape(b, t, k_max)
+
+
+def _rel(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def _maxrel(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--seq", default="4096,8192")
+  ap.add_argument("--heads", type=int, default=16)
+  ap.add_argument("--head_dim", type=int, default=256)
+  ap.add_argument("--batch", type=int, default=1)
+  ap.add_argument("--k_max", type=int, default=256)
+  ap.add_argument("--selection", default="random,clustered")
+  ap.add_argument("--tiles", default="a,b,c")
+  ap.add_argument("--variants", default="kernel,flash,cudnn")
+  ap.add_argument("--repeat", type=int, default=10)
+  ap.add_argument("--check", action=argparse.BooleanOptionalAction, default=True)
+  a = ap.parse_args()
+  B, H, D = a.batch, a.heads, a.head_dim
+  variants = a.variants.split(",")
+  print(f"# {datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC  {jax.devices()[0].device_kind}  "
+        f"{platform.node()}  jax {jax.__version__}  B={B} heads={H}x{D} k_max={a.k_max} bf16",
+        flush=True)
+  for si, T in enumerate(int(s) for s in a.seq.split(",")):
+    kq, kk, kv, kr, ksel = jax.random.split(jax.random.PRNGKey(T), 5)
+    q, k, v, r = (jax.random.normal(x, (B, T, H, D), jnp.bfloat16) for x in (kq, kk, kv, kr))
+    causal_flops = 4 * B * T * T / 2 * H * D
+    for kind in a.selection.split(","):
+      try:
+        sel = jax.jit(lambda key: make_selection(key, B, T, a.k_max, kind))(ksel)
+        kmean = float(jnp.mean(jnp.sum(sel >= 0, -1)))
+        off = ks.query_lists(sel, 16)[0]
+        union = float(jnp.mean(off[:, 1:] - off[:, :-1]))
+        ms, _ = _time(lambda s: (ks.query_lists(s, 16), ks.key_lists(s, 16)), (sel,), a.repeat)
+        print(f"T={T} {kind:9s} kept/query {kmean:6.1f}  union/16q {union:7.1f} "
+              f"(16 x kept = {16 * kmean:6.0f})  lists {ms:6.2f} ms", flush=True)
+      except Exception as e:  # noqa: BLE001
+        print(f"T={T} {kind}: selection failed: {type(e).__name__}: {e}", flush=True)
+        continue
+      runs = []
+      if "kernel" in variants:
+        runs += [(f"kernel:{t}", lambda q, k, v, s, t=t: ks.gsa_attention(q, k, v, s, **TILES[t]))
+                 for t in a.tiles.split(",")]
+      if "flash" in variants:
+        runs.append(("flash", lambda q, k, v, s: gsa.flash_attention(q, k, v, s)))
+      if "cudnn" in variants and kind == a.selection.split(",")[0]:
+        runs.append(("cudnn", lambda q, k, v, s: jax.nn.dot_product_attention(
+            q, k, v, is_causal=True, implementation="cudnn")))
+      for name, fn in runs:
+        try:
+          ms_f, c_f = _time(fn, (q, k, v, sel), a.repeat)
+          loss = lambda q, k, v, s, r, fn=fn: jnp.sum(fn(q, k, v, s).astype(jnp.float32) * r)
+          ms_b, c_b = _time(jax.grad(loss, (0, 1, 2)), (q, k, v, sel, r), a.repeat)
+          extra = (f"  ({causal_flops / ms_f / 1e9:5.0f} / {3.5 * causal_flops / ms_b / 1e9:5.0f} "
+                   f"TFLOP/s causal-dense)" if name == "cudnn" else "")
+          print(f"T={T} {kind:9s} {name:10s} fwd {ms_f:8.3f} ms  fwd+bwd {ms_b:8.3f} ms  "
+                f"(compile {c_f:5.1f} s + {c_b:5.1f} s){extra}", flush=True)
+        except Exception as e:  # noqa: BLE001
+          print(f"T={T} {kind:9s} {name:10s} FAILED: {type(e).__name__}: {str(e)[:2000]}",
+                flush=True)
+          traceback.print_exc(limit=3)
+      if a.check and si == 0 and "kernel" in variants:
+        try:
+          f32 = lambda x: x.astype(jnp.float32)
+          t0 = a.tiles.split(",")[0]
+          kern = lambda q, k, v: jnp.sum(ks.gsa_attention(q, k, v, sel, **TILES[t0]).astype(
+              jnp.float32) * f32(r))
+          ref = lambda q, k, v: jnp.sum(gsa.sparse_attention(q, k, v, sel, 512, "gather") * f32(r))
+          o_k = jax.jit(lambda q, k, v: ks.gsa_attention(q, k, v, sel, **TILES[t0]))(q, k, v)
+          o_r = jax.jit(lambda q, k, v: gsa.sparse_attention(q, k, v, sel, 512, "gather"))(
+              f32(q), f32(k), f32(v))
+          g_k = jax.jit(jax.grad(kern, (0, 1, 2)))(q, k, v)
+          g_r = jax.jit(jax.grad(ref, (0, 1, 2)))(f32(q), f32(k), f32(v))
+          errs = [("o", o_k, o_r)] + list(zip(("dq", "dk", "dv"), g_k, g_r))
+          print(f"T={T} {kind:9s} check kernel:{t0} (bf16) vs float32 gather: " + "  ".join(
+              f"{n} rel {_rel(x, y):.2e} maxrel {_maxrel(x, y):.2e}" for n, x, y in errs),
+              flush=True)
+        except Exception as e:  # noqa: BLE001
+          print(f"T={T} {kind} check FAILED: {type(e).__name__}: {str(e)[:2000]}", flush=True)
+
+
+if __name__ == "__main__":
+  main()
