@@ -1,14 +1,20 @@
 """Kernels vs XLA references vs named anchors on one GPU (docs/PERFORMANCE.md, "Kernels").
 
-    python -m benchmarks.kernels_bench [--small] [--only ceilings,delta,gsa] [--json out.json]
+    python -m benchmarks.kernels_bench [--small] [--only ceilings,delta,prep,gsa,variants] [--json out.json]
 
 ceilings  an 8192^3 bf16 matmul (TFLOP/s) and a 2 GiB device-to-device copy (bytes read + written)
 delta     gated delta rule, 32 heads x 128, bf16 q/k/v, float32 decay and beta, at B4 T4096 and
           B2 T8192: the XLA chunked reference (layers/deltanet.py) forward and forward+backward,
-          its prep alone (everything but the recurrence), and the Pallas kernels
-          (kernels/delta_rule.py) for a few block/warp settings; plus the kernel's relative error
-          against the XLA path on the same inputs (output, final state, dq/dk/dv). Anchor: FLA
-          0.6.0 chunk_gated_delta_rule 4.60 ms fwd+bwd, 1.54 / 1.08 ms fwd (B4T4096 / B2T8192).
+          and the Pallas kernel path (kernels/delta_rule.py) in the settings of DELTA_SETTINGS:
+          the XLA prep (default), the Pallas prep with the XLA prep's autodiff as its backward,
+          the Pallas prep with its Pallas backward, and that with the split recurrence backward;
+          each with its relative error against the XLA path on the same inputs (output,
+          dq/dk/dv/dlog_alpha/dbeta). Anchor: FLA 0.6.0 chunk_gated_delta_rule 4.60 ms
+          fwd+bwd, 1.54 / 1.08 ms fwd (B4T4096 / B2T8192).
+prep      the chunk prep alone at B4 T4096 (32 x 128, chunk 64): XLA float32 vs the Pallas prep
+          kernel (forward; backward through the XLA prep's autodiff or the Pallas backward
+          kernel), with the Pallas outputs' / input gradients' relative error vs XLA.
+variants  older recurrence-backward / inverse-precision variants (XLA prep), forward+backward.
 gsa       attention core at T=8192, 16 heads x 256, bf16: layers.sparse_attention.sparse_attention
           over a synthetic selection of 128 causal keys per query (k_max 256 slots, the rest -1),
           modes gather and dense_masked, forward and forward+backward; vs
@@ -132,15 +138,33 @@ def delta_variants(small, iters):
     guarded(f"delta variant [{name}]", run)
 
 
+DELTA_SETTINGS = [   # (label, kwargs of kernels.delta_rule.chunk_gated_delta_rule)
+    ("prep=xla (default)", dict(block_v=64, block_v_bwd=128, num_warps=4, num_warps_bwd=8)),
+    ("prep=pallas,prep_bwd=xla", dict(block_v=64, block_v_bwd=128, num_warps=4,
+                                      num_warps_bwd=8, prep="pallas", prep_bwd="xla")),
+    ("prep=pallas,prep_bwd=pallas", dict(block_v=64, block_v_bwd=128, num_warps=4,
+                                         num_warps_bwd=8, prep="pallas", prep_bwd="pallas")),
+    ("prep=pallas,prep_bwd=pallas,bwd=split", dict(block_v=64, block_v_bwd=64, num_warps=4,
+                                                   num_warps_bwd=4, prep="pallas",
+                                                   prep_bwd="pallas", bwd="split")),
+]
+
+
+def _errs(og, ref):
+  o, g = og
+  if "o" not in ref:
+    return {}
+  return {"o": _rel(o, ref["o"]), "dq": _rel(g[0], ref["g"][0]), "dk": _rel(g[1], ref["g"][1]),
+          "dv": _rel(g[2], ref["g"][2]), "dlog_alpha": _rel(g[3], ref["g"][3]),
+          "dbeta": _rel(g[4], ref["g"][4])}
+
+
 def delta(small, iters):
+  """XLA chunked reference and the kernel path's settings (DELTA_SETTINGS) at both shapes."""
   from lightning_jax.kernels import delta_rule as kdr
   from lightning_jax.layers import deltanet as dn
   shapes = [(2, 128, 4, 16)] if small else [(4, 4096, 32, 128), (2, 8192, 32, 128)]
-  settings = ([dict(block_v=8, block_v_bwd=8)] if small else
-              [dict(block_v=64, block_v_bwd=64, num_warps=4, num_warps_bwd=4),
-               dict(block_v=64, block_v_bwd=128, num_warps=4, num_warps_bwd=8),
-               dict(block_v=128, block_v_bwd=128, num_warps=8, num_warps_bwd=8)])
-  for si, (b, t, h, d) in enumerate(shapes):
+  for b, t, h, d in shapes:
     tag = f"B{b}T{t}"
     args = delta_inputs(jax.random.PRNGKey(t), b, t, h, d)
     ct = jax.random.normal(jax.random.PRNGKey(1), (b, t, h, d), jnp.bfloat16)
@@ -165,36 +189,62 @@ def delta(small, iters):
       ref["o"], ref["g"] = og
     guarded(f"delta {tag} XLA", run_xla)
 
-    def run_prep():
-      def prep_f(q, k, v, la, be):
-        return kdr._prep(q, k, v, la, be, 64)
-      ms, _, _ = bench(prep_f, args, iters)
-      record(f"delta {tag} prep only fwd (XLA, f32)", ms)
+    for label, st in DELTA_SETTINGS:
+      if small:
+        st = dict(st, block_v=8, block_v_bwd=8)
 
-      def prep_fb(q, k, v, la, be):
-        out, vjp = jax.vjp(prep_f, q, k, v, la, be)
-        return vjp(jax.tree_util.tree_map(jnp.ones_like, out))
-      ms, _, _ = bench(prep_fb, args, iters)
-      record(f"delta {tag} prep only fwd+bwd (XLA, f32)", ms)
-    guarded(f"delta {tag} prep", run_prep)
-
-    for st in (settings if si == 0 else settings[:2]):
-      name = ",".join(f"{k}={v}" for k, v in st.items())
-
-      def run_kernel(st=st, name=name):
+      def run_kernel(st=st, label=label):
         rule = lambda *a: kdr.chunk_gated_delta_rule(*a, chunk_size=64, **st)
         ms, c, o = bench(fwd(rule), args, iters)
-        record(f"delta {tag} kernel fwd [{name}]", ms, f"(compile+first {c:.1f} s)")
-        ms, c, (o2, g) = bench(fwd_bwd(rule), args, iters)
-        errs = {}
-        if "o" in ref:
-          errs = {"o": _rel(o2, ref["o"]), "dq": _rel(g[0], ref["g"][0]),
-                  "dk": _rel(g[1], ref["g"][1]), "dv": _rel(g[2], ref["g"][2]),
-                  "dlog_alpha": _rel(g[3], ref["g"][3]), "dbeta": _rel(g[4], ref["g"][4])}
-        record(f"delta {tag} kernel fwd+bwd [{name}]", ms,
+        record(f"delta {tag} kernel fwd [{label}]", ms, f"(compile+first {c:.1f} s)")
+        ms, c, og = bench(fwd_bwd(rule), args, iters)
+        errs = _errs(og, ref)
+        record(f"delta {tag} kernel fwd+bwd [{label}]", ms,
                "rel err vs XLA " + " ".join(f"{k}={v:.1e}" for k, v in errs.items()),
                errors=errs)
-      guarded(f"delta {tag} kernel [{name}]", run_kernel)
+      guarded(f"delta {tag} kernel [{label}]", run_kernel)
+
+
+def prep(small, iters):
+  """The chunk prep alone (W, Uv, P, Qg, Kd, ge from q, k, v, log decay, beta), forward and
+  forward+backward: XLA (float32, autodiff) vs the Pallas kernel (bf16 outputs), with the
+  Pallas outputs' and input gradients' relative error against the XLA prep."""
+  from lightning_jax.kernels import delta_rule as kdr
+  b, t, h, d = (2, 128, 4, 16) if small else (4, 4096, 32, 128)
+  tag = f"B{b}T{t}"
+  args = delta_inputs(jax.random.PRNGKey(t), b, t, h, d)
+  base = dict(chunk=64, dot_dtype=jnp.dtype(jnp.bfloat16), interpret=not kdr.on_gpu(),
+              num_warps_prep=4, num_stages=1, gpu_lowering=False)
+  variants = [("XLA f32", None)] + [(f"pallas, bwd {pb}, warps {nw}",
+                                     dict(base, prep_bwd=pb, num_warps_prep=nw))
+                                    for pb, nw in (("xla", 4), ("pallas", 4), ("pallas", 8))]
+  ref = {}
+  for label, opts in variants:
+    def run(label=label, opts=opts):
+      if opts is None:
+        f = lambda *a: kdr._prep_xla_cast(*a, dict(base, prep_bwd="xla"))
+      else:
+        key = tuple(sorted(opts.items()))
+        f = lambda *a: kdr._prep_pallas(*a, key)
+      ms, _, out = bench(f, args, iters)
+      errs = {} if not ref else {n: _rel(x, r) for n, x, r in
+                                 zip(("W", "Uv", "P", "Qg", "Kd", "ge"), out, ref["out"])}
+      record(f"prep {tag} fwd [{label}]", ms,
+             " ".join(f"{k}={v:.1e}" for k, v in errs.items()), errors=errs)
+
+      def fb(*a):
+        out, vjp = jax.vjp(f, *a)
+        cts = jax.tree_util.tree_map(
+            lambda x: jax.random.normal(jax.random.PRNGKey(7), x.shape, x.dtype), out)
+        return vjp(cts)
+      ms, _, g = bench(fb, args, iters)
+      errs = {} if not ref else {n: _rel(x, r) for n, x, r in
+                                 zip(("dq", "dk", "dv", "dla", "dbeta"), g, ref["g"])}
+      record(f"prep {tag} fwd+bwd [{label}]", ms,
+             " ".join(f"{k}={v:.1e}" for k, v in errs.items()), errors=errs)
+      if opts is None:
+        ref["out"], ref["g"] = out, g
+    guarded(f"prep {tag} [{label}]", run)
 
 
 # ----------------------------------------------------------------------------- GSA
@@ -257,6 +307,8 @@ def main(argv=None):
     guarded("ceilings", lambda: ceilings(a.small))
   if "delta" in parts:
     delta(a.small, a.iters)
+  if "prep" in parts:
+    prep(a.small, a.iters)
   if "gsa" in parts:
     gsa(a.small, a.iters)
   if "variants" in parts:

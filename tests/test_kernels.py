@@ -160,3 +160,71 @@ def test_delta_rule_kernel_under_a_data_mesh_matches_reference(monkeypatch):
   o_r, s_r = jax.jit(dn.recurrent_gated_delta_rule)(*args[:5])
   assert _rel(o, o_r) <= 1e-5, f"seed={seed} sharded output rel err {_rel(o, o_r)}"
   assert _rel(s, s_r) <= 1e-5, f"seed={seed} sharded state rel err {_rel(s, s_r)}"
+
+
+PREP_BWDS = ["xla"]
+
+
+@pytest.mark.parametrize("prep_bwd", PREP_BWDS)
+def test_pallas_prep_path_forward_and_gradients_match_reference(prep_bwd):
+  """prep='pallas' (the chunk quantities in a Pallas kernel) through the whole rule, float32,
+  T = 100 with chunk 32 (two 16-row sub-blocks per chunk, a padded tail), vs the recurrence."""
+  seed = _seed()
+  args = _inputs(seed, dk=16, dv=16)
+  rng = np.random.default_rng(seed + 1)
+  ct_o = rng.standard_normal(args[2].shape).astype(np.float32)
+  ct_s = rng.standard_normal(args[5].shape).astype(np.float32)
+
+  def loss(fn):
+    def f(q, k, v, la, b, s0):
+      o, s = fn(q, k, v, la, b, s0)
+      return jnp.sum(o * ct_o) + jnp.sum(s * ct_s), (o, s)
+    return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3, 4, 5), has_aux=True))
+
+  rule = lambda *a: kdr.chunk_gated_delta_rule(*a[:5], initial_state=a[5], chunk_size=32,
+                                               block_v=8, block_v_bwd=8, interpret=True,
+                                               prep="pallas", prep_bwd=prep_bwd)
+  (_, (o_k, s_k)), g_k = loss(rule)(*args)
+  (_, (o_r, s_r)), g_r = loss(lambda *a: dn.recurrent_gated_delta_rule(*a[:5], a[5]))(*args)
+  assert _rel(o_k, o_r) <= 1e-5, f"seed={seed} output rel err {_rel(o_k, o_r)}"
+  assert _rel(s_k, s_r) <= 1e-5, f"seed={seed} final state rel err {_rel(s_k, s_r)}"
+  for name, a, b in zip(("q", "k", "v", "log_alpha", "beta", "initial_state"), g_k, g_r):
+    assert np.linalg.norm(np.asarray(b)) > 0, f"seed={seed} reference d{name} is zero"
+    assert _rel(a, b) <= 1e-4, f"seed={seed} prep_bwd={prep_bwd} d{name} rel err {_rel(a, b)}"
+
+
+def _prep_opts(c, prep_bwd="pallas", gpu=False, dt=jnp.float32):
+  return (("chunk", c), ("dot_dtype", jnp.dtype(dt)), ("interpret", not gpu),
+          ("num_warps_prep", 4), ("num_stages", 1), ("gpu_lowering", gpu), ("prep_bwd", prep_bwd))
+
+
+def test_pallas_prep_chunk64_matches_xla_prep():
+  """The prep kernel alone at chunk 64 (four sub-blocks: the whole block-inverse recursion)
+  against the XLA prep (triangular inverse by matmuls, float32 HIGHEST), float32."""
+  seed = _seed()
+  q, k, v, la, b, _ = _inputs(seed, t=128, h=1, dk=16, dv=32)
+  opts = dict(_prep_opts(64))
+  got = jax.jit(lambda *a: kdr._prep_fwd_call(*a, opts))(q, k, v, la, b)
+  ref = jax.jit(lambda *a: kdr._prep_xla_cast(*a, opts))(q, k, v, la, b)
+  for name, a, r in zip(("W", "Uv", "P", "Qg", "Kd", "ge"), got, ref):
+    assert a.shape == r.shape, f"{name} {a.shape} != {r.shape}"
+    assert _rel(a, r) <= 1e-5, f"seed={seed} {name} rel err {_rel(a, r)}"
+
+
+def test_delta_rule_kernels_lower_for_gpu():
+  """Every kernel of the prep='pallas' path (prep, recurrence, their backwards) lowers through
+  Pallas' Triton backend for CUDA on this host (bf16 inputs, chunk 64, the benchmark's layout)."""
+  from lightning_jax.kernels import common
+  q, k, v, la, b, _ = _inputs(0, t=128, h=2, dk=32, dv=32)
+  q, k, v = (jnp.asarray(a, jnp.bfloat16) for a in (q, k, v))
+  for prep_bwd, bwd in zip(PREP_BWDS + ["xla"] * (2 - len(PREP_BWDS)), ("fused", "split")):
+    def f(*a):
+      rule = lambda *x: kdr.chunk_gated_delta_rule(*x, chunk_size=64, block_v=16, block_v_bwd=32,
+                                                   prep="pallas", prep_bwd=prep_bwd, bwd=bwd,
+                                                   gpu_lowering=True)[0]
+      o, vjp = jax.vjp(rule, *a)
+      return o, vjp(o)
+    txt = common.lower_for_gpu(f, q, k, v, la, b)
+    for name in ["gdr_prep_fwd", "gdr_chunk_fwd", "gdr_chunk_bwd"] + (
+        ["gdr_prep_bwd"] if prep_bwd == "pallas" else []):
+      assert name in txt, f"{name} missing from the lowered module (prep_bwd={prep_bwd})"

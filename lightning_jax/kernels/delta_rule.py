@@ -35,14 +35,12 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from lightning_jax.kernels.common import compiler_params, on_gpu
+
 F32 = jnp.float32
 _DN_T = (((1,), (1,)), ((), ()))     # a @ b.T
 _DN_TA = (((0,), (0,)), ((), ()))    # a.T @ b
 _DN = (((1,), (0,)), ((), ()))       # a @ b
-
-
-def on_gpu() -> bool:
-  return jax.default_backend() == "gpu"
 
 
 def impl_note() -> str:
@@ -50,15 +48,13 @@ def impl_note() -> str:
           f"Pallas interpreter on {jax.default_backend()} (no GPU: correct but slow)")
 
 
-def _dot(a, b, dn, dt):
-  return jax.lax.dot_general(a.astype(dt), b.astype(dt), dn, preferred_element_type=F32)
+def _dot(a, b, dn, dt, precision=None):
+  return jax.lax.dot_general(a.astype(dt), b.astype(dt), dn, precision=precision,
+                             preferred_element_type=F32)
 
 
-def _compiler_params(num_warps, num_stages):
-  if not on_gpu():
-    return None
-  from jax.experimental.pallas import triton as plt
-  return plt.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+def _compiler_params(num_warps, num_stages, force=False):
+  return compiler_params(num_warps, num_stages, force=force)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -162,7 +158,8 @@ def _fwd_call(w, uv, p, qg, kd, gev, s0, opts):
                  jax.ShapeDtypeStruct((bh, n, dv, dk), F32),
                  jax.ShapeDtypeStruct((bh, dv, dk), F32)],
       interpret=opts["interpret"], name="gdr_chunk_fwd",
-      compiler_params=_compiler_params(opts["num_warps"], opts["num_stages"]),
+      compiler_params=_compiler_params(opts["num_warps"], opts["num_stages"],
+                                       opts["gpu_lowering"]),
   )(w, uv, p, qg, kd, gev, s0)
 
 
@@ -187,7 +184,8 @@ def _bwd_call(w, uv, p, qg, kd, gev, hs, do, dsn, opts):
                  jax.ShapeDtypeStruct((bh, nv, n, c), F32),
                  jax.ShapeDtypeStruct((bh, dv, dk), F32)],
       interpret=opts["interpret"], name="gdr_chunk_bwd",
-      compiler_params=_compiler_params(opts["num_warps_bwd"], opts["num_stages"]),
+      compiler_params=_compiler_params(opts["num_warps_bwd"], opts["num_stages"],
+                                       opts["gpu_lowering"]),
   )(w, uv, p, qg, kd, gev, hs, do, dsn)
   duv, dw, dp, dqg, dkd, dge, ds0 = outs
   return duv, dw.sum(1), dp.sum(1), dqg.sum(1), dkd.sum(1), dge.sum(1), ds0
@@ -208,7 +206,8 @@ def _bwd_call_split(w, uv, p, qg, kd, gev, hs, do, dsn, opts):
       out_shape=[jax.ShapeDtypeStruct((bh, n, dv, dk), F32),
                  jax.ShapeDtypeStruct((bh, dv, dk), F32)],
       interpret=opts["interpret"], name="gdr_chunk_bwd_states",
-      compiler_params=_compiler_params(opts["num_warps_bwd"], opts["num_stages"]),
+      compiler_params=_compiler_params(opts["num_warps_bwd"], opts["num_stages"],
+                                       opts["gpu_lowering"]),
   )(w, p, qg, kd, gev, do, dsn)
   f = lambda a: a.astype(F32)
   w, uv, p, qg, kd = f(w), f(uv), f(p), f(qg), f(kd)
@@ -341,26 +340,205 @@ def _prep(q, k, v, log_alpha, beta, c, precision=jax.lax.Precision.HIGHEST):
   return w, uv, p, qg, kd, ge
 
 
+# ----------------------------------------------------------------------------- Pallas prep
+# One program per (batch, head, chunk): reads the chunk's q, k, v (input dtype) and log decay /
+# beta (float32) once, keeps every C x C quantity in registers as _SB x _SB sub-blocks (Triton
+# cannot slice a register tile, so the triangular inverse is built block by block: forward
+# substitution on each diagonal block, then T_ij = -T_ii sum_{j<=m<i} A_im T_mj below it), and
+# writes W, Uv, P, Qg, Kd in dot_dtype and the chunk decay ge (float32) — the recurrence's inputs.
+_SB = 16          # sub-block rows (Triton dots need every dim >= 16)
+_HI = jax.lax.Precision.HIGHEST
+
+
+def _iota(shape, dim):
+  return jax.lax.broadcasted_iota(jnp.int32, shape, dim)
+
+
+def _mm(a, b, dn=_DN, precision=None):
+  """float32 dot, float32 accumulation (TF32 on GPU unless precision=HIGHEST)."""
+  return jax.lax.dot_general(a.astype(F32), b.astype(F32), dn, precision=precision,
+                             preferred_element_type=F32)
+
+
+def _cum_blocks(la, nb, sb):
+  """Sub-blocks of g = cumsum(la): g_i[r] = sum_{t <= i sb + r} la_t (masked sums, no scan)."""
+  c = la.shape[0]
+  t, r = _iota((sb, c), 1), _iota((sb, c), 0)
+  return [jnp.sum(jnp.where(t <= r + i * sb, la[None, :], 0.0), axis=1) for i in range(nb)]
+
+
+def _cum_full(la):
+  c = la.shape[0]
+  return jnp.sum(jnp.where(_iota((c, c), 1) <= _iota((c, c), 0), la[None, :], 0.0), axis=1)
+
+
+def _decay_block(gi, gj, diag):
+  """e^{g_t - g_s} for t in block i, s in block j (masked to s <= t on a diagonal block,
+  before the exp: above the diagonal the exponent is positive and could overflow)."""
+  diff = gi[:, None] - gj[None, :]
+  if diag:
+    sb = gi.shape[0]
+    diff = jnp.where(_iota((sb, sb), 1) <= _iota((sb, sb), 0), diff, -jnp.inf)
+  return jnp.exp(diff)
+
+
+def _inv_unit_lower(a):
+  """(I + a)^-1 for a strictly lower [sb, sb] float32 tile: forward substitution row by row
+  (row r of the inverse = e_r - a_r X, rows read and written through masks)."""
+  sb = a.shape[0]
+  rows = _iota((sb, sb), 0)
+  x0 = jnp.where(rows == _iota((sb, sb), 1), 1.0, 0.0).astype(F32)
+
+  def body(r, x):
+    a_r = jnp.sum(jnp.where(rows == r, a, 0.0), axis=0)               # row r of a, over j
+    new = -jnp.sum(a_r[:, None] * x, axis=0)                           # - a_r @ X
+    return jnp.where(rows == r, x + new[None, :], x)
+  return jax.lax.fori_loop(1, sb, body, x0)
+
+
+def _chunk_inverse(k, beta, g, dot_dtype):
+  """Sub-blocks (i >= j) of KK^T, the decay mask M, and T = (I + A)^-1,
+  A = strictly-lower(diag(beta) (M o K K^T)). k: list of [sb, Dk] tiles; beta, g: [sb] lists."""
+  nb = len(k)
+  kk, m, a, t = {}, {}, {}, {}
+  for i in range(nb):
+    for j in range(i + 1):
+      kk[i, j] = _dot(k[i], k[j], _DN_T, dot_dtype)
+      m[i, j] = _decay_block(g[i], g[j], i == j)
+      a_ij = beta[i][:, None] * m[i, j] * kk[i, j]
+      if i == j:
+        sb = a_ij.shape[0]
+        a_ij = jnp.where(_iota((sb, sb), 1) < _iota((sb, sb), 0), a_ij, 0.0)
+      a[i, j] = a_ij
+  for i in range(nb):
+    t[i, i] = _inv_unit_lower(a[i, i])
+    for j in range(i - 1, -1, -1):
+      acc = _mm(a[i, j], t[j, j], precision=_HI)
+      for mm_ in range(j + 1, i):
+        acc = acc + _mm(a[i, mm_], t[mm_, j], precision=_HI)
+      t[i, j] = -_mm(t[i, i], acc, precision=_HI)
+  return kk, m, a, t
+
+
+def _prep_fwd_kernel(q_ref, k_ref, v_ref, la_ref, b_ref,
+                     w_ref, uv_ref, p_ref, qg_ref, kd_ref, ge_ref, *, sb, dot_dtype):
+  c = q_ref.shape[0]
+  nb = c // sb
+  rows = [pl.ds(i * sb, sb) for i in range(nb)]
+  la = la_ref[...].astype(F32)
+  g = _cum_blocks(la, nb, sb)
+  beta = [b_ref[rows[i]].astype(F32) for i in range(nb)]
+  k = [k_ref[rows[i], :] for i in range(nb)]
+  _, _, _, t = _chunk_inverse(k, beta, g, dot_dtype)
+  for i in range(nb):
+    w = uv = None
+    for j in range(i + 1):
+      kb = k[j].astype(F32) * (beta[j] * jnp.exp(g[j]))[:, None]
+      vb = v_ref[rows[j], :].astype(F32) * beta[j][:, None]
+      w = _mm(t[i, j], kb) if w is None else w + _mm(t[i, j], kb)
+      uv = _mm(t[i, j], vb) if uv is None else uv + _mm(t[i, j], vb)
+    w_ref[rows[i], :] = w.astype(w_ref.dtype)
+    uv_ref[rows[i], :] = uv.astype(uv_ref.dtype)
+  gf = _cum_full(la)
+  gc = jnp.sum(la)
+  q = q_ref[...]
+  kf = k_ref[...]
+  p_ref[...] = (_decay_block(gf, gf, True) * _dot(q, kf, _DN_T, dot_dtype)).astype(p_ref.dtype)
+  qg_ref[...] = (q.astype(F32) * jnp.exp(gf)[:, None]).astype(qg_ref.dtype)
+  kd_ref[...] = (kf.astype(F32) * jnp.exp(gc - gf)[:, None]).astype(kd_ref.dtype)
+  ge_ref[...] = jnp.zeros((c,), F32) + jnp.exp(gc)
+
+
+def _prep_specs(c, dk, dv):
+  sq = pl.squeezed if hasattr(pl, "squeezed") else None
+  seq = lambda d: pl.BlockSpec((sq, c, sq, d), lambda b, h, n: (b, n, h, 0))
+  vec = pl.BlockSpec((sq, c, sq), lambda b, h, n: (b, n, h))
+  chunk = lambda d: pl.BlockSpec((sq, sq, sq, c, d), lambda b, h, n: (b, h, n, 0, 0))
+  cvec = pl.BlockSpec((sq, sq, sq, c), lambda b, h, n: (b, h, n, 0))
+  return seq, vec, chunk, cvec
+
+
+def _prep_fwd_call(q, k, v, la, beta, opts):
+  bsz, t, h, dk = q.shape
+  dv = v.shape[-1]
+  c = opts["chunk"]
+  n = t // c
+  dt = opts["dot_dtype"]
+  seq, vec, chunk, cvec = _prep_specs(c, dk, dv)
+  kern = functools.partial(_prep_fwd_kernel, sb=min(_SB, c), dot_dtype=dt)
+  shp = lambda d, dtype=dt: jax.ShapeDtypeStruct((bsz, h, n, c, d), dtype)
+  return pl.pallas_call(
+      kern, grid=(bsz, h, n),
+      in_specs=[seq(dk), seq(dk), seq(dv), vec, vec],
+      out_specs=[chunk(dk), chunk(dv), chunk(c), chunk(dk), chunk(dk), cvec],
+      out_shape=[shp(dk), shp(dv), shp(c), shp(dk), shp(dk),
+                 jax.ShapeDtypeStruct((bsz, h, n, c), F32)],
+      interpret=opts["interpret"], name="gdr_prep_fwd",
+      compiler_params=_compiler_params(opts["num_warps_prep"], opts["num_stages"],
+                                       opts["gpu_lowering"]),
+  )(q, k, v, la, beta)
+
+
+def _prep_xla_cast(q, k, v, la, beta, opts):
+  """The XLA prep with the Pallas prep's outputs: dot_dtype tiles and ge broadcast over C."""
+  c = opts["chunk"]
+  w, uv, p, qg, kd, ge = _prep(q, k, v, la, beta, c, precision=_HI)
+  dt = opts["dot_dtype"]
+  return (w.astype(dt), uv.astype(dt), p.astype(dt), qg.astype(dt), kd.astype(dt),
+          jnp.broadcast_to(ge[..., None], ge.shape + (c,)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _prep_pallas(q, k, v, la, beta, opts_key):
+  """Pallas prep on inputs whose T is a multiple of the chunk -> W, Uv, P, Qg, Kd, gev."""
+  return tuple(_prep_fwd_call(q, k, v, la, beta, dict(opts_key)))
+
+
+def _prep_pallas_fwd(q, k, v, la, beta, opts_key):
+  return _prep_pallas(q, k, v, la, beta, opts_key), (q, k, v, la, beta)
+
+
+def _prep_pallas_bwd(opts_key, res, cts):
+  opts = dict(opts_key)
+  if opts["prep_bwd"] == "pallas":
+    return _prep_bwd_call(*res, *cts, opts)
+  _, vjp = jax.vjp(lambda *a: _prep_xla_cast(*a, opts), *res)
+  return vjp(tuple(cts))
+
+
+_prep_pallas.defvjp(_prep_pallas_fwd, _prep_pallas_bwd)
+
+
 def chunk_gated_delta_rule(q, k, v, log_alpha, beta, chunk_size: int = 64, initial_state=None,
                            *, block_v: int = 64, block_v_bwd: int = 128, num_warps: int = 4,
                            num_warps_bwd: int = 8, num_stages: int = 1, dot_dtype=None,
                            bwd: str = "fused", inverse_precision: str = "highest",
-                           interpret: bool | None = None):
+                           prep: str = "xla", prep_bwd: str = "xla", num_warps_prep: int = 4,
+                           interpret: bool | None = None, gpu_lowering: bool = False):
   """Gated delta rule, chunked, with the recurrence over chunks in Pallas kernels.
 
   Same arguments and results as layers.deltanet.chunk_gated_delta_rule. chunk_size must be a
   power of two (Triton tensor sizes); head dims must be powers of two. interpret=None runs the
   kernels natively on GPU and in the Pallas interpreter elsewhere. bwd: "fused" (one reverse
   kernel computes every gradient) or "split" (a reverse kernel for dS only, the rest as batched
-  einsums over all chunks). inverse_precision: matmul precision of the (I + A)^-1 build
-  ("highest" | "default"). Defaults: the fastest setting measured on one H100 at B4 T4096,
-  32 x 128 (docs/PERFORMANCE.md, "Kernels"); "split" and "default" were not measured on GPU.
+  einsums over all chunks). prep: "xla" (the chunk quantities W, Uv, P, Qg, Kd, ge in plain JAX,
+  float32, differentiated by autodiff) or "pallas" (one Pallas program per (batch, head, chunk),
+  chunk_size >= 16; its backward: prep_bwd="xla", autodiff of the XLA prep recomputed, or
+  "pallas", a Pallas kernel). inverse_precision: matmul precision of the XLA prep's (I + A)^-1
+  build ("highest" | "default"). gpu_lowering=True builds every kernel for the GPU (no
+  interpreter, Triton compiler parameters on any host) so that common.lower_for_gpu can lower it
+  on a CPU machine. Defaults: the fastest setting measured on one H100 at B4 T4096, 32 x 128
+  (docs/PERFORMANCE.md, "Kernels"); "split", "default" and prep="pallas" were not measured on GPU.
   """
   if bwd not in ("fused", "split"):
     raise ValueError(f"delta rule kernel: bwd={bwd!r} must be 'fused' or 'split'.")
   if inverse_precision not in ("highest", "default"):
     raise ValueError(f"delta rule kernel: inverse_precision={inverse_precision!r} must be "
                      f"'highest' or 'default'.")
+  if prep not in ("xla", "pallas"):
+    raise ValueError(f"delta rule kernel: prep={prep!r} must be 'xla' or 'pallas'.")
+  if prep_bwd not in ("xla", "pallas"):
+    raise ValueError(f"delta rule kernel: prep_bwd={prep_bwd!r} must be 'xla' or 'pallas'.")
   from lightning_jax.layers.deltanet import _check_rule_shapes, _state0
   _check_rule_shapes(q, k, v, log_alpha, beta, initial_state)
   bsz, t, h, dk = q.shape
@@ -369,23 +547,40 @@ def chunk_gated_delta_rule(q, k, v, log_alpha, beta, chunk_size: int = 64, initi
   for name, val in (("chunk_size", c), ("Dk", dk), ("Dv", dv)):
     if val < 1 or val & (val - 1):
       raise ValueError(f"delta rule kernel: {name}={val} must be a power of two.")
-  if interpret is None:
+  if prep == "pallas" and (c < _SB or dk < 16 or dv < 16):
+    raise ValueError(f"delta rule kernel: prep='pallas' needs chunk_size, Dk and Dv >= 16 "
+                     f"(got {c}, {dk}, {dv}).")
+  if gpu_lowering:
+    interpret = False
+  elif interpret is None:
     interpret = not on_gpu()
   if dot_dtype is None:
     dot_dtype = F32 if jnp.dtype(v.dtype) == jnp.dtype(F32) else jnp.bfloat16
   s0 = _state0(initial_state, q, v).reshape(bsz * h, dv, dk)
-  w, uv, p, qg, kd, ge = _prep(q, k, v, log_alpha, beta, c,
-                               precision=getattr(jax.lax.Precision, inverse_precision.upper()))
-  n = w.shape[2]
   cast = lambda a: a.astype(dot_dtype)
+  if prep == "pallas":
+    n = -(-t // c)
+    pad = n * c - t
+    if pad:   # beta = 0, log_alpha = 0 on the tail: the state passes through unchanged
+      padt = lambda a: jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
+      q, k, v, log_alpha, beta = (padt(a) for a in (q, k, v, log_alpha, beta))
+    popts = (("chunk", c), ("dot_dtype", jnp.dtype(dot_dtype)), ("interpret", bool(interpret)),
+             ("num_warps_prep", int(num_warps_prep)), ("num_stages", int(num_stages)),
+             ("gpu_lowering", bool(gpu_lowering)), ("prep_bwd", prep_bwd))
+    w, uv, p, qg, kd, gev = _prep_pallas(q, k, v, log_alpha.astype(F32), beta.astype(F32),
+                                         popts)
+  else:
+    w, uv, p, qg, kd, ge = _prep(q, k, v, log_alpha, beta, c,
+                                 precision=getattr(jax.lax.Precision, inverse_precision.upper()))
+    n = w.shape[2]
+    w, uv, p, qg, kd = (cast(a) for a in (w, uv, p, qg, kd))
+    gev = jnp.broadcast_to(ge[..., None], ge.shape + (c,))
   flat = lambda a: a.reshape((bsz * h,) + a.shape[2:])
-  gev = jnp.broadcast_to(ge[..., None], ge.shape + (c,))
   opts = (("block_v", int(block_v)), ("block_v_bwd", int(block_v_bwd)),
           ("num_warps", int(num_warps)), ("num_warps_bwd", int(num_warps_bwd)),
           ("num_stages", int(num_stages)), ("dot_dtype", jnp.dtype(dot_dtype)),
-          ("interpret", bool(interpret)), ("bwd", bwd))
-  o, sn = _recurrence(cast(flat(w)), cast(flat(uv)), cast(flat(p)), cast(flat(qg)),
-                      cast(flat(kd)), flat(gev), s0, opts)
+          ("interpret", bool(interpret)), ("bwd", bwd), ("gpu_lowering", bool(gpu_lowering)))
+  o, sn = _recurrence(flat(w), flat(uv), flat(p), flat(qg), flat(kd), flat(gev), s0, opts)
   o = o.reshape(bsz, h, n * c, dv)[:, :, :t]
   o = jnp.moveaxis(o, 1, 2).astype(v.dtype)
   return o, sn.reshape(bsz, h, dv, dk)
