@@ -48,18 +48,21 @@ TILES = {
 __doc__ += "".join(f"  {k}: {tuple(v.values())}\n" for k, v in TILES.items())
 
 
-def _time(fn, args, repeat):
-  """(median ms, compile s) of jit(fn)(*args)."""
+def _compile(fn, args):
   t0 = time.perf_counter()
   compiled = jax.jit(fn).lower(*args).compile()
-  t_c = time.perf_counter() - t0
+  return compiled, time.perf_counter() - t0
+
+
+def _run(compiled, args, repeat):
+  """Median ms of compiled(*args) after one warm-up call."""
   jax.block_until_ready(compiled(*args))
   ts = []
   for _ in range(repeat):
     t = time.perf_counter()
     jax.block_until_ready(compiled(*args))
     ts.append(time.perf_counter() - t)
-  return float(np.median(ts)) * 1e3, t_c
+  return float(np.median(ts)) * 1e3
 
 
 def make_selection(key, b, t, k_max, kind, n_sinks=4, k_lo=32, k_hi=224):
@@ -119,56 +122,69 @@ def main():
   print(f"# {datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC  {jax.devices()[0].device_kind}  "
         f"{platform.node()}  jax {jax.__version__}  B={B} heads={H}x{D} k_max={a.k_max} bf16",
         flush=True)
+  kinds = a.selection.split(",")
   for si, T in enumerate(int(s) for s in a.seq.split(",")):
     kq, kk, kv, kr, ksel = jax.random.split(jax.random.PRNGKey(T), 5)
     q, k, v, r = (jax.random.normal(x, (B, T, H, D), jnp.bfloat16) for x in (kq, kk, kv, kr))
     causal_flops = 4 * B * T * T / 2 * H * D
-    for kind in a.selection.split(","):
+    sels = {}
+    lists_fn = None
+    for kind in kinds:
       try:
-        sel = jax.jit(lambda key: make_selection(key, B, T, a.k_max, kind))(ksel)
+        sel = jax.jit(lambda key, kind=kind: make_selection(key, B, T, a.k_max, kind))(ksel)
         kmean = float(jnp.mean(jnp.sum(sel >= 0, -1)))
         off = ks.query_lists(sel, 16)[0]
         union = float(jnp.mean(off[:, 1:] - off[:, :-1]))
-        ms, _ = _time(lambda s: (ks.query_lists(s, 16), ks.key_lists(s, 16)), (sel,), a.repeat)
+        if lists_fn is None:
+          lists_fn, _ = _compile(lambda s: (ks.query_lists(s, 16), ks.key_lists(s, 16)), (sel,))
+        ms = _run(lists_fn, (sel,), a.repeat)
         print(f"T={T} {kind:9s} kept/query {kmean:6.1f}  union/16q {union:7.1f} "
               f"(16 x kept = {16 * kmean:6.0f})  lists {ms:6.2f} ms", flush=True)
+        sels[kind] = sel
       except Exception as e:  # noqa: BLE001
         print(f"T={T} {kind}: selection failed: {type(e).__name__}: {e}", flush=True)
-        continue
-      runs = []
-      if "kernel" in variants:
-        runs += [(f"kernel:{t}", lambda q, k, v, s, t=t: ks.gsa_attention(q, k, v, s, **TILES[t]))
-                 for t in a.tiles.split(",")]
-      if "flash" in variants:
-        runs.append(("flash", lambda q, k, v, s: gsa.flash_attention(q, k, v, s)))
-      if "cudnn" in variants and kind == a.selection.split(",")[0]:
-        runs.append(("cudnn", lambda q, k, v, s: jax.nn.dot_product_attention(
-            q, k, v, is_causal=True, implementation="cudnn")))
-      for name, fn in runs:
-        try:
-          ms_f, c_f = _time(fn, (q, k, v, sel), a.repeat)
-          loss = lambda q, k, v, s, r, fn=fn: jnp.sum(fn(q, k, v, s).astype(jnp.float32) * r)
-          ms_b, c_b = _time(jax.grad(loss, (0, 1, 2)), (q, k, v, sel, r), a.repeat)
+    if not sels:
+      continue
+    runs = []
+    if "kernel" in variants:
+      runs += [(f"kernel:{t}", lambda q, k, v, s, t=t: ks.gsa_attention(q, k, v, s, **TILES[t]))
+               for t in a.tiles.split(",")]
+    if "flash" in variants:
+      runs.append(("flash", lambda q, k, v, s: gsa.flash_attention(q, k, v, s)))
+    if "cudnn" in variants:
+      runs.append(("cudnn", lambda q, k, v, s: jax.nn.dot_product_attention(
+          q, k, v, is_causal=True, implementation="cudnn")))
+    for name, fn in runs:
+      try:
+        sel0 = next(iter(sels.values()))
+        fwd, c_f = _compile(fn, (q, k, v, sel0))
+        loss = lambda q, k, v, s, r, fn=fn: jnp.sum(fn(q, k, v, s).astype(jnp.float32) * r)
+        bwd, c_b = _compile(jax.grad(loss, (0, 1, 2)), (q, k, v, sel0, r))
+        for kind, sel in sels.items():
+          if name == "cudnn" and kind != next(iter(sels)):
+            continue                              # no selection: one row is enough
+          ms_f = _run(fwd, (q, k, v, sel), a.repeat)
+          ms_b = _run(bwd, (q, k, v, sel, r), a.repeat)
           extra = (f"  ({causal_flops / ms_f / 1e9:5.0f} / {3.5 * causal_flops / ms_b / 1e9:5.0f} "
                    f"TFLOP/s causal-dense)" if name == "cudnn" else "")
           print(f"T={T} {kind:9s} {name:10s} fwd {ms_f:8.3f} ms  fwd+bwd {ms_b:8.3f} ms  "
                 f"(compile {c_f:5.1f} s + {c_b:5.1f} s){extra}", flush=True)
-        except Exception as e:  # noqa: BLE001
-          print(f"T={T} {kind:9s} {name:10s} FAILED: {type(e).__name__}: {str(e)[:2000]}",
-                flush=True)
-          traceback.print_exc(limit=3)
-      if a.check and si == 0 and "kernel" in variants:
+      except Exception as e:  # noqa: BLE001
+        print(f"T={T} {name:10s} FAILED: {type(e).__name__}: {str(e)[:2000]}", flush=True)
+        traceback.print_exc(limit=3)
+    if a.check and si == 0 and "kernel" in variants:
+      t0 = a.tiles.split(",")[0]
+      f32 = lambda x: x.astype(jnp.float32)
+      kern_o = jax.jit(lambda q, k, v, s: ks.gsa_attention(q, k, v, s, **TILES[t0]))
+      ref_o = jax.jit(lambda q, k, v, s: gsa.sparse_attention(q, k, v, s, 512, "gather"))
+      kern_g = jax.jit(jax.grad(lambda q, k, v, s: jnp.sum(ks.gsa_attention(
+          q, k, v, s, **TILES[t0]).astype(jnp.float32) * f32(r)), (0, 1, 2)))
+      ref_g = jax.jit(jax.grad(lambda q, k, v, s: jnp.sum(gsa.sparse_attention(
+          q, k, v, s, 512, "gather") * f32(r)), (0, 1, 2)))
+      for kind, sel in sels.items():
         try:
-          f32 = lambda x: x.astype(jnp.float32)
-          t0 = a.tiles.split(",")[0]
-          kern = lambda q, k, v: jnp.sum(ks.gsa_attention(q, k, v, sel, **TILES[t0]).astype(
-              jnp.float32) * f32(r))
-          ref = lambda q, k, v: jnp.sum(gsa.sparse_attention(q, k, v, sel, 512, "gather") * f32(r))
-          o_k = jax.jit(lambda q, k, v: ks.gsa_attention(q, k, v, sel, **TILES[t0]))(q, k, v)
-          o_r = jax.jit(lambda q, k, v: gsa.sparse_attention(q, k, v, sel, 512, "gather"))(
-              f32(q), f32(k), f32(v))
-          g_k = jax.jit(jax.grad(kern, (0, 1, 2)))(q, k, v)
-          g_r = jax.jit(jax.grad(ref, (0, 1, 2)))(f32(q), f32(k), f32(v))
+          o_k, o_r = kern_o(q, k, v, sel), ref_o(f32(q), f32(k), f32(v), sel)
+          g_k, g_r = kern_g(q, k, v, sel), ref_g(f32(q), f32(k), f32(v), sel)
           errs = [("o", o_k, o_r)] + list(zip(("dq", "dk", "dv"), g_k, g_r))
           print(f"T={T} {kind:9s} check kernel:{t0} (bf16) vs float32 gather: " + "  ".join(
               f"{n} rel {_rel(x, y):.2e} maxrel {_maxrel(x, y):.2e}" for n, x, y in errs),
