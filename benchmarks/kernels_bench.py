@@ -214,10 +214,11 @@ def prep(small, iters):
   tag = f"B{b}T{t}"
   args = delta_inputs(jax.random.PRNGKey(t), b, t, h, d)
   base = dict(chunk=64, dot_dtype=jnp.dtype(jnp.bfloat16), interpret=not kdr.on_gpu(),
-              num_warps_prep=4, num_stages=1, gpu_lowering=False)
+              num_warps_prep=4, num_warps_prep_bwd=8, num_stages=1,
+              gpu_lowering=False)
   variants = [("XLA f32", None)] + [(f"pallas, bwd {pb}, warps {nw}",
-                                     dict(base, prep_bwd=pb, num_warps_prep=nw))
-                                    for pb, nw in (("xla", 4), ("pallas", 4), ("pallas", 8))]
+                                     dict(base, prep_bwd=pb, num_warps_prep_bwd=nw))
+                                    for pb, nw in (("xla", 8), ("pallas", 4), ("pallas", 8))]
   ref = {}
   for label, opts in variants:
     def run(label=label, opts=opts):

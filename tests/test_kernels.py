@@ -162,10 +162,7 @@ def test_delta_rule_kernel_under_a_data_mesh_matches_reference(monkeypatch):
   assert _rel(s, s_r) <= 1e-5, f"seed={seed} sharded state rel err {_rel(s, s_r)}"
 
 
-PREP_BWDS = ["xla"]
-
-
-@pytest.mark.parametrize("prep_bwd", PREP_BWDS)
+@pytest.mark.parametrize("prep_bwd", ["xla", "pallas"])
 def test_pallas_prep_path_forward_and_gradients_match_reference(prep_bwd):
   """prep='pallas' (the chunk quantities in a Pallas kernel) through the whole rule, float32,
   T = 100 with chunk 32 (two 16-row sub-blocks per chunk, a padded tail), vs the recurrence."""
@@ -195,20 +192,35 @@ def test_pallas_prep_path_forward_and_gradients_match_reference(prep_bwd):
 
 def _prep_opts(c, prep_bwd="pallas", gpu=False, dt=jnp.float32):
   return (("chunk", c), ("dot_dtype", jnp.dtype(dt)), ("interpret", not gpu),
-          ("num_warps_prep", 4), ("num_stages", 1), ("gpu_lowering", gpu), ("prep_bwd", prep_bwd))
+          ("num_warps_prep", 4), ("num_warps_prep_bwd", 8), ("num_stages", 1),
+          ("gpu_lowering", gpu), ("prep_bwd", prep_bwd))
 
 
-def test_pallas_prep_chunk64_matches_xla_prep():
-  """The prep kernel alone at chunk 64 (four sub-blocks: the whole block-inverse recursion)
-  against the XLA prep (triangular inverse by matmuls, float32 HIGHEST), float32."""
+def test_pallas_prep_chunk64_and_its_backward_match_xla_prep():
+  """The prep kernels alone at chunk 64 (four sub-blocks: the whole block-inverse recursion)
+  against the XLA prep (triangular inverse by matmuls, float32 HIGHEST, autodiff), float32:
+  the six outputs, and the backward kernel's input gradients for random output cotangents."""
   seed = _seed()
   q, k, v, la, b, _ = _inputs(seed, t=128, h=1, dk=16, dv=32)
-  opts = dict(_prep_opts(64))
-  got = jax.jit(lambda *a: kdr._prep_fwd_call(*a, opts))(q, k, v, la, b)
-  ref = jax.jit(lambda *a: kdr._prep_xla_cast(*a, opts))(q, k, v, la, b)
+  opts = _prep_opts(64)
+  rng = np.random.default_rng(seed + 1)
+  n = 128 // 64
+  cts = tuple(rng.standard_normal((1, 1, n, 64, d)).astype(np.float32) for d in (16, 32, 64, 16, 16))
+  cts += (rng.standard_normal((1, 1, n, 64)).astype(np.float32),)
+
+  def run(prep):
+    def f(args, cts):
+      out, vjp = jax.vjp(prep, *args)
+      return out, vjp(cts)
+    return jax.jit(f)((q, k, v, la, b), cts)
+  got, g_k = run(lambda *a: kdr._prep_pallas(*a, opts))
+  ref, g_r = run(lambda *a: kdr._prep_xla_cast(*a, dict(opts)))
   for name, a, r in zip(("W", "Uv", "P", "Qg", "Kd", "ge"), got, ref):
     assert a.shape == r.shape, f"{name} {a.shape} != {r.shape}"
     assert _rel(a, r) <= 1e-5, f"seed={seed} {name} rel err {_rel(a, r)}"
+  for name, a, r in zip(("q", "k", "v", "log_alpha", "beta"), g_k, g_r):
+    assert np.linalg.norm(np.asarray(r)) > 0, f"seed={seed} reference d{name} is zero"
+    assert _rel(a, r) <= 1e-5, f"seed={seed} prep backward d{name} rel err {_rel(a, r)}"
 
 
 def test_delta_rule_kernels_lower_for_gpu():
@@ -217,14 +229,13 @@ def test_delta_rule_kernels_lower_for_gpu():
   from lightning_jax.kernels import common
   q, k, v, la, b, _ = _inputs(0, t=128, h=2, dk=32, dv=32)
   q, k, v = (jnp.asarray(a, jnp.bfloat16) for a in (q, k, v))
-  for prep_bwd, bwd in zip(PREP_BWDS + ["xla"] * (2 - len(PREP_BWDS)), ("fused", "split")):
+  for bwd, names in (("fused", ["gdr_chunk_bwd"]), ("split", ["gdr_chunk_bwd_states"])):
     def f(*a):
       rule = lambda *x: kdr.chunk_gated_delta_rule(*x, chunk_size=64, block_v=16, block_v_bwd=32,
-                                                   prep="pallas", prep_bwd=prep_bwd, bwd=bwd,
+                                                   prep="pallas", prep_bwd="pallas", bwd=bwd,
                                                    gpu_lowering=True)[0]
       o, vjp = jax.vjp(rule, *a)
       return o, vjp(o)
     txt = common.lower_for_gpu(f, q, k, v, la, b)
-    for name in ["gdr_prep_fwd", "gdr_chunk_fwd", "gdr_chunk_bwd"] + (
-        ["gdr_prep_bwd"] if prep_bwd == "pallas" else []):
-      assert name in txt, f"{name} missing from the lowered module (prep_bwd={prep_bwd})"
+    for name in ["gdr_prep_fwd", "gdr_chunk_fwd", "gdr_prep_bwd"] + names:
+      assert name in txt, f"{name} missing from the lowered module (bwd={bwd})"

@@ -382,18 +382,22 @@ def _decay_block(gi, gj, diag):
   return jnp.exp(diff)
 
 
-def _inv_unit_lower(a):
-  """(I + a)^-1 for a strictly lower [sb, sb] float32 tile: forward substitution row by row
-  (row r of the inverse = e_r - a_r X, rows read and written through masks)."""
-  sb = a.shape[0]
+def _inv_unit_lower(blocks):
+  """(I + a)^-1 for each strictly lower [sb, sb] float32 tile in `blocks`: forward substitution
+  row by row (row r of the inverse = e_r - a_r X, rows read and written through masks), all
+  tiles in one loop so that their independent steps overlap."""
+  sb = blocks[0].shape[0]
   rows = _iota((sb, sb), 0)
-  x0 = jnp.where(rows == _iota((sb, sb), 1), 1.0, 0.0).astype(F32)
+  eye = jnp.where(rows == _iota((sb, sb), 1), 1.0, 0.0).astype(F32)
 
-  def body(r, x):
-    a_r = jnp.sum(jnp.where(rows == r, a, 0.0), axis=0)               # row r of a, over j
-    new = -jnp.sum(a_r[:, None] * x, axis=0)                           # - a_r @ X
-    return jnp.where(rows == r, x + new[None, :], x)
-  return jax.lax.fori_loop(1, sb, body, x0)
+  def body(r, xs):
+    out = []
+    for a, x in zip(blocks, xs):
+      a_r = jnp.sum(jnp.where(rows == r, a, 0.0), axis=0)             # row r of a, over j
+      new = -jnp.sum(a_r[:, None] * x, axis=0)                         # - a_r @ X
+      out.append(jnp.where(rows == r, x + new[None, :], x))
+    return tuple(out)
+  return list(jax.lax.fori_loop(1, sb, body, tuple(eye for _ in blocks)))
 
 
 def _chunk_inverse(k, beta, g, dot_dtype):
@@ -410,8 +414,9 @@ def _chunk_inverse(k, beta, g, dot_dtype):
         sb = a_ij.shape[0]
         a_ij = jnp.where(_iota((sb, sb), 1) < _iota((sb, sb), 0), a_ij, 0.0)
       a[i, j] = a_ij
+  for i, ti in enumerate(_inv_unit_lower([a[i, i] for i in range(nb)])):
+    t[i, i] = ti
   for i in range(nb):
-    t[i, i] = _inv_unit_lower(a[i, i])
     for j in range(i - 1, -1, -1):
       acc = _mm(a[i, j], t[j, j], precision=_HI)
       for mm_ in range(j + 1, i):
@@ -479,6 +484,135 @@ def _prep_fwd_call(q, k, v, la, beta, opts):
   )(q, k, v, la, beta)
 
 
+def _prep_bwd_kernel(q_ref, k_ref, v_ref, la_ref, b_ref, dw_ref, duv_ref, dp_ref, dqg_ref,
+                     dkd_ref, dge_ref, dq_ref, dk_ref, dv_ref, dla_ref, db_ref, *, sb, dot_dtype):
+  """Cotangents of W, Uv, P, Qg, Kd, ge -> of q, k, v, log_alpha, beta for one chunk.
+
+  With T = (I + A)^-1, Kb = diag(beta gamma) K, Vb = diag(beta) V (W = T Kb, Uv = T Vb):
+    dT = dW Kb^T + dUv Vb^T ;  dKb = T^T dW ;  dVb = T^T dUv ;
+    dA = -T^T dT T^T on the strictly lower entries (blockwise: X = T^T dT, dA = -X T^T);
+    A = diag(beta) (M o K K^T) and P = M o Q K^T give dK K^T / dQ K^T terms and, through
+    M_ts = e^{g_t - g_s}, dg_t += rowsum(dA o A + dP o P), dg_s -= colsum(...);
+    Qg, Kd, W and ge add their diag(gamma) / diag(e^{g_C - g}) / e^{g_C} terms; finally
+    dlog_alpha = reverse cumsum of dg (+ dg_C on every position, g_C being the last g).
+  """
+  c = q_ref.shape[0]
+  nb = c // sb
+  rows = [pl.ds(i * sb, sb) for i in range(nb)]
+  f = lambda x: x.astype(F32)
+  la = f(la_ref[...])
+  g = _cum_blocks(la, nb, sb)
+  gc = jnp.sum(la)
+  beta = [f(b_ref[rows[i]]) for i in range(nb)]
+  gam = [jnp.exp(gi) for gi in g]
+  k = [k_ref[rows[i], :] for i in range(nb)]
+  kk, m, _, t = _chunk_inverse(k, beta, g, dot_dtype)
+  strict = _iota((sb, sb), 1) < _iota((sb, sb), 0)
+  dg = [jnp.zeros((sb,), F32) for _ in range(nb)]
+  db = [jnp.zeros((sb,), F32) for _ in range(nb)]
+
+  # dT (lower blocks), then dA = -T^T dT T^T
+  dt_ = {}
+  for i in range(nb):
+    dw_i, duv_i = f(dw_ref[rows[i], :]), f(duv_ref[rows[i], :])
+    for j in range(i + 1):
+      kb = f(k[j]) * (beta[j] * gam[j])[:, None]
+      vb = f(v_ref[rows[j], :]) * beta[j][:, None]
+      dt_[i, j] = _mm(dw_i, kb, _DN_T) + _mm(duv_i, vb, _DN_T)
+  x = {}
+  for i in range(nb):
+    for b in range(i + 1):
+      acc = _mm(t[i, i], dt_[i, b], _DN_TA, _HI)
+      for a_ in range(i + 1, nb):
+        acc = acc + _mm(t[a_, i], dt_[a_, b], _DN_TA, _HI)
+      x[i, b] = acc
+  dkk = {}
+  for i in range(nb):
+    for j in range(i + 1):
+      da = _mm(x[i, 0], t[j, 0], _DN_T, _HI)
+      for b in range(1, j + 1):
+        da = da + _mm(x[i, b], t[j, b], _DN_T, _HI)
+      da = -da
+      if i == j:
+        da = jnp.where(strict, da, 0.0)
+      e = da * m[i, j]
+      dkk[i, j] = e * beta[i][:, None]                     # d(K_i K_j^T)
+      y = dkk[i, j] * kk[i, j]                             # dA o A
+      db[i] = db[i] + jnp.sum(e * kk[i, j], axis=1)
+      dg[i] = dg[i] + jnp.sum(y, axis=1)
+      dg[j] = dg[j] - jnp.sum(y, axis=0)
+  # P = M o Q K^T
+  dpm = {}
+  for i in range(nb):
+    q_i = q_ref[rows[i], :]
+    for j in range(i + 1):
+      dpm[i, j] = f(dp_ref[rows[i], rows[j]]) * m[i, j]
+      z = dpm[i, j] * _dot(q_i, k[j], _DN_T, dot_dtype)   # dP o P
+      dg[i] = dg[i] + jnp.sum(z, axis=1)
+      dg[j] = dg[j] - jnp.sum(z, axis=0)
+  # per row block: dV, dQ, dK and the diagonal-scaling terms
+  dgc = jnp.sum(f(dge_ref[...])) * jnp.exp(gc)
+  for r in range(nb):
+    dvb = dkb = None
+    for i in range(r, nb):
+      dvb_i = _mm(t[i, r], f(duv_ref[rows[i], :]), _DN_TA)
+      dkb_i = _mm(t[i, r], f(dw_ref[rows[i], :]), _DN_TA)
+      dvb = dvb_i if dvb is None else dvb + dvb_i
+      dkb = dkb_i if dkb is None else dkb + dkb_i
+    v_r = f(v_ref[rows[r], :])
+    dv_ref[rows[r], :] = (dvb * beta[r][:, None]).astype(dv_ref.dtype)
+    db[r] = db[r] + jnp.sum(dvb * v_r, axis=1)
+    k_r = f(k[r])
+    q_r = f(q_ref[rows[r], :])
+    h = jnp.sum(dkb * k_r, axis=1)
+    db[r] = db[r] + gam[r] * h
+    dg[r] = dg[r] + beta[r] * gam[r] * h
+    dqg = f(dqg_ref[rows[r], :])
+    dq = dqg * gam[r][:, None]
+    dg[r] = dg[r] + gam[r] * jnp.sum(dqg * q_r, axis=1)
+    for j in range(r + 1):
+      dq = dq + _mm(dpm[r, j], f(k[j]))
+    dq_ref[rows[r], :] = dq.astype(dq_ref.dtype)
+    kdec = jnp.exp(gc - g[r])
+    dkd = f(dkd_ref[rows[r], :])
+    s = kdec * jnp.sum(dkd * k_r, axis=1)
+    dg[r] = dg[r] - s
+    dgc = dgc + jnp.sum(s)
+    dk = dkd * kdec[:, None] + dkb * (beta[r] * gam[r])[:, None]
+    for j in range(r + 1):
+      dk = dk + _mm(dkk[r, j], f(k[j]))
+    for i in range(r, nb):
+      dk = dk + _mm(dkk[i, r], f(k[i]), _DN_TA) + _mm(dpm[i, r], q_r if i == r else
+                                                     f(q_ref[rows[i], :]), _DN_TA)
+    dk_ref[rows[r], :] = dk.astype(dk_ref.dtype)
+    db_ref[rows[r]] = db[r].astype(db_ref.dtype)
+  # log_alpha: reverse cumulative sum of dg, plus dg_C (g_C = g of the last position)
+  col, row = _iota((sb, sb), 1), _iota((sb, sb), 0)
+  tail = dgc
+  for i in range(nb - 1, -1, -1):
+    dla = jnp.sum(jnp.where(col >= row, dg[i][None, :], 0.0), axis=1) + tail
+    dla_ref[rows[i]] = dla.astype(dla_ref.dtype)
+    tail = tail + jnp.sum(dg[i])
+
+
+def _prep_bwd_call(q, k, v, la, beta, dw, duv, dp, dqg, dkd, dge, opts):
+  bsz, t, h, dk = q.shape
+  dv = v.shape[-1]
+  c = opts["chunk"]
+  seq, vec, chunk, cvec = _prep_specs(c, dk, dv)
+  kern = functools.partial(_prep_bwd_kernel, sb=min(_SB, c), dot_dtype=opts["dot_dtype"])
+  return tuple(pl.pallas_call(
+      kern, grid=(bsz, h, t // c),
+      in_specs=[seq(dk), seq(dk), seq(dv), vec, vec,
+                chunk(dk), chunk(dv), chunk(c), chunk(dk), chunk(dk), cvec],
+      out_specs=[seq(dk), seq(dk), seq(dv), vec, vec],
+      out_shape=[jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (q, k, v, la, beta)],
+      interpret=opts["interpret"], name="gdr_prep_bwd",
+      compiler_params=_compiler_params(opts["num_warps_prep_bwd"], opts["num_stages"],
+                                       opts["gpu_lowering"]),
+  )(q, k, v, la, beta, dw, duv, dp, dqg, dkd, dge))
+
+
 def _prep_xla_cast(q, k, v, la, beta, opts):
   """The XLA prep with the Pallas prep's outputs: dot_dtype tiles and ge broadcast over C."""
   c = opts["chunk"]
@@ -513,7 +647,8 @@ def chunk_gated_delta_rule(q, k, v, log_alpha, beta, chunk_size: int = 64, initi
                            *, block_v: int = 64, block_v_bwd: int = 128, num_warps: int = 4,
                            num_warps_bwd: int = 8, num_stages: int = 1, dot_dtype=None,
                            bwd: str = "fused", inverse_precision: str = "highest",
-                           prep: str = "xla", prep_bwd: str = "xla", num_warps_prep: int = 4,
+                           prep: str = "xla", prep_bwd: str = "pallas", num_warps_prep: int = 4,
+                           num_warps_prep_bwd: int = 8,
                            interpret: bool | None = None, gpu_lowering: bool = False):
   """Gated delta rule, chunked, with the recurrence over chunks in Pallas kernels.
 
@@ -566,6 +701,7 @@ def chunk_gated_delta_rule(q, k, v, log_alpha, beta, chunk_size: int = 64, initi
       q, k, v, log_alpha, beta = (padt(a) for a in (q, k, v, log_alpha, beta))
     popts = (("chunk", c), ("dot_dtype", jnp.dtype(dot_dtype)), ("interpret", bool(interpret)),
              ("num_warps_prep", int(num_warps_prep)), ("num_stages", int(num_stages)),
+             ("num_warps_prep_bwd", int(num_warps_prep_bwd)),
              ("gpu_lowering", bool(gpu_lowering)), ("prep_bwd", prep_bwd))
     w, uv, p, qg, kd, gev = _prep_pallas(q, k, v, log_alpha.astype(F32), beta.astype(F32),
                                          popts)
