@@ -312,8 +312,10 @@ def _combine_rows_bwd(res, dout):
   ys, gates, src, slot = res
   k = slot.shape[1]
   # dys[r] = gate(r) dout[token(r)]: one gather of [R, d]; empty rows read the sentinel (zero)
+  # (dout is float32 [N, d]; gather it in ys's dtype: dys ends there anyway, half the bytes)
   g_row = _take(gates.reshape(-1).astype(jnp.float32), src)
-  dys = (g_row[:, None] * _take(dout, src // k)).astype(ys.dtype)
+  dys = (g_row[:, None] * _take(dout.astype(ys.dtype), src // k).astype(jnp.float32))
+  dys = dys.astype(ys.dtype)
   # dgates[n, j] = <ys[slot[n, j]], dout[n]>
   dg = jnp.stack([jnp.sum(_take(ys, slot[:, j]).astype(jnp.float32) * dout, -1)
                   for j in range(k)], -1)
@@ -350,8 +352,11 @@ def _dispatch_local(wp, wf, x, eid, gates, cfg, n_dev, axis, reduce_axes):
 
   key = jnp.where(eid >= 0, eid, e_tot).reshape(-1).astype(jnp.int32)   # sentinel sorts last
   order = jnp.argsort(key, stable=True).astype(jnp.int32)
-  counts = jnp.zeros((e_tot + 1,), jnp.int32).at[key].add(1)[:e_tot]
-  offsets = jnp.cumsum(counts) - counts
+  # group starts/sizes from the sorted keys (a binary search; a scatter-add of A ones into
+  # E_tot + 1 bins would serialise on atomics)
+  bounds = jnp.searchsorted(key[order], jnp.arange(e_tot + 1, dtype=jnp.int32),
+                            side="left").astype(jnp.int32)
+  offsets, counts = bounds[:-1], bounds[1:] - bounds[:-1]
   rank = jnp.zeros((a,), jnp.int32).at[order].set(jnp.arange(a, dtype=jnp.int32))
   pos = rank - jnp.concatenate([offsets, jnp.zeros((1,), jnp.int32)])[key]   # position in group
   gates = gates.astype(jnp.float32)
