@@ -117,10 +117,11 @@ def run_base(experts=58, rows=13824, d=4096, f=1024, bits_list=(4, 8), iters=10,
       _guard(f"tqp{bits} xla", lambda: rec(
           f"tqp{bits} xla (dequantise + einsum)",
           jax.jit(lambda x, q, _b=bits: tqp._qbase(x, q, _b, jnp.bfloat16, "xla")), (x, q)))
-      tiles = [{}, {"x_layout": "strided"}, {"block_m": 64, "num_warps": 4},
-               {"block_m": 256, "block_k": 64}, {"block_n": 256, "block_k": 64}]
+      tiles = [{}, {"w_first": True}, {"lookup": "select"}, {"x_layout": "strided"},
+               {"block_m": 64, "num_warps": 4}, {"block_m": 256, "block_k": 64},
+               {"block_n": 256, "block_k": 64}]
       if bits == 8:
-        tiles = [t for t in tiles if "x_layout" not in t]
+        tiles = [t for t in tiles if "x_layout" not in t and "lookup" not in t]
       for t in tiles:
         name = f"tqp{bits} pallas {dict(expert_matmul.default_blocks(bits), **t)}"
         _guard(name, lambda _t=t, _b=bits, _n=name: rec(

@@ -23,10 +23,13 @@ def _random_base(rng, e, o, n, bits):
           "signs": jnp.asarray(rng.choice([-1, 1], n), jnp.int8)}
 
 
-@pytest.mark.parametrize("bits,layout", [(4, "split"), (4, "strided"), (8, "split")])
-def test_kernel_matches_xla_dequantise_path(bits, layout):
+@pytest.mark.parametrize("bits,layout,opts", [
+    (4, "split", {}), (4, "strided", {}), (8, "split", {}),
+    (4, "split", {"lookup": "select", "w_first": True}), (8, "split", {"w_first": True})])
+def test_kernel_matches_xla_dequantise_path(bits, layout, opts):
   """3 experts, 30 rows (padded to the 16-row tile), n=64, 48 outputs (padded to 2 x 32): the
-  interpreted kernel == tqp's XLA path (unpack, codebook, norms, einsum) and the plain reference."""
+  interpreted kernel == tqp's XLA path (unpack, codebook, norms, einsum) and the plain reference,
+  for both x layouts, both codebook lookups and both operand orders."""
   seed = _seed()
   rng = np.random.default_rng(seed)
   e, c, n, o = 3, 30, 64, 48
@@ -34,10 +37,10 @@ def test_kernel_matches_xla_dequantise_path(bits, layout):
   xr = jnp.asarray(rng.standard_normal((e, c, n)), jnp.float32)
   lv = jnp.asarray(tqp.codebook(n, bits))
   got = expert_matmul.tqp_matmul(xr, q["codes"], q["norms"], lv, bits, block_m=16, block_n=32,
-                                 block_k=32, x_layout=layout, interpret=True)
+                                 block_k=32, x_layout=layout, interpret=True, **opts)
   want = tqp._qbase(xr, q, bits, jnp.float32, "xla")
   ref = expert_matmul.reference(xr, q["codes"], q["norms"], lv, bits)
-  msg = f"seed={seed} bits={bits} layout={layout}"
+  msg = f"seed={seed} bits={bits} layout={layout} {opts}"
   assert got.shape == (e, c, o) and got.dtype == jnp.float32, msg
   scale = float(jnp.max(jnp.abs(want)))
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * scale, err_msg=msg)
@@ -76,16 +79,18 @@ def test_pallas_swiglu_matches_xla_forward_and_gradients():
   assert float(jnp.abs(g_x).max()) > 0, msg
 
 
-@pytest.mark.parametrize("bits", [4, 8])
-def test_kernel_lowers_for_cuda_at_120b_shape(bits):
-  """Pallas -> Triton lowering (on this host) of the native kernel with the default tiles at one
-  device's 120B gate/up shape: 58 experts x 13824 rows, 4096 -> 1024."""
+@pytest.mark.parametrize("bits,opts", [(4, {}), (8, {}), (4, {"lookup": "select", "w_first": True}),
+                                       (4, {"x_layout": "strided"})])
+def test_kernel_lowers_for_cuda_at_120b_shape(bits, opts):
+  """Pallas -> Triton lowering (on this host) of the native kernel with the default tiles (and the
+  other lookup / operand order / layout) at one device's 120B gate/up shape: 58 experts x 13824
+  rows, 4096 -> 1024."""
   S = jax.ShapeDtypeStruct
   n, o = 4096, 1024
   args = (S((58, 13824, n), jnp.bfloat16), S((58, o, n * bits // 8), jnp.uint8),
           S((58, o), jnp.float32), S((2 ** bits,), jnp.float32))
   text = common.lower_for_gpu(
-      lambda x, cd, nr, lv: expert_matmul.tqp_matmul(x, cd, nr, lv, bits, gpu_lowering=True),
+      lambda x, cd, nr, lv: expert_matmul.tqp_matmul(x, cd, nr, lv, bits, gpu_lowering=True, **opts),
       *args)
   assert "__gpu$xla.gpu.triton" in text and f"tqp{bits}_expert_matmul" in text
 

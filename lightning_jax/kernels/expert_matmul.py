@@ -11,8 +11,8 @@ step it loads a [BN, BK * bits / 8] byte tile of codes, unpacks the nibbles (4 b
 from the low nibble, odd from the high, multiplied against the even / odd columns of x, which the
 wrapper permutes to [even | odd] in XLA so both load contiguously; nothing is interleaved in
 registers), looks each index up in the codebook (a gather load from the tiny `levels` array,
-L1-resident), and accumulates x W^T in float32 on the
-tensor cores (operands in the dot dtype: bfloat16 for bf16 inputs, float32 for float32). The norms
+L1-resident; or, 4 bits, a tree of 15 selects: `lookup`), and accumulates x W^T (or W x^T,
+`w_first`) in float32 on the tensor cores (operands in the dot dtype: bfloat16 for bf16 inputs, float32 for float32). The norms
 scale the accumulator in the epilogue. The dequantised weights never reach HBM: the base reads 0.5
 (4-bit) or 1 (8-bit) byte per weight and tile instead of writing and re-reading a bf16 copy.
 
@@ -37,21 +37,47 @@ F32 = common.F32
 _DN_T = (((1,), (1,)), ((), ()))     # a @ b.T
 
 
-def _kernel(x_ref, c_ref, lv_ref, nrm_ref, o_ref, *, bits, bk, n_k, dot_dtype, split):
+def _lookup_select(idx, vals):
+  """levels[idx] for 4-bit idx as a binary tree of 15 selects on the index bits (ALU work
+  instead of one L1 gather load per weight); vals: the 16 levels as scalars."""
+  for bit in range(4):
+    on = (idx & (1 << bit)) != 0
+    vals = [jnp.where(on, vals[2 * i + 1], vals[2 * i]) for i in range(len(vals) // 2)]
+  return vals[0]
+
+
+def _kernel(x_ref, c_ref, lv_ref, nrm_ref, o_ref, *, bits, bk, n_k, dot_dtype, split, lookup,
+            w_first):
   """x_ref [BM, n], c_ref [BN, n bits / 8] uint8, lv_ref [2^bits], nrm_ref [BN], o_ref [BM, BN].
 
   4 bits with split=True: x's columns are [even | odd] (see `split_even_odd`), so both halves load
-  contiguously; split=False loads the even / odd columns of the natural layout with stride 2."""
+  contiguously; split=False loads the even / odd columns of the natural layout with stride 2.
+  lookup: "gather" (levels[idx] as a gather load) or "select" (4 bits: a select tree).
+  w_first: accumulate out^T = W x^T ([BN, BM]; the dequantised tile is the dot's first operand,
+  which tensor-core MMAs may read from registers) and transpose in the epilogue."""
   bm, bn = o_ref.shape
   n = x_ref.shape[-1]
+
+  if lookup == "select":
+    vals = [lv_ref[i].astype(dot_dtype) for i in range(16)]     # loaded once, outside the K loop
+
+  def deq(idx):
+    if lookup == "select":
+      return _lookup_select(idx, vals)
+    return lv_ref[idx].astype(dot_dtype)
+
+  def mm(acc, xt, wt):
+    if w_first:
+      return acc + common.dot(wt, xt, _DN_T, dot_dtype)
+    return acc + common.dot(xt, wt, _DN_T, dot_dtype)
 
   def body(i, acc):
     if bits == 4:
       half = bk // 2
       h0 = pl.multiple_of(i * half, half)
       c = c_ref[:, pl.ds(h0, half)].astype(jnp.int32)                          # [BN, BK/2]
-      w_even = lv_ref[c & 15].astype(dot_dtype)
-      w_odd = lv_ref[c >> 4].astype(dot_dtype)
+      w_even = deq(c & 15)
+      w_odd = deq(c >> 4)
       if split:
         x_even = x_ref[:, pl.ds(h0, half)]
         x_odd = x_ref[:, pl.ds(pl.multiple_of(n // 2 + h0, half), half)]
@@ -59,14 +85,15 @@ def _kernel(x_ref, c_ref, lv_ref, nrm_ref, o_ref, *, bits, bk, n_k, dot_dtype, s
         k0 = pl.multiple_of(i * bk, bk)
         x_even = x_ref[:, pl.ds(k0, half, stride=2)]
         x_odd = x_ref[:, pl.ds(k0 + 1, half, stride=2)]
-      acc = acc + common.dot(x_even, w_even, _DN_T, dot_dtype)
-      return acc + common.dot(x_odd, w_odd, _DN_T, dot_dtype)
+      return mm(mm(acc, x_even, w_even), x_odd, w_odd)
     k0 = pl.multiple_of(i * bk, bk)
     c = c_ref[:, pl.ds(k0, bk)].astype(jnp.int32)                                # [BN, BK]
-    w = lv_ref[c].astype(dot_dtype)
-    return acc + common.dot(x_ref[:, pl.ds(k0, bk)], w, _DN_T, dot_dtype)
+    return mm(acc, x_ref[:, pl.ds(k0, bk)], deq(c))
 
-  acc = jax.lax.fori_loop(0, n_k, body, jnp.zeros((bm, bn), F32))
+  shape = (bn, bm) if w_first else (bm, bn)
+  acc = jax.lax.fori_loop(0, n_k, body, jnp.zeros(shape, F32))
+  if w_first:
+    acc = acc.T
   o_ref[...] = (acc * nrm_ref[...].astype(F32)[None, :]).astype(o_ref.dtype)
 
 
@@ -95,7 +122,8 @@ def _tile(dim: int, want: int, what: str, least: int) -> int:
 def default_blocks(bits: int) -> dict:
   """Tile sizes for H100-class GPUs (modest, powers of two; shared memory well under 228 KB)."""
   return {"block_m": 128, "block_n": 128, "block_k": 128 if bits == 4 else 64,
-          "num_warps": 8, "num_stages": 3, "x_layout": "split"}
+          "num_warps": 8, "num_stages": 3, "x_layout": "split", "lookup": "gather",
+          "w_first": False}
 
 
 def _pad_to(a, axis, size):
@@ -107,7 +135,7 @@ def _pad_to(a, axis, size):
 
 
 def _call(xr, codes, norms, levels, *, bits, block_m, block_n, block_k, num_warps, num_stages,
-          x_layout, interpret, force_params):
+          x_layout, lookup, w_first, interpret, force_params):
   e, c, n = xr.shape
   o = codes.shape[1]
   per_byte = 2 if bits == 4 else 1
@@ -123,13 +151,15 @@ def _call(xr, codes, norms, levels, *, bits, block_m, block_n, block_k, num_warp
   norms = _pad_to(norms, 1, o_pad)
   if x_layout not in ("split", "strided"):
     raise ValueError(f"expert_matmul: x_layout={x_layout!r} must be 'split' or 'strided'.")
+  if lookup not in ("gather", "select") or (lookup == "select" and bits != 4):
+    raise ValueError(f"expert_matmul: lookup={lookup!r} must be 'gather' or (4 bits) 'select'.")
   split = bits == 4 and x_layout == "split"
   if split:
     xr = split_even_odd(xr)
   dot_dtype = F32 if xr.dtype == F32 else jnp.bfloat16
   sq = pl.squeezed if hasattr(pl, "squeezed") else None
   kern = functools.partial(_kernel, bits=bits, bk=bk, n_k=n_pad // bk, dot_dtype=dot_dtype,
-                           split=split)
+                           split=split, lookup=lookup, w_first=bool(w_first))
   params = (common.compiler_params(num_warps, num_stages, force=True) if force_params else
             common.compiler_params(num_warps, num_stages))
   out = pl.pallas_call(
@@ -169,8 +199,8 @@ def tqp_matmul(xr, codes, norms, levels, bits: int, *, interpret: bool | None = 
   """[E, C, n] x quantized [E, O, n] -> [E, C, O] in xr's dtype; no gradient flows through it.
 
   blocks: block_m, block_n, block_k, num_warps, num_stages, x_layout ("split": even/odd columns
-  permuted in XLA so the 4-bit kernel loads contiguously; "strided": stride-2 loads in the kernel)
-  (defaults: `default_blocks(bits)`).
+  permuted in XLA so the 4-bit kernel loads contiguously; "strided": stride-2 loads in the kernel),
+  lookup ("gather" | "select", see `_kernel`), w_first (bool) (defaults: `default_blocks(bits)`).
   interpret=None runs natively on GPU and in the Pallas interpreter elsewhere; gpu_lowering=True
   forces the native Triton call on any host (for lowering checks)."""
   check_shapes(xr, codes, norms, levels, bits)
