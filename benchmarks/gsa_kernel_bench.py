@@ -1,7 +1,7 @@
 """GSA attention core: Pallas kernels (gather in-kernel) vs flash-under-mask vs dense cuDNN.
 
     python -m benchmarks.gsa_kernel_bench [--seq 4096,8192] [--heads 16] [--head_dim 256]
-        [--batch 1] [--k_max 256] [--selection random,clustered] [--tiles a,b,c]
+        [--batch 1] [--k_max 256] [--selection random,clustered] [--tiles a,b,c,d]
         [--variants kernel,flash,cudnn] [--repeat 10] [--no-check]
 
 Times, on the default device, for each sequence length and selection kind:
@@ -14,8 +14,9 @@ Selections: "random": per query k_t uniform in [32, 224] (mean ~128, at most t +
 then distinct uniformly random earlier keys (no overlap between neighbours: the kernels' worst
 case); "clustered": the top-k_t of a score shared by all queries (per-key salience) plus a
 recency bonus plus per-query noise, so neighbouring queries share most keys (closer to an
-indexer). The mean union size per block of 16 queries is printed ("union/16q") next to 16 x the
-mean k_t. --check (default on) also prints the kernel's relative errors against the float32 XLA
+indexer). The mean list lengths per block of 16, 32, 64 queries (union of their keys) and keys
+(queries selecting any of them) are printed: the kernels gather one K and V row (forward, dQ) or
+one q and dO row (dK/dV) per list entry and head. --check (default on) also prints the kernel's relative errors against the float32 XLA
 gather reference (o, dq, dk, dv) at the first sequence length. Every variant runs in its own
 try/except: a failure prints its error and the run goes on.
 
@@ -37,14 +38,7 @@ import numpy as np
 from lightning_jax.kernels import sparse_attention as ks
 from lightning_jax.layers import sparse_attention as gsa
 
-TILES = {
-    "a": dict(block_q=16, block_k=64, block_kb=16, block_qc=64, num_warps=4, num_warps_bwd=4,
-              num_stages=2),
-    "b": dict(block_q=16, block_k=32, block_kb=16, block_qc=32, num_warps=4, num_warps_bwd=4,
-              num_stages=3),
-    "c": dict(block_q=32, block_k=64, block_kb=32, block_qc=64, num_warps=8, num_warps_bwd=8,
-              num_stages=2),
-}
+TILES = ks.TILE_SETS
 __doc__ += "".join(f"  {k}: {tuple(v.values())}\n" for k, v in TILES.items())
 
 
@@ -112,7 +106,7 @@ def main():
   ap.add_argument("--batch", type=int, default=1)
   ap.add_argument("--k_max", type=int, default=256)
   ap.add_argument("--selection", default="random,clustered")
-  ap.add_argument("--tiles", default="a,b,c")
+  ap.add_argument("--tiles", default="a,b,c,d")
   ap.add_argument("--variants", default="kernel,flash,cudnn")
   ap.add_argument("--repeat", type=int, default=10)
   ap.add_argument("--check", action=argparse.BooleanOptionalAction, default=True)
@@ -133,13 +127,18 @@ def main():
       try:
         sel = jax.jit(lambda key, kind=kind: make_selection(key, B, T, a.k_max, kind))(ksel)
         kmean = float(jnp.mean(jnp.sum(sel >= 0, -1)))
-        off = ks.query_lists(sel, 16)[0]
-        union = float(jnp.mean(off[:, 1:] - off[:, :-1]))
+        sizes = []
+        for blk in (16, 32, 64):
+          mean_len = lambda off: float(jnp.mean(off[:, 1:] - off[:, :-1]))
+          sizes.append(f"{blk}: {mean_len(ks.query_lists(sel, blk)[0]):6.0f} keys/qblock "
+                       f"{mean_len(ks.key_lists(sel, blk)[0]):6.0f} queries/kblock")
         if lists_fn is None:
-          lists_fn, _ = _compile(lambda s: (ks.query_lists(s, 16), ks.key_lists(s, 16)), (sel,))
+          d = ks.DEFAULTS
+          lists_fn, _ = _compile(lambda s: (ks.query_lists(s, d["block_q"]),
+                                            ks.key_lists(s, d["block_kb"])), (sel,))
         ms = _run(lists_fn, (sel,), a.repeat)
-        print(f"T={T} {kind:9s} kept/query {kmean:6.1f}  union/16q {union:7.1f} "
-              f"(16 x kept = {16 * kmean:6.0f})  lists {ms:6.2f} ms", flush=True)
+        print(f"T={T} {kind:9s} kept/query {kmean:6.1f}  lists (default tiles) {ms:6.2f} ms  "
+              f"mean list lengths, block " + " | ".join(sizes), flush=True)
         sels[kind] = sel
       except Exception as e:  # noqa: BLE001
         print(f"T={T} {kind}: selection failed: {type(e).__name__}: {e}", flush=True)

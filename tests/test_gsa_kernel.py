@@ -49,7 +49,7 @@ def _ref_loss(q, k, v, sel, r):
 
 
 @pytest.mark.parametrize("tiles", [dict(block_q=16, block_k=16, block_kb=16, block_qc=16),
-                                   dict(block_q=32, block_k=32, block_kb=32, block_qc=32)])
+                                   dict(block_q=64, block_k=32, block_kb=64, block_qc=32)])
 def test_kernel_matches_gather_reference(tiles):
   """Forward o and dq, dk, dv of the interpreted kernels equal the XLA gather path (float32).
   T = 72 is not a multiple of the tiles (padding); k_t varies from 1 to k_max; the union lists
@@ -72,15 +72,18 @@ def test_kernel_matches_gather_reference(tiles):
 
 def test_lists_match_sets():
   """The CSR lists are the per-block unions with the right bit masks (Python sets as the
-  reference); a key listed twice in a row counts once."""
+  reference), with one mask word (blocks of 16) and two (blocks of 64); a key listed twice in
+  a row counts once."""
   seed = _seed()
   rng = np.random.default_rng(seed)
-  b, t, kmax, bq = 2, 48, 12, 16
+  b, t, kmax = 2, 128, 12
   sel = _selection(rng, b, t, kmax)
-  sel[0, 20, kmax - 1] = sel[0, 20, 0]          # a duplicate entry
-  for lists, by_query in ((ks.query_lists(jnp.asarray(sel), bq), True),
-                          (ks.key_lists(jnp.asarray(sel), bq), False)):
+  sel[0, 70, kmax - 1] = sel[0, 70, 0]          # a duplicate entry
+  for (lists, by_query), bq in [(x, bq) for bq in (16, 64) for x in (
+      (ks.query_lists(jnp.asarray(sel), bq), True), (ks.key_lists(jnp.asarray(sel), bq), False))]:
     off, cols, bits = (np.asarray(a) for a in lists)
+    n_words = bits.shape[1] // cols.shape[1]
+    assert n_words == -(-bq // 32)
     for bi in range(b):
       want = {}
       for ti in range(t):
@@ -91,25 +94,27 @@ def test_lists_match_sets():
           want.setdefault(g, {}).setdefault(c, set()).add(bit)
       for g in range(t // bq):
         lo, hi = off[bi, g], off[bi, g + 1]
-        got = {int(c): {i for i in range(bq) if (int(m) >> i) & 1}
-               for c, m in zip(cols[bi, lo:hi], bits[bi, lo:hi])}
+        masks = np.asarray(ks.unpack_bits(bits[bi], n_words, cols.shape[1], bq))
+        got = {int(c): set(np.nonzero(m)[0].tolist())
+               for c, m in zip(cols[bi, lo:hi], masks[lo:hi])}
         assert got == want.get(g, {}), f"seed={seed} by_query={by_query} b={bi} block={g}"
         assert list(cols[bi, lo:hi]) == sorted(got), f"seed={seed} cols not ascending"
 
 
 def test_forward_and_backward_lower_for_gpu():
   """The three kernels (forward, dQ, dK/dV) pass the Pallas -> Triton lowering in bf16 at a
-  shape that is not a power of two (T = 80, k_max = 20)."""
+  shape that is not a power of two (T = 80, k_max = 20), with one and with two mask words."""
   b, t, h, d, kmax = 2, 80, 2, 64, 20
   q = jnp.zeros((b, t, h, d), jnp.bfloat16)
   sel = jnp.zeros((b, t, kmax), jnp.int32)
-
-  def f(q, k, v, sel):
-    o, vjp = jax.vjp(lambda q, k, v: ks.gsa_attention(q, k, v, sel, gpu_lowering=True), q, k, v)
-    return o, vjp(o)
-  txt = lower_for_gpu(f, q, q, q, sel)
-  for name in ("gsa_fwd", "gsa_dq", "gsa_dkv"):
-    assert name in txt, f"kernel {name} missing from the lowered module"
+  for tiles in (dict(), dict(block_q=64, block_kb=64, block_k=32, block_qc=32, num_warps=8)):
+    def f(q, k, v, sel):
+      o, vjp = jax.vjp(lambda q, k, v: ks.gsa_attention(q, k, v, sel, gpu_lowering=True,
+                                                        **tiles), q, k, v)
+      return o, vjp(o)
+    txt = lower_for_gpu(f, q, q, q, sel)
+    for name in ("gsa_fwd", "gsa_dq", "gsa_dkv"):
+      assert name in txt, f"kernel {name} missing from the lowered module, tiles={tiles}"
 
 
 def test_bad_tiles_are_named():

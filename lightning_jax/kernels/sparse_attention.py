@@ -68,8 +68,19 @@ _DN_T = (((1,), (1,)), ((), ()))     # a @ b.T
 _DN_TA = (((0,), (0,)), ((), ()))    # a.T @ b
 _DN = (((1,), (0,)), ((), ()))       # a @ b
 
-DEFAULTS = dict(block_q=16, block_k=64, block_kb=16, block_qc=64, num_warps=4, num_stages=2,
-                num_warps_bwd=4)
+# Tile sets (timed by benchmarks/gsa_kernel_bench.py --tiles a,b,c,d); DEFAULTS is what the layer
+# (model.gsa.attention="kernel") uses. Not yet measured on a GPU: "b" is the middle ground.
+TILE_SETS = {
+    "a": dict(block_q=16, block_k=64, block_kb=16, block_qc=64, num_warps=4, num_warps_bwd=4,
+              num_stages=2),
+    "b": dict(block_q=32, block_k=64, block_kb=32, block_qc=64, num_warps=4, num_warps_bwd=8,
+              num_stages=2),
+    "c": dict(block_q=64, block_k=64, block_kb=32, block_qc=64, num_warps=8, num_warps_bwd=8,
+              num_stages=2),
+    "d": dict(block_q=64, block_k=32, block_kb=64, block_qc=32, num_warps=8, num_warps_bwd=8,
+              num_stages=1),
+}
+DEFAULTS = TILE_SETS["b"]
 
 
 def _dot(a, b, dn, dt):
@@ -79,24 +90,27 @@ def _dot(a, b, dn, dt):
 
 
 # ----------------------------------------------------------------------------- CSR lists
-def _csr_one(group, col, bit, valid, n_groups: int, n_cols: int):
+def _csr_one(group, col, bit, valid, n_groups: int, n_cols: int, n_words: int):
   """One batch row: pairs (group, col, bit) -> distinct cols per group (ascending) + bitmasks.
 
-  Returns (offsets int32 [n_groups + 1], cols int32 [N], bits int32 [N]); group g's list is
-  cols[offsets[g]:offsets[g + 1]], bits[i] = OR of 1 << bit over the pairs (g, cols[i]).
-  Repeated pairs count once."""
+  Returns (offsets int32 [n_groups + 1], cols int32 [N], bits int32 [n_words * N]); group g's
+  list is cols[offsets[g]:offsets[g + 1]]; bit b of entry i is bit b % 32 of
+  bits[(b // 32) * N + i], set when the pair (g, cols[i], b) occurs. Repeated pairs count once."""
   n = group.shape[0]
   key = jnp.where(valid, group * n_cols + col, _SENTINEL).astype(jnp.int32)
-  val = jnp.left_shift(jnp.ones_like(bit), bit).astype(jnp.int32)
-  key_s, val_s = jax.lax.sort((key, val), num_keys=2)
+  key_s, bit_s = jax.lax.sort((key, bit.astype(jnp.int32)), num_keys=2)
   live = key_s != _SENTINEL
   # a repeated (group, col, bit) pair (a key listed twice in one row) counts once, as in a mask
-  val_s = jnp.where((key_s == jnp.roll(key_s, 1)) & (val_s == jnp.roll(val_s, 1))
-                    & (jnp.arange(n) > 0), 0, val_s)
+  fresh = live & ~((key_s == jnp.roll(key_s, 1)) & (bit_s == jnp.roll(bit_s, 1))
+                   & (jnp.arange(n) > 0))
   first = jnp.concatenate([jnp.ones((1,), bool), key_s[1:] != key_s[:-1]]) & live
-  seg = jnp.cumsum(first.astype(jnp.int32)) - 1
+  seg = jnp.where(live, jnp.cumsum(first.astype(jnp.int32)) - 1, n)
+  one = jnp.left_shift(jnp.ones_like(bit_s), bit_s % 32)
   # distinct bits inside a segment: their sum is their OR (int32 wrap-around included)
-  bits = jnp.zeros((n,), jnp.int32).at[jnp.where(live, seg, n)].add(val_s, mode="drop")
+  bits = jnp.concatenate([
+      jnp.zeros((n,), jnp.int32).at[seg].add(
+          jnp.where(fresh & (bit_s // 32 == w), one, 0), mode="drop")
+      for w in range(n_words)])
   cols = jnp.zeros((n,), jnp.int32).at[jnp.where(first, seg, n)].set(key_s % n_cols,
                                                                     mode="drop")
   counts = jnp.zeros((n_groups,), jnp.int32).at[jnp.where(first, key_s // n_cols, n_groups)].add(
@@ -105,12 +119,16 @@ def _csr_one(group, col, bit, valid, n_groups: int, n_cols: int):
   return offsets, cols, bits
 
 
+def _words(block: int) -> int:
+  return -(-int(block) // 32)
+
+
 def query_lists(selection, block_q: int):
   """Per block of block_q queries: the union of their selected keys with block_q-bit masks."""
   B, T, K = selection.shape
   t = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[:, None], (T, K)).reshape(-1)
   f = lambda s: _csr_one(t // block_q, jnp.maximum(s, 0), t % block_q, s >= 0,
-                         T // block_q, T)
+                         T // block_q, T, _words(block_q))
   return jax.vmap(f)(selection.reshape(B, T * K).astype(jnp.int32))
 
 
@@ -121,19 +139,38 @@ def key_lists(selection, block_k: int):
 
   def f(s):
     j = jnp.maximum(s, 0)
-    return _csr_one(j // block_k, t, j % block_k, s >= 0, T // block_k, T)
+    return _csr_one(j // block_k, t, j % block_k, s >= 0, T // block_k, T, _words(block_k))
   return jax.vmap(f)(selection.reshape(B, T * K).astype(jnp.int32))
 
 
+def unpack_bits(bits, n_words: int, length: int, block: int):
+  """Test helper: [n_words * N] words -> bool [N, block] (entry i, bit b)."""
+  w = jnp.asarray(bits).reshape(n_words, length)
+  b = jnp.arange(block)
+  return ((jnp.right_shift(w[b // 32].T, (b % 32)[None, :]) & 1) != 0)
+
+
 # ----------------------------------------------------------------------------- kernels
-def _chunk(col_ref, bit_ref, start, end, c, n: int, length: int):
-  """Entries start + c*n ... of a CSR list: (positions clamped to valid rows, bits, 0 past end)."""
+def _chunk(col_ref, bit_ref, start, end, c, n: int, length: int, n_words: int):
+  """Entries start + c*n ... of a CSR list: (cols, [mask words]); cols 0 and words 0 past end."""
   pos = start + c * n + jnp.arange(n, dtype=jnp.int32)
   ok = pos < end
   pos_c = jnp.minimum(pos, length - 1)
   cols = jnp.where(ok, col_ref[pos_c], 0)
-  bits = jnp.where(ok, bit_ref[pos_c], 0)
-  return cols, bits
+  words = [jnp.where(ok, bit_ref[pos_c + w * length], 0) for w in range(n_words)]
+  return cols, words
+
+
+def _mask(words, bit_idx, entry_axis: int):
+  """bool mask [.., ..]: bit bit_idx (a [m, 1] or [1, m] array) of each entry's mask words, the
+  entries along entry_axis (0: words[w] is [n] -> [n, 1]; 1: -> [1, n])."""
+  expand = (lambda a: a[:, None]) if entry_axis == 0 else (lambda a: a[None, :])
+  if len(words) == 1:
+    return (jnp.right_shift(expand(words[0]), bit_idx) & 1) != 0
+  word = expand(words[0])
+  for w in range(1, len(words)):
+    word = jnp.where(bit_idx // 32 == w, expand(words[w]), word)
+  return (jnp.right_shift(word, bit_idx % 32) & 1) != 0
 
 
 def _fwd_kernel(off_ref, col_ref, bit_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, bq, bk,
@@ -146,11 +183,11 @@ def _fwd_kernel(off_ref, col_ref, bit_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, 
 
   def body(c, carry):
     m, l, acc = carry
-    cols, bits = _chunk(col_ref, bit_ref, start, end, c, bk, length)
+    cols, words = _chunk(col_ref, bit_ref, start, end, c, bk, length, _words(bq))
     kc = k_ref[cols, :]
     vc = v_ref[cols, :]
     s = _dot(q, kc, _DN_T, dot_dtype) * scale                                 # [BQ, BK]
-    mask = (jnp.right_shift(bits[None, :], rows) & 1) != 0
+    mask = _mask(words, rows, 1)
     s = jnp.where(mask, s, _NEG)
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
     p = jnp.where(mask, jnp.exp(s - m_new[:, None]), 0.0)
@@ -181,11 +218,11 @@ def _dq_kernel(off_ref, col_ref, bit_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, 
   rows = jnp.arange(bq, dtype=jnp.int32)[:, None]
 
   def body(c, dq):
-    cols, bits = _chunk(col_ref, bit_ref, start, end, c, bk, length)
+    cols, words = _chunk(col_ref, bit_ref, start, end, c, bk, length, _words(bq))
     kc = k_ref[cols, :]
     vc = v_ref[cols, :]
     s = _dot(q, kc, _DN_T, dot_dtype) * scale
-    mask = (jnp.right_shift(bits[None, :], rows) & 1) != 0
+    mask = _mask(words, rows, 1)
     p = jnp.where(mask, jnp.exp(s - lse[:, None]), 0.0)
     dp = _dot(do, vc, _DN_T, dot_dtype)
     ds = p * (dp - dl[:, None])
@@ -207,13 +244,13 @@ def _dkv_kernel(off_ref, col_ref, bit_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
 
   def body(c, carry):
     dk, dv = carry
-    qrows, bits = _chunk(col_ref, bit_ref, start, end, c, bqc, length)
+    qrows, words = _chunk(col_ref, bit_ref, start, end, c, bqc, length, _words(bkb))
     qc = q_ref[qrows, :]
     doc = do_ref[qrows, :]
     lse = lse_ref[qrows]
     dl = dl_ref[qrows]
     s = _dot(qc, kb, _DN_T, dot_dtype) * scale                                # [BQC, BKB]
-    mask = (jnp.right_shift(bits[:, None], keys) & 1) != 0
+    mask = _mask(words, keys, 0)
     p = jnp.where(mask, jnp.exp(s - lse[:, None]), 0.0)
     dv = dv + _dot(p, doc, _DN_TA, dot_dtype)                                 # [BKB, D]
     dp = _dot(doc, vb, _DN_T, dot_dtype)
@@ -270,12 +307,13 @@ def _fwd_call(q, k, v, lists, opts):
   B, T, H, D = q.shape
   off, cols, bits = lists
   L = cols.shape[1]
+  LW = bits.shape[1]
   bq, bk = opts["block_q"], opts["block_k"]
   kern = functools.partial(_fwd_kernel, bq=bq, bk=bk, scale=1.0 / math.sqrt(D),
                            dot_dtype=opts["dot_dtype"], length=L)
   return pl.pallas_call(
       kern, grid=(T // bq, B, H),
-      in_specs=[_full(off.shape), _list_spec(L), _list_spec(L), _blk_spec(bq, D),
+      in_specs=[_full(off.shape), _list_spec(L), _list_spec(LW), _blk_spec(bq, D),
                 _rows_spec(T, D), _rows_spec(T, D)],
       out_specs=[_blk_spec(bq, D), _vec_blk_spec(bq)],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((B, H, T), F32)],
@@ -288,12 +326,13 @@ def _dq_call(q, k, v, do, lse, dl, lists, opts):
   B, T, H, D = q.shape
   off, cols, bits = lists
   L = cols.shape[1]
+  LW = bits.shape[1]
   bq, bk = opts["block_q"], opts["block_k"]
   kern = functools.partial(_dq_kernel, bq=bq, bk=bk, scale=1.0 / math.sqrt(D),
                            dot_dtype=opts["dot_dtype"], length=L)
   return pl.pallas_call(
       kern, grid=(T // bq, B, H),
-      in_specs=[_full(off.shape), _list_spec(L), _list_spec(L), _blk_spec(bq, D),
+      in_specs=[_full(off.shape), _list_spec(L), _list_spec(LW), _blk_spec(bq, D),
                 _rows_spec(T, D), _rows_spec(T, D), _blk_spec(bq, D), _vec_blk_spec(bq),
                 _vec_blk_spec(bq)],
       out_specs=_blk_spec(bq, D),
@@ -307,12 +346,13 @@ def _dkv_call(q, k, v, do, lse, dl, lists, opts):
   B, T, H, D = q.shape
   off, cols, bits = lists
   L = cols.shape[1]
+  LW = bits.shape[1]
   bkb, bqc = opts["block_kb"], opts["block_qc"]
   kern = functools.partial(_dkv_kernel, bkb=bkb, bqc=bqc, scale=1.0 / math.sqrt(D),
                            dot_dtype=opts["dot_dtype"], length=L)
   return pl.pallas_call(
       kern, grid=(T // bkb, B, H),
-      in_specs=[_full(off.shape), _list_spec(L), _list_spec(L), _rows_spec(T, D),
+      in_specs=[_full(off.shape), _list_spec(L), _list_spec(LW), _rows_spec(T, D),
                 _blk_spec(bkb, D), _blk_spec(bkb, D), _rows_spec(T, D), _vec_rows_spec(T),
                 _vec_rows_spec(T)],
       out_specs=[_blk_spec(bkb, D), _blk_spec(bkb, D)],
@@ -364,7 +404,9 @@ def gsa_attention(q, k, v, selection, *, block_q: int = DEFAULTS["block_q"],
 
   Tiles: block_q queries per forward / dQ program, block_k union keys per loop step; block_kb
   keys per dK/dV program, block_qc listed queries per loop step. block_q and block_kb are at
-  most 32 (bit masks in an int32); every tile and D must be a power of two, the dot tiles >= 16.
+  most 128 (bit masks in at most 4 int32 words); every tile and D must be a power of two, the
+  dot tiles >= 16. Larger block_q / block_kb: fewer bytes gathered where neighbours share keys,
+  more (masked) FLOPs; see the module docstring.
   interpret=None: native on GPU, the Pallas interpreter elsewhere. gpu_lowering=True builds the
   Triton version on any host (for common.lower_for_gpu).
   """
@@ -379,9 +421,9 @@ def gsa_attention(q, k, v, selection, *, block_q: int = DEFAULTS["block_q"],
                     ("block_qc", block_qc), ("head_dim", D)):
     _pow2(name, int(val))
   for name, val in (("block_q", block_q), ("block_kb", block_kb)):
-    if not 16 <= val <= 32:
-      raise ValueError(f"GSA kernel: {name}={val} must be 16 or 32 (dot tiles >= 16, bit "
-                       f"masks in an int32).")
+    if not 16 <= val <= 128:
+      raise ValueError(f"GSA kernel: {name}={val} must be 16, 32, 64 or 128 (dot tiles >= 16, "
+                       f"at most 4 int32 mask words).")
   for name, val in (("block_k", block_k), ("block_qc", block_qc), ("head_dim", D)):
     if val < 16:
       raise ValueError(f"GSA kernel: {name}={val} must be at least 16 (Triton dot tiles).")
