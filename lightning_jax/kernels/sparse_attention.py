@@ -22,8 +22,9 @@ Layout of the work: the selection is turned (plain JAX, one sort) into compresse
     per query. A program (key block, b, head) holds K_blk, V_blk and dK, dV [BKB, D] in
     registers and loops over its query list in chunks of BQC, gathering q, dO rows and the
     LSE / delta entries. Deterministic: no atomics, every dK / dV row is written once.
-  The lists are CSR arrays (offsets per block into a flat [B, T*K] array) built by one sort of
-  the (block, position) pairs: O(T K log) integer work, shared by all heads.
+  The lists are CSR arrays (offsets per block into flat [B, T*K] positions and
+  [B, words * T*K] int32 mask words, words = block / 32 rounded up) built by one sort of the
+  (block, position) pairs: O(T K log) integer work, shared by all heads.
 Grid order: Pallas' first grid axis is CUDA's x (fastest-varying in launch order), so the grid
 is (blocks, B, H): programs running at the same time share one (b, head), whose K and V
 (2 x T x D x 2 B = 8 MiB at T = 8192, D = 256) stay in the 50 MB L2.
@@ -36,18 +37,30 @@ indexer behaviour), each shared key is gathered once per block instead of once p
 bytes shrink by the overlap factor. Broadcast-multiply-reduce on the CUDA cores would avoid the
 FLOP waste but not the bytes, and is slower than the tensor cores at these sizes.
 
-Prediction, H100 SXM, T = 8192, 16 heads x 256, B1, random causal selections (128 of 256 slots
-used on average, no overlap between neighbours beyond the 4 sinks), bf16, BQ = 16:
-  bytes: every (query, head, kept key) pulls one K row and one V row, 2 x 512 B, from L2:
-    8192 x 16 x 128 x 1 KiB = 16 GiB per pass (HBM traffic is only ~K, V once per head);
-    forward 1 pass, dQ 1 pass (K, V), dK/dV 1 pass (q, dO rows): 48 GiB fwd+bwd.
-  FLOPs: forward 2 dots x 2 x BQ x (T x 128) x H x D = 275 GFLOP (16x the useful 17 GFLOP);
-    dQ 3 dots, dK/dV 4 dots (BKB = 16 keys x BQC queries, again 16x): ~1.2 TFLOP fwd+bwd.
-  At ~5-7 TB/s of L2 gather bandwidth: forward ~2.5-3.5 ms, fwd+bwd ~8-10 ms, i.e. about the
-  "flash" mode (cuDNN under a dense mask, 10.2 ms) and 2x SLOWER than dense causal cuDNN (4.4 ms)
-  on RANDOM selections. The kernel wins only when neighbouring queries' selections overlap:
-  with a union of u keys per block of 16 queries instead of 16 x 128, the bytes scale by
-  u / 2048 (block-shared selections: ~16x fewer bytes, ~1 ms fwd+bwd predicted).
+Cost model. Every list entry costs, per head, one gathered pair of 512-byte rows (K and V for
+the forward and dQ, q and dO for dK/dV) read from L2 (a head's K and V, 8 MiB at T = 8192,
+D = 256, stay in the 50 MB L2 while its programs run: HBM sees them ~once), and 4 x block x D
+FLOPs per dot pair of the dense masked tile (forward 2 dots, dQ 3, dK/dV 4). Entries = distinct
+(query block, key) pairs for the forward / dQ, distinct (key block, query) pairs for dK/dV.
+Counted at T = 8192, k_max = 256, k_t uniform in [32, 224] (mean 126), with
+benchmarks/gsa_kernel_bench.make_selection (thousands of entries; "random": distinct uniform
+keys, "clustered": shared salience + recency, neighbours share keys):
+      block:            16            32            64
+  random     q-blocks  728            579           408      k-blocks  704   552   385
+  clustered  q-blocks  178            107            64      k-blocks  613   479   352
+(the useful pairs are 8192 x 126 = 1032 thousand).
+Prediction, one H100 SXM, 16 heads x 256, B1, bf16, tile set "b" (blocks 32 / 32), assuming
+~6 TB/s of L2 gather bandwidth and ~400 TFLOP/s of Triton mma (small M tiles):
+  random:    forward 579k x 16 x 1 KiB = 9.5 GB (1.6 ms) vs 0.30 TFLOP (0.8 ms) -> ~1.6-2.3 ms;
+             fwd+bwd 28 GB (4.7 ms) vs 1.34 TFLOP (3.3 ms)                        -> ~5-7 ms:
+             ABOVE dense causal cuDNN (4.39 ms), about the "flash" mode (cuDNN under the mask).
+  clustered: forward 1.75 GB (0.3 ms); fwd+bwd 11.3 GB (1.9 ms) vs 0.64 TFLOP (1.6 ms)
+             -> ~2-3 ms: below cuDNN. dK/dV is the largest part (its key blocks share fewer
+             queries than query blocks share keys).
+The goal (beat 4.39 ms) therefore depends on how much neighbouring queries' selections overlap,
+which the indexer decides; the benchmark prints the list lengths of the selection it times.
+Atomics (dK/dV scattered from the query-major pass) were not used: Pallas' Triton atomics are
+acq_rel per element, about one atomic per (entry, head, feature), far more than the rows read.
 """
 from __future__ import annotations
 
