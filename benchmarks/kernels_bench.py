@@ -138,15 +138,17 @@ def delta_variants(small, iters):
     guarded(f"delta variant [{name}]", run)
 
 
-DELTA_SETTINGS = [   # (label, kwargs of kernels.delta_rule.chunk_gated_delta_rule)
-    ("prep=xla (default)", dict(block_v=64, block_v_bwd=128, num_warps=4, num_warps_bwd=8)),
-    ("prep=pallas,prep_bwd=xla", dict(block_v=64, block_v_bwd=128, num_warps=4,
-                                      num_warps_bwd=8, prep="pallas", prep_bwd="xla")),
-    ("prep=pallas,prep_bwd=pallas", dict(block_v=64, block_v_bwd=128, num_warps=4,
-                                         num_warps_bwd=8, prep="pallas", prep_bwd="pallas")),
-    ("prep=pallas,prep_bwd=pallas,bwd=split", dict(block_v=64, block_v_bwd=64, num_warps=4,
-                                                   num_warps_bwd=4, prep="pallas",
-                                                   prep_bwd="pallas", bwd="split")),
+_OLD = dict(block_v=64, block_v_bwd=128, num_warps=4, num_warps_bwd=8)
+_NEW = dict(block_v=64, block_v_bwd=32, num_warps=4, num_warps_bwd=4, prep="pallas",
+            prep_bwd="pallas", bwd="split_pallas", block_v_grads=32, num_warps_grads=4)
+DELTA_SETTINGS = [   # (label, kwargs of kernels.delta_rule.chunk_gated_delta_rule, both shapes)
+    ("prep=xla (default)", _OLD, True),
+    ("prep=pallas,prep_bwd=xla", dict(_OLD, prep="pallas", prep_bwd="xla"), False),
+    ("prep=pallas,prep_bwd=pallas", dict(_OLD, prep="pallas", prep_bwd="pallas"), False),
+    ("prep=pallas,bwd=split_pallas", _NEW, True),
+    ("prep=pallas,bwd=split_pallas,state bf16", dict(_NEW, state_dtype=jnp.bfloat16), True),
+    ("prep=pallas,bwd=split_pallas,BV 64,grads warps 8",
+     dict(_NEW, block_v_bwd=64, block_v_grads=64, num_warps_grads=8), False),
 ]
 
 
@@ -189,9 +191,11 @@ def delta(small, iters):
       ref["o"], ref["g"] = og
     guarded(f"delta {tag} XLA", run_xla)
 
-    for label, st in DELTA_SETTINGS:
+    for label, st, both in DELTA_SETTINGS:
       if small:
-        st = dict(st, block_v=8, block_v_bwd=8)
+        st = dict(st, block_v=8, block_v_bwd=8, block_v_grads=8)
+      elif not both and (b, t) != shapes[0][:2]:
+        continue
 
       def run_kernel(st=st, label=label):
         rule = lambda *a: kdr.chunk_gated_delta_rule(*a, chunk_size=64, **st)

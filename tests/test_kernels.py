@@ -70,15 +70,36 @@ def test_delta_rule_kernel_forward_and_gradients_match_reference(bwd):
     assert _rel(a, b) <= 1e-4, f"seed={seed} bwd={bwd} d{name} rel err {_rel(a, b)}"
 
 
-def test_delta_rule_kernel_bfloat16_inputs_close_to_float32():
+@pytest.mark.parametrize("fast", [False, True])
+def test_delta_rule_kernel_bfloat16_inputs_close_to_float32(fast):
+  """bf16 q/k/v (bf16 matmul operands inside the kernels); fast=True: the Pallas prep, the
+  split Pallas backward and bf16 saved states, gradients included."""
   seed = _seed()
-  args = _inputs(seed, t=64, h=1)
+  args = _inputs(seed, t=64, h=1, dv=16)
   bf = [a.astype(jnp.bfloat16) for a in args[:3]] + list(args[3:])
-  o_b, s_b = jax.jit(lambda *a: kdr.chunk_gated_delta_rule(*a[:5], initial_state=a[5], **KW))(*bf)
-  o_r, s_r = jax.jit(dn.recurrent_gated_delta_rule)(*args)
+  kw = dict(KW, prep="pallas", bwd="split_pallas", block_v_grads=8,
+            state_dtype=jnp.bfloat16) if fast else KW
+  ct = np.random.default_rng(seed + 1).standard_normal(args[2].shape).astype(np.float32)
+
+  def run(rule, a):
+    def f(*x):
+      o, s = rule(*x)
+      return jnp.sum(o.astype(jnp.float32) * ct) + jnp.sum(s), (o, s)
+    if not fast:
+      return rule(*a), None
+    (_, out), g = jax.value_and_grad(f, argnums=(0, 1, 2, 3, 4), has_aux=True)(*a)
+    return out, g
+  (o_b, s_b), g_b = jax.jit(lambda *a: run(
+      lambda *x: kdr.chunk_gated_delta_rule(*x[:5], initial_state=x[5], **kw), a))(*bf)
+  (o_r, s_r), g_r = jax.jit(lambda *a: run(
+      lambda *x: dn.recurrent_gated_delta_rule(*x[:5], x[5]), a))(*args)
   assert o_b.dtype == jnp.bfloat16 and s_b.dtype == jnp.float32
   assert _rel(o_b, o_r) <= 3e-2, f"seed={seed} bf16 output rel err {_rel(o_b, o_r)}"
   assert _rel(s_b, s_r) <= 3e-2, f"seed={seed} bf16 state rel err {_rel(s_b, s_r)}"
+  for i, (name, a, b) in enumerate(zip(("q", "k", "v", "log_alpha", "beta"), g_b or (),
+                                       g_r or ())):
+    assert a.dtype == jnp.asarray(bf[i]).dtype, f"d{name} dtype {a.dtype}"
+    assert _rel(a, b) <= 3e-2, f"seed={seed} bf16 d{name} rel err {_rel(a, b)}"
 
 
 def test_delta_rule_kernel_config_selection_and_bad_input(caplog):
@@ -162,10 +183,13 @@ def test_delta_rule_kernel_under_a_data_mesh_matches_reference(monkeypatch):
   assert _rel(s, s_r) <= 1e-5, f"seed={seed} sharded state rel err {_rel(s, s_r)}"
 
 
-@pytest.mark.parametrize("prep_bwd", ["xla", "pallas"])
-def test_pallas_prep_path_forward_and_gradients_match_reference(prep_bwd):
+@pytest.mark.parametrize("prep_bwd,bwd", [("xla", "fused"), ("pallas", "split_pallas")])
+def test_pallas_prep_path_forward_and_gradients_match_reference(prep_bwd, bwd):
   """prep='pallas' (the chunk quantities in a Pallas kernel) through the whole rule, float32,
-  T = 100 with chunk 32 (two 16-row sub-blocks per chunk, a padded tail), vs the recurrence."""
+  T = 100 with chunk 32 (two 16-row sub-blocks per chunk, a padded tail), vs the recurrence;
+  with the prep's backward by XLA autodiff / by its Pallas kernel, and the recurrence's
+  backward fused / split into the dS kernel + the parallel per-chunk gradient kernel (two Dv
+  blocks in both, block_v_grads=8 of Dv=16)."""
   seed = _seed()
   args = _inputs(seed, dk=16, dv=16)
   rng = np.random.default_rng(seed + 1)
@@ -179,8 +203,9 @@ def test_pallas_prep_path_forward_and_gradients_match_reference(prep_bwd):
     return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3, 4, 5), has_aux=True))
 
   rule = lambda *a: kdr.chunk_gated_delta_rule(*a[:5], initial_state=a[5], chunk_size=32,
-                                               block_v=8, block_v_bwd=8, interpret=True,
-                                               prep="pallas", prep_bwd=prep_bwd)
+                                               block_v=8, block_v_bwd=8, block_v_grads=8,
+                                               interpret=True, prep="pallas", prep_bwd=prep_bwd,
+                                               bwd=bwd)
   (_, (o_k, s_k)), g_k = loss(rule)(*args)
   (_, (o_r, s_r)), g_r = loss(lambda *a: dn.recurrent_gated_delta_rule(*a[:5], a[5]))(*args)
   assert _rel(o_k, o_r) <= 1e-5, f"seed={seed} output rel err {_rel(o_k, o_r)}"
@@ -229,10 +254,12 @@ def test_delta_rule_kernels_lower_for_gpu():
   from lightning_jax.kernels import common
   q, k, v, la, b, _ = _inputs(0, t=128, h=2, dk=32, dv=32)
   q, k, v = (jnp.asarray(a, jnp.bfloat16) for a in (q, k, v))
-  for bwd, names in (("fused", ["gdr_chunk_bwd"]), ("split", ["gdr_chunk_bwd_states"])):
+  for bwd, names in (("fused", ["gdr_chunk_bwd"]),
+                     ("split_pallas", ["gdr_chunk_bwd_states", "gdr_chunk_bwd_grads"])):
     def f(*a):
       rule = lambda *x: kdr.chunk_gated_delta_rule(*x, chunk_size=64, block_v=16, block_v_bwd=32,
                                                    prep="pallas", prep_bwd="pallas", bwd=bwd,
+                                                   block_v_grads=16, state_dtype=jnp.bfloat16,
                                                    gpu_lowering=True)[0]
       o, vjp = jax.vjp(rule, *a)
       return o, vjp(o)

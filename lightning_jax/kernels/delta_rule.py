@@ -61,7 +61,7 @@ def _compiler_params(num_warps, num_stages, force=False):
 def _fwd_kernel(w_ref, uv_ref, p_ref, qg_ref, kd_ref, ge_ref, s0_ref,
                 o_ref, hs_ref, sn_ref, *, n_chunks, dot_dtype):
   def body(i, s):
-    hs_ref[i] = s
+    hs_ref[i] = s.astype(hs_ref.dtype)
     u = uv_ref[i].astype(F32) - _dot(w_ref[i], s, _DN_T, dot_dtype)            # [C, BV]
     o = _dot(qg_ref[i], s, _DN_T, dot_dtype) + _dot(p_ref[i], u, _DN, dot_dtype)
     o_ref[i] = o.astype(o_ref.dtype)
@@ -76,7 +76,7 @@ def _bwd_kernel(w_ref, uv_ref, p_ref, qg_ref, kd_ref, ge_ref, hs_ref, do_ref, ds
                 dot_dtype):
   def body(j, ds):
     i = n_chunks - 1 - j
-    s = hs_ref[i]                                                               # [BV, Dk]
+    s = hs_ref[i].astype(F32)                                                   # [BV, Dk]
     w = w_ref[i]
     kd = kd_ref[i]
     qg = qg_ref[i]
@@ -109,7 +109,7 @@ def _bwd_states_kernel(w_ref, p_ref, qg_ref, kd_ref, ge_ref, do_ref, dsn_ref, ds
   """Only the sequential part of the backward: dS entering each chunk from the right."""
   def body(j, ds):
     i = n_chunks - 1 - j
-    dss_ref[i] = ds                                                             # dS_{i+1}
+    dss_ref[i] = ds.astype(dss_ref.dtype)                                        # dS_{i+1}
     do = do_ref[i].astype(F32)
     du = _dot(kd_ref[i], ds, _DN_T, dot_dtype) + _dot(p_ref[i], do, _DN_TA, dot_dtype)
     ge = jnp.max(ge_ref[i].astype(F32))
@@ -155,7 +155,7 @@ def _fwd_call(w, uv, p, qg, kd, gev, s0, opts):
                 sp["state"]],
       out_specs=[sp["blk_v"], sp["states"], sp["state"]],
       out_shape=[jax.ShapeDtypeStruct((bh, n, c, dv), F32),
-                 jax.ShapeDtypeStruct((bh, n, dv, dk), F32),
+                 jax.ShapeDtypeStruct((bh, n, dv, dk), opts["state_dtype"]),
                  jax.ShapeDtypeStruct((bh, dv, dk), F32)],
       interpret=opts["interpret"], name="gdr_chunk_fwd",
       compiler_params=_compiler_params(opts["num_warps"], opts["num_stages"],
@@ -210,7 +210,7 @@ def _bwd_call_split(w, uv, p, qg, kd, gev, hs, do, dsn, opts):
                                        opts["gpu_lowering"]),
   )(w, p, qg, kd, gev, do, dsn)
   f = lambda a: a.astype(F32)
-  w, uv, p, qg, kd = f(w), f(uv), f(p), f(qg), f(kd)
+  w, uv, p, qg, kd, hs = f(w), f(uv), f(p), f(qg), f(kd), f(hs)
   es = functools.partial(jnp.einsum, preferred_element_type=F32)
   u = uv - es("...ck,...vk->...cv", w, hs)
   du = es("...ck,...vk->...cv", kd, dss) + es("...ts,...tv->...sv", p, do)
@@ -221,6 +221,78 @@ def _bwd_call_split(w, uv, p, qg, kd, gev, hs, do, dsn, opts):
   dw = -es("...cv,...vk->...ck", du, hs)
   dgev = jnp.broadcast_to(dge[..., None], dge.shape + (c,))
   return du, dw, dp, dqg, dkd, dgev, ds0
+
+
+def _bwd_grads_kernel(w_ref, uv_ref, p_ref, kd_ref, hs_ref, dss_ref, do_ref,
+                      duv_ref, dw_ref, dp_ref, dqg_ref, dkd_ref, dge_ref, *, bv, dot_dtype):
+  """Every chunk-local gradient of one chunk, given S_n (hs) and dS_{n+1} (dss): a loop over
+  Dv blocks of bv rows of the state, the Dv-contracted gradients accumulated in registers."""
+  c, dk = w_ref.shape
+  dv = uv_ref.shape[1]
+  w, kd, p = w_ref[...], kd_ref[...], p_ref[...]
+  dt = dot_dtype
+
+  def body(j, acc):
+    dkd, dqg, dw, dp, dge = acc
+    cols = pl.ds(j * bv, bv)
+    s = hs_ref[cols, :]                                                         # [BV, Dk]
+    ds = dss_ref[cols, :]
+    do = do_ref[:, cols]                                                        # [C, BV]
+    u = uv_ref[:, cols].astype(F32) - _dot(w, s, _DN_T, dt)
+    du = _dot(kd, ds, _DN_T, dt) + _dot(p, do, _DN_TA, dt)
+    duv_ref[:, cols] = du.astype(duv_ref.dtype)
+    return (dkd + _dot(u, ds, _DN, dt), dqg + _dot(do, s, _DN, dt), dw - _dot(du, s, _DN, dt),
+            dp + _dot(do, u, _DN_T, dt),
+            dge + jnp.sum(s.astype(F32) * ds.astype(F32), axis=0))
+  zk = jnp.zeros((c, dk), F32)
+  dkd, dqg, dw, dp, dge = jax.lax.fori_loop(
+      0, dv // bv, body, (zk, zk, zk, jnp.zeros((c, c), F32), jnp.zeros((dk,), F32)))
+  dkd_ref[...] = dkd.astype(dkd_ref.dtype)
+  dqg_ref[...] = dqg.astype(dqg_ref.dtype)
+  dw_ref[...] = dw.astype(dw_ref.dtype)
+  dp_ref[...] = dp.astype(dp_ref.dtype)
+  # every entry of a chunk's gev row holds the same ge: its cotangent is spread evenly
+  dge_ref[...] = jnp.zeros((c,), F32) + jnp.sum(dge) / c
+
+
+def _bwd_call_split_pallas(w, uv, p, qg, kd, gev, hs, do, dsn, opts):
+  """Backward as the sequential dS kernel (Dv blocks of block_v_bwd rows) + one parallel Pallas
+  kernel over (batch x head, chunk) for every chunk-local gradient, written in the operands'
+  dtype (no float32 partials)."""
+  bh, n, c, dk = w.shape
+  dv = uv.shape[-1]
+  bv = _block_v(dv, opts["block_v_bwd"])
+  sp = _specs(n, c, dk, bv, True)
+  kern = functools.partial(_bwd_states_kernel, n_chunks=n, dot_dtype=opts["dot_dtype"])
+  dss, ds0 = pl.pallas_call(
+      kern, grid=(bh, dv // bv),
+      in_specs=[sp["full_k"], sp["full_c"], sp["full_k"], sp["full_k"], sp["vec"], sp["blk_v"],
+                sp["state"]],
+      out_specs=[sp["states"], sp["state"]],
+      out_shape=[jax.ShapeDtypeStruct((bh, n, dv, dk), opts["state_dtype"]),
+                 jax.ShapeDtypeStruct((bh, dv, dk), F32)],
+      interpret=opts["interpret"], name="gdr_chunk_bwd_states",
+      compiler_params=_compiler_params(opts["num_warps_bwd"], opts["num_stages"],
+                                       opts["gpu_lowering"]),
+  )(w, p, qg, kd, gev, do, dsn)
+  sq = pl.squeezed if hasattr(pl, "squeezed") else None
+  ck = lambda d: pl.BlockSpec((sq, sq, c, d), lambda i, j: (i, j, 0, 0))
+  st = pl.BlockSpec((sq, sq, dv, dk), lambda i, j: (i, j, 0, 0))
+  cv = pl.BlockSpec((sq, sq, c), lambda i, j: (i, j, 0))
+  kern = functools.partial(_bwd_grads_kernel, bv=min(int(opts["block_v_grads"]), dv),
+                           dot_dtype=opts["dot_dtype"])
+  like = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype)
+  duv, dw, dp, dqg, dkd, dgev = pl.pallas_call(
+      kern, grid=(bh, n),
+      in_specs=[ck(dk), ck(dv), ck(c), ck(dk), st, st, ck(dv)],
+      out_specs=[ck(dv), ck(dk), ck(c), ck(dk), ck(dk), cv],
+      out_shape=[like(uv), like(w), like(p), like(qg), like(kd),
+                 jax.ShapeDtypeStruct(gev.shape, F32)],
+      interpret=opts["interpret"], name="gdr_chunk_bwd_grads",
+      compiler_params=_compiler_params(opts["num_warps_grads"], opts["num_stages"],
+                                       opts["gpu_lowering"]),
+  )(w, uv, p, kd, hs, dss, do)
+  return duv, dw, dp, dqg, dkd, dgev * c, ds0
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
@@ -238,9 +310,11 @@ def _recurrence_bwd(opts_key, res, cts):
   w, uv, p, qg, kd, gev, hs = res
   do, dsn = cts
   opts = dict(opts_key)
-  call = _bwd_call_split if opts["bwd"] == "split" else _bwd_call
-  duv, dw, dp, dqg, dkd, dge, ds0 = call(w, uv, p, qg, kd, gev, hs, do.astype(F32),
-                                         dsn.astype(F32), opts)
+  call = {"split": _bwd_call_split, "fused": _bwd_call,
+          "split_pallas": _bwd_call_split_pallas}[opts["bwd"]]
+  if opts["bwd"] != "split_pallas":
+    do = do.astype(F32)
+  duv, dw, dp, dqg, dkd, dge, ds0 = call(w, uv, p, qg, kd, gev, hs, do, dsn.astype(F32), opts)
   return (dw.astype(w.dtype), duv.astype(uv.dtype), dp.astype(p.dtype), dqg.astype(qg.dtype),
           dkd.astype(kd.dtype), (dge / gev.shape[-1]).astype(gev.dtype), ds0)
   # (every entry of a chunk's gev row holds the same ge, broadcast over C outside: its
@@ -648,15 +722,21 @@ def chunk_gated_delta_rule(q, k, v, log_alpha, beta, chunk_size: int = 64, initi
                            num_warps_bwd: int = 8, num_stages: int = 1, dot_dtype=None,
                            bwd: str = "fused", inverse_precision: str = "highest",
                            prep: str = "xla", prep_bwd: str = "pallas", num_warps_prep: int = 4,
-                           num_warps_prep_bwd: int = 8,
+                           num_warps_prep_bwd: int = 8, block_v_grads: int = 32,
+                           num_warps_grads: int = 4, state_dtype=None,
                            interpret: bool | None = None, gpu_lowering: bool = False):
   """Gated delta rule, chunked, with the recurrence over chunks in Pallas kernels.
 
   Same arguments and results as layers.deltanet.chunk_gated_delta_rule. chunk_size must be a
   power of two (Triton tensor sizes); head dims must be powers of two. interpret=None runs the
   kernels natively on GPU and in the Pallas interpreter elsewhere. bwd: "fused" (one reverse
-  kernel computes every gradient) or "split" (a reverse kernel for dS only, the rest as batched
-  einsums over all chunks). prep: "xla" (the chunk quantities W, Uv, P, Qg, Kd, ge in plain JAX,
+  kernel computes every gradient), "split" (a reverse kernel for dS only, the rest as batched
+  einsums over all chunks) or "split_pallas" (the same reverse dS kernel, then one parallel
+  Pallas kernel over (batch x head, chunk) for the rest, looping over Dv blocks of
+  block_v_grads rows with num_warps_grads warps). state_dtype: dtype of the per-chunk states
+  the forward saves for the backward and of the dS the split backwards pass on (None: float32;
+  bfloat16 halves that traffic, the states entering the backward's matmuls as bf16 operands
+  anyway with bf16 inputs). prep: "xla" (the chunk quantities W, Uv, P, Qg, Kd, ge in plain JAX,
   float32, differentiated by autodiff) or "pallas" (one Pallas program per (batch, head, chunk),
   chunk_size >= 16; its backward: prep_bwd="xla", autodiff of the XLA prep recomputed, or
   "pallas", a Pallas kernel). inverse_precision: matmul precision of the XLA prep's (I + A)^-1
@@ -665,8 +745,9 @@ def chunk_gated_delta_rule(q, k, v, log_alpha, beta, chunk_size: int = 64, initi
   on a CPU machine. Defaults: the fastest setting measured on one H100 at B4 T4096, 32 x 128
   (docs/PERFORMANCE.md, "Kernels"); "split", "default" and prep="pallas" were not measured on GPU.
   """
-  if bwd not in ("fused", "split"):
-    raise ValueError(f"delta rule kernel: bwd={bwd!r} must be 'fused' or 'split'.")
+  if bwd not in ("fused", "split", "split_pallas"):
+    raise ValueError(f"delta rule kernel: bwd={bwd!r} must be 'fused', 'split' or "
+                     f"'split_pallas'.")
   if inverse_precision not in ("highest", "default"):
     raise ValueError(f"delta rule kernel: inverse_precision={inverse_precision!r} must be "
                      f"'highest' or 'default'.")
@@ -715,7 +796,9 @@ def chunk_gated_delta_rule(q, k, v, log_alpha, beta, chunk_size: int = 64, initi
   opts = (("block_v", int(block_v)), ("block_v_bwd", int(block_v_bwd)),
           ("num_warps", int(num_warps)), ("num_warps_bwd", int(num_warps_bwd)),
           ("num_stages", int(num_stages)), ("dot_dtype", jnp.dtype(dot_dtype)),
-          ("interpret", bool(interpret)), ("bwd", bwd), ("gpu_lowering", bool(gpu_lowering)))
+          ("interpret", bool(interpret)), ("bwd", bwd), ("gpu_lowering", bool(gpu_lowering)),
+          ("block_v_grads", int(block_v_grads)), ("num_warps_grads", int(num_warps_grads)),
+          ("state_dtype", jnp.dtype(F32 if state_dtype is None else state_dtype)))
   o, sn = _recurrence(flat(w), flat(uv), flat(p), flat(qg), flat(kd), flat(gev), s0, opts)
   o = o.reshape(bsz, h, n * c, dv)[:, :, :t]
   o = jnp.moveaxis(o, 1, 2).astype(v.dtype)
