@@ -23,6 +23,8 @@ multiplies with codebook values; W is never rotated back. Adapters live in the s
 space: y = stop_gradient(n ⊙ (Q x_r)) + A (B x_r), A [d_out, r], B [r, n_p], init
 A ~ N(0, 1e-4), B ~ N(0, 1/sqrt(r)). The base output is stop-gradient: the input receives
 gradient only through the adapters (SPEC §4), and the backward keeps no dequantized weights.
+Computed as A ((B R) x) (`_qlinear`), the adapter needs no rotated activation, so the rotation
+runs in the forward only and the backward rotates nothing of activation size.
 
 Trees (per layer; the model stacks them over groups with a leading dim):
   params[...]["moe"]["adapters"] = {gate|up|down: {"a": [E, d_out, r], "b": [E, r, n_p]}}
@@ -387,11 +389,20 @@ def _qbase(xr, q, bits, dtype, kernel="xla"):
   return jax.lax.stop_gradient(jnp.einsum("ecn,eon->eco", xr, w))
 
 
-def _qlinear(xr, q, ad, bits, dtype, kernel="xla"):
-  """xr [E, C, n] rotated input -> [E, C, d_out]; base is stop-gradient, adapters train.
-  The rank-r adapter runs alongside the base in XLA (two thin einsums, r = 16)."""
+def _qlinear(x, q, ad, bits, dtype, kernel="xla"):
+  """x [E, C, d_in] (NOT rotated) -> [E, C, d_out] = stop_gradient(n ⊙ Q (R x)) + A (B (R x)).
+
+  Only the base needs the rotated input, and the base is stop-gradient, so the rotation runs on
+  a stop-gradient copy of x, forward only. The adapter is applied as A ((B R) x) with
+  B R = unrotate(B's rows) [E, r, n] (a rank-r-sized transform): the backward never rotates an
+  [E, C, n] activation and keeps no rotated copy of it. The rank-r adapter runs alongside the
+  base in XLA (two thin einsums, r = 16)."""
+  n = q["signs"].shape[-1]
+  d_in = x.shape[-1]
+  xr = rotate(_pad_last(jax.lax.stop_gradient(x), n), q["signs"])
   base = jax.lax.stop_gradient(_qbase(xr, q, bits, dtype, kernel))
-  xb = jnp.einsum("ecn,ern->ecr", xr, ad["b"].astype(dtype))
+  b_in = unrotate(ad["b"].astype(jnp.float32), q["signs"])[..., :d_in]      # B R: [E, r, d_in]
+  xb = jnp.einsum("ecd,erd->ecr", x, b_in.astype(dtype))
   return base.astype(dtype) + jnp.einsum("ecr,eor->eco", xb, ad["a"].astype(dtype))
 
 
@@ -409,9 +420,7 @@ def tqp_grouped_swiglu(adapters: dict, qbase: dict, xg: jax.Array, cfg) -> jax.A
   d = x.shape[-1]
 
   def lin(mat, inp):
-    q = qbase[mat]
-    xr = rotate(_pad_last(inp, q["signs"].shape[-1]), q["signs"])
-    return _qlinear(xr, q, adapters[mat], bits, dtype, kernel)
+    return _qlinear(inp, qbase[mat], adapters[mat], bits, dtype, kernel)
 
   h = jax.nn.silu(lin("gate", x)) * lin("up", x)
   y = lin("down", h)
