@@ -60,11 +60,13 @@ def _compiler_params(num_warps, num_stages, force=False):
 # ----------------------------------------------------------------------------- kernels
 def _fwd_kernel(w_ref, uv_ref, p_ref, qg_ref, kd_ref, ge_ref, s0_ref,
                 o_ref, hs_ref, sn_ref, *, n_chunks, dot_dtype):
+  c = uv_ref.shape[1]
+
   def body(i, s):
     hs_ref[i] = s.astype(hs_ref.dtype)
     u = uv_ref[i].astype(F32) - _dot(w_ref[i], s, _DN_T, dot_dtype)            # [C, BV]
     o = _dot(qg_ref[i], s, _DN_T, dot_dtype) + _dot(p_ref[i], u, _DN, dot_dtype)
-    o_ref[i] = o.astype(o_ref.dtype)
+    o_ref[pl.ds(i * c, c), :] = o.astype(o_ref.dtype)                          # [B, T, H, Dv]
     ge = jnp.max(ge_ref[i].astype(F32))                                         # all equal
     return ge * s + _dot(u, kd_ref[i], _DN_TA, dot_dtype)                       # [BV, Dk]
   s = jax.lax.fori_loop(0, n_chunks, body, s0_ref[...].astype(F32))
@@ -106,11 +108,14 @@ def _bwd_kernel(w_ref, uv_ref, p_ref, qg_ref, kd_ref, ge_ref, hs_ref, do_ref, ds
 
 def _bwd_states_kernel(w_ref, p_ref, qg_ref, kd_ref, ge_ref, do_ref, dsn_ref, dss_ref, ds0_ref,
                        *, n_chunks, dot_dtype):
-  """Only the sequential part of the backward: dS entering each chunk from the right."""
+  """Only the sequential part of the backward: dS entering each chunk from the right.
+  do_ref: this (batch, head)'s [T, BV] slab of dO in the [B, T, H, Dv] layout."""
+  c = p_ref.shape[1]
+
   def body(j, ds):
     i = n_chunks - 1 - j
     dss_ref[i] = ds.astype(dss_ref.dtype)                                        # dS_{i+1}
-    do = do_ref[i].astype(F32)
+    do = do_ref[pl.ds(i * c, c), :].astype(F32)
     du = _dot(kd_ref[i], ds, _DN_T, dot_dtype) + _dot(p_ref[i], do, _DN_TA, dot_dtype)
     ge = jnp.max(ge_ref[i].astype(F32))
     return (ge * ds + _dot(do, qg_ref[i], _DN_TA, dot_dtype)
@@ -135,6 +140,18 @@ def _specs(n, c, dk, bv, nv_axis: bool):
               part_k=part_k, part_c=part_c, part_vec=part_vec)
 
 
+def _seq_spec(n, c, bv, heads):
+  """[T, BV] slab of (batch x head) i, Dv block j, of an array laid out [B, T, H, Dv]."""
+  sq = pl.squeezed if hasattr(pl, "squeezed") else None
+  return pl.BlockSpec((sq, n * c, sq, bv), lambda i, j: (i // heads, 0, i % heads, j))
+
+
+def _to_chunks(x, n, c):
+  """[B, T, H, D] -> [B*H, N, C, D] float32 (the fused / XLA backward's layout of dO)."""
+  b, _, h, d = x.shape
+  return jnp.moveaxis(x.astype(F32), 2, 1).reshape(b * h, n, c, d)
+
+
 def _block_v(dv, want):
   bv = min(int(want), dv)
   if dv % bv or bv & (bv - 1):
@@ -153,8 +170,9 @@ def _fwd_call(w, uv, p, qg, kd, gev, s0, opts):
       kern, grid=(bh, dv // bv),
       in_specs=[sp["full_k"], sp["blk_v"], sp["full_c"], sp["full_k"], sp["full_k"], sp["vec"],
                 sp["state"]],
-      out_specs=[sp["blk_v"], sp["states"], sp["state"]],
-      out_shape=[jax.ShapeDtypeStruct((bh, n, c, dv), F32),
+      out_specs=[_seq_spec(n, c, bv, opts["heads"]), sp["states"], sp["state"]],
+      out_shape=[jax.ShapeDtypeStruct((bh // opts["heads"], n * c, opts["heads"], dv),
+                                      opts["out_dtype"]),
                  jax.ShapeDtypeStruct((bh, n, dv, dk), opts["state_dtype"]),
                  jax.ShapeDtypeStruct((bh, dv, dk), F32)],
       interpret=opts["interpret"], name="gdr_chunk_fwd",
@@ -191,24 +209,31 @@ def _bwd_call(w, uv, p, qg, kd, gev, hs, do, dsn, opts):
   return duv, dw.sum(1), dp.sum(1), dqg.sum(1), dkd.sum(1), dge.sum(1), ds0
 
 
-def _bwd_call_split(w, uv, p, qg, kd, gev, hs, do, dsn, opts):
-  """Backward as a sequential dS kernel + every other gradient as batched einsums over chunks."""
+def _states_call(w, p, qg, kd, gev, do, dsn, opts):
+  """The reverse dS kernel: dS_{n+1} for every chunk n (in state_dtype) and dS_0 (float32)."""
   bh, n, c, dk = w.shape
-  dv = uv.shape[-1]
+  dv = do.shape[-1]
   bv = _block_v(dv, opts["block_v_bwd"])
   sp = _specs(n, c, dk, bv, True)
   kern = functools.partial(_bwd_states_kernel, n_chunks=n, dot_dtype=opts["dot_dtype"])
-  dss, ds0 = pl.pallas_call(
+  return pl.pallas_call(
       kern, grid=(bh, dv // bv),
-      in_specs=[sp["full_k"], sp["full_c"], sp["full_k"], sp["full_k"], sp["vec"], sp["blk_v"],
-                sp["state"]],
+      in_specs=[sp["full_k"], sp["full_c"], sp["full_k"], sp["full_k"], sp["vec"],
+                _seq_spec(n, c, bv, opts["heads"]), sp["state"]],
       out_specs=[sp["states"], sp["state"]],
-      out_shape=[jax.ShapeDtypeStruct((bh, n, dv, dk), F32),
+      out_shape=[jax.ShapeDtypeStruct((bh, n, dv, dk), opts["state_dtype"]),
                  jax.ShapeDtypeStruct((bh, dv, dk), F32)],
       interpret=opts["interpret"], name="gdr_chunk_bwd_states",
       compiler_params=_compiler_params(opts["num_warps_bwd"], opts["num_stages"],
                                        opts["gpu_lowering"]),
   )(w, p, qg, kd, gev, do, dsn)
+
+
+def _bwd_call_split(w, uv, p, qg, kd, gev, hs, do, dsn, opts):
+  """Backward as a sequential dS kernel + every other gradient as batched einsums over chunks."""
+  bh, n, c, dk = w.shape
+  dss, ds0 = _states_call(w, p, qg, kd, gev, do, dsn, dict(opts, state_dtype=F32))
+  do = _to_chunks(do, n, c)
   f = lambda a: a.astype(F32)
   w, uv, p, qg, kd, hs = f(w), f(uv), f(p), f(qg), f(kd), f(hs)
   es = functools.partial(jnp.einsum, preferred_element_type=F32)
@@ -261,21 +286,10 @@ def _bwd_call_split_pallas(w, uv, p, qg, kd, gev, hs, do, dsn, opts):
   dtype (no float32 partials)."""
   bh, n, c, dk = w.shape
   dv = uv.shape[-1]
-  bv = _block_v(dv, opts["block_v_bwd"])
-  sp = _specs(n, c, dk, bv, True)
-  kern = functools.partial(_bwd_states_kernel, n_chunks=n, dot_dtype=opts["dot_dtype"])
-  dss, ds0 = pl.pallas_call(
-      kern, grid=(bh, dv // bv),
-      in_specs=[sp["full_k"], sp["full_c"], sp["full_k"], sp["full_k"], sp["vec"], sp["blk_v"],
-                sp["state"]],
-      out_specs=[sp["states"], sp["state"]],
-      out_shape=[jax.ShapeDtypeStruct((bh, n, dv, dk), opts["state_dtype"]),
-                 jax.ShapeDtypeStruct((bh, dv, dk), F32)],
-      interpret=opts["interpret"], name="gdr_chunk_bwd_states",
-      compiler_params=_compiler_params(opts["num_warps_bwd"], opts["num_stages"],
-                                       opts["gpu_lowering"]),
-  )(w, p, qg, kd, gev, do, dsn)
+  dss, ds0 = _states_call(w, p, qg, kd, gev, do, dsn, opts)
+  heads = opts["heads"]
   sq = pl.squeezed if hasattr(pl, "squeezed") else None
+  do_spec = pl.BlockSpec((sq, c, sq, dv), lambda i, j: (i // heads, j, i % heads, 0))
   ck = lambda d: pl.BlockSpec((sq, sq, c, d), lambda i, j: (i, j, 0, 0))
   st = pl.BlockSpec((sq, sq, dv, dk), lambda i, j: (i, j, 0, 0))
   cv = pl.BlockSpec((sq, sq, c), lambda i, j: (i, j, 0))
@@ -284,7 +298,7 @@ def _bwd_call_split_pallas(w, uv, p, qg, kd, gev, hs, do, dsn, opts):
   like = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype)
   duv, dw, dp, dqg, dkd, dgev = pl.pallas_call(
       kern, grid=(bh, n),
-      in_specs=[ck(dk), ck(dv), ck(c), ck(dk), st, st, ck(dv)],
+      in_specs=[ck(dk), ck(dv), ck(c), ck(dk), st, st, do_spec],
       out_specs=[ck(dv), ck(dk), ck(c), ck(dk), ck(dk), cv],
       out_shape=[like(uv), like(w), like(p), like(qg), like(kd),
                  jax.ShapeDtypeStruct(gev.shape, F32)],
@@ -312,8 +326,8 @@ def _recurrence_bwd(opts_key, res, cts):
   opts = dict(opts_key)
   call = {"split": _bwd_call_split, "fused": _bwd_call,
           "split_pallas": _bwd_call_split_pallas}[opts["bwd"]]
-  if opts["bwd"] != "split_pallas":
-    do = do.astype(F32)
+  if opts["bwd"] == "fused":
+    do = _to_chunks(do, w.shape[1], w.shape[2])
   duv, dw, dp, dqg, dkd, dge, ds0 = call(w, uv, p, qg, kd, gev, hs, do, dsn.astype(F32), opts)
   return (dw.astype(w.dtype), duv.astype(uv.dtype), dp.astype(p.dtype), dqg.astype(qg.dtype),
           dkd.astype(kd.dtype), (dge / gev.shape[-1]).astype(gev.dtype), ds0)
@@ -798,11 +812,10 @@ def chunk_gated_delta_rule(q, k, v, log_alpha, beta, chunk_size: int = 64, initi
           ("num_stages", int(num_stages)), ("dot_dtype", jnp.dtype(dot_dtype)),
           ("interpret", bool(interpret)), ("bwd", bwd), ("gpu_lowering", bool(gpu_lowering)),
           ("block_v_grads", int(block_v_grads)), ("num_warps_grads", int(num_warps_grads)),
-          ("state_dtype", jnp.dtype(F32 if state_dtype is None else state_dtype)))
+          ("state_dtype", jnp.dtype(F32 if state_dtype is None else state_dtype)),
+          ("heads", int(h)), ("out_dtype", jnp.dtype(v.dtype)))
   o, sn = _recurrence(flat(w), flat(uv), flat(p), flat(qg), flat(kd), flat(gev), s0, opts)
-  o = o.reshape(bsz, h, n * c, dv)[:, :, :t]
-  o = jnp.moveaxis(o, 1, 2).astype(v.dtype)
-  return o, sn.reshape(bsz, h, dv, dk)
+  return o[:, :t], sn.reshape(bsz, h, dv, dk)
 
 
 # ----------------------------------------------------------------------------- config selection
