@@ -72,15 +72,15 @@ def test_kernel_matches_gather_reference(tiles):
 
 def test_lists_match_sets():
   """The CSR lists are the per-block unions with the right bit masks (Python sets as the
-  reference), with one mask word (blocks of 16) and two (blocks of 64); a key listed twice in
-  a row counts once."""
+  reference), with one mask word (query blocks of 16) and two (key blocks of 64); a key listed
+  twice in a row counts once."""
   seed = _seed()
   rng = np.random.default_rng(seed)
   b, t, kmax = 2, 128, 12
   sel = _selection(rng, b, t, kmax)
   sel[0, 70, kmax - 1] = sel[0, 70, 0]          # a duplicate entry
-  for (lists, by_query), bq in [(x, bq) for bq in (16, 64) for x in (
-      (ks.query_lists(jnp.asarray(sel), bq), True), (ks.key_lists(jnp.asarray(sel), bq), False))]:
+  for lists, by_query, bq in ((ks.query_lists(jnp.asarray(sel), 16), True, 16),
+                              (ks.key_lists(jnp.asarray(sel), 64), False, 64)):
     off, cols, bits = (np.asarray(a) for a in lists)
     n_words = bits.shape[1] // cols.shape[1]
     assert n_words == -(-bq // 32)
@@ -132,7 +132,7 @@ def _layer_setup(seed):
   cfg = tiny.get_config()
   cfg.model.gsa.attention = "kernel"
   config_lib.validate(cfg)                      # "kernel" is an accepted mode
-  t = 48
+  t = 40
   k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
   p = nn.init(gsa.gsa_specs(cfg), k1)
   p = {n: w * 5.0 for n, w in p.items()}
@@ -192,3 +192,27 @@ def test_kernel_per_device_under_a_mesh(monkeypatch):
     got = jax.jit(jax.grad(loss, (0, 1, 2)))(*(jax.device_put(a, bs) for a in (q, k, v)))
   for name, a, w in zip(("dq", "dk", "dv"), got, want):
     assert _rel(a, w) <= 1e-5, f"seed={seed} sharded {name} rel err {_rel(a, w):.2e}"
+
+
+def test_indexer_scores_kernel_matches_xla():
+  """The indexer-score kernel equals layers.sparse_attention.indexer_scores (float32, fresh
+  random inputs, Q and T not multiples of the tiles, queries offset into the sequence as in a
+  query chunk): the same -inf pattern and finite scores within 1e-5; it lowers for Triton."""
+  seed = _seed()
+  b, nq, t, hi, di = 2, 40, 80, 4, 16
+  k = jax.random.split(jax.random.PRNGKey(seed), 4)
+  qi = jax.random.normal(k[0], (b, nq, hi, di)) * 3.0
+  ki = jax.random.normal(k[1], (b, t, di))
+  wi = jax.random.normal(k[2], (b, nq, hi))
+  bias = jax.random.normal(k[3], (hi,))
+  pos = jnp.arange(nq) + 30
+  got = ks.indexer_scores(qi, ki, wi, bias, pos, block_q=16, block_k=32, interpret=True)
+  want = gsa.indexer_scores(qi, ki, wi, bias, pos)
+  fin = np.isfinite(np.asarray(want))
+  assert np.array_equal(fin, np.isfinite(np.asarray(got))), f"seed={seed} causal pattern differs"
+  err = float(np.max(np.abs(np.asarray(got)[fin] - np.asarray(want)[fin])))
+  assert err <= 1e-5, f"seed={seed} indexer score max abs err {err:.2e}"
+  bf = lambda a: a.astype(jnp.bfloat16)
+  txt = lower_for_gpu(lambda *a: ks.indexer_scores(*a, gpu_lowering=True), bf(qi), bf(ki),
+                      bf(wi), bias, pos)
+  assert "gsa_indexer_scores" in txt

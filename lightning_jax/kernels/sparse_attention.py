@@ -494,3 +494,69 @@ def select_and_run(q, k, v, selection, query_chunk: int, **tiles):
     return sparse_attention(q, k, v, selection, query_chunk, "gather")
   fn = functools.partial(gsa_attention, interpret=True if _FORCE_INTERPRET else None, **tiles)
   return sharded(fn, q, k, v, selection)
+
+
+# ----------------------------------------------------------------------------- indexer scores
+def _indexer_kernel(q_ref, k_ref, w_ref, b_ref, pos_ref, s_ref, *, n_heads, bk, scale,
+                    dot_dtype):
+  j = pl.program_id(0)
+  k = k_ref[...]                                                               # [BK, Di]
+  acc = jnp.zeros(s_ref.shape, F32)
+  for h in range(n_heads):
+    raw = _dot(q_ref[:, h, :], k, _DN_T, dot_dtype) * scale + b_ref[h].astype(F32)
+    acc = acc + jax.nn.sigmoid(w_ref[:, h].astype(F32))[:, None] * jax.nn.sigmoid(raw)
+  kpos = j * bk + jnp.arange(bk, dtype=jnp.int32)
+  s_ref[...] = jnp.where(kpos[None, :] <= pos_ref[...][:, None], acc, -jnp.inf)
+
+
+def indexer_scores(qi, ki, wi, bias, q_pos, *, block_q: int = 64, block_k: int = 64,
+                   num_warps: int = 4, num_stages: int = 2, interpret: bool | None = None,
+                   gpu_lowering: bool = False):
+  """Lightning-indexer scores as one Pallas kernel; the contract of
+  layers.sparse_attention.indexer_scores: qi [B, Q, Hi, Di], ki [B, T, Di], wi [B, Q, Hi] (raw
+  head-weight logits), bias [Hi], q_pos int [Q] -> float32 [B, Q, T],
+  s = sum_h sigmoid(wi_h) sigmoid(qi_h . ki / sqrt(Di) + bias_h), -inf for keys after q_pos.
+
+  Each program scores a [block_q, block_k] tile for all indexer heads in registers, so the
+  [B, Q, Hi, T] float32 logits of the XLA version never reach memory. Hi, Di and the tiles must
+  be powers of two (Triton tensor sizes), the tiles and Di at least 16."""
+  B, Q, Hi, Di = qi.shape
+  T = ki.shape[1]
+  if ki.shape != (B, T, Di) or wi.shape != (B, Q, Hi) or bias.shape != (Hi,) or \
+      q_pos.shape != (Q,):
+    raise ValueError(f"indexer kernel: expected qi [B, Q, Hi, Di], ki [B, T, Di], wi [B, Q, Hi], "
+                     f"bias [Hi], q_pos [Q]; got {qi.shape}, {ki.shape}, {wi.shape}, "
+                     f"{bias.shape}, {q_pos.shape}.")
+  for name, val in (("block_q", block_q), ("block_k", block_k), ("idx_heads", Hi),
+                    ("idx_dim", Di)):
+    _pow2(name, int(val))
+  for name, val in (("block_q", block_q), ("block_k", block_k), ("idx_dim", Di)):
+    if val < 16:
+      raise ValueError(f"indexer kernel: {name}={val} must be at least 16 (Triton dot tiles).")
+  bq, bk = int(block_q), int(block_k)
+  Qp, Tp = -(-Q // bq) * bq, -(-T // bk) * bk
+  pos = q_pos.astype(jnp.int32)
+  if Qp > Q:
+    qi = jnp.pad(qi, ((0, 0), (0, Qp - Q), (0, 0), (0, 0)))
+    wi = jnp.pad(wi, ((0, 0), (0, Qp - Q), (0, 0)))
+    pos = jnp.pad(pos, (0, Qp - Q), constant_values=-1)
+  if Tp > T:
+    ki = jnp.pad(ki, ((0, 0), (0, Tp - T), (0, 0)))
+  interp = False if gpu_lowering else interpret_default(interpret)
+  dot_dtype = F32 if jnp.dtype(qi.dtype) == jnp.dtype(F32) else jnp.bfloat16
+  sq = _sq()
+  kern = functools.partial(_indexer_kernel, n_heads=Hi, bk=bk, scale=1.0 / math.sqrt(Di),
+                           dot_dtype=dot_dtype)
+  s = pl.pallas_call(
+      kern, grid=(Tp // bk, Qp // bq, B),
+      in_specs=[pl.BlockSpec((sq, bq, Hi, Di), lambda j, i, b: (b, i, 0, 0)),
+                pl.BlockSpec((sq, bk, Di), lambda j, i, b: (b, j, 0)),
+                pl.BlockSpec((sq, bq, Hi), lambda j, i, b: (b, i, 0)),
+                pl.BlockSpec((Hi,), lambda j, i, b: (0,)),
+                pl.BlockSpec((bq,), lambda j, i, b: (i,))],
+      out_specs=pl.BlockSpec((sq, bq, bk), lambda j, i, b: (b, i, j)),
+      out_shape=jax.ShapeDtypeStruct((B, Qp, Tp), F32),
+      interpret=interp, name="gsa_indexer_scores",
+      compiler_params=compiler_params(num_warps, num_stages, force=gpu_lowering),
+  )(qi, ki, wi, bias.astype(F32), pos)
+  return s[:, :Q, :T]
