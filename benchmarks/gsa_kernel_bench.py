@@ -2,7 +2,7 @@
 
     python -m benchmarks.gsa_kernel_bench [--seq 4096,8192] [--heads 16] [--head_dim 256]
         [--batch 1] [--k_max 256] [--selection random,clustered] [--tiles a,b,c,d]
-        [--variants kernel,flash,cudnn] [--repeat 10] [--no-check]
+        [--variants kernel,flash,cudnn] [--repeat 10] [--no-check] [--no-indexer]
 
 Times, on the default device, for each sequence length and selection kind:
   lists      the kernels' CSR lists alone (query unions + key lists; one sort each)
@@ -18,7 +18,8 @@ indexer). The mean list lengths per block of 16, 32, 64 queries (union of their 
 (queries selecting any of them) are printed: the kernels gather one K and V row (forward, dQ) or
 one q and dO row (dK/dV) per list entry and head. --check (default on) also prints the kernel's relative errors against the float32 XLA
 gather reference (o, dq, dk, dv) at the first sequence length. Every variant runs in its own
-try/except: a failure prints its error and the run goes on.
+try/except: a failure prints its error and the run goes on. --indexer (default on) also times
+the lightning-indexer scores of all T queries (4 heads x 128), XLA vs the Pallas kernel.
 
 Tile sets (block_q, block_k, block_kb, block_qc, warps fwd, warps bwd, stages):
 """
@@ -98,6 +99,30 @@ def _maxrel(a, b):
   return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
 
 
+def _bench_indexer(T, B, repeat, hi=4, di=128):
+  """Indexer scores of all T queries (4 heads x 128, bf16 inputs): XLA vs the Pallas kernel."""
+  k = jax.random.split(jax.random.PRNGKey(T + 1), 4)
+  qi = jax.random.normal(k[0], (B, T, hi, di), jnp.bfloat16)
+  ki = jax.random.normal(k[1], (B, T, di), jnp.bfloat16)
+  wi = jax.random.normal(k[2], (B, T, hi), jnp.bfloat16)
+  bias = jnp.zeros((hi,), jnp.float32)
+  pos = jnp.arange(T)
+  out = {}
+  for name, fn in (("xla", gsa.indexer_scores), ("kernel", ks.indexer_scores)):
+    try:
+      c, c_s = _compile(fn, (qi, ki, wi, bias, pos))
+      ms = _run(c, (qi, ki, wi, bias, pos), repeat)
+      out[name] = c(qi, ki, wi, bias, pos)
+      print(f"T={T} indexer scores {name:6s} {ms:8.3f} ms  (compile {c_s:5.1f} s)", flush=True)
+    except Exception as e:  # noqa: BLE001
+      print(f"T={T} indexer scores {name} FAILED: {type(e).__name__}: {str(e)[:2000]}", flush=True)
+  if len(out) == 2:
+    x, y = np.asarray(out["kernel"]), np.asarray(out["xla"])
+    fin = np.isfinite(y)
+    print(f"T={T} indexer scores: same -inf pattern {np.array_equal(fin, np.isfinite(x))}, "
+          f"max abs diff {float(np.max(np.abs(x[fin] - y[fin]))):.2e}", flush=True)
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--seq", default="4096,8192")
@@ -110,6 +135,7 @@ def main():
   ap.add_argument("--variants", default="kernel,flash,cudnn")
   ap.add_argument("--repeat", type=int, default=10)
   ap.add_argument("--check", action=argparse.BooleanOptionalAction, default=True)
+  ap.add_argument("--indexer", action=argparse.BooleanOptionalAction, default=True)
   a = ap.parse_args()
   B, H, D = a.batch, a.heads, a.head_dim
   variants = a.variants.split(",")
@@ -171,6 +197,8 @@ def main():
       except Exception as e:  # noqa: BLE001
         print(f"T={T} {name:10s} FAILED: {type(e).__name__}: {str(e)[:2000]}", flush=True)
         traceback.print_exc(limit=3)
+    if a.indexer:
+      _bench_indexer(T, B, a.repeat)
     if a.check and si == 0 and "kernel" in variants:
       t0 = a.tiles.split(",")[0]
       f32 = lambda x: x.astype(jnp.float32)
