@@ -140,15 +140,16 @@ def delta_variants(small, iters):
 
 _OLD = dict(block_v=64, block_v_bwd=128, num_warps=4, num_warps_bwd=8)
 _NEW = dict(block_v=64, block_v_bwd=32, num_warps=4, num_warps_bwd=4, prep="pallas",
-            prep_bwd="pallas", bwd="split_pallas", block_v_grads=32, num_warps_grads=4)
+            prep_bwd="pallas", bwd="split_pallas", block_v_grads=32, num_warps_grads=8)
 DELTA_SETTINGS = [   # (label, kwargs of kernels.delta_rule.chunk_gated_delta_rule, both shapes)
     ("prep=xla (default)", _OLD, True),
     ("prep=pallas,prep_bwd=xla", dict(_OLD, prep="pallas", prep_bwd="xla"), False),
     ("prep=pallas,prep_bwd=pallas", dict(_OLD, prep="pallas", prep_bwd="pallas"), False),
     ("prep=pallas,bwd=split_pallas", _NEW, True),
     ("prep=pallas,bwd=split_pallas,state bf16", dict(_NEW, state_dtype=jnp.bfloat16), True),
-    ("prep=pallas,bwd=split_pallas,BV 64,grads warps 8",
-     dict(_NEW, block_v_bwd=64, block_v_grads=64, num_warps_grads=8), False),
+    ("prep=pallas,bwd=split_pallas,grads warps 4", dict(_NEW, num_warps_grads=4), False),
+    ("prep=pallas,bwd=split_pallas,BV 64/64", dict(_NEW, block_v_bwd=64, block_v_grads=64),
+     False),
 ]
 
 

@@ -4,27 +4,55 @@ Same contract as lightning_jax.layers.deltanet.chunk_gated_delta_rule (the refer
   o [B, T, H, Dv] in v's dtype, S_T [B, H, Dv, Dk] float32.
 
 Split of the work (the math is the reference's, see layers/deltanet.py's docstring):
-  * prep (plain JAX, all chunks at once, float32, differentiated by autodiff): the local cumulative
-    log decay g, the unit-lower-triangular solve giving W = (I+A)^-1 diag(beta gamma) K and
+  * prep, per chunk: the local cumulative log decay g, W = (I+A)^-1 diag(beta gamma) K and
     Uv = (I+A)^-1 diag(beta) V, the intra-chunk attention P = M o Q K^T, Qg = diag(gamma) Q,
-    Kd = diag(e^{g_C - g}) K and the chunk decay ge = e^{g_C};
+    Kd = diag(e^{g_C - g}) K and the chunk decay ge = e^{g_C}. prep="xla": plain JAX over all
+    chunks at once, float32, differentiated by autodiff. prep="pallas": one Pallas program per
+    (batch, head, chunk) reading bf16 q/k/v straight from [B, T, H, D] and writing W, Uv, P, Qg,
+    Kd in dot_dtype; (I+A)^-1 is built in registers in 16 x 16 sub-blocks (forward substitution
+    on the diagonal blocks, T_ij = -T_ii sum_{j<=m<i} A_im T_mj below them, float32 IEEE dots).
+    Its backward (prep_bwd="pallas") is a second per-chunk kernel that recomputes T and applies
+    dA = -T^T dT T^T, the M / diag scalings' terms and dlog_alpha = reverse cumsum(dg)
+    (see _prep_bwd_kernel); prep_bwd="xla" differentiates the XLA prep instead;
   * the recurrence over chunks, one Pallas program per (batch x head, block of Dv rows of the
     state), the state block [BV, Dk] held in registers across a loop over the chunks:
         U_n = Uv_n - W_n S_n^T ;  O_n = Qg_n S_n^T + P_n U_n ;  S_{n+1} = ge_n S_n + U_n^T Kd_n
     (rows of the state over Dv are independent, which is what makes the Dv split exact). The
-    forward kernel also writes the state at each chunk start (float32) for the backward;
-  * the backward kernel runs the same loop in reverse with dS [BV, Dk] in registers:
+    forward kernel writes O in v's dtype into [B, T, H, Dv] and the state at each chunk start
+    (state_dtype, float32 by default) for the backward;
+  * the backward of the recurrence, in reverse over chunks with dS [BV, Dk]:
         dS_{n+1} -> dU += Kd dS^T, dKd = U dS, dge = <S_n, dS>, dS_n = ge dS
         dO       -> dQg = dO S_n, dS_n += dO^T Qg, dP = dO U^T, dU += P^T dO
         U        -> dUv = dU, dW = -dU S_n, dS_n -= dU^T W
-    dW, dQg, dKd, dP and dge contract over Dv, so each Dv block writes a partial that is summed
-    outside (nothing to sum when BV = Dv).
-The two kernels are tied together by jax.custom_vjp; the prep and the final gathers are plain JAX.
+    bwd="fused": one reverse kernel computes all of it (dW, dQg, dKd, dP, dge contract over Dv:
+    float32 partials per Dv block, summed outside). bwd="split": a reverse kernel carries only dS
+    and writes dS_{n+1} per chunk; the rest are batched XLA einsums. bwd="split_pallas": the same
+    dS kernel, then one parallel Pallas kernel per (batch x head, chunk) for every chunk-local
+    gradient (a loop over Dv blocks, Dv-contracted gradients accumulated in registers, written
+    in the operands' dtype).
+Everything is tied together by jax.custom_vjp (prep and recurrence separately).
+
+Predicted cost, B4 T4096, 32 heads x 128, chunk 64, bf16 (8192 chunks; counted before any GPU
+run; 2.55 TB/s measured copy bandwidth, docs/PERFORMANCE.md). Bytes dominate, FLOPs are small:
+  prep fwd (pallas)   reads q, k, v 384 MiB, writes W, Uv, Qg, Kd 512 MiB + P 64 MiB + ge 2 MiB
+                      = 1.0 GB -> 0.40 ms; ~3 MFLOP/chunk (25 GFLOP) in small dots; the 15-step
+                      forward substitution is latency -> predicted 0.5-0.7 ms (XLA: 4.28 ms).
+  recurrence fwd      measured 0.65 ms with float32 states (512 MiB written); bf16 states -0.1 ms.
+  dS kernel           512 programs (BV 32) x 64 steps of 4 small dots + a 16 KiB store: latency,
+                      predicted 0.2-0.4 ms.
+  grads kernel        reads S, dS (2 x 512 MiB f32) + W, Kd, Uv, P, dO (~330 MiB), writes
+                      dUv, dW, dP, dQg, dKd bf16 (~580 MiB) = 2.0 GB -> 0.8 ms (0.6 ms with
+                      bf16 states); predicted 0.8-1.2 ms.
+  prep bwd (pallas)   reads q, k, v + dW, dUv, dQg, dKd + dP (960 MiB), writes dq, dk, dv 384 MiB
+                      = 1.4 GB -> 0.55 ms; ~3x the forward's dots -> predicted 0.6-0.9 ms
+                      (XLA prep fwd+bwd: 12.1 ms).
+  total               forward ~1.2 ms (now 4.93), forward+backward ~3.0-3.8 ms with prep="pallas",
+                      bwd="split_pallas" (now 17.79; FLA 0.6.0: 4.60).
 
 Backends: on GPU the kernels lower through Pallas' Triton backend; elsewhere (CPU) they run with
 `interpret=True` (slow; for tests) — `impl_note()` says which. Matmul operands inside the kernels
 are cast to `dot_dtype` (float32 for float32 inputs, else bfloat16) with float32 accumulation; the
-state and every carried quantity stay float32.
+state and every carried quantity stay float32 (the saved per-chunk states: state_dtype).
 """
 from __future__ import annotations
 
@@ -737,7 +765,7 @@ def chunk_gated_delta_rule(q, k, v, log_alpha, beta, chunk_size: int = 64, initi
                            bwd: str = "fused", inverse_precision: str = "highest",
                            prep: str = "xla", prep_bwd: str = "pallas", num_warps_prep: int = 4,
                            num_warps_prep_bwd: int = 8, block_v_grads: int = 32,
-                           num_warps_grads: int = 4, state_dtype=None,
+                           num_warps_grads: int = 8, state_dtype=None,
                            interpret: bool | None = None, gpu_lowering: bool = False):
   """Gated delta rule, chunked, with the recurrence over chunks in Pallas kernels.
 
