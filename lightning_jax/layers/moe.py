@@ -49,11 +49,10 @@ scatter-add runs and no [N, k, d] tensor of picked rows is built.
 * dropless (default): the same first round, then overflow rounds of C1 = round_up(C0 *
   overflow_round, group_pad) rows for positions [C0 + r C1, C0 + (r+1) C1). The number of rounds
   is bounded statically (an expert receives at most one pick per token, so at most N rows), and
-  each overflow round runs only when some group still has rows left (`lax.cond` on the
-  mesh-wide max load), so the result is exact for any routing and costs nothing extra when
-  loads fit in C0. Overflow rounds are one `lax.scan` body, rematerialised in the backward
-  pass: their activations are not stored per round (compiled temp memory does not grow with
-  the number of rounds; checked on CPU).
+  the overflow rounds actually needed (from the mesh-wide max load) run in a `lax.fori_loop`
+  with a traced trip count, forward and backward (`_overflow_rounds`, a custom VJP that
+  recomputes each round in the backward), so the result is exact for any routing, costs
+  nothing extra when loads fit in C0, and stores no per-round activations.
 With an "expert" mesh axis of size n > 1 (sharding.current_mesh()), the dispatch runs inside
 `jax.shard_map`: tokens are split over (data, expert), experts over expert, and each round sends
 rows with one all_to_all and brings results back with another. Without a mesh, or with expert
@@ -360,9 +359,10 @@ def _dispatch_local(wp, wf, x, eid, gates, cfg, n_dev, axis, reduce_axes):
   rank = jnp.zeros((a,), jnp.int32).at[order].set(jnp.arange(a, dtype=jnp.int32))
   pos = rank - jnp.concatenate([offsets, jnp.zeros((1,), jnp.int32)])[key]   # position in group
   gates = gates.astype(jnp.float32)
+  maps = (key, pos, order, counts, offsets)
 
-  def one_round(start, cap):
-    src, slot = _round_maps(key, pos, order, counts, offsets, start, cap, n, k)
+  def one_round(wp, wf, x, gates, maps, start, cap):
+    src, slot = _round_maps(*maps, start, cap, n, k)
     xs = dispatch_rows(x, src, slot)                                   # [E_tot cap, d]
     if axis is not None:
       xs = jax.lax.all_to_all(xs.reshape(n_dev, e_loc, cap, d), axis, 0, 0, tiled=True)
@@ -377,7 +377,7 @@ def _dispatch_local(wp, wf, x, eid, gates, cfg, n_dev, axis, reduce_axes):
       ys = yg.reshape(e_tot * cap, d)
     return combine_rows(ys, gates, src, slot)                          # [N, d] float32
 
-  out = one_round(0, c0)
+  out = one_round(wp, wf, x, gates, maps, 0, c0)
   if cfg.moe.dispatch == "capacity":
     dropped = jnp.sum(jnp.maximum(counts - c0, 0)).astype(jnp.float32)
   else:
@@ -386,19 +386,44 @@ def _dispatch_local(wp, wf, x, eid, gates, cfg, n_dev, axis, reduce_axes):
       maxc = jnp.max(counts)
       if reduce_axes:
         maxc = jax.lax.pmax(maxc, reduce_axes)
-
-      def tail(r):
-        start = c0 + r * c1
-        return jax.lax.cond(start < maxc, lambda: one_round(start, c1),
-                            lambda: jnp.zeros((n, d), jnp.float32))
-      tail = jax.checkpoint(tail)
-
-      def body(acc, r):
-        return acc + tail(r), None
-      out, _ = jax.lax.scan(body, out, jnp.arange(rounds, dtype=jnp.int32))
+      # rounds actually needed (the same on every device: maxc is the mesh-wide max)
+      n_run = jnp.clip((maxc - c0 + c1 - 1) // c1, 0, rounds).astype(jnp.int32)
+      tail = _overflow_rounds(lambda wp_, wf_, x_, g_, m_, r: one_round(
+          wp_, wf_, x_, g_, m_, c0 + r * c1, c1), (n, d))
+      out = out + tail(wp, wf, x, gates, maps, n_run)
   if reduce_axes:
     dropped = jax.lax.psum(dropped, reduce_axes)
   return out, dropped
+
+
+def _overflow_rounds(round_fn, out_shape):
+  """sum_{r < n_run} round_fn(wp, wf, x, gates, maps, r) as a custom VJP whose forward AND
+  backward are while loops over the n_run rounds actually needed (a traced count): rounds that
+  are not needed cost nothing (no zero-valued round outputs, no per-round weight-cotangent adds),
+  and a round's activations are never stored: the backward recomputes each round under jax.vjp.
+  wf (frozen experts) and the integer maps get no cotangent."""
+  @jax.custom_vjp
+  def tail(wp, wf, x, gates, maps, n_run):
+    return jax.lax.fori_loop(
+        0, n_run, lambda r, acc: acc + round_fn(wp, wf, x, gates, maps, r),
+        jnp.zeros(out_shape, jnp.float32))
+
+  def fwd(wp, wf, x, gates, maps, n_run):
+    return tail(wp, wf, x, gates, maps, n_run), (wp, wf, x, gates, maps, n_run)
+
+  def bwd(res, dout):
+    wp, wf, x, gates, maps, n_run = res
+
+    def body(r, acc):
+      _, vjp = jax.vjp(lambda wp_, x_, g_: round_fn(wp_, wf, x_, g_, maps, r), wp, x, gates)
+      return jax.tree_util.tree_map(lambda s, t: s + t.astype(s.dtype), acc, vjp(dout))
+    zeros = jax.tree_util.tree_map(
+        jnp.zeros_like, (wp, x.astype(jnp.float32), gates.astype(jnp.float32)))
+    dwp, dx, dg = jax.lax.fori_loop(0, n_run, body, zeros)
+    return dwp, None, dx.astype(x.dtype), dg.astype(gates.dtype), None, None
+
+  tail.defvjp(fwd, bwd)
+  return tail
 
 
 def dispatch(wp, wf, x2, eid, gates, cfg):
