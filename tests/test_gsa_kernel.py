@@ -70,10 +70,13 @@ def test_kernel_matches_gather_reference(tiles):
     assert _rel(a, w) <= 1e-5, f"seed={seed} tiles={tiles} {name} rel err {_rel(a, w):.2e}"
 
 
-def test_lists_match_sets():
+@pytest.mark.parametrize("sort", ["one_key", "two_keys"])
+def test_lists_match_sets(sort, monkeypatch):
   """The CSR lists are the per-block unions with the right bit masks (Python sets as the
   reference), with one mask word (query blocks of 16) and two (key blocks of 64); a key listed
-  twice in a row counts once."""
+  twice in a row counts once. Both list builds: one packed sort key, and (long sequences) two."""
+  if sort == "two_keys":
+    monkeypatch.setattr(ks, "_COMPOSITE_LIMIT", 0)
   seed = _seed()
   rng = np.random.default_rng(seed)
   b, t, kmax = 2, 128, 12

@@ -77,6 +77,7 @@ from lightning_jax.kernels.common import compiler_params, interpret_default, on_
 F32 = jnp.float32
 _NEG = -1e30
 _SENTINEL = jnp.iinfo(jnp.int32).max
+_COMPOSITE_LIMIT = int(_SENTINEL)   # lists: one-key sort below this many (group, col, bit) codes
 _DN_T = (((1,), (1,)), ((), ()))     # a @ b.T
 _DN_TA = (((0,), (0,)), ((), ()))    # a.T @ b
 _DN = (((1,), (0,)), ((), ()))       # a @ b
@@ -103,15 +104,29 @@ def _dot(a, b, dn, dt):
 
 
 # ----------------------------------------------------------------------------- CSR lists
-def _csr_one(group, col, bit, valid, n_groups: int, n_cols: int, n_words: int):
+def _words(block: int) -> int:
+  return -(-int(block) // 32)
+
+
+def _csr_one(group, col, bit, valid, n_groups: int, n_cols: int, block: int):
   """One batch row: pairs (group, col, bit) -> distinct cols per group (ascending) + bitmasks.
 
-  Returns (offsets int32 [n_groups + 1], cols int32 [N], bits int32 [n_words * N]); group g's
-  list is cols[offsets[g]:offsets[g + 1]]; bit b of entry i is bit b % 32 of
-  bits[(b // 32) * N + i], set when the pair (g, cols[i], b) occurs. Repeated pairs count once."""
+  bit in [0, block). Returns (offsets int32 [n_groups + 1], cols int32 [N], bits int32
+  [n_words * N], n_words = ceil(block / 32)); group g's list is cols[offsets[g]:offsets[g + 1]];
+  bit b of entry i is bit b % 32 of bits[(b // 32) * N + i], set when the pair (g, cols[i], b)
+  occurs. Repeated pairs count once. One single-key int32 sort (radix sort on GPUs) when
+  n_groups * n_cols * block fits an int32, else a two-key sort."""
   n = group.shape[0]
-  key = jnp.where(valid, group * n_cols + col, _SENTINEL).astype(jnp.int32)
-  key_s, bit_s = jax.lax.sort((key, bit.astype(jnp.int32)), num_keys=2)
+  n_words = _words(block)
+  if n_groups * n_cols * block < _COMPOSITE_LIMIT:
+    comp = jnp.where(valid, (group * n_cols + col) * block + bit, _SENTINEL).astype(jnp.int32)
+    comp_s = jax.lax.sort(comp)
+    live = comp_s != _SENTINEL
+    key_s = jnp.where(live, comp_s // block, _SENTINEL)
+    bit_s = jnp.where(live, comp_s % block, 0)
+  else:
+    key = jnp.where(valid, group * n_cols + col, _SENTINEL).astype(jnp.int32)
+    key_s, bit_s = jax.lax.sort((key, bit.astype(jnp.int32)), num_keys=2)
   live = key_s != _SENTINEL
   # a repeated (group, col, bit) pair (a key listed twice in one row) counts once, as in a mask
   fresh = live & ~((key_s == jnp.roll(key_s, 1)) & (bit_s == jnp.roll(bit_s, 1))
@@ -132,16 +147,12 @@ def _csr_one(group, col, bit, valid, n_groups: int, n_cols: int, n_words: int):
   return offsets, cols, bits
 
 
-def _words(block: int) -> int:
-  return -(-int(block) // 32)
-
-
 def query_lists(selection, block_q: int):
   """Per block of block_q queries: the union of their selected keys with block_q-bit masks."""
   B, T, K = selection.shape
   t = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[:, None], (T, K)).reshape(-1)
   f = lambda s: _csr_one(t // block_q, jnp.maximum(s, 0), t % block_q, s >= 0,
-                         T // block_q, T, _words(block_q))
+                         T // block_q, T, block_q)
   return jax.vmap(f)(selection.reshape(B, T * K).astype(jnp.int32))
 
 
@@ -152,7 +163,7 @@ def key_lists(selection, block_k: int):
 
   def f(s):
     j = jnp.maximum(s, 0)
-    return _csr_one(j // block_k, t, j % block_k, s >= 0, T // block_k, T, _words(block_k))
+    return _csr_one(j // block_k, t, j % block_k, s >= 0, T // block_k, T, block_k)
   return jax.vmap(f)(selection.reshape(B, T * K).astype(jnp.int32))
 
 
