@@ -389,20 +389,25 @@ def _qbase(xr, q, bits, dtype, kernel="xla"):
   return jax.lax.stop_gradient(jnp.einsum("ecn,eon->eco", xr, w))
 
 
-def _qlinear(x, q, ad, bits, dtype, kernel="xla"):
+def _adapter_in(ad, q, d_in):
+  """B R = unrotate(B's rows) [E, r, d_in], float32: the adapter's input projection in the
+  original (unrotated) space, so that B (R x) = (B R) x."""
+  return unrotate(ad["b"].astype(jnp.float32), q["signs"])[..., :d_in]
+
+
+def _qlinear(x, q, ad, bits, dtype, kernel="xla", xb=None):
   """x [E, C, d_in] (NOT rotated) -> [E, C, d_out] = stop_gradient(n ⊙ Q (R x)) + A (B (R x)).
 
   Only the base needs the rotated input, and the base is stop-gradient, so the rotation runs on
   a stop-gradient copy of x, forward only. The adapter is applied as A ((B R) x) with
-  B R = unrotate(B's rows) [E, r, n] (a rank-r-sized transform): the backward never rotates an
+  B R = `_adapter_in` [E, r, d_in] (a rank-r-sized transform): the backward never rotates an
   [E, C, n] activation and keeps no rotated copy of it. The rank-r adapter runs alongside the
-  base in XLA (two thin einsums, r = 16)."""
+  base in XLA (two thin einsums, r = 16); `xb` = (B R) x when the caller computed it already."""
   n = q["signs"].shape[-1]
-  d_in = x.shape[-1]
   xr = rotate(_pad_last(jax.lax.stop_gradient(x), n), q["signs"])
   base = jax.lax.stop_gradient(_qbase(xr, q, bits, dtype, kernel))
-  b_in = unrotate(ad["b"].astype(jnp.float32), q["signs"])[..., :d_in]      # B R: [E, r, d_in]
-  xb = jnp.einsum("ecd,erd->ecr", x, b_in.astype(dtype))
+  if xb is None:
+    xb = jnp.einsum("ecd,erd->ecr", x, _adapter_in(ad, q, x.shape[-1]).astype(dtype))
   return base.astype(dtype) + jnp.einsum("ecr,eor->eco", xb, ad["a"].astype(dtype))
 
 
@@ -410,19 +415,23 @@ def tqp_grouped_swiglu(adapters: dict, qbase: dict, xg: jax.Array, cfg) -> jax.A
   """xg [E, C, d] (tokens grouped per expert) -> [E, C, d] = down(silu(gate x) * up x),
   with every routed matrix = stop_gradient(dequantized base) + adapter, in compute dtype.
 
-  The base matmuls use `base_kernel(cfg)`. gate and up are separate kernel calls: each matrix
-  has its own rotation signs (drawn per (layer, matrix)), so their rotated inputs differ."""
+  The base matmuls use `base_kernel(cfg)`. gate and up are separate base calls: each matrix
+  has its own rotation signs (drawn per (layer, matrix)), so their rotated inputs differ. Their
+  adapter input projections share one pass over x ([E, 2r, d] stacked)."""
   validate_qbase(qbase, cfg)
   bits = int(cfg.tqp.bits)
   dtype = nn.dtype_of(cfg.model.dtype)
   kernel = base_kernel(cfg)
   x = xg.astype(dtype)
   d = x.shape[-1]
+  r = adapters["gate"]["b"].shape[-2]
+  b_gu = jnp.concatenate([_adapter_in(adapters[m], qbase[m], d) for m in ("gate", "up")], -2)
+  xb = jnp.einsum("ecd,erd->ecr", x, b_gu.astype(dtype))                 # [E, C, 2r]
 
-  def lin(mat, inp):
-    return _qlinear(inp, qbase[mat], adapters[mat], bits, dtype, kernel)
+  def lin(mat, inp, xb_=None):
+    return _qlinear(inp, qbase[mat], adapters[mat], bits, dtype, kernel, xb_)
 
-  h = jax.nn.silu(lin("gate", x)) * lin("up", x)
+  h = jax.nn.silu(lin("gate", x, xb[..., :r])) * lin("up", x, xb[..., r:])
   y = lin("down", h)
   assert y.shape[-1] == d
   return y
