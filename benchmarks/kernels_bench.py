@@ -213,15 +213,17 @@ def delta(small, iters):
 def prep(small, iters):
   """The chunk prep alone (W, Uv, P, Qg, Kd, ge from q, k, v, log decay, beta), forward and
   forward+backward: XLA (float32, autodiff) vs the Pallas kernel (bf16 outputs), with the
-  Pallas outputs' and input gradients' relative error against the XLA prep."""
+  Pallas outputs' and input gradients' relative error against the XLA prep. Then each kernel
+  of the recurrence alone (forward; reverse dS; per-chunk gradients) on random operands."""
   from lightning_jax.kernels import delta_rule as kdr
   b, t, h, d = (2, 128, 4, 16) if small else (4, 4096, 32, 128)
+  c = 64
   tag = f"B{b}T{t}"
   args = delta_inputs(jax.random.PRNGKey(t), b, t, h, d)
-  base = dict(chunk=64, dot_dtype=jnp.dtype(jnp.bfloat16), interpret=not kdr.on_gpu(),
+  base = dict(chunk=c, dot_dtype=jnp.dtype(jnp.bfloat16), interpret=not kdr.on_gpu(),
               num_warps_prep=4, num_warps_prep_bwd=8, num_stages=1,
               gpu_lowering=False)
-  variants = [("XLA f32", None)] + [(f"pallas, bwd {pb}, warps {nw}",
+  variants = [("XLA f32", None)] + [(f"pallas, bwd {pb}, bwd warps {nw}",
                                      dict(base, prep_bwd=pb, num_warps_prep_bwd=nw))
                                     for pb, nw in (("xla", 8), ("pallas", 4), ("pallas", 8))]
   ref = {}
@@ -237,20 +239,50 @@ def prep(small, iters):
                                  zip(("W", "Uv", "P", "Qg", "Kd", "ge"), out, ref["out"])}
       record(f"prep {tag} fwd [{label}]", ms,
              " ".join(f"{k}={v:.1e}" for k, v in errs.items()), errors=errs)
+      if "cts" not in ref:
+        ref["cts"] = tuple(jax.random.normal(jax.random.PRNGKey(7 + i), x.shape, x.dtype)
+                           for i, x in enumerate(out))
 
-      def fb(*a):
-        out, vjp = jax.vjp(f, *a)
-        cts = jax.tree_util.tree_map(
-            lambda x: jax.random.normal(jax.random.PRNGKey(7), x.shape, x.dtype), out)
+      def fb(cts, *a):
+        _, vjp = jax.vjp(f, *a)
         return vjp(cts)
-      ms, _, g = bench(fb, args, iters)
-      errs = {} if not ref else {n: _rel(x, r) for n, x, r in
-                                 zip(("dq", "dk", "dv", "dla", "dbeta"), g, ref["g"])}
+      ms, _, g = bench(fb, (ref["cts"],) + tuple(args), iters)
+      errs = {} if "g" not in ref else {n: _rel(x, r) for n, x, r in
+                                        zip(("dq", "dk", "dv", "dla", "dbeta"), g, ref["g"])}
       record(f"prep {tag} fwd+bwd [{label}]", ms,
              " ".join(f"{k}={v:.1e}" for k, v in errs.items()), errors=errs)
       if opts is None:
         ref["out"], ref["g"] = out, g
     guarded(f"prep {tag} [{label}]", run)
+
+  # the recurrence's kernels alone, random operands of the benchmark's shapes
+  n, bh, bf = t // c, b * h, jnp.bfloat16
+  ks = jax.random.split(jax.random.PRNGKey(3), 12)
+  rnd = lambda i, shape, dt=bf, s=0.1: (s * jax.random.normal(ks[i], shape)).astype(dt)
+  w, uv, qg, kd = (rnd(i, (bh, n, c, d)) for i in range(4))
+  p = rnd(4, (bh, n, c, c))
+  gev = jnp.full((bh, n, c), 0.9, jnp.float32)
+  s0 = rnd(5, (bh, d, d), jnp.float32)
+  do = rnd(6, (b, t, h, d))
+  dsn = rnd(7, (bh, d, d), jnp.float32)
+  for label, st in (("f32 states", dict(state_dtype=jnp.dtype(jnp.float32))),
+                    ("bf16 states", dict(state_dtype=jnp.dtype(bf)))):
+    opts = dict(block_v=8 if small else 64, block_v_bwd=8 if small else 32, num_warps=4,
+                num_warps_bwd=4, num_stages=1, dot_dtype=jnp.dtype(bf),
+                interpret=not kdr.on_gpu(), bwd="split_pallas", gpu_lowering=False,
+                block_v_grads=8 if small else 32, num_warps_grads=8, heads=h,
+                out_dtype=jnp.dtype(bf), **st)
+
+    def run_rec(label=label, opts=opts):
+      ms, _, (o, hs, sn) = bench(lambda *a: kdr._fwd_call(*a, opts), (w, uv, p, qg, kd, gev, s0),
+                                 iters)
+      record(f"recurrence {tag} fwd kernel [{label}]", ms)
+      ms, _, _ = bench(lambda *a: kdr._states_call(*a, opts), (w, p, qg, kd, gev, do, dsn), iters)
+      record(f"recurrence {tag} dS kernel [{label}, BV {opts['block_v_bwd']}]", ms)
+      ms, _, _ = bench(lambda *a: kdr._bwd_call_split_pallas(*a, opts),
+                       (w, uv, p, qg, kd, gev, hs, do, dsn), iters)
+      record(f"recurrence {tag} dS + grads kernels [{label}]", ms)
+    guarded(f"recurrence {tag} [{label}]", run_rec)
 
 
 # ----------------------------------------------------------------------------- GSA
