@@ -227,8 +227,11 @@ def main():
     row(name, thunk)
 
   if "dispatch" in only:
-    for skew, mode, cf in [(0.0, "dropless", 1.0), (0.0, "dropless", 1.25),
-                           (0.0, "capacity", 1.25), (0.5, "dropless", 1.25)]:
+    # cf=1.05: the padding costs only ~6% extra matmul rows; dropless stays exact (overflow
+    # rounds take what does not fit)
+    for skew, mode, cf in [(0.0, "dropless", 1.05), (0.0, "dropless", 1.0),
+                           (0.0, "dropless", 1.25), (0.0, "capacity", 1.25),
+                           (0.5, "dropless", 1.25)]:
       dispatch_row(skew, mode, cf)
   if "legacy" in only:
     dispatch_row(0.0, "capacity", 1.25, label="legacy (autodiff scatter-add)",
