@@ -1,7 +1,7 @@
 """GSA attention core: Pallas kernels (gather in-kernel) vs flash-under-mask vs dense cuDNN.
 
     python -m benchmarks.gsa_kernel_bench [--seq 4096,8192] [--heads 16] [--head_dim 256]
-        [--batch 1] [--k_max 256] [--selection random,clustered] [--tiles b,c,d]
+        [--batch 1] [--k_max 256] [--selection random,clustered] [--tiles b,c,d] [--key_order count,position]
         [--variants kernel,flash,cudnn] [--repeat 10] [--no-check] [--no-indexer]
 
 Times, on the default device, for each sequence length and selection kind:
@@ -15,7 +15,8 @@ then distinct uniformly random earlier keys (no overlap between neighbours: the 
 case); "clustered": the top-k_t of a score shared by all queries (per-key salience) plus a
 recency bonus plus per-query noise, so neighbouring queries share most keys (closer to an
 indexer). The mean list lengths per block of 16, 32, 64 queries (union of their keys) and keys
-(queries selecting any of them) are printed: the kernels gather one K and V row (forward, dQ) or
+(queries selecting any of them; consecutive keys, and "ordered": blocks in key_order()) are
+printed: the kernels gather one K and V row (forward, dQ) or
 one q and dO row (dK/dV) per list entry and head. --check (default on) also prints the kernel's relative errors against the float32 XLA
 gather reference (o, dq, dk, dv) at the first sequence length. Every variant runs in its own
 try/except: a failure prints its error and the run goes on. --indexer (default on) also times
@@ -100,6 +101,10 @@ def _maxrel(a, b):
   return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
 
 
+def _ordered_key_lists(sel, blk):
+  return ks.key_lists(sel, blk, ks.key_order(sel))
+
+
 @functools.partial(jax.jit, static_argnums=(0, 2))
 def _mean_len_jit(lists_fn, sel, blk):
   off = lists_fn(sel, blk)[0]
@@ -143,6 +148,7 @@ def main():
   ap.add_argument("--k_max", type=int, default=256)
   ap.add_argument("--selection", default="random,clustered")
   ap.add_argument("--tiles", default="b,c,d")
+  ap.add_argument("--key_order", default="count", help="count,position: dK/dV key blocks")
   ap.add_argument("--variants", default="kernel,flash,cudnn")
   ap.add_argument("--repeat", type=int, default=10)
   ap.add_argument("--check", action=argparse.BooleanOptionalAction, default=True)
@@ -167,11 +173,12 @@ def main():
         sizes = []
         for blk in (16, 32, 64):
           sizes.append(f"{blk}: {_mean_len(ks.query_lists, sel, blk):6.0f} keys/qblock "
-                       f"{_mean_len(ks.key_lists, sel, blk):6.0f} queries/kblock")
+                       f"{_mean_len(ks.key_lists, sel, blk):6.0f} queries/kblock "
+                       f"{_mean_len(_ordered_key_lists, sel, blk):6.0f} ordered")
         if lists_fn is None:
           d = ks.DEFAULTS
           lists_fn, _ = _compile(lambda s: (ks.query_lists(s, d["block_q"]),
-                                            ks.key_lists(s, d["block_kb"])), (sel,))
+                                            _ordered_key_lists(s, d["block_kb"])), (sel,))
         ms = _run(lists_fn, (sel,), a.repeat)
         print(f"T={T} {kind:9s} kept/query {kmean:6.1f}  lists (default tiles) {ms:6.2f} ms  "
               f"mean list lengths, block " + " | ".join(sizes), flush=True)
@@ -182,8 +189,10 @@ def main():
       continue
     runs = []
     if "kernel" in variants:
-      runs += [(f"kernel:{t}", lambda q, k, v, s, t=t: ks.gsa_attention(q, k, v, s, **TILES[t]))
-               for t in a.tiles.split(",")]
+      runs += [(f"kernel:{t}" + ("" if ko == "count" else f":{ko}"),
+                lambda q, k, v, s, t=t, ko=ko: ks.gsa_attention(q, k, v, s, key_order=ko,
+                                                                **TILES[t]))
+               for t in a.tiles.split(",") for ko in a.key_order.split(",")]
     if "flash" in variants:
       runs.append(("flash", lambda q, k, v, s: gsa.flash_attention(q, k, v, s)))
     if "cudnn" in variants:

@@ -49,11 +49,13 @@ def _ref_loss(q, k, v, sel, r):
 
 
 @pytest.mark.parametrize("tiles", [dict(block_q=16, block_k=16, block_kb=16, block_qc=16),
-                                   dict(block_q=64, block_k=32, block_kb=64, block_qc=32)])
+                                   dict(block_q=64, block_k=32, block_kb=64, block_qc=32,
+                                        key_order="position")])
 def test_kernel_matches_gather_reference(tiles):
   """Forward o and dq, dk, dv of the interpreted kernels equal the XLA gather path (float32).
   T = 72 is not a multiple of the tiles (padding); k_t varies from 1 to k_max; the union lists
-  span several block_k chunks, the key lists several block_qc chunks."""
+  span several block_k chunks, the key lists several block_qc chunks; dK/dV key blocks in
+  key_order (default) and in position order."""
   seed = _seed()
   rng = np.random.default_rng(seed)
   b, t, h, d, kmax = 2, 72, 2, 32, 24
@@ -73,8 +75,10 @@ def test_kernel_matches_gather_reference(tiles):
 @pytest.mark.parametrize("sort", ["one_key", "two_keys"])
 def test_lists_match_sets(sort, monkeypatch):
   """The CSR lists are the per-block unions with the right bit masks (Python sets as the
-  reference), with one mask word (query blocks of 16) and two (key blocks of 64); a key listed
-  twice in a row counts once. Both list builds: one packed sort key, and (long sequences) two."""
+  reference), with one mask word (query blocks of 16) and two (key blocks of 64), key blocks in
+  position order and in key_order (a permutation grouping keys by how often they are selected);
+  a key listed twice in a row counts once. Both list builds: one packed sort key, and (long
+  sequences) two."""
   if sort == "two_keys":
     monkeypatch.setattr(ks, "_COMPOSITE_LIMIT", 0)
   seed = _seed()
@@ -82,8 +86,17 @@ def test_lists_match_sets(sort, monkeypatch):
   b, t, kmax = 2, 128, 12
   sel = _selection(rng, b, t, kmax)
   sel[0, 70, kmax - 1] = sel[0, 70, 0]          # a duplicate entry
-  for lists, by_query, bq in ((ks.query_lists(jnp.asarray(sel), 16), True, 16),
-                              (ks.key_lists(jnp.asarray(sel), 64), False, 64)):
+  order = np.asarray(ks.key_order(jnp.asarray(sel)))
+  counts = np.stack([np.bincount(sel[bi][sel[bi] >= 0], minlength=t) for bi in range(b)])
+  for bi in range(b):
+    assert sorted(order[bi]) == list(range(t)), f"seed={seed} key_order is no permutation"
+    bucket = np.floor(np.log2(counts[bi][order[bi]] + 1.0))
+    assert np.all(np.diff(bucket) <= 0), f"seed={seed} key_order not by selection count"
+  rank = np.argsort(order, axis=1)
+  for lists, by_query, bq, rk in ((ks.query_lists(jnp.asarray(sel), 16), True, 16, None),
+                                  (ks.key_lists(jnp.asarray(sel), 64), False, 64, None),
+                                  (ks.key_lists(jnp.asarray(sel), 32, jnp.asarray(order)), False,
+                                   32, rank)):
     off, cols, bits = (np.asarray(a) for a in lists)
     n_words = bits.shape[1] // cols.shape[1]
     assert n_words == -(-bq // 32)
@@ -93,7 +106,8 @@ def test_lists_match_sets(sort, monkeypatch):
         for j in sel[bi, ti]:
           if j < 0:
             continue
-          g, c, bit = (ti // bq, int(j), ti % bq) if by_query else (j // bq, ti, j % bq)
+          r = int(j) if rk is None else int(rk[bi, j])
+          g, c, bit = (ti // bq, int(j), ti % bq) if by_query else (r // bq, ti, r % bq)
           want.setdefault(g, {}).setdefault(c, set()).add(bit)
       for g in range(t // bq):
         lo, hi = off[bi, g], off[bi, g + 1]
@@ -110,7 +124,8 @@ def test_forward_and_backward_lower_for_gpu():
   b, t, h, d, kmax = 2, 80, 2, 64, 20
   q = jnp.zeros((b, t, h, d), jnp.bfloat16)
   sel = jnp.zeros((b, t, kmax), jnp.int32)
-  for tiles in (dict(), dict(block_q=64, block_kb=64, block_k=32, block_qc=32, num_warps=8)):
+  for tiles in (dict(), dict(block_q=64, block_kb=64, block_k=32, block_qc=32, num_warps=8,
+                             key_order="position")):
     def f(q, k, v, sel):
       o, vjp = jax.vjp(lambda q, k, v: ks.gsa_attention(q, k, v, sel, gpu_lowering=True,
                                                         **tiles), q, k, v)

@@ -17,9 +17,9 @@ Layout of the work: the selection is turned (plain JAX, one sort) into compresse
     Q_blk K_c^T on the tensor cores, masks them with the bits and runs an online softmax in
     float32 (forward: o and the log-sum-exp per (query, head); dQ: recomputes p from the LSE,
     ds = p (dO V^T - delta), dq += ds K_c).
-  * dK / dV: the TRANSPOSED selection in the same form: keys in blocks of BKB consecutive keys,
-    each block with the union of the queries that selected any of its keys and a BKB-bit mask
-    per query. A program (key block, b, head) holds K_blk, V_blk and dK, dV [BKB, D] in
+  * dK / dV: the TRANSPOSED selection in the same form: keys in blocks of BKB keys (consecutive
+    in key_order(): keys grouped by how many queries select them, then by position), each block
+    with the union of the queries that selected any of its keys and a BKB-bit mask per query. A program (key block, b, head) holds K_blk, V_blk and dK, dV [BKB, D] in
     registers and loops over its query list in chunks of BQC, gathering q, dO rows and the
     LSE / delta entries. Deterministic: no atomics, every dK / dV row is written once.
   The lists are CSR arrays (offsets per block into flat [B, T*K] positions and
@@ -45,18 +45,19 @@ FLOPs per dot pair of the dense masked tile (forward 2 dots, dQ 3, dK/dV 4). Ent
 Counted at T = 8192, k_max = 256, k_t uniform in [32, 224] (mean 126), with
 benchmarks/gsa_kernel_bench.make_selection (thousands of entries; "random": distinct uniform
 keys, "clustered": shared salience + recency, neighbours share keys):
-      block:            16            32            64
-  random     q-blocks  728            579           408      k-blocks  704   552   385
-  clustered  q-blocks  178            107            64      k-blocks  613   479   352
-(the useful pairs are 8192 x 126 = 1032 thousand).
+      block:             16    32    64          16    32    64           32    64
+  random     q-blocks   728   579   408  k-blocks  704   552   385  ordered  552   385
+  clustered  q-blocks   178   107    64  k-blocks  613   479   352  ordered  139   102
+(the useful pairs are 8192 x 126 = 1032 thousand; "ordered": key blocks in key_order(), the
+default, which groups the keys many queries select).
 Prediction, one H100 SXM, 16 heads x 256, B1, bf16, tile set "b" (blocks 32 / 32), assuming
 ~6 TB/s of L2 gather bandwidth and ~400 TFLOP/s of Triton mma (small M tiles):
   random:    forward 579k x 16 x 1 KiB = 9.5 GB (1.6 ms) vs 0.30 TFLOP (0.8 ms) -> ~1.6-2.3 ms;
              fwd+bwd 28 GB (4.7 ms) vs 1.34 TFLOP (3.3 ms)                        -> ~5-7 ms:
              ABOVE dense causal cuDNN (4.39 ms), about the "flash" mode (cuDNN under the mask).
-  clustered: forward 1.75 GB (0.3 ms); fwd+bwd 11.3 GB (1.9 ms) vs 0.64 TFLOP (1.6 ms)
-             -> ~2-3 ms: below cuDNN. dK/dV is the largest part (its key blocks share fewer
-             queries than query blocks share keys).
+  clustered: forward 1.75 GB (0.3 ms); fwd+bwd (ordered key blocks) 5.8 GB (1.0 ms) vs
+             0.29 TFLOP (0.7 ms) + lists, key order, un-permuting dK/dV (~0.3 ms)
+             -> ~1.3-2 ms: below cuDNN (in position order dK/dV alone would be 7.8 GB).
 The goal (beat 4.39 ms) therefore depends on how much neighbouring queries' selections overlap,
 which the indexer decides; the benchmark prints the list lengths of the selection it times.
 Atomics (dK/dV scattered from the query-major pass) were not used: Pallas' Triton atomics are
@@ -156,15 +157,40 @@ def query_lists(selection, block_q: int):
   return jax.vmap(f)(selection.reshape(B, T * K).astype(jnp.int32))
 
 
-def key_lists(selection, block_k: int):
-  """Per block of block_k keys: the queries that selected any of them, with block_k-bit masks."""
+def key_order(selection):
+  """Order of the keys for the dK/dV blocks, int32 [B, T] (a permutation per batch row): keys
+  grouped by floor(log2(1 + number of queries selecting them)), most selected first, by position
+  inside a group. Keys that many queries select (beyond the sinks: the indexer's heavy hitters)
+  then share blocks, so a block's query list is shared by most of its keys instead of holding
+  a long list for one heavy key among 31 local ones (at T = 8192 on the "clustered" benchmark
+  selection: 3.4x fewer (key block, query) entries; none fewer, none more, on random ones)."""
+  B, T, K = selection.shape
+  flat = selection.reshape(B, T * K)
+  counts = jax.vmap(lambda s: jnp.zeros((T + 1,), jnp.int32).at[jnp.where(s >= 0, s, T)].add(
+      1, mode="drop")[:T])(flat)
+  bucket = jnp.floor(jnp.log2(counts.astype(F32) + 1.0)).astype(jnp.int32)   # 0 .. log2(T)+1
+  top = int(math.log2(max(T, 1))) + 2
+  return jnp.argsort((top - bucket) * T + jnp.arange(T, dtype=jnp.int32)[None], axis=1).astype(
+      jnp.int32)
+
+
+def key_lists(selection, block_k: int, order=None):
+  """Per block of block_k keys: the queries that selected any of them, with block_k-bit masks.
+
+  order (int32 [B, T], optional): the key permutation (key_order); block g then holds the keys
+  order[g * block_k: (g + 1) * block_k] and bit i means key order[g * block_k + i]."""
   B, T, K = selection.shape
   t = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[:, None], (T, K)).reshape(-1)
+  if order is None:
+    rank = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None], (B, T))
+  else:
+    rank = jax.vmap(lambda o: jnp.zeros((T,), jnp.int32).at[o].set(
+        jnp.arange(T, dtype=jnp.int32)))(order)
 
-  def f(s):
-    j = jnp.maximum(s, 0)
-    return _csr_one(j // block_k, t, j % block_k, s >= 0, T // block_k, T, block_k)
-  return jax.vmap(f)(selection.reshape(B, T * K).astype(jnp.int32))
+  def f(s, rk):
+    r = rk[jnp.maximum(s, 0)]
+    return _csr_one(r // block_k, t, r % block_k, s >= 0, T // block_k, T, block_k)
+  return jax.vmap(f)(selection.reshape(B, T * K).astype(jnp.int32), rank)
 
 
 def unpack_bits(bits, n_words: int, length: int, block: int):
@@ -257,13 +283,18 @@ def _dq_kernel(off_ref, col_ref, bit_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, 
   dq_ref[...] = dq * scale
 
 
-def _dkv_kernel(off_ref, col_ref, bit_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref,
-                dk_ref, dv_ref, *, bkb, bqc, scale, dot_dtype, length):
+def _dkv_kernel(off_ref, col_ref, bit_ref, ord_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
+                dl_ref, dk_ref, dv_ref, *, bkb, bqc, scale, dot_dtype, length, permuted):
   g, b = pl.program_id(0), pl.program_id(1)
   start = off_ref[b, g]
   end = off_ref[b, g + 1]
-  kb = k_ref[...]
-  vb = v_ref[...]
+  if permuted:                    # this block's keys, gathered; k_ref / v_ref hold all T rows
+    keys_idx = ord_ref[...]
+    kb = k_ref[keys_idx, :]
+    vb = v_ref[keys_idx, :]
+  else:
+    kb = k_ref[...]
+    vb = v_ref[...]
   keys = jnp.arange(bkb, dtype=jnp.int32)[None, :]
 
   def body(c, carry):
@@ -366,24 +397,37 @@ def _dq_call(q, k, v, do, lse, dl, lists, opts):
   )(off, cols, bits, q, k, v, do, lse, dl)
 
 
-def _dkv_call(q, k, v, do, lse, dl, lists, opts):
+def _dkv_call(q, k, v, do, lse, dl, lists, order, opts):
+  """dK, dV float32 [B, T, H, D]; with `order` (key_order) the kernel's key blocks follow it and
+  its outputs, in that order, are put back in key order here (one gather)."""
   B, T, H, D = q.shape
   off, cols, bits = lists
   L = cols.shape[1]
   LW = bits.shape[1]
   bkb, bqc = opts["block_kb"], opts["block_qc"]
+  permuted = order is not None
+  if not permuted:
+    order = jnp.zeros((B, T), jnp.int32)          # unused by the kernel
+  kv_spec = _rows_spec(T, D) if permuted else _blk_spec(bkb, D)
+  sq = _sq()
   kern = functools.partial(_dkv_kernel, bkb=bkb, bqc=bqc, scale=1.0 / math.sqrt(D),
-                           dot_dtype=opts["dot_dtype"], length=L)
-  return pl.pallas_call(
+                           dot_dtype=opts["dot_dtype"], length=L, permuted=permuted)
+  dk, dv = pl.pallas_call(
       kern, grid=(T // bkb, B, H),
-      in_specs=[_full(off.shape), _list_spec(L), _list_spec(LW), _rows_spec(T, D),
-                _blk_spec(bkb, D), _blk_spec(bkb, D), _rows_spec(T, D), _vec_rows_spec(T),
-                _vec_rows_spec(T)],
+      in_specs=[_full(off.shape), _list_spec(L), _list_spec(LW),
+                pl.BlockSpec((sq, bkb), lambda g, b, h: (b, g)), _rows_spec(T, D),
+                kv_spec, kv_spec, _rows_spec(T, D), _vec_rows_spec(T), _vec_rows_spec(T)],
       out_specs=[_blk_spec(bkb, D), _blk_spec(bkb, D)],
       out_shape=[jax.ShapeDtypeStruct(k.shape, F32), jax.ShapeDtypeStruct(v.shape, F32)],
       interpret=opts["interpret"], name="gsa_dkv",
       compiler_params=_params(opts, "num_warps_bwd"),
-  )(off, cols, bits, q, k, v, do, lse, dl)
+  )(off, cols, bits, order, q, k, v, do, lse, dl)
+  if permuted:                    # row i of the outputs belongs to key order[i]
+    rank = jax.vmap(lambda o: jnp.zeros((T,), jnp.int32).at[o].set(
+        jnp.arange(T, dtype=jnp.int32)))(order)
+    back = lambda a: jnp.take_along_axis(a, rank[:, :, None, None], axis=1)
+    dk, dv = back(dk), back(dv)
+  return dk, dv
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -406,7 +450,9 @@ def _core_bwd(opts_key, res, do):
   do = do.astype(q.dtype)
   dl = jnp.einsum("bthd,bthd->bht", do.astype(F32), o.astype(F32))            # delta [B, H, T]
   dq = _dq_call(q, k, v, do, lse, dl, lists, opts)
-  dk, dv = _dkv_call(q, k, v, do, lse, dl, key_lists(selection, opts["block_kb"]), opts)
+  order = key_order(selection) if opts["key_order"] == "count" else None
+  dk, dv = _dkv_call(q, k, v, do, lse, dl, key_lists(selection, opts["block_kb"], order), order,
+                     opts)
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
 
@@ -422,8 +468,8 @@ def gsa_attention(q, k, v, selection, *, block_q: int = DEFAULTS["block_q"],
                   block_k: int = DEFAULTS["block_k"], block_kb: int = DEFAULTS["block_kb"],
                   block_qc: int = DEFAULTS["block_qc"], num_warps: int = DEFAULTS["num_warps"],
                   num_warps_bwd: int = DEFAULTS["num_warps_bwd"],
-                  num_stages: int = DEFAULTS["num_stages"], interpret: bool | None = None,
-                  gpu_lowering: bool = False):
+                  num_stages: int = DEFAULTS["num_stages"], key_order: str = "count",
+                  interpret: bool | None = None, gpu_lowering: bool = False):
   """Attention of q [B, T, H, D] over the selected keys (selection int32 [B, T, K], -1 empty).
 
   Tiles: block_q queries per forward / dQ program, block_k union keys per loop step; block_kb
@@ -431,7 +477,9 @@ def gsa_attention(q, k, v, selection, *, block_q: int = DEFAULTS["block_q"],
   most 128 (bit masks in at most 4 int32 words); every tile and D must be a power of two, the
   dot tiles >= 16. Larger block_q / block_kb: fewer bytes gathered where neighbours share keys,
   more (masked) FLOPs; see the module docstring.
-  interpret=None: native on GPU, the Pallas interpreter elsewhere. gpu_lowering=True builds the
+  key_order: "count" (the dK/dV key blocks follow key_order(): heavily selected keys share
+  blocks) or "position" (consecutive keys). interpret=None: native on GPU, the Pallas
+  interpreter elsewhere. gpu_lowering=True builds the
   Triton version on any host (for common.lower_for_gpu).
   """
   B, T, H, D = q.shape
@@ -444,6 +492,8 @@ def gsa_attention(q, k, v, selection, *, block_q: int = DEFAULTS["block_q"],
   for name, val in (("block_q", block_q), ("block_k", block_k), ("block_kb", block_kb),
                     ("block_qc", block_qc), ("head_dim", D)):
     _pow2(name, int(val))
+  if key_order not in ("count", "position"):
+    raise ValueError(f"GSA kernel: key_order={key_order!r} must be 'count' or 'position'.")
   for name, val in (("block_q", block_q), ("block_kb", block_kb)):
     if not 16 <= val <= 128:
       raise ValueError(f"GSA kernel: {name}={val} must be 16, 32, 64 or 128 (dot tiles >= 16, "
@@ -467,7 +517,7 @@ def gsa_attention(q, k, v, selection, *, block_q: int = DEFAULTS["block_q"],
           ("block_qc", int(block_qc)), ("num_warps", int(num_warps)),
           ("num_warps_bwd", int(num_warps_bwd)), ("num_stages", int(num_stages)),
           ("dot_dtype", jnp.dtype(dot_dtype)), ("interpret", bool(interp)),
-          ("force_params", bool(gpu_lowering)))
+          ("force_params", bool(gpu_lowering)), ("key_order", key_order))
   o = _core(q, k, v, sel, opts)
   return o[:, :T]
 
