@@ -1,7 +1,8 @@
 """GSA attention core: Pallas kernels (gather in-kernel) vs flash-under-mask vs dense cuDNN.
 
     python -m benchmarks.gsa_kernel_bench [--seq 4096,8192] [--heads 16] [--head_dim 256]
-        [--batch 1] [--k_max 256] [--selection random,clustered] [--tiles b,c,d] [--key_order count,position]
+        [--batch 1] [--k_max 256] [--selection random,clustered] [--tiles b,c,d]
+        [--key_order count,position]
         [--variants kernel,flash,cudnn] [--repeat 10] [--no-check] [--no-indexer]
 
 Times, on the default device, for each sequence length and selection kind:
@@ -16,10 +17,10 @@ case); "clustered": the top-k_t of a score shared by all queries (per-key salien
 recency bonus plus per-query noise, so neighbouring queries share most keys (closer to an
 indexer). The mean list lengths per block of 16, 32, 64 queries (union of their keys) and keys
 (queries selecting any of them; consecutive keys, and "ordered": blocks in key_order()) are
-printed: the kernels gather one K and V row (forward, dQ) or
-one q and dO row (dK/dV) per list entry and head. --check (default on) also prints the kernel's relative errors against the float32 XLA
-gather reference (o, dq, dk, dv) at the first sequence length. Every variant runs in its own
-try/except: a failure prints its error and the run goes on. --indexer (default on) also times
+printed: the kernels gather one K and V row (forward, dQ) or one q and dO row (dK/dV) per list
+entry and head. --check (default on) also prints the kernel's relative errors against the
+float32 XLA gather reference (o, dq, dk, dv) at the first sequence length. Every variant runs
+in its own try/except: a failure prints its error and the run goes on. --indexer (default on) also times
 the lightning-indexer scores of all T queries (4 heads x 128), XLA vs the Pallas kernel.
 
 Tile sets (block_q, block_k, block_kb, block_qc, warps fwd, warps bwd, stages):
@@ -86,7 +87,8 @@ def make_selection(key, b, t, k_max, kind, n_sinks=4, k_lo=32, k_hi=224):
 
   qc = math.gcd(t, 1024)
   n = t // qc
-  out = jax.lax.map(lambda a: rows(*a), (pos.reshape(n, qc), jnp.moveaxis(kt.reshape(b, n, qc), 1, 0),
+  out = jax.lax.map(lambda a: rows(*a), (pos.reshape(n, qc),
+                                         jnp.moveaxis(kt.reshape(b, n, qc), 1, 0),
                                          jax.random.split(k4, n)))
   return jnp.moveaxis(out, 0, 1).reshape(b, t, k_max)
 

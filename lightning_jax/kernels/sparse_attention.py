@@ -19,9 +19,10 @@ Layout of the work: the selection is turned (plain JAX, one sort) into compresse
     ds = p (dO V^T - delta), dq += ds K_c).
   * dK / dV: the TRANSPOSED selection in the same form: keys in blocks of BKB keys (consecutive
     in key_order(): keys grouped by how many queries select them, then by position), each block
-    with the union of the queries that selected any of its keys and a BKB-bit mask per query. A program (key block, b, head) holds K_blk, V_blk and dK, dV [BKB, D] in
-    registers and loops over its query list in chunks of BQC, gathering q, dO rows and the
-    LSE / delta entries. Deterministic: no atomics, every dK / dV row is written once.
+    with the union of the queries that selected any of its keys and a BKB-bit mask per query.
+    A program (key block, b, head) holds K_blk, V_blk and dK, dV [BKB, D] in registers and
+    loops over its query list in chunks of BQC, gathering q, dO rows and the LSE / delta
+    entries. Deterministic: no atomics, every dK / dV row is written once.
   The lists are CSR arrays (offsets per block into flat [B, T*K] positions and
   [B, words * T*K] int32 mask words, words = block / 32 rounded up) built by one sort of the
   (block, position) pairs: O(T K log) integer work, shared by all heads.
@@ -280,7 +281,7 @@ def _dq_kernel(off_ref, col_ref, bit_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, 
 
   n_chunks = (end - start + bk - 1) // bk
   dq = jax.lax.fori_loop(0, n_chunks, body, jnp.zeros(q.shape, F32))
-  dq_ref[...] = dq * scale
+  dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
 def _dkv_kernel(off_ref, col_ref, bit_ref, ord_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
@@ -316,8 +317,8 @@ def _dkv_kernel(off_ref, col_ref, bit_ref, ord_ref, q_ref, k_ref, v_ref, do_ref,
   n_chunks = (end - start + bqc - 1) // bqc
   z = jnp.zeros(kb.shape, F32)
   dk, dv = jax.lax.fori_loop(0, n_chunks, body, (z, z))
-  dk_ref[...] = dk * scale
-  dv_ref[...] = dv
+  dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
+  dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
 # ----------------------------------------------------------------------------- calls
@@ -391,15 +392,16 @@ def _dq_call(q, k, v, do, lse, dl, lists, opts):
                 _rows_spec(T, D), _rows_spec(T, D), _blk_spec(bq, D), _vec_blk_spec(bq),
                 _vec_blk_spec(bq)],
       out_specs=_blk_spec(bq, D),
-      out_shape=jax.ShapeDtypeStruct(q.shape, F32),
+      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
       interpret=opts["interpret"], name="gsa_dq",
       compiler_params=_params(opts, "num_warps_bwd"),
   )(off, cols, bits, q, k, v, do, lse, dl)
 
 
 def _dkv_call(q, k, v, do, lse, dl, lists, order, opts):
-  """dK, dV float32 [B, T, H, D]; with `order` (key_order) the kernel's key blocks follow it and
-  its outputs, in that order, are put back in key order here (one gather)."""
+  """dK, dV [B, T, H, D] in k's and v's dtypes (float32 accumulation); with `order`
+  (key_order) the kernel's key blocks follow it and its outputs, in that order, are put back in
+  key order here (one gather)."""
   B, T, H, D = q.shape
   off, cols, bits = lists
   L = cols.shape[1]
@@ -418,7 +420,8 @@ def _dkv_call(q, k, v, do, lse, dl, lists, order, opts):
                 pl.BlockSpec((sq, bkb), lambda g, b, h: (b, g)), _rows_spec(T, D),
                 kv_spec, kv_spec, _rows_spec(T, D), _vec_rows_spec(T), _vec_rows_spec(T)],
       out_specs=[_blk_spec(bkb, D), _blk_spec(bkb, D)],
-      out_shape=[jax.ShapeDtypeStruct(k.shape, F32), jax.ShapeDtypeStruct(v.shape, F32)],
+      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype),
+                 jax.ShapeDtypeStruct(v.shape, v.dtype)],
       interpret=opts["interpret"], name="gsa_dkv",
       compiler_params=_params(opts, "num_warps_bwd"),
   )(off, cols, bits, order, q, k, v, do, lse, dl)
