@@ -10,7 +10,8 @@ Per device at 120B (8 GPUs, expert parallel 8, micro-batch 8 x 8192 tokens, top-
   bf16 einsum on bf16 weights [E, O, n] (the dense rate: the target) vs the TQP base
   n ⊙ (Q xr): xla = dequantise to bf16 in XLA, then einsum (tqp._qbase "xla"); pallas = the
   dequantising kernel (kernels/expert_matmul.py) at its default tiles and a few others; and the
-  input rotation (tqp.rotate) alone, which every TQP matrix pays on top.
+  input rotation alone, which every TQP matrix pays on top (tqp.rotate in XLA vs the one-pass
+  Pallas expert_matmul.rotate, natural and split layouts).
 "swiglu" rows: one grouped SwiGLU (gate/up 4096->1024, down 1024->4096), forward and
   forward+backward:
   bf16          dense bf16 expert weights [58, 4096, 1024] x3, gradients to weights and input
@@ -18,6 +19,7 @@ Per device at 120B (8 GPUs, expert parallel 8, micro-batch 8 x 8192 tokens, top-
   tqp4-xla      4-bit TurboQuant base (0.5 byte/weight) + rank-16 adapters, gradients to adapters
                 and input (the base is stop-gradient), base via XLA dequantise + einsum;
   tqp4-pallas   the same with the Pallas kernel (tqp.kernel="pallas");
+  tqp4-pallas_rotate  the Pallas kernel fed by the one-pass Pallas rotation (split layout);
   tqp8-*        8-bit base.
 Reported: time per call, routed rows/s and tokens/s (rows / top_k), TFLOP/s of the dense
 matmuls, the compiled memory analysis (arguments, temporaries) and the device's peak bytes.
@@ -106,8 +108,12 @@ def run_base(experts=58, rows=13824, d=4096, f=1024, bits_list=(4, 8), iters=10,
       rec("bf16 einsum", jax.jit(lambda x, w: jnp.einsum("ecn,eon->eco", x, w)), (x, w))
     _guard(f"bf16 einsum {n}->{o}", dense)
     signs = jnp.where(jax.random.bernoulli(key, 0.5, (n,)), 1, -1).astype(jnp.int8)
-    _guard(f"rotate {n}", lambda: rec("rotate (tqp.rotate, every TQP matrix pays it)",
+    _guard(f"rotate {n}", lambda: rec("rotate xla (tqp.rotate, every TQP matrix pays it)",
                                       jax.jit(tqp.rotate), (x, signs)))
+    for split in (False, True):
+      _guard(f"rotate pallas {n} split={split}", lambda _s=split: rec(
+          f"rotate pallas (expert_matmul.rotate, split={_s})",
+          jax.jit(lambda x, s: expert_matmul.rotate(x, s, split=_s)), (x, signs)))
     for bits in bits_list:
       idx = jax.random.randint(jax.random.fold_in(key, bits), (experts, o, n), 0, 2 ** bits)
       q = {"codes": tqp.pack(idx, bits), "norms": jnp.ones((experts, o), jnp.float32),
@@ -188,7 +194,7 @@ def run(experts=58, rows=13824, d=4096, f=1024, bits_list=(4, 8), iters=10, top_
   del w
 
   for bits in bits_list:
-    for kernel in ("xla", "pallas"):
+    for kernel in ("xla", "pallas", "pallas_rotate"):
       _guard(f"tqp{bits}-{kernel}", lambda _b=bits, _k=kernel: _tqp_variant(
           _b, _k, experts, d, f, x, dy, ka, kq, record))
   return results

@@ -113,6 +113,7 @@ def get_base_config() -> ConfigDict:
   q.seed = 0
   q.flush_every = 0               # adapter merge; diverged at 120B, off by default
   q.kernel = "auto"               # base expert matmul: auto (pallas on GPU, else xla) | xla | pallas
+                                  # | pallas_rotate (+ Pallas input rotation)
   q.lr_mult_router = 1.0
   q.lr_mult_adapters = 3.0
   q.lr_mult_rest = 0.01

@@ -359,13 +359,14 @@ def validate_qbase(qbase: dict, cfg, where: str = "frozen moe experts") -> None:
 
 
 # ============================================================================ expert matmul
-KERNELS = ("auto", "xla", "pallas")
+KERNELS = ("auto", "xla", "pallas", "pallas_rotate")
 
 
 def base_kernel(cfg) -> str:
   """cfg.tqp.kernel resolved: "pallas" (the dequantising Pallas/Triton kernel,
-  kernels/expert_matmul.py) or "xla" (dequantise to the compute dtype, then einsum).
-  "auto" = pallas on GPU, xla elsewhere (the interpreter would be slow)."""
+  kernels/expert_matmul.py), "pallas_rotate" (that kernel plus the one-pass Pallas input
+  rotation where the width allows, expert_matmul.rotate) or "xla" (dequantise to the compute
+  dtype, then einsum). "auto" = pallas on GPU, xla elsewhere (the interpreter would be slow)."""
   k = cfg.tqp.get("kernel", "auto")
   if k not in KERNELS:
     raise ConfigError(f"tqp.kernel={k!r} is not a known base-matmul kernel; expected one of "
@@ -389,6 +390,23 @@ def _qbase(xr, q, bits, dtype, kernel="xla"):
   return jax.lax.stop_gradient(jnp.einsum("ecn,eon->eco", xr, w))
 
 
+def _rotated_base(xs, q, bits, dtype, kernel):
+  """Base output from the padded, unrotated input xs [E, C, n]: rotate, then `_qbase`. With
+  kernel "pallas_rotate" and a width the Pallas rotation supports, the rotation is one Pallas
+  pass that also writes the 4-bit matmul's [even | odd] layout (no XLA permutation)."""
+  n = xs.shape[-1]
+  if kernel == "pallas_rotate":
+    from lightning_jax.kernels import expert_matmul as em
+    fac = em.rotation_factors(n)
+    if fac is not None and (bits == 8 or (fac[1] >= 32 and n % 128 == 0)):
+      xr = em.rotate(xs, q["signs"], split=bits == 4)
+      lv = jnp.asarray(codebook(n, bits))
+      return em.tqp_matmul(xr, q["codes"], q["norms"], lv, bits,
+                           x_layout="presplit" if bits == 4 else "split")
+    kernel = "pallas"
+  return _qbase(rotate(xs, q["signs"]), q, bits, dtype, kernel)
+
+
 def _adapter_in(ad, q, d_in):
   """B R = unrotate(B's rows) [E, r, d_in], float32: the adapter's input projection in the
   original (unrotated) space, so that B (R x) = (B R) x."""
@@ -404,8 +422,8 @@ def _qlinear(x, q, ad, bits, dtype, kernel="xla", xb=None):
   [E, C, n] activation and keeps no rotated copy of it. The rank-r adapter runs alongside the
   base in XLA (two thin einsums, r = 16); `xb` = (B R) x when the caller computed it already."""
   n = q["signs"].shape[-1]
-  xr = rotate(_pad_last(jax.lax.stop_gradient(x), n), q["signs"])
-  base = jax.lax.stop_gradient(_qbase(xr, q, bits, dtype, kernel))
+  xs = _pad_last(jax.lax.stop_gradient(x), n)
+  base = jax.lax.stop_gradient(_rotated_base(xs, q, bits, dtype, kernel))
   if xb is None:
     xb = jnp.einsum("ecd,erd->ecr", x, _adapter_in(ad, q, x.shape[-1]).astype(dtype))
   return base.astype(dtype) + jnp.einsum("ecr,eor->eco", xb, ad["a"].astype(dtype))

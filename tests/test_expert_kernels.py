@@ -24,8 +24,8 @@ def _random_base(rng, e, o, n, bits):
 
 
 @pytest.mark.parametrize("bits,layout,opts", [
-    (4, "split", {}), (4, "strided", {}), (8, "split", {}),
-    (4, "split", {"lookup": "select", "w_first": True}), (8, "split", {"w_first": True})])
+    (4, "split", {}), (4, "strided", {}), (4, "split", {"lookup": "select", "w_first": True}),
+    (8, "split", {"w_first": True})])      # 8 bits in the default order: the SwiGLU test below
 def test_kernel_matches_xla_dequantise_path(bits, layout, opts):
   """3 experts, 30 rows (padded to the 16-row tile), n=64, 48 outputs (padded to 2 x 32): the
   interpreted kernel == tqp's XLA path (unpack, codebook, norms, einsum) and the plain reference,
@@ -48,11 +48,15 @@ def test_kernel_matches_xla_dequantise_path(bits, layout, opts):
 
 
 def test_pallas_swiglu_matches_xla_forward_and_gradients():
-  """tqp_grouped_swiglu with tqp.kernel='pallas' (interpreted) == 'xla': output, and gradients to
-  the adapters and the input (the base is stop-gradient in both; no tangent reaches the kernel)."""
+  """tqp_grouped_swiglu with tqp.kernel='pallas_rotate' (interpreted; 8 bits, d_model 256: the
+  Pallas rotation feeds gate/up, down (width 32) falls back to the XLA rotation; the
+  dequantising matmul runs for all three) == 'xla': output, and gradients to the adapters and
+  the input (the base is stop-gradient in both; no tangent reaches a kernel)."""
+  kernel, bits = "pallas_rotate", 8
   seed = _seed()
   cfg = tiny_config()
-  cfg.moe.enabled, cfg.moe.router, cfg.tqp.enabled, cfg.tqp.bits = True, "sigmoid", True, 4
+  cfg.moe.enabled, cfg.moe.router, cfg.tqp.enabled, cfg.tqp.bits = True, "sigmoid", True, bits
+  cfg.model.d_model, cfg.moe.expert_width = 256, 32
   e, c, d = 2, 16, cfg.model.d_model
   ka, kq, kx = jax.random.split(jax.random.PRNGKey(seed), 3)
   ad = nn.init(tqp.adapter_specs(cfg, e), ka)
@@ -67,7 +71,7 @@ def test_pallas_swiglu_matches_xla_forward_and_gradients():
     f = lambda a, xx: jnp.sum(tqp.tqp_grouped_swiglu(a, qb, xx, cc) * w)
     return jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(ad, x)
 
-  v, (g_ad, g_x) = run("pallas")
+  v, (g_ad, g_x) = run(kernel)
   v_ref, (g_ad_ref, g_x_ref) = run("xla")
   msg = f"seed={seed}"
   np.testing.assert_allclose(v, v_ref, rtol=1e-4, err_msg=msg)
@@ -77,6 +81,29 @@ def test_pallas_swiglu_matches_xla_forward_and_gradients():
     np.testing.assert_allclose(flat[name], flat_ref[name], rtol=1e-4, atol=1e-5,
                                err_msg=f"{msg} grad {name}")
   assert float(jnp.abs(g_x).max()) > 0, msg
+
+
+def test_pallas_rotation_matches_tqp_rotate_and_feeds_the_presplit_matmul():
+  """expert_matmul.rotate (one Pallas pass, interpreted) == tqp.rotate for n = 1024 (32 x 32),
+  split into the 4-bit [even | odd] layout, with a padded row block (the natural layout runs in
+  the SwiGLU test below); fed to tqp_matmul(x_layout='presplit') it == the XLA path."""
+  seed = _seed()
+  rng = np.random.default_rng(seed)
+  msg = f"seed={seed}"
+  for n, split in ((1024, True),):
+    x = jnp.asarray(rng.standard_normal((2, 5, n)), jnp.float32)
+    signs = jnp.asarray(rng.choice([-1, 1], n), jnp.int8)
+    got = expert_matmul.rotate(x, signs, split=split, block_rows=8, interpret=True)
+    want = tqp.rotate(x, signs)
+    want_layout = expert_matmul.split_even_odd(want) if split else want
+    np.testing.assert_allclose(got, want_layout, rtol=1e-5, atol=1e-5, err_msg=f"{msg} n={n}")
+  q = _random_base(rng, 2, 16, 1024, 4)
+  lv = jnp.asarray(tqp.codebook(1024, 4))
+  y = expert_matmul.tqp_matmul(got, q["codes"], q["norms"], lv, 4, x_layout="presplit",
+                               block_m=16, block_n=16, interpret=True)
+  y_ref = tqp._qbase(want, q, 4, jnp.float32, "xla")
+  np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(y_ref))),
+                             err_msg=msg)
 
 
 @pytest.mark.parametrize("bits,opts", [(4, {}), (8, {}), (4, {"lookup": "select", "w_first": True}),
@@ -93,12 +120,17 @@ def test_kernel_lowers_for_cuda_at_120b_shape(bits, opts):
       lambda x, cd, nr, lv: expert_matmul.tqp_matmul(x, cd, nr, lv, bits, gpu_lowering=True, **opts),
       *args)
   assert "__gpu$xla.gpu.triton" in text and f"tqp{bits}_expert_matmul" in text
+  if not opts:        # the one-pass rotation that feeds it (4 bits: writing the split layout)
+    text = common.lower_for_gpu(
+        lambda x, s: expert_matmul.rotate(x, s, split=bits == 4, gpu_lowering=True),
+        args[0], S((n,), jnp.int8))
+    assert "tqp_rotate" in text
 
 
 def test_bad_kernel_name_and_shapes_fail_clearly():
   cfg = tiny_config()
   cfg.tqp.kernel = "triton"
-  with pytest.raises(ConfigError, match=r"tqp.kernel='triton'.*'auto', 'xla', 'pallas'"):
+  with pytest.raises(ConfigError, match=r"tqp.kernel='triton'.*'auto', 'xla', 'pallas', 'pallas_rot"):
     tqp.base_kernel(cfg)
   cfg.tqp.kernel = "xla"
   assert tqp.base_kernel(cfg) == "xla"

@@ -146,15 +146,19 @@ def _call(xr, codes, norms, levels, *, bits, block_m, block_n, block_k, num_warp
   bn = _tile(o, block_n, "block_n", 16)
   bk = _tile(n, block_k, "block_k", 16 * per_byte)
   c_pad, o_pad, n_pad = (-(-v // t) * t for v, t in ((c, bm), (o, bn), (n, bk)))
+  if x_layout == "presplit" and n_pad != n:
+    raise ValueError(f"expert_matmul: x_layout='presplit' needs n={n} to be a multiple of "
+                     f"block_k={bk} (a split input cannot be padded).")
   xr = _pad_to(_pad_to(xr, 1, c_pad), 2, n_pad)
   codes = _pad_to(_pad_to(codes, 1, o_pad), 2, n_pad // per_byte)
   norms = _pad_to(norms, 1, o_pad)
-  if x_layout not in ("split", "strided"):
-    raise ValueError(f"expert_matmul: x_layout={x_layout!r} must be 'split' or 'strided'.")
+  if x_layout not in ("split", "strided", "presplit"):
+    raise ValueError(f"expert_matmul: x_layout={x_layout!r} must be 'split', 'strided' or "
+                     "'presplit'.")
   if lookup not in ("gather", "select") or (lookup == "select" and bits != 4):
     raise ValueError(f"expert_matmul: lookup={lookup!r} must be 'gather' or (4 bits) 'select'.")
-  split = bits == 4 and x_layout == "split"
-  if split:
+  split = bits == 4 and x_layout in ("split", "presplit")
+  if bits == 4 and x_layout == "split":
     xr = split_even_odd(xr)
   dot_dtype = F32 if xr.dtype == F32 else jnp.bfloat16
   sq = pl.squeezed if hasattr(pl, "squeezed") else None
@@ -199,7 +203,8 @@ def tqp_matmul(xr, codes, norms, levels, bits: int, *, interpret: bool | None = 
   """[E, C, n] x quantized [E, O, n] -> [E, C, O] in xr's dtype; no gradient flows through it.
 
   blocks: block_m, block_n, block_k, num_warps, num_stages, x_layout ("split": even/odd columns
-  permuted in XLA so the 4-bit kernel loads contiguously; "strided": stride-2 loads in the kernel),
+  permuted in XLA so the 4-bit kernel loads contiguously; "strided": stride-2 loads in the kernel;
+  "presplit": xr is already in that layout, e.g. from `rotate(..., split=True)`),
   lookup ("gather" | "select", see `_kernel`), w_first (bool) (defaults: `default_blocks(bits)`).
   interpret=None runs natively on GPU and in the Pallas interpreter elsewhere; gpu_lowering=True
   forces the native Triton call on any host (for lowering checks)."""
@@ -219,3 +224,99 @@ def reference(xr, codes, norms, levels, bits: int):
     idx = codes
   w = jnp.asarray(levels, F32)[idx.astype(jnp.int32)] * norms.astype(F32)[..., None]
   return jnp.einsum("ecn,eon->eco", xr.astype(F32), w, precision=jax.lax.Precision.HIGHEST)
+
+
+# ----------------------------------------------------------------------------- rotation
+def rotation_factors(n: int) -> tuple[int, int] | None:
+  """(A, B) with n = A B, A >= B, both powers of two >= 16 and <= 128, or None when n has no
+  such split (n < 256 or n > 16384): the Pallas rotation needs two tensor-core-sized factors."""
+  if n < 256 or n > 128 * 128 or n & (n - 1):
+    return None
+  k = n.bit_length() - 1
+  b = 1 << (k // 2)
+  return n // b, b
+
+
+def _hadamard(m: int) -> jax.Array:
+  h = jnp.ones((1, 1), F32)
+  while h.shape[0] < m:
+    h = jnp.block([[h, h], [h, -h]])
+  return h
+
+
+def _rotate_kernel(x_ref, s_ref, ha_ref, hb_ref, o_ref, *, rows, scale, dot_dtype, split):
+  """x_ref [rows, A, B]; s_ref [A, B] signs; ha [A, A], hb [B, B] Hadamard matrices.
+  Per row X [A, B] (the row of length n = A B, row-major): Y = H_A (X * S) H_B * scale, which is
+  H_n D x / sqrt(n) for H_n = H_A (x) H_B (Sylvester order), as tqp.rotate.
+  split: o_ref [rows, 2, A, B/2] gets Y's even columns then its odd ones (the 4-bit matmul's
+  [even | odd] layout, `split_even_odd`), from the even / odd columns of H_B; else o_ref [rows,
+  A, B]."""
+  s = s_ref[...].astype(F32)
+  ha = ha_ref[...].astype(dot_dtype)
+  hb = hb_ref[...].astype(dot_dtype)
+  nn_ = (((1,), (0,)), ((), ()))
+  if split:
+    b = hb.shape[1]
+    hb_even = hb_ref[:, pl.ds(0, b // 2, stride=2)].astype(dot_dtype)
+    hb_odd = hb_ref[:, pl.ds(1, b // 2, stride=2)].astype(dot_dtype)
+
+  def rot(xs, h):
+    z = jax.lax.dot_general(xs, h, nn_, preferred_element_type=F32)
+    y = jax.lax.dot_general(ha, z.astype(dot_dtype), nn_, preferred_element_type=F32)
+    return y * scale
+
+  def body(r, carry):
+    xs = (x_ref[r].astype(F32) * s).astype(dot_dtype)
+    if split:
+      o_ref[r, 0] = rot(xs, hb_even).astype(o_ref.dtype)
+      o_ref[r, 1] = rot(xs, hb_odd).astype(o_ref.dtype)
+    else:
+      o_ref[r] = rot(xs, hb).astype(o_ref.dtype)
+    return carry
+
+  jax.lax.fori_loop(0, rows, body, 0)
+
+
+def rotate(x, signs, *, split: bool = False, block_rows: int = 16, num_warps: int = 4,
+           num_stages: int = 2, interpret: bool | None = None, gpu_lowering: bool = False):
+  """tqp.rotate (R x = H D x / sqrt(n) over the last axis) as one Pallas pass: each row is read
+  once and written once (XLA's fwht makes one pass per Hadamard factor plus the sign and scale
+  passes). n must have `rotation_factors` (and B >= 32 with split=True). split=True returns the
+  result in the 4-bit matmul's [even | odd] column layout (`split_even_odd` of the rotation), for
+  tqp_matmul(..., x_layout="presplit"). No gradient flows through it (the TQP base, its only
+  user, is stop-gradient)."""
+  lead, n = x.shape[:-1], x.shape[-1]
+  fac = rotation_factors(n)
+  if fac is None or (split and fac[1] < 32):
+    raise ValueError(f"expert_matmul.rotate: n={n} must be a power of two in [256, 16384] "
+                     f"({'>= 1024 ' if split else ''}for two tensor-core-sized factors).")
+  fa, fb = fac
+  rows = 1
+  for v in lead:
+    rows *= int(v)
+  br = max(1, min(int(block_rows), rows))
+  r_pad = -(-rows // br) * br
+  x3 = _pad_to(jax.lax.stop_gradient(x).reshape(rows, fa, fb), 0, r_pad)
+  s2 = jnp.asarray(signs).astype(F32).reshape(fa, fb)
+  dot_dtype = F32 if x.dtype == F32 else jnp.bfloat16
+  interp = False if gpu_lowering else common.interpret_default(interpret)
+  params = (common.compiler_params(num_warps, num_stages, force=True) if gpu_lowering else
+            common.compiler_params(num_warps, num_stages))
+  kern = functools.partial(_rotate_kernel, rows=br, scale=float(n) ** -0.5, dot_dtype=dot_dtype,
+                           split=split)
+  if split:
+    out_spec = pl.BlockSpec((br, 2, fa, fb // 2), lambda i: (i, 0, 0, 0))
+    out_shape = jax.ShapeDtypeStruct((r_pad, 2, fa, fb // 2), x.dtype)
+  else:
+    out_spec = pl.BlockSpec((br, fa, fb), lambda i: (i, 0, 0))
+    out_shape = jax.ShapeDtypeStruct((r_pad, fa, fb), x.dtype)
+  out = pl.pallas_call(
+      kern, grid=(r_pad // br,),
+      in_specs=[pl.BlockSpec((br, fa, fb), lambda i: (i, 0, 0)),
+                pl.BlockSpec((fa, fb), lambda i: (0, 0)),
+                pl.BlockSpec((fa, fa), lambda i: (0, 0)),
+                pl.BlockSpec((fb, fb), lambda i: (0, 0))],
+      out_specs=out_spec, out_shape=out_shape,
+      interpret=interp, name="tqp_rotate", compiler_params=params,
+  )(x3, s2, _hadamard(fa), _hadamard(fb))
+  return out[:rows].reshape(x.shape)
