@@ -1,19 +1,24 @@
 """Kernels vs XLA references vs named anchors on one GPU (docs/PERFORMANCE.md, "Kernels").
 
-    python -m benchmarks.kernels_bench [--small] [--only ceilings,delta,prep,gsa,variants] [--json out.json]
+    python -m benchmarks.kernels_bench [--small] [--only ceilings,delta,prep,gsa,variants]
+                                       [--iters 10] [--json out.json]
 
 ceilings  an 8192^3 bf16 matmul (TFLOP/s) and a 2 GiB device-to-device copy (bytes read + written)
 delta     gated delta rule, 32 heads x 128, bf16 q/k/v, float32 decay and beta, at B4 T4096 and
           B2 T8192: the XLA chunked reference (layers/deltanet.py) forward and forward+backward,
           and the Pallas kernel path (kernels/delta_rule.py) in the settings of DELTA_SETTINGS:
           the XLA prep (default), the Pallas prep with the XLA prep's autodiff as its backward,
-          the Pallas prep with its Pallas backward, and that with the split recurrence backward;
+          the Pallas prep with its Pallas backward, and that with the split recurrence backward
+          (bwd="split_pallas") or the per-chunk gradients merged into the prep's backward kernel
+          (bwd="merged"), with float32 / bf16 saved states;
           each with its relative error against the XLA path on the same inputs (output,
           dq/dk/dv/dlog_alpha/dbeta). Anchor: FLA 0.6.0 chunk_gated_delta_rule 4.60 ms
           fwd+bwd, 1.54 / 1.08 ms fwd (B4T4096 / B2T8192).
 prep      the chunk prep alone at B4 T4096 (32 x 128, chunk 64): XLA float32 vs the Pallas prep
           kernel (forward; backward through the XLA prep's autodiff or the Pallas backward
-          kernel), with the Pallas outputs' / input gradients' relative error vs XLA.
+          kernel), with the Pallas outputs' / input gradients' relative error vs XLA; then each
+          kernel of the recurrence alone on random operands (forward, reverse dS, dS + per-chunk
+          gradients, the merged backward kernel), float32 and bf16 saved states.
 variants  older recurrence-backward / inverse-precision variants (XLA prep), forward+backward.
 gsa       attention core at T=8192, 16 heads x 256, bf16: layers.sparse_attention.sparse_attention
           over a synthetic selection of 128 causal keys per query (k_max 256 slots, the rest -1),
@@ -141,15 +146,17 @@ def delta_variants(small, iters):
 _OLD = dict(block_v=64, block_v_bwd=128, num_warps=4, num_warps_bwd=8)
 _NEW = dict(block_v=64, block_v_bwd=32, num_warps=4, num_warps_bwd=4, prep="pallas",
             prep_bwd="pallas", bwd="split_pallas", block_v_grads=32, num_warps_grads=8)
+_MERGED = dict(_NEW, bwd="merged")
 DELTA_SETTINGS = [   # (label, kwargs of kernels.delta_rule.chunk_gated_delta_rule, both shapes)
     ("prep=xla (default)", _OLD, True),
     ("prep=pallas,prep_bwd=xla", dict(_OLD, prep="pallas", prep_bwd="xla"), False),
     ("prep=pallas,prep_bwd=pallas", dict(_OLD, prep="pallas", prep_bwd="pallas"), False),
     ("prep=pallas,bwd=split_pallas", _NEW, True),
-    ("prep=pallas,bwd=split_pallas,state bf16", dict(_NEW, state_dtype=jnp.bfloat16), True),
-    ("prep=pallas,bwd=split_pallas,grads warps 4", dict(_NEW, num_warps_grads=4), False),
-    ("prep=pallas,bwd=split_pallas,BV 64/64", dict(_NEW, block_v_bwd=64, block_v_grads=64),
-     False),
+    ("prep=pallas,bwd=split_pallas,state bf16", dict(_NEW, state_dtype=jnp.bfloat16), False),
+    ("prep=pallas,bwd=merged", _MERGED, True),
+    ("prep=pallas,bwd=merged,state bf16", dict(_MERGED, state_dtype=jnp.bfloat16), True),
+    ("prep=pallas,bwd=merged,BV grads 64", dict(_MERGED, block_v_grads=64), False),
+    ("prep=pallas,bwd=merged,grads warps 4", dict(_MERGED, num_warps_grads=4), False),
 ]
 
 
@@ -282,6 +289,11 @@ def prep(small, iters):
       ms, _, _ = bench(lambda *a: kdr._bwd_call_split_pallas(*a, opts),
                        (w, uv, p, qg, kd, gev, hs, do, dsn), iters)
       record(f"recurrence {tag} dS + grads kernels [{label}]", ms)
+      dss = rnd(8, hs.shape, hs.dtype)
+      mopts = dict(opts, chunk=c)
+      ms, _, _ = bench(lambda *a: kdr._bwd_merged_call(*a, mopts),
+                       tuple(args) + (hs, dss, do), iters)
+      record(f"recurrence {tag} merged bwd kernel (no dS) [{label}]", ms)
     guarded(f"recurrence {tag} [{label}]", run_rec)
 
 

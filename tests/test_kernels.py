@@ -70,14 +70,15 @@ def test_delta_rule_kernel_forward_and_gradients_match_reference(bwd):
     assert _rel(a, b) <= 1e-4, f"seed={seed} bwd={bwd} d{name} rel err {_rel(a, b)}"
 
 
-@pytest.mark.parametrize("fast", [False, True])
+@pytest.mark.parametrize("fast", [None, "merged"])
 def test_delta_rule_kernel_bfloat16_inputs_close_to_float32(fast):
-  """bf16 q/k/v (bf16 matmul operands inside the kernels); fast=True: the Pallas prep, the
-  split Pallas backward and bf16 saved states, gradients included."""
+  """bf16 q/k/v (bf16 matmul operands inside the kernels); fast: the Pallas prep with the
+  merged backward and bf16 saved states (forward and dS kernels write them), gradients
+  included."""
   seed = _seed()
   args = _inputs(seed, t=64, h=1, dv=16)
   bf = [a.astype(jnp.bfloat16) for a in args[:3]] + list(args[3:])
-  kw = dict(KW, prep="pallas", bwd="split_pallas", block_v_grads=8,
+  kw = dict(KW, prep="pallas", bwd=fast, block_v_grads=8,
             state_dtype=jnp.bfloat16) if fast else KW
   ct = np.random.default_rng(seed + 1).standard_normal(args[2].shape).astype(np.float32)
 
@@ -183,13 +184,14 @@ def test_delta_rule_kernel_under_a_data_mesh_matches_reference(monkeypatch):
   assert _rel(s, s_r) <= 1e-5, f"seed={seed} sharded state rel err {_rel(s, s_r)}"
 
 
-@pytest.mark.parametrize("prep_bwd,bwd", [("xla", "fused"), ("pallas", "split_pallas")])
-def test_pallas_prep_path_forward_and_gradients_match_reference(prep_bwd, bwd):
+@pytest.mark.parametrize("prep_bwd,bwd,chunk", [("pallas", "split_pallas", 32),
+                                                ("pallas", "merged", 64)])
+def test_pallas_prep_path_forward_and_gradients_match_reference(prep_bwd, bwd, chunk):
   """prep='pallas' (the chunk quantities in a Pallas kernel) through the whole rule, float32,
-  T = 100 with chunk 32 (two 16-row sub-blocks per chunk, a padded tail), vs the recurrence;
-  with the prep's backward by XLA autodiff / by its Pallas kernel, and the recurrence's
-  backward fused / split into the dS kernel + the parallel per-chunk gradient kernel (two Dv
-  blocks in both, block_v_grads=8 of Dv=16)."""
+  T = 100 (a padded tail) with chunk 32 (two 16-row sub-blocks per chunk) or 64 (four), vs the
+  recurrence; the recurrence's backward split into the dS kernel + the parallel per-chunk
+  gradient kernel + the prep's backward kernel, or merged (the per-chunk gradients inside the
+  prep's backward kernel); two Dv blocks everywhere (block_v_grads=8 of Dv=16)."""
   seed = _seed()
   args = _inputs(seed, dk=16, dv=16)
   rng = np.random.default_rng(seed + 1)
@@ -202,7 +204,7 @@ def test_pallas_prep_path_forward_and_gradients_match_reference(prep_bwd, bwd):
       return jnp.sum(o * ct_o) + jnp.sum(s * ct_s), (o, s)
     return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3, 4, 5), has_aux=True))
 
-  rule = lambda *a: kdr.chunk_gated_delta_rule(*a[:5], initial_state=a[5], chunk_size=32,
+  rule = lambda *a: kdr.chunk_gated_delta_rule(*a[:5], initial_state=a[5], chunk_size=chunk,
                                                block_v=8, block_v_bwd=8, block_v_grads=8,
                                                interpret=True, prep="pallas", prep_bwd=prep_bwd,
                                                bwd=bwd)
@@ -221,13 +223,15 @@ def _prep_opts(c, prep_bwd="pallas", gpu=False, dt=jnp.float32):
           ("gpu_lowering", gpu), ("prep_bwd", prep_bwd))
 
 
-def test_pallas_prep_chunk64_and_its_backward_match_xla_prep():
+@pytest.mark.parametrize("prep_bwd", ["pallas", "xla"])
+def test_pallas_prep_chunk64_and_its_backward_match_xla_prep(prep_bwd):
   """The prep kernels alone at chunk 64 (four sub-blocks: the whole block-inverse recursion)
   against the XLA prep (triangular inverse by matmuls, float32 HIGHEST, autodiff), float32:
-  the six outputs, and the backward kernel's input gradients for random output cotangents."""
+  the six outputs, and the input gradients for random output cotangents through the backward
+  kernel (prep_bwd='pallas') or the XLA prep's autodiff (prep_bwd='xla')."""
   seed = _seed()
   q, k, v, la, b, _ = _inputs(seed, t=128, h=1, dk=16, dv=32)
-  opts = _prep_opts(64)
+  opts = _prep_opts(64, prep_bwd)
   rng = np.random.default_rng(seed + 1)
   n = 128 // 64
   cts = tuple(rng.standard_normal((1, 1, n, 64, d)).astype(np.float32) for d in (16, 32, 64, 16, 16))
@@ -245,7 +249,8 @@ def test_pallas_prep_chunk64_and_its_backward_match_xla_prep():
     assert _rel(a, r) <= 1e-5, f"seed={seed} {name} rel err {_rel(a, r)}"
   for name, a, r in zip(("q", "k", "v", "log_alpha", "beta"), g_k, g_r):
     assert np.linalg.norm(np.asarray(r)) > 0, f"seed={seed} reference d{name} is zero"
-    assert _rel(a, r) <= 1e-5, f"seed={seed} prep backward d{name} rel err {_rel(a, r)}"
+    assert _rel(a, r) <= 1e-5, (f"seed={seed} prep_bwd={prep_bwd} d{name} rel err "
+                                f"{_rel(a, r)}")
 
 
 def test_delta_rule_kernels_lower_for_gpu():
@@ -254,8 +259,10 @@ def test_delta_rule_kernels_lower_for_gpu():
   from lightning_jax.kernels import common
   q, k, v, la, b, _ = _inputs(0, t=128, h=2, dk=32, dv=32)
   q, k, v = (jnp.asarray(a, jnp.bfloat16) for a in (q, k, v))
-  for bwd, names in (("fused", ["gdr_chunk_bwd"]),
-                     ("split_pallas", ["gdr_chunk_bwd_states", "gdr_chunk_bwd_grads"])):
+  for bwd, names in (("fused", ["gdr_chunk_bwd", "gdr_prep_bwd"]),
+                     ("split_pallas", ["gdr_chunk_bwd_states", "gdr_chunk_bwd_grads",
+                                       "gdr_prep_bwd"]),
+                     ("merged", ["gdr_chunk_bwd_states", "gdr_bwd_merged"])):
     def f(*a):
       rule = lambda *x: kdr.chunk_gated_delta_rule(*x, chunk_size=64, block_v=16, block_v_bwd=32,
                                                    prep="pallas", prep_bwd="pallas", bwd=bwd,
@@ -264,5 +271,5 @@ def test_delta_rule_kernels_lower_for_gpu():
       o, vjp = jax.vjp(rule, *a)
       return o, vjp(o)
     txt = common.lower_for_gpu(f, q, k, v, la, b)
-    for name in ["gdr_prep_fwd", "gdr_chunk_fwd", "gdr_prep_bwd"] + names:
+    for name in ["gdr_prep_fwd", "gdr_chunk_fwd"] + names:
       assert name in txt, f"{name} missing from the lowered module (bwd={bwd})"

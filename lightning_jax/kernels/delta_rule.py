@@ -600,6 +600,88 @@ def _prep_fwd_call(q, k, v, la, beta, opts):
   )(q, k, v, la, beta)
 
 
+def _prep_bwd_tail(q_ref, k, rows, g, gc, beta, kk, m, t, qk, dtt, dw, dqg, dkd, dp, dge, db,
+                   dq_ref, dk_ref, dla_ref, db_ref, *, dot_dtype):
+  """The prep's backward once dT (= dW Kb^T + dUv Vb^T, lower blocks), dW, dQg, dKd [sb, Dk]
+  per block, dP (lower blocks), the total dge and the dbeta terms of dUv are known: everything
+  through T = (I + A)^-1, A, P, the diagonal scalings and the cumulative decay. Writes dq, dk,
+  dlog_alpha, dbeta. qk: Q_i K_j^T blocks, or None to compute them here."""
+  nb = len(k)
+  sb = k[0].shape[0]
+  f = lambda x: x.astype(F32)
+  gam = [jnp.exp(gi) for gi in g]
+  lower = [(i, j) for i in range(nb) for j in range(i + 1)]
+  strict = _iota((sb, sb), 1) < _iota((sb, sb), 0)
+  dg = [jnp.zeros((sb,), F32) for _ in range(nb)]
+  db = list(db)
+  # dA = -T^T dT T^T (strictly lower; blockwise X = T^T dT, dA = -X T^T), through A = diag(beta)
+  # (M o K K^T): d(K_i K_j^T), dbeta, and dg via M_ts = e^{g_t - g_s}
+  x = {}
+  for i in range(nb):
+    for b in range(i + 1):
+      acc = _mm(t[i, i], dtt[i, b], _DN_TA, _HI)
+      for a_ in range(i + 1, nb):
+        acc = acc + _mm(t[a_, i], dtt[a_, b], _DN_TA, _HI)
+      x[i, b] = acc
+  dkk = {}
+  for i, j in lower:
+    da = _mm(x[i, 0], t[j, 0], _DN_T, _HI)
+    for b in range(1, j + 1):
+      da = da + _mm(x[i, b], t[j, b], _DN_T, _HI)
+    da = -da
+    if i == j:
+      da = jnp.where(strict, da, 0.0)
+    e = da * m[i, j]
+    dkk[i, j] = e * beta[i][:, None]
+    y = dkk[i, j] * kk[i, j]                                  # dA o A
+    db[i] = db[i] + jnp.sum(e * kk[i, j], axis=1)
+    dg[i] = dg[i] + jnp.sum(y, axis=1)
+    dg[j] = dg[j] - jnp.sum(y, axis=0)
+  # P = M o Q K^T
+  dpm = {}
+  for i, j in lower:
+    dpm[i, j] = dp[i, j] * m[i, j]
+    qk_ij = _dot(q_ref[rows[i], :], k[j], _DN_T, dot_dtype) if qk is None else qk[i, j]
+    z = dpm[i, j] * qk_ij                                     # dP o P
+    dg[i] = dg[i] + jnp.sum(z, axis=1)
+    dg[j] = dg[j] - jnp.sum(z, axis=0)
+  # per row block: W's dKb = T^T dW, Qg, Kd, and the K K^T / Q K^T terms
+  dgc = dge * jnp.exp(gc)
+  for r in range(nb):
+    dkb = _mm(t[r, r], dw[r], _DN_TA)
+    for i in range(r + 1, nb):
+      dkb = dkb + _mm(t[i, r], dw[i], _DN_TA)
+    k_r = f(k[r])
+    q_r = f(q_ref[rows[r], :])
+    h = jnp.sum(dkb * k_r, axis=1)
+    db[r] = db[r] + gam[r] * h
+    dg[r] = dg[r] + beta[r] * gam[r] * h
+    dq = dqg[r] * gam[r][:, None]
+    dg[r] = dg[r] + gam[r] * jnp.sum(dqg[r] * q_r, axis=1)
+    for j in range(r + 1):
+      dq = dq + _mm(dpm[r, j], f(k[j]))
+    dq_ref[rows[r], :] = dq.astype(dq_ref.dtype)
+    kdec = jnp.exp(gc - g[r])
+    s_r = kdec * jnp.sum(dkd[r] * k_r, axis=1)
+    dg[r] = dg[r] - s_r
+    dgc = dgc + jnp.sum(s_r)
+    dkr = dkd[r] * kdec[:, None] + dkb * (beta[r] * gam[r])[:, None]
+    for j in range(r + 1):
+      dkr = dkr + _mm(dkk[r, j], f(k[j]))
+    for i in range(r, nb):
+      dkr = dkr + _mm(dkk[i, r], f(k[i]), _DN_TA) + _mm(dpm[i, r], q_r if i == r else
+                                                       f(q_ref[rows[i], :]), _DN_TA)
+    dk_ref[rows[r], :] = dkr.astype(dk_ref.dtype)
+    db_ref[rows[r]] = db[r].astype(db_ref.dtype)
+  # log_alpha: reverse cumulative sum of dg, plus dg_C (g_C = g of the last position)
+  col, row = _iota((sb, sb), 1), _iota((sb, sb), 0)
+  tail = dgc
+  for i in range(nb - 1, -1, -1):
+    dla = jnp.sum(jnp.where(col >= row, dg[i][None, :], 0.0), axis=1) + tail
+    dla_ref[rows[i]] = dla.astype(dla_ref.dtype)
+    tail = tail + jnp.sum(dg[i])
+
+
 def _prep_bwd_kernel(q_ref, k_ref, v_ref, la_ref, b_ref, dw_ref, duv_ref, dp_ref, dqg_ref,
                      dkd_ref, dge_ref, dq_ref, dk_ref, dv_ref, dla_ref, db_ref, *, sb, dot_dtype):
   """Cotangents of W, Uv, P, Qg, Kd, ge -> of q, k, v, log_alpha, beta for one chunk.
@@ -618,97 +700,30 @@ def _prep_bwd_kernel(q_ref, k_ref, v_ref, la_ref, b_ref, dw_ref, duv_ref, dp_ref
   f = lambda x: x.astype(F32)
   la = f(la_ref[...])
   g = _cum_blocks(la, nb, sb)
-  gc = jnp.sum(la)
   beta = [f(b_ref[rows[i]]) for i in range(nb)]
   gam = [jnp.exp(gi) for gi in g]
   k = [k_ref[rows[i], :] for i in range(nb)]
   kk, m, _, t = _chunk_inverse(k, beta, g, dot_dtype)
-  strict = _iota((sb, sb), 1) < _iota((sb, sb), 0)
-  dg = [jnp.zeros((sb,), F32) for _ in range(nb)]
-  db = [jnp.zeros((sb,), F32) for _ in range(nb)]
-
-  # dT (lower blocks), then dA = -T^T dT T^T
-  dt_ = {}
+  dw = [f(dw_ref[rows[i], :]) for i in range(nb)]
+  dtt = {}
   for i in range(nb):
-    dw_i, duv_i = f(dw_ref[rows[i], :]), f(duv_ref[rows[i], :])
+    duv_i = f(duv_ref[rows[i], :])
     for j in range(i + 1):
       kb = f(k[j]) * (beta[j] * gam[j])[:, None]
       vb = f(v_ref[rows[j], :]) * beta[j][:, None]
-      dt_[i, j] = _mm(dw_i, kb, _DN_T) + _mm(duv_i, vb, _DN_T)
-  x = {}
-  for i in range(nb):
-    for b in range(i + 1):
-      acc = _mm(t[i, i], dt_[i, b], _DN_TA, _HI)
-      for a_ in range(i + 1, nb):
-        acc = acc + _mm(t[a_, i], dt_[a_, b], _DN_TA, _HI)
-      x[i, b] = acc
-  dkk = {}
-  for i in range(nb):
-    for j in range(i + 1):
-      da = _mm(x[i, 0], t[j, 0], _DN_T, _HI)
-      for b in range(1, j + 1):
-        da = da + _mm(x[i, b], t[j, b], _DN_T, _HI)
-      da = -da
-      if i == j:
-        da = jnp.where(strict, da, 0.0)
-      e = da * m[i, j]
-      dkk[i, j] = e * beta[i][:, None]                     # d(K_i K_j^T)
-      y = dkk[i, j] * kk[i, j]                             # dA o A
-      db[i] = db[i] + jnp.sum(e * kk[i, j], axis=1)
-      dg[i] = dg[i] + jnp.sum(y, axis=1)
-      dg[j] = dg[j] - jnp.sum(y, axis=0)
-  # P = M o Q K^T
-  dpm = {}
-  for i in range(nb):
-    q_i = q_ref[rows[i], :]
-    for j in range(i + 1):
-      dpm[i, j] = f(dp_ref[rows[i], rows[j]]) * m[i, j]
-      z = dpm[i, j] * _dot(q_i, k[j], _DN_T, dot_dtype)   # dP o P
-      dg[i] = dg[i] + jnp.sum(z, axis=1)
-      dg[j] = dg[j] - jnp.sum(z, axis=0)
-  # per row block: dV, dQ, dK and the diagonal-scaling terms
-  dgc = jnp.sum(f(dge_ref[...])) * jnp.exp(gc)
-  for r in range(nb):
-    dvb = dkb = None
-    for i in range(r, nb):
-      dvb_i = _mm(t[i, r], f(duv_ref[rows[i], :]), _DN_TA)
-      dkb_i = _mm(t[i, r], f(dw_ref[rows[i], :]), _DN_TA)
-      dvb = dvb_i if dvb is None else dvb + dvb_i
-      dkb = dkb_i if dkb is None else dkb + dkb_i
-    v_r = f(v_ref[rows[r], :])
+      dtt[i, j] = _mm(dw[i], kb, _DN_T) + _mm(duv_i, vb, _DN_T)
+  db = []
+  for r in range(nb):                                         # Uv = T Vb: dv, dbeta
+    dvb = _mm(t[r, r], f(duv_ref[rows[r], :]), _DN_TA)
+    for i in range(r + 1, nb):
+      dvb = dvb + _mm(t[i, r], f(duv_ref[rows[i], :]), _DN_TA)
     dv_ref[rows[r], :] = (dvb * beta[r][:, None]).astype(dv_ref.dtype)
-    db[r] = db[r] + jnp.sum(dvb * v_r, axis=1)
-    k_r = f(k[r])
-    q_r = f(q_ref[rows[r], :])
-    h = jnp.sum(dkb * k_r, axis=1)
-    db[r] = db[r] + gam[r] * h
-    dg[r] = dg[r] + beta[r] * gam[r] * h
-    dqg = f(dqg_ref[rows[r], :])
-    dq = dqg * gam[r][:, None]
-    dg[r] = dg[r] + gam[r] * jnp.sum(dqg * q_r, axis=1)
-    for j in range(r + 1):
-      dq = dq + _mm(dpm[r, j], f(k[j]))
-    dq_ref[rows[r], :] = dq.astype(dq_ref.dtype)
-    kdec = jnp.exp(gc - g[r])
-    dkd = f(dkd_ref[rows[r], :])
-    s = kdec * jnp.sum(dkd * k_r, axis=1)
-    dg[r] = dg[r] - s
-    dgc = dgc + jnp.sum(s)
-    dk = dkd * kdec[:, None] + dkb * (beta[r] * gam[r])[:, None]
-    for j in range(r + 1):
-      dk = dk + _mm(dkk[r, j], f(k[j]))
-    for i in range(r, nb):
-      dk = dk + _mm(dkk[i, r], f(k[i]), _DN_TA) + _mm(dpm[i, r], q_r if i == r else
-                                                     f(q_ref[rows[i], :]), _DN_TA)
-    dk_ref[rows[r], :] = dk.astype(dk_ref.dtype)
-    db_ref[rows[r]] = db[r].astype(db_ref.dtype)
-  # log_alpha: reverse cumulative sum of dg, plus dg_C (g_C = g of the last position)
-  col, row = _iota((sb, sb), 1), _iota((sb, sb), 0)
-  tail = dgc
-  for i in range(nb - 1, -1, -1):
-    dla = jnp.sum(jnp.where(col >= row, dg[i][None, :], 0.0), axis=1) + tail
-    dla_ref[rows[i]] = dla.astype(dla_ref.dtype)
-    tail = tail + jnp.sum(dg[i])
+    db.append(jnp.sum(dvb * f(v_ref[rows[r], :]), axis=1))
+  dp = {(i, j): f(dp_ref[rows[i], rows[j]]) for i in range(nb) for j in range(i + 1)}
+  _prep_bwd_tail(q_ref, k, rows, g, jnp.sum(la), beta, kk, m, t, None, dtt, dw,
+                 [f(dqg_ref[rows[i], :]) for i in range(nb)],
+                 [f(dkd_ref[rows[i], :]) for i in range(nb)], dp, jnp.sum(f(dge_ref[...])), db,
+                 dq_ref, dk_ref, dla_ref, db_ref, dot_dtype=dot_dtype)
 
 
 def _prep_bwd_call(q, k, v, la, beta, dw, duv, dp, dqg, dkd, dge, opts):
@@ -728,6 +743,148 @@ def _prep_bwd_call(q, k, v, la, beta, dw, duv, dp, dqg, dkd, dge, opts):
                                        opts["gpu_lowering"]),
   )(q, k, v, la, beta, dw, duv, dp, dqg, dkd, dge))
 
+
+def _bwd_merged_kernel(q_ref, k_ref, v_ref, la_ref, b_ref, hs_ref, dss_ref, do_ref,
+                       dq_ref, dk_ref, dv_ref, dla_ref, db_ref, *, sb, bv, dot_dtype):
+  """bwd="merged": the per-chunk gradients of the recurrence and the prep's backward in one
+  program per (batch, head, chunk), from S_n (hs), dS_{n+1} (dss) and dO.
+
+  Recomputes T, W = T Kb, P = M o Q K^T and Kd (as the forward rounded them, in dot_dtype), then
+  loops over Dv blocks of bv columns: U = Uv - W S^T, dU = Kd dS^T + P^T dO (per 16-row block),
+  accumulating dKd, dQg, dW [C, Dk], dP and dT = dUv Vb^T (+ dW Kb^T after the loop) and writing
+  dv per block; the rest is _prep_bwd_kernel's math. Nothing chunk-sized goes through HBM."""
+  c = q_ref.shape[0]
+  nb = c // sb
+  dv_total = v_ref.shape[1]
+  dt = dot_dtype
+  rows = [pl.ds(i * sb, sb) for i in range(nb)]
+  f = lambda x: x.astype(F32)
+  la = f(la_ref[...])
+  g = _cum_blocks(la, nb, sb)
+  gc = jnp.sum(la)
+  beta = [f(b_ref[rows[i]]) for i in range(nb)]
+  gam = [jnp.exp(gi) for gi in g]
+  kdec = [jnp.exp(gc - gi) for gi in g]
+  k = [k_ref[rows[i], :] for i in range(nb)]
+  kk, m, _, t = _chunk_inverse(k, beta, g, dt)
+  kb = [f(k[j]) * (beta[j] * gam[j])[:, None] for j in range(nb)]
+  w = []
+  for i in range(nb):
+    acc = _mm(t[i, 0], kb[0])
+    for j in range(1, i + 1):
+      acc = acc + _mm(t[i, j], kb[j])
+    w.append(acc.astype(dt))
+  kd = [(f(k[i]) * kdec[i][:, None]).astype(dt) for i in range(nb)]
+  qk, p = {}, {}
+  for i in range(nb):
+    q_i = q_ref[rows[i], :]
+    for j in range(i + 1):
+      qk[i, j] = _dot(q_i, k[j], _DN_T, dt)
+      p[i, j] = (m[i, j] * qk[i, j]).astype(dt)
+  lower = [(i, j) for i in range(nb) for j in range(i + 1)]
+
+  def body(jb, carry):
+    dkd, dqg, dw, dp, dtt, db, dge = carry
+    dkd, dqg, dw, db = list(dkd), list(dqg), list(dw), list(db)
+    dp, dtt = dict(zip(lower, dp)), dict(zip(lower, dtt))
+    cols = pl.ds(jb * bv, bv)
+    s = hs_ref[cols, :]                                                        # [bv, Dk]
+    ds = dss_ref[cols, :]
+    vb = [f(v_ref[rows[j], cols]) * beta[j][:, None] for j in range(nb)]      # [sb, bv]
+    do = [do_ref[rows[i], cols] for i in range(nb)]
+    u = []
+    for i in range(nb):
+      uv = _mm(t[i, 0], vb[0])
+      for j in range(1, i + 1):
+        uv = uv + _mm(t[i, j], vb[j])
+      u.append(f(uv.astype(dt)) - _dot(w[i], s, _DN_T, dt))
+    du = []
+    for i in range(nb):
+      acc = _dot(kd[i], ds, _DN_T, dt)
+      for tt in range(i, nb):
+        acc = acc + _dot(p[tt, i], do[tt], _DN_TA, dt)
+      du.append(acc)
+    for i in range(nb):
+      dkd[i] = dkd[i] + _dot(u[i], ds, _DN, dt)
+      dqg[i] = dqg[i] + _dot(do[i], s, _DN, dt)
+      dw[i] = dw[i] - _dot(du[i], s, _DN, dt)
+      for j in range(i + 1):
+        dp[i, j] = dp[i, j] + _dot(do[i], u[j], _DN_T, dt)
+        dtt[i, j] = dtt[i, j] + _mm(du[i], vb[j], _DN_T)
+    for j in range(nb):
+      dvb = _mm(t[j, j], du[j], _DN_TA)
+      for i in range(j + 1, nb):
+        dvb = dvb + _mm(t[i, j], du[i], _DN_TA)
+      dv_ref[rows[j], cols] = (dvb * beta[j][:, None]).astype(dv_ref.dtype)
+      db[j] = db[j] + jnp.sum(dvb * f(v_ref[rows[j], cols]), axis=1)
+    dge = dge + jnp.sum(f(s) * f(ds), axis=0)
+    return (tuple(dkd), tuple(dqg), tuple(dw), tuple(dp[ij] for ij in lower),
+            tuple(dtt[ij] for ij in lower), tuple(db), dge)
+
+  dk_total = q_ref.shape[1]
+  zk = tuple(jnp.zeros((sb, dk_total), F32) for _ in range(nb))
+  zc = tuple(jnp.zeros((sb, sb), F32) for _ in lower)
+  zv = tuple(jnp.zeros((sb,), F32) for _ in range(nb))
+  dkd, dqg, dw, dp, dtt, db, dge = jax.lax.fori_loop(
+      0, dv_total // bv, body, (zk, zk, zk, zc, zc, zv, jnp.zeros((dk_total,), F32)))
+  dp, dtt = dict(zip(lower, dp)), dict(zip(lower, dtt))
+  for i, j in lower:
+    dtt[i, j] = dtt[i, j] + _mm(dw[i], kb[j], _DN_T)
+  _prep_bwd_tail(q_ref, k, rows, g, gc, beta, kk, m, t, qk, dtt, list(dw), list(dqg),
+                 list(dkd), dp, jnp.sum(dge), db, dq_ref, dk_ref, dla_ref, db_ref,
+                 dot_dtype=dot_dtype)
+
+
+def _bwd_merged_call(q, k, v, la, beta, hs, dss, do, opts):
+  bsz, t, h, dk = q.shape
+  dv = v.shape[-1]
+  c = opts["chunk"]
+  seq, vec, _, _ = _prep_specs(c, dk, dv)
+  sq = pl.squeezed if hasattr(pl, "squeezed") else None
+  st = pl.BlockSpec((sq, sq, dv, dk), lambda b, hh, n: (b * h + hh, n, 0, 0))
+  kern = functools.partial(_bwd_merged_kernel, sb=min(_SB, c),
+                           bv=_block_v(dv, opts["block_v_grads"]), dot_dtype=opts["dot_dtype"])
+  return tuple(pl.pallas_call(
+      kern, grid=(bsz, h, t // c),
+      in_specs=[seq(dk), seq(dk), seq(dv), vec, vec, st, st, seq(dv)],
+      out_specs=[seq(dk), seq(dk), seq(dv), vec, vec],
+      out_shape=[jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (q, k, v, la, beta)],
+      interpret=opts["interpret"], name="gdr_bwd_merged",
+      compiler_params=_compiler_params(opts["num_warps_grads"], opts["num_stages"],
+                                       opts["gpu_lowering"]),
+  )(q, k, v, la, beta, hs, dss, do))
+
+
+def _merged_forward(q, k, v, la, beta, s0, opts):
+  bsz, t, h, _ = q.shape
+  w, uv, p, qg, kd, gev = _prep_fwd_call(q, k, v, la, beta, opts)
+  flat = lambda a: a.reshape((bsz * h,) + a.shape[2:])
+  w, uv, p, qg, kd, gev = (flat(a) for a in (w, uv, p, qg, kd, gev))
+  o, hs, sn = _fwd_call(w, uv, p, qg, kd, gev, s0, opts)
+  return (o, sn), (q, k, v, la, beta, w, p, qg, kd, gev, hs)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _rule_merged(q, k, v, la, beta, s0, opts_key):
+  """prep='pallas' with bwd='merged': Pallas prep + recurrence forward; backward = the reverse dS
+  kernel + _bwd_merged_kernel. q, k, v, la, beta: T a multiple of the chunk."""
+  return _merged_forward(q, k, v, la, beta, s0, dict(opts_key))[0]
+
+
+def _rule_merged_fwd(q, k, v, la, beta, s0, opts_key):
+  return _merged_forward(q, k, v, la, beta, s0, dict(opts_key))
+
+
+def _rule_merged_bwd(opts_key, res, cts):
+  opts = dict(opts_key)
+  q, k, v, la, beta, w, p, qg, kd, gev, hs = res
+  do, dsn = cts
+  dss, ds0 = _states_call(w, p, qg, kd, gev, do, dsn.astype(F32), opts)
+  dq, dk, dv, dla, dbeta = _bwd_merged_call(q, k, v, la, beta, hs, dss, do, opts)
+  return dq, dk, dv, dla, dbeta, ds0
+
+
+_rule_merged.defvjp(_rule_merged_fwd, _rule_merged_bwd)
 
 def _prep_xla_cast(q, k, v, la, beta, opts):
   """The XLA prep with the Pallas prep's outputs: dot_dtype tiles and ge broadcast over C."""
@@ -787,9 +944,12 @@ def chunk_gated_delta_rule(q, k, v, log_alpha, beta, chunk_size: int = 64, initi
   on a CPU machine. Defaults: the fastest setting measured on one H100 at B4 T4096, 32 x 128
   (docs/PERFORMANCE.md, "Kernels"); "split", "default" and prep="pallas" were not measured on GPU.
   """
-  if bwd not in ("fused", "split", "split_pallas"):
-    raise ValueError(f"delta rule kernel: bwd={bwd!r} must be 'fused', 'split' or "
-                     f"'split_pallas'.")
+  if bwd not in ("fused", "split", "split_pallas", "merged"):
+    raise ValueError(f"delta rule kernel: bwd={bwd!r} must be 'fused', 'split', "
+                     f"'split_pallas' or 'merged'.")
+  if bwd == "merged" and prep != "pallas":
+    raise ValueError("delta rule kernel: bwd='merged' needs prep='pallas' (its backward kernel "
+                     "is the prep's backward merged with the per-chunk gradients).")
   if inverse_precision not in ("highest", "default"):
     raise ValueError(f"delta rule kernel: inverse_precision={inverse_precision!r} must be "
                      f"'highest' or 'default'.")
@@ -816,6 +976,14 @@ def chunk_gated_delta_rule(q, k, v, log_alpha, beta, chunk_size: int = 64, initi
     dot_dtype = F32 if jnp.dtype(v.dtype) == jnp.dtype(F32) else jnp.bfloat16
   s0 = _state0(initial_state, q, v).reshape(bsz * h, dv, dk)
   cast = lambda a: a.astype(dot_dtype)
+  flat = lambda a: a.reshape((bsz * h,) + a.shape[2:])
+  opts = (("block_v", int(block_v)), ("block_v_bwd", int(block_v_bwd)),
+          ("num_warps", int(num_warps)), ("num_warps_bwd", int(num_warps_bwd)),
+          ("num_stages", int(num_stages)), ("dot_dtype", jnp.dtype(dot_dtype)),
+          ("interpret", bool(interpret)), ("bwd", bwd), ("gpu_lowering", bool(gpu_lowering)),
+          ("block_v_grads", int(block_v_grads)), ("num_warps_grads", int(num_warps_grads)),
+          ("state_dtype", jnp.dtype(F32 if state_dtype is None else state_dtype)),
+          ("heads", int(h)), ("out_dtype", jnp.dtype(v.dtype)))
   if prep == "pallas":
     n = -(-t // c)
     pad = n * c - t
@@ -826,22 +994,17 @@ def chunk_gated_delta_rule(q, k, v, log_alpha, beta, chunk_size: int = 64, initi
              ("num_warps_prep", int(num_warps_prep)), ("num_stages", int(num_stages)),
              ("num_warps_prep_bwd", int(num_warps_prep_bwd)),
              ("gpu_lowering", bool(gpu_lowering)), ("prep_bwd", prep_bwd))
-    w, uv, p, qg, kd, gev = _prep_pallas(q, k, v, log_alpha.astype(F32), beta.astype(F32),
-                                         popts)
+    la32, b32 = log_alpha.astype(F32), beta.astype(F32)
+    if bwd == "merged":
+      o, sn = _rule_merged(q, k, v, la32, b32, s0, tuple(sorted(dict(opts + popts).items())))
+      return o[:, :t], sn.reshape(bsz, h, dv, dk)
+    w, uv, p, qg, kd, gev = _prep_pallas(q, k, v, la32, b32, popts)
   else:
     w, uv, p, qg, kd, ge = _prep(q, k, v, log_alpha, beta, c,
                                  precision=getattr(jax.lax.Precision, inverse_precision.upper()))
     n = w.shape[2]
     w, uv, p, qg, kd = (cast(a) for a in (w, uv, p, qg, kd))
     gev = jnp.broadcast_to(ge[..., None], ge.shape + (c,))
-  flat = lambda a: a.reshape((bsz * h,) + a.shape[2:])
-  opts = (("block_v", int(block_v)), ("block_v_bwd", int(block_v_bwd)),
-          ("num_warps", int(num_warps)), ("num_warps_bwd", int(num_warps_bwd)),
-          ("num_stages", int(num_stages)), ("dot_dtype", jnp.dtype(dot_dtype)),
-          ("interpret", bool(interpret)), ("bwd", bwd), ("gpu_lowering", bool(gpu_lowering)),
-          ("block_v_grads", int(block_v_grads)), ("num_warps_grads", int(num_warps_grads)),
-          ("state_dtype", jnp.dtype(F32 if state_dtype is None else state_dtype)),
-          ("heads", int(h)), ("out_dtype", jnp.dtype(v.dtype)))
   o, sn = _recurrence(flat(w), flat(uv), flat(p), flat(qg), flat(kd), flat(gev), s0, opts)
   return o[:, :t], sn.reshape(bsz, h, dv, dk)
 
