@@ -234,7 +234,8 @@ def test_pallas_prep_chunk64_and_its_backward_match_xla_prep(prep_bwd):
   opts = _prep_opts(64, prep_bwd)
   rng = np.random.default_rng(seed + 1)
   n = 128 // 64
-  cts = tuple(rng.standard_normal((1, 1, n, 64, d)).astype(np.float32) for d in (16, 32, 64, 16, 16))
+  cts = tuple(rng.standard_normal((1, 1, n, 64, d)).astype(np.float32)
+              for d in (16, 32, 64, 16, 16))
   cts += (rng.standard_normal((1, 1, n, 64)).astype(np.float32),)
 
   def run(prep):

@@ -600,12 +600,12 @@ def _prep_fwd_call(q, k, v, la, beta, opts):
   )(q, k, v, la, beta)
 
 
-def _prep_bwd_tail(q_ref, k, rows, g, gc, beta, kk, m, t, qk, dtt, dw, dqg, dkd, dp, dge, db,
+def _prep_bwd_tail(q_ref, k, rows, g, gc, beta, kk, m, t, dtt, dw, dqg, dkd, dp, dge, db,
                    dq_ref, dk_ref, dla_ref, db_ref, *, dot_dtype):
   """The prep's backward once dT (= dW Kb^T + dUv Vb^T, lower blocks), dW, dQg, dKd [sb, Dk]
   per block, dP (lower blocks), the total dge and the dbeta terms of dUv are known: everything
   through T = (I + A)^-1, A, P, the diagonal scalings and the cumulative decay. Writes dq, dk,
-  dlog_alpha, dbeta. qk: Q_i K_j^T blocks, or None to compute them here."""
+  dlog_alpha, dbeta. (Q_i K_j^T is recomputed here: fewer live registers than keeping it.)"""
   nb = len(k)
   sb = k[0].shape[0]
   f = lambda x: x.astype(F32)
@@ -641,8 +641,7 @@ def _prep_bwd_tail(q_ref, k, rows, g, gc, beta, kk, m, t, qk, dtt, dw, dqg, dkd,
   dpm = {}
   for i, j in lower:
     dpm[i, j] = dp[i, j] * m[i, j]
-    qk_ij = _dot(q_ref[rows[i], :], k[j], _DN_T, dot_dtype) if qk is None else qk[i, j]
-    z = dpm[i, j] * qk_ij                                     # dP o P
+    z = dpm[i, j] * _dot(q_ref[rows[i], :], k[j], _DN_T, dot_dtype)   # dP o P
     dg[i] = dg[i] + jnp.sum(z, axis=1)
     dg[j] = dg[j] - jnp.sum(z, axis=0)
   # per row block: W's dKb = T^T dW, Qg, Kd, and the K K^T / Q K^T terms
@@ -720,7 +719,7 @@ def _prep_bwd_kernel(q_ref, k_ref, v_ref, la_ref, b_ref, dw_ref, duv_ref, dp_ref
     dv_ref[rows[r], :] = (dvb * beta[r][:, None]).astype(dv_ref.dtype)
     db.append(jnp.sum(dvb * f(v_ref[rows[r], :]), axis=1))
   dp = {(i, j): f(dp_ref[rows[i], rows[j]]) for i in range(nb) for j in range(i + 1)}
-  _prep_bwd_tail(q_ref, k, rows, g, jnp.sum(la), beta, kk, m, t, None, dtt, dw,
+  _prep_bwd_tail(q_ref, k, rows, g, jnp.sum(la), beta, kk, m, t, dtt, dw,
                  [f(dqg_ref[rows[i], :]) for i in range(nb)],
                  [f(dkd_ref[rows[i], :]) for i in range(nb)], dp, jnp.sum(f(dge_ref[...])), db,
                  dq_ref, dk_ref, dla_ref, db_ref, dot_dtype=dot_dtype)
@@ -774,13 +773,11 @@ def _bwd_merged_kernel(q_ref, k_ref, v_ref, la_ref, b_ref, hs_ref, dss_ref, do_r
     for j in range(1, i + 1):
       acc = acc + _mm(t[i, j], kb[j])
     w.append(acc.astype(dt))
-  kd = [(f(k[i]) * kdec[i][:, None]).astype(dt) for i in range(nb)]
-  qk, p = {}, {}
+  p = {}
   for i in range(nb):
     q_i = q_ref[rows[i], :]
     for j in range(i + 1):
-      qk[i, j] = _dot(q_i, k[j], _DN_T, dt)
-      p[i, j] = (m[i, j] * qk[i, j]).astype(dt)
+      p[i, j] = (m[i, j] * _dot(q_i, k[j], _DN_T, dt)).astype(dt)
   lower = [(i, j) for i in range(nb) for j in range(i + 1)]
 
   def body(jb, carry):
@@ -800,7 +797,7 @@ def _bwd_merged_kernel(q_ref, k_ref, v_ref, la_ref, b_ref, hs_ref, dss_ref, do_r
       u.append(f(uv.astype(dt)) - _dot(w[i], s, _DN_T, dt))
     du = []
     for i in range(nb):
-      acc = _dot(kd[i], ds, _DN_T, dt)
+      acc = _dot((f(k[i]) * kdec[i][:, None]).astype(dt), ds, _DN_T, dt)     # Kd dS^T
       for tt in range(i, nb):
         acc = acc + _dot(p[tt, i], do[tt], _DN_TA, dt)
       du.append(acc)
@@ -830,7 +827,7 @@ def _bwd_merged_kernel(q_ref, k_ref, v_ref, la_ref, b_ref, hs_ref, dss_ref, do_r
   dp, dtt = dict(zip(lower, dp)), dict(zip(lower, dtt))
   for i, j in lower:
     dtt[i, j] = dtt[i, j] + _mm(dw[i], kb[j], _DN_T)
-  _prep_bwd_tail(q_ref, k, rows, g, gc, beta, kk, m, t, qk, dtt, list(dw), list(dqg),
+  _prep_bwd_tail(q_ref, k, rows, g, gc, beta, kk, m, t, dtt, list(dw), list(dqg),
                  list(dkd), dp, jnp.sum(dge), db, dq_ref, dk_ref, dla_ref, db_ref,
                  dot_dtype=dot_dtype)
 
