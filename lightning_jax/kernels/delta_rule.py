@@ -29,8 +29,12 @@ Split of the work (the math is the reference's, see layers/deltanet.py's docstri
     and writes dS_{n+1} per chunk; the rest are batched XLA einsums. bwd="split_pallas": the same
     dS kernel, then one parallel Pallas kernel per (batch x head, chunk) for every chunk-local
     gradient (a loop over Dv blocks, Dv-contracted gradients accumulated in registers, written
-    in the operands' dtype).
-Everything is tied together by jax.custom_vjp (prep and recurrence separately).
+    in the operands' dtype). bwd="merged" (prep="pallas" only): the same dS kernel, then ONE
+    per-(batch, head, chunk) kernel that recomputes T, W, P, Kd, computes the chunk-local
+    gradients and goes straight on through the prep's backward (_bwd_merged_kernel): only
+    q, k, v, dO, the saved states and dS are read, only dq, dk, dv, dlog_alpha, dbeta written.
+Everything is tied together by jax.custom_vjp (prep and recurrence separately; with
+bwd="merged" one custom_vjp around both).
 
 Predicted cost, B4 T4096, 32 heads x 128, chunk 64, bf16 (8192 chunks; counted before any GPU
 run; 2.55 TB/s measured copy bandwidth, docs/PERFORMANCE.md). Bytes dominate, FLOPs are small:
@@ -46,8 +50,14 @@ run; 2.55 TB/s measured copy bandwidth, docs/PERFORMANCE.md). Bytes dominate, FL
   prep bwd (pallas)   reads q, k, v + dW, dUv, dQg, dKd + dP (960 MiB), writes dq, dk, dv 384 MiB
                       = 1.4 GB -> 0.55 ms; ~3x the forward's dots -> predicted 0.6-0.9 ms
                       (XLA prep fwd+bwd: 12.1 ms).
-  total               forward ~1.2 ms (now 4.93), forward+backward ~3.0-3.8 ms with prep="pallas",
-                      bwd="split_pallas" (now 17.79; FLA 0.6.0: 4.60).
+  merged bwd kernel   reads q, k, v, dO 512 MiB + S, dS 1 GiB f32 (512 MiB bf16), writes dq, dk,
+                      dv 384 MiB = 1.9 (1.4) GB -> 0.75 (0.55) ms; ~18 MFLOP/chunk in 16-row dots
+                      (150 GFLOP at perhaps 150-200 TFLOP/s -> ~0.8 ms), ~190 live registers per
+                      thread at 8 warps (spills possible) -> predicted 0.8-1.3 ms, replacing the
+                      grads + prep bwd kernels (1.4-2.1 ms).
+  total               forward ~1.2 ms (now 4.93); forward+backward ~3.0-3.8 ms with prep="pallas",
+                      bwd="split_pallas", ~2.3-3.0 ms with bwd="merged" (now 17.79; FLA 0.6.0:
+                      4.60).
 
 Backends: on GPU the kernels lower through Pallas' Triton backend; elsewhere (CPU) they run with
 `interpret=True` (slow; for tests) — `impl_note()` says which. Matmul operands inside the kernels
@@ -925,21 +935,27 @@ def chunk_gated_delta_rule(q, k, v, log_alpha, beta, chunk_size: int = 64, initi
 
   Same arguments and results as layers.deltanet.chunk_gated_delta_rule. chunk_size must be a
   power of two (Triton tensor sizes); head dims must be powers of two. interpret=None runs the
-  kernels natively on GPU and in the Pallas interpreter elsewhere. bwd: "fused" (one reverse
-  kernel computes every gradient), "split" (a reverse kernel for dS only, the rest as batched
-  einsums over all chunks) or "split_pallas" (the same reverse dS kernel, then one parallel
-  Pallas kernel over (batch x head, chunk) for the rest, looping over Dv blocks of
-  block_v_grads rows with num_warps_grads warps). state_dtype: dtype of the per-chunk states
-  the forward saves for the backward and of the dS the split backwards pass on (None: float32;
-  bfloat16 halves that traffic, the states entering the backward's matmuls as bf16 operands
-  anyway with bf16 inputs). prep: "xla" (the chunk quantities W, Uv, P, Qg, Kd, ge in plain JAX,
-  float32, differentiated by autodiff) or "pallas" (one Pallas program per (batch, head, chunk),
-  chunk_size >= 16; its backward: prep_bwd="xla", autodiff of the XLA prep recomputed, or
-  "pallas", a Pallas kernel). inverse_precision: matmul precision of the XLA prep's (I + A)^-1
-  build ("highest" | "default"). gpu_lowering=True builds every kernel for the GPU (no
-  interpreter, Triton compiler parameters on any host) so that common.lower_for_gpu can lower it
-  on a CPU machine. Defaults: the fastest setting measured on one H100 at B4 T4096, 32 x 128
-  (docs/PERFORMANCE.md, "Kernels"); "split", "default" and prep="pallas" were not measured on GPU.
+  kernels natively on GPU and in the Pallas interpreter elsewhere.
+
+  prep: "xla" (the chunk quantities W, Uv, P, Qg, Kd, ge in plain JAX, float32, differentiated
+  by autodiff) or "pallas" (one Pallas program per (batch, head, chunk); chunk_size, Dk, Dv
+  >= 16; num_warps_prep warps). prep_bwd (with prep="pallas"): "pallas" (its backward kernel,
+  num_warps_prep_bwd warps) or "xla" (autodiff of the XLA prep, recomputed).
+  bwd: "fused" (one reverse kernel computes every gradient), "split" (a reverse kernel for dS
+  only, the rest as batched einsums over all chunks), "split_pallas" (the same reverse dS
+  kernel, then one parallel Pallas kernel over (batch x head, chunk) for the rest, looping over
+  Dv blocks of block_v_grads rows with num_warps_grads warps) or "merged" (prep="pallas" only:
+  the dS kernel, then one per-chunk kernel doing the chunk-local gradients and the prep's
+  backward together, same block_v_grads / num_warps_grads; prep_bwd unused).
+  state_dtype: dtype of the per-chunk states the forward saves for the backward and of the dS
+  the split / merged backwards pass on (None: float32; bfloat16 halves that traffic, the states
+  entering the backward's matmuls as bf16 operands anyway when dot_dtype is bf16).
+  inverse_precision: matmul precision of the XLA prep's (I + A)^-1 build ("highest" |
+  "default"). gpu_lowering=True builds every kernel for the GPU (no interpreter, Triton compiler
+  parameters on any host) so that common.lower_for_gpu can lower it on a CPU machine.
+  Defaults: the fastest setting measured on one H100 at B4 T4096, 32 x 128 (docs/PERFORMANCE.md,
+  "Kernels"); "split", "default", prep="pallas", "split_pallas", "merged" and bf16 states were
+  not measured on GPU yet (prediction: prep="pallas", bwd="merged" fastest, module docstring).
   """
   if bwd not in ("fused", "split", "split_pallas", "merged"):
     raise ValueError(f"delta rule kernel: bwd={bwd!r} must be 'fused', 'split', "
