@@ -311,13 +311,14 @@ def _combine_rows_bwd(res, dout):
   ys, gates, src, slot = res
   k = slot.shape[1]
   # dys[r] = gate(r) dout[token(r)]: one gather of [R, d]; empty rows read the sentinel (zero)
-  # (dout is float32 [N, d]; gather it in ys's dtype: dys ends there anyway, half the bytes)
+  # dout is float32 [N, d]; it is read in ys's dtype (dys ends there anyway; the k dgates
+  # reductions below each read it: half the bytes), products and sums in float32
+  dout_c = dout.astype(ys.dtype)
   g_row = _take(gates.reshape(-1).astype(jnp.float32), src)
-  dys = (g_row[:, None] * _take(dout.astype(ys.dtype), src // k).astype(jnp.float32))
-  dys = dys.astype(ys.dtype)
+  dys = (g_row[:, None] * _take(dout_c, src // k).astype(jnp.float32)).astype(ys.dtype)
   # dgates[n, j] = <ys[slot[n, j]], dout[n]>
-  dg = jnp.stack([jnp.sum(_take(ys, slot[:, j]).astype(jnp.float32) * dout, -1)
-                  for j in range(k)], -1)
+  dg = jnp.stack([jnp.sum(_take(ys, slot[:, j]).astype(jnp.float32)
+                          * dout_c.astype(jnp.float32), -1) for j in range(k)], -1)
   return dys, dg.astype(gates.dtype), None, None
 
 
