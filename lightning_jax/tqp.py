@@ -390,21 +390,18 @@ def _qbase(xr, q, bits, dtype, kernel="xla"):
   return jax.lax.stop_gradient(jnp.einsum("ecn,eon->eco", xr, w))
 
 
-def _rotated_base(xs, q, bits, dtype, kernel):
-  """Base output from the padded, unrotated input xs [E, C, n]: rotate, then `_qbase`. With
+def _rotated_input(xs, q, bits, kernel):
+  """(xr, x_layout) for the Pallas matmul from the padded, unrotated input xs [E, C, n]. With
   kernel "pallas_rotate" and a width the Pallas rotation supports, the rotation is one Pallas
-  pass that also writes the 4-bit matmul's [even | odd] layout (no XLA permutation)."""
+  pass that also writes the 4-bit matmul's [even | odd] layout (no XLA permutation); otherwise
+  tqp.rotate in XLA."""
   n = xs.shape[-1]
   if kernel == "pallas_rotate":
     from lightning_jax.kernels import expert_matmul as em
     fac = em.rotation_factors(n)
     if fac is not None and (bits == 8 or (fac[1] >= 32 and n % 128 == 0)):
-      xr = em.rotate(xs, q["signs"], split=bits == 4)
-      lv = jnp.asarray(codebook(n, bits))
-      return em.tqp_matmul(xr, q["codes"], q["norms"], lv, bits,
-                           x_layout="presplit" if bits == 4 else "split")
-    kernel = "pallas"
-  return _qbase(rotate(xs, q["signs"]), q, bits, dtype, kernel)
+      return em.rotate(xs, q["signs"], split=bits == 4), ("presplit" if bits == 4 else "split")
+  return rotate(xs, q["signs"]), "split"
 
 
 def _adapter_in(ad, q, d_in):
@@ -419,13 +416,20 @@ def _qlinear(x, q, ad, bits, dtype, kernel="xla", xb=None):
   Only the base needs the rotated input, and the base is stop-gradient, so the rotation runs on
   a stop-gradient copy of x, forward only. The adapter is applied as A ((B R) x) with
   B R = `_adapter_in` [E, r, d_in] (a rank-r-sized transform): the backward never rotates an
-  [E, C, n] activation and keeps no rotated copy of it. The rank-r adapter runs alongside the
-  base in XLA (two thin einsums, r = 16); `xb` = (B R) x when the caller computed it already."""
+  [E, C, n] activation and keeps no rotated copy of it. `xb` = (B R) x when the caller computed
+  it already. With the Pallas kernels the product xb A^T is added in the base kernel's epilogue
+  (expert_matmul.tqp_matmul_adapter); with "xla" it is a thin einsum alongside."""
   n = q["signs"].shape[-1]
   xs = _pad_last(jax.lax.stop_gradient(x), n)
-  base = jax.lax.stop_gradient(_rotated_base(xs, q, bits, dtype, kernel))
   if xb is None:
     xb = jnp.einsum("ecd,erd->ecr", x, _adapter_in(ad, q, x.shape[-1]).astype(dtype))
+  if kernel in ("pallas", "pallas_rotate"):
+    from lightning_jax.kernels import expert_matmul
+    xr, layout = _rotated_input(xs.astype(dtype), q, bits, kernel)
+    lv = jnp.asarray(codebook(n, bits))
+    return expert_matmul.tqp_matmul_adapter(xr, q["codes"], q["norms"], lv, bits, xb,
+                                            ad["a"].astype(dtype), x_layout=layout)
+  base = jax.lax.stop_gradient(_qbase(rotate(xs, q["signs"]), q, bits, dtype, kernel))
   return base.astype(dtype) + jnp.einsum("ecr,eor->eco", xb, ad["a"].astype(dtype))
 
 

@@ -50,8 +50,9 @@ def test_kernel_matches_xla_dequantise_path(bits, layout, opts):
 def test_pallas_swiglu_matches_xla_forward_and_gradients():
   """tqp_grouped_swiglu with tqp.kernel='pallas_rotate' (interpreted; 8 bits, d_model 256: the
   Pallas rotation feeds gate/up, down (width 32) falls back to the XLA rotation; the
-  dequantising matmul runs for all three) == 'xla': output, and gradients to the adapters and
-  the input (the base is stop-gradient in both; no tangent reaches a kernel)."""
+  dequantising matmul with the adapter product in its epilogue runs for all three) == 'xla':
+  output, and gradients to the adapters (through the fused kernel's custom VJP) and the input
+  (the base is stop-gradient in both; no tangent reaches a kernel)."""
   kernel, bits = "pallas_rotate", 8
   seed = _seed()
   cfg = tiny_config()
@@ -125,6 +126,12 @@ def test_kernel_lowers_for_cuda_at_120b_shape(bits, opts):
         lambda x, s: expert_matmul.rotate(x, s, split=bits == 4, gpu_lowering=True),
         args[0], S((n,), jnp.int8))
     assert "tqp_rotate" in text
+    # and the variant with the rank-16 adapter product in the epilogue
+    text = common.lower_for_gpu(
+        lambda x, cd, nr, lv, xb, a: expert_matmul.tqp_matmul_adapter(
+            x, cd, nr, lv, bits, xb, a, gpu_lowering=True),
+        *args, S((58, 13824, 16), jnp.bfloat16), S((58, o, 16), jnp.bfloat16))
+    assert f"tqp{bits}_expert_matmul" in text
 
 
 def test_bad_kernel_name_and_shapes_fail_clearly():

@@ -17,8 +17,12 @@ scale the accumulator in the epilogue. The dequantised weights never reach HBM: 
 (4-bit) or 1 (8-bit) byte per weight and tile instead of writing and re-reading a bf16 copy.
 
 Forward only: `tqp_matmul` stops the gradient of its inputs (the TQP base output is
-stop-gradient; the rotated input gets its gradient through the adapters), so no tangent ever
-reaches the pallas_call.
+stop-gradient; the input gets its gradient through the adapters), so no tangent ever reaches the
+pallas_call. `tqp_matmul_adapter` adds the rank-R adapter product xb A^T in the epilogue (one
+K = R dot per tile) and differentiates only that part, by a custom VJP in XLA.
+
+`rotate` is the TQP input rotation H D x / sqrt(n) as one Pallas pass per row (two small
+Hadamard dots per row), optionally writing the 4-bit kernel's [even | odd] layout.
 
 Backends: Triton on GPU, the Pallas interpreter elsewhere (tests). `gpu_lowering=True` builds the
 native call with Triton compiler parameters on any host, for kernels.common.lower_for_gpu.
@@ -46,15 +50,18 @@ def _lookup_select(idx, vals):
   return vals[0]
 
 
-def _kernel(x_ref, c_ref, lv_ref, nrm_ref, o_ref, *, bits, bk, n_k, dot_dtype, split, lookup,
-            w_first):
-  """x_ref [BM, n], c_ref [BN, n bits / 8] uint8, lv_ref [2^bits], nrm_ref [BN], o_ref [BM, BN].
+def _kernel(x_ref, c_ref, lv_ref, nrm_ref, *refs, bits, bk, n_k, dot_dtype, split, lookup,
+            w_first, adapter):
+  """x_ref [BM, n], c_ref [BN, n bits / 8] uint8, lv_ref [2^bits], nrm_ref [BN], o_ref [BM, BN];
+  with adapter=True refs = (xb_ref [BM, R], a_ref [BN, R], o_ref) and the epilogue adds
+  xb a^T (the rank-R adapter's output) to the scaled base.
 
   4 bits with split=True: x's columns are [even | odd] (see `split_even_odd`), so both halves load
   contiguously; split=False loads the even / odd columns of the natural layout with stride 2.
   lookup: "gather" (levels[idx] as a gather load) or "select" (4 bits: a select tree).
   w_first: accumulate out^T = W x^T ([BN, BM]; the dequantised tile is the dot's first operand,
   which tensor-core MMAs may read from registers) and transpose in the epilogue."""
+  o_ref = refs[-1]
   bm, bn = o_ref.shape
   n = x_ref.shape[-1]
 
@@ -94,7 +101,11 @@ def _kernel(x_ref, c_ref, lv_ref, nrm_ref, o_ref, *, bits, bk, n_k, dot_dtype, s
   acc = jax.lax.fori_loop(0, n_k, body, jnp.zeros(shape, F32))
   if w_first:
     acc = acc.T
-  o_ref[...] = (acc * nrm_ref[...].astype(F32)[None, :]).astype(o_ref.dtype)
+  acc = acc * nrm_ref[...].astype(F32)[None, :]
+  if adapter:
+    xb_ref, a_ref = refs[0], refs[1]
+    acc = acc + common.dot(xb_ref[...], a_ref[...], _DN_T, dot_dtype)
+  o_ref[...] = acc.astype(o_ref.dtype)
 
 
 def split_even_odd(x):
@@ -135,7 +146,7 @@ def _pad_to(a, axis, size):
 
 
 def _call(xr, codes, norms, levels, *, bits, block_m, block_n, block_k, num_warps, num_stages,
-          x_layout, lookup, w_first, interpret, force_params):
+          x_layout, lookup, w_first, interpret, force_params, xb=None, a=None):
   e, c, n = xr.shape
   o = codes.shape[1]
   per_byte = 2 if bits == 4 else 1
@@ -162,8 +173,15 @@ def _call(xr, codes, norms, levels, *, bits, block_m, block_n, block_k, num_warp
     xr = split_even_odd(xr)
   dot_dtype = F32 if xr.dtype == F32 else jnp.bfloat16
   sq = pl.squeezed if hasattr(pl, "squeezed") else None
+  adapter = xb is not None
   kern = functools.partial(_kernel, bits=bits, bk=bk, n_k=n_pad // bk, dot_dtype=dot_dtype,
-                           split=split, lookup=lookup, w_first=bool(w_first))
+                           split=split, lookup=lookup, w_first=bool(w_first), adapter=adapter)
+  extra_in, extra_specs = [], []
+  if adapter:
+    r_pad = max(16, _next_pow2(xb.shape[-1]))          # dot dims >= 16: zero-pad the rank
+    extra_in = [_pad_to(_pad_to(xb, 1, c_pad), 2, r_pad), _pad_to(_pad_to(a, 1, o_pad), 2, r_pad)]
+    extra_specs = [pl.BlockSpec((sq, bm, r_pad), lambda j, i, g: (g, i, 0)),
+                   pl.BlockSpec((sq, bn, r_pad), lambda j, i, g: (g, j, 0))]
   params = (common.compiler_params(num_warps, num_stages, force=True) if force_params else
             common.compiler_params(num_warps, num_stages))
   out = pl.pallas_call(
@@ -173,11 +191,11 @@ def _call(xr, codes, norms, levels, *, bits, block_m, block_n, block_k, num_warp
       in_specs=[pl.BlockSpec((sq, bm, n_pad), lambda j, i, g: (g, i, 0)),
                 pl.BlockSpec((sq, bn, n_pad // per_byte), lambda j, i, g: (g, j, 0)),
                 pl.BlockSpec((levels.shape[0],), lambda j, i, g: (0,)),
-                pl.BlockSpec((sq, bn), lambda j, i, g: (g, j))],
+                pl.BlockSpec((sq, bn), lambda j, i, g: (g, j))] + extra_specs,
       out_specs=pl.BlockSpec((sq, bm, bn), lambda j, i, g: (g, i, j)),
       out_shape=jax.ShapeDtypeStruct((e, c_pad, o_pad), xr.dtype),
       interpret=interpret, name=f"tqp{bits}_expert_matmul", compiler_params=params,
-  )(xr, codes, levels.astype(F32), norms.astype(F32))
+  )(xr, codes, levels.astype(F32), norms.astype(F32), *extra_in)
   return out[:, :c, :o] if (c_pad, o_pad) != (c, o) else out
 
 
@@ -214,6 +232,45 @@ def tqp_matmul(xr, codes, norms, levels, bits: int, *, interpret: bool | None = 
   xr, norms, levels = (jax.lax.stop_gradient(a) for a in (xr, norms, jnp.asarray(levels)))
   return _call(xr, codes, norms, levels, bits=bits, interpret=interp,
                force_params=gpu_lowering, **opts)
+
+
+def tqp_matmul_adapter(xr, codes, norms, levels, bits: int, xb, a, *,
+                       interpret: bool | None = None, gpu_lowering: bool = False, **blocks):
+  """stop_gradient(tqp_matmul(xr, ...)) + xb a^T, the adapter product added in the kernel's
+  epilogue (the base output never round-trips through HBM before the add).
+
+  xb [E, C, R] (the adapter's input projection), a [E, O, R]. Differentiable in xb and a only
+  (custom VJP: dxb = dy a, da = dy^T xb, in XLA); xr, codes, norms, levels get no gradient."""
+  check_shapes(xr, codes, norms, levels, bits)
+  e, c, _ = xr.shape
+  if xb.shape[:2] != (e, c) or a.shape[:2] != codes.shape[:2] or xb.shape[2] != a.shape[2]:
+    raise ValueError(f"expert_matmul: adapter xb {tuple(xb.shape)} / a {tuple(a.shape)} must be "
+                     f"[{e}, {c}, R] / [{e}, {codes.shape[1]}, R].")
+  opts = {**default_blocks(bits), **blocks}
+  interp = False if gpu_lowering else common.interpret_default(interpret)
+  fixed = tuple(jax.lax.stop_gradient(v) for v in (xr, norms, jnp.asarray(levels)))
+  return _fused_adapter(fixed[0], codes, fixed[1], fixed[2], xb, a, bits,
+                        tuple(sorted(opts.items())), interp, gpu_lowering)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+def _fused_adapter(xr, codes, norms, levels, xb, a, bits, opts, interp, force):
+  return _call(xr, codes, norms, levels, bits=bits, interpret=interp, force_params=force,
+               xb=xb.astype(xr.dtype), a=a.astype(xr.dtype), **dict(opts))
+
+
+def _fused_adapter_fwd(xr, codes, norms, levels, xb, a, bits, opts, interp, force):
+  return _fused_adapter(xr, codes, norms, levels, xb, a, bits, opts, interp, force), (xb, a)
+
+
+def _fused_adapter_bwd(bits, opts, interp, force, res, dy):
+  xb, a = res
+  dxb = jnp.einsum("eco,eor->ecr", dy, a.astype(dy.dtype), preferred_element_type=F32)
+  da = jnp.einsum("eco,ecr->eor", dy, xb.astype(dy.dtype), preferred_element_type=F32)
+  return None, None, None, None, dxb.astype(xb.dtype), da.astype(a.dtype)
+
+
+_fused_adapter.defvjp(_fused_adapter_fwd, _fused_adapter_bwd)
 
 
 def reference(xr, codes, norms, levels, bits: int):
