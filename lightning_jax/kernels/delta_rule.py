@@ -552,7 +552,7 @@ def _chunk_inverse(k, beta, g, dot_dtype):
 
 
 def _prep_fwd_kernel(q_ref, k_ref, v_ref, la_ref, b_ref,
-                     w_ref, uv_ref, p_ref, qg_ref, kd_ref, ge_ref, *, sb, dot_dtype):
+                     w_ref, uv_ref, p_ref, qg_ref, kd_ref, ge_ref, *t_out, sb, dot_dtype):
   c = q_ref.shape[0]
   nb = c // sb
   rows = [pl.ds(i * sb, sb) for i in range(nb)]
@@ -570,6 +570,10 @@ def _prep_fwd_kernel(q_ref, k_ref, v_ref, la_ref, b_ref,
       uv = _mm(t[i, j], vb) if uv is None else uv + _mm(t[i, j], vb)
     w_ref[rows[i], :] = w.astype(w_ref.dtype)
     uv_ref[rows[i], :] = uv.astype(uv_ref.dtype)
+  if t_out:          # T = (I + A)^-1 for the backward, stored block by block (zeros above)
+    for i in range(nb):
+      for j in range(nb):
+        t_out[0][rows[i], rows[j]] = t[i, j] if j <= i else jnp.zeros((sb, sb), F32)
   gf = _cum_full(la)
   gc = jnp.sum(la)
   q = q_ref[...]
@@ -589,7 +593,9 @@ def _prep_specs(c, dk, dv):
   return seq, vec, chunk, cvec
 
 
-def _prep_fwd_call(q, k, v, la, beta, opts):
+def _prep_fwd_call(q, k, v, la, beta, opts, with_t=False):
+  """W, Uv, P, Qg, Kd [B, H, N, C, .] in dot_dtype, gev [B, H, N, C] float32 (and with_t:
+  T = (I + A)^-1 [B, H, N, C, C] float32, the backward's residual)."""
   bsz, t, h, dk = q.shape
   dv = v.shape[-1]
   c = opts["chunk"]
@@ -601,274 +607,241 @@ def _prep_fwd_call(q, k, v, la, beta, opts):
   return pl.pallas_call(
       kern, grid=(bsz, h, n),
       in_specs=[seq(dk), seq(dk), seq(dv), vec, vec],
-      out_specs=[chunk(dk), chunk(dv), chunk(c), chunk(dk), chunk(dk), cvec],
+      out_specs=[chunk(dk), chunk(dv), chunk(c), chunk(dk), chunk(dk), cvec] + (
+          [chunk(c)] if with_t else []),
       out_shape=[shp(dk), shp(dv), shp(c), shp(dk), shp(dk),
-                 jax.ShapeDtypeStruct((bsz, h, n, c), F32)],
+                 jax.ShapeDtypeStruct((bsz, h, n, c), F32)] + ([shp(c, F32)] if with_t else []),
       interpret=opts["interpret"], name="gdr_prep_fwd",
       compiler_params=_compiler_params(opts["num_warps_prep"], opts["num_stages"],
                                        opts["gpu_lowering"]),
   )(q, k, v, la, beta)
 
 
-def _prep_bwd_tail(q_ref, k, rows, g, gc, beta, kk, m, t, dtt, dw, dqg, dkd, dp, dge, db,
+def _prep_bwd_tail(q, k, la, beta, t, dw, dtt, dqg, dkd, dp, dge, db,
                    dq_ref, dk_ref, dla_ref, db_ref, *, dot_dtype):
-  """The prep's backward once dT (= dW Kb^T + dUv Vb^T, lower blocks), dW, dQg, dKd [sb, Dk]
-  per block, dP (lower blocks), the total dge and the dbeta terms of dUv are known: everything
-  through T = (I + A)^-1, A, P, the diagonal scalings and the cumulative decay. Writes dq, dk,
-  dlog_alpha, dbeta. (Q_i K_j^T is recomputed here: fewer live registers than keeping it.)"""
-  nb = len(k)
-  sb = k[0].shape[0]
+  """The prep's backward for one chunk on full [C, .] tiles, once the cotangents are known:
+  dW, dQg, dKd [C, Dk], dP [C, C], dT [C, C] (= dW Kb^T + dUv Vb^T), the total dge and the
+  dbeta terms of dUv (db); T = (I + A)^-1 [C, C] float32 (saved by the forward). Writes dq,
+  dk, dlog_alpha, dbeta.
+
+  dA = -T^T dT T^T on the strictly lower entries; A = diag(beta) (M o K K^T) and
+  P = M o Q K^T give the dK K^T / dQ K^T terms and, through M_ts = e^{g_t - g_s},
+  dg_t += rowsum(dA o A + dP o P), dg_s -= colsum(...); W = T diag(beta gamma) K, Qg, Kd and ge
+  add their diagonal terms; dlog_alpha = reverse cumsum of dg (+ dg_C everywhere)."""
+  c = q.shape[0]
   f = lambda x: x.astype(F32)
-  gam = [jnp.exp(gi) for gi in g]
-  lower = [(i, j) for i in range(nb) for j in range(i + 1)]
-  strict = _iota((sb, sb), 1) < _iota((sb, sb), 0)
-  dg = [jnp.zeros((sb,), F32) for _ in range(nb)]
-  db = list(db)
-  # dA = -T^T dT T^T (strictly lower; blockwise X = T^T dT, dA = -X T^T), through A = diag(beta)
-  # (M o K K^T): d(K_i K_j^T), dbeta, and dg via M_ts = e^{g_t - g_s}
-  x = {}
-  for i in range(nb):
-    for b in range(i + 1):
-      acc = _mm(t[i, i], dtt[i, b], _DN_TA, _HI)
-      for a_ in range(i + 1, nb):
-        acc = acc + _mm(t[a_, i], dtt[a_, b], _DN_TA, _HI)
-      x[i, b] = acc
-  dkk = {}
-  for i, j in lower:
-    da = _mm(x[i, 0], t[j, 0], _DN_T, _HI)
-    for b in range(1, j + 1):
-      da = da + _mm(x[i, b], t[j, b], _DN_T, _HI)
-    da = -da
-    if i == j:
-      da = jnp.where(strict, da, 0.0)
-    e = da * m[i, j]
-    dkk[i, j] = e * beta[i][:, None]
-    y = dkk[i, j] * kk[i, j]                                  # dA o A
-    db[i] = db[i] + jnp.sum(e * kk[i, j], axis=1)
-    dg[i] = dg[i] + jnp.sum(y, axis=1)
-    dg[j] = dg[j] - jnp.sum(y, axis=0)
-  # P = M o Q K^T
-  dpm = {}
-  for i, j in lower:
-    dpm[i, j] = dp[i, j] * m[i, j]
-    z = dpm[i, j] * _dot(q_ref[rows[i], :], k[j], _DN_T, dot_dtype)   # dP o P
-    dg[i] = dg[i] + jnp.sum(z, axis=1)
-    dg[j] = dg[j] - jnp.sum(z, axis=0)
-  # per row block: W's dKb = T^T dW, Qg, Kd, and the K K^T / Q K^T terms
-  dgc = dge * jnp.exp(gc)
-  for r in range(nb):
-    dkb = _mm(t[r, r], dw[r], _DN_TA)
-    for i in range(r + 1, nb):
-      dkb = dkb + _mm(t[i, r], dw[i], _DN_TA)
-    k_r = f(k[r])
-    q_r = f(q_ref[rows[r], :])
-    h = jnp.sum(dkb * k_r, axis=1)
-    db[r] = db[r] + gam[r] * h
-    dg[r] = dg[r] + beta[r] * gam[r] * h
-    dq = dqg[r] * gam[r][:, None]
-    dg[r] = dg[r] + gam[r] * jnp.sum(dqg[r] * q_r, axis=1)
-    for j in range(r + 1):
-      dq = dq + _mm(dpm[r, j], f(k[j]))
-    dq_ref[rows[r], :] = dq.astype(dq_ref.dtype)
-    kdec = jnp.exp(gc - g[r])
-    s_r = kdec * jnp.sum(dkd[r] * k_r, axis=1)
-    dg[r] = dg[r] - s_r
-    dgc = dgc + jnp.sum(s_r)
-    dkr = dkd[r] * kdec[:, None] + dkb * (beta[r] * gam[r])[:, None]
-    for j in range(r + 1):
-      dkr = dkr + _mm(dkk[r, j], f(k[j]))
-    for i in range(r, nb):
-      dkr = dkr + _mm(dkk[i, r], f(k[i]), _DN_TA) + _mm(dpm[i, r], q_r if i == r else
-                                                       f(q_ref[rows[i], :]), _DN_TA)
-    dk_ref[rows[r], :] = dkr.astype(dk_ref.dtype)
-    db_ref[rows[r]] = db[r].astype(db_ref.dtype)
-  # log_alpha: reverse cumulative sum of dg, plus dg_C (g_C = g of the last position)
-  col, row = _iota((sb, sb), 1), _iota((sb, sb), 0)
-  tail = dgc
-  for i in range(nb - 1, -1, -1):
-    dla = jnp.sum(jnp.where(col >= row, dg[i][None, :], 0.0), axis=1) + tail
-    dla_ref[rows[i]] = dla.astype(dla_ref.dtype)
-    tail = tail + jnp.sum(dg[i])
+  dt = dot_dtype
+  row, col = _iota((c, c), 0), _iota((c, c), 1)
+  g = _cum_full(la)
+  gc = jnp.sum(la)
+  gam = jnp.exp(g)
+  kdec = jnp.exp(gc - g)
+  m = _decay_block(g, g, True)
+  # through T and A
+  dam = jnp.where(col < row, -_mm(t, _mm(dtt, t, _DN_T), _DN_TA), 0.0) * m  # -T^T dT T^T o M
+  e = dam * _dot(k, k, _DN_T, dot_dtype)                       # dA o M o KK
+  db = db + jnp.sum(e, axis=1)
+  y = e * beta[:, None]                                        # dA o A
+  dkk = dam * beta[:, None]                                    # d(K K^T)
+  dg = jnp.sum(y, axis=1) - jnp.sum(y, axis=0)
+  # through P
+  dpm = dp * m
+  z = dpm * _dot(q, k, _DN_T, dot_dtype)                       # dP o P
+  dg = dg + jnp.sum(z, axis=1) - jnp.sum(z, axis=0)
+  # W = T Kb: dKb = T^T dW
+  # (the [C, C] x [C, D] products below take dot_dtype operands: bf16 tensor-core dots for
+  # bf16 inputs, as the recurrence's backward)
+  dkb = _dot(t, dw, _DN_TA, dt)
+  h = jnp.sum(dkb * f(k), axis=1)
+  db = db + gam * h
+  dg = dg + beta * gam * h
+  dq = dqg * gam[:, None] + _dot(dpm, k, _DN, dt)
+  dg = dg + gam * jnp.sum(dqg * f(q), axis=1)
+  dq_ref[...] = dq.astype(dq_ref.dtype)
+  s = kdec * jnp.sum(dkd * f(k), axis=1)
+  dg = dg - s
+  dgc = dge * jnp.exp(gc) + jnp.sum(s)
+  dk = (dkd * kdec[:, None] + dkb * (beta * gam)[:, None] + _dot(dkk, k, _DN, dt)
+        + _dot(dkk, k, _DN_TA, dt) + _dot(dpm, q, _DN_TA, dt))
+  dk_ref[...] = dk.astype(dk_ref.dtype)
+  db_ref[...] = db.astype(db_ref.dtype)
+  dla_ref[...] = (jnp.sum(jnp.where(col >= row, dg[None, :], 0.0), axis=1) + dgc
+                  ).astype(dla_ref.dtype)
 
 
-def _prep_bwd_kernel(q_ref, k_ref, v_ref, la_ref, b_ref, dw_ref, duv_ref, dp_ref, dqg_ref,
-                     dkd_ref, dge_ref, dq_ref, dk_ref, dv_ref, dla_ref, db_ref, *, sb, dot_dtype):
-  """Cotangents of W, Uv, P, Qg, Kd, ge -> of q, k, v, log_alpha, beta for one chunk.
-
-  With T = (I + A)^-1, Kb = diag(beta gamma) K, Vb = diag(beta) V (W = T Kb, Uv = T Vb):
-    dT = dW Kb^T + dUv Vb^T ;  dKb = T^T dW ;  dVb = T^T dUv ;
-    dA = -T^T dT T^T on the strictly lower entries (blockwise: X = T^T dT, dA = -X T^T);
-    A = diag(beta) (M o K K^T) and P = M o Q K^T give dK K^T / dQ K^T terms and, through
-    M_ts = e^{g_t - g_s}, dg_t += rowsum(dA o A + dP o P), dg_s -= colsum(...);
-    Qg, Kd, W and ge add their diag(gamma) / diag(e^{g_C - g}) / e^{g_C} terms; finally
-    dlog_alpha = reverse cumsum of dg (+ dg_C on every position, g_C being the last g).
-  """
-  c = q_ref.shape[0]
-  nb = c // sb
-  rows = [pl.ds(i * sb, sb) for i in range(nb)]
+def _prep_bwd_kernel(q_ref, k_ref, v_ref, la_ref, b_ref, t_ref, dw_ref, duv_ref, dp_ref,
+                     dqg_ref, dkd_ref, dge_ref, dq_ref, dk_ref, dv_ref, dla_ref, db_ref, *,
+                     bk, dot_dtype):
+  """Cotangents of W, Uv, P, Qg, Kd, ge -> of q, k, v, log_alpha, beta for one chunk, with the
+  forward's T = (I + A)^-1 (Kb = diag(beta gamma) K, Vb = diag(beta) V, W = T Kb, Uv = T Vb).
+  The same math as _prep_bwd_tail, but every [C, D] operand is taken in column blocks of bk
+  (loops over D), so that only [C, C] tiles and [C, bk] slabs are live (registers):
+    pass 1: dT = dW Kb^T + dUv Vb^T, K K^T, Q K^T (contractions over D); dv = beta T^T dUv;
+    [C, C]: dA = -T^T dT T^T (strict), d(K K^T), dP o M, and their dbeta / dg terms;
+    pass 2: dq, dk per column block, with the row sums that feed dbeta and dg."""
+  c, dk_total = q_ref.shape
+  dv_total = v_ref.shape[1]
+  dt = dot_dtype
   f = lambda x: x.astype(F32)
-  la = f(la_ref[...])
-  g = _cum_blocks(la, nb, sb)
-  beta = [f(b_ref[rows[i]]) for i in range(nb)]
-  gam = [jnp.exp(gi) for gi in g]
-  k = [k_ref[rows[i], :] for i in range(nb)]
-  kk, m, _, t = _chunk_inverse(k, beta, g, dot_dtype)
-  dw = [f(dw_ref[rows[i], :]) for i in range(nb)]
-  dtt = {}
-  for i in range(nb):
-    duv_i = f(duv_ref[rows[i], :])
-    for j in range(i + 1):
-      kb = f(k[j]) * (beta[j] * gam[j])[:, None]
-      vb = f(v_ref[rows[j], :]) * beta[j][:, None]
-      dtt[i, j] = _mm(dw[i], kb, _DN_T) + _mm(duv_i, vb, _DN_T)
-  db = []
-  for r in range(nb):                                         # Uv = T Vb: dv, dbeta
-    dvb = _mm(t[r, r], f(duv_ref[rows[r], :]), _DN_TA)
-    for i in range(r + 1, nb):
-      dvb = dvb + _mm(t[i, r], f(duv_ref[rows[i], :]), _DN_TA)
-    dv_ref[rows[r], :] = (dvb * beta[r][:, None]).astype(dv_ref.dtype)
-    db.append(jnp.sum(dvb * f(v_ref[rows[r], :]), axis=1))
-  dp = {(i, j): f(dp_ref[rows[i], rows[j]]) for i in range(nb) for j in range(i + 1)}
-  _prep_bwd_tail(q_ref, k, rows, g, jnp.sum(la), beta, kk, m, t, dtt, dw,
-                 [f(dqg_ref[rows[i], :]) for i in range(nb)],
-                 [f(dkd_ref[rows[i], :]) for i in range(nb)], dp, jnp.sum(f(dge_ref[...])), db,
-                 dq_ref, dk_ref, dla_ref, db_ref, dot_dtype=dot_dtype)
+  la, beta = f(la_ref[...]), f(b_ref[...])
+  t = f(t_ref[...])
+  row, col = _iota((c, c), 0), _iota((c, c), 1)
+  g = _cum_full(la)
+  gc = jnp.sum(la)
+  gam = jnp.exp(g)
+  kdec = jnp.exp(gc - g)
+  bg = beta * gam
+  zc = jnp.zeros((c, c), F32)
+  zv = jnp.zeros((c,), F32)
+
+  def pass1_k(j, carry):
+    dtt, kk, qk = carry
+    cols = pl.ds(j * bk, bk)
+    k_b = k_ref[:, cols]
+    kb = f(k_b) * bg[:, None]
+    return (dtt + _dot(dw_ref[:, cols], kb, _DN_T, dt), kk + _dot(k_b, k_b, _DN_T, dt),
+            qk + _dot(q_ref[:, cols], k_b, _DN_T, dt))
+  dtt, kk, qk = jax.lax.fori_loop(0, dk_total // bk, pass1_k, (zc, zc, zc))
+
+  def pass1_v(j, carry):
+    dtt, db = carry
+    cols = pl.ds(j * bk, bk)
+    v_b = f(v_ref[:, cols])
+    duv = duv_ref[:, cols]
+    dvb = _dot(t, duv, _DN_TA, dt)
+    dv_ref[:, cols] = (dvb * beta[:, None]).astype(dv_ref.dtype)
+    return dtt + _dot(duv, v_b * beta[:, None], _DN_T, dt), db + jnp.sum(dvb * v_b, axis=1)
+  dtt, db = jax.lax.fori_loop(0, dv_total // bk, pass1_v, (dtt, zv))
+
+  m = _decay_block(g, g, True)
+  dam = jnp.where(col < row, -_mm(t, _mm(dtt, t, _DN_T), _DN_TA), 0.0) * m  # -T^T dT T^T o M
+  e = dam * kk                                                 # dA o M o KK
+  db = db + jnp.sum(e, axis=1)
+  y = e * beta[:, None]                                        # dA o A
+  dkk = dam * beta[:, None]                                    # d(K K^T)
+  dg = jnp.sum(y, axis=1) - jnp.sum(y, axis=0)
+  dpm = f(dp_ref[...]) * m
+  z = dpm * qk                                                 # dP o P
+  dg = dg + jnp.sum(z, axis=1) - jnp.sum(z, axis=0)
+
+  def pass2(j, carry):
+    h, gq, s = carry
+    cols = pl.ds(j * bk, bk)
+    k_b, q_b = k_ref[:, cols], q_ref[:, cols]
+    kf, qf = f(k_b), f(q_b)
+    dkb = _dot(t, dw_ref[:, cols], _DN_TA, dt)
+    dqg = f(dqg_ref[:, cols])
+    dkd = f(dkd_ref[:, cols])
+    dq_ref[:, cols] = (dqg * gam[:, None] + _dot(dpm, k_b, _DN, dt)).astype(dq_ref.dtype)
+    dk = (dkd * kdec[:, None] + dkb * bg[:, None] + _dot(dkk, k_b, _DN, dt)
+          + _dot(dkk, k_b, _DN_TA, dt) + _dot(dpm, q_b, _DN_TA, dt))
+    dk_ref[:, cols] = dk.astype(dk_ref.dtype)
+    return (h + jnp.sum(dkb * kf, axis=1), gq + jnp.sum(dqg * qf, axis=1),
+            s + jnp.sum(dkd * kf, axis=1))
+  h, gq, s = jax.lax.fori_loop(0, dk_total // bk, pass2, (zv, zv, zv))
+  s = kdec * s
+  db = db + gam * h
+  dg = dg + bg * h + gam * gq - s
+  dgc = jnp.sum(f(dge_ref[...])) * jnp.exp(gc) + jnp.sum(s)
+  db_ref[...] = db.astype(db_ref.dtype)
+  dla_ref[...] = (jnp.sum(jnp.where(col >= row, dg[None, :], 0.0), axis=1) + dgc
+                  ).astype(dla_ref.dtype)
 
 
-def _prep_bwd_call(q, k, v, la, beta, dw, duv, dp, dqg, dkd, dge, opts):
-  bsz, t, h, dk = q.shape
+def _prep_bwd_call(q, k, v, la, beta, t, dw, duv, dp, dqg, dkd, dge, opts):
+  bsz, tt, h, dk = q.shape
   dv = v.shape[-1]
   c = opts["chunk"]
   seq, vec, chunk, cvec = _prep_specs(c, dk, dv)
-  kern = functools.partial(_prep_bwd_kernel, sb=min(_SB, c), dot_dtype=opts["dot_dtype"])
+  kern = functools.partial(_prep_bwd_kernel, bk=min(32, dk, dv), dot_dtype=opts["dot_dtype"])
   return tuple(pl.pallas_call(
-      kern, grid=(bsz, h, t // c),
-      in_specs=[seq(dk), seq(dk), seq(dv), vec, vec,
+      kern, grid=(bsz, h, tt // c),
+      in_specs=[seq(dk), seq(dk), seq(dv), vec, vec, chunk(c),
                 chunk(dk), chunk(dv), chunk(c), chunk(dk), chunk(dk), cvec],
       out_specs=[seq(dk), seq(dk), seq(dv), vec, vec],
       out_shape=[jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (q, k, v, la, beta)],
       interpret=opts["interpret"], name="gdr_prep_bwd",
       compiler_params=_compiler_params(opts["num_warps_prep_bwd"], opts["num_stages"],
                                        opts["gpu_lowering"]),
-  )(q, k, v, la, beta, dw, duv, dp, dqg, dkd, dge))
+  )(q, k, v, la, beta, t, dw, duv, dp, dqg, dkd, dge))
 
 
-def _bwd_merged_kernel(q_ref, k_ref, v_ref, la_ref, b_ref, hs_ref, dss_ref, do_ref,
-                       dq_ref, dk_ref, dv_ref, dla_ref, db_ref, *, sb, bv, dot_dtype):
+def _bwd_merged_kernel(q_ref, k_ref, v_ref, la_ref, b_ref, t_ref, hs_ref, dss_ref, do_ref,
+                       dq_ref, dk_ref, dv_ref, dla_ref, db_ref, *, bv, dot_dtype):
   """bwd="merged": the per-chunk gradients of the recurrence and the prep's backward in one
-  program per (batch, head, chunk), from S_n (hs), dS_{n+1} (dss) and dO.
+  program per (batch, head, chunk), from T (saved by the forward), S_n (hs), dS_{n+1} (dss)
+  and dO.
 
-  Recomputes T, W = T Kb, P = M o Q K^T and Kd (as the forward rounded them, in dot_dtype), then
-  loops over Dv blocks of bv columns: U = Uv - W S^T, dU = Kd dS^T + P^T dO (per 16-row block),
-  accumulating dKd, dQg, dW [C, Dk], dP and dT = dUv Vb^T (+ dW Kb^T after the loop) and writing
-  dv per block; the rest is _prep_bwd_kernel's math. Nothing chunk-sized goes through HBM."""
-  c = q_ref.shape[0]
-  nb = c // sb
+  Recomputes W = T Kb, P = M o Q K^T and Kd (rounded to dot_dtype as the forward's), then
+  loops over Dv blocks of bv columns: Uv = T Vb, U = Uv - W S^T, dU = Kd dS^T + P^T dO,
+  accumulating dKd, dQg, dW [C, Dk], dP and dT = dUv Vb^T [C, C], writing dv = beta T^T dU per
+  block; then dT += dW Kb^T and _prep_bwd_tail. Nothing chunk-sized goes through HBM."""
+  c, dk = q_ref.shape
   dv_total = v_ref.shape[1]
   dt = dot_dtype
-  rows = [pl.ds(i * sb, sb) for i in range(nb)]
   f = lambda x: x.astype(F32)
-  la = f(la_ref[...])
-  g = _cum_blocks(la, nb, sb)
+  q, k = q_ref[...], k_ref[...]
+  la, beta = f(la_ref[...]), f(b_ref[...])
+  t = f(t_ref[...])
+  g = _cum_full(la)
   gc = jnp.sum(la)
-  beta = [f(b_ref[rows[i]]) for i in range(nb)]
-  gam = [jnp.exp(gi) for gi in g]
-  kdec = [jnp.exp(gc - gi) for gi in g]
-  k = [k_ref[rows[i], :] for i in range(nb)]
-  kk, m, _, t = _chunk_inverse(k, beta, g, dt)
-  kb = [f(k[j]) * (beta[j] * gam[j])[:, None] for j in range(nb)]
-  w = []
-  for i in range(nb):
-    acc = _mm(t[i, 0], kb[0])
-    for j in range(1, i + 1):
-      acc = acc + _mm(t[i, j], kb[j])
-    w.append(acc.astype(dt))
-  p = {}
-  for i in range(nb):
-    q_i = q_ref[rows[i], :]
-    for j in range(i + 1):
-      p[i, j] = (m[i, j] * _dot(q_i, k[j], _DN_T, dt)).astype(dt)
-  lower = [(i, j) for i in range(nb) for j in range(i + 1)]
+  kb = f(k) * (beta * jnp.exp(g))[:, None]
+  w = _mm(t, kb).astype(dt)
+  kd = (f(k) * jnp.exp(gc - g)[:, None]).astype(dt)
+  p = (_decay_block(g, g, True) * _dot(q, k, _DN_T, dt)).astype(dt)
 
   def body(jb, carry):
     dkd, dqg, dw, dp, dtt, db, dge = carry
-    dkd, dqg, dw, db = list(dkd), list(dqg), list(dw), list(db)
-    dp, dtt = dict(zip(lower, dp)), dict(zip(lower, dtt))
     cols = pl.ds(jb * bv, bv)
     s = hs_ref[cols, :]                                                        # [bv, Dk]
     ds = dss_ref[cols, :]
-    vb = [f(v_ref[rows[j], cols]) * beta[j][:, None] for j in range(nb)]      # [sb, bv]
-    do = [do_ref[rows[i], cols] for i in range(nb)]
-    u = []
-    for i in range(nb):
-      uv = _mm(t[i, 0], vb[0])
-      for j in range(1, i + 1):
-        uv = uv + _mm(t[i, j], vb[j])
-      u.append(f(uv.astype(dt)) - _dot(w[i], s, _DN_T, dt))
-    du = []
-    for i in range(nb):
-      acc = _dot((f(k[i]) * kdec[i][:, None]).astype(dt), ds, _DN_T, dt)     # Kd dS^T
-      for tt in range(i, nb):
-        acc = acc + _dot(p[tt, i], do[tt], _DN_TA, dt)
-      du.append(acc)
-    for i in range(nb):
-      dkd[i] = dkd[i] + _dot(u[i], ds, _DN, dt)
-      dqg[i] = dqg[i] + _dot(do[i], s, _DN, dt)
-      dw[i] = dw[i] - _dot(du[i], s, _DN, dt)
-      for j in range(i + 1):
-        dp[i, j] = dp[i, j] + _dot(do[i], u[j], _DN_T, dt)
-        dtt[i, j] = dtt[i, j] + _mm(du[i], vb[j], _DN_T)
-    for j in range(nb):
-      dvb = _mm(t[j, j], du[j], _DN_TA)
-      for i in range(j + 1, nb):
-        dvb = dvb + _mm(t[i, j], du[i], _DN_TA)
-      dv_ref[rows[j], cols] = (dvb * beta[j][:, None]).astype(dv_ref.dtype)
-      db[j] = db[j] + jnp.sum(dvb * f(v_ref[rows[j], cols]), axis=1)
-    dge = dge + jnp.sum(f(s) * f(ds), axis=0)
-    return (tuple(dkd), tuple(dqg), tuple(dw), tuple(dp[ij] for ij in lower),
-            tuple(dtt[ij] for ij in lower), tuple(db), dge)
-
-  dk_total = q_ref.shape[1]
-  zk = tuple(jnp.zeros((sb, dk_total), F32) for _ in range(nb))
-  zc = tuple(jnp.zeros((sb, sb), F32) for _ in lower)
-  zv = tuple(jnp.zeros((sb,), F32) for _ in range(nb))
+    v_b = f(v_ref[:, cols])                                                    # [C, bv]
+    do = do_ref[:, cols]
+    vb = v_b * beta[:, None]
+    u = f(_mm(t, vb).astype(dt)) - _dot(w, s, _DN_T, dt)
+    du = _dot(kd, ds, _DN_T, dt) + _dot(p, do, _DN_TA, dt)
+    dvb = _dot(t, du, _DN_TA, dt)
+    dv_ref[:, cols] = (dvb * beta[:, None]).astype(dv_ref.dtype)
+    return (dkd + _dot(u, ds, _DN, dt), dqg + _dot(do, s, _DN, dt), dw - _dot(du, s, _DN, dt),
+            dp + _dot(do, u, _DN_T, dt), dtt + _dot(du, vb, _DN_T, dt),
+            db + jnp.sum(dvb * v_b, axis=1), dge + jnp.sum(f(s) * f(ds), axis=0))
+  zk = jnp.zeros((c, dk), F32)
+  zc = jnp.zeros((c, c), F32)
   dkd, dqg, dw, dp, dtt, db, dge = jax.lax.fori_loop(
-      0, dv_total // bv, body, (zk, zk, zk, zc, zc, zv, jnp.zeros((dk_total,), F32)))
-  dp, dtt = dict(zip(lower, dp)), dict(zip(lower, dtt))
-  for i, j in lower:
-    dtt[i, j] = dtt[i, j] + _mm(dw[i], kb[j], _DN_T)
-  _prep_bwd_tail(q_ref, k, rows, g, gc, beta, kk, m, t, dtt, list(dw), list(dqg),
-                 list(dkd), dp, jnp.sum(dge), db, dq_ref, dk_ref, dla_ref, db_ref,
-                 dot_dtype=dot_dtype)
+      0, dv_total // bv, body, (zk, zk, zk, zc, zc, jnp.zeros((c,), F32),
+                                jnp.zeros((dk,), F32)))
+  dtt = dtt + _dot(dw, kb, _DN_T, dt)
+  _prep_bwd_tail(q, k, la, beta, t, dw, dtt, dqg, dkd, dp, jnp.sum(dge), db,
+                 dq_ref, dk_ref, dla_ref, db_ref, dot_dtype=dt)
 
 
-def _bwd_merged_call(q, k, v, la, beta, hs, dss, do, opts):
-  bsz, t, h, dk = q.shape
+def _bwd_merged_call(q, k, v, la, beta, t, hs, dss, do, opts):
+  bsz, tt, h, dk = q.shape
   dv = v.shape[-1]
   c = opts["chunk"]
-  seq, vec, _, _ = _prep_specs(c, dk, dv)
+  seq, vec, chunk, _ = _prep_specs(c, dk, dv)
   sq = pl.squeezed if hasattr(pl, "squeezed") else None
   st = pl.BlockSpec((sq, sq, dv, dk), lambda b, hh, n: (b * h + hh, n, 0, 0))
-  kern = functools.partial(_bwd_merged_kernel, sb=min(_SB, c),
-                           bv=_block_v(dv, opts["block_v_grads"]), dot_dtype=opts["dot_dtype"])
+  kern = functools.partial(_bwd_merged_kernel, bv=_block_v(dv, opts["block_v_grads"]),
+                           dot_dtype=opts["dot_dtype"])
   return tuple(pl.pallas_call(
-      kern, grid=(bsz, h, t // c),
-      in_specs=[seq(dk), seq(dk), seq(dv), vec, vec, st, st, seq(dv)],
+      kern, grid=(bsz, h, tt // c),
+      in_specs=[seq(dk), seq(dk), seq(dv), vec, vec, chunk(c), st, st, seq(dv)],
       out_specs=[seq(dk), seq(dk), seq(dv), vec, vec],
       out_shape=[jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (q, k, v, la, beta)],
       interpret=opts["interpret"], name="gdr_bwd_merged",
       compiler_params=_compiler_params(opts["num_warps_grads"], opts["num_stages"],
                                        opts["gpu_lowering"]),
-  )(q, k, v, la, beta, hs, dss, do))
+  )(q, k, v, la, beta, t, hs, dss, do))
 
 
 def _merged_forward(q, k, v, la, beta, s0, opts):
   bsz, t, h, _ = q.shape
-  w, uv, p, qg, kd, gev = _prep_fwd_call(q, k, v, la, beta, opts)
+  w, uv, p, qg, kd, gev, tinv = _prep_fwd_call(q, k, v, la, beta, opts, with_t=True)
   flat = lambda a: a.reshape((bsz * h,) + a.shape[2:])
   w, uv, p, qg, kd, gev = (flat(a) for a in (w, uv, p, qg, kd, gev))
   o, hs, sn = _fwd_call(w, uv, p, qg, kd, gev, s0, opts)
-  return (o, sn), (q, k, v, la, beta, w, p, qg, kd, gev, hs)
+  return (o, sn), (q, k, v, la, beta, tinv, w, p, qg, kd, gev, hs)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
@@ -884,14 +857,15 @@ def _rule_merged_fwd(q, k, v, la, beta, s0, opts_key):
 
 def _rule_merged_bwd(opts_key, res, cts):
   opts = dict(opts_key)
-  q, k, v, la, beta, w, p, qg, kd, gev, hs = res
+  q, k, v, la, beta, tinv, w, p, qg, kd, gev, hs = res
   do, dsn = cts
   dss, ds0 = _states_call(w, p, qg, kd, gev, do, dsn.astype(F32), opts)
-  dq, dk, dv, dla, dbeta = _bwd_merged_call(q, k, v, la, beta, hs, dss, do, opts)
+  dq, dk, dv, dla, dbeta = _bwd_merged_call(q, k, v, la, beta, tinv, hs, dss, do, opts)
   return dq, dk, dv, dla, dbeta, ds0
 
 
 _rule_merged.defvjp(_rule_merged_fwd, _rule_merged_bwd)
+
 
 def _prep_xla_cast(q, k, v, la, beta, opts):
   """The XLA prep with the Pallas prep's outputs: dot_dtype tiles and ge broadcast over C."""
@@ -909,14 +883,18 @@ def _prep_pallas(q, k, v, la, beta, opts_key):
 
 
 def _prep_pallas_fwd(q, k, v, la, beta, opts_key):
-  return _prep_pallas(q, k, v, la, beta, opts_key), (q, k, v, la, beta)
+  opts = dict(opts_key)
+  if opts["prep_bwd"] != "pallas":
+    return _prep_pallas(q, k, v, la, beta, opts_key), (q, k, v, la, beta, None)
+  *out, tinv = _prep_fwd_call(q, k, v, la, beta, opts, with_t=True)
+  return tuple(out), (q, k, v, la, beta, tinv)
 
 
 def _prep_pallas_bwd(opts_key, res, cts):
   opts = dict(opts_key)
   if opts["prep_bwd"] == "pallas":
     return _prep_bwd_call(*res, *cts, opts)
-  _, vjp = jax.vjp(lambda *a: _prep_xla_cast(*a, opts), *res)
+  _, vjp = jax.vjp(lambda *a: _prep_xla_cast(*a, opts), *res[:5])
   return vjp(tuple(cts))
 
 
