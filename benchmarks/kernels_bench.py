@@ -145,7 +145,7 @@ def delta_variants(small, iters):
 
 _OLD = dict(block_v=64, block_v_bwd=128, num_warps=4, num_warps_bwd=8)
 _NEW = dict(block_v=64, block_v_bwd=32, num_warps=4, num_warps_bwd=4, prep="pallas",
-            prep_bwd="pallas", bwd="split_pallas", block_v_grads=32, num_warps_grads=8)
+            prep_bwd="pallas", bwd="split_pallas", block_k_grads=32, num_warps_grads=8)
 _MERGED = dict(_NEW, bwd="merged")
 DELTA_SETTINGS = [   # (label, kwargs of kernels.delta_rule.chunk_gated_delta_rule, both shapes)
     ("prep=xla (default)", _OLD, True),
@@ -155,7 +155,7 @@ DELTA_SETTINGS = [   # (label, kwargs of kernels.delta_rule.chunk_gated_delta_ru
     ("prep=pallas,bwd=split_pallas,state bf16", dict(_NEW, state_dtype=jnp.bfloat16), False),
     ("prep=pallas,bwd=merged", _MERGED, True),
     ("prep=pallas,bwd=merged,state bf16", dict(_MERGED, state_dtype=jnp.bfloat16), True),
-    ("prep=pallas,bwd=merged,BV grads 64", dict(_MERGED, block_v_grads=64), False),
+    ("prep=pallas,bwd=merged,BK grads 64", dict(_MERGED, block_k_grads=64), False),
     ("prep=pallas,bwd=merged,grads warps 4", dict(_MERGED, num_warps_grads=4), False),
 ]
 
@@ -201,7 +201,7 @@ def delta(small, iters):
 
     for label, st, both in DELTA_SETTINGS:
       if small:
-        st = dict(st, block_v=8, block_v_bwd=8, block_v_grads=8)
+        st = dict(st, block_v=8, block_v_bwd=8, block_k_grads=8)
       elif not both and (b, t) != shapes[0][:2]:
         continue
 
@@ -229,7 +229,7 @@ def prep(small, iters):
   args = delta_inputs(jax.random.PRNGKey(t), b, t, h, d)
   base = dict(chunk=c, dot_dtype=jnp.dtype(jnp.bfloat16), interpret=not kdr.on_gpu(),
               num_warps_prep=4, num_warps_prep_bwd=8, num_stages=1,
-              gpu_lowering=False)
+              gpu_lowering=False, block_k_grads=8 if small else 32)
   variants = [("XLA f32", None)] + [(f"pallas, bwd {pb}, bwd warps {nw}",
                                      dict(base, prep_bwd=pb, num_warps_prep_bwd=nw))
                                     for pb, nw in (("xla", 8), ("pallas", 4), ("pallas", 8))]
@@ -277,7 +277,7 @@ def prep(small, iters):
     opts = dict(block_v=8 if small else 64, block_v_bwd=8 if small else 32, num_warps=4,
                 num_warps_bwd=4, num_stages=1, dot_dtype=jnp.dtype(bf),
                 interpret=not kdr.on_gpu(), bwd="split_pallas", gpu_lowering=False,
-                block_v_grads=8 if small else 32, num_warps_grads=8, heads=h,
+                block_k_grads=8 if small else 32, num_warps_grads=8, heads=h,
                 out_dtype=jnp.dtype(bf), **st)
 
     def run_rec(label=label, opts=opts):

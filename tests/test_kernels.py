@@ -78,7 +78,7 @@ def test_delta_rule_kernel_bfloat16_inputs_close_to_float32(fast):
   seed = _seed()
   args = _inputs(seed, t=64, h=1, dv=16)
   bf = [a.astype(jnp.bfloat16) for a in args[:3]] + list(args[3:])
-  kw = dict(KW, prep="pallas", bwd=fast, block_v_grads=8,
+  kw = dict(KW, prep="pallas", bwd=fast, block_k_grads=8,
             state_dtype=jnp.bfloat16) if fast else KW
   ct = np.random.default_rng(seed + 1).standard_normal(args[2].shape).astype(np.float32)
 
@@ -191,7 +191,8 @@ def test_pallas_prep_path_forward_and_gradients_match_reference(prep_bwd, bwd, c
   T = 100 (a padded tail) with chunk 32 (two 16-row sub-blocks per chunk) or 64 (four), vs the
   recurrence; the recurrence's backward split into the dS kernel + the parallel per-chunk
   gradient kernel + the prep's backward kernel, or merged (the per-chunk gradients inside the
-  prep's backward kernel); two Dv blocks everywhere (block_v_grads=8 of Dv=16)."""
+  prep's backward kernel); two Dv blocks in the recurrence kernels (block_v=8 of Dv=16), two
+  column blocks in the per-chunk backward kernels (block_k_grads=8 of Dk = Dv = 16)."""
   seed = _seed()
   args = _inputs(seed, dk=16, dv=16)
   rng = np.random.default_rng(seed + 1)
@@ -205,7 +206,7 @@ def test_pallas_prep_path_forward_and_gradients_match_reference(prep_bwd, bwd, c
     return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3, 4, 5), has_aux=True))
 
   rule = lambda *a: kdr.chunk_gated_delta_rule(*a[:5], initial_state=a[5], chunk_size=chunk,
-                                               block_v=8, block_v_bwd=8, block_v_grads=8,
+                                               block_v=8, block_v_bwd=8, block_k_grads=8,
                                                interpret=True, prep="pallas", prep_bwd=prep_bwd,
                                                bwd=bwd)
   (_, (o_k, s_k)), g_k = loss(rule)(*args)
@@ -220,7 +221,7 @@ def test_pallas_prep_path_forward_and_gradients_match_reference(prep_bwd, bwd, c
 def _prep_opts(c, prep_bwd="pallas", gpu=False, dt=jnp.float32):
   return (("chunk", c), ("dot_dtype", jnp.dtype(dt)), ("interpret", not gpu),
           ("num_warps_prep", 4), ("num_warps_prep_bwd", 8), ("num_stages", 1),
-          ("gpu_lowering", gpu), ("prep_bwd", prep_bwd))
+          ("gpu_lowering", gpu), ("prep_bwd", prep_bwd), ("block_k_grads", 8))
 
 
 @pytest.mark.parametrize("prep_bwd", ["pallas", "xla"])
@@ -267,7 +268,7 @@ def test_delta_rule_kernels_lower_for_gpu():
     def f(*a):
       rule = lambda *x: kdr.chunk_gated_delta_rule(*x, chunk_size=64, block_v=16, block_v_bwd=32,
                                                    prep="pallas", prep_bwd="pallas", bwd=bwd,
-                                                   block_v_grads=16, state_dtype=jnp.bfloat16,
+                                                   block_k_grads=16, state_dtype=jnp.bfloat16,
                                                    gpu_lowering=True)[0]
       o, vjp = jax.vjp(rule, *a)
       return o, vjp(o)

@@ -190,11 +190,11 @@ def _to_chunks(x, n, c):
   return jnp.moveaxis(x.astype(F32), 2, 1).reshape(b * h, n, c, d)
 
 
-def _block_v(dv, want):
+def _block_v(dv, want, name="block_v", dim="Dv"):
   bv = min(int(want), dv)
   if dv % bv or bv & (bv - 1):
-    raise ValueError(f"delta rule kernel: block_v={want} must be a power of two dividing "
-                     f"Dv={dv}.")
+    raise ValueError(f"delta rule kernel: {name}={want} must be a power of two dividing "
+                     f"{dim}={dv}.")
   return bv
 
 
@@ -287,35 +287,39 @@ def _bwd_call_split(w, uv, p, qg, kd, gev, hs, do, dsn, opts):
 
 
 def _bwd_grads_kernel(w_ref, uv_ref, p_ref, kd_ref, hs_ref, dss_ref, do_ref,
-                      duv_ref, dw_ref, dp_ref, dqg_ref, dkd_ref, dge_ref, *, bv, dot_dtype):
-  """Every chunk-local gradient of one chunk, given S_n (hs) and dS_{n+1} (dss): a loop over
-  Dv blocks of bv rows of the state, the Dv-contracted gradients accumulated in registers."""
+                      duv_ref, dw_ref, dp_ref, dqg_ref, dkd_ref, dge_ref, *, bk, dot_dtype):
+  """Every chunk-local gradient of one chunk, given S_n (hs [Dv, Dk]) and dS_{n+1} (dss), with
+  Dk in column blocks of bk (only [C, Dv] tiles and [., bk] slabs live, no accumulators):
+    pass A: W S^T, Kd dS^T; then U = Uv - W S^T, dU = Kd dS^T + P^T dO (= dUv), dP = dO U^T;
+    pass B: dKd = U dS, dQg = dO S, dW = -dU S per column block, and dge = <S, dS>."""
   c, dk = w_ref.shape
-  dv = uv_ref.shape[1]
-  w, kd, p = w_ref[...], kd_ref[...], p_ref[...]
   dt = dot_dtype
+  f = lambda x: x.astype(F32)
+  zs = jnp.zeros((c, uv_ref.shape[1]), F32)
 
-  def body(j, acc):
-    dkd, dqg, dw, dp, dge = acc
-    cols = pl.ds(j * bv, bv)
-    s = hs_ref[cols, :]                                                         # [BV, Dk]
-    ds = dss_ref[cols, :]
-    do = do_ref[:, cols]                                                        # [C, BV]
-    u = uv_ref[:, cols].astype(F32) - _dot(w, s, _DN_T, dt)
-    du = _dot(kd, ds, _DN_T, dt) + _dot(p, do, _DN_TA, dt)
-    duv_ref[:, cols] = du.astype(duv_ref.dtype)
-    return (dkd + _dot(u, ds, _DN, dt), dqg + _dot(do, s, _DN, dt), dw - _dot(du, s, _DN, dt),
-            dp + _dot(do, u, _DN_T, dt),
-            dge + jnp.sum(s.astype(F32) * ds.astype(F32), axis=0))
-  zk = jnp.zeros((c, dk), F32)
-  dkd, dqg, dw, dp, dge = jax.lax.fori_loop(
-      0, dv // bv, body, (zk, zk, zk, jnp.zeros((c, c), F32), jnp.zeros((dk,), F32)))
-  dkd_ref[...] = dkd.astype(dkd_ref.dtype)
-  dqg_ref[...] = dqg.astype(dqg_ref.dtype)
-  dw_ref[...] = dw.astype(dw_ref.dtype)
-  dp_ref[...] = dp.astype(dp_ref.dtype)
+  def pass_a(j, carry):
+    ws, kds = carry
+    cols = pl.ds(j * bk, bk)
+    return (ws + _dot(w_ref[:, cols], hs_ref[:, cols], _DN_T, dt),
+            kds + _dot(kd_ref[:, cols], dss_ref[:, cols], _DN_T, dt))
+  ws, kds = jax.lax.fori_loop(0, dk // bk, pass_a, (zs, zs))
+  do = do_ref[...]
+  u = f(uv_ref[...]) - ws
+  du = kds + _dot(p_ref[...], do, _DN_TA, dt)
+  duv_ref[...] = du.astype(duv_ref.dtype)
+  dp_ref[...] = _dot(do, u, _DN_T, dt).astype(dp_ref.dtype)
+  u, du = u.astype(dt), du.astype(dt)
+
+  def pass_b(j, dge):
+    cols = pl.ds(j * bk, bk)
+    s, ds = hs_ref[:, cols], dss_ref[:, cols]                   # [Dv, bk]
+    dkd_ref[:, cols] = _dot(u, ds, _DN, dt).astype(dkd_ref.dtype)
+    dqg_ref[:, cols] = _dot(do, s, _DN, dt).astype(dqg_ref.dtype)
+    dw_ref[:, cols] = (-_dot(du, s, _DN, dt)).astype(dw_ref.dtype)
+    return dge + jnp.sum(f(s) * f(ds))
+  dge = jax.lax.fori_loop(0, dk // bk, pass_b, jnp.zeros((), F32))
   # every entry of a chunk's gev row holds the same ge: its cotangent is spread evenly
-  dge_ref[...] = jnp.zeros((c,), F32) + jnp.sum(dge) / c
+  dge_ref[...] = jnp.zeros((c,), F32) + dge / c
 
 
 def _bwd_call_split_pallas(w, uv, p, qg, kd, gev, hs, do, dsn, opts):
@@ -331,7 +335,7 @@ def _bwd_call_split_pallas(w, uv, p, qg, kd, gev, hs, do, dsn, opts):
   ck = lambda d: pl.BlockSpec((sq, sq, c, d), lambda i, j: (i, j, 0, 0))
   st = pl.BlockSpec((sq, sq, dv, dk), lambda i, j: (i, j, 0, 0))
   cv = pl.BlockSpec((sq, sq, c), lambda i, j: (i, j, 0))
-  kern = functools.partial(_bwd_grads_kernel, bv=min(int(opts["block_v_grads"]), dv),
+  kern = functools.partial(_bwd_grads_kernel, bk=_block_v(dk, opts["block_k_grads"], "block_k_grads", "Dk"),
                            dot_dtype=opts["dot_dtype"])
   like = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype)
   duv, dw, dp, dqg, dkd, dgev = pl.pallas_call(
@@ -617,68 +621,19 @@ def _prep_fwd_call(q, k, v, la, beta, opts, with_t=False):
   )(q, k, v, la, beta)
 
 
-def _prep_bwd_tail(q, k, la, beta, t, dw, dtt, dqg, dkd, dp, dge, db,
-                   dq_ref, dk_ref, dla_ref, db_ref, *, dot_dtype):
-  """The prep's backward for one chunk on full [C, .] tiles, once the cotangents are known:
-  dW, dQg, dKd [C, Dk], dP [C, C], dT [C, C] (= dW Kb^T + dUv Vb^T), the total dge and the
-  dbeta terms of dUv (db); T = (I + A)^-1 [C, C] float32 (saved by the forward). Writes dq,
-  dk, dlog_alpha, dbeta.
-
-  dA = -T^T dT T^T on the strictly lower entries; A = diag(beta) (M o K K^T) and
-  P = M o Q K^T give the dK K^T / dQ K^T terms and, through M_ts = e^{g_t - g_s},
-  dg_t += rowsum(dA o A + dP o P), dg_s -= colsum(...); W = T diag(beta gamma) K, Qg, Kd and ge
-  add their diagonal terms; dlog_alpha = reverse cumsum of dg (+ dg_C everywhere)."""
-  c = q.shape[0]
-  f = lambda x: x.astype(F32)
-  dt = dot_dtype
-  row, col = _iota((c, c), 0), _iota((c, c), 1)
-  g = _cum_full(la)
-  gc = jnp.sum(la)
-  gam = jnp.exp(g)
-  kdec = jnp.exp(gc - g)
-  m = _decay_block(g, g, True)
-  # through T and A
-  dam = jnp.where(col < row, -_mm(t, _mm(dtt, t, _DN_T), _DN_TA), 0.0) * m  # -T^T dT T^T o M
-  e = dam * _dot(k, k, _DN_T, dot_dtype)                       # dA o M o KK
-  db = db + jnp.sum(e, axis=1)
-  y = e * beta[:, None]                                        # dA o A
-  dkk = dam * beta[:, None]                                    # d(K K^T)
-  dg = jnp.sum(y, axis=1) - jnp.sum(y, axis=0)
-  # through P
-  dpm = dp * m
-  z = dpm * _dot(q, k, _DN_T, dot_dtype)                       # dP o P
-  dg = dg + jnp.sum(z, axis=1) - jnp.sum(z, axis=0)
-  # W = T Kb: dKb = T^T dW
-  # (the [C, C] x [C, D] products below take dot_dtype operands: bf16 tensor-core dots for
-  # bf16 inputs, as the recurrence's backward)
-  dkb = _dot(t, dw, _DN_TA, dt)
-  h = jnp.sum(dkb * f(k), axis=1)
-  db = db + gam * h
-  dg = dg + beta * gam * h
-  dq = dqg * gam[:, None] + _dot(dpm, k, _DN, dt)
-  dg = dg + gam * jnp.sum(dqg * f(q), axis=1)
-  dq_ref[...] = dq.astype(dq_ref.dtype)
-  s = kdec * jnp.sum(dkd * f(k), axis=1)
-  dg = dg - s
-  dgc = dge * jnp.exp(gc) + jnp.sum(s)
-  dk = (dkd * kdec[:, None] + dkb * (beta * gam)[:, None] + _dot(dkk, k, _DN, dt)
-        + _dot(dkk, k, _DN_TA, dt) + _dot(dpm, q, _DN_TA, dt))
-  dk_ref[...] = dk.astype(dk_ref.dtype)
-  db_ref[...] = db.astype(db_ref.dtype)
-  dla_ref[...] = (jnp.sum(jnp.where(col >= row, dg[None, :], 0.0), axis=1) + dgc
-                  ).astype(dla_ref.dtype)
-
-
 def _prep_bwd_kernel(q_ref, k_ref, v_ref, la_ref, b_ref, t_ref, dw_ref, duv_ref, dp_ref,
                      dqg_ref, dkd_ref, dge_ref, dq_ref, dk_ref, dv_ref, dla_ref, db_ref, *,
                      bk, dot_dtype):
   """Cotangents of W, Uv, P, Qg, Kd, ge -> of q, k, v, log_alpha, beta for one chunk, with the
   forward's T = (I + A)^-1 (Kb = diag(beta gamma) K, Vb = diag(beta) V, W = T Kb, Uv = T Vb).
-  The same math as _prep_bwd_tail, but every [C, D] operand is taken in column blocks of bk
-  (loops over D), so that only [C, C] tiles and [C, bk] slabs are live (registers):
+  Every [C, D] operand is taken in column blocks of bk (loops over D), so that only [C, C]
+  tiles and [C, bk] slabs are live (registers; no spills at 8 warps per ptxas):
     pass 1: dT = dW Kb^T + dUv Vb^T, K K^T, Q K^T (contractions over D); dv = beta T^T dUv;
-    [C, C]: dA = -T^T dT T^T (strict), d(K K^T), dP o M, and their dbeta / dg terms;
-    pass 2: dq, dk per column block, with the row sums that feed dbeta and dg."""
+    [C, C]: dA = -T^T dT T^T (strict), d(K K^T), dP o M, and their dbeta / dg terms
+      (A = diag(beta) (M o K K^T), P = M o Q K^T, M_ts = e^{g_t - g_s}: dg_t += rowsum(dA o A
+      + dP o P), dg_s -= colsum(...));
+    pass 2: dq, dk per column block (W = T Kb: dKb = T^T dW; Qg, Kd: diagonal scalings), with
+      the row sums that feed dbeta and dg; dlog_alpha = reverse cumsum of dg (+ dg_C)."""
   c, dk_total = q_ref.shape
   dv_total = v_ref.shape[1]
   dt = dot_dtype
@@ -753,7 +708,9 @@ def _prep_bwd_call(q, k, v, la, beta, t, dw, duv, dp, dqg, dkd, dge, opts):
   dv = v.shape[-1]
   c = opts["chunk"]
   seq, vec, chunk, cvec = _prep_specs(c, dk, dv)
-  kern = functools.partial(_prep_bwd_kernel, bk=min(32, dk, dv), dot_dtype=opts["dot_dtype"])
+  kern = functools.partial(_prep_bwd_kernel, bk=_block_v(min(dk, dv), opts["block_k_grads"],
+                                                 "block_k_grads", "min(Dk, Dv)"),
+                           dot_dtype=opts["dot_dtype"])
   return tuple(pl.pallas_call(
       kern, grid=(bsz, h, tt // c),
       in_specs=[seq(dk), seq(dk), seq(dv), vec, vec, chunk(c),
@@ -767,52 +724,99 @@ def _prep_bwd_call(q, k, v, la, beta, t, dw, duv, dp, dqg, dkd, dge, opts):
 
 
 def _bwd_merged_kernel(q_ref, k_ref, v_ref, la_ref, b_ref, t_ref, hs_ref, dss_ref, do_ref,
-                       dq_ref, dk_ref, dv_ref, dla_ref, db_ref, *, bv, dot_dtype):
+                       dq_ref, dk_ref, dv_ref, dla_ref, db_ref, *, bk, dot_dtype):
   """bwd="merged": the per-chunk gradients of the recurrence and the prep's backward in one
-  program per (batch, head, chunk), from T (saved by the forward), S_n (hs), dS_{n+1} (dss)
-  and dO.
-
-  Recomputes W = T Kb, P = M o Q K^T and Kd (rounded to dot_dtype as the forward's), then
-  loops over Dv blocks of bv columns: Uv = T Vb, U = Uv - W S^T, dU = Kd dS^T + P^T dO,
-  accumulating dKd, dQg, dW [C, Dk], dP and dT = dUv Vb^T [C, C], writing dv = beta T^T dU per
-  block; then dT += dW Kb^T and _prep_bwd_tail. Nothing chunk-sized goes through HBM."""
-  c, dk = q_ref.shape
-  dv_total = v_ref.shape[1]
+  program per (batch, head, chunk), from T (saved by the forward), S_n (hs [Dv, Dk]),
+  dS_{n+1} (dss) and dO; nothing chunk-sized goes through HBM. Dk is taken in column blocks of
+  bk so that only [C, C] tiles, [C, Dv] tiles and [., bk] slabs are live:
+    pass A: Kb S^T, Kd dS^T, K K^T, Q K^T (contractions over Dk);
+    then U = T (Vb - Kb S^T) (= Uv - W S^T), dU = Kd dS^T + P^T dO, dP = dO U^T,
+    dT = dU Vb^T, dv = beta T^T dU;
+    pass B: dKd = U dS, dQg = dO S, dW = -dU S per column block: dT += dW Kb^T and the row sums
+    that feed dbeta / dg; then dA = -T^T dT T^T and the [C, C] terms;
+    pass C: dKd, dQg, dW again per column block -> dq, dk."""
+  c, dk_total = q_ref.shape
   dt = dot_dtype
   f = lambda x: x.astype(F32)
-  q, k = q_ref[...], k_ref[...]
+  nk = dk_total // bk
   la, beta = f(la_ref[...]), f(b_ref[...])
   t = f(t_ref[...])
+  row, col = _iota((c, c), 0), _iota((c, c), 1)
   g = _cum_full(la)
   gc = jnp.sum(la)
-  kb = f(k) * (beta * jnp.exp(g))[:, None]
-  w = _mm(t, kb).astype(dt)
-  kd = (f(k) * jnp.exp(gc - g)[:, None]).astype(dt)
-  p = (_decay_block(g, g, True) * _dot(q, k, _DN_T, dt)).astype(dt)
-
-  def body(jb, carry):
-    dkd, dqg, dw, dp, dtt, db, dge = carry
-    cols = pl.ds(jb * bv, bv)
-    s = hs_ref[cols, :]                                                        # [bv, Dk]
-    ds = dss_ref[cols, :]
-    v_b = f(v_ref[:, cols])                                                    # [C, bv]
-    do = do_ref[:, cols]
-    vb = v_b * beta[:, None]
-    u = f(_mm(t, vb).astype(dt)) - _dot(w, s, _DN_T, dt)
-    du = _dot(kd, ds, _DN_T, dt) + _dot(p, do, _DN_TA, dt)
-    dvb = _dot(t, du, _DN_TA, dt)
-    dv_ref[:, cols] = (dvb * beta[:, None]).astype(dv_ref.dtype)
-    return (dkd + _dot(u, ds, _DN, dt), dqg + _dot(do, s, _DN, dt), dw - _dot(du, s, _DN, dt),
-            dp + _dot(do, u, _DN_T, dt), dtt + _dot(du, vb, _DN_T, dt),
-            db + jnp.sum(dvb * v_b, axis=1), dge + jnp.sum(f(s) * f(ds), axis=0))
-  zk = jnp.zeros((c, dk), F32)
+  gam = jnp.exp(g)
+  kdec = jnp.exp(gc - g)
+  bg = beta * gam
   zc = jnp.zeros((c, c), F32)
-  dkd, dqg, dw, dp, dtt, db, dge = jax.lax.fori_loop(
-      0, dv_total // bv, body, (zk, zk, zk, zc, zc, jnp.zeros((c,), F32),
-                                jnp.zeros((dk,), F32)))
-  dtt = dtt + _dot(dw, kb, _DN_T, dt)
-  _prep_bwd_tail(q, k, la, beta, t, dw, dtt, dqg, dkd, dp, jnp.sum(dge), db,
-                 dq_ref, dk_ref, dla_ref, db_ref, dot_dtype=dt)
+  zv = jnp.zeros((c,), F32)
+  zs = jnp.zeros((c, v_ref.shape[1]), F32)
+
+  def pass_a(j, carry):
+    ks, kds, kk, qk = carry
+    cols = pl.ds(j * bk, bk)
+    k_b = k_ref[:, cols]
+    kf = f(k_b)
+    return (ks + _dot(kf * bg[:, None], hs_ref[:, cols], _DN_T, dt),       # Kb S^T [C, Dv]
+            kds + _dot(kf * kdec[:, None], dss_ref[:, cols], _DN_T, dt),   # Kd dS^T
+            kk + _dot(k_b, k_b, _DN_T, dt), qk + _dot(q_ref[:, cols], k_b, _DN_T, dt))
+  ks, kds, kk, qk = jax.lax.fori_loop(0, nk, pass_a, (zs, zs, zc, zc))
+  m = _decay_block(g, g, True)
+  vf = f(v_ref[...])
+  vb = vf * beta[:, None]
+  do = do_ref[...]
+  u = _mm(t, vb - ks)                                          # Uv - W S^T
+  du = kds + _dot(m * qk, do, _DN_TA, dt)                      # Kd dS^T + P^T dO
+  dp = _dot(do, u, _DN_T, dt)
+  dtt = _dot(du, vb, _DN_T, dt)                                # dUv Vb^T
+  dvb = _dot(t, du, _DN_TA, dt)
+  dv_ref[...] = (dvb * beta[:, None]).astype(dv_ref.dtype)
+  db = jnp.sum(dvb * vf, axis=1)
+  u, du = u.astype(dt), du.astype(dt)
+
+  def grads(cols):
+    s_b, ds_b = hs_ref[:, cols], dss_ref[:, cols]               # [Dv, bk]
+    return (s_b, ds_b, _dot(u, ds_b, _DN, dt), _dot(do, s_b, _DN, dt),
+            -_dot(du, s_b, _DN, dt))                            # dKd, dQg, dW [C, bk]
+
+  def pass_b(j, carry):
+    dtt, h, gq, s, dge = carry
+    cols = pl.ds(j * bk, bk)
+    s_b, ds_b, dkd, dqg, dw = grads(cols)
+    kf = f(k_ref[:, cols])
+    dkb = _dot(t, dw, _DN_TA, dt)
+    return (dtt + _dot(dw, kf * bg[:, None], _DN_T, dt), h + jnp.sum(dkb * kf, axis=1),
+            gq + jnp.sum(dqg * f(q_ref[:, cols]), axis=1), s + jnp.sum(dkd * kf, axis=1),
+            dge + jnp.sum(f(s_b) * f(ds_b)))
+  dtt, h, gq, s, dge = jax.lax.fori_loop(0, nk, pass_b,
+                                         (dtt, zv, zv, zv, jnp.zeros((), F32)))
+  dam = jnp.where(col < row, -_mm(t, _mm(dtt, t, _DN_T), _DN_TA), 0.0) * m  # -T^T dT T^T o M
+  e = dam * kk                                                 # dA o M o KK
+  db = db + jnp.sum(e, axis=1)
+  y = e * beta[:, None]                                        # dA o A
+  dkk = dam * beta[:, None]                                    # d(K K^T)
+  dg = jnp.sum(y, axis=1) - jnp.sum(y, axis=0)
+  dpm = dp * m
+  z = dpm * qk                                                 # dP o P
+  dg = dg + jnp.sum(z, axis=1) - jnp.sum(z, axis=0)
+
+  def pass_c(j, carry):
+    cols = pl.ds(j * bk, bk)
+    _, _, dkd, dqg, dw = grads(cols)
+    k_b, q_b = k_ref[:, cols], q_ref[:, cols]
+    dkb = _dot(t, dw, _DN_TA, dt)
+    dq_ref[:, cols] = (dqg * gam[:, None] + _dot(dpm, k_b, _DN, dt)).astype(dq_ref.dtype)
+    dk = (dkd * kdec[:, None] + dkb * bg[:, None] + _dot(dkk, k_b, _DN, dt)
+          + _dot(dkk, k_b, _DN_TA, dt) + _dot(dpm, q_b, _DN_TA, dt))
+    dk_ref[:, cols] = dk.astype(dk_ref.dtype)
+    return carry
+  jax.lax.fori_loop(0, nk, pass_c, 0)
+  s = kdec * s
+  db = db + gam * h
+  dg = dg + bg * h + gam * gq - s
+  dgc = dge * jnp.exp(gc) + jnp.sum(s)
+  db_ref[...] = db.astype(db_ref.dtype)
+  dla_ref[...] = (jnp.sum(jnp.where(col >= row, dg[None, :], 0.0), axis=1) + dgc
+                  ).astype(dla_ref.dtype)
 
 
 def _bwd_merged_call(q, k, v, la, beta, t, hs, dss, do, opts):
@@ -822,7 +826,7 @@ def _bwd_merged_call(q, k, v, la, beta, t, hs, dss, do, opts):
   seq, vec, chunk, _ = _prep_specs(c, dk, dv)
   sq = pl.squeezed if hasattr(pl, "squeezed") else None
   st = pl.BlockSpec((sq, sq, dv, dk), lambda b, hh, n: (b * h + hh, n, 0, 0))
-  kern = functools.partial(_bwd_merged_kernel, bv=_block_v(dv, opts["block_v_grads"]),
+  kern = functools.partial(_bwd_merged_kernel, bk=_block_v(dk, opts["block_k_grads"], "block_k_grads", "Dk"),
                            dot_dtype=opts["dot_dtype"])
   return tuple(pl.pallas_call(
       kern, grid=(bsz, h, tt // c),
@@ -906,7 +910,7 @@ def chunk_gated_delta_rule(q, k, v, log_alpha, beta, chunk_size: int = 64, initi
                            num_warps_bwd: int = 8, num_stages: int = 1, dot_dtype=None,
                            bwd: str = "fused", inverse_precision: str = "highest",
                            prep: str = "xla", prep_bwd: str = "pallas", num_warps_prep: int = 4,
-                           num_warps_prep_bwd: int = 8, block_v_grads: int = 32,
+                           num_warps_prep_bwd: int = 8, block_k_grads: int = 32,
                            num_warps_grads: int = 8, state_dtype=None,
                            interpret: bool | None = None, gpu_lowering: bool = False):
   """Gated delta rule, chunked, with the recurrence over chunks in Pallas kernels.
@@ -921,10 +925,11 @@ def chunk_gated_delta_rule(q, k, v, log_alpha, beta, chunk_size: int = 64, initi
   num_warps_prep_bwd warps) or "xla" (autodiff of the XLA prep, recomputed).
   bwd: "fused" (one reverse kernel computes every gradient), "split" (a reverse kernel for dS
   only, the rest as batched einsums over all chunks), "split_pallas" (the same reverse dS
-  kernel, then one parallel Pallas kernel over (batch x head, chunk) for the rest, looping over
-  Dv blocks of block_v_grads rows with num_warps_grads warps) or "merged" (prep="pallas" only:
-  the dS kernel, then one per-chunk kernel doing the chunk-local gradients and the prep's
-  backward together, same block_v_grads / num_warps_grads; prep_bwd unused).
+  kernel, then one parallel Pallas kernel over (batch x head, chunk) for the rest, with
+  num_warps_grads warps) or "merged" (prep="pallas" only: the dS kernel, then one per-chunk
+  kernel doing the chunk-local gradients and the prep's backward together, num_warps_grads
+  warps; prep_bwd unused). block_k_grads: the column block (over Dk, and Dv in the prep's
+  backward) that those per-chunk backward kernels loop over.
   state_dtype: dtype of the per-chunk states the forward saves for the backward and of the dS
   the split / merged backwards pass on (None: float32; bfloat16 halves that traffic, the states
   entering the backward's matmuls as bf16 operands anyway when dot_dtype is bf16).
@@ -972,7 +977,7 @@ def chunk_gated_delta_rule(q, k, v, log_alpha, beta, chunk_size: int = 64, initi
           ("num_warps", int(num_warps)), ("num_warps_bwd", int(num_warps_bwd)),
           ("num_stages", int(num_stages)), ("dot_dtype", jnp.dtype(dot_dtype)),
           ("interpret", bool(interpret)), ("bwd", bwd), ("gpu_lowering", bool(gpu_lowering)),
-          ("block_v_grads", int(block_v_grads)), ("num_warps_grads", int(num_warps_grads)),
+          ("block_k_grads", int(block_k_grads)), ("num_warps_grads", int(num_warps_grads)),
           ("state_dtype", jnp.dtype(F32 if state_dtype is None else state_dtype)),
           ("heads", int(h)), ("out_dtype", jnp.dtype(v.dtype)))
   if prep == "pallas":
@@ -984,7 +989,8 @@ def chunk_gated_delta_rule(q, k, v, log_alpha, beta, chunk_size: int = 64, initi
     popts = (("chunk", c), ("dot_dtype", jnp.dtype(dot_dtype)), ("interpret", bool(interpret)),
              ("num_warps_prep", int(num_warps_prep)), ("num_stages", int(num_stages)),
              ("num_warps_prep_bwd", int(num_warps_prep_bwd)),
-             ("gpu_lowering", bool(gpu_lowering)), ("prep_bwd", prep_bwd))
+             ("gpu_lowering", bool(gpu_lowering)), ("prep_bwd", prep_bwd),
+             ("block_k_grads", int(block_k_grads)))
     la32, b32 = log_alpha.astype(F32), beta.astype(F32)
     if bwd == "merged":
       o, sn = _rule_merged(q, k, v, la32, b32, s0, tuple(sorted(dict(opts + popts).items())))
