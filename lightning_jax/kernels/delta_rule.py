@@ -729,12 +729,15 @@ def _bwd_merged_kernel(q_ref, k_ref, v_ref, la_ref, b_ref, t_ref, hs_ref, dss_re
   program per (batch, head, chunk), from T (saved by the forward), S_n (hs [Dv, Dk]),
   dS_{n+1} (dss) and dO; nothing chunk-sized goes through HBM. Dk is taken in column blocks of
   bk so that only [C, C] tiles, [C, Dv] tiles and [., bk] slabs are live:
-    pass A: Kb S^T, Kd dS^T, K K^T, Q K^T (contractions over Dk);
-    then U = T (Vb - Kb S^T) (= Uv - W S^T), dU = Kd dS^T + P^T dO, dP = dO U^T,
-    dT = dU Vb^T, dv = beta T^T dU;
+    pass A: Kb S^T, Kd dS^T, Q K^T (contractions over Dk);
+    then U = T (Vb - Kb S^T) (= Uv - W S^T), dU = Kd dS^T + P^T dO, dT = dU Vb^T,
+    dv = beta T^T dU;
     pass B: dKd = U dS, dQg = dO S, dW = -dU S per column block: dT += dW Kb^T and the row sums
-    that feed dbeta / dg; then dA = -T^T dT T^T and the [C, C] terms;
-    pass C: dKd, dQg, dW again per column block -> dq, dk."""
+    that feed dbeta / dg; then K K^T, Q K^T again, dA = -T^T dT T^T, dP = dO U^T and the
+    [C, C] terms;
+    pass C: dKd, dQg, dW again per column block -> dq, dk.
+  (ptxas, sm_90, 8 warps, Dk = Dv = 128, bk 32: 255 registers and ~1.2 KiB of spills per thread;
+  the split_pallas kernels do not spill.)""" 
   c, dk_total = q_ref.shape
   dt = dot_dtype
   f = lambda x: x.astype(F32)
@@ -752,25 +755,22 @@ def _bwd_merged_kernel(q_ref, k_ref, v_ref, la_ref, b_ref, t_ref, hs_ref, dss_re
   zs = jnp.zeros((c, v_ref.shape[1]), F32)
 
   def pass_a(j, carry):
-    ks, kds, kk, qk = carry
+    ks, kds, qk = carry
     cols = pl.ds(j * bk, bk)
     k_b = k_ref[:, cols]
     kf = f(k_b)
     return (ks + _dot(kf * bg[:, None], hs_ref[:, cols], _DN_T, dt),       # Kb S^T [C, Dv]
             kds + _dot(kf * kdec[:, None], dss_ref[:, cols], _DN_T, dt),   # Kd dS^T
-            kk + _dot(k_b, k_b, _DN_T, dt), qk + _dot(q_ref[:, cols], k_b, _DN_T, dt))
-  ks, kds, kk, qk = jax.lax.fori_loop(0, nk, pass_a, (zs, zs, zc, zc))
-  m = _decay_block(g, g, True)
-  vf = f(v_ref[...])
-  vb = vf * beta[:, None]
+            qk + _dot(q_ref[:, cols], k_b, _DN_T, dt))
+  ks, kds, qk = jax.lax.fori_loop(0, nk, pass_a, (zs, zs, zc))
   do = do_ref[...]
-  u = _mm(t, vb - ks)                                          # Uv - W S^T
-  du = kds + _dot(m * qk, do, _DN_TA, dt)                      # Kd dS^T + P^T dO
-  dp = _dot(do, u, _DN_T, dt)
-  dtt = _dot(du, vb, _DN_T, dt)                                # dUv Vb^T
+  du = kds + _dot(_decay_block(g, g, True) * qk, do, _DN_TA, dt)  # Kd dS^T + P^T dO
+  u = _mm(t, f(v_ref[...]) * beta[:, None] - ks)               # Uv - W S^T
   dvb = _dot(t, du, _DN_TA, dt)
   dv_ref[...] = (dvb * beta[:, None]).astype(dv_ref.dtype)
+  vf = f(v_ref[...])
   db = jnp.sum(dvb * vf, axis=1)
+  dtt = _dot(du, vf * beta[:, None], _DN_T, dt)                # dUv Vb^T
   u, du = u.astype(dt), du.astype(dt)
 
   def grads(cols):
@@ -789,13 +789,21 @@ def _bwd_merged_kernel(q_ref, k_ref, v_ref, la_ref, b_ref, t_ref, hs_ref, dss_re
             dge + jnp.sum(f(s_b) * f(ds_b)))
   dtt, h, gq, s, dge = jax.lax.fori_loop(0, nk, pass_b,
                                          (dtt, zv, zv, zv, jnp.zeros((), F32)))
+  # [C, C] terms (K K^T and Q K^T recomputed: fewer live registers through the passes)
+  def pass_kk(j, carry):
+    kk, qk = carry
+    cols = pl.ds(j * bk, bk)
+    k_b = k_ref[:, cols]
+    return kk + _dot(k_b, k_b, _DN_T, dt), qk + _dot(q_ref[:, cols], k_b, _DN_T, dt)
+  kk, qk = jax.lax.fori_loop(0, nk, pass_kk, (zc, zc))
+  m = _decay_block(g, g, True)
   dam = jnp.where(col < row, -_mm(t, _mm(dtt, t, _DN_T), _DN_TA), 0.0) * m  # -T^T dT T^T o M
   e = dam * kk                                                 # dA o M o KK
   db = db + jnp.sum(e, axis=1)
   y = e * beta[:, None]                                        # dA o A
   dkk = dam * beta[:, None]                                    # d(K K^T)
   dg = jnp.sum(y, axis=1) - jnp.sum(y, axis=0)
-  dpm = dp * m
+  dpm = _dot(do, u, _DN_T, dt) * m                             # dP o M, dP = dO U^T
   z = dpm * qk                                                 # dP o P
   dg = dg + jnp.sum(z, axis=1) - jnp.sum(z, axis=0)
 
