@@ -2,6 +2,7 @@
 
     python -m benchmarks.kernels_bench [--small] [--only ceilings,delta,prep,gsa,variants]
                                        [--iters 10] [--json out.json]
+    python -m benchmarks.kernels_bench --only resources --triton-python /venv/with/triton/python
 
 ceilings  an 8192^3 bf16 matmul (TFLOP/s) and a 2 GiB device-to-device copy (bytes read + written)
 delta     gated delta rule, 32 heads x 128, bf16 q/k/v, float32 decay and beta, at B4 T4096 and
@@ -19,6 +20,8 @@ prep      the chunk prep alone at B4 T4096 (32 x 128, chunk 64): XLA float32 vs 
           kernel), with the Pallas outputs' / input gradients' relative error vs XLA; then each
           kernel of the recurrence alone on random operands (forward, reverse dS, dS + per-chunk
           gradients, the merged backward kernel), float32 and bf16 saved states.
+resources registers / spills / shared memory per kernel for sm_90 from the Triton IR, on any host
+          (needs --triton-python, a Python with `pip install triton`; no GPU).
 variants  older recurrence-backward / inverse-precision variants (XLA prep), forward+backward.
 gsa       attention core at T=8192, 16 heads x 256, bf16: layers.sparse_attention.sparse_attention
           over a synthetic selection of 128 causal keys per query (k_max 256 slots, the rest -1),
@@ -145,18 +148,19 @@ def delta_variants(small, iters):
 
 _OLD = dict(block_v=64, block_v_bwd=128, num_warps=4, num_warps_bwd=8)
 _NEW = dict(block_v=64, block_v_bwd=32, num_warps=4, num_warps_bwd=4, prep="pallas",
-            prep_bwd="pallas", bwd="split_pallas", block_k_grads=32, num_warps_grads=8)
+            num_warps_prep=8, prep_bwd="pallas", bwd="split_pallas", block_k_grads=32,
+            num_warps_grads=8, num_warps_prep_bwd=8)
 _MERGED = dict(_NEW, bwd="merged")
 DELTA_SETTINGS = [   # (label, kwargs of kernels.delta_rule.chunk_gated_delta_rule, both shapes)
     ("prep=xla (default)", _OLD, True),
     ("prep=pallas,prep_bwd=xla", dict(_OLD, prep="pallas", prep_bwd="xla"), False),
     ("prep=pallas,prep_bwd=pallas", dict(_OLD, prep="pallas", prep_bwd="pallas"), False),
     ("prep=pallas,bwd=split_pallas", _NEW, True),
-    ("prep=pallas,bwd=split_pallas,state bf16", dict(_NEW, state_dtype=jnp.bfloat16), False),
-    ("prep=pallas,bwd=merged", _MERGED, True),
-    ("prep=pallas,bwd=merged,state bf16", dict(_MERGED, state_dtype=jnp.bfloat16), True),
-    ("prep=pallas,bwd=merged,BK grads 64", dict(_MERGED, block_k_grads=64), False),
-    ("prep=pallas,bwd=merged,grads warps 4", dict(_MERGED, num_warps_grads=4), False),
+    ("prep=pallas,bwd=split_pallas,state bf16", dict(_NEW, state_dtype=jnp.bfloat16), True),
+    ("prep=pallas,bwd=split_pallas,dS BV 64 warps 8", dict(_NEW, block_v_bwd=64,
+                                                           num_warps_bwd=8), False),
+    ("prep=pallas,bwd=merged", _MERGED, False),
+    ("prep=pallas,bwd=merged,state bf16", dict(_MERGED, state_dtype=jnp.bfloat16), False),
 ]
 
 
@@ -228,7 +232,7 @@ def prep(small, iters):
   tag = f"B{b}T{t}"
   args = delta_inputs(jax.random.PRNGKey(t), b, t, h, d)
   base = dict(chunk=c, dot_dtype=jnp.dtype(jnp.bfloat16), interpret=not kdr.on_gpu(),
-              num_warps_prep=4, num_warps_prep_bwd=8, num_stages=1,
+              num_warps_prep=8, num_warps_prep_bwd=8, num_stages=1,
               gpu_lowering=False, block_k_grads=8 if small else 32)
   variants = [("XLA f32", None)] + [(f"pallas, bwd {pb}, bwd warps {nw}",
                                      dict(base, prep_bwd=pb, num_warps_prep_bwd=nw))
@@ -297,6 +301,88 @@ def prep(small, iters):
     guarded(f"recurrence {tag} [{label}]", run_rec)
 
 
+_TRITON_COMPILE = r"""
+import os, subprocess, sys, triton
+from triton.backends.compiler import GPUTarget
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+tool = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
+for path in sys.argv[1:]:
+  warps, stages = (int(x) for x in path.rsplit(".", 2)[-2].split("w")[-1].split("s"))
+  try:
+    k = triton.compile(path, target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": warps, "num_stages": stages})
+  except Exception as e:  # noqa: BLE001
+    print(path, "COMPILE FAILED", type(e).__name__, str(e)[:400], flush=True)
+    continue
+  cub = path + ".cubin"
+  open(cub, "wb").write(k.asm["cubin"])
+  r = subprocess.run([tool, "--dump-resource-usage", cub], capture_output=True, text=True)
+  use = " ".join(l.split("Resource usage:")[-1].strip() for l in r.stdout.splitlines()
+                 if "REG" in l)
+  print(path, f"shared={k.metadata.shared}", use.split(" TEXTURE")[0], flush=True)
+"""
+
+
+def resources(small, triton_python):
+  """Per-kernel registers / spills (STACK) / shared memory of the delta rule's Pallas kernels for
+  sm_90, without a GPU: lower jit(fwd+bwd) for CUDA here (common.lower_for_gpu), keep each
+  kernel's Triton IR, and compile it with the `triton` package of --triton-python (a Python
+  with `pip install triton`; ptxas / cuobjdump ship in its wheel). Uses a private JAX hook
+  (jax._src.pallas.triton.pallas_call_registration) to see the IR: diagnostic only."""
+  import os
+  import subprocess
+  import sys
+  import tempfile
+  import jax._src.pallas.triton.pallas_call_registration as reg
+  from lightning_jax.kernels import common
+  from lightning_jax.kernels import delta_rule as kdr
+  if not triton_python:
+    print("resources: pass --triton-python /path/to/python (with the triton package)")
+    return
+  out = tempfile.mkdtemp(prefix="gdr_ttir_")
+  orig = reg.lowering.lower_jaxpr_to_triton_module
+  seen = []
+
+  def dump(jaxpr, *a, **k):
+    res = orig(jaxpr, *a, **k)
+    caller = sys._getframe(1).f_locals
+    name = str(jaxpr.debug_info.func_name)
+    path = os.path.join(out, f"{name}_{len(seen)}.w{caller['num_warps']}s{caller['num_stages']}"
+                             f".ttir")
+    with open(path, "w") as fh:
+      fh.write(res.module.operation.get_asm())
+    seen.append(path)
+    return res
+  d = 16 if small else 128
+  b, t, h = 1, 128, 2
+  args = delta_inputs(jax.random.PRNGKey(0), b, t, h, d)
+  reg.lowering.lower_jaxpr_to_triton_module = dump
+  try:
+    for label, st, _ in DELTA_SETTINGS:
+      if st.get("prep") != "pallas":
+        continue
+      rule = lambda *a, st=st: kdr.chunk_gated_delta_rule(*a, chunk_size=64, gpu_lowering=True,
+                                                          **st)[0]
+
+      def f(*a, rule=rule):
+        o, vjp = jax.vjp(rule, *a)
+        return o, vjp(o)
+      n0 = len(seen)
+      guarded(f"resources lower [{label}]", lambda f=f: common.lower_for_gpu(f, *args))
+      print(f"# {label}: {[os.path.basename(p) for p in seen[n0:]]}", flush=True)
+  finally:
+    reg.lowering.lower_jaxpr_to_triton_module = orig
+  r = subprocess.run([triton_python, "-c", _TRITON_COMPILE] + seen, capture_output=True,
+                     text=True)
+  for line in r.stdout.splitlines():
+    path, rest = line.split(" ", 1)
+    name = os.path.basename(path)
+    RESULTS[f"resources {name}"] = {"usage": rest}
+    print(f"{name:<48} {rest}", flush=True)
+  if r.returncode:
+    print(r.stderr[-2000:])
+
+
 # ----------------------------------------------------------------------------- GSA
 def gsa(small, iters):
   from lightning_jax.layers import sparse_attention as sa
@@ -346,6 +432,8 @@ def main(argv=None):
   ap.add_argument("--only", default="ceilings,delta,gsa")
   ap.add_argument("--iters", type=int, default=10)
   ap.add_argument("--json", default="")
+  ap.add_argument("--triton-python", default="",
+                  help="--only resources: a Python interpreter with the triton package")
   a = ap.parse_args(argv)
   dev = jax.devices()[0]
   head = (f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC  {dev.device_kind}  "
@@ -361,6 +449,8 @@ def main(argv=None):
     prep(a.small, a.iters)
   if "gsa" in parts:
     gsa(a.small, a.iters)
+  if "resources" in parts:
+    resources(a.small, a.triton_python)
   if "variants" in parts:
     delta_variants(a.small, a.iters)
   if a.json:

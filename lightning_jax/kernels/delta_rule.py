@@ -917,7 +917,7 @@ def chunk_gated_delta_rule(q, k, v, log_alpha, beta, chunk_size: int = 64, initi
                            *, block_v: int = 64, block_v_bwd: int = 128, num_warps: int = 4,
                            num_warps_bwd: int = 8, num_stages: int = 1, dot_dtype=None,
                            bwd: str = "fused", inverse_precision: str = "highest",
-                           prep: str = "xla", prep_bwd: str = "pallas", num_warps_prep: int = 4,
+                           prep: str = "xla", prep_bwd: str = "pallas", num_warps_prep: int = 8,
                            num_warps_prep_bwd: int = 8, block_k_grads: int = 32,
                            num_warps_grads: int = 8, state_dtype=None,
                            interpret: bool | None = None, gpu_lowering: bool = False):
