@@ -37,27 +37,32 @@ Everything is tied together by jax.custom_vjp (prep and recurrence separately; w
 bwd="merged" one custom_vjp around both).
 
 Predicted cost, B4 T4096, 32 heads x 128, chunk 64, bf16 (8192 chunks; counted before any GPU
-run; 2.55 TB/s measured copy bandwidth, docs/PERFORMANCE.md). Bytes dominate, FLOPs are small:
+run; 2.55 TB/s measured copy bandwidth, docs/PERFORMANCE.md). Bytes dominate, FLOPs are small.
+Registers / spills per thread for sm_90 from `python -m benchmarks.kernels_bench --only
+resources` (ptxas via the triton package, no GPU), at the benchmark's default settings:
   prep fwd (pallas)   reads q, k, v 384 MiB, writes W, Uv, Qg, Kd 512 MiB + P 64 MiB + ge 2 MiB
-                      = 1.0 GB -> 0.40 ms; ~3 MFLOP/chunk (25 GFLOP) in small dots; the 15-step
-                      forward substitution is latency -> predicted 0.5-0.7 ms (XLA: 4.28 ms).
-  recurrence fwd      measured 0.65 ms with float32 states (512 MiB written); bf16 states -0.1 ms.
-  dS kernel           512 programs (BV 32) x 64 steps of 4 small dots + a 16 KiB store: latency,
-                      predicted 0.2-0.4 ms.
-  grads kernel        reads S, dS (2 x 512 MiB f32) + W, Kd, Uv, P, dO (~330 MiB), writes
-                      dUv, dW, dP, dQg, dKd bf16 (~580 MiB) = 2.0 GB -> 0.8 ms (0.6 ms with
-                      bf16 states); predicted 0.8-1.2 ms.
-  prep bwd (pallas)   reads q, k, v + dW, dUv, dQg, dKd + dP (960 MiB), writes dq, dk, dv 384 MiB
-                      = 1.4 GB -> 0.55 ms; ~3x the forward's dots -> predicted 0.6-0.9 ms
-                      (XLA prep fwd+bwd: 12.1 ms).
-  merged bwd kernel   reads q, k, v, dO 512 MiB + S, dS 1 GiB f32 (512 MiB bf16), writes dq, dk,
-                      dv 384 MiB = 1.9 (1.4) GB -> 0.75 (0.55) ms; ~18 MFLOP/chunk in 16-row dots
-                      (150 GFLOP at perhaps 150-200 TFLOP/s -> ~0.8 ms), ~190 live registers per
-                      thread at 8 warps (spills possible) -> predicted 0.8-1.3 ms, replacing the
-                      grads + prep bwd kernels (1.4-2.1 ms).
-  total               forward ~1.2 ms (now 4.93); forward+backward ~3.0-3.8 ms with prep="pallas",
-                      bwd="split_pallas", ~2.3-3.0 ms with bwd="merged" (now 17.79; FLA 0.6.0:
-                      4.60).
+                      (+ T 128 MiB f32 when differentiated) = 1.0-1.15 GB -> 0.4-0.45 ms; ~3
+                      MFLOP/chunk in small dots; 15-step forward substitution (latency); 8 warps,
+                      255 regs + 48 B spill -> predicted 0.5-0.7 ms (XLA prep: 4.28 ms).
+  recurrence fwd      measured 0.65 ms with float32 states (512 MiB written); bf16 states -0.1 ms
+                      (255 regs + 24 B spill).
+  dS kernel           512 programs (BV 32, 4 warps, 182 regs, no spill) x 64 steps of 4 small
+                      dots + a 16 KiB store: latency, predicted 0.2-0.4 ms.
+  grads kernel        reads S, dS (2 x 512 MiB f32) + W, Kd, Uv, P, dO (~330 MiB), writes dUv,
+                      dW, dP, dQg, dKd bf16 (~580 MiB) = 2.0 GB -> 0.8 ms (0.6 ms with bf16
+                      states); 8 warps, 243 regs, no spill -> predicted 0.8-1.1 ms.
+  prep bwd (pallas)   reads q, k, v, T + dW, dUv, dQg, dKd, dP (1.1 GiB), writes dq, dk, dv
+                      384 MiB = 1.6 GB -> 0.6 ms; 8 warps, 254 regs, no spill -> predicted
+                      0.6-0.9 ms (XLA prep fwd+bwd: 12.1 ms).
+  merged bwd kernel   reads q, k, v, dO, T 640 MiB + S, dS 1 GiB f32 (512 MiB bf16), writes dq,
+                      dk, dv 384 MiB = 2.1 (1.6) GB -> 0.8 (0.6) ms, but 255 regs + ~1 KiB spill
+                      per thread at 8 warps -> predicted 0.9-1.6 ms (vs 1.4-2.0 for grads + prep
+                      bwd): timing decides.
+  (the old fused recurrence backward, BV 128 / 8 warps: 255 regs + 1.7 KiB spill, which is why it
+  measured ~5 ms.)
+  total               forward ~1.2 ms (now 4.93); forward+backward with prep="pallas",
+                      bwd="split_pallas": 1.2 + 0.3 + 1.0 + 0.75 + glue ~ 3.0-3.6 ms (now 17.79;
+                      FLA 0.6.0: 4.60).
 
 Backends: on GPU the kernels lower through Pallas' Triton backend; elsewhere (CPU) they run with
 `interpret=True` (slow; for tests) — `impl_note()` says which. Matmul operands inside the kernels
