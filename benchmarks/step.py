@@ -98,17 +98,23 @@ def bench_config(cfg, *, layers: int = 0, seq: int = 0, batch: int = 1, n_dev: i
 
 
 def random_frozen(cfg, key):
-  """frozen["embed"] of the configured form filled with random values (same cost as real)."""
+  """The frozen tree filled with random values (same cost as real): frozen["embed"] of the
+  configured form and, with TQP, random quantized bases (tqp.qbase_specs' init)."""
   ab = kronecker.frozen_abstract(cfg)
+  k0, k1, k2 = jax.random.split(key, 3)
   if "table" in ab:
     s = ab["table"]
-    return {"embed": {"table": jax.random.normal(key, s.shape, jnp.float32).astype(s.dtype)}}
-  v, mb = ab["bytes"].shape
-  k1, k2 = jax.random.split(key)
-  lengths = jax.random.randint(k2, (v,), 1, mb + 1).astype(jnp.int16)
-  by = jax.random.randint(k1, (v, mb), 0, 256).astype(jnp.uint8)
-  by = jnp.where(jnp.arange(mb)[None] < lengths[:, None], by, 0).astype(jnp.uint8)
-  return {"embed": {"bytes": by, "lengths": lengths}}
+    out = {"embed": {"table": jax.random.normal(k0, s.shape, jnp.float32).astype(s.dtype)}}
+  else:
+    v, mb = ab["bytes"].shape
+    lengths = jax.random.randint(k2, (v,), 1, mb + 1).astype(jnp.int16)
+    by = jax.random.randint(k1, (v, mb), 0, 256).astype(jnp.uint8)
+    by = jnp.where(jnp.arange(mb)[None] < lengths[:, None], by, 0).astype(jnp.uint8)
+    out = {"embed": {"bytes": by, "lengths": lengths}}
+  fspecs = model.frozen_specs(cfg)
+  if fspecs:
+    out.update(nn.init(fspecs, jax.random.fold_in(key, 1)))
+  return out
 
 
 def peak_memory(device, compiled=None) -> tuple[float, str]:
@@ -151,8 +157,9 @@ def build_step(cfg, mesh, key):
   tx, _ = optim.make_optimizer(cfg, abstract["params"], 1000)
   opt_abs = jax.eval_shape(tx.init, abstract["params"])
   o_shard = opt_state_shardings(mesh, opt_abs, p_shard)
+  from launch.train import frozen_shardings
   state_shard = {"params": p_shard,
-                 "frozen": jax.tree_util.tree_map(lambda _: rep, abstract["frozen"]),
+                 "frozen": frozen_shardings(mesh, model, cfg, abstract["frozen"]),
                  "stats": jax.tree_util.tree_map(lambda _: rep, abstract["stats"]),
                  "opt_state": o_shard, "step": rep}
   batch_shard = NamedSharding(mesh, P(("data", "expert"), None))
@@ -227,6 +234,13 @@ def _vjp_timer(f, primals, steps: int, key, name: str = ""):
   return ms
 
 
+def _init_sharded(specs, key, mesh):
+  """nn.init of a spec tree, each leaf placed by its logical axes on `mesh` (experts split)."""
+  ab = jax.eval_shape(lambda k: nn.init(specs, k), key)
+  shard = sharding.tree_shardings(mesh, nn.logical_axes(specs), ab)
+  return jax.jit(lambda k: nn.init(specs, k), out_shardings=shard)(key)
+
+
 def breakdown(cfg, mesh, steps: int, seed: int = 0) -> dict:
   """Forward+backward time of each layer type and sublayer in isolation (seconds)."""
   m = cfg.model
@@ -240,12 +254,13 @@ def breakdown(cfg, mesh, steps: int, seed: int = 0) -> dict:
   out = {}
   with sharding.use_mesh(mesh):
     for kind in sorted(set(m.pattern)):
-      p = nn.init(model.layer_specs(cfg, kind), ks[2])
+      lspecs, fspecs = model.layer_specs(cfg, kind), {}
+      if cfg.moe.enabled and cfg.tqp.enabled:     # routed experts -> adapters + a random base
+        from lightning_jax import tqp
+        lspecs, fspecs = tqp.tqp_specs(lspecs, cfg)
+      p = _init_sharded(lspecs, ks[2], mesh)
+      fz = _init_sharded(fspecs, jax.random.fold_in(ks[2], 1), mesh) if fspecs else {}
       st = model.layer_stats(cfg, kind)
-      fz = {}
-      if cfg.moe.enabled and cfg.tqp.enabled:
-        out[f"note_{kind}"] = "TQP frozen experts are not built in isolation; layer time skipped"
-        continue
 
       def layer(p, x, kind=kind, st=st, fz=fz):
         y, _, aux, _ = model.layer_apply({"params": p, "frozen": fz, "stats": st}, x, consts,

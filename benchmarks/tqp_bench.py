@@ -18,6 +18,7 @@ Per device at 120B (8 GPUs, expert parallel 8, micro-batch 8 x 8192 tokens, top-
                 (what training the routed experts in full would run);
   tqp4-xla      4-bit TurboQuant base (0.5 byte/weight) + rank-16 adapters, gradients to adapters
                 and input (the base is stop-gradient), base via XLA dequantise + einsum;
+  tqp4-xla_rotate  XLA dequantise + einsum after the one-pass Pallas rotation (the GPU default);
   tqp4-pallas   the same with the Pallas kernel (tqp.kernel="pallas");
   tqp4-pallas_rotate  the Pallas kernel fed by the one-pass Pallas rotation (split layout);
   tqp8-*        8-bit base.
@@ -201,7 +202,7 @@ def run(experts=58, rows=13824, d=4096, f=1024, bits_list=(4, 8), iters=10, top_
   del w
 
   for bits in bits_list:
-    for kernel in ("xla", "pallas", "pallas_rotate"):
+    for kernel in ("xla", "xla_rotate", "pallas", "pallas_rotate"):
       _guard(f"tqp{bits}-{kernel}", lambda _b=bits, _k=kernel: _tqp_variant(
           _b, _k, experts, d, f, x, dy, ka, kq, record))
   return results

@@ -112,8 +112,9 @@ def get_base_config() -> ConfigDict:
   q.rank = 16
   q.seed = 0
   q.flush_every = 0               # adapter merge; diverged at 120B, off by default
-  q.kernel = "auto"               # base expert matmul: auto (pallas on GPU, else xla) | xla | pallas
-                                  # | pallas_rotate (+ Pallas input rotation)
+  q.kernel = "auto"               # base expert matmul: auto (xla_rotate on GPU, else xla) | xla
+                                  # | xla_rotate (XLA dequantise+einsum after the Pallas input
+                                  # rotation) | pallas | pallas_rotate (+ Pallas input rotation)
   q.lr_mult_router = 1.0
   q.lr_mult_adapters = 3.0
   q.lr_mult_rest = 0.01

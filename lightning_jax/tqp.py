@@ -359,21 +359,25 @@ def validate_qbase(qbase: dict, cfg, where: str = "frozen moe experts") -> None:
 
 
 # ============================================================================ expert matmul
-KERNELS = ("auto", "xla", "pallas", "pallas_rotate")
+KERNELS = ("auto", "xla", "xla_rotate", "pallas", "pallas_rotate")
 
 
 def base_kernel(cfg) -> str:
   """cfg.tqp.kernel resolved: "pallas" (the dequantising Pallas/Triton kernel,
   kernels/expert_matmul.py), "pallas_rotate" (that kernel plus the one-pass Pallas input
-  rotation where the width allows, expert_matmul.rotate) or "xla" (dequantise to the compute
-  dtype, then einsum). "auto" = pallas on GPU, xla elsewhere (the interpreter would be slow)."""
+  rotation where the width allows, expert_matmul.rotate), "xla" (dequantise to the compute
+  dtype, then einsum) or "xla_rotate" (xla's matmul after the one-pass Pallas rotation).
+  "auto" = xla_rotate on GPU, xla elsewhere (the interpreter would be slow). Measured on an H100
+  at the 120B per-device shape (docs/PERFORMANCE.md): XLA's fused dequantise + einsum runs at
+  90-98% of the bf16 matmul, the Pallas dequantising kernel at 9-22%; the Pallas rotation is
+  2.3-2.8x faster than tqp.rotate."""
   k = cfg.tqp.get("kernel", "auto")
   if k not in KERNELS:
     raise ConfigError(f"tqp.kernel={k!r} is not a known base-matmul kernel; expected one of "
-                      f"{KERNELS} (auto = pallas on GPU, xla elsewhere).")
+                      f"{KERNELS} (auto = xla_rotate on GPU, xla elsewhere).")
   if k == "auto":
     from lightning_jax.kernels import common
-    return "pallas" if common.on_gpu() else "xla"
+    return "xla_rotate" if common.on_gpu() else "xla"
   return k
 
 
@@ -396,9 +400,11 @@ def _rotated_input(xs, q, bits, kernel):
   pass that also writes the 4-bit matmul's [even | odd] layout (no XLA permutation); otherwise
   tqp.rotate in XLA."""
   n = xs.shape[-1]
-  if kernel == "pallas_rotate":
+  if kernel in ("pallas_rotate", "xla_rotate"):
     from lightning_jax.kernels import expert_matmul as em
     fac = em.rotation_factors(n)
+    if kernel == "xla_rotate" and fac is not None:       # plain layout for XLA's einsum
+      return em.rotate(xs, q["signs"], split=False), "split"
     if fac is not None and (bits == 8 or (fac[1] >= 32 and n % 128 == 0)):
       return em.rotate(xs, q["signs"], split=bits == 4), ("presplit" if bits == 4 else "split")
   return rotate(xs, q["signs"]), "split"
@@ -429,7 +435,9 @@ def _qlinear(x, q, ad, bits, dtype, kernel="xla", xb=None):
     lv = jnp.asarray(codebook(n, bits))
     return expert_matmul.tqp_matmul_adapter(xr, q["codes"], q["norms"], lv, bits, xb,
                                             ad["a"].astype(dtype), x_layout=layout)
-  base = jax.lax.stop_gradient(_qbase(rotate(xs, q["signs"]), q, bits, dtype, kernel))
+  xr = (_rotated_input(xs.astype(dtype), q, bits, kernel)[0] if kernel == "xla_rotate"
+        else rotate(xs, q["signs"]))
+  base = jax.lax.stop_gradient(_qbase(xr, q, bits, dtype, "xla"))
   return base.astype(dtype) + jnp.einsum("ecr,eor->eco", xb, ad["a"].astype(dtype))
 
 

@@ -47,13 +47,15 @@ def test_kernel_matches_xla_dequantise_path(bits, layout, opts):
   np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * scale, err_msg=msg)
 
 
-def test_pallas_swiglu_matches_xla_forward_and_gradients():
+@pytest.mark.parametrize("kernel", ["pallas_rotate", "xla_rotate"])
+def test_pallas_swiglu_matches_xla_forward_and_gradients(kernel):
   """tqp_grouped_swiglu with tqp.kernel='pallas_rotate' (interpreted; 8 bits, d_model 256: the
   Pallas rotation feeds gate/up, down (width 32) falls back to the XLA rotation; the
-  dequantising matmul with the adapter product in its epilogue runs for all three) == 'xla':
-  output, and gradients to the adapters (through the fused kernel's custom VJP) and the input
-  (the base is stop-gradient in both; no tangent reaches a kernel)."""
-  kernel, bits = "pallas_rotate", 8
+  dequantising matmul with the adapter product in its epilogue runs for all three) or
+  'xla_rotate' (the same rotation, then XLA's dequantise + einsum) == 'xla': output, and
+  gradients to the adapters (through the fused kernel's custom VJP) and the input (the base is
+  stop-gradient in both; no tangent reaches a kernel)."""
+  bits = 8
   seed = _seed()
   cfg = tiny_config()
   cfg.moe.enabled, cfg.moe.router, cfg.tqp.enabled, cfg.tqp.bits = True, "sigmoid", True, bits
@@ -137,7 +139,7 @@ def test_kernel_lowers_for_cuda_at_120b_shape(bits, opts):
 def test_bad_kernel_name_and_shapes_fail_clearly():
   cfg = tiny_config()
   cfg.tqp.kernel = "triton"
-  with pytest.raises(ConfigError, match=r"tqp.kernel='triton'.*'auto', 'xla', 'pallas', 'pallas_rot"):
+  with pytest.raises(ConfigError, match=r"tqp.kernel='triton'.*'auto', 'xla', 'xla_rotate', 'pallas', 'pallas_rot"):
     tqp.base_kernel(cfg)
   cfg.tqp.kernel = "xla"
   assert tqp.base_kernel(cfg) == "xla"
