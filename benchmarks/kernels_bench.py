@@ -157,6 +157,7 @@ DELTA_SETTINGS = [   # (label, kwargs of kernels.delta_rule.chunk_gated_delta_ru
     ("prep=pallas,prep_bwd=pallas", dict(_OLD, prep="pallas", prep_bwd="pallas"), False),
     ("prep=pallas,bwd=split_pallas", _NEW, True),
     ("prep=pallas,bwd=split_pallas,state bf16", dict(_NEW, state_dtype=jnp.bfloat16), True),
+    ("prep=pallas,bwd=split_pallas,num_stages 2", dict(_NEW, num_stages=2), True),
     ("prep=pallas,bwd=split_pallas,dS BV 64 warps 8", dict(_NEW, block_v_bwd=64,
                                                            num_warps_bwd=8), False),
     ("prep=pallas,bwd=merged", _MERGED, False),
@@ -276,10 +277,12 @@ def prep(small, iters):
   s0 = rnd(5, (bh, d, d), jnp.float32)
   do = rnd(6, (b, t, h, d))
   dsn = rnd(7, (bh, d, d), jnp.float32)
-  for label, st in (("f32 states", dict(state_dtype=jnp.dtype(jnp.float32))),
-                    ("bf16 states", dict(state_dtype=jnp.dtype(bf)))):
+  for label, st in (("f32 states", dict(state_dtype=jnp.dtype(jnp.float32), num_stages=1)),
+                    ("bf16 states", dict(state_dtype=jnp.dtype(bf), num_stages=1)),
+                    ("f32 states, num_stages 2", dict(state_dtype=jnp.dtype(jnp.float32),
+                                                      num_stages=2))):
     opts = dict(block_v=8 if small else 64, block_v_bwd=8 if small else 32, num_warps=4,
-                num_warps_bwd=4, num_stages=1, dot_dtype=jnp.dtype(bf),
+                num_warps_bwd=4, dot_dtype=jnp.dtype(bf),
                 interpret=not kdr.on_gpu(), bwd="split_pallas", gpu_lowering=False,
                 block_k_grads=8 if small else 32, num_warps_grads=8, heads=h,
                 out_dtype=jnp.dtype(bf), **st)
@@ -295,8 +298,9 @@ def prep(small, iters):
       record(f"recurrence {tag} dS + grads kernels [{label}]", ms)
       dss = rnd(8, hs.shape, hs.dtype)
       mopts = dict(opts, chunk=c)
+      tinv = jax.jit(lambda *a: kdr._prep_fwd_call(*a, base, with_t=True)[-1])(*args)
       ms, _, _ = bench(lambda *a: kdr._bwd_merged_call(*a, mopts),
-                       tuple(args) + (hs, dss, do), iters)
+                       tuple(args) + (tinv, hs, dss, do), iters)
       record(f"recurrence {tag} merged bwd kernel (no dS) [{label}]", ms)
     guarded(f"recurrence {tag} [{label}]", run_rec)
 
