@@ -184,17 +184,18 @@ def test_delta_rule_kernel_under_a_data_mesh_matches_reference(monkeypatch):
   assert _rel(s, s_r) <= 1e-5, f"seed={seed} sharded state rel err {_rel(s, s_r)}"
 
 
-@pytest.mark.parametrize("prep_bwd,bwd,chunk", [("pallas", "split_pallas", 32),
-                                                ("pallas", "merged", 64)])
-def test_pallas_prep_path_forward_and_gradients_match_reference(prep_bwd, bwd, chunk):
+@pytest.mark.parametrize("prep_bwd,bwd,chunk,b,dv", [("pallas", "split_pallas", 32, 1, 16),
+                                                     ("pallas", "merged", 64, 2, 32)])
+def test_pallas_prep_path_forward_and_gradients_match_reference(prep_bwd, bwd, chunk, b, dv):
   """prep='pallas' (the chunk quantities in a Pallas kernel) through the whole rule, float32,
   T = 100 (a padded tail) with chunk 32 (two 16-row sub-blocks per chunk) or 64 (four), vs the
   recurrence; the recurrence's backward split into the dS kernel + the parallel per-chunk
   gradient kernel + the prep's backward kernel, or merged (the per-chunk gradients inside the
-  prep's backward kernel); two Dv blocks in the recurrence kernels (block_v=8 of Dv=16), two
-  column blocks in the per-chunk backward kernels (block_k_grads=8 of Dk = Dv = 16)."""
+  prep's backward kernel); Dv blocks in the recurrence kernels (block_v=8), two
+  column blocks in the per-chunk backward kernels (block_k_grads=8 of Dk = 16); the merged
+  case with B = 2 and Dv = 32 != Dk."""
   seed = _seed()
-  args = _inputs(seed, dk=16, dv=16)
+  args = _inputs(seed, b=b, dk=16, dv=dv)
   rng = np.random.default_rng(seed + 1)
   ct_o = rng.standard_normal(args[2].shape).astype(np.float32)
   ct_s = rng.standard_normal(args[5].shape).astype(np.float32)
