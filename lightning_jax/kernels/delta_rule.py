@@ -72,7 +72,6 @@ state and every carried quantity stay float32 (the saved per-chunk states: state
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
