@@ -740,7 +740,7 @@ def _bwd_merged_kernel(q_ref, k_ref, v_ref, la_ref, b_ref, t_ref, hs_ref, dss_re
     that feed dbeta / dg; then K K^T, Q K^T again, dA = -T^T dT T^T, dP = dO U^T and the
     [C, C] terms;
     pass C: dKd, dQg, dW again per column block -> dq, dk.
-  (ptxas, sm_90, 8 warps, Dk = Dv = 128, bk 32: 255 registers and ~1.2 KiB of spills per thread;
+  (ptxas, sm_90, 8 warps, Dk = Dv = 128, bk 32: 255 registers and ~0.9 KiB of spills per thread;
   the split_pallas kernels do not spill.)""" 
   c, dk_total = q_ref.shape
   dt = dot_dtype
@@ -769,13 +769,12 @@ def _bwd_merged_kernel(q_ref, k_ref, v_ref, la_ref, b_ref, t_ref, hs_ref, dss_re
   ks, kds, qk = jax.lax.fori_loop(0, nk, pass_a, (zs, zs, zc))
   do = do_ref[...]
   du = kds + _dot(_decay_block(g, g, True) * qk, do, _DN_TA, dt)  # Kd dS^T + P^T dO
-  u = _mm(t, f(v_ref[...]) * beta[:, None] - ks)               # Uv - W S^T
   dvb = _dot(t, du, _DN_TA, dt)
   dv_ref[...] = (dvb * beta[:, None]).astype(dv_ref.dtype)
-  vf = f(v_ref[...])
-  db = jnp.sum(dvb * vf, axis=1)
-  dtt = _dot(du, vf * beta[:, None], _DN_T, dt)                # dUv Vb^T
-  u, du = u.astype(dt), du.astype(dt)
+  db = jnp.sum(dvb * f(v_ref[...]), axis=1)
+  dtt = _dot(du, f(v_ref[...]) * beta[:, None], _DN_T, dt)     # dUv Vb^T
+  du = du.astype(dt)
+  u = _mm(t, f(v_ref[...]) * beta[:, None] - ks).astype(dt)    # Uv - W S^T
 
   def grads(cols):
     s_b, ds_b = hs_ref[:, cols], dss_ref[:, cols]               # [Dv, bk]
@@ -813,13 +812,14 @@ def _bwd_merged_kernel(q_ref, k_ref, v_ref, la_ref, b_ref, t_ref, hs_ref, dss_re
 
   def pass_c(j, carry):
     cols = pl.ds(j * bk, bk)
-    _, _, dkd, dqg, dw = grads(cols)
+    s_b, ds_b = hs_ref[:, cols], dss_ref[:, cols]
     k_b, q_b = k_ref[:, cols], q_ref[:, cols]
-    dkb = _dot(t, dw, _DN_TA, dt)
-    dq_ref[:, cols] = (dqg * gam[:, None] + _dot(dpm, k_b, _DN, dt)).astype(dq_ref.dtype)
-    dk = (dkd * kdec[:, None] + dkb * bg[:, None] + _dot(dkk, k_b, _DN, dt)
-          + _dot(dkk, k_b, _DN_TA, dt) + _dot(dpm, q_b, _DN_TA, dt))
-    dk_ref[:, cols] = dk.astype(dk_ref.dtype)
+    dq = _dot(do, s_b, _DN, dt) * gam[:, None] + _dot(dpm, k_b, _DN, dt)     # dQg gamma + ...
+    dq_ref[:, cols] = dq.astype(dq_ref.dtype)
+    dk = _dot(u, ds_b, _DN, dt) * kdec[:, None] + _dot(dpm, q_b, _DN_TA, dt)  # dKd kdec + ...
+    dk = dk + _dot(dkk, k_b, _DN, dt) + _dot(dkk, k_b, _DN_TA, dt)
+    dkb = _dot(t, -_dot(du, s_b, _DN, dt), _DN_TA, dt)                       # T^T dW
+    dk_ref[:, cols] = (dk + dkb * bg[:, None]).astype(dk_ref.dtype)
     return carry
   jax.lax.fori_loop(0, nk, pass_c, 0)
   s = kdec * s
