@@ -11,9 +11,10 @@ Split of the work (the math is the reference's, see layers/deltanet.py's docstri
     (batch, head, chunk) reading bf16 q/k/v straight from [B, T, H, D] and writing W, Uv, P, Qg,
     Kd in dot_dtype; (I+A)^-1 is built in registers in 16 x 16 sub-blocks (forward substitution
     on the diagonal blocks, T_ij = -T_ii sum_{j<=m<i} A_im T_mj below them, float32 IEEE dots).
-    Its backward (prep_bwd="pallas") is a second per-chunk kernel that recomputes T and applies
-    dA = -T^T dT T^T, the M / diag scalings' terms and dlog_alpha = reverse cumsum(dg)
-    (see _prep_bwd_kernel); prep_bwd="xla" differentiates the XLA prep instead;
+    When differentiated the forward also saves T = (I+A)^-1 (float32 [C, C] per chunk). Its
+    backward (prep_bwd="pallas") is a second per-chunk kernel on full [C, C] tiles and [C, bk]
+    column slabs: dA = -T^T dT T^T, the M / diagonal scalings' terms and dlog_alpha = reverse
+    cumsum(dg) (see _prep_bwd_kernel); prep_bwd="xla" differentiates the XLA prep instead;
   * the recurrence over chunks, one Pallas program per (batch x head, block of Dv rows of the
     state), the state block [BV, Dk] held in registers across a loop over the chunks:
         U_n = Uv_n - W_n S_n^T ;  O_n = Qg_n S_n^T + P_n U_n ;  S_{n+1} = ge_n S_n + U_n^T Kd_n
@@ -28,11 +29,12 @@ Split of the work (the math is the reference's, see layers/deltanet.py's docstri
     float32 partials per Dv block, summed outside). bwd="split": a reverse kernel carries only dS
     and writes dS_{n+1} per chunk; the rest are batched XLA einsums. bwd="split_pallas": the same
     dS kernel, then one parallel Pallas kernel per (batch x head, chunk) for every chunk-local
-    gradient (a loop over Dv blocks, Dv-contracted gradients accumulated in registers, written
-    in the operands' dtype). bwd="merged" (prep="pallas" only): the same dS kernel, then ONE
-    per-(batch, head, chunk) kernel that recomputes T, W, P, Kd, computes the chunk-local
+    gradient (U and dU on full [C, Dv] tiles, then dKd, dQg, dW per Dk column block, written in
+    the operands' dtype). bwd="merged" (prep="pallas" only): the same dS kernel, then ONE
+    per-(batch, head, chunk) kernel that recomputes W, P, Kd from T, computes the chunk-local
     gradients and goes straight on through the prep's backward (_bwd_merged_kernel): only
-    q, k, v, dO, the saved states and dS are read, only dq, dk, dv, dlog_alpha, dbeta written.
+    q, k, v, dO, T, the saved states and dS are read, only dq, dk, dv, dlog_alpha, dbeta
+    written.
 Everything is tied together by jax.custom_vjp (prep and recurrence separately; with
 bwd="merged" one custom_vjp around both).
 
