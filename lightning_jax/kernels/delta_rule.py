@@ -69,7 +69,9 @@ resources` (ptxas via the triton package, no GPU), at the benchmark's default se
 Backends: on GPU the kernels lower through Pallas' Triton backend; elsewhere (CPU) they run with
 `interpret=True` (slow; for tests) — `impl_note()` says which. Matmul operands inside the kernels
 are cast to `dot_dtype` (float32 for float32 inputs, else bfloat16) with float32 accumulation; the
-state and every carried quantity stay float32 (the saved per-chunk states: state_dtype).
+state and every carried quantity stay float32 (the saved per-chunk states: state_dtype). In the
+Pallas prep the 16 x 16 inverse dots are float32 IEEE; the other float32 dots (T Kb, T Vb,
+-T^T dT T^T) use default precision, i.e. TF32 on GPU (below the bf16 rounding of their results).
 """
 from __future__ import annotations
 
