@@ -38,6 +38,12 @@ def get_base_config() -> ConfigDict:
   m.deltanet.conv_kernel = 4
   m.deltanet.chunk_size = 64
   m.deltanet.impl = "auto"        # auto (kernel on GPU, else chunked) | chunked | recurrent | kernel
+  # options of the Pallas kernel path (kernels/delta_rule.chunk_gated_delta_rule's keywords)
+  m.deltanet.kernel = ConfigDict()
+  m.deltanet.kernel.prep = "xla"          # chunk prep: xla | pallas
+  m.deltanet.kernel.bwd = "fused"         # recurrence backward: fused | split | split_pallas | merged
+  m.deltanet.kernel.block_v_bwd = 128
+  m.deltanet.kernel.num_warps_bwd = 8
 
   m.gsa = ConfigDict()
   m.gsa.n_heads = 16

@@ -166,6 +166,27 @@ def test_step_bench_config_and_overrides():
     step_bench.bench_config(cfg, layers=6)
 
 
+def test_delta_rule_kernel_options_come_from_the_config(monkeypatch):
+  """model.deltanet.kernel's keys reach chunk_gated_delta_rule; a bad value or an unknown name is
+  a ConfigError naming the field before anything is traced."""
+  cfg = tiny.get_config()
+  cfg.model.deltanet.impl = "kernel"
+  monkeypatch.setattr(kdr, "_FORCE_INTERPRET", True)
+  seen = {}
+  monkeypatch.setattr(kdr, "sharded", lambda rule, *a: seen.update(rule.keywords))
+  cfg.model.deltanet.kernel.bwd = "split_pallas"
+  cfg.model.deltanet.kernel.prep = "pallas"
+  kdr.select_and_run(cfg, *([None] * 5))
+  assert seen["bwd"] == "split_pallas" and seen["prep"] == "pallas", seen
+  cfg.model.deltanet.kernel.bwd = "sideways"
+  with pytest.raises(ConfigError, match=r"model.deltanet.kernel=.*bwd='sideways' must be"):
+    kdr.select_and_run(cfg, *([None] * 5))
+  cfg.model.deltanet.kernel.bwd = "fused"
+  cfg.model.deltanet.kernel.warp_speed = 9
+  with pytest.raises(ConfigError, match=r"unknown delta rule kernel option\(s\) \['warp_speed'\]"):
+    kdr.select_and_run(cfg, *([None] * 5))
+
+
 def test_delta_rule_kernel_under_a_data_mesh_matches_reference(monkeypatch):
   """select_and_run shards the kernel over the batch (shard_map) under an 8-device mesh."""
   from lightning_jax import sharding

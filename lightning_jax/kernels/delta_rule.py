@@ -921,6 +921,32 @@ def _prep_pallas_bwd(opts_key, res, cts):
 _prep_pallas.defvjp(_prep_pallas_fwd, _prep_pallas_bwd)
 
 
+_OPT_NAMES = ("block_v", "block_v_bwd", "num_warps", "num_warps_bwd", "num_stages", "bwd",
+              "inverse_precision", "prep", "prep_bwd", "num_warps_prep", "num_warps_prep_bwd",
+              "block_k_grads", "num_warps_grads", "state_dtype")
+
+
+def _check_opts(bwd="fused", prep="xla", prep_bwd="pallas", inverse_precision="highest", **rest):
+  """The kernel options' values (ValueError naming the bad one); unknown names are a TypeError."""
+  unknown = sorted(set(rest) - set(_OPT_NAMES))
+  if unknown:
+    raise TypeError(f"unknown delta rule kernel option(s) {unknown}; expected some of "
+                    f"{list(_OPT_NAMES)}.")
+  if bwd not in ("fused", "split", "split_pallas", "merged"):
+    raise ValueError(f"delta rule kernel: bwd={bwd!r} must be 'fused', 'split', "
+                     f"'split_pallas' or 'merged'.")
+  if bwd == "merged" and prep != "pallas":
+    raise ValueError("delta rule kernel: bwd='merged' needs prep='pallas' (its backward kernel "
+                     "is the prep's backward merged with the per-chunk gradients).")
+  if inverse_precision not in ("highest", "default"):
+    raise ValueError(f"delta rule kernel: inverse_precision={inverse_precision!r} must be "
+                     f"'highest' or 'default'.")
+  if prep not in ("xla", "pallas"):
+    raise ValueError(f"delta rule kernel: prep={prep!r} must be 'xla' or 'pallas'.")
+  if prep_bwd not in ("xla", "pallas"):
+    raise ValueError(f"delta rule kernel: prep_bwd={prep_bwd!r} must be 'xla' or 'pallas'.")
+
+
 def chunk_gated_delta_rule(q, k, v, log_alpha, beta, chunk_size: int = 64, initial_state=None,
                            *, block_v: int = 64, block_v_bwd: int = 128, num_warps: int = 4,
                            num_warps_bwd: int = 8, num_stages: int = 1, dot_dtype=None,
@@ -956,19 +982,7 @@ def chunk_gated_delta_rule(q, k, v, log_alpha, beta, chunk_size: int = 64, initi
   "Kernels"); "split", "default", prep="pallas", "split_pallas", "merged" and bf16 states were
   not measured on GPU yet (prediction: prep="pallas", bwd="merged" fastest, module docstring).
   """
-  if bwd not in ("fused", "split", "split_pallas", "merged"):
-    raise ValueError(f"delta rule kernel: bwd={bwd!r} must be 'fused', 'split', "
-                     f"'split_pallas' or 'merged'.")
-  if bwd == "merged" and prep != "pallas":
-    raise ValueError("delta rule kernel: bwd='merged' needs prep='pallas' (its backward kernel "
-                     "is the prep's backward merged with the per-chunk gradients).")
-  if inverse_precision not in ("highest", "default"):
-    raise ValueError(f"delta rule kernel: inverse_precision={inverse_precision!r} must be "
-                     f"'highest' or 'default'.")
-  if prep not in ("xla", "pallas"):
-    raise ValueError(f"delta rule kernel: prep={prep!r} must be 'xla' or 'pallas'.")
-  if prep_bwd not in ("xla", "pallas"):
-    raise ValueError(f"delta rule kernel: prep_bwd={prep_bwd!r} must be 'xla' or 'pallas'.")
+  _check_opts(bwd=bwd, prep=prep, prep_bwd=prep_bwd, inverse_precision=inverse_precision)
   from lightning_jax.layers.deltanet import _check_rule_shapes, _state0
   _check_rule_shapes(q, k, v, log_alpha, beta, initial_state)
   bsz, t, h, dk = q.shape
@@ -1048,8 +1062,13 @@ def select_and_run(cfg, q, k, v, log_alpha, beta):
           "delta rule instead (the kernels run off GPU only in tests, through the Pallas "
           "interpreter).", be)
     return deltanet.chunk_gated_delta_rule(q, k, v, log_alpha, beta, chunk_size=c)
+  opts = dict(cfg.model.deltanet.get("kernel", {}))
+  try:     # bad values fail here, before anything is traced
+    _check_opts(**opts)
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"model.deltanet.kernel={opts}: {e}") from None
   rule = functools.partial(chunk_gated_delta_rule, chunk_size=c,
-                           interpret=True if _FORCE_INTERPRET else None)
+                           interpret=True if _FORCE_INTERPRET else None, **opts)
   return sharded(rule, q, k, v, log_alpha, beta)
 
 
