@@ -251,6 +251,11 @@ def breakdown(cfg, mesh, steps: int, seed: int = 0) -> dict:
   consts = model.make_consts(cfg, t)
   x_streams = (jax.random.normal(ks[0], (b, t, m.hc.n_streams, d), jnp.float32)).astype(dtype)
   x_flat = jax.random.normal(ks[1], (b, t, d), jnp.float32).astype(dtype)
+  # split the batch like the step does (one micro-batch per device), so that each piece is
+  # timed at the per-device shape rather than all of it on one device
+  bsh = lambda nd: NamedSharding(mesh, P(("data", "expert"), *([None] * (nd - 1))))
+  x_streams = jax.device_put(x_streams, bsh(x_streams.ndim))
+  x_flat = jax.device_put(x_flat, bsh(x_flat.ndim))
   out = {}
   with sharding.use_mesh(mesh):
     for kind in sorted(set(m.pattern)):
