@@ -217,18 +217,18 @@ def time_step(cfg, mesh, steps: int, seed: int = 0) -> dict:
 
 
 # ----------------------------------------------------------------------------- breakdown
-def _vjp_timer(f, primals, steps: int, key, name: str = ""):
+def _vjp_timer(f, primals, steps: int, key, name: str = "", fixed=None):
   """Median time of forward + backward of f w.r.t. all primals, with a random cotangent."""
-  out_shape = jax.eval_shape(f, *primals)
+  out_shape = jax.eval_shape(lambda *pr: f(*pr, fixed), *primals)
   ct = jax.tree_util.tree_map(
       lambda s: jax.random.normal(key, s.shape, jnp.float32).astype(s.dtype), out_shape)
 
   @jax.jit
-  def fb(prims, ct):
-    out, vjp = jax.vjp(f, *prims)
+  def fb(prims, ct, fixed):     # fixed: non-differentiated arguments (arguments, not constants)
+    out, vjp = jax.vjp(lambda *pr: f(*pr, fixed), *prims)
     return vjp(ct)
   t0 = time.perf_counter()
-  ms = _median_time(fb, (primals, ct), steps)[0]
+  ms = _median_time(fb, (primals, ct, fixed), steps)[0]
   print(f"  isolated fwd+bwd {name or getattr(f, '__name__', 'fn')}: {ms * 1e3:.2f} ms "
         f"(with compile {time.perf_counter() - t0:.1f} s)", flush=True)
   return ms
@@ -267,39 +267,40 @@ def breakdown(cfg, mesh, steps: int, seed: int = 0) -> dict:
       fz = _init_sharded(fspecs, jax.random.fold_in(ks[2], 1), mesh) if fspecs else {}
       st = model.layer_stats(cfg, kind)
 
-      def layer(p, x, kind=kind, st=st, fz=fz):
+      def layer(p, x, fz, kind=kind, st=st):
         y, _, aux, _ = model.layer_apply({"params": p, "frozen": fz, "stats": st}, x, consts,
                                          None, cfg=cfg, kind=kind)
         return y
-      out[f"layer_{kind}"] = _vjp_timer(layer, (p, x_streams), steps, ks[3], f"layer_{kind}")
+      out[f"layer_{kind}"] = _vjp_timer(layer, (p, x_streams), steps, ks[3], f"layer_{kind}",
+                                        fixed=fz)
       if kind == "D":
         from lightning_jax.layers import deltanet
         out["mixer_D"] = _vjp_timer(
-            lambda pm, x: deltanet.deltanet_apply(pm, x, consts, cfg), (p["mixer"], x_flat),
+            lambda pm, x, _: deltanet.deltanet_apply(pm, x, consts, cfg), (p["mixer"], x_flat),
             steps, ks[4], "mixer_D")
       else:
         from lightning_jax.layers import sparse_attention as gsa
         stg = st.get("mixer")
         out["mixer_G"] = _vjp_timer(
-            lambda pm, x: gsa.gsa_apply(pm, stg, x, consts, cfg)[0], (p["mixer"], x_flat),
+            lambda pm, x, _: gsa.gsa_apply(pm, stg, x, consts, cfg)[0], (p["mixer"], x_flat),
             steps, ks[4], "mixer_G")
       if "ffn_done" not in out:
         if cfg.moe.enabled:
           from lightning_jax.layers import moe
           stm = st.get("moe")
           out["ffn"] = _vjp_timer(
-              lambda pm, x: moe.moe_apply(pm, fz.get("moe"), stm, x, consts, cfg)[0],
-              (p["moe"], x_flat), steps, ks[5], "ffn")
+              lambda pm, x, fzm: moe.moe_apply(pm, fzm, stm, x, consts, cfg)[0],
+              (p["moe"], x_flat), steps, ks[5], "ffn", fixed=fz.get("moe"))
         else:
-          out["ffn"] = _vjp_timer(lambda pf, x: ffn.swiglu(pf, x, dtype), (p["ffn"], x_flat),
+          out["ffn"] = _vjp_timer(lambda pf, x, _: ffn.swiglu(pf, x, dtype), (p["ffn"], x_flat),
                                   steps, ks[5], "ffn")
         out["ffn_done"] = True
     out.pop("ffn_done", None)
     w = nn.init({"w": nn.Spec((d, m.vocab_size), ("embed", "vocab"), nn.normal(0.02))}, ks[6])["w"]
     tgt = jax.random.randint(ks[7], (b, t), 0, m.vocab_size, jnp.int32)
     out["head_ce"] = _vjp_timer(
-        lambda h, w: model.chunked_cross_entropy(h, w, tgt, m.ce_chunk, dtype), (x_flat, w),
-        steps, ks[7], "head_ce")
+        lambda h, w, tg: model.chunked_cross_entropy(h, w, tg, m.ce_chunk, dtype), (x_flat, w),
+        steps, ks[7], "head_ce", fixed=tgt)
   return out
 
 
