@@ -48,6 +48,14 @@ KW = dict(chunk_size=32, block_v=4, block_v_bwd=4, interpret=True)   # 4 chunks,
 def test_delta_rule_kernel_forward_and_gradients_match_reference(bwd):
   seed = _seed()
   args = _inputs(seed)                                 # T = 100 = 3 x 32 + 4 (padded tail)
+  _check_against_recurrence(
+      lambda *a: kdr.chunk_gated_delta_rule(*a[:5], initial_state=a[5], bwd=bwd, **KW),
+      args, seed, f"bwd={bwd}")
+
+
+def _check_against_recurrence(rule, args, seed, what):
+  """rule(q, k, v, log_alpha, beta, s0) -> (o, S_T) == the token-by-token recurrence: output and
+  final state to 1e-5, the six input gradients of a random linear loss of both to 1e-4."""
   rng = np.random.default_rng(seed + 1)
   ct_o = rng.standard_normal(args[2].shape).astype(np.float32)
   ct_s = rng.standard_normal(args[5].shape).astype(np.float32)
@@ -58,16 +66,15 @@ def test_delta_rule_kernel_forward_and_gradients_match_reference(bwd):
       return jnp.sum(o * ct_o) + jnp.sum(s * ct_s), (o, s)
     return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3, 4, 5), has_aux=True))
 
-  (_, (o_k, s_k)), g_k = loss(lambda *a: kdr.chunk_gated_delta_rule(*a[:5], initial_state=a[5],
-                                                                    bwd=bwd, **KW))(*args)
+  (_, (o_k, s_k)), g_k = loss(rule)(*args)
   (_, (o_r, s_r)), g_r = loss(lambda *a: dn.recurrent_gated_delta_rule(*a[:5], a[5]))(*args)
   assert o_k.shape == o_r.shape and s_k.shape == s_r.shape
-  assert np.all(np.isfinite(np.asarray(o_k))), f"seed={seed}"
-  assert _rel(o_k, o_r) <= 1e-5, f"seed={seed} output rel err {_rel(o_k, o_r)}"
-  assert _rel(s_k, s_r) <= 1e-5, f"seed={seed} final state rel err {_rel(s_k, s_r)}"
+  assert np.all(np.isfinite(np.asarray(o_k))), f"seed={seed} {what}"
+  assert _rel(o_k, o_r) <= 1e-5, f"seed={seed} {what} output rel err {_rel(o_k, o_r)}"
+  assert _rel(s_k, s_r) <= 1e-5, f"seed={seed} {what} final state rel err {_rel(s_k, s_r)}"
   for name, a, b in zip(("q", "k", "v", "log_alpha", "beta", "initial_state"), g_k, g_r):
     assert np.linalg.norm(np.asarray(b)) > 0, f"seed={seed} reference d{name} is zero"
-    assert _rel(a, b) <= 1e-4, f"seed={seed} bwd={bwd} d{name} rel err {_rel(a, b)}"
+    assert _rel(a, b) <= 1e-4, f"seed={seed} {what} d{name} rel err {_rel(a, b)}"
 
 
 @pytest.mark.parametrize("fast", [None, "merged"])
@@ -219,27 +226,11 @@ def test_pallas_prep_path_forward_and_gradients_match_reference(prep_bwd, bwd, c
   case with B = 2 and Dv = 32 != Dk."""
   seed = _seed()
   args = _inputs(seed, b=b, dk=16, dv=dv)
-  rng = np.random.default_rng(seed + 1)
-  ct_o = rng.standard_normal(args[2].shape).astype(np.float32)
-  ct_s = rng.standard_normal(args[5].shape).astype(np.float32)
-
-  def loss(fn):
-    def f(q, k, v, la, b, s0):
-      o, s = fn(q, k, v, la, b, s0)
-      return jnp.sum(o * ct_o) + jnp.sum(s * ct_s), (o, s)
-    return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3, 4, 5), has_aux=True))
-
   rule = lambda *a: kdr.chunk_gated_delta_rule(*a[:5], initial_state=a[5], chunk_size=chunk,
                                                block_v=8, block_v_bwd=8, block_k_grads=8,
                                                interpret=True, prep="pallas", prep_bwd=prep_bwd,
                                                bwd=bwd)
-  (_, (o_k, s_k)), g_k = loss(rule)(*args)
-  (_, (o_r, s_r)), g_r = loss(lambda *a: dn.recurrent_gated_delta_rule(*a[:5], a[5]))(*args)
-  assert _rel(o_k, o_r) <= 1e-5, f"seed={seed} output rel err {_rel(o_k, o_r)}"
-  assert _rel(s_k, s_r) <= 1e-5, f"seed={seed} final state rel err {_rel(s_k, s_r)}"
-  for name, a, b in zip(("q", "k", "v", "log_alpha", "beta", "initial_state"), g_k, g_r):
-    assert np.linalg.norm(np.asarray(b)) > 0, f"seed={seed} reference d{name} is zero"
-    assert _rel(a, b) <= 1e-4, f"seed={seed} prep_bwd={prep_bwd} d{name} rel err {_rel(a, b)}"
+  _check_against_recurrence(rule, args, seed, f"prep_bwd={prep_bwd} bwd={bwd}")
 
 
 def _prep_opts(c, prep_bwd="pallas", gpu=False, dt=jnp.float32):

@@ -510,6 +510,20 @@ def _cum_full(la):
   return jnp.sum(jnp.where(_iota((c, c), 1) <= _iota((c, c), 0), la[None, :], 0.0), axis=1)
 
 
+def _bwd_chunk_setup(la_ref, b_ref, t_ref, c):
+  """What both backward kernels of the prep start from, float32: the chunk's log decays and betas,
+  the saved T = (I+A)^-1, row/col iotas, the cumulative decay g, its total g_C, gamma = e^g,
+  e^{g_C - g}, beta gamma, and [C, C] / [C] zeros."""
+  la, beta = la_ref[...].astype(F32), b_ref[...].astype(F32)
+  t = t_ref[...].astype(F32)
+  row, col = _iota((c, c), 0), _iota((c, c), 1)
+  g = _cum_full(la)
+  gc = jnp.sum(la)
+  gam = jnp.exp(g)
+  return (la, beta, t, row, col, g, gc, gam, jnp.exp(gc - g), beta * gam,
+          jnp.zeros((c, c), F32), jnp.zeros((c,), F32))
+
+
 def _decay_block(gi, gj, diag):
   """e^{g_t - g_s} for t in block i, s in block j (masked to s <= t on a diagonal block,
   before the exp: above the diagonal the exponent is positive and could overflow)."""
@@ -646,16 +660,7 @@ def _prep_bwd_kernel(q_ref, k_ref, v_ref, la_ref, b_ref, t_ref, dw_ref, duv_ref,
   dv_total = v_ref.shape[1]
   dt = dot_dtype
   f = lambda x: x.astype(F32)
-  la, beta = f(la_ref[...]), f(b_ref[...])
-  t = f(t_ref[...])
-  row, col = _iota((c, c), 0), _iota((c, c), 1)
-  g = _cum_full(la)
-  gc = jnp.sum(la)
-  gam = jnp.exp(g)
-  kdec = jnp.exp(gc - g)
-  bg = beta * gam
-  zc = jnp.zeros((c, c), F32)
-  zv = jnp.zeros((c,), F32)
+  la, beta, t, row, col, g, gc, gam, kdec, bg, zc, zv = _bwd_chunk_setup(la_ref, b_ref, t_ref, c)
 
   def pass1_k(j, carry):
     dtt, kk, qk = carry
@@ -750,16 +755,7 @@ def _bwd_merged_kernel(q_ref, k_ref, v_ref, la_ref, b_ref, t_ref, hs_ref, dss_re
   dt = dot_dtype
   f = lambda x: x.astype(F32)
   nk = dk_total // bk
-  la, beta = f(la_ref[...]), f(b_ref[...])
-  t = f(t_ref[...])
-  row, col = _iota((c, c), 0), _iota((c, c), 1)
-  g = _cum_full(la)
-  gc = jnp.sum(la)
-  gam = jnp.exp(g)
-  kdec = jnp.exp(gc - g)
-  bg = beta * gam
-  zc = jnp.zeros((c, c), F32)
-  zv = jnp.zeros((c,), F32)
+  la, beta, t, row, col, g, gc, gam, kdec, bg, zc, zv = _bwd_chunk_setup(la_ref, b_ref, t_ref, c)
   zs = jnp.zeros((c, v_ref.shape[1]), F32)
 
   def pass_a(j, carry):
