@@ -238,29 +238,3 @@ def test_indexer_scores_kernel_matches_xla():
   txt = lower_for_gpu(lambda *a: ks.indexer_scores(*a, gpu_lowering=True), bf(qi), bf(ki),
                       bf(wi), bias, pos)
   assert "gsa_indexer_scores" in txt
-
-
-@pytest.mark.skipif(not on_gpu(), reason="native Triton kernels need a GPU "
-                    "(JAX_PLATFORMS=cuda python -m pytest tests/test_gsa_kernel.py -k native)")
-@pytest.mark.parametrize("tiles", sorted(ks.TILE_SETS))
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_native_kernel_on_gpu(tiles, dtype):
-  """GPU only: every tile set, compiled by Triton, against the float32 gather reference
-  (T = 200: padding; k_max = 64; D = 64), forward and gradients."""
-  seed = _seed()
-  rng = np.random.default_rng(seed)
-  b, t, h, d, kmax = 2, 200, 2, 64, 64
-  q, k, v, r = _qkvr(seed, b, t, h, d)
-  sel = jnp.asarray(_selection(rng, b, t, kmax))
-  dt = jnp.dtype(dtype)
-  tol = 1e-5 if dt == jnp.float32 else 2e-2
-  kw = ks.TILE_SETS[tiles]
-  kern = lambda q, k, v: jnp.sum(ks.gsa_attention(q, k, v, sel, **kw).astype(jnp.float32) * r)
-  o = jax.jit(lambda q, k, v: ks.gsa_attention(q, k, v, sel, **kw))(
-      q.astype(dt), k.astype(dt), v.astype(dt))
-  o_r = gsa.sparse_attention(q, k, v, sel, 64, "gather")
-  assert _rel(o, o_r) <= tol, f"seed={seed} tiles={tiles} {dtype} o rel err {_rel(o, o_r):.2e}"
-  got = jax.jit(jax.grad(kern, (0, 1, 2)))(q.astype(dt), k.astype(dt), v.astype(dt))
-  want = jax.jit(jax.grad(_ref_loss, (0, 1, 2)))(q, k, v, sel, r)
-  for name, a, w in zip(("dq", "dk", "dv"), got, want):
-    assert _rel(a, w) <= tol, f"seed={seed} tiles={tiles} {dtype} {name} rel err {_rel(a, w):.2e}"

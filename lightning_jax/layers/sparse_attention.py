@@ -290,8 +290,7 @@ def flash_attention(q, k, v, selection):
   jax.nn.dot_product_attention with the selection as a [B, 1, T, T] mask and the causal flag
   (cuDNN's flash kernel on GPUs in bf16/f16 skips the blocks above the diagonal; elsewhere
   XLA's implementation). Every query keeps at least its sinks or itself, so no row is empty."""
-  from jax.sharding import PartitionSpec as P
-  from lightning_jax import sharding as shd
+  from lightning_jax.kernels.sparse_attention import sharded
 
   def local(q, k, v, selection):
     mask = selection_to_mask(selection, k.shape[1])[:, None]
@@ -300,15 +299,11 @@ def flash_attention(q, k, v, selection):
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True,
                                         implementation=impl).astype(q.dtype)
 
-  mesh = shd.current_mesh()
-  if mesh is None or mesh.size == 1:
-    return local(q, k, v, selection)
-  # per device (batch over the batch axes, heads over "heads"): XLA does not partition the cuDNN
-  # call's mask with q, and a global [B, 1, T, T] mask against a per-device q made cuDNN refuse
-  # the graph (CUDNN_STATUS_BAD_PARAM, batch dims) on 4 H200s with the batch split.
-  spec4 = shd._fits(q.shape, shd.spec_for(("batch", None, "heads", None)), mesh)
-  return jax.shard_map(local, mesh=mesh, in_specs=(spec4, spec4, spec4, P(spec4[0], None, None)),
-                       out_specs=spec4, check_vma=False)(q, k, v, selection)
+  # per device (batch over the batch axes, heads over "heads"), like the Pallas kernels: XLA
+  # does not partition the cuDNN call's mask with q, and a global [B, 1, T, T] mask against a
+  # per-device q made cuDNN refuse the graph (CUDNN_STATUS_BAD_PARAM, batch dims) on 4 H200s
+  # with the batch split.
+  return sharded(local, q, k, v, selection)
 
 
 def sparse_attention(q, k, v, selection, query_chunk: int, mode: str = "gather"):
