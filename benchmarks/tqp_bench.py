@@ -164,7 +164,8 @@ def _tqp_variant(bits, kernel, experts, d, f, x, dy, ka, kq, record):
          {"weight_bytes_gb": wbytes, "adapter_bytes_gb_f32": abytes})
 
 
-def run(experts=58, rows=13824, d=4096, f=1024, bits_list=(4, 8), iters=10, top_k=12, seed=0):
+def run(experts=58, rows=13824, d=4096, f=1024, bits_list=(4, 8), iters=10,
+        kernels=("xla", "xla_rotate", "pallas", "pallas_rotate"), top_k=12, seed=0):
   key = jax.random.PRNGKey(seed)
   kx, kw, ka, kq = jax.random.split(key, 4)
   x = jax.random.normal(kx, (experts, rows, d), jnp.bfloat16)
@@ -202,7 +203,7 @@ def run(experts=58, rows=13824, d=4096, f=1024, bits_list=(4, 8), iters=10, top_
   del w
 
   for bits in bits_list:
-    for kernel in ("xla", "xla_rotate", "pallas", "pallas_rotate"):
+    for kernel in kernels:
       _guard(f"tqp{bits}-{kernel}", lambda _b=bits, _k=kernel: _tqp_variant(
           _b, _k, experts, d, f, x, dy, ka, kq, record))
   return results
@@ -217,6 +218,8 @@ def main():
   ap.add_argument("--bits", default="4,8")
   ap.add_argument("--iters", type=int, default=10)
   ap.add_argument("--only", default="base,swiglu", help="comma list: base, swiglu")
+  ap.add_argument("--kernels", default="xla,xla_rotate,pallas,pallas_rotate",
+                  help="swiglu rows: comma list of tqp.kernel values")
   a = ap.parse_args()
   only = set(a.only.split(","))
   bits = tuple(int(b) for b in a.bits.split(","))
@@ -224,7 +227,7 @@ def main():
   if "base" in only:
     run_base(a.experts, a.rows, a.d, a.f, bits, a.iters)
   if "swiglu" in only:
-    run(a.experts, a.rows, a.d, a.f, bits, a.iters)
+    run(a.experts, a.rows, a.d, a.f, bits, a.iters, tuple(a.kernels.split(",")))
 
 
 if __name__ == "__main__":
