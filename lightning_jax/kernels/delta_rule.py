@@ -524,6 +524,17 @@ def _bwd_chunk_setup(la_ref, b_ref, t_ref, c):
           jnp.zeros((c, c), F32), jnp.zeros((c,), F32))
 
 
+def _inverse_grads(t, dtt, kk, beta, g, row, col, db):
+  """Through T = (I + A)^-1, A = diag(beta) (M o K K^T), M_ts = e^{g_t - g_s}: from dT to
+  M, d(K K^T), db + rowsum(dA o M o KK) and the dg of A (rowsum - colsum of dA o A)."""
+  m = _decay_block(g, g, True)
+  dam = jnp.where(col < row, -_mm(t, _mm(dtt, t, _DN_T), _DN_TA), 0.0) * m  # -T^T dT T^T o M
+  e = dam * kk                                                 # dA o M o KK
+  y = e * beta[:, None]                                        # dA o A
+  return (m, dam * beta[:, None], db + jnp.sum(e, axis=1),
+          jnp.sum(y, axis=1) - jnp.sum(y, axis=0))
+
+
 def _decay_block(gi, gj, diag):
   """e^{g_t - g_s} for t in block i, s in block j (masked to s <= t on a diagonal block,
   before the exp: above the diagonal the exponent is positive and could overflow)."""
@@ -681,13 +692,7 @@ def _prep_bwd_kernel(q_ref, k_ref, v_ref, la_ref, b_ref, t_ref, dw_ref, duv_ref,
     return dtt + _dot(duv, v_b * beta[:, None], _DN_T, dt), db + jnp.sum(dvb * v_b, axis=1)
   dtt, db = jax.lax.fori_loop(0, dv_total // bk, pass1_v, (dtt, zv))
 
-  m = _decay_block(g, g, True)
-  dam = jnp.where(col < row, -_mm(t, _mm(dtt, t, _DN_T), _DN_TA), 0.0) * m  # -T^T dT T^T o M
-  e = dam * kk                                                 # dA o M o KK
-  db = db + jnp.sum(e, axis=1)
-  y = e * beta[:, None]                                        # dA o A
-  dkk = dam * beta[:, None]                                    # d(K K^T)
-  dg = jnp.sum(y, axis=1) - jnp.sum(y, axis=0)
+  m, dkk, db, dg = _inverse_grads(t, dtt, kk, beta, g, row, col, db)
   dpm = f(dp_ref[...]) * m
   z = dpm * qk                                                 # dP o P
   dg = dg + jnp.sum(z, axis=1) - jnp.sum(z, axis=0)
@@ -799,13 +804,7 @@ def _bwd_merged_kernel(q_ref, k_ref, v_ref, la_ref, b_ref, t_ref, hs_ref, dss_re
     k_b = k_ref[:, cols]
     return kk + _dot(k_b, k_b, _DN_T, dt), qk + _dot(q_ref[:, cols], k_b, _DN_T, dt)
   kk, qk = jax.lax.fori_loop(0, nk, pass_kk, (zc, zc))
-  m = _decay_block(g, g, True)
-  dam = jnp.where(col < row, -_mm(t, _mm(dtt, t, _DN_T), _DN_TA), 0.0) * m  # -T^T dT T^T o M
-  e = dam * kk                                                 # dA o M o KK
-  db = db + jnp.sum(e, axis=1)
-  y = e * beta[:, None]                                        # dA o A
-  dkk = dam * beta[:, None]                                    # d(K K^T)
-  dg = jnp.sum(y, axis=1) - jnp.sum(y, axis=0)
+  m, dkk, db, dg = _inverse_grads(t, dtt, kk, beta, g, row, col, db)
   dpm = _dot(do, u, _DN_T, dt) * m                             # dP o M, dP = dO U^T
   z = dpm * qk                                                 # dP o P
   dg = dg + jnp.sum(z, axis=1) - jnp.sum(z, axis=0)
