@@ -8,6 +8,8 @@ so unsupported indexing or primitives inside a kernel body fail on CPU in CI, no
 """
 from __future__ import annotations
 
+import logging
+
 import jax
 import jax.numpy as jnp
 
@@ -45,3 +47,18 @@ def lower_for_gpu(fn, *args, **kwargs) -> str:
 def dot(a, b, dims, dtype):
   """dot_general with operands cast to `dtype` and float32 accumulation."""
   return jax.lax.dot_general(a.astype(dtype), b.astype(dtype), dims, preferred_element_type=F32)
+
+
+def falls_back(logged: set, force_interpret: bool, config_field: str, instead: str) -> bool:
+  """True when a kernel selected by `config_field` must give way to its reference (no GPU and
+  not forced into the interpreter by a test); says so once per backend (logging.WARNING, logger
+  "lightning_jax.kernels"), remembering it in `logged`."""
+  if on_gpu() or force_interpret:
+    return False
+  be = jax.default_backend()
+  if be not in logged:
+    logged.add(be)
+    logging.getLogger("lightning_jax.kernels").warning(
+        "%s: no GPU (backend %s), running %s instead (the kernels run off GPU only in tests, "
+        "through the Pallas interpreter).", config_field, be, instead)
+  return True

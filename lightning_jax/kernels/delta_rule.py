@@ -81,7 +81,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from lightning_jax.kernels.common import compiler_params, on_gpu
+from lightning_jax.kernels.common import compiler_params, falls_back, on_gpu
 
 F32 = jnp.float32
 _DN_T = (((1,), (1,)), ((), ()))     # a @ b.T
@@ -1041,21 +1041,14 @@ def select_and_run(cfg, q, k, v, log_alpha, beta):
   Off GPU the fallback is logged once per backend (logging.WARNING, logger
   "lightning_jax.kernels"); a chunk size the kernels cannot take is a ConfigError.
   """
-  import logging
   from lightning_jax.config import ConfigError
   from lightning_jax.layers import deltanet
   c = int(cfg.model.deltanet.chunk_size)
   if c < 1 or c & (c - 1):
     raise ConfigError(f"model.deltanet.chunk_size={c} must be a power of two with "
                       f"model.deltanet.impl='kernel' (Triton tensor sizes).")
-  if not on_gpu() and not _FORCE_INTERPRET:
-    be = jax.default_backend()
-    if be not in _FALLBACK_LOGGED:
-      _FALLBACK_LOGGED.add(be)
-      logging.getLogger("lightning_jax.kernels").warning(
-          "model.deltanet.impl='kernel': no GPU (backend %s), running the pure-JAX chunked "
-          "delta rule instead (the kernels run off GPU only in tests, through the Pallas "
-          "interpreter).", be)
+  if falls_back(_FALLBACK_LOGGED, _FORCE_INTERPRET, "model.deltanet.impl='kernel'",
+                "the pure-JAX chunked delta rule"):
     return deltanet.chunk_gated_delta_rule(q, k, v, log_alpha, beta, chunk_size=c)
   opts = dict(cfg.model.deltanet.get("kernel", {}))
   try:     # bad values fail here, before anything is traced

@@ -67,14 +67,14 @@ acq_rel per element, about one atomic per (entry, head, feature), far more than 
 from __future__ import annotations
 
 import functools
-import logging
 import math
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from lightning_jax.kernels.common import compiler_params, interpret_default, on_gpu
+from lightning_jax.kernels.common import (compiler_params, falls_back, interpret_default,
+                                          on_gpu)
 
 F32 = jnp.float32
 _NEG = -1e30
@@ -547,13 +547,8 @@ def sharded(fn, q, k, v, selection):
 def select_and_run(q, k, v, selection, query_chunk: int, **tiles):
   """model.gsa.attention == "kernel": the Pallas kernels on GPU (per device under a mesh);
   elsewhere the XLA gather reference (logged once per backend), except in tests."""
-  if not on_gpu() and not _FORCE_INTERPRET:
-    be = jax.default_backend()
-    if be not in _FALLBACK_LOGGED:
-      _FALLBACK_LOGGED.add(be)
-      logging.getLogger("lightning_jax.kernels").warning(
-          "model.gsa.attention='kernel': no GPU (backend %s), running the XLA gather attention "
-          "instead (the kernels run off GPU only in tests, through the Pallas interpreter).", be)
+  if falls_back(_FALLBACK_LOGGED, _FORCE_INTERPRET, "model.gsa.attention='kernel'",
+                 "the XLA gather attention"):
     from lightning_jax.layers.sparse_attention import sparse_attention
     return sparse_attention(q, k, v, selection, query_chunk, "gather")
   fn = functools.partial(gsa_attention, interpret=True if _FORCE_INTERPRET else None, **tiles)
