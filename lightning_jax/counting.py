@@ -116,38 +116,72 @@ def count_params(cfg) -> dict:
   return out
 
 
-def _matmul_active(cfg, include_mtp: bool = True) -> float:
-  """Active parameters that are matmul weights (per-layer ndim >= 2), experts scaled by top_k/E."""
+def _matmul_terms(cfg, include_mtp: bool = True) -> dict:
+  """Per-token matmul FLOPs of one training step by term, each matmul of one forward and its
+  backward counted once (module docstring of flops_per_token says which backward each has)."""
   from lightning_jax import model
-  flat = nn.flatten(model.abstract_variables(cfg)["params"])
-  e = cfg.moe
-  total = 0.0
-  for path, leaf in flat.items():
+  m, e = cfg.model, cfg.moe
+  out = collections.Counter()
+
+  def active(path_parts, shape, n):
+    comp = _component(path_parts, _kind_of(path_parts, m.pattern))
+    if comp in ("routed_experts", "tqp_adapters"):
+      return comp, n / shape[0] * e.top_k          # per token: top_k of the expert stack
+    return comp, float(n)
+
+  for path, leaf in nn.flatten(model.abstract_variables(cfg)["params"]).items():
     parts = path.split("/")
     if parts[0] == "mtp" and not include_mtp:
       continue
     shape = leaf.shape[1:] if parts[0] == "groups" else leaf.shape
     if len(shape) < 2:
-      continue
-    kind = _kind_of(parts, cfg.model.pattern)
-    comp = _component(parts, kind)
-    n = math.prod(leaf.shape)
-    if comp in ("routed_experts", "tqp_adapters"):
-      n_real = e.mtp_n_experts if parts[0] == "mtp" else e.n_experts
-      e_dim = shape[0]
-      n = n * n_real / e_dim * e.top_k / n_real
-    total += n
-  return total
+      continue                                     # vectors: scales, biases, per-head scalars
+    comp, n = active(parts, shape, math.prod(leaf.shape))
+    if comp == "head":
+      # the output head runs once for the next-token loss and once more for the MTP loss
+      passes = 2 if (include_mtp and m.mtp.enabled) else 1
+      out["head"] += 6 * n * passes
+    elif comp == "kronecker_projection":
+      out["embed"] += 4 * n                        # its input is the fixed codec: no input grad
+    elif comp == "mixer_gsa" and parts[-1].startswith("idx_"):
+      out["indexer_proj"] += 2 * n                 # stop_gradient: forward only, no gradient
+    elif comp == "tqp_adapters":
+      out["tqp_adapters"] += 6 * n
+    elif comp == "routed_experts":
+      out["routed_experts"] += 6 * n
+    else:
+      out["trainable"] += 6 * n
+  if e.enabled and cfg.tqp.enabled:
+    # the frozen quantized base (SPEC §4): forward only, its output is stop_gradient, so neither
+    # an input gradient nor a weight gradient is computed through it; its input is rotated
+    # (a Walsh-Hadamard transform, one small dense matmul per factor) once per dispatched row
+    from lightning_jax import tqp
+    layers = m.n_layers + (1 if include_mtp and m.mtp.enabled else 0)
+    for mat in tqp.MATRICES:
+      d_out, d_in = tqp._dims(cfg, mat)
+      n = tqp.pow2_dim(d_in)
+      out["tqp_base"] += layers * e.top_k * 2 * d_out * d_in
+      out["tqp_rotation"] += layers * e.top_k * 2 * n * sum(tqp._factors(n))
+  return dict(out)
 
 
 def flops_per_token(cfg, seq_len: int, include_mtp: bool = True) -> dict:
-  """Training FLOPs per token (forward + backward), MaxText-style.
+  """Model FLOPs per token of one training step (for MFU), by term.
 
-  * 6 x active matmul parameters (2 forward, 4 backward);
+  Each matmul of one forward and its backward is counted once; recomputation (remat, the
+  reversible stack's rebuild) is not counted (compare with the compiled step's cost_analysis,
+  which counts what runs: benchmarks/step.py and benchmarks/rank120.py print both):
+  * trainable matmul weights: 6 x active parameters (2 forward, 2 input gradient, 2 weight
+    gradient); routed experts and TQP adapters are active for top_k of the expert stack (the
+    null-slot router's null slots compute nothing, so there this is an upper bound);
+  * the output head: 6 x d x V per pass, two passes with MTP (next token and MTP);
+  * the Kronecker projection: 4 x (its input is the fixed codec, no input gradient);
+  * the lightning indexer's projections: 2 x (stop_gradient: forward only);
+  * TQP frozen base experts: 2 x d_out x d_in per active expert and matrix (forward only: the
+    base output is stop_gradient, SPEC §4), plus the input rotation of each dispatched row;
   * GSA attention: q.k and p.v over the kept keys, k_eff = mean_t min(k_base, t + 1):
     3 x 4 x n_heads x head_dim x k_eff;
-  * lightning indexer scores, causal-halved, forward only (it gets no gradient):
-    2 x idx_heads x idx_dim x (T + 1) / 2;
+  * lightning indexer scores, causal-halved, forward only: 2 x idx_heads x idx_dim x (T + 1) / 2;
   * chunked delta rule per head, chunk C, dims dk, dv (forward): intra-chunk Q K^T and K K^T
     (causal halves) C (2 dk), the triangular solves C (dk + dv), (M o Q K^T) U: C dv, and the
     three state matmuls 6 dk dv; x 3 for forward + backward.
@@ -164,10 +198,10 @@ def flops_per_token(cfg, seq_len: int, include_mtp: bool = True) -> dict:
   indexer = 2 * g.idx_heads * g.idx_dim * (t + 1) / 2
   c, dk, dv = dn.chunk_size, dn.head_dim, dn.head_dim
   delta = 3 * dn.n_heads * (c * (2 * dk) + c * (dk + dv) + c * dv + 6 * dk * dv)
-  dense = 6 * _matmul_active(cfg, include_mtp)
-  out = {"matmul": dense, "attention": n_g * attn, "indexer": n_g * indexer,
-         "delta_rule": n_d * delta}
-  out["total"] = sum(out.values())
+  out = dict(_matmul_terms(cfg, include_mtp))
+  out["matmul"] = sum(out.values())
+  out.update({"attention": n_g * attn, "indexer": n_g * indexer, "delta_rule": n_d * delta})
+  out["total"] = out["matmul"] + out["attention"] + out["indexer"] + out["delta_rule"]
   return out
 
 

@@ -55,13 +55,35 @@ def test_flops_per_token_dense_term():
   cfg = stage_2b.get_config()
   f = counting.flops_per_token(cfg, 4096, include_mtp=False)
   c = counting.count_params(cfg)
-  # every active matmul weight gives 6 FLOPs/token; only vectors (norm scales, biases, gates'
-  # scalars, well under 0.1% of the parameters) are left out
-  assert 6 * 0.999 * c["total_active"] < f["matmul"] <= 6 * c["total_active"]
+  d, v = cfg.model.d_model, cfg.model.vocab_size
+  g = cfg.model.gsa
+  idx_proj = d * (g.idx_heads * g.idx_dim + g.idx_dim + g.idx_heads)   # weights per G layer
+  # every active matmul weight gives 6 FLOPs/token, except the Kronecker projection (4: no input
+  # gradient into the fixed codec) and the indexer projections (2: forward only); only vectors
+  # (norm scales, biases, gates' scalars, well under 0.1% of the parameters) are left out
+  want = 6 * c["total_active"] - 2 * c["active"]["kronecker_projection"] - 4 * idx_proj * 2
+  assert 0.999 * want < f["matmul"] <= want
+  assert f["head"] == 6 * d * v and f["embed"] == 4 * 8192 * d
   assert f["attention"] > 0 and f["delta_rule"] > 0 and f["indexer"] > 0
   f_short = counting.flops_per_token(cfg, 64, include_mtp=False)
   assert f_short["attention"] < f["attention"]   # fewer causal keys than k_base early on
-  assert f["total"] == sum(v for k, v in f.items() if k != "total")
+  assert f["total"] == f["matmul"] + f["attention"] + f["indexer"] + f["delta_rule"]
+  # with MTP the head runs twice: once for the next token, once for the MTP target
+  assert counting.flops_per_token(cfg, 4096)["head"] == 2 * 6 * d * v
+
+
+def test_flops_per_token_120b_counts_the_frozen_base_forward_and_no_base_gradient():
+  from lightning_jax.config import load_config
+  cfg = load_config("configs/stage_120b.py")
+  f = counting.flops_per_token(cfg, 8192)
+  d, w, k = 4096, 1024, 12
+  # 20 layers + the MTP block, top-12, gate/up/down: forward only (the base is stop_gradient)
+  assert f["tqp_base"] == 21 * k * 3 * 2 * d * w
+  assert "routed_experts" not in f                 # with TQP the routed experts are frozen
+  # adapters (rank 16 in the rotated space, a [d_out, r] and b [r, n]) train: 6 per weight
+  assert f["tqp_adapters"] == 21 * k * 6 * 16 * (2 * (w + d) + (d + w))
+  assert f["head"] == 2 * 6 * d * 131072
+  assert 18e9 < f["total"] < 30e9, f["total"]
 
 
 def test_launch_count_cli():

@@ -101,6 +101,27 @@ def test_packed_storage_bytes_from_compiled_memory_analysis(bits):
   assert ma.argument_size_in_bytes == n_weights * bits / 8, ma
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_random_base_init_has_cell_probabilities_and_small_temporaries(bits):
+  # The random base (qbase_specs' init) draws codes with the codebook's cell probabilities ...
+  n = 1024
+  init = tqp._codes_init(n, bits, rows_per_block=256)
+  shape = (3, 700, tqp.packed_len(n, bits))          # 2100 rows: 8 full blocks + a rest of 52
+  key = jax.random.PRNGKey(np.random.default_rng().integers(1 << 30))
+  idx = np.asarray(tqp.unpack(init(key, shape, jnp.uint8), bits)).ravel()
+  freq = np.bincount(idx, minlength=2 ** bits) / idx.size
+  p = tqp.bin_probs(n, bits)
+  sigma = np.sqrt(p * (1 - p) / idx.size)
+  assert np.all(np.abs(freq - p) < 6 * sigma + 1e-6), np.max(np.abs(freq - p) / sigma)
+  # ... and its temporaries stay at one block's size (jax.random.categorical held 2^bits float32
+  # draws per weight: 64 bytes per weight at 4 bits, 1 KiB at 8, for the whole leaf at once)
+  big = (8, 4096, tqp.packed_len(n, bits))            # 32M weights
+  ma = jax.jit(lambda k: tqp._codes_init(n, bits)(k, big, jnp.uint8)).lower(key).compile() \
+      .memory_analysis()
+  assert ma.temp_size_in_bytes <= 64 * 1024 * n, ma   # <= 64 bytes per weight of ONE block of
+  # 1024 rows (2 MiB of weights here), not of the 32M-weight leaf
+
+
 # --------------------------------------------------------------------------- expert matmul
 @pytest.mark.parametrize("width", [32, 24])   # 24: down's d_in is zero-padded to 32
 def test_grouped_swiglu_matches_float32_reference(width):

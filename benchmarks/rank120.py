@@ -1,0 +1,300 @@
+"""One expert-parallel rank's share of an MoE stage, at full depth, on one device.
+
+    python -m benchmarks.rank120 [--config configs/stage_120b.py] [--batch 1] [--seq 8192]
+        [--steps 3] [--ranks 8] [--layers N] [--plan_batches 2,4] [--no_profile]
+        [--set section.field=value ...] [--json benchmarks/results/rank120.json]
+    python -m benchmarks.rank120 --tiny          # configs/tiny_120b.py at T=64, on CPU (CI)
+
+What one rank of an expert-parallel node computes: the stage's layers at full depth, the routed
+experts cut to one rank's share (ceil(n_experts / ranks): 58 of the 120B's 464 slots), top-k
+unchanged, and one micro-batch of `--batch` sequences. A rank of the real node sees its own
+tokens plus the rows that the other ranks route to its experts; on average that is the same
+number of expert rows as one micro-batch routed top-k over the rank's own experts (8,192 x 12 =
+98,304 at B1 x T8192), which is what runs here. Differences from a rank of the sharded step:
+no all-to-all, and the optimizer state is whole (the real step keeps 1/ranks of it, ZeRO-1):
+the report gives the optimizer state's bytes and the peak with (ranks - 1)/ranks of it removed.
+
+Reported (and written to --json): step time (median over --steps after two warm-up steps),
+tokens/s, MFU on counting.flops_per_token (the corrected model count) and XLA's own count of the
+compiled step (cost_analysis: what runs, recomputation included); the device peak
+(memory_stats peak_bytes_in_use) after building the state and after the steps, XLA's compiled
+memory analysis of the step (arguments, outputs, aliased, temporaries) and the difference from
+the measured peak; the compiled plan at --plan_batches (compile only) and from those the largest
+micro-batch that fits 80 GB and 141 GB; and a per-op profile of one step (jax.profiler trace ->
+benchmarks/profile_table, the top 25 ops).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from benchmarks import profile_table
+from benchmarks.step import apply_overrides, bench_config, build_step
+from lightning_jax import counting, metrics as metrics_lib, sharding
+from lightning_jax.config import ConfigError, load_config
+
+GB = 1e9
+TARGETS = {"80gb": 80e9, "141gb": 141e9}
+
+
+def rank_config(cfg, ranks: int):
+  """cfg cut to one expert-parallel rank of `ranks`: its share of the routed experts, one device."""
+  if not cfg.moe.enabled:
+    raise ConfigError(f"stage {cfg.stage!r} has no routed experts (moe.enabled=False); "
+                      "benchmarks.rank120 runs one expert-parallel rank of an MoE stage.")
+  if ranks < 1:
+    raise ConfigError(f"--ranks={ranks} must be at least 1 (the expert-parallel width).")
+  share = -(-int(cfg.moe.n_experts) // ranks)
+  if share < cfg.moe.top_k:
+    raise ConfigError(f"one rank of {ranks} holds {share} experts, fewer than moe.top_k="
+                      f"{cfg.moe.top_k}; expected --ranks <= {cfg.moe.n_experts // cfg.moe.top_k}.")
+  cfg.moe.n_experts = share
+  cfg.mesh.expert = 1
+  cfg.mesh.data = 1
+  cfg.mesh.tensor = 1
+  return cfg
+
+
+def _stats(dev) -> dict:
+  try:
+    st = dev.memory_stats() or {}
+  except Exception:  # noqa: BLE001 (backends without stats)
+    st = {}
+  return {k: float(st[k]) for k in ("bytes_in_use", "peak_bytes_in_use", "bytes_limit") if k in st}
+
+
+def _plan_bytes(ma) -> dict:
+  arg, out = float(ma.argument_size_in_bytes), float(ma.output_size_in_bytes)
+  alias, temp = float(ma.alias_size_in_bytes), float(ma.temp_size_in_bytes)
+  return {"arguments": arg, "outputs": out, "aliased": alias, "temporaries": temp,
+          "total": arg + out - alias + temp}
+
+
+def _xla_flops(compiled) -> float:
+  ca = compiled.cost_analysis()
+  if isinstance(ca, (list, tuple)):
+    ca = ca[0] if ca else {}
+  return float((ca or {}).get("flops", float("nan")))
+
+
+def _opt_bytes(state) -> float:
+  return float(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state["opt_state"])))
+
+
+def compile_plan(cfg, batch: int, seq: int) -> dict:
+  """The compiled memory analysis of the rank's step at `batch` (nothing allocated)."""
+  from launch.plan import build
+  c = bench_config(cfg.copy_and_resolve_references(), seq=seq, batch=batch, n_dev=1)
+  mesh = sharding.make_mesh(c.mesh)
+  b = build(c, mesh)
+  t0 = time.perf_counter()
+  with sharding.use_mesh(mesh):
+    compiled = b["step"].lower(b["state_abs"], b["batch_abs"]).compile()
+  return {"batch": batch, **_plan_bytes(compiled.memory_analysis()),
+          "compile_s": time.perf_counter() - t0}
+
+
+def largest_fitting(plans: list[dict], calib: float, cap: float) -> dict:
+  """Largest batch whose calibrated plan (plan total x measured/planned at the run batch) fits;
+  beyond the largest planned batch, extrapolated linearly from the two largest plans."""
+  pts = sorted((p["batch"], p["total"] * calib) for p in plans)
+  fit = [b for b, v in pts if v <= cap]
+  best = max(fit) if fit else 0
+  how = "planned"
+  if len(pts) >= 2 and best == pts[-1][0]:
+    (b0, v0), (b1, v1) = pts[-2], pts[-1]
+    slope = (v1 - v0) / (b1 - b0)
+    if slope > 0:
+      best = int(b1 + (cap - v1) // slope)
+      how = f"extrapolated from the plans at B{b0} and B{b1}"
+  return {"batch": best, "how": how}
+
+
+def run(cfg, a, command: str) -> dict:
+  dev = jax.devices()[0]
+  ranks = a.ranks or int(cfg.mesh.expert)
+  cfg = rank_config(cfg, ranks)
+  cfg = bench_config(cfg, layers=a.layers, seq=a.seq, batch=a.batch, n_dev=1)
+  mesh = sharding.make_mesh(cfg.mesh)
+  b, t = cfg.train.global_batch, cfg.train.seq_len
+  print(f"one rank: {cfg.model.n_layers} layers, {cfg.moe.n_experts} experts top-"
+        f"{cfg.moe.top_k}, B{b} x T{t} = {b * t * cfg.moe.top_k:,} expert rows per MoE layer, "
+        f"reversible {cfg.reversible.enabled} ({cfg.reversible.mode}), device {dev.device_kind}",
+        flush=True)
+  mem0 = _stats(dev)
+  key = jax.random.PRNGKey(a.seed)
+  t0 = time.perf_counter()
+  step, state, batch_shard = build_step(cfg, mesh, key)
+  build_s = time.perf_counter() - t0
+  mem_built = _stats(dev)
+  ids = jax.random.randint(jax.random.fold_in(key, 7), (b, t + 2), 0, cfg.model.vocab_size,
+                           jnp.int32)
+  ids = jax.device_put(ids, batch_shard)
+  with sharding.use_mesh(mesh):
+    t0 = time.perf_counter()
+    compiled = step.lower(state, {"ids": ids}).compile()
+    compile_s = time.perf_counter() - t0
+    print(f"state built in {build_s:.1f} s, step compiled in {compile_s:.1f} s", flush=True)
+    plan = _plan_bytes(compiled.memory_analysis())
+    holder = {"state": state}
+    del state
+
+    def one():
+      holder["state"], m = compiled(holder["state"], {"ids": ids})
+      return m
+    for _ in range(2):
+      m = jax.block_until_ready(one())
+    ts = []
+    for _ in range(a.steps):
+      t1 = time.perf_counter()
+      m = jax.block_until_ready(one())
+      ts.append(time.perf_counter() - t1)
+    mem_steps = _stats(dev)
+    prof_rows, prof_info = [], {}
+    if not a.no_profile:
+      prof_rows, prof_info = profile_table.profile_ops(one, 1, keep_trace=a.keep_trace or None)
+  m = jax.device_get(m)
+  step_s = sorted(ts)[len(ts) // 2]
+  tokens = b * t
+  fpt = counting.flops_per_token(cfg, t)
+  xla_fpt = _xla_flops(compiled) / tokens
+  peak_flops, peak_note = metrics_lib.peak_flops([dev], cfg.model.dtype)
+  tps = tokens / step_s
+  mfu = tps * fpt["total"] / peak_flops if peak_flops == peak_flops and peak_flops else float("nan")
+  if "peak_bytes_in_use" in mem_steps:
+    measured, how = mem_steps["peak_bytes_in_use"], "device.memory_stats peak_bytes_in_use"
+  else:                                  # CPU: no allocator statistics, the plan stands in
+    measured, how = plan["total"], "no device statistics: the compiled plan"
+  opt_b = _opt_bytes(holder["state"])
+  rec = {
+      "device": dev.device_kind, "date": f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
+      "commit": a.commit or _commit(), "command": command, "stage": cfg.stage,
+      "layers": cfg.model.n_layers, "experts_per_rank": cfg.moe.n_experts, "top_k": cfg.moe.top_k,
+      "batch": b, "seq": t, "reversible_mode": cfg.reversible.mode if cfg.reversible.enabled else "off",
+      "mem_fraction": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "default (0.75 on GPU)"),
+      "step_ms": step_s * 1e3, "step_ms_all": [x * 1e3 for x in ts], "compile_s": compile_s,
+      "build_s": build_s, "loss": float(m["loss"]), "finite": bool(m["finite"]),
+      "tokens_per_s": tps, "flops_per_token": fpt["total"], "flops_terms": fpt,
+      "xla_flops_per_token": xla_fpt, "mfu": mfu, "peak_note": peak_note,
+      "peak_gb": measured / GB, "peak_how": how,
+      "peak_after_build_gb": mem_built.get("peak_bytes_in_use", float("nan")) / GB,
+      "in_use_after_build_gb": mem_built.get("bytes_in_use", float("nan")) / GB,
+      "peak_after_steps_gb": mem_steps.get("peak_bytes_in_use", float("nan")) / GB,
+      "bytes_limit_gb": mem0.get("bytes_limit", float("nan")) / GB,
+      "compiled_plan_gb": plan["total"] / GB, "compiled_plan": {k: v / GB for k, v in plan.items()},
+      "peak_minus_plan_gb": measured / GB - plan["total"] / GB,
+      "optimizer_state_gb": opt_b / GB,
+      "peak_with_zero1_gb": (measured - opt_b * (ranks - 1) / ranks) / GB,
+      "profile": prof_rows, "profile_info": prof_info,
+  }
+  plans = [{"batch": b, **plan}]
+  for pb in a.plan_batches:
+    if pb != b:
+      p = compile_plan(load_and_cut(a), pb, t)
+      print(f"plan at B{pb}: {p['total'] / GB:.2f} GB (compiled in {p['compile_s']:.0f} s)",
+            flush=True)
+      plans.append(p)
+  calib = measured / plan["total"] if measured == measured and plan["total"] else 1.0
+  rec["plans_gb"] = [{"batch": p["batch"], "total": p["total"] / GB,
+                      "temporaries": p["temporaries"] / GB} for p in plans]
+  rec["plan_calibration"] = calib
+  for name, cap in TARGETS.items():
+    fit = largest_fitting(plans, calib, cap)
+    rec[f"largest_micro_batch_{name}"] = fit["batch"]
+    rec[f"largest_micro_batch_{name}_how"] = fit["how"]
+  return rec
+
+
+def load_and_cut(a):
+  cfg = load_config(a.config)
+  apply_overrides(cfg, a.set)
+  cfg = rank_config(cfg, a.ranks or int(cfg.mesh.expert))
+  if a.layers:
+    cfg.model.n_layers = a.layers
+  return cfg
+
+
+def _commit() -> str:
+  try:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True, timeout=10).stdout.strip() or "unknown"
+  except (OSError, subprocess.SubprocessError):
+    return "unknown"
+
+
+def format_report(rec: dict) -> str:
+  lines = [
+      f"# {rec['date']}  {rec['device']}  commit {rec['commit']}",
+      f"# {rec['command']}",
+      f"stage {rec['stage']} one rank: {rec['layers']} layers, {rec['experts_per_rank']} experts "
+      f"top-{rec['top_k']}, B{rec['batch']} x T{rec['seq']}, reversible {rec['reversible_mode']}",
+      f"step {rec['step_ms']:.1f} ms (compile {rec['compile_s']:.0f} s), {rec['tokens_per_s']:,.0f} "
+      f"tokens/s, MFU {rec['mfu'] * 100:.1f}% on {rec['flops_per_token'] / 1e9:.2f} GFLOP/token "
+      f"(XLA cost_analysis of the step: {rec['xla_flops_per_token'] / 1e9:.2f} GFLOP/token, "
+      f"recomputation included)",
+      f"memory: peak {rec['peak_gb']:.2f} GB ({rec['peak_how']}); after building the state "
+      f"{rec['peak_after_build_gb']:.2f} GB peak, {rec['in_use_after_build_gb']:.2f} GB in use",
+      "compiled plan: " + ", ".join(f"{k} {v:.2f}" for k, v in rec["compiled_plan"].items())
+      + f" GB; measured - plan = {rec['peak_minus_plan_gb']:+.2f} GB",
+      f"optimizer state {rec['optimizer_state_gb']:.2f} GB whole here; with ZeRO-1 over the ranks "
+      f"the peak would be {rec['peak_with_zero1_gb']:.2f} GB",
+      f"largest micro-batch: 80 GB -> B{rec['largest_micro_batch_80gb']} "
+      f"({rec['largest_micro_batch_80gb_how']}), 141 GB -> B{rec['largest_micro_batch_141gb']} "
+      f"({rec['largest_micro_batch_141gb_how']}); plans "
+      + ", ".join(f"B{p['batch']} {p['total']:.2f} GB" for p in rec["plans_gb"]),
+  ]
+  if rec["profile"]:
+    lines.append(profile_table.format_table(rec["profile"], rec["profile_info"], "profile: "))
+  return "\n".join(lines)
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--config", default="configs/stage_120b.py")
+  ap.add_argument("--tiny", action="store_true",
+                  help="configs/tiny_120b.py at T=64, one step, 2 ranks (CPU; what CI runs)")
+  ap.add_argument("--ranks", type=int, default=0, help="expert-parallel width (0: mesh.expert)")
+  ap.add_argument("--layers", type=int, default=0, help="override model.n_layers (0: config's)")
+  ap.add_argument("--batch", type=int, default=1, help="sequences per micro-batch")
+  ap.add_argument("--seq", type=int, default=0, help="sequence length (0: train.seq_len)")
+  ap.add_argument("--steps", type=int, default=3)
+  ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--plan_batches", default="", help="comma list of batches to plan (compile only)")
+  ap.add_argument("--no_profile", action="store_true")
+  ap.add_argument("--keep_trace", default="", help="copy the profile's .trace.json.gz here")
+  ap.add_argument("--commit", default="", help="commit to record (default: git rev-parse)")
+  ap.add_argument("--set", action="append", default=[], help="section.field=value override")
+  ap.add_argument("--json", default="", help="write the record here")
+  a = ap.parse_args(argv)
+  if a.tiny:
+    a.config, a.seq, a.steps = "configs/tiny_120b.py", a.seq or 64, min(a.steps, 1)
+    a.ranks = a.ranks or 2
+  try:
+    a.plan_batches = [int(x) for x in a.plan_batches.split(",") if x.strip()]
+  except ValueError:
+    raise ConfigError(f"--plan_batches={a.plan_batches!r} must be a comma list of integers, "
+                      "e.g. 2,4.") from None
+  cfg = load_config(a.config)
+  apply_overrides(cfg, a.set)
+  command = "python -m benchmarks.rank120 " + " ".join(argv if argv is not None else sys.argv[1:])
+  rec = run(cfg, a, command.strip())
+  print(format_report(rec), flush=True)
+  if a.json:
+    os.makedirs(os.path.dirname(a.json) or ".", exist_ok=True)
+    with open(a.json, "w") as f:
+      json.dump(rec, f, indent=1, default=float)
+  return rec
+
+
+if __name__ == "__main__":
+  main()
