@@ -17,6 +17,7 @@ HLO category / a long name when the trace carries one.
 from __future__ import annotations
 
 import collections
+import re
 import glob
 import gzip
 import json
@@ -129,3 +130,102 @@ def format_table(rows: list[dict], info: dict, title: str = "") -> str:
     det = f"  [{r['detail']}]" if r["detail"] else ""
     out.append(f"{i:>3} {r['ms']:9.3f} {r['share'] * 100:5.1f}% {r['calls']:7.0f}  {r['name']}{det}")
   return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------- attribution
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*?metadata=\{([^}]*)\}")
+_CALLS = re.compile(r"calls=%?([\w.\-]+)")
+_COMP = re.compile(r"^%?([\w.\-]+)\s*\(.*\{\s*$")
+_KV = re.compile(r"(\w+)=(\d+)")
+
+
+def hlo_sources(hlo_text_path: str, project: str = "lightning_jax") -> dict:
+  """{instruction name: "file.py:function:line"} from an XLA HLO text dump of the step (its
+  *after_optimizations.txt), read from each instruction's stack_frame_id through the module's
+  FileNames / FunctionNames / FileLocations / StackFrames tables: the innermost frame inside
+  `project`'s files (else the innermost frame). Kernels are named after HLO instructions when
+  command buffers are off (XLA_FLAGS=--xla_gpu_enable_command_buffer=), so a trace's events map
+  to the Python source that built them; a fusion without metadata of its own takes its fused
+  computation's root's."""
+  tables = {"FileNames": {}, "FunctionNames": {}, "FileLocations": {}, "StackFrames": {}}
+  section, frame_of, calls, roots, comp = None, {}, {}, {}, None
+  with open(hlo_text_path) as f:
+    for line in f:
+      head = line.strip()
+      if head in tables:
+        section = head
+        continue
+      if section and head and head[0].isdigit():
+        i, rest = head.split(" ", 1)
+        tables[section][int(i)] = (rest.strip().strip('"') if section in ("FileNames",
+                                   "FunctionNames") else {k: int(v) for k, v in _KV.findall(rest)})
+        continue
+      if head and not head[0].isdigit():
+        section = None
+      m = _COMP.match(head)
+      if m and "=" not in head.split("(")[0]:
+        comp = m.group(1)
+        continue
+      m = _INSTR.match(line)
+      name = m.group(1) if m else None
+      if name is None:
+        continue
+      sf = re.search(r"stack_frame_id=(\d+)", m.group(2))
+      if sf:
+        frame_of[name] = int(sf.group(1))
+      c = _CALLS.search(line)
+      if c:
+        calls[name] = c.group(1)
+      if head.startswith("ROOT") and comp:
+        roots[comp] = name
+
+  def describe(frame: int) -> str:
+    first, best, seen = None, None, set()
+    while frame and frame not in seen:
+      seen.add(frame)
+      fr = tables["StackFrames"].get(frame)
+      if not fr:
+        break
+      loc = tables["FileLocations"].get(fr.get("file_location_id", 0), {})
+      path = tables["FileNames"].get(loc.get("file_name_id", 0), "?")
+      desc = (f"{os.path.basename(path)}:{tables['FunctionNames'].get(loc.get('function_name_id', 0), '?')}"
+              f":{loc.get('line', '?')}")
+      first = first or desc
+      if best is None and project in path:
+        best = desc
+      frame = fr.get("parent_frame_id", 0)
+    return best or first or "?"
+
+  out = {}
+  names = set(frame_of) | set(calls)
+  for name in names:
+    fr = frame_of.get(name)
+    if fr is None and name in calls:
+      fr = frame_of.get(roots.get(calls[name], ""), None)
+    out[name] = describe(fr) if fr else "?"
+  return out
+
+
+def source_table(trace_path: str, sources: dict, n_calls: int = 1, by: str = "file",
+                 top: int = 25) -> list[dict]:
+  """Device time by Python source file (by="file"), file:function (by="function") or
+  file:function:line (by="line") of the HLO instruction each kernel event belongs to (the
+  event's args.hlo_op)."""
+  data = _load(trace_path)
+  events = data["traceEvents"] if isinstance(data, dict) else data
+  procs, threads = _names(events)
+  lines, _ = _pick_lines(events, procs, threads)
+  acc = collections.defaultdict(lambda: [0, 0.0])
+  for ev in events:
+    if ev.get("ph") != "X" or (ev.get("pid"), ev.get("tid")) not in lines:
+      continue
+    op = str((ev.get("args") or {}).get("hlo_op", "") or ev.get("name", ""))
+    src = sources.get(op, "unattributed" if op else "no hlo_op")
+    key = {"file": src.split(":")[0], "function": ":".join(src.split(":")[:2])}.get(by, src)
+    acc[key][0] += 1
+    acc[key][1] += float(ev.get("dur", 0.0))
+  total = sum(v[1] for v in acc.values()) or 1.0
+  rows = [{"name": k, "calls": v[0] / n_calls, "ms": v[1] / 1e3 / n_calls, "share": v[1] / total,
+           "detail": ""} for k, v in acc.items()]
+  rows.sort(key=lambda r: -r["ms"])
+  return rows[:top]

@@ -27,11 +27,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import glob
 import json
 import math
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 import jax
@@ -161,8 +163,16 @@ def run(cfg, a, command: str) -> dict:
       ts.append(time.perf_counter() - t1)
     mem_steps = _stats(dev)
     prof_rows, prof_info = [], {}
+    src_rows = {}
     if not a.no_profile:
-      prof_rows, prof_info = profile_table.profile_ops(one, 1, keep_trace=a.keep_trace or None)
+      trace = a.keep_trace or os.path.join(tempfile.mkdtemp(prefix="rank120_"), "t.json.gz")
+      prof_rows, prof_info = profile_table.profile_ops(one, 1, keep_trace=trace)
+      hlo = sorted(glob.glob(os.path.join(a.hlo_dump, "*step_fn*after_optimizations.txt"))) \
+          if a.hlo_dump else []
+      if hlo:
+        srcs = profile_table.hlo_sources(hlo[-1])
+        src_rows = {by: profile_table.source_table(trace, srcs, 1, by=by, top=30)
+                    for by in ("file", "function")}
   m = jax.device_get(m)
   step_s = sorted(ts)[len(ts) // 2]
   tokens = b * t
@@ -195,7 +205,7 @@ def run(cfg, a, command: str) -> dict:
       "peak_minus_plan_gb": measured / GB - plan["total"] / GB,
       "optimizer_state_gb": opt_b / GB,
       "peak_with_zero1_gb": (measured - opt_b * (ranks - 1) / ranks) / GB,
-      "profile": prof_rows, "profile_info": prof_info,
+      "profile": prof_rows, "profile_info": prof_info, "profile_by_source": src_rows,
   }
   plans = [{"batch": b, **plan}]
   for pb in a.plan_batches:
@@ -255,6 +265,10 @@ def format_report(rec: dict) -> str:
   ]
   if rec["profile"]:
     lines.append(profile_table.format_table(rec["profile"], rec["profile_info"], "profile: "))
+  for by, rows in rec.get("profile_by_source", {}).items():
+    lines.append(f"device time by Python source ({by}):")
+    lines += [f"  {r['ms']:9.2f} ms {r['share'] * 100:5.1f}% {r['calls']:7.0f}  {r['name']}"
+              for r in rows]
   return "\n".join(lines)
 
 
@@ -272,6 +286,10 @@ def main(argv=None):
   ap.add_argument("--plan_batches", default="", help="comma list of batches to plan (compile only)")
   ap.add_argument("--no_profile", action="store_true")
   ap.add_argument("--keep_trace", default="", help="copy the profile's .trace.json.gz here")
+  ap.add_argument("--hlo_dump", default="",
+                  help="XLA dump directory of this run (XLA_FLAGS=--xla_dump_to=DIR): attribute "
+                       "the profile to Python source through the step's HLO (best with "
+                       "--xla_gpu_enable_command_buffer= so kernels carry HLO names)")
   ap.add_argument("--commit", default="", help="commit to record (default: git rev-parse)")
   ap.add_argument("--set", action="append", default=[], help="section.field=value override")
   ap.add_argument("--json", default="", help="write the record here")

@@ -23,13 +23,21 @@ for case in "${@:-full}"; do
       rm -rf /tmp/dump
       XLA_FLAGS="${XLA_FLAGS:-} --xla_dump_to=/tmp/dump --xla_dump_hlo_module_re=.*step_fn.*" \
         timeout "${T_FULL:-420}" python3 -m benchmarks.rank120 "${common[@]}" --steps 3 \
-        --set reversible.mode="${MODE:-invert}" ${EXTRA:-} \
+        --set reversible.mode="${MODE:-invert}" ${EXTRA:-} --hlo_dump /tmp/dump \
         --keep_trace "$OUT/trace_full.json.gz" --json "$OUT/rank120.json" 2>&1 | tee "$OUT/full.log"
       f=$(ls /tmp/dump/*step_fn*memory-usage-report* 2>/dev/null | tail -1)
       [ -n "$f" ] && cp "$f" "$OUT/memory_usage_report.txt"
       b=$(ls /tmp/dump/*step_fn*buffer-assignment* 2>/dev/null | tail -1)
       [ -n "$b" ] && head -c 15000000 "$b" > "$OUT/buffer_assignment.txt"
       ls /tmp/dump | head -5 ;;
+    attr)    # the same step with command buffers off: kernels carry HLO names -> Python source
+      rm -rf /tmp/dump
+      XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer= --xla_dump_to=/tmp/dump --xla_dump_hlo_module_re=.*step_fn.*" \
+        timeout "${T_FULL:-420}" python3 -m benchmarks.rank120 "${common[@]}" --steps 2 \
+        --set reversible.mode="${MODE:-invert}" ${EXTRA:-} --hlo_dump /tmp/dump \
+        --keep_trace "$OUT/trace_attr.json.gz" --json "$OUT/rank120_attr.json" 2>&1 | tee "$OUT/attr.log"
+      f=$(ls /tmp/dump/*step_fn*after_optimizations.txt 2>/dev/null | tail -1)
+      [ -n "$f" ] && gzip -c "$f" | head -c 15000000 > "$OUT/step_hlo.txt.gz" ;;
     l4e460)
       timeout "${T_L4:-240}" python3 -m benchmarks.rank120 "${common[@]}" --ranks 1 --layers 4 \
         --steps 2 --no_profile --set reversible.mode="${MODE:-invert}" ${EXTRA:-} \
