@@ -193,4 +193,10 @@ def get_base_config() -> ConfigDict:
   tr.eval_every = 200
   tr.eval_batches = 4
   tr.eval_batch = 8               # held-out sequences per eval batch (per domain)
+  # memory plan (lightning_jax/memory_plan.py): the compiled step's per-device bytes against the
+  # device's allocator limit, before anything is built
+  tr.fit_memory = "check"         # check (refuse, naming the largest micro-batch that fits) |
+                                  # auto (train with the largest that fits) | off
+  tr.device_memory_gb = 0.0       # 0: the device's allocator limit (GPU); > 0: plan for this
+  tr.memory_headroom_gb = 1.0     # kept free for the allocator's fragmentation
   return c

@@ -44,7 +44,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lightning_jax import checkpoint as ckpt_lib
-from lightning_jax import metrics as metrics_lib
+from lightning_jax import memory_plan, metrics as metrics_lib
 from lightning_jax import optim, sharding
 from lightning_jax.config import ConfigError, validate
 from lightning_jax.data import pipeline, shards
@@ -325,6 +325,36 @@ def train(cfg, workdir, *, fallback_to_previous: bool = False, stop_after: int =
                  "opt_state": o_shard, "step": rep}
   batch_shard = NamedSharding(mesh, P(BATCH_AXES, None))
 
+  # ---- the training step, compiled before anything is built, at a micro-batch that fits
+  hot = None
+  if cfg.moe.enabled and cfg.moe.hot_config:
+    from lightning_jax.layers import moe as moe_lib
+    hot = moe_lib.HotConfig(cfg, logger=log)
+  step_in = (state_shard, {"ids": batch_shard}) + ((rep,) if hot is not None else ())
+  step_args = ((ckpt_lib.abstract_with_shardings(state_abs, state_shard),
+                {"ids": jax.ShapeDtypeStruct((cfg.train.global_batch, cfg.train.seq_len + 2),
+                                             jnp.int32, sharding=batch_shard)})
+               + (({k: jax.ShapeDtypeStruct((), jnp.float32, sharding=rep)
+                    for k in hot.values},) if hot is not None else ()))
+  cfg_key = json.dumps(ckpt_lib.config_to_json(cfg), sort_keys=True, default=str)
+
+  def compile_step(acc):
+    def build():
+      t0 = time.perf_counter()
+      log(f"compiling the training step ({cfg.train.global_batch // (acc * n_batch)} "
+          f"sequences per device per micro-batch) ...")
+      fn = jax.jit(make_train_step(cfg, tx, acc, model, mesh), in_shardings=step_in,
+                   out_shardings=(state_shard, rep), donate_argnums=(0,))
+      with sharding.use_mesh(mesh):
+        c = fn.lower(*step_args).compile()
+      log(f"compiled the training step in {time.perf_counter() - t0:.1f} s")
+      return c
+    return _cached_jit(("train_aot", hot is not None, cfg_key, acc, id(model),
+                        tuple(d.id for d in mesh.devices.flat)), build)
+  capacity, cap_note = memory_plan.device_capacity(mesh.devices.flat,
+                                                   cfg.train.device_memory_gb)
+  accum, step_jit, _ = memory_plan.fit(cfg, n_batch, compile_step, capacity, cap_note, log)
+
   # ---- data
   loader, evals = make_data(cfg, data_dir, manifest)
   eval_names, eval_stack = [], None
@@ -381,20 +411,13 @@ def train(cfg, workdir, *, fallback_to_previous: bool = False, stop_after: int =
     state = {**var, "opt_state": opt_state, "step": jax.device_put(jnp.int32(0), rep)}
 
   # ---- host-side controls between steps
-  hot = None
-  if cfg.moe.enabled and cfg.moe.hot_config:
-    from lightning_jax.layers import moe as moe_lib
-    hot = moe_lib.HotConfig(cfg, logger=log)
+  if hot is not None:
     hot.poll(start - start % hot.every)     # a resumed run starts from the file's values
   flush_on = bool(cfg.tqp.enabled) and int(cfg.tqp.flush_every) > 0
   if flush_on:
     from lightning_jax import tqp as tqp_lib
 
   # ---- compiled functions (cached per config within a process: tests resume in-process)
-  step_in = (state_shard, {"ids": batch_shard}) + ((rep,) if hot is not None else ())
-  step_jit = _cached_jit(("train", hot is not None) + ckey, lambda: jax.jit(
-      make_train_step(cfg, tx, accum, model, mesh), in_shardings=step_in,
-      out_shardings=(state_shard, rep), donate_argnums=(0,)))
   eval_jit = _cached_jit(("eval",) + ckey, lambda: jax.jit(
       make_eval_step(cfg, model), in_shardings=(state_shard, NamedSharding(mesh, P(None, BATCH_AXES,
                                                                               None))),

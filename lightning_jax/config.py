@@ -140,4 +140,9 @@ def validate(cfg: ConfigDict) -> ConfigDict:
   t = cfg.train
   _need(t.seq_len <= m.max_seq_len,
         f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}.")
+  _need(t.fit_memory in ("check", "auto", "off"),
+        f"train.fit_memory={t.fit_memory!r} must be 'check', 'auto' or 'off'.")
+  _need(t.device_memory_gb >= 0 and t.memory_headroom_gb >= 0,
+        f"train.device_memory_gb={t.device_memory_gb} and train.memory_headroom_gb="
+        f"{t.memory_headroom_gb} must be >= 0 (device_memory_gb 0: the device's own limit).")
   return cfg
