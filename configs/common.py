@@ -180,6 +180,7 @@ def get_base_config() -> ConfigDict:
   k.every_seconds = 1800
   k.keep = 3
   k.async_save = True
+  k.frozen_copies = 2              # the frozen base is stored twice (frozen/, frozen_copy/)
 
   # ------------------------------------------------------------------ training
   tr = c.train = ConfigDict()
