@@ -32,7 +32,7 @@ FLAGS = flags.FLAGS
 
 def locate(path: str) -> tuple[pathlib.Path, int | None]:
   """(checkpoints directory, step or None) for a run dir, checkpoints dir or step dir."""
-  p = pathlib.Path(path)
+  p = pathlib.Path(path).absolute()     # orbax wants absolute paths; users type relative ones
   if not p.exists():
     raise ck.CheckpointError(f"{p} does not exist; expected a run directory, its checkpoints/ "
                              f"directory or one checkpoints/<step> directory.")

@@ -231,6 +231,11 @@ class Checkpointer:
     new version = step. A failed write raises CheckpointSaveError (one sentence)."""
     step = int(step)
     self._finish_in_flight()      # orbax's save waits for the previous one anyway
+    if not self.directory.is_dir():
+      raise CheckpointSaveError(
+          f"could not write checkpoint {self.step_dir(step)}: the checkpoint directory "
+          f"{self.directory} no longer exists (deleted or unmounted while training?); restore it "
+          f"and rerun the same command to resume from its newest checkpoint.")
     state = dict(state)
     ref = None
     try:
@@ -439,7 +444,7 @@ class Checkpointer:
       version = step
     version = int(version)
     known = self._verified.get(version)
-    if known is not None:
+    if known is not None and self.frozen_dir(version).is_dir():
       # written or verified by this process: only the (free) structure is compared here
       if _structure(known) == _structure(frozen_fingerprint(frozen, bits, sums=False)):
         self._ensure_copy(version, frozen, known)

@@ -38,6 +38,43 @@ def load_config(path: str) -> ConfigDict:
   return mod.get_config(arg)
 
 
+def resolve_config_argv(argv: list[str]) -> list[str]:
+  """argv with a relative `--config=` file that does not exist from the working directory but
+  does from the repository root replaced by its absolute path (launchers run from anywhere)."""
+  out = list(argv)
+  for i, a in enumerate(out):
+    if a.startswith("--config="):
+      j, val = i, a.split("=", 1)[1]
+    elif a == "--config" and i + 1 < len(out):
+      j, val = i + 1, out[i + 1]
+    else:
+      continue
+    file, sep, arg = val.partition(":")
+    p = pathlib.Path(file)
+    if file and not p.exists() and not p.is_absolute() and (REPO / p).exists():
+      val = str(REPO / p) + sep + arg
+      out[j] = f"--config={val}" if j == i else val
+  return out
+
+
+def from_stored(d: dict, log=None) -> ConfigDict:
+  """A config read from a run directory (a checkpoint's config JSON), as pure data.
+
+  Nothing in it is ever imported or executed: optim.start_from (a config file path) keeps its
+  resolved end LR in optim.start_from_lr, recorded when the run began; a record from before that
+  field existed uses its optim.start_lr instead (with a note), never the file."""
+  import copy
+  c = ConfigDict(copy.deepcopy(dict(d)))
+  o = c.get("optim")
+  if o is not None and o.get("start_from", "") and float(o.get("start_from_lr", -1.0)) < 0:
+    o.start_from_lr = float(o.get("start_lr", 0.0))
+    if log is not None:
+      log(f"note: the stored config names optim.start_from={o.start_from!r}; a stored config is "
+          f"data, so that file is not run: its warmup starts from optim.start_lr="
+          f"{o.start_from_lr:g}.")
+  return c
+
+
 def select_phase(stage_file: str, phase, phases: dict, default: str):
   """(name, spec) of a training phase of a stage config: `phase` None or '' gives `default`;
   an unknown name is a ConfigError listing the valid ones."""
