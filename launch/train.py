@@ -302,6 +302,7 @@ def train(cfg, workdir, *, fallback_to_previous: bool = False, stop_after: int =
   rundir.lock(workdir, log)     # one process per run directory (released at exit / the end)
   cfg = cfg.copy_and_resolve_references() if hasattr(cfg, "copy_and_resolve_references") else cfg
   optim.resolve_start_from(cfg)   # stored resolved: a stored config is never executed
+  validate(cfg)                   # bad sizes in one sentence before any data is prepared
   data_dir, manifest = resolve_data(cfg, workdir, log)
   apply_data_vocab(cfg, manifest, data_dir)
   validate(cfg)

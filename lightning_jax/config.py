@@ -114,8 +114,44 @@ def _need(cond: bool, msg: str):
     raise ConfigError(msg)
 
 
+def _sizes(cfg: ConfigDict) -> list[str]:
+  """The dotted names of every size/count field that must be a positive integer (a 0 or a
+  negative one otherwise fails deep inside a kernel, or at the first save)."""
+  names = ["model.d_model", "model.n_layers", "model.ce_chunk", "model.max_seq_len",
+           "model.vocab_size", "model.deltanet.n_heads", "model.deltanet.head_dim",
+           "model.deltanet.chunk_size", "model.deltanet.conv_kernel", "model.gsa.n_heads",
+           "model.gsa.head_dim", "model.gsa.idx_heads", "model.gsa.idx_dim",
+           "model.gsa.query_chunk", "model.hc.n_streams", "model.hc.sinkhorn_iters",
+           "model.embed.max_bytes", "train.seq_len", "train.global_batch", "train.log_every"]
+  if cfg.moe.enabled:
+    names += ["moe.n_experts", "moe.expert_width", "moe.shared_width", "moe.mtp_n_experts",
+              "moe.group_pad", "moe.hot_config_every"]
+  else:
+    names += ["model.ffn_width"]
+  if cfg.tqp.enabled:
+    names += ["tqp.rank"]
+  if cfg.train.eval_every > 0:
+    names += ["train.eval_batches", "train.eval_batch"]
+  return names
+
+
+def _field(cfg: ConfigDict, dotted: str):
+  node = cfg
+  for part in dotted.split("."):
+    node = node[part]
+  return node
+
+
 def validate(cfg: ConfigDict) -> ConfigDict:
   """Check a config; raise ConfigError naming the field on the first problem found."""
+  for name in _sizes(cfg):
+    v = _field(cfg, name)
+    _need(isinstance(v, int) and not isinstance(v, bool) and v > 0,
+          f"{name}={v!r} must be a positive integer (a size or count).")
+  for name in ("train.eval_every", "train.micro_batch", "train.steps", "checkpoint.keep",
+               "checkpoint.every_steps", "data.num_workers"):
+    v = _field(cfg, name)
+    _need(isinstance(v, int) and v >= 0, f"{name}={v!r} must be an integer >= 0.")
   m = cfg.model
   _need(m.d_model > 0, f"model.d_model={m.d_model} must be positive.")
   _need(set(m.pattern) <= {"D", "G"} and len(m.pattern) > 0,
