@@ -158,6 +158,7 @@ def get_base_config() -> ConfigDict:
   o.peak_lr = 1e-3
   o.start_lr = 0.0                # or the previous stage's end LR:
   o.start_from = ""               # previous stage's config file; start_lr := its end LR
+  o.start_from_lr = -1.0          # start_from's end LR, resolved from the user's config (-1: not yet)
   o.warmup_steps = 1000
   o.schedule = "cosine"           # cosine | wsd | constant
   o.decay_ratio = 10.0            # end LR = peak / decay_ratio
@@ -180,6 +181,7 @@ def get_base_config() -> ConfigDict:
   k.every_seconds = 1800
   k.keep = 3
   k.async_save = True
+  k.frozen_copies = 2              # the frozen base is stored twice (frozen/, frozen_copy/)
 
   # ------------------------------------------------------------------ training
   tr = c.train = ConfigDict()

@@ -76,8 +76,8 @@ def read_source(path: str, log=print, *, opt_state: bool = False) -> dict:
   read at all (orbax placeholders): the growth transforms only need the variables, and at the
   9B's width the Adam moments are 67 GB of host memory."""
   import jax
-  from ml_collections import ConfigDict
   from lightning_jax import checkpoint as ck
+  from lightning_jax.config import from_stored
   cdir, step = locate(path)
   c = ck.Checkpointer(cdir, ck.config_ns(keep=0), read_only=True)
   steps = c.steps()
@@ -98,7 +98,7 @@ def read_source(path: str, log=print, *, opt_state: bool = False) -> dict:
   c.close()
   state = got["state"]
   variables = {k: jax.tree_util.tree_map(np.asarray, state[k]) for k in ("params", "frozen", "stats")}
-  cfg = ConfigDict(got["config"])
+  cfg = from_stored(got["config"], log)     # data only: nothing in a run directory is executed
   log(f"source: {c.step_dir(step)} (step {step}, stage {cfg.get('stage')!r})")
   out = {"cfg": cfg, "variables": variables, "step": int(step), "dir": str(c.step_dir(step)),
          "meta": got["meta"]}
@@ -223,6 +223,8 @@ def open_target(src: str, dst: str, cfg, what: str, log=print):
                              f"for {what}.")
   source = read_source(src, log)
   cfg = cfg.copy_and_resolve_references()
+  from lightning_jax import optim
+  optim.resolve_start_from(cfg)      # the user's target config: stored resolved with the run
   dst.mkdir(parents=True, exist_ok=True)
   data_dir, manifest = train_lib.resolve_data(cfg, dst, log)
   train_lib.apply_data_vocab(cfg, manifest, data_dir)
@@ -349,9 +351,25 @@ def guarded(argv, usage: str, fn) -> int:
   return 0
 
 
+def preflight(argv=None) -> None:
+  """Before absl parses the flags: a relative --config is found from the repository root too,
+  and a missing config file, a bad ':phase' or an unknown/mistyped --config.<field> override
+  exits with one sentence (as launch.train does) instead of a traceback."""
+  from launch.train import check_overrides
+  from lightning_jax.config import ConfigError, resolve_config_argv
+  argv = sys.argv if argv is None else argv
+  argv[:] = resolve_config_argv(argv)
+  try:
+    check_overrides(argv)
+  except ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
 def run(transform: str):
   """Entry point of `python -m growth.<transform>`."""
   from absl import app, flags, logging as absl_logging
+  preflight()
 
   def main(argv):
     F = flags.FLAGS

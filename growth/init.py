@@ -38,6 +38,8 @@ def init_run(dst: str, cfg, *, on_cpu: bool = False, log=print) -> dict:
   if (dst / "checkpoints").exists() and any(p.name.isdigit() for p in (dst / "checkpoints").iterdir()):
     raise ck.CheckpointError(f"--dst {dst} already holds checkpoints; expected a new run directory.")
   cfg = cfg.copy_and_resolve_references()
+  from lightning_jax import optim
+  optim.resolve_start_from(cfg)      # the user's config: stored resolved with the run
   dst.mkdir(parents=True, exist_ok=True)
   data_dir, manifest = train_lib.resolve_data(cfg, dst, log)
   train_lib.apply_data_vocab(cfg, manifest, data_dir)
@@ -60,6 +62,8 @@ def init_run(dst: str, cfg, *, on_cpu: bool = False, log=print) -> dict:
 def main():
   from absl import app, flags, logging as absl_logging
   from ml_collections import config_flags
+  from growth.cli import preflight
+  preflight()
   config_flags.DEFINE_config_file("config", None, "Stage config file, e.g. configs/stage_9b.py "
                                   "(overrides: --config.section.field=...).", lock_config=True)
   flags.DEFINE_string("dst", None, "New run directory.")

@@ -195,6 +195,8 @@ def _define_flags():
 
 if __name__ == "__main__":
   from absl import app, logging as absl_logging
+  from growth.cli import preflight
+  preflight()
   _define_flags()
   absl_logging.set_verbosity(absl_logging.ERROR)
   app.run(lambda argv: sys.exit(main(argv)))

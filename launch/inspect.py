@@ -10,6 +10,12 @@ shared by the steps: its fingerprint, the steps using it, its bytes on disk, and
 version), and the parameter tree with shape, dtype, bytes and sharding of every leaf (optimizer
 state totals; --opt_state lists its leaves too). Sizes are read from orbax metadata: no arrays
 are loaded.
+
+  python -m launch.inspect runs/tiny --verify        # read and check every array of every step
+
+--verify reads every step's arrays (onto the host CPU) and compares each with the checksum
+recorded when it was saved, and both copies of every frozen version with the fingerprint the
+steps recorded; it prints one line per step and exits 1 naming the first damaged file.
 """
 from __future__ import annotations
 
@@ -27,12 +33,14 @@ flags.DEFINE_integer("step", -1, "Step to show (default: the newest).")
 flags.DEFINE_bool("opt_state", False, "Also list every optimizer-state leaf.")
 flags.DEFINE_bool("full_config", False, "Print the whole config as JSON (default: the "
                   "model/train/data/optim/mesh/checkpoint sections, one line each).")
+flags.DEFINE_bool("verify", False, "Read every array of every step and check it against the "
+                  "checksums recorded at save time (both copies of the frozen base too).")
 FLAGS = flags.FLAGS
 
 
 def locate(path: str) -> tuple[pathlib.Path, int | None]:
   """(checkpoints directory, step or None) for a run dir, checkpoints dir or step dir."""
-  p = pathlib.Path(path)
+  p = pathlib.Path(path).absolute()     # orbax wants absolute paths; users type relative ones
   if not p.exists():
     raise ck.CheckpointError(f"{p} does not exist; expected a run directory, its checkpoints/ "
                              f"directory or one checkpoints/<step> directory.")
@@ -174,13 +182,62 @@ def _frozen_summary(c, step, out) -> dict:
           "users": users}
 
 
+def verify(path: str, out=print) -> dict:
+  """Read and check every array of every step of a run (see the module docstring). Returns
+  {step: "ok" | error sentence}; raises CheckpointError naming the first damaged step."""
+  import jax
+  cdir, given = locate(path)
+  c = ck.Checkpointer(cdir, ck.config_ns(keep=0), read_only=True, log=lambda *_: None)
+  steps = c.steps() if given is None else [given]
+  if not steps:
+    raise ck.CheckpointError(f"{cdir} holds no complete checkpoint.")
+  dev = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+  res = {}
+  for s in steps:
+    try:
+      md = c.state_metadata(s)
+      ab = jax.tree_util.tree_map(
+          lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=dev), dict(md))
+      c.restore(s, ab)     # every state array against its checksum, the frozen base too
+      rec = c.checksums(s)
+      n = len(rec["leaves"]) if rec else 0
+      ref = c.frozen_ref(s)
+      extra = ""
+      if ref is not None and ref["version"] is not None:
+        v = ref["version"]
+        copies = []
+        for copy in (False, True):
+          if v in c.frozen_versions(copy):
+            _, bad = c._read_frozen(ref, ab["frozen"], c.step_dir(s), copy)
+            if bad is not None:
+              raise ck.CheckpointError(f"frozen base {c.frozen_dir(v, copy)} (used by checkpoint "
+                                       f"{c.step_dir(s)}) {bad[1]}.")
+            copies.append("second copy" if copy else "first copy")
+        extra = f"; frozen version {v}: {' and '.join(copies) or 'no copy'} match its fingerprint"
+      res[s] = "ok"
+      out(f"step {s}: ok ({n} arrays match their checksums"
+          f"{'' if n else ', none recorded (saved before checksums existed)'}{extra})")
+    except ck.CheckpointError as e:
+      res[s] = str(e)
+      out(f"step {s}: DAMAGED: {e}")
+  c.close()
+  bad = [s for s, r in res.items() if r != "ok"]
+  if bad:
+    raise ck.CheckpointError(f"{len(bad)} of {len(res)} checkpoint(s) in {cdir} are damaged "
+                             f"(steps {bad}); the first: {res[bad[0]]}")
+  return res
+
+
 def main(argv):
   if len(argv) != 2:
     print("usage: python -m launch.inspect RUN_OR_CHECKPOINT_DIR [--step N] [--opt_state]",
           file=sys.stderr)
     return 2
   try:
-    inspect(argv[1], FLAGS.step, FLAGS.opt_state, FLAGS.full_config)
+    if FLAGS.verify:
+      verify(argv[1], out=print)
+    else:
+      inspect(argv[1], FLAGS.step, FLAGS.opt_state, FLAGS.full_config)
   except ck.CheckpointError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1

@@ -45,7 +45,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lightning_jax import checkpoint as ckpt_lib
 from lightning_jax import memory_plan, metrics as metrics_lib
-from lightning_jax import optim, sharding
+from lightning_jax import optim, rundir, sharding
 from lightning_jax.config import ConfigError, validate
 from lightning_jax.data import pipeline, shards
 
@@ -299,7 +299,10 @@ def train(cfg, workdir, *, fallback_to_previous: bool = False, stop_after: int =
   t_start = time.perf_counter()
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
+  rundir.lock(workdir, log)     # one process per run directory (released at exit / the end)
   cfg = cfg.copy_and_resolve_references() if hasattr(cfg, "copy_and_resolve_references") else cfg
+  optim.resolve_start_from(cfg)   # stored resolved: a stored config is never executed
+  validate(cfg)                   # bad sizes in one sentence before any data is prepared
   data_dir, manifest = resolve_data(cfg, workdir, log)
   apply_data_vocab(cfg, manifest, data_dir)
   validate(cfg)
@@ -484,10 +487,9 @@ def train(cfg, workdir, *, fallback_to_previous: bool = False, stop_after: int =
       m = jax.device_get(m)
       rec = {k: float(v) for k, v in m.items() if k != "finite"}
       if not bool(m["finite"]):
-        last = ck.steps()
         stopped = (f"non-finite loss at step {step + 1} (loss={rec['loss']}, grad_norm="
                    f"{rec['grad_norm']}); stopping without applying it. Last good checkpoint: "
-                   f"{ck.step_dir(last[-1]) if last else 'none yet'} (left intact).")
+                   f"{ck.last_good()}.")
         logger.write(step + 1, {**rec, "stopped": stopped})
         break
       rec["lr"] = float(sched(step))
@@ -540,6 +542,7 @@ def train(cfg, workdir, *, fallback_to_previous: bool = False, stop_after: int =
         f"per device {[round(b / 1e9, 2) for b in mem['peak_bytes_in_use']]} GB")
   logger.write(final, {"summary": {k: v for k, v in summary.items() if k != "losses"}})
   logger.close()
+  rundir.release(workdir)
   return summary
 
 
@@ -710,6 +713,8 @@ def _define_flags():
 if __name__ == "__main__":
   from absl import app, logging as absl_logging
   absl_logging.set_verbosity(absl_logging.WARNING)   # orbax logs every save at INFO
+  from lightning_jax.config import resolve_config_argv
+  sys.argv = resolve_config_argv(sys.argv)   # --config=configs/x.py from outside the repo root
   try:
     check_overrides(sys.argv)
   except ConfigError as e:

@@ -38,6 +38,43 @@ def load_config(path: str) -> ConfigDict:
   return mod.get_config(arg)
 
 
+def resolve_config_argv(argv: list[str]) -> list[str]:
+  """argv with a relative `--config=` file that does not exist from the working directory but
+  does from the repository root replaced by its absolute path (launchers run from anywhere)."""
+  out = list(argv)
+  for i, a in enumerate(out):
+    if a.startswith("--config="):
+      j, val = i, a.split("=", 1)[1]
+    elif a == "--config" and i + 1 < len(out):
+      j, val = i + 1, out[i + 1]
+    else:
+      continue
+    file, sep, arg = val.partition(":")
+    p = pathlib.Path(file)
+    if file and not p.exists() and not p.is_absolute() and (REPO / p).exists():
+      val = str(REPO / p) + sep + arg
+      out[j] = f"--config={val}" if j == i else val
+  return out
+
+
+def from_stored(d: dict, log=None) -> ConfigDict:
+  """A config read from a run directory (a checkpoint's config JSON), as pure data.
+
+  Nothing in it is ever imported or executed: optim.start_from (a config file path) keeps its
+  resolved end LR in optim.start_from_lr, recorded when the run began; a record from before that
+  field existed uses its optim.start_lr instead (with a note), never the file."""
+  import copy
+  c = ConfigDict(copy.deepcopy(dict(d)))
+  o = c.get("optim")
+  if o is not None and o.get("start_from", "") and float(o.get("start_from_lr", -1.0)) < 0:
+    o.start_from_lr = float(o.get("start_lr", 0.0))
+    if log is not None:
+      log(f"note: the stored config names optim.start_from={o.start_from!r}; a stored config is "
+          f"data, so that file is not run: its warmup starts from optim.start_lr="
+          f"{o.start_from_lr:g}.")
+  return c
+
+
 def select_phase(stage_file: str, phase, phases: dict, default: str):
   """(name, spec) of a training phase of a stage config: `phase` None or '' gives `default`;
   an unknown name is a ConfigError listing the valid ones."""
@@ -77,8 +114,44 @@ def _need(cond: bool, msg: str):
     raise ConfigError(msg)
 
 
+def _sizes(cfg: ConfigDict) -> list[str]:
+  """The dotted names of every size/count field that must be a positive integer (a 0 or a
+  negative one otherwise fails deep inside a kernel, or at the first save)."""
+  names = ["model.d_model", "model.n_layers", "model.ce_chunk", "model.max_seq_len",
+           "model.vocab_size", "model.deltanet.n_heads", "model.deltanet.head_dim",
+           "model.deltanet.chunk_size", "model.deltanet.conv_kernel", "model.gsa.n_heads",
+           "model.gsa.head_dim", "model.gsa.idx_heads", "model.gsa.idx_dim",
+           "model.gsa.query_chunk", "model.hc.n_streams", "model.hc.sinkhorn_iters",
+           "model.embed.max_bytes", "train.seq_len", "train.global_batch", "train.log_every"]
+  if cfg.moe.enabled:
+    names += ["moe.n_experts", "moe.expert_width", "moe.shared_width", "moe.mtp_n_experts",
+              "moe.group_pad", "moe.hot_config_every"]
+  else:
+    names += ["model.ffn_width"]
+  if cfg.tqp.enabled:
+    names += ["tqp.rank"]
+  if cfg.train.eval_every > 0:
+    names += ["train.eval_batches", "train.eval_batch"]
+  return names
+
+
+def _field(cfg: ConfigDict, dotted: str):
+  node = cfg
+  for part in dotted.split("."):
+    node = node[part]
+  return node
+
+
 def validate(cfg: ConfigDict) -> ConfigDict:
   """Check a config; raise ConfigError naming the field on the first problem found."""
+  for name in _sizes(cfg):
+    v = _field(cfg, name)
+    _need(isinstance(v, int) and not isinstance(v, bool) and v > 0,
+          f"{name}={v!r} must be a positive integer (a size or count).")
+  for name in ("train.eval_every", "train.micro_batch", "train.steps", "checkpoint.keep",
+               "checkpoint.every_steps", "data.num_workers"):
+    v = _field(cfg, name)
+    _need(isinstance(v, int) and v >= 0, f"{name}={v!r} must be an integer >= 0.")
   m = cfg.model
   _need(m.d_model > 0, f"model.d_model={m.d_model} must be positive.")
   _need(set(m.pattern) <= {"D", "G"} and len(m.pattern) > 0,

@@ -3,7 +3,8 @@
 * Steps come from a token budget: steps = train.total_tokens // (global_batch * seq_len)
   (train.steps > 0 overrides).
 * Schedule: linear warmup from `optim.start_lr` (or, when `optim.start_from` names a previous
-  stage's config file, that stage's end LR) to `optim.peak_lr` over `optim.warmup_steps`, then
+  stage's config file, that stage's end LR, resolved once into `optim.start_from_lr` from the
+  user's config and stored with the run: a stored config is never executed) to `optim.peak_lr` over `optim.warmup_steps`, then
     cosine    -> peak / decay_ratio at the end of the budget (step = steps, as the reference's
                  staged scheduler: progress = (step - warmup) / (steps - warmup)),
     wsd       -> hold peak for `stable_fraction` of the post-warmup steps, then decay linearly
@@ -54,12 +55,26 @@ def total_steps(cfg) -> int:
   return n
 
 
+def resolve_start_from(cfg):
+  """Record in optim.start_from_lr the end LR of the config file optim.start_from names.
+
+  This EXECUTES that file (a config file is Python): call it only on the user's own config
+  (launch.train, the growth commands' target config), never on one read from a run directory.
+  The resolved value travels in the stored config, so nothing that reads a run directory ever
+  needs to open start_from again (config.from_stored). Returns cfg."""
+  o = cfg.optim
+  if o.get("start_from", "") and float(o.get("start_from_lr", -1.0)) < 0:
+    from lightning_jax.config import load_config
+    o.start_from_lr = float(end_lr(load_config(o.start_from).optim))
+  return cfg
+
+
 def start_lr(cfg) -> float:
+  """Warmup start: optim.start_lr, or with optim.start_from the previous stage's end LR (its
+  resolved value optim.start_from_lr; resolved here from the file if not done yet)."""
   o = cfg.optim
   if o.get("start_from", ""):
-    from lightning_jax.config import load_config
-    prev = load_config(o.start_from)
-    return end_lr(prev.optim)
+    return float(resolve_start_from(cfg).optim.start_from_lr)
   return float(o.start_lr)
 
 

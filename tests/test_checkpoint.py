@@ -276,11 +276,13 @@ def test_corrupt_missing_or_replaced_frozen_base_is_an_error_naming_it(tmp_path,
   ab = _abstract(state)
   spare = tmp_path / "spare"
   shutil.copytree(d / "frozen" / "2" / "frozen", spare)
-  # corrupt bytes in the newest version's data files
+  # corrupt bytes in the newest version's data files, in both of its copies
   _corrupt_array_files(d / "frozen" / "2" / "frozen")
+  _corrupt_array_files(d / "frozen_copy" / "2" / "frozen")
   c = ck.Checkpointer(d, _cfg())
   with pytest.raises(ck.CheckpointError, match=r"frozen base .*/c/frozen/2 .*(unreadable|does not "
-                                               r"match).*checkpoint .*/c/2"):
+                                               r"match).*, and its second copy .*/c/frozen_copy/2 (is "
+                                               r"unreadable|does not).*checkpoint .*/c/2"):
     c.restore_latest(ab)
   # --fallback_to_previous: step 2 and its version go aside, step 1 (version 0) is restored
   logs = []
@@ -290,16 +292,18 @@ def test_corrupt_missing_or_replaced_frozen_base_is_an_error_naming_it(tmp_path,
   assert any("moved the unreadable frozen base" in m and "/c/frozen/2" in m for m in logs), logs
   assert c.steps() == [1] and c.frozen_versions() == [0]
   c.close()
-  # another version's arrays in place of version 0: the fingerprint check notices
-  shutil.rmtree(d / "frozen" / "0" / "frozen")
-  shutil.copytree(spare, d / "frozen" / "0" / "frozen")
+  # another version's arrays in place of version 0 (both copies): the fingerprint check notices
+  for root in ("frozen", "frozen_copy"):
+    shutil.rmtree(d / root / "0" / "frozen")
+    shutil.copytree(spare, d / root / "0" / "frozen")
   c = ck.Checkpointer(d, _cfg())
   with pytest.raises(ck.CheckpointError, match=r"frozen base .*/c/frozen/0 does not match the "
                      r"fingerprint recorded by checkpoint .*/c/1 "
                      r"\(groups/l0/moe/experts/down/codes has checksum"):
     c.restore(1, ab)
-  # the version directory gone
+  # the version directory gone (both copies)
   shutil.rmtree(d / "frozen" / "0")
+  shutil.rmtree(d / "frozen_copy" / "0")
   c = ck.Checkpointer(d, _cfg())
   with pytest.raises(ck.CheckpointError, match=r"checkpoint .*/c/1 uses the frozen base "
                                                r".*/c/frozen/0, which is missing"):

@@ -220,3 +220,27 @@ def test_tqp_run_with_flush_checkpoints_frozen_versions_and_resumes(data_dir, tm
   k = ck.Checkpointer(tmp_path / "r" / "checkpoints", c.checkpoint, read_only=True)
   assert k.steps() == [3, 4] and k.frozen_versions() == [2, 4], (k.steps(), k.frozen_versions())
   k.close()
+
+
+def test_resume_never_runs_a_stored_file_and_vanished_checkpoints_refuse(data_dir, tmp_path):
+  """Issue 23: a config stored in a run directory naming an executable file as optim.start_from
+  is data on resume; a run whose checkpoints vanished refuses to start again from step 0."""
+  cfg = small_cfg(data_dir)
+  wd = tmp_path / "r"
+  T.train(cfg, wd, stop_after=2, progress=False, log=lambda *_: None)
+  marker = tmp_path / "EXECUTED"
+  payload = tmp_path / "payload.py"
+  payload.write_text(f"import pathlib\npathlib.Path({str(marker)!r}).write_text('x')\n")
+  stored = wd / "checkpoints" / "2" / "config" / "metadata"
+  rec = json.loads(stored.read_text())
+  rec["optim"]["start_from"] = str(payload)
+  rec["optim"].pop("start_from_lr", None)
+  stored.write_text(json.dumps(rec))
+  msgs = []
+  s = T.train(cfg, wd, stop_after=1, progress=False, log=msgs.append)
+  assert s["final_step"] == 3 and any("resuming from" in m and "step 2" in m for m in msgs)
+  assert not marker.exists(), "resume executed a file named in the stored config"
+  (wd / "checkpoints").rename(tmp_path / "moved")
+  with pytest.raises(ck.CheckpointError, match=r"had checkpoints \(up to step 3.*delete .*"
+                                               r"checkpoints.history.json"):
+    T.train(cfg, wd, progress=False, log=lambda *_: None)

@@ -198,11 +198,20 @@ class _ShardResolver:
     if size % TOKEN_DTYPE.itemsize:
       raise DataError(f"shard {path} has {size} bytes, not a whole number of uint32 tokens.")
     m = self._dir_manifest(path.parent)
+    entry = None
     if m is not None:
       entry = next((e for e in m["shards"] if e["file"] == path.name), None)
       if entry is not None and entry["n_tokens"] != size // TOKEN_DTYPE.itemsize:
         raise DataError(f"shard {path} holds {size // 4} tokens but its manifest says "
                         f"{entry['n_tokens']}; the shard or manifest is stale or truncated.")
+    vocab = (m or self.manifest or {}).get("vocab_size")
+    if entry is None and vocab is not None and size:   # no recorded id range: scan it once
+      arr = _tokens(str(path))
+      lo, hi = int(arr.min()), int(arr.max())
+      if hi >= int(vocab):
+        raise DataError(f"shard {path} holds token ids {lo}..{hi} but the vocabulary is "
+                        f"[0, {vocab}) (a negative id written as uint32 shows as a huge one); "
+                        f"expected ids below vocab_size.")
     return Shard(str(path), size // TOKEN_DTYPE.itemsize)
 
   def from_manifest_dir(self, d: pathlib.Path, split: str, what: str) -> dict[str, list[Shard]]:
@@ -682,7 +691,9 @@ def write_shard_dir(output, arrays: Mapping[tuple[str, str], Sequence[np.ndarray
         raise DataError(f"shard {i} of {split}/{dom} has ids outside [0, {vocab_size}).")
       name = f"{split}-{dom}-{i:05d}.u32"
       a.astype(TOKEN_DTYPE).tofile(out / name)
-      shards.append({"file": name, "split": split, "domain": dom, "n_tokens": int(a.size)})
+      shards.append({"file": name, "split": split, "domain": dom, "n_tokens": int(a.size),
+                     "min_id": int(a.min()) if a.size else None,
+                     "max_id": int(a.max()) if a.size else None})
   m = {"format_version": FORMAT_VERSION, "tokenizer": tokenizer, "id_order": id_order,
        "vocab_size": int(vocab_size), "eot_id": int(eot_id),
        "domains": sorted({s["domain"] for s in shards}), "shards": shards}

@@ -12,6 +12,20 @@ record's "domain" field. Files named eval/val/valid/validation/heldout/test (.tx
 as a suffix like `news_eval.txt`) are the held-out split of their domain as given; a domain
 without such a file gets `val_fraction` of its documents held out at random (seeded).
 
+Validation (cheap, at load; issue 21): prepare records every shard's smallest and largest id
+("min_id", "max_id") and the sha256 of vocab_ids.npy in the manifest. `load_manifest` then
+checks, each violation one DataError sentence naming the file:
+  * every shard (and vocab_ids / token_bytes) is a plain file name inside the data directory;
+  * every shard's recorded ids lie in [0, vocab_size) (a negative id written as uint32 is a huge
+    one); a manifest written before these fields existed gets a one-time scan of its shards,
+    whose result is written back into manifest.json (kept in memory if the directory is read-only);
+  * vocab_ids.npy holds vocab_size uint32 ids and matches the recorded sha256.
+
+Invalid UTF-8 in an input file: the policy is REPLACE AND COUNT. Each invalid byte sequence is
+decoded as U+FFFD; prepare reports the count per file (and the byte offset of the first one),
+and the manifest records them under "invalid_utf8". A held-out split that ends up tiny (fewer
+than MIN_HELDOUT_TOKENS tokens, or no document at all) is reported per domain.
+
 Id order "frequency" renumbers the tokens that occur in the corpus by count (most frequent =
 0, SPEC §6) and keeps only those, so a small corpus gets a compact vocabulary (a small output
 head for the tiny model). The Kronecker byte buffers must then be built in the same order:
@@ -19,6 +33,7 @@ head for the tiny model). The Kronecker byte buffers must then be built in the s
 """
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import json
 import os
@@ -33,6 +48,7 @@ VOCAB_IDS = "vocab_ids.npy"
 TOKEN_BYTES = "token_bytes.npz"   # raw bytes of every data id (data order), offsets [V + 1]
 PAD_ID = 0xFFFFFFFF
 TOKEN_DTYPE = np.dtype("<u4")
+MIN_HELDOUT_TOKENS = 4096        # a held-out split below this is reported as tiny
 
 
 class DataError(ValueError):
@@ -83,30 +99,56 @@ def iter_input_files(inputs: Sequence[str]) -> list[tuple[pathlib.Path, pathlib.
   return out
 
 
-def read_documents(inputs: Sequence[str]) -> list[Document]:
-  """.txt: one document per file. .jsonl: one document per line, text in the "text" field."""
+_BAD_UTF8: list = []          # start offsets seen by the counting error handler (one decode)
+
+
+def _count_invalid(err):
+  _BAD_UTF8.append(err.start)
+  return "\ufffd", err.end
+
+
+codecs.register_error("lightning_jax.count_invalid_utf8", _count_invalid)
+
+
+def decode_utf8(raw: bytes) -> tuple[str, int, int | None]:
+  """(text, number of invalid byte sequences replaced by U+FFFD, byte offset of the first)."""
+  try:
+    return raw.decode("utf-8"), 0, None
+  except UnicodeDecodeError:
+    pass
+  _BAD_UTF8.clear()
+  text = raw.decode("utf-8", errors="lightning_jax.count_invalid_utf8")
+  return text, len(_BAD_UTF8), _BAD_UTF8[0]
+
+
+def read_documents(inputs: Sequence[str], invalid_utf8: dict | None = None) -> list[Document]:
+  """.txt: one document per file. .jsonl: one document per line, text in the "text" field.
+
+  Invalid UTF-8 is replaced (U+FFFD) and counted: invalid_utf8 (if given) gets
+  {file: [count, byte offset of the first]} for every file that had any."""
   docs = []
   for path, root in iter_input_files(inputs):
     domain = _domain_of(path, root)
     held = _is_heldout_file(path)
+    text, n_bad, first = decode_utf8(path.read_bytes())
+    if n_bad and invalid_utf8 is not None:
+      invalid_utf8[str(path)] = [n_bad, first]
     if path.suffix == ".txt":
-      text = path.read_text(encoding="utf-8")
       if text.strip():
         docs.append(Document(text, domain, str(path), held))
       continue
-    with open(path, encoding="utf-8") as f:
-      for n, line in enumerate(f, 1):
-        if not line.strip():
-          continue
-        try:
-          rec = json.loads(line)
-        except json.JSONDecodeError as e:
-          raise DataError(f"{path}:{n} is not valid JSON ({e.msg}); expected one object per line.")
-        if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
-          raise DataError(f"{path}:{n} has no string field \"text\"; expected "
-                          f"{{\"text\": ..., \"domain\"?: ...}} per line.")
-        if rec["text"].strip():
-          docs.append(Document(rec["text"], str(rec.get("domain", domain)), f"{path}:{n}", held))
+    for n, line in enumerate(text.split("\n"), 1):
+      if not line.strip():
+        continue
+      try:
+        rec = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{n} is not valid JSON ({e.msg}); expected one object per line.")
+      if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
+        raise DataError(f"{path}:{n} has no string field \"text\"; expected "
+                        f"{{\"text\": ..., \"domain\"?: ...}} per line.")
+      if rec["text"].strip():
+        docs.append(Document(rec["text"], str(rec.get("domain", domain)), f"{path}:{n}", held))
   return docs
 
 
@@ -147,7 +189,11 @@ def prepare(inputs: Sequence[str], output: str, *, encoding=None, id_order: str 
     from tokenizer.base import load_o200k_base
     encoding = load_o200k_base()
   eot_tok = encoding.eot_token
-  docs = read_documents(inputs)
+  invalid_utf8: dict = {}
+  docs = read_documents(inputs, invalid_utf8)
+  for f, (n, first) in invalid_utf8.items():
+    log(f"warning: {f} holds {n} invalid UTF-8 byte sequence(s) (the first at byte offset "
+        f"{first}); each was replaced by U+FFFD (policy: replace and count).")
   if not docs:
     raise DataError(f"inputs {list(inputs)} hold no non-empty documents.")
   train, val = split_documents(docs, val_fraction, seed)
@@ -192,7 +238,8 @@ def prepare(inputs: Sequence[str], output: str, *, encoding=None, id_order: str 
       piece = stream[start:start + shard_tokens]
       name = f"{split}-{dom}-{i:05d}.u32"
       piece.tofile(out / name)
-      shards.append({"file": name, "split": split, "domain": dom, "n_tokens": int(len(piece))})
+      shards.append({"file": name, "split": split, "domain": dom, "n_tokens": int(len(piece)),
+                     **_id_range(piece)})
   manifest = {
       "format_version": FORMAT_VERSION,
       "tokenizer": encoding.name,
@@ -206,9 +253,12 @@ def prepare(inputs: Sequence[str], output: str, *, encoding=None, id_order: str 
                     for dom, ds in parts.items()},
       "shards": shards,
   }
+  if invalid_utf8:
+    manifest["invalid_utf8"] = invalid_utf8
   if data_to_tok is not None:
     np.save(out / VOCAB_IDS, data_to_tok)
     manifest["vocab_ids"] = VOCAB_IDS
+    manifest["vocab_ids_sha256"] = _sha256(out / VOCAB_IDS)
   # raw bytes of every data id, so that training needs no tokenizer files (GPU machines)
   from tokenizer.base import token_bytes_list
   natural = token_bytes_list(encoding)
@@ -223,12 +273,126 @@ def prepare(inputs: Sequence[str], output: str, *, encoding=None, id_order: str 
   for split in ("train", "val"):
     n = sum(s["n_tokens"] for s in shards if s["split"] == split)
     log(f"{split}: {n:,} tokens in {sum(s['split'] == split for s in shards)} shards")
+  for note in tiny_heldout(manifest):
+    log(f"note: {note}")
   log(f"vocabulary: {vocab_size:,} ids ({id_order} order), end-of-text id {eot}; wrote {out}")
   return manifest
 
 
+def tiny_heldout(manifest: dict, min_tokens: int = MIN_HELDOUT_TOKENS) -> list[str]:
+  """One sentence per domain whose held-out split is empty or under min_tokens tokens."""
+  out = []
+  docs = manifest.get("documents", {})
+  if not shards_of(manifest, "val") and not manifest.get("val_fraction"):
+    return out                    # no held-out split was asked for
+  for dom in manifest["domains"]:
+    n_tok = sum(s["n_tokens"] for s in shards_of(manifest, "val", dom))
+    n_doc = docs.get(f"val/{dom}", 0)
+    if n_tok == 0:
+      out.append(f"domain {dom!r} has no held-out text (its {docs.get(f'train/{dom}', '?')} "
+                 f"document(s) all went to training), so it gets no held-out loss: add an "
+                 f"eval.txt for it, or more documents.")
+    elif n_tok < min_tokens:
+      out.append(f"domain {dom!r} has a tiny held-out split: {n_tok:,} tokens in {n_doc} "
+                 f"document(s), under {min_tokens:,}; its held-out loss will be noisy (and it is "
+                 f"not evaluated at all with fewer than train.eval_batch windows of seq_len + 2 "
+                 f"tokens): add an eval.txt for it, or raise --val_fraction.")
+  return out
+
+
+def _id_range(arr: np.ndarray) -> dict:
+  if not len(arr):
+    return {"min_id": None, "max_id": None}
+  return {"min_id": int(arr.min()), "max_id": int(arr.max())}
+
+
+def _sha256(path: pathlib.Path) -> str:
+  import hashlib
+  return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 # ----------------------------------------------------------------------------- reading shards
-def load_manifest(path: str | os.PathLike) -> dict:
+def _inside(d: pathlib.Path, name, what: str, mf: pathlib.Path) -> pathlib.Path:
+  """d / name, refused unless it is a plain relative name that stays inside d."""
+  if not isinstance(name, str) or not name or pathlib.PurePath(name).is_absolute():
+    raise DataError(f"{mf} names {what} {name!r}, which is not a file name inside {d}; expected "
+                    f"a relative name like train-en-00000.u32.")
+  p = d / name
+  root = d.resolve()
+  if p.resolve() != root and root not in p.resolve().parents:
+    raise DataError(f"{mf} names {what} {name!r}, which lies outside the data directory {d}; "
+                    f"expected files inside it.")
+  return p
+
+
+_SCANNED: dict = {}     # (shard path, size, mtime) -> id range, for read-only old manifests
+
+
+def check_manifest(d: pathlib.Path, m: dict, log=print) -> dict:
+  """The cheap load-time checks of the module docstring; returns m (id ranges filled in)."""
+  mf = d / MANIFEST
+  v = m.get("vocab_size")
+  if not isinstance(v, int) or v < 1:
+    raise DataError(f"{mf} has vocab_size={v!r}; expected a positive integer.")
+  eot = m.get("eot_id")
+  if not isinstance(eot, int) or not 0 <= eot < v:
+    raise DataError(f"{mf} has eot_id={eot!r}, outside the vocabulary [0, {v}).")
+  shards = m.get("shards")
+  if not isinstance(shards, list):
+    raise DataError(f"{mf} has no shard list; expected \"shards\": [...].")
+  scanned = 0
+  for e in shards:
+    p = _inside(d, e.get("file") if isinstance(e, dict) else None, "the shard", mf)
+    if "min_id" not in e or "max_id" not in e:      # a manifest from before the id record
+      if not p.exists():
+        continue                          # open_shard names it when it is needed
+      st = p.stat()
+      key = (str(p), st.st_size, st.st_mtime_ns)
+      if key not in _SCANNED:
+        arr = (np.memmap(p, dtype=TOKEN_DTYPE, mode="r") if st.st_size >= TOKEN_DTYPE.itemsize
+               else np.zeros(0, TOKEN_DTYPE))
+        _SCANNED[key] = _id_range(arr)
+        scanned += 1
+      e.update(_SCANNED[key])
+    lo, hi = e.get("min_id"), e.get("max_id")
+    if lo is None and hi is None:
+      continue
+    if not (isinstance(lo, int) and isinstance(hi, int) and 0 <= lo <= hi < v):
+      raise DataError(f"shard {p} holds token ids {lo}..{hi} but the vocabulary of {mf} is "
+                      f"[0, {v}) (a negative id written as uint32 shows as a huge one); expected "
+                      f"ids below vocab_size: prepare the data again.")
+  if scanned:
+    try:
+      tmp = d / (MANIFEST + ".tmp")
+      tmp.write_text(json.dumps(m, indent=1))
+      os.replace(tmp, mf)
+      log(f"note: scanned {scanned} shard(s) of {d} once for their token id range and recorded "
+          f"it in {mf}.")
+    except OSError:
+      pass                                # read-only data: the scan is remembered in memory
+  for key, what in (("vocab_ids", "vocab_ids"), ("token_bytes", "token_bytes")):
+    if m.get(key):
+      _inside(d, m[key], what, mf)
+  if m.get("vocab_ids"):
+    p = d / m["vocab_ids"]
+    if not p.exists():
+      raise DataError(f"{p} (vocab_ids in {mf}) does not exist; expected the id map written by "
+                      f"prepare_data.")
+    want = m.get("vocab_ids_sha256")
+    if want is not None and _sha256(p) != want:
+      raise DataError(f"{p} does not match the sha256 recorded in {mf}; it was changed or "
+                      f"truncated after the data was prepared: prepare the data again.")
+    try:
+      ids = np.load(p, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError) as e:
+      raise DataError(f"{p} is not a readable .npy array ({e}); expected uint32 [{v}].") from e
+    if ids.shape != (v,) or ids.dtype != np.uint32:
+      raise DataError(f"{p} holds {ids.dtype} {list(ids.shape)} but {mf} has vocab_size={v}; "
+                      f"expected uint32 [{v}] (truncated or from another data directory).")
+  return m
+
+
+def load_manifest(path: str | os.PathLike, log=print) -> dict:
   d = pathlib.Path(path)
   if not d.is_dir():
     raise DataError(f"data directory {d} does not exist; create it with "
@@ -243,12 +407,13 @@ def load_manifest(path: str | os.PathLike) -> dict:
     raise DataError(f"{mf} is not valid JSON ({e.msg}).")
   if m.get("format_version") != FORMAT_VERSION:
     raise DataError(f"{mf} has format_version {m.get('format_version')}, expected {FORMAT_VERSION}.")
-  return m
+  return check_manifest(d, m, log)
 
 
 def open_shard(data_dir: str | os.PathLike, entry: dict) -> np.ndarray:
   """Memory-map one shard, checking that its size is a whole number of uint32 tokens."""
-  p = pathlib.Path(data_dir) / entry["file"]
+  d = pathlib.Path(data_dir)
+  p = _inside(d, entry["file"], "the shard", d / MANIFEST)
   if not p.exists():
     raise DataError(f"shard {p} listed in the manifest does not exist.")
   size = p.stat().st_size

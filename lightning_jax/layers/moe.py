@@ -555,6 +555,10 @@ class HotConfig:
   """
   FIELDS = {"gamma": "bias_gamma", "cap_lo": "bias_cap_lo", "cap_hi": "bias_cap_hi",
             "guard_k": "bias_guard_k", "z_weight": "z_weight"}
+  # allowed range of each value (inclusive bounds; cap_lo > 0: the controller divides by it),
+  # and cap_lo <= cap_hi. A file with any value outside them changes nothing (one sentence).
+  RANGES = {"gamma": (0.0, 1.0), "cap_lo": (1e-12, 1.0), "cap_hi": (1e-12, 1.0),
+            "guard_k": (0.0, 1e3), "z_weight": (0.0, 1.0)}
 
   def __init__(self, cfg, logger=None):
     self.path = cfg.moe.hot_config
@@ -578,16 +582,26 @@ class HotConfig:
                 f"current values.")
       return {}
     names = {**{k: k for k in self.FIELDS}, **{v: k for k, v in self.FIELDS.items()}}
-    changed = {}
+    new = dict(self.values)
     for key, val in (data.items() if isinstance(data, dict) else []):
       if key not in names or isinstance(val, bool) or not isinstance(val, (int, float)):
         self._log(f"moe hot config {self.path}: ignoring {key}={val!r}; expected one of "
                   f"{sorted(self.FIELDS)} with a number.")
         continue
       k = names[key]
-      if float(val) != self.values[k]:
-        changed[k] = (self.values[k], float(val))
-        self.values[k] = float(val)
+      lo, hi = self.RANGES[k]
+      if not (math.isfinite(float(val)) and lo <= float(val) <= hi):
+        self._log(f"moe hot config {self.path} at step {step}: {key}={val!r} is outside "
+                  f"[{lo:g}, {hi:g}] (or not finite); keeping all current values "
+                  f"({', '.join(f'{n}={v:g}' for n, v in self.values.items())}).")
+        return {}
+      new[k] = float(val)
+    if new["cap_lo"] > new["cap_hi"]:
+      self._log(f"moe hot config {self.path} at step {step}: cap_lo={new['cap_lo']:g} exceeds "
+                f"cap_hi={new['cap_hi']:g}; keeping all current values.")
+      return {}
+    changed = {k: (self.values[k], v) for k, v in new.items() if v != self.values[k]}
+    self.values = new
     for k, (old, new) in changed.items():
       self._log(f"moe hot config step {step}: {k} {old:g} -> {new:g}")
       self.changes.append((step, k, old, new))
