@@ -1,6 +1,18 @@
 """Memory plan: lower and compile the full training step abstractly and print per-device bytes.
 
-  python -m launch.plan --config=configs/stage_120b.py [--devices=8] [--config.train.micro_batch=8]
+  python -m launch.plan --config=configs/stage_120b.py [--devices=8] [--device=h100|h200]
+      [--mem_fraction=0.95] [--config.train.micro_batch=8]
+
+It answers what launch.train answers before its first step (lightning_jax/memory_plan.fit, the
+same function): does the configured micro-batch fit, and if not, which largest one does (with
+train.fit_memory=auto it is the one training uses; with check, launch.train refuses naming it).
+The capacity is --device's memory x --mem_fraction (XLA_PYTHON_CLIENT_MEM_FRACTION by default,
+else 0.75), or on a GPU host without --device the allocator's own limit. Run on a GPU host the
+figures are the GPU compile's (the one-rank benchmark, benchmarks/rank120.py, measured the
+device peak equal to it); on a CPU host they are XLA:CPU's, an upper bound (XLA:CPU computes
+bf16 dots in float32). The step's collectives (all-to-all of the expert dispatch, all-gathers
+and reduce-scatters of ZeRO-1, all-reduces) are listed with their bytes as they appear in the
+compiled program (a loop body's once).
 
 Nothing is allocated: the state is ShapeDtypeStructs carrying the training shardings (parameters
 by sharding.RULES, TQP bases split over the expert axis like the experts they replace, optimizer
@@ -17,6 +29,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import sys
 import time
 
@@ -57,8 +70,9 @@ def _per_device_bytes(abstract, shardings) -> int:
   return total
 
 
-def build(cfg, mesh):
-  """Abstract state, shardings and the jitted step for `cfg` on `mesh` (nothing allocated)."""
+def build(cfg, mesh, accum: int | None = None):
+  """Abstract state, shardings and the jitted step for `cfg` on `mesh` (nothing allocated);
+  `accum` overrides the accumulation steps that train.micro_batch gives."""
   from launch import train as train_lib
   from lightning_jax import model
   from lightning_jax.layers import kronecker
@@ -83,7 +97,7 @@ def build(cfg, mesh):
   opt_abs = jax.eval_shape(tx.init, params)
   o_shard = train_lib.opt_state_shardings(mesh, opt_abs, p_shard)
   n_batch = mesh.shape["data"] * mesh.shape["expert"]
-  accum = train_lib.check_train_config(cfg, n_batch)
+  accum = train_lib.check_train_config(cfg, n_batch) if accum is None else accum
   state_abs = {"params": params, "frozen": f_abs, "stats": stats, "opt_state": opt_abs,
                "step": jax.ShapeDtypeStruct((), jnp.int32)}
   state_shard = {"params": p_shard, "frozen": f_shard, "stats": s_shard, "opt_state": o_shard,
@@ -98,8 +112,68 @@ def build(cfg, mesh):
           "batch_shard": batch_shard, "step": step, "accum": accum}
 
 
-def plan(cfg, mesh, log=print) -> dict:
-  b = build(cfg, mesh)
+_COLLECTIVES = ("all-to-all", "all-gather", "all-reduce", "reduce-scatter", "collective-permute")
+_SHAPE = re.compile(r"(pred|s8|u8|s16|u16|s32|u32|s64|u64|bf16|f16|f32|f64)\[([\d,]*)\]")
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4,
+          "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
+
+
+def collectives(hlo_text: str) -> list[dict]:
+  """[{kind, shape, bytes, count}] of the collective instructions in a compiled HLO module (the
+  result shapes; start/done pairs counted once; a loop body's instructions once)."""
+  acc = {}
+  for line in hlo_text.splitlines():
+    if "=" not in line:
+      continue
+    rhs = line.split("=", 1)[1]
+    kind = next((k for k in _COLLECTIVES if f" {k}(" in rhs or f" {k}-start(" in rhs), None)
+    if kind is None:
+      continue
+    head = rhs.split(kind, 1)[0]
+    shapes = _SHAPE.findall(head)
+    nbytes = sum(_BYTES[t] * math.prod(int(x) for x in dims.split(",") if x)
+                 for t, dims in shapes)
+    key = (kind, " ".join(f"{t}[{d}]" for t, d in shapes))
+    acc.setdefault(key, [0, nbytes])[0] += 1
+  return sorted(({"kind": k, "shape": sh, "bytes": b, "count": c}
+                 for (k, sh), (c, b) in acc.items()), key=lambda r: -r["bytes"] * r["count"])
+
+
+def plan(cfg, mesh, log=print, device: str = "", mem_fraction: float | None = None) -> dict:
+  from lightning_jax import memory_plan
+  n_batch = mesh.shape["data"] * mesh.shape["expert"]
+  built = {}
+  times = {}
+
+  def compile_at(acc):
+    b = build(cfg, mesh, acc)
+    t0 = time.perf_counter()
+    with sharding.use_mesh(mesh):
+      lowered = b["step"].lower(b["state_abs"], b["batch_abs"])
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    times[acc] = (t1 - t0, time.perf_counter() - t1)
+    built[acc] = b
+    return compiled
+
+  if mem_fraction is not None and not device:
+    raise ConfigError("--mem_fraction applies to the card named by --device (h100 or h200); "
+                      "expected both, e.g. --device=h100 --mem_fraction=0.95.")
+  capacity, note = memory_plan.device_capacity(mesh.devices.flat, cfg.train.device_memory_gb,
+                                               device=device, fraction=mem_fraction)
+  fit_cfg = cfg.copy_and_resolve_references()
+  if fit_cfg.train.fit_memory == "off":
+    fit_cfg.train.fit_memory = "check"
+  try:
+    accum, compiled, _ = memory_plan.fit(fit_cfg, n_batch, compile_at, capacity, note, log)
+    refusal = None
+  except ConfigError as err:          # launch.train would refuse with this sentence
+    refusal = str(err)
+    accum = max(built) if built else None
+    if accum is None:
+      raise
+    compiled = compile_at(accum)
+  b = built[accum]
   sa, ss = b["state_abs"], b["state_shard"]
   parts = {
       "parameters (trainable, f32)": _per_device_bytes(sa["params"], ss["params"]),
@@ -108,25 +182,24 @@ def plan(cfg, mesh, log=print) -> dict:
       "stats + step": _per_device_bytes(sa["stats"], ss["stats"]) + 4,
       "batch": _per_device_bytes(b["batch_abs"], b["batch_shard"]),
   }
-  t0 = time.perf_counter()
-  with sharding.use_mesh(mesh):
-    lowered = b["step"].lower(sa, b["batch_abs"])
-  t_lower = time.perf_counter() - t0
-  t0 = time.perf_counter()
-  compiled = lowered.compile()
-  t_compile = time.perf_counter() - t0
   ma = compiled.memory_analysis()
   arg, out = ma.argument_size_in_bytes, ma.output_size_in_bytes
   alias, temp = ma.alias_size_in_bytes, ma.temp_size_in_bytes
   total = arg + out - alias + temp
-  res = {"arguments": arg, "outputs": out, "aliased": alias, "temporaries": temp, "total": total,
-         "breakdown": parts, "lower_s": t_lower, "compile_s": t_compile, "accum": b["accum"],
-         "mesh": dict(mesh.shape)}
+  coll = collectives(compiled.as_text())
   t = cfg.train
+  micro = t.global_batch // (accum * n_batch)
+  res = {"arguments": arg, "outputs": out, "aliased": alias, "temporaries": temp, "total": total,
+         "breakdown": parts, "lower_s": times[accum][0], "compile_s": times[accum][1],
+         "accum": accum, "micro_batch": micro, "mesh": dict(mesh.shape), "capacity": capacity,
+         "capacity_note": note, "refusal": refusal, "collectives": coll,
+         "backend": jax.default_backend()}
   log(f"stage {cfg.stage}: mesh {dict(mesh.shape)}, global batch {t.global_batch} x {t.seq_len}, "
-      f"micro-batch {t.micro_batch}/device ({b['accum']} accumulation step(s)); "
-      f"tqp {'%d-bit' % cfg.tqp.bits if cfg.tqp.enabled else 'off'}")
-  log(f"lowered in {t_lower:.1f} s, compiled in {t_compile:.1f} s")
+      f"micro-batch {micro}/device ({accum} accumulation step(s)); "
+      f"tqp {'%d-bit' % cfg.tqp.bits if cfg.tqp.enabled else 'off'}; {jax.default_backend()} "
+      f"compile" + (" (XLA:CPU: an upper bound of the GPU's)" if jax.default_backend() == "cpu"
+                    else ""))
+  log(f"lowered in {res['lower_s']:.1f} s, compiled in {res['compile_s']:.1f} s")
   log("per-device bytes (compiled memory analysis):")
   for k in ("arguments", "outputs", "aliased", "temporaries", "total"):
     log(f"  {k:<28s} {res[k] / GB:9.2f} GB")
@@ -138,6 +211,12 @@ def plan(cfg, mesh, log=print) -> dict:
   for name, cap in TARGETS.items():
     verdict = "fits" if total <= cap else f"over by {(total - cap) / GB:.2f} GB"
     log(f"vs {name}: {verdict} ({total / cap * 100:.0f}%)")
+  if refusal:
+    log(f"launch.train would refuse: {refusal}")
+  if coll:
+    log("collectives in the compiled step (a loop body's once):")
+    for c in coll:
+      log(f"  {c['kind']:<18s} x{c['count']:<3d} {c['bytes'] / 1e6:10.2f} MB  {c['shape']}")
   return res
 
 
@@ -147,6 +226,10 @@ def main(argv):
   fl = flags.FLAGS
   config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/stage_120b.py")
   flags.DEFINE_integer("devices", 8, "virtual CPU devices (set before jax starts)")
+  flags.DEFINE_string("device", "", "plan for this card: h100 (80 GB) or h200 (141 GB); "
+                      "default: the allocator limit of the device here, or train.device_memory_gb")
+  flags.DEFINE_float("mem_fraction", None, "fraction of the card's memory the allocator may use "
+                     "(default: XLA_PYTHON_CLIENT_MEM_FRACTION, else 0.75)")
   fl(argv)
   cfg = fl.config
   if cfg is None:
@@ -157,7 +240,7 @@ def main(argv):
     raise ConfigError(f"--devices={fl.devices} but jax sees {n} devices; run launch.plan as a "
                       "fresh process so it can set the virtual device count.")
   mesh = sharding.make_mesh(cfg.mesh)
-  plan(cfg, mesh)
+  plan(cfg, mesh, device=fl.device, mem_fraction=fl.mem_fraction)
 
 
 if __name__ == "__main__":

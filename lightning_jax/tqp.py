@@ -216,9 +216,15 @@ def unpack(codes: jax.Array, bits: int) -> jax.Array:
   _check_bits(bits)
   if bits == 8:
     return codes
-  lo = codes & jnp.uint8(15)
-  hi = codes >> 4
-  return jnp.stack([lo, hi], axis=-1).reshape(codes.shape[:-1] + (codes.shape[-1] * 2,))
+  # each byte repeated twice (a broadcast into a new minor axis, then a reshape: a bitcast), then
+  # shifted by 0 (even index, low nibble) or 4 (odd index, high nibble). Elementwise, so XLA
+  # fuses it into the dequantisation that consumes it; jnp.stack([lo, hi], -1) wrote the
+  # unpacked uint8 array out first (a concatenate fusion: 6% of the 120B rank's step on an H200)
+  n2 = codes.shape[-1]
+  rep = jnp.broadcast_to(codes[..., None], codes.shape + (2,)).reshape(
+      codes.shape[:-1] + (2 * n2,))
+  shift = (jnp.arange(2 * n2, dtype=jnp.uint8) & jnp.uint8(1)) << jnp.uint8(2)
+  return (rep >> shift) & jnp.uint8(15)
 
 
 def bits_of(codes_last: int, n: int) -> int | None:

@@ -244,3 +244,16 @@ def test_resume_never_runs_a_stored_file_and_vanished_checkpoints_refuse(data_di
   with pytest.raises(ck.CheckpointError, match=r"had checkpoints \(up to step 3.*delete .*"
                                                r"checkpoints.history.json"):
     T.train(cfg, wd, progress=False, log=lambda *_: None)
+
+
+def test_a_step_that_cannot_fit_is_refused_before_anything_is_built(data_dir, tmp_path):
+  """launch.train compiles the step against the device's capacity first (lightning_jax/
+  memory_plan): one that cannot fit stops with one sentence naming the need and the capacity,
+  before the state is initialised or a checkpoint is written."""
+  cfg = small_cfg(data_dir)
+  cfg.train.device_memory_gb = 0.001          # 1 MB: the small step needs more
+  cfg.train.memory_headroom_gb = 0.0
+  with pytest.raises(ConfigError, match=r"does not fit the device even at micro-batch 1: it "
+                                        r"needs [\d.]+ GB per device against 0.00 GB usable"):
+    T.train(cfg, tmp_path / "run", progress=False, log=lambda *a: None)
+  assert not list((tmp_path / "run").glob("checkpoints/*"))

@@ -1,0 +1,91 @@
+"""lightning_jax.memory_plan: the micro-batch search over compiled plans, capacities, and the
+refusal launch.train gives before it builds anything."""
+import types
+
+import pytest
+
+from configs import tiny
+from lightning_jax import memory_plan
+from lightning_jax.config import ConfigError
+
+GB = 1e9
+
+
+class _Compiled:
+  def __init__(self, total):
+    self.total = total
+
+  def memory_analysis(self):
+    return types.SimpleNamespace(argument_size_in_bytes=10 * GB, output_size_in_bytes=10 * GB,
+                                 alias_size_in_bytes=10 * GB,
+                                 temp_size_in_bytes=self.total - 10 * GB)
+
+
+def _cfg(global_batch=64, micro=8, mode="check"):
+  c = tiny.get_config()
+  c.train.global_batch, c.train.micro_batch, c.train.fit_memory = global_batch, micro, mode
+  c.train.memory_headroom_gb = 1.0
+  return c
+
+
+def _compiler(per_seq_gb, fixed_gb=20.0, n_batch=8, global_batch=64):
+  calls = []
+
+  def compile_at(accum):
+    micro = global_batch // (n_batch * accum)
+    calls.append(micro)
+    return _Compiled((fixed_gb + per_seq_gb * micro) * GB)
+  return compile_at, calls
+
+
+def test_configured_micro_batch_that_fits_is_compiled_once():
+  compile_at, calls = _compiler(per_seq_gb=5.0)                # 8 x 5 + 20 = 60 GB
+  accum, compiled, plan = memory_plan.fit(_cfg(), 8, compile_at, 80 * GB, "test card", print)
+  assert (accum, calls) == (1, [8]) and plan["total"] == 60 * GB
+
+
+@pytest.mark.parametrize("per_seq,best", [(9.0, 6), (20.0, 2), (58.0, 1)])
+def test_check_refuses_naming_the_largest_fitting_micro_batch(per_seq, best):
+  # 79 GB usable (80 - 1 GB headroom); micro-batches dividing 8: 8, 4, 2, 1
+  compile_at, calls = _compiler(per_seq)
+  cands = memory_plan.candidates(64, 8, 8)
+  want = max(m for m in cands if 20 + per_seq * m <= 79)
+  with pytest.raises(ConfigError) as err:
+    memory_plan.fit(_cfg(), 8, compile_at, 80 * GB, "test card", print)
+  msg = str(err.value)
+  assert f"the largest micro-batch that fits is {want}" in msg and "train.micro_batch=8" in msg
+  assert msg.count(". ") == 0 or msg.endswith(".")
+  assert len(calls) <= 1 + len(cands).bit_length()        # a binary search, not a sweep
+
+
+def test_auto_trains_with_the_largest_fitting_micro_batch_and_accumulates():
+  compile_at, calls = _compiler(per_seq_gb=20.0, global_batch=96)   # per device 12: 12,6,4,3,2,1
+  cfg = _cfg(global_batch=96, micro=12, mode="auto")
+  accum, compiled, plan = memory_plan.fit(cfg, 8, compile_at, 80 * GB, "test card", print)
+  micro = 96 // (8 * accum)
+  assert micro == 2 and plan["total"] == (20 + 40) * GB and compiled.total == plan["total"]
+  assert calls[0] == 12
+
+
+def test_nothing_fits_and_unknown_capacity():
+  compile_at, _ = _compiler(per_seq_gb=100.0)
+  with pytest.raises(ConfigError, match="does not fit the device even at micro-batch 1"):
+    memory_plan.fit(_cfg(mode="auto"), 8, compile_at, 80 * GB, "test card", print)
+  # no capacity known (CPU without train.device_memory_gb): compiled as configured, no check
+  compile_at, calls = _compiler(per_seq_gb=100.0)
+  assert memory_plan.fit(_cfg(), 8, compile_at, None, "cpu", print)[0] == 1 and calls == [8]
+
+
+def test_capacities_and_bad_inputs(monkeypatch):
+  cap, note = memory_plan.device_capacity([], device="h100", fraction=0.95)
+  assert cap == pytest.approx(76e9) and "h100" in note
+  assert memory_plan.device_capacity([], device_memory_gb=40.0)[0] == 40e9
+  with pytest.raises(ConfigError, match="not one the memory plan knows"):
+    memory_plan.device_capacity([], device="a100")
+  with pytest.raises(ConfigError, match=r"not in \(0, 1\]"):
+    memory_plan.device_capacity([], device="h200", fraction=1.5)
+  monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "most")
+  with pytest.raises(ConfigError, match="is not a fraction"):
+    memory_plan.mem_fraction()
+  assert memory_plan.candidates(64, 8, 0) == [8, 4, 2, 1]
+  assert memory_plan.candidates(96, 8, 5) == [4, 3, 2, 1]
