@@ -5,8 +5,10 @@
   python -m launch.score runs/tiny --input runs/tiny/data --split val   # prepared shards
 
 Inputs: .txt files (one document each), .jsonl files (one {"text": ...} document per line), a
-directory of them (a file's domain is its first directory below the input, as prepare_data
-has it), or a prepared data directory (manifest.json; its shards of --split, by domain).
+directory of them, or a prepared data directory (manifest.json; its shards of --split, by
+domain). A file's domain is its first directory below the input directory (as prepare_data has
+it), or the input directory's own name for the files directly in it (`--input corpus/en`: "en"),
+or a single file's parent directory name.
 Windows, padding and bits per byte: lightning_jax/scoring.py. Prints a table and writes the
 JSON (--out, default RUN/scores/<step>.json): {"run", "step", "seq_len", "files": {path:
 {"domain", "tokens", "bytes", "ce", "perplexity", "bits_per_byte"}}, "domains": {...}, "total"}.
@@ -36,7 +38,8 @@ def _token_streams(inputs, vocab, split: str):
         out.append((str(p / e["file"]), e["domain"], np.asarray(shards.open_shard(p, e), np.int64)))
       continue
     for path, root in shards.iter_input_files([str(p)]):
-      domain = shards._domain_of(path, root) if root is not None else path.parent.name or path.stem
+      rel = path.relative_to(root).parts if root is not None else ()
+      domain = rel[0] if len(rel) > 1 else (root.name if root is not None else path.parent.name)
       docs = shards.read_documents([str(path)])
       toks = [t for d in docs for t in vocab.encode_document(d.text)]
       out.append((str(path), domain, np.asarray(toks, np.int64)))
