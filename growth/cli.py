@@ -301,6 +301,14 @@ def grow(transform: str, src: str, dst: str, cfg, args: dict, log=print) -> dict
   return {"report": report, "meta": meta, "dst": str(dst)}
 
 
+def list_in_help(*names):
+  """Make the named flags key flags of the main module, so `--help` lists them (absl lists only
+  the flags defined in the __main__ module itself; these are defined here, in a helper)."""
+  from absl import flags
+  for n in names:
+    flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[n])
+
+
 def _define_flags(transform: str):
   from absl import flags
   from ml_collections import config_flags
@@ -319,6 +327,11 @@ def _define_flags(transform: str):
     flags.DEFINE_float("router_sigma", 0.05, "Router noise std relative to std(source router).")
     flags.DEFINE_integer("seed", 1337, "Seed of every random draw.")
   flags.mark_flags_as_required(["config", "src", "dst"])
+  list_in_help("config", "src", "dst", *{"dense_to_moe": ("strategy", "seed"),
+                                         "depth_map": ("mapping",),
+                                         "expand_experts": ("ratio", "router_sigma", "seed"),
+                                         "expand_to_tqp": ("ratio", "router_sigma", "seed")
+                                         }.get(transform, ()))
 
 
 def _args(transform: str) -> dict:

@@ -69,6 +69,8 @@ def main():
   flags.DEFINE_string("dst", None, "New run directory.")
   flags.DEFINE_bool("cpu", False, "Initialise and write on the host CPU device.")
   flags.mark_flags_as_required(["config", "dst"])
+  from growth.cli import list_in_help
+  list_in_help("config", "dst", "cpu")
 
   def run(argv):
     from growth.cli import guarded

@@ -191,6 +191,8 @@ def _define_flags():
   flags.DEFINE_enum("optimizer", "carry", list(OPTIMIZER), "carry: keep the Adam moments (the "
                     "reference); fresh: new zero moments.")
   flags.mark_flags_as_required(["config", "src", "dst"])
+  from growth.cli import list_in_help
+  list_in_help("config", "src", "dst", "optimizer")
 
 
 if __name__ == "__main__":

@@ -220,28 +220,43 @@ def plan(cfg, mesh, log=print, device: str = "", mem_fraction: float | None = No
   return res
 
 
-def main(argv):
+def _define_flags():
   from absl import flags
   from ml_collections import config_flags
+  config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/stage_120b.py "
+                                  "(overrides: --config.section.field=...).")
+  flags.DEFINE_integer("devices", 8, "Virtual CPU devices to plan for (set before jax starts).")
+  flags.DEFINE_string("device", "", "Plan for this card: h100 (80 GB) or h200 (141 GB); default: "
+                      "the allocator limit of the device here, or train.device_memory_gb.")
+  flags.DEFINE_float("mem_fraction", None, "Fraction of --device's memory the allocator may use "
+                     "(default: XLA_PYTHON_CLIENT_MEM_FRACTION, else 0.75).")
+
+
+def main(argv):
+  from absl import flags
   fl = flags.FLAGS
-  config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/stage_120b.py")
-  flags.DEFINE_integer("devices", 8, "virtual CPU devices (set before jax starts)")
-  flags.DEFINE_string("device", "", "plan for this card: h100 (80 GB) or h200 (141 GB); "
-                      "default: the allocator limit of the device here, or train.device_memory_gb")
-  flags.DEFINE_float("mem_fraction", None, "fraction of the card's memory the allocator may use "
-                     "(default: XLA_PYTHON_CLIENT_MEM_FRACTION, else 0.75)")
-  fl(argv)
+  if len(argv) > 1:
+    print(f"error: unexpected arguments {argv[1:]}; flags look like "
+          f"--config=configs/stage_120b.py.", file=sys.stderr)
+    return 2
   cfg = fl.config
-  if cfg is None:
-    raise ConfigError("--config is required, e.g. --config=configs/stage_120b.py.")
-  validate(cfg)
-  n = len(jax.devices())
-  if n != fl.devices:
-    raise ConfigError(f"--devices={fl.devices} but jax sees {n} devices; run launch.plan as a "
-                      "fresh process so it can set the virtual device count.")
-  mesh = sharding.make_mesh(cfg.mesh)
-  plan(cfg, mesh, device=fl.device, mem_fraction=fl.mem_fraction)
+  try:
+    if cfg is None:
+      raise ConfigError("--config is required, e.g. --config=configs/stage_120b.py.")
+    validate(cfg)
+    n = len(jax.devices())
+    if n != fl.devices:
+      raise ConfigError(f"--devices={fl.devices} but jax sees {n} devices; run launch.plan as a "
+                        "fresh process so it can set the virtual device count.")
+    mesh = sharding.make_mesh(cfg.mesh)
+    plan(cfg, mesh, device=fl.device, mem_fraction=fl.mem_fraction)
+  except ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  return 0
 
 
 if __name__ == "__main__":
-  main(sys.argv)
+  from absl import app
+  _define_flags()
+  app.run(lambda argv: sys.exit(main(argv)))

@@ -1,7 +1,7 @@
 """PNG curves of a run: `python -m launch.plot RUN_DIR [--out DIR]`.
 
 Reads RUN_DIR/metrics.jsonl (written by launch.train) and writes loss.png (CE_next, CE_mtp,
-aux), heldout.png (held-out CE_next per domain), lr.png, throughput.png, mfu.png and
+aux in its own panel below), heldout.png (held-out CE_next per domain), lr.png, throughput.png, mfu.png and
 grad_norm.png into RUN_DIR/plots (or --out).
 """
 from __future__ import annotations

@@ -170,34 +170,59 @@ def plot_run(run_dir, out_dir=None) -> list[pathlib.Path]:
 
   written = []
 
-  def fig(name, keys, ylabel, logy=False):
-    plt.figure(figsize=(7, 4))
+  from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+  def panel(ax, keys, ylabel, logy=False, scale=1.0):
+    """One axis of curves; True when it has data. Steps are whole numbers on the x axis."""
     any_data = False
     for k in keys:
       xs, ys = series(k)
       if xs:
         any_data = True
-        plt.plot(xs, ys, label=k, marker="." if len(xs) < 40 else None)
+        ax.plot(xs, [y * scale for y in ys], label=k, marker="." if len(xs) < 40 else None)
     if not any_data:
-      plt.close()
-      return
-    plt.xlabel("step")
-    plt.ylabel(ylabel)
+      return False
+    ax.set_xlabel("step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel(ylabel)
     if logy:
-      plt.yscale("log")
-    plt.grid(alpha=0.3)
-    plt.legend(fontsize=7)
-    plt.tight_layout()
+      ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return True
+
+  def save(f, name):
+    f.tight_layout()
     p = out_dir / f"{name}.png"
-    plt.savefig(p, dpi=110)
-    plt.close()
+    f.savefig(p, dpi=110)
+    plt.close(f)
     written.append(p)
 
+  def fig(name, keys, ylabel, logy=False, scale=1.0, pct=False):
+    f, ax = plt.subplots(figsize=(7, 4))
+    if not panel(ax, keys, ylabel, logy, scale):
+      plt.close(f)
+      return
+    if pct:
+      ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}%"))
+    save(f, name)
+
+  # the loss keeps its own axis: aux (MoE balance terms, ~1e-2) gets a panel below it, so it
+  # neither squashes the loss curves nor disappears at their scale
+  if series("aux")[0]:
+    f, (a1, a2) = plt.subplots(2, 1, figsize=(7, 6), sharex=True,
+                               gridspec_kw={"height_ratios": [3, 1]})
+    if panel(a1, ["loss", "ce_mtp"], "loss"):
+      panel(a2, ["aux"], "aux")
+      save(f, "loss")
+    else:
+      plt.close(f)
+  else:
+    fig("loss", ["loss", "ce_mtp"], "loss")
   all_keys = sorted({k for r in recs for k in r})
-  fig("loss", ["loss", "ce_mtp", "aux"], "loss")
   fig("heldout", [k for k in all_keys if k.startswith("val/")], "held-out CE_next")
   fig("lr", ["lr"], "learning rate")
   fig("throughput", ["tokens_per_s"], "tokens / s")
-  fig("mfu", ["mfu"], "MFU")
+  fig("mfu", ["mfu"], "MFU (%)", scale=100.0, pct=True)
   fig("grad_norm", ["grad_norm"], "global grad norm", logy=True)
   return written

@@ -216,8 +216,13 @@ _STATE_AXES = ("batch", "seq", "streams", "embed")
 _ZERO = None
 
 
-def layer_apply(vars_j, x, consts, choices, *, cfg, kind: str):
-  """One layer on the stream state (reversible.run_stack's layer_fn interface)."""
+def layer_apply(vars_j, x, consts, choices, *, cfg, kind: str, mixer=None):
+  """One layer on the stream state (reversible.run_stack's layer_fn interface).
+
+  mixer: None (the layer's own mixer) or a replacement `mixer(vars_j, u, consts, selection) ->
+  (y, selection | None, aux, stats)` run in its place inside the streams (lightning_jax.decode:
+  the mixer with its decoding state, which it returns as `stats`).
+  """
   p = vars_j["params"]
   fr = vars_j.get("frozen") or {}
   st = vars_j.get("stats") or {}
@@ -226,7 +231,14 @@ def layer_apply(vars_j, x, consts, choices, *, cfg, kind: str):
   aux = jnp.zeros((), jnp.float32)
   out_choices, out_stats = {}, {}
 
-  if kind == "D":
+  if mixer is not None:
+    x, (sel, a, s) = streams.apply(p["mix_hc"], x,
+                                   lambda u: mixer(vars_j, u, consts, ch.get("mixer")), cfg)
+    aux = aux + jnp.asarray(a, jnp.float32)
+    out_stats["mixer"] = s
+    if sel is not None:
+      out_choices["mixer"] = sel
+  elif kind == "D":
     dn = _deltanet()
     x, _ = streams.apply(p["mix_hc"], x, lambda u: (dn.deltanet_apply(p["mixer"], u, consts, cfg),),
                          cfg)

@@ -89,15 +89,19 @@ def deltanet_specs(cfg) -> dict:
 
 
 # ----------------------------------------------------------------------------- helpers
-def causal_conv1d(x, w, b=None):
+def causal_conv1d(x, w, b=None, history=None):
   """Causal depthwise conv over time: y_t = b + sum_j w[j] * x_{t-K+1+j}.
 
   x [B, T, C], w [K, C], b [C] -> [B, T, C] (PyTorch Conv1d(groups=C, padding=K-1) with the
-  right overhang dropped; w[j] is torch's weight[:, 0, j]).
+  right overhang dropped; w[j] is torch's weight[:, 0, j]). history [B, K-1, C]: the inputs of
+  the K-1 tokens before x (decoding); None: zeros, the start of a sequence.
   """
   kern = w.shape[0]
   t = x.shape[1]
-  xp = jnp.pad(x, ((0, 0), (kern - 1, 0), (0, 0)))
+  if history is None:
+    xp = jnp.pad(x, ((0, 0), (kern - 1, 0), (0, 0)))
+  else:
+    xp = jnp.concatenate([history.astype(x.dtype), x], axis=1)
   w = w.astype(x.dtype)
   y = xp[:, 0:t] * w[0]
   for j in range(1, kern):
@@ -258,10 +262,13 @@ def _delta_rule(cfg, q, k, v, log_alpha, beta):
                     f"expected 'auto', 'chunked', 'recurrent' or 'kernel'.")
 
 
-def deltanet_apply(p: dict, x, consts, cfg):
-  """Gated DeltaNet mixer: x [B, T, d] -> [B, T, d] in cfg.model.dtype, float32 state.
+def deltanet_inputs(p: dict, x, consts, cfg, conv_state=None):
+  """Everything the delta rule takes, from x [B, T, d] (shared by training and decoding).
 
-  consts["rope_dn"] = (cos, sin) from rotary.rotary_tables (or None: no rotary).
+  conv_state: None (the sequence starts here) or {"q", "k", "v": [B, K-1, H*Dh]}, the pre-conv
+  projections of the K-1 tokens before x. Returns (inputs, raw): inputs = {"q", "k" (normalised,
+  rotated), "v", "gate" [B, T, H, Dh], "beta", "log_alpha" [B, T, H] float32}; raw = the pre-conv
+  projections {"q", "k", "v": [B, T, H*Dh]} (a decoder keeps the last K-1 of them).
   """
   m = cfg.model
   h, dh = int(m.deltanet.n_heads), int(m.deltanet.head_dim)
@@ -275,13 +282,16 @@ def deltanet_apply(p: dict, x, consts, cfg):
   def proj(name):
     return x @ p[name].astype(dtype)
 
-  def conv_silu(y, name):
-    return jax.nn.silu(causal_conv1d(y, p[name]["w"], p[name]["b"]))
+  raw = {n: proj(n) for n in ("q", "k", "v")}
+
+  def conv_silu(n):
+    hist = None if conv_state is None else conv_state[n]
+    return jax.nn.silu(causal_conv1d(raw[n], p["conv_" + n]["w"], p["conv_" + n]["b"], hist))
 
   heads = ("batch", "seq", "heads", "kv")
-  q = conv_silu(proj("q"), "conv_q").reshape(bsz, t, h, dh)
-  k = conv_silu(proj("k"), "conv_k").reshape(bsz, t, h, dh)
-  v = conv_silu(proj("v"), "conv_v").reshape(bsz, t, h, dh)
+  q = conv_silu("q").reshape(bsz, t, h, dh)
+  k = conv_silu("k").reshape(bsz, t, h, dh)
+  v = conv_silu("v").reshape(bsz, t, h, dh)
   gate = proj("g").reshape(bsz, t, h, dh)
   q, k, v = (constrain(a, heads) for a in (q, k, v))
 
@@ -291,11 +301,29 @@ def deltanet_apply(p: dict, x, consts, cfg):
                         + p["b"]["b"].astype(jnp.float32))
   gk = x.astype(jnp.float32) @ p["gk"]["w"].astype(jnp.float32) + p["gk"]["b"].astype(jnp.float32)
   log_alpha = decay_log_alpha(gk, p["A_log"], p["dt_bias"])
+  return {"q": q, "k": k, "v": v, "gate": gate, "beta": beta, "log_alpha": log_alpha}, raw
 
-  o, _ = _delta_rule(cfg, q, k, v, log_alpha, beta)
+
+def deltanet_output(p: dict, o, inputs, cfg):
+  """The mixer's output from the delta rule's o [B, T, H, Dv]: the D (q.k) v term, the per-head
+  RMSNorm, the output gate and the o-projection -> [B, T, d] in cfg.model.dtype."""
+  m = cfg.model
+  dtype = nn.dtype_of(m.dtype)
+  q, k, v, gate = inputs["q"], inputs["k"], inputs["v"], inputs["gate"]
+  bsz, t, h, dh = gate.shape
   o = o.astype(jnp.float32)
   qk = jnp.sum(q.astype(jnp.float32) * k.astype(jnp.float32), axis=-1, keepdims=True)
   o = o + p["D"].astype(jnp.float32)[:, None] * qk * v.astype(jnp.float32)
   o = norms.rms_norm(o, p["o_norm"]["scale"], eps=float(m.norm_eps)).astype(dtype)
   o = gate * jax.nn.silu(o)
   return o.reshape(bsz, t, h * dh) @ p["o"].astype(dtype)
+
+
+def deltanet_apply(p: dict, x, consts, cfg):
+  """Gated DeltaNet mixer: x [B, T, d] -> [B, T, d] in cfg.model.dtype, float32 state.
+
+  consts["rope_dn"] = (cos, sin) from rotary.rotary_tables (or None: no rotary).
+  """
+  inp, _ = deltanet_inputs(p, x, consts, cfg)
+  o, _ = _delta_rule(cfg, inp["q"], inp["k"], inp["v"], inp["log_alpha"], inp["beta"])
+  return deltanet_output(jax.tree_util.tree_map(jnp.asarray, p), o, inp, cfg)

@@ -185,6 +185,17 @@ def _from_chunks(a, T: int):
   return jnp.moveaxis(a, 0, 1).reshape((B, n * qc) + a.shape[3:])[:, :T]
 
 
+def indexer_projections(p, x, g):
+  """The indexer's queries qi [B, T, idx_heads, idx_dim], shared key ki [B, T, idx_dim] and head
+  weight logits wi [B, T, idx_heads] of x [B, T, d] (in x's dtype)."""
+  B, T, _ = x.shape
+  dtype = x.dtype
+  qi = (x @ p["idx_q"].astype(dtype)).reshape(B, T, g.idx_heads, g.idx_dim)
+  ki = x @ p["idx_k"].astype(dtype)
+  wi = x @ p["idx_w"].astype(dtype)
+  return qi, ki, wi
+
+
 def gsa_select(p, stats, x, cfg):
   """Indexer + adaptive top-k for every query, chunked over queries; no gradient flows.
 
@@ -196,10 +207,7 @@ def gsa_select(p, stats, x, cfg):
   x = jax.lax.stop_gradient(x)
   var_ema = jax.lax.stop_gradient(jnp.asarray(stats["var_ema"], jnp.float32))
   B, T, _ = x.shape
-  dtype = x.dtype
-  qi = (x @ p["idx_q"].astype(dtype)).reshape(B, T, g.idx_heads, g.idx_dim)
-  ki = x @ p["idx_k"].astype(dtype)
-  wi = x @ p["idx_w"].astype(dtype)
+  qi, ki, wi = indexer_projections(p, x, g)
   qc = _chunk(g, T)
   n = -(-T // qc)
   pos = jnp.arange(n * qc, dtype=jnp.int32).reshape(n, qc)
@@ -237,7 +245,12 @@ def _attend_chunk(q_c, k, v, idx_c, scale):
   valid = idx_c >= 0
   safe = jnp.maximum(idx_c, 0)
   take = jax.vmap(lambda a, i: a[i])                                  # [T,H,D],[Q,K] -> [Q,K,H,D]
-  ks, vs = take(k, safe), take(v, safe)
+  return attend_gathered(q_c, take(k, safe), take(v, safe), valid, scale)
+
+
+def attend_gathered(q_c, ks, vs, valid, scale):
+  """Softmax attention of q_c [B, Q, H, D] over gathered keys/values ks, vs [B, Q, K, H, D];
+  valid [B, Q, K] marks the real ones (a row with none gives 0)."""
   logits = jnp.einsum("bqhd,bqkhd->bhqk", q_c, ks, preferred_element_type=jnp.float32) * scale
   mask = valid[:, None]                                               # [B, 1, Q, K]
   probs = jax.nn.softmax(jnp.where(mask, logits, _NEG), axis=-1)
@@ -345,8 +358,19 @@ def _check_selection(selection, B: int, T: int, k_max: int):
                      f"{getattr(selection, 'dtype', type(selection))}.")
 
 
-def gsa_apply(p, stats, x, consts, cfg, selection=None):
+def gsa_output(p, att, go, cfg):
+  """y [B, T, d] from the attention output att [B, T, H, D] and the output gate logits go."""
+  g = cfg.model.gsa
+  B, T = att.shape[:2]
+  out = att.reshape(B, T, g.n_heads * g.head_dim) * jax.nn.sigmoid(go)
+  return out @ p["o"].astype(nn.dtype_of(cfg.model.dtype))
+
+
+def gsa_apply(p, stats, x, consts, cfg, selection=None, return_cache: bool = False):
   """One GSA mixer. Returns (y [B, T, d], selection, aux, step_stats).
+
+  return_cache: also return {"k", "v": [B, T, H, D] (rotated keys, gated values), "ki":
+  [B, T, idx_dim] (indexer keys)} as a fifth element, what a decoder keeps per token.
 
   selection: None -> selected here from the indexer; given -> used verbatim (never reselected).
   aux: float32 0 (the reference has no indexer loss; see the module docstring).
@@ -375,8 +399,9 @@ def gsa_apply(p, stats, x, consts, cfg, selection=None):
     step_stats = {"var_sum": zero, "var_count": zero, "k_sum": zero}
   q, k, v, go = _projections(p, x, consts, cfg)
   att = sparse_attention(q, k, v, selection, _chunk(g, T), mode)
-  out = att.reshape(B, T, g.n_heads * g.head_dim) * jax.nn.sigmoid(go)
-  y = out @ p["o"].astype(dtype)
+  y = gsa_output(p, att, go, cfg)
+  if return_cache:
+    return y, selection, zero, step_stats, {"k": k, "v": v, "ki": indexer_projections(p, x, g)[1]}
   return y, selection, zero, step_stats
 
 
