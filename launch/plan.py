@@ -153,7 +153,7 @@ def plan(cfg, mesh, log=print, device: str = "", mem_fraction: float | None = No
     t1 = time.perf_counter()
     compiled = lowered.compile()
     times[acc] = (t1 - t0, time.perf_counter() - t1)
-    built[acc] = b
+    built[acc] = (b, compiled)
     return compiled
 
   if mem_fraction is not None and not device:
@@ -169,11 +169,11 @@ def plan(cfg, mesh, log=print, device: str = "", mem_fraction: float | None = No
     refusal = None
   except ConfigError as err:          # launch.train would refuse with this sentence
     refusal = str(err)
-    accum = max(built) if built else None
-    if accum is None:
+    if not built:
       raise
-    compiled = compile_at(accum)
-  b = built[accum]
+    accum = max(built)                  # the smallest micro-batch tried
+    compiled = built[accum][1]
+  b = built[accum][0]
   sa, ss = b["state_abs"], b["state_shard"]
   parts = {
       "parameters (trainable, f32)": _per_device_bytes(sa["params"], ss["params"]),
