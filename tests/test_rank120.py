@@ -1,0 +1,38 @@
+"""benchmarks.rank120 --tiny: one rank's share of the tiny 120B-class stage runs on CPU and writes
+the record the issue names (the GPU numbers are in docs/PERFORMANCE.md)."""
+import json
+
+import pytest
+
+from benchmarks import rank120
+from lightning_jax import counting
+from lightning_jax.config import ConfigError, load_config
+
+
+def test_rank120_tiny_writes_the_record(tmp_path):
+  out = tmp_path / "rank120.json"
+  rec = rank120.main(["--tiny", "--layers", "4", "--seq", "32", "--plan_batches", "2",
+                      "--json", str(out)])
+  on_disk = json.loads(out.read_text())
+  for k in ("device", "date", "commit", "command", "tokens_per_s", "peak_gb", "compiled_plan_gb",
+            "flops_per_token", "mfu", "largest_micro_batch_80gb", "largest_micro_batch_141gb"):
+    assert k in on_disk, k
+  assert rec["experts_per_rank"] == 6 and rec["layers"] == 4 and rec["finite"]
+  assert rec["tokens_per_s"] > 0 and rec["step_ms"] > 0
+  cfg = rank120.rank_config(load_config("configs/tiny_120b.py"), 2)
+  cfg.model.n_layers = 4
+  assert rec["flops_per_token"] == counting.flops_per_token(cfg, 32)["total"]
+  # CPU keeps no allocator statistics: the compiled plan stands in for the peak
+  assert rec["peak_gb"] == rec["compiled_plan_gb"] > 0
+  plans = {p["batch"]: p["total"] for p in rec["plans_gb"]}
+  assert set(plans) == {1, 2} and plans[2] > plans[1]
+  # the profile: a table of the step's ops from a jax.profiler trace
+  assert len(rec["profile"]) > 5 and rec["profile_info"]["op_ms_per_call"] > 0
+  assert abs(sum(r["share"] for r in rec["profile"]) - 1.0) < 1.0 and rec["profile"][0]["ms"] > 0
+
+
+def test_rank120_bad_input():
+  with pytest.raises(ConfigError, match="fewer than moe.top_k"):
+    rank120.rank_config(load_config("configs/tiny_120b.py"), 4)
+  with pytest.raises(ConfigError, match="has no routed experts"):
+    rank120.rank_config(load_config("configs/tiny.py"), 2)
