@@ -134,7 +134,6 @@ def main(argv):
 
 def _define_flags():
   from absl import flags
-  from lightning_jax import inference
   flags.DEFINE_string("prompt", None, "One prompt (text).")
   flags.DEFINE_string("prompts", None, "A file of prompts: .txt one per line, .jsonl "
                       "{\"prompt\": ...} per line; all run as one batch.")
@@ -148,7 +147,11 @@ def _define_flags():
                      "with this much probability (1 = off).")
   flags.DEFINE_integer("seed", 0, "Random seed of the sampling.")
   flags.DEFINE_string("out", "", "Write the completions as JSON lines to this file.")
-  inference.define_run_flags(flags)
+  flags.DEFINE_string("data", "", "The run's prepared data directory (default: the config's "
+                      "data.path, else RUN/data): its vocabulary maps text to the model's ids.")
+  flags.DEFINE_string("tokenizer", "", "Tokenizer name; must match the run's (default: the run's).")
+  flags.DEFINE_string("mesh", "auto", "auto: the run's mesh.expert x mesh.tensor layout when this "
+                      "host has the devices for it (the sharded 120B); none: one device.")
 
 
 if __name__ == "__main__":

@@ -133,7 +133,6 @@ def main(argv):
 
 def _define_flags():
   from absl import flags
-  from lightning_jax import inference
   flags.DEFINE_multi_string("input", [], "A .txt/.jsonl file, a directory of them, or a prepared "
                             "data directory (repeatable).")
   flags.DEFINE_integer("step", -1, "Checkpoint step to use (default: the newest).")
@@ -141,7 +140,11 @@ def _define_flags():
   flags.DEFINE_integer("batch", 0, "Windows per forward (default: the run's train.eval_batch).")
   flags.DEFINE_string("split", "val", "For prepared data directories: the split to score.")
   flags.DEFINE_string("out", "", "JSON output file (default RUN/scores/<step>.json).")
-  inference.define_run_flags(flags)
+  flags.DEFINE_string("data", "", "The run's prepared data directory (default: the config's "
+                      "data.path, else RUN/data): its vocabulary maps text to the model's ids.")
+  flags.DEFINE_string("tokenizer", "", "Tokenizer name; must match the run's (default: the run's).")
+  flags.DEFINE_string("mesh", "auto", "auto: the run's mesh.expert x mesh.tensor layout when this "
+                      "host has the devices for it (the sharded 120B); none: one device.")
 
 
 if __name__ == "__main__":

@@ -291,12 +291,3 @@ def write_json(path, obj):
 
 def nats_to_bits(x: float) -> float:
   return x / math.log(2.0)
-
-
-def define_run_flags(flags) -> None:
-  """The absl flags launch.generate and launch.score share: --data, --tokenizer, --mesh."""
-  flags.DEFINE_string("data", "", "The run's prepared data directory (default: the config's "
-                      "data.path, else RUN/data): its vocabulary maps text to the model's ids.")
-  flags.DEFINE_string("tokenizer", "", "Tokenizer name; must match the run's (default: the run's).")
-  flags.DEFINE_string("mesh", "auto", "auto: the run's mesh.expert x mesh.tensor layout when this "
-                      "host has the devices for it (the sharded 120B); none: one device.")
