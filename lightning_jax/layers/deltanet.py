@@ -168,19 +168,20 @@ def unit_lower_inverse(a):
   two matmuls; no pivoting and no LAPACK custom call.
   """
   c = a.shape[-1]
-  if c <= 1:
-    return jnp.broadcast_to(jnp.eye(c, dtype=a.dtype), a.shape)
-  p = 1 << (c - 1).bit_length()
+  p = 1 << max(c - 1, 0).bit_length()
   if p != c:
     a = jnp.pad(a, [(0, 0)] * (a.ndim - 2) + [(0, p - c), (0, p - c)])
   pos = jnp.arange(p)
   mm = lambda x, y: jnp.matmul(x, y, precision=jax.lax.Precision.HIGHEST)
-  inv = jnp.broadcast_to(jnp.eye(p, dtype=a.dtype), a.shape)
+  eye = jnp.eye(p, dtype=a.dtype)
+  # every term derives from `a`, so the result keeps a's sharding (explicit-axis meshes)
+  inv = eye + jnp.zeros_like(a)
   s = 1
   while s < p:
     off = ((pos[:, None] // s) != (pos[None, :] // s)) & \
           ((pos[:, None] // (2 * s)) == (pos[None, :] // (2 * s)))
-    inv = inv - mm(inv, mm(jnp.where(off, a, 0.0), inv))
+    o = jnp.where(off, a, 0.0)
+    inv = inv - o if s == 1 else inv - mm(inv, mm(o, inv))     # X = I at s = 1
     s *= 2
   return inv[..., :c, :c]
 
