@@ -45,7 +45,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lightning_jax import checkpoint as ckpt_lib
 from lightning_jax import metrics as metrics_lib
-from lightning_jax import optim, sharding
+from lightning_jax import optim, run_checks, sharding, watchdog
 from lightning_jax.config import ConfigError, validate
 from lightning_jax.data import pipeline, shards
 
@@ -104,6 +104,7 @@ def resolve_data(cfg, workdir: pathlib.Path, log=print) -> tuple[str, dict]:
     shards.prepare([str(src)], str(p), encoding=encoding, id_order=d.id_order,
                    val_fraction=d.val_fraction, seed=d.seed, log=log)
   manifest = shards.load_manifest(p)
+  run_checks.pool_layout_fallback(cfg, p, manifest, log)    # own data without the pools' domains
   return str(p), manifest
 
 
@@ -283,6 +284,14 @@ def make_eval_step(cfg, model):
 _JIT_CACHE: dict = {}
 
 
+def _compile_key(cfg_json, mesh, accum, model):
+  """What the compiled functions depend on (not data paths, logging, checkpoint policy, the
+  watchdog or the compilation cache)."""
+  sec = {k: cfg_json.get(k) for k in ("model", "moe", "reversible", "tqp", "optim", "train", "mesh")}
+  sec["train"] = {k: v for k, v in (sec["train"] or {}).items() if k not in run_checks.HOST_ONLY}
+  return (json.dumps(sec, sort_keys=True), tuple(d.id for d in mesh.devices.flat), accum, id(model))
+
+
 def _cached_jit(key, build):
   if key not in _JIT_CACHE:
     _JIT_CACHE[key] = build()
@@ -292,8 +301,13 @@ def _cached_jit(key, build):
 # ----------------------------------------------------------------------------- training
 def train(cfg, workdir, *, fallback_to_previous: bool = False, stop_after: int = 0,
           progress: bool = True, log=print, model=None, debug_poison_step: int = -1,
-          checkpointing: bool = True) -> dict:
-  """Run (or resume) training; returns a summary dict (also the last line of metrics.jsonl)."""
+          checkpointing: bool = True, stage_cfg=None, on_hang=None,
+          debug_hang_step: int = -1) -> dict:
+  """Run (or resume) training; returns a summary dict (also the last line of metrics.jsonl).
+
+  stage_cfg: (stage file, its config) to log the resolved config's difference from it.
+  on_hang(message): the watchdog's action (lightning_jax/watchdog.py; default: end the process).
+  """
   if model is None:
     from lightning_jax import model
   t_start = time.perf_counter()
@@ -303,6 +317,9 @@ def train(cfg, workdir, *, fallback_to_previous: bool = False, stop_after: int =
   data_dir, manifest = resolve_data(cfg, workdir, log)
   apply_data_vocab(cfg, manifest, data_dir)
   validate(cfg)
+  watchdog.check_config(cfg)
+  if stage_cfg is not None:
+    log(run_checks.config_diff_line(cfg, stage_cfg[1], stage_cfg[0]))
   mesh = sharding.make_mesh(cfg.mesh)
   n_batch = mesh.shape["data"] * mesh.shape["expert"]
   accum = check_train_config(cfg, n_batch)
@@ -341,9 +358,7 @@ def train(cfg, workdir, *, fallback_to_previous: bool = False, stop_after: int =
   # ---- checkpoints: resume or init
   cfg_json = ckpt_lib.config_to_json(cfg)
   # what the compiled functions depend on (not data paths, logging or checkpoint policy)
-  ckey = (json.dumps({k: cfg_json.get(k) for k in ("model", "moe", "reversible", "tqp", "optim",
-                                                    "train", "mesh")}, sort_keys=True),
-          tuple(d.id for d in mesh.devices.flat), accum, id(model))
+  ckey = _compile_key(cfg_json, mesh, accum, model)
   ck = ckpt_lib.Checkpointer(workdir / "checkpoints", cfg.checkpoint)
   restored = None
   if checkpointing:
@@ -356,6 +371,10 @@ def train(cfg, workdir, *, fallback_to_previous: bool = False, stop_after: int =
     state = restored["state"]
     loader.set_state(restored["loader"], log=log)       # the pool mixture reports stage notes
     start = int(restored["step"])
+    if run_checks.schedule_on_resume(cfg, restored["config"], restored.get("meta"), start, log):
+      tx, sched = optim.make_optimizer(cfg, abstract["params"], steps_total)   # restarted LR
+      cfg_json = ckpt_lib.config_to_json(cfg)
+      ckey = _compile_key(cfg_json, mesh, accum, model)
     frozen_version = restored.get("frozen_version")
     if frozen_version is None:      # a step of the older layout (frozen inside the state)
       frozen_version = start
@@ -415,12 +434,30 @@ def train(cfg, workdir, *, fallback_to_previous: bool = False, stop_after: int =
   eval_shard = NamedSharding(mesh, P(None, BATCH_AXES, None))
   hw = heldout_weights(cfg, manifest, list(dict.fromkeys(eval_names))) if eval_names else {}
 
+  # ---- watchdog and compilation (timed apart from the steps)
+  note_step = [start]
+  wd = watchdog.Watchdog.from_config(
+      cfg, on_timeout=on_hang or watchdog.exit_process,
+      note=lambda msg: logger.write(note_step[0], {"stopped": msg}))
+  ids_abs = jax.ShapeDtypeStruct((cfg.train.global_batch, cfg.train.seq_len + 2), jnp.int32,
+                                 sharding=batch_shard)
+  compile_s = watchdog.compile_all(
+      wd, log, [("the training step", lambda: step_jit.lower(
+          state, {"ids": ids_abs}, *((hot.ctl(),) if hot is not None else ())).compile())] +
+      ([("the held-out evaluation", lambda: eval_jit.lower(state, jax.ShapeDtypeStruct(
+          eval_stack.shape, jnp.int32, sharding=eval_shard)).compile())]
+       if eval_stack is not None else []))
+  logger.write(start, {"compile_s": sum(compile_s.values()),
+                       **{f"compile_s/{k}": v for k, v in compile_s.items()}})
+
   def run_eval(step):
     out = {}
     if eval_stack is None:
       return out
+    wd.begin("eval", f"the held-out evaluation at step {step}")
     with sharding.use_mesh(mesh):
       vals = np.asarray(jax.device_get(eval_jit(state, jax.device_put(eval_stack, eval_shard))))
+    wd.end()
     for dom in dict.fromkeys(eval_names):
       out[f"val/{dom}"] = float(np.mean([v for n, v in zip(eval_names, vals) if n == dom]))
     if out:
@@ -431,7 +468,9 @@ def train(cfg, workdir, *, fallback_to_previous: bool = False, stop_after: int =
 
   def save(step, meta):
     if checkpointing:
+      wd.begin("save", f"the checkpoint save at step {step}")
       ck.save(step, state, loader.get_state(), cfg_json, meta, frozen_version=frozen_version)
+      wd.end()
 
   history, first_eval, last_eval = [], None, None
   if eval_stack is not None and start == 0:
@@ -448,7 +487,11 @@ def train(cfg, workdir, *, fallback_to_previous: bool = False, stop_after: int =
   thr.reset()
   try:
     for step in range(start, end):
+      note_step[0] = step + 1
+      wd.begin("step", f"step {step + 1}")
       batch = next(loader)
+      if step == debug_hang_step:        # fault injection for the watchdog test: never returns
+        watchdog.hang_forever()
       if step == debug_poison_step:      # fault injection for the NaN-stop test
         state["params"]["head"]["w"] = state["params"]["head"]["w"] * jnp.nan
       extra = ()
@@ -459,6 +502,7 @@ def train(cfg, workdir, *, fallback_to_previous: bool = False, stop_after: int =
         ids = jax.make_array_from_process_local_data(batch_shard, np.asarray(batch["ids"]))
         state, m = step_jit(state, {"ids": ids}, *extra)
       m = jax.device_get(m)
+      wd.end()
       rec = {k: float(v) for k, v in m.items() if k != "finite"}
       if not bool(m["finite"]):
         last = ck.steps()
@@ -490,10 +534,14 @@ def train(cfg, workdir, *, fallback_to_previous: bool = False, stop_after: int =
       if checkpointing and ck.due(done) and done < end:
         save(done, {"loss": rec["loss"], "lr": rec["lr"], "tokens": rec["tokens"]})
         thr.reset()
+  except BaseException:
+    wd.close()
+    raise
   finally:
     if bar is not None:
       bar.close()
   if stopped is not None:
+    wd.close()
     ck.close()
     logger.close()
     raise TrainingStopped(stopped)
@@ -501,9 +549,12 @@ def train(cfg, workdir, *, fallback_to_previous: bool = False, stop_after: int =
   if eval_stack is not None and final > start:
     last_eval = run_eval(final)
   if checkpointing and final > start and (not ck.steps() or ck.steps()[-1] != final):
-    save(final, {"loss": history[-1][1] if history else None, "tokens": final * tps})
+    save(final, {"loss": history[-1][1] if history else None, "tokens": final * tps,
+                 "lr": history and float(sched(final - 1))})
   ck.close()
+  wd.close()
   summary = {"final_step": final, "steps_total": steps_total, "wall_s": time.perf_counter() - t_start,
+             "compile_s": compile_s,
              "losses": history,
              "heldout_start": first_eval.get("val/mix") if first_eval else None,
              "heldout_end": last_eval.get("val/mix") if last_eval else None,
@@ -600,10 +651,13 @@ def main(argv):
   cfg = FLAGS.config
   workdir = FLAGS.workdir or f"runs/{cfg.stage}"
   try:
+    stage_cfg = run_checks.stage_config(FLAGS["config"])
+    run_checks.enable_compile_cache(cfg, workdir)
     s = train(cfg, workdir, fallback_to_previous=FLAGS.fallback_to_previous,
               stop_after=FLAGS.stop_after, progress=not FLAGS.no_progress,
               debug_poison_step=FLAGS.debug_poison_step,
-              checkpointing=not FLAGS.no_checkpoint)
+              checkpointing=not FLAGS.no_checkpoint, stage_cfg=stage_cfg,
+              debug_hang_step=FLAGS.debug_hang_step)
   except (ConfigError, shards.DataError, ckpt_lib.CheckpointError, TrainingStopped) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
@@ -681,6 +735,8 @@ def _define_flags():
   flags.DEFINE_bool("no_checkpoint", False, "Neither restore nor save checkpoints (benchmarks).")
   flags.DEFINE_integer("debug_poison_step", -1, "Fault injection: make the parameters NaN "
                        "before this step (tests the non-finite stop).")
+  flags.DEFINE_integer("debug_hang_step", -1, "Fault injection: block forever in this step "
+                       "(tests the watchdog).")
   flags.mark_flag_as_required("config")
 
 
