@@ -394,9 +394,13 @@ def train(cfg, workdir, *, fallback_to_previous: bool = False, stop_after: int =
                        "stats": state_shard["stats"]}))
     opt_init_jit = _cached_jit(("opt_init",) + ckey, lambda: jax.jit(tx.init,
                                                                    out_shardings=o_shard))
+    log("initialising the parameters (compiling the initialiser) ...")
+    t_init = time.perf_counter()
     with sharding.use_mesh(mesh):
       var = init_jit(key, codec)
       opt_state = opt_init_jit(var["params"])
+    jax.block_until_ready(opt_state)
+    log(f"initialised in {time.perf_counter() - t_init:.1f} s")
     state = {**var, "opt_state": opt_state, "step": jax.device_put(jnp.int32(0), rep)}
 
   # ---- host-side controls between steps
