@@ -252,14 +252,16 @@ def case_lineage(args):
   script = LINEAGE.replace("__R__", str(r))
   t0 = time.time()
   cache = args.workdir / "lineage_compile_cache"      # cold: every command compiles once
-  shutil.rmtree(cache, ignore_errors=True)
+  if not args.warm_cache:
+    shutil.rmtree(cache, ignore_errors=True)
   p = subprocess.run(["bash", "-c", script], cwd=REPO,
                      env=dict(os.environ, LIGHTNING_JAX_CACHE=str(cache)),
                      capture_output=True, text=True, timeout=args.lineage_timeout)
   dt = time.time() - t0
   (args.workdir / "lineage.log").write_text(p.stdout + p.stderr)
   done = re.findall(r"done: step (\d+)/(\d+) in ([\d.]+)s; final loss ([\d.]+)", p.stdout)
-  row("lineage", "cookbook tiny lineage, commands as written (20 steps/stage)", 1,
+  row("lineage", f"cookbook tiny lineage, commands as written (20 steps/stage), "
+      f"{'warm' if args.warm_cache else 'cold'} compilation cache", 1,
       f"rc={p.returncode}; final losses {[float(x[3]) for x in done]}", p.returncode == 0 and
       len(done) == 4, dt)
 
@@ -271,6 +273,8 @@ def main():
   ap.add_argument("--steps", type=int, default=12)
   ap.add_argument("--timeout", type=float, default=900)
   ap.add_argument("--lineage_timeout", type=float, default=3600)
+  ap.add_argument("--warm_cache", action="store_true", help="lineage: keep the compilation "
+                  "cache of an earlier lineage run in the same --workdir (default: cold)")
   ap.add_argument("--json", default="")
   args = ap.parse_args()
   args.workdir = pathlib.Path(args.workdir).resolve()
