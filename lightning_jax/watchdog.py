@@ -161,8 +161,8 @@ class Watchdog:
     ran = self.clock() - t0
     if ran <= budget:
       return None
-    msg = (f"the watchdog stopped the run: {label} has run {ran:.0f} s, past its budget of "
-           f"{budget:.0f} s ({why}); the last complete checkpoint is intact and the same command "
+    msg = (f"the watchdog stopped the run: {label} has run {ran:.1f} s, past its budget of "
+           f"{budget:.1f} s ({why}); the last complete checkpoint is intact and the same command "
            f"resumes from it (raise the train.watchdog_* fields if this phase is legitimately "
            f"slow).")
     self.fired = msg
