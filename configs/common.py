@@ -159,6 +159,7 @@ def get_base_config() -> ConfigDict:
   o.start_lr = 0.0                # or the previous stage's end LR:
   o.start_from = ""               # previous stage's config file; start_lr := its end LR
   o.start_from_lr = -1.0          # start_from's end LR, resolved from the user's config (-1: not yet)
+  o.schedule_start = 0            # step at which the schedule starts (train.extend_schedule=restart)
   o.warmup_steps = 1000
   o.schedule = "cosine"           # cosine | wsd | constant
   o.decay_ratio = 10.0            # end LR = peak / decay_ratio
@@ -201,4 +202,16 @@ def get_base_config() -> ConfigDict:
                                   # auto (train with the largest that fits) | off
   tr.device_memory_gb = 0.0       # 0: the device's allocator limit (GPU); > 0: plan for this
   tr.memory_headroom_gb = 1.0     # kept free for the allocator's fragmentation
+  # resuming with a different train.steps / total_tokens: "ask" (refuse, naming the choices),
+  # "stretch" (one schedule over the new budget) or "restart" (re-warm from the LR reached)
+  tr.extend_schedule = "ask"
+  # watchdog (lightning_jax/watchdog.py): a step past max(watchdog_min_s, watchdog_factor x the
+  # median step time), or compiling / a first step, eval or save past watchdog_compile_s, stops
+  # the run naming the phase (0 = off)
+  tr.watchdog_factor = 20.0
+  tr.watchdog_min_s = 60.0
+  tr.watchdog_compile_s = 1800.0
+  # JAX persistent compilation cache: "auto" (~/.cache/lightning_jax/jax_compile), "run"
+  # (<workdir>/jax_cache), "off", or a directory
+  tr.compile_cache = "auto"
   return c

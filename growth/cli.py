@@ -386,8 +386,11 @@ def run(transform: str):
 
   def main(argv):
     F = flags.FLAGS
-    return guarded(argv, "--src=RUN --dst=NEW_RUN --config=configs/x.py",
-                   lambda: grow(transform, F.src, F.dst, F.config, _args(transform)))
+    def go():
+      from lightning_jax.run_checks import enable_compile_cache
+      enable_compile_cache(F.config, F.dst, log=lambda *_: None)   # train.compile_cache
+      grow(transform, F.src, F.dst, F.config, _args(transform))
+    return guarded(argv, "--src=RUN --dst=NEW_RUN --config=configs/x.py", go)
 
   _define_flags(transform)
   absl_logging.set_verbosity(absl_logging.ERROR)

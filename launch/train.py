@@ -45,7 +45,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lightning_jax import checkpoint as ckpt_lib
 from lightning_jax import memory_plan, metrics as metrics_lib
-from lightning_jax import optim, rundir, sharding
+from lightning_jax import optim, rundir, run_checks, sharding, watchdog
 from lightning_jax.config import ConfigError, validate
 from lightning_jax.data import pipeline, shards
 
@@ -104,6 +104,7 @@ def resolve_data(cfg, workdir: pathlib.Path, log=print) -> tuple[str, dict]:
     shards.prepare([str(src)], str(p), encoding=encoding, id_order=d.id_order,
                    val_fraction=d.val_fraction, seed=d.seed, log=log)
   manifest = shards.load_manifest(p)
+  run_checks.pool_layout_fallback(cfg, p, manifest, log)    # own data without the pools' domains
   return str(p), manifest
 
 
@@ -283,6 +284,14 @@ def make_eval_step(cfg, model):
 _JIT_CACHE: dict = {}
 
 
+def _compile_key(cfg_json, mesh, accum, model):
+  """What the compiled functions depend on (not data paths, logging, checkpoint policy, the
+  watchdog or the compilation cache)."""
+  sec = {k: cfg_json.get(k) for k in ("model", "moe", "reversible", "tqp", "optim", "train", "mesh")}
+  sec["train"] = {k: v for k, v in (sec["train"] or {}).items() if k not in run_checks.HOST_ONLY}
+  return (json.dumps(sec, sort_keys=True), tuple(d.id for d in mesh.devices.flat), accum, id(model))
+
+
 def _cached_jit(key, build):
   if key not in _JIT_CACHE:
     _JIT_CACHE[key] = build()
@@ -292,8 +301,13 @@ def _cached_jit(key, build):
 # ----------------------------------------------------------------------------- training
 def train(cfg, workdir, *, fallback_to_previous: bool = False, stop_after: int = 0,
           progress: bool = True, log=print, model=None, debug_poison_step: int = -1,
-          checkpointing: bool = True) -> dict:
-  """Run (or resume) training; returns a summary dict (also the last line of metrics.jsonl)."""
+          checkpointing: bool = True, stage_cfg=None, on_hang=None,
+          debug_hang_step: int = -1) -> dict:
+  """Run (or resume) training; returns a summary dict (also the last line of metrics.jsonl).
+
+  stage_cfg: (stage file, its config) to log the resolved config's difference from it.
+  on_hang(message): the watchdog's action (lightning_jax/watchdog.py; default: end the process).
+  """
   if model is None:
     from lightning_jax import model
   t_start = time.perf_counter()
@@ -306,6 +320,9 @@ def train(cfg, workdir, *, fallback_to_previous: bool = False, stop_after: int =
   data_dir, manifest = resolve_data(cfg, workdir, log)
   apply_data_vocab(cfg, manifest, data_dir)
   validate(cfg)
+  watchdog.check_config(cfg)
+  if stage_cfg is not None:
+    log(run_checks.config_diff_line(cfg, stage_cfg[1], stage_cfg[0]))
   mesh = sharding.make_mesh(cfg.mesh)
   n_batch = mesh.shape["data"] * mesh.shape["expert"]
   accum = check_train_config(cfg, n_batch)
@@ -339,21 +356,28 @@ def train(cfg, workdir, *, fallback_to_previous: bool = False, stop_after: int =
                                              jnp.int32, sharding=batch_shard)})
                + (({k: jax.ShapeDtypeStruct((), jnp.float32, sharding=rep)
                     for k in hot.values},) if hot is not None else ()))
-  cfg_key = json.dumps(ckpt_lib.config_to_json(cfg), sort_keys=True, default=str)
+  # the watchdog covers this compile too (its notes reach metrics.jsonl once the logger exists)
+  note_step, logger_ref = [0], [None]
+  wd = watchdog.Watchdog.from_config(
+      cfg, on_timeout=on_hang or watchdog.exit_process,
+      note=lambda msg: (logger_ref[0].write(note_step[0], {"stopped": msg}) if logger_ref[0]
+                        else log(msg)))
+  step_compile_s = {}
 
   def compile_step(acc):
     def build():
-      t0 = time.perf_counter()
-      log(f"compiling the training step ({cfg.train.global_batch // (acc * n_batch)} "
-          f"sequences per device per micro-batch) ...")
+      micro = cfg.train.global_batch // (acc * n_batch)
       fn = jax.jit(make_train_step(cfg, tx, acc, model, mesh), in_shardings=step_in,
                    out_shardings=(state_shard, rep), donate_argnums=(0,))
       with sharding.use_mesh(mesh):
-        c = fn.lower(*step_args).compile()
-      log(f"compiled the training step in {time.perf_counter() - t0:.1f} s")
-      return c
-    return _cached_jit(("train_aot", hot is not None, cfg_key, acc, id(model),
-                        tuple(d.id for d in mesh.devices.flat)), build)
+        name = f"the training step ({micro} sequences per device per micro-batch)"
+        t = watchdog.compile_all(wd, log, [(name, lambda: out.append(
+            fn.lower(*step_args).compile()))])
+      step_compile_s[acc] = t[name]
+      return out[-1]
+    out = []
+    return _cached_jit(("train_aot", hot is not None) +
+                       _compile_key(ckpt_lib.config_to_json(cfg), mesh, acc, model), build)
   capacity, cap_note = memory_plan.device_capacity(mesh.devices.flat,
                                                    cfg.train.device_memory_gb)
   accum, step_jit, _ = memory_plan.fit(cfg, n_batch, compile_step, capacity, cap_note, log)
@@ -374,9 +398,7 @@ def train(cfg, workdir, *, fallback_to_previous: bool = False, stop_after: int =
   # ---- checkpoints: resume or init
   cfg_json = ckpt_lib.config_to_json(cfg)
   # what the compiled functions depend on (not data paths, logging or checkpoint policy)
-  ckey = (json.dumps({k: cfg_json.get(k) for k in ("model", "moe", "reversible", "tqp", "optim",
-                                                    "train", "mesh")}, sort_keys=True),
-          tuple(d.id for d in mesh.devices.flat), accum, id(model))
+  ckey = _compile_key(cfg_json, mesh, accum, model)
   ck = ckpt_lib.Checkpointer(workdir / "checkpoints", cfg.checkpoint)
   restored = None
   if checkpointing:
@@ -389,6 +411,11 @@ def train(cfg, workdir, *, fallback_to_previous: bool = False, stop_after: int =
     state = restored["state"]
     loader.set_state(restored["loader"], log=log)       # the pool mixture reports stage notes
     start = int(restored["step"])
+    if run_checks.schedule_on_resume(cfg, restored["config"], restored.get("meta"), start, log):
+      tx, sched = optim.make_optimizer(cfg, abstract["params"], steps_total)   # restarted LR
+      cfg_json = ckpt_lib.config_to_json(cfg)
+      ckey = _compile_key(cfg_json, mesh, accum, model)
+      step_jit = compile_step(accum)          # the step closes over the restarted schedule
     frozen_version = restored.get("frozen_version")
     if frozen_version is None:      # a step of the older layout (frozen inside the state)
       frozen_version = start
@@ -408,9 +435,13 @@ def train(cfg, workdir, *, fallback_to_previous: bool = False, stop_after: int =
                        "stats": state_shard["stats"]}))
     opt_init_jit = _cached_jit(("opt_init",) + ckey, lambda: jax.jit(tx.init,
                                                                    out_shardings=o_shard))
+    log("initialising the parameters (compiling the initialiser) ...")
+    t_init = time.perf_counter()
     with sharding.use_mesh(mesh):
       var = init_jit(key, codec)
       opt_state = opt_init_jit(var["params"])
+    jax.block_until_ready(opt_state)
+    log(f"initialised in {time.perf_counter() - t_init:.1f} s")
     state = {**var, "opt_state": opt_state, "step": jax.device_put(jnp.int32(0), rep)}
 
   # ---- host-side controls between steps
@@ -441,12 +472,24 @@ def train(cfg, workdir, *, fallback_to_previous: bool = False, stop_after: int =
   eval_shard = NamedSharding(mesh, P(None, BATCH_AXES, None))
   hw = heldout_weights(cfg, manifest, list(dict.fromkeys(eval_names))) if eval_names else {}
 
+  # ---- compilation (timed apart from the steps; the training step compiled above)
+  note_step[0], logger_ref[0] = start, logger
+  compile_s = {"the training step": step_compile_s.get(accum, 0.0)}
+  compile_s.update(watchdog.compile_all(
+      wd, log, [("the held-out evaluation", lambda: eval_jit.lower(state, jax.ShapeDtypeStruct(
+          eval_stack.shape, jnp.int32, sharding=eval_shard)).compile())]
+      if eval_stack is not None else []))
+  logger.write(start, {"compile_s": sum(compile_s.values()),
+                       **{f"compile_s/{k}": v for k, v in compile_s.items()}})
+
   def run_eval(step):
     out = {}
     if eval_stack is None:
       return out
+    wd.begin("eval", f"the held-out evaluation at step {step}")
     with sharding.use_mesh(mesh):
       vals = np.asarray(jax.device_get(eval_jit(state, jax.device_put(eval_stack, eval_shard))))
+    wd.end()
     for dom in dict.fromkeys(eval_names):
       out[f"val/{dom}"] = float(np.mean([v for n, v in zip(eval_names, vals) if n == dom]))
     if out:
@@ -457,7 +500,9 @@ def train(cfg, workdir, *, fallback_to_previous: bool = False, stop_after: int =
 
   def save(step, meta):
     if checkpointing:
+      wd.begin("save", f"the checkpoint save at step {step}")
       ck.save(step, state, loader.get_state(), cfg_json, meta, frozen_version=frozen_version)
+      wd.end()
 
   history, first_eval, last_eval = [], None, None
   if eval_stack is not None and start == 0:
@@ -474,7 +519,11 @@ def train(cfg, workdir, *, fallback_to_previous: bool = False, stop_after: int =
   thr.reset()
   try:
     for step in range(start, end):
+      note_step[0] = step + 1
+      wd.begin("step", f"step {step + 1}")
       batch = next(loader)
+      if step == debug_hang_step:        # fault injection for the watchdog test: never returns
+        watchdog.hang_forever()
       if step == debug_poison_step:      # fault injection for the NaN-stop test
         state["params"]["head"]["w"] = state["params"]["head"]["w"] * jnp.nan
       extra = ()
@@ -485,6 +534,7 @@ def train(cfg, workdir, *, fallback_to_previous: bool = False, stop_after: int =
         ids = jax.make_array_from_process_local_data(batch_shard, np.asarray(batch["ids"]))
         state, m = step_jit(state, {"ids": ids}, *extra)
       m = jax.device_get(m)
+      wd.end()
       rec = {k: float(v) for k, v in m.items() if k != "finite"}
       if not bool(m["finite"]):
         stopped = (f"non-finite loss at step {step + 1} (loss={rec['loss']}, grad_norm="
@@ -515,10 +565,14 @@ def train(cfg, workdir, *, fallback_to_previous: bool = False, stop_after: int =
       if checkpointing and ck.due(done) and done < end:
         save(done, {"loss": rec["loss"], "lr": rec["lr"], "tokens": rec["tokens"]})
         thr.reset()
+  except BaseException:
+    wd.close()
+    raise
   finally:
     if bar is not None:
       bar.close()
   if stopped is not None:
+    wd.close()
     ck.close()
     logger.close()
     raise TrainingStopped(stopped)
@@ -526,9 +580,12 @@ def train(cfg, workdir, *, fallback_to_previous: bool = False, stop_after: int =
   if eval_stack is not None and final > start:
     last_eval = run_eval(final)
   if checkpointing and final > start and (not ck.steps() or ck.steps()[-1] != final):
-    save(final, {"loss": history[-1][1] if history else None, "tokens": final * tps})
+    save(final, {"loss": history[-1][1] if history else None, "tokens": final * tps,
+                 "lr": history and float(sched(final - 1))})
   ck.close()
+  wd.close()
   summary = {"final_step": final, "steps_total": steps_total, "wall_s": time.perf_counter() - t_start,
+             "compile_s": compile_s,
              "losses": history,
              "heldout_start": first_eval.get("val/mix") if first_eval else None,
              "heldout_end": last_eval.get("val/mix") if last_eval else None,
@@ -626,10 +683,13 @@ def main(argv):
   cfg = FLAGS.config
   workdir = FLAGS.workdir or f"runs/{cfg.stage}"
   try:
+    stage_cfg = run_checks.stage_config(FLAGS["config"])
+    run_checks.enable_compile_cache(cfg, workdir)
     s = train(cfg, workdir, fallback_to_previous=FLAGS.fallback_to_previous,
               stop_after=FLAGS.stop_after, progress=not FLAGS.no_progress,
               debug_poison_step=FLAGS.debug_poison_step,
-              checkpointing=not FLAGS.no_checkpoint)
+              checkpointing=not FLAGS.no_checkpoint, stage_cfg=stage_cfg,
+              debug_hang_step=FLAGS.debug_hang_step)
   except (ConfigError, shards.DataError, ckpt_lib.CheckpointError, TrainingStopped) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
@@ -707,6 +767,8 @@ def _define_flags():
   flags.DEFINE_bool("no_checkpoint", False, "Neither restore nor save checkpoints (benchmarks).")
   flags.DEFINE_integer("debug_poison_step", -1, "Fault injection: make the parameters NaN "
                        "before this step (tests the non-finite stop).")
+  flags.DEFINE_integer("debug_hang_step", -1, "Fault injection: block forever in this step "
+                       "(tests the watchdog).")
   flags.mark_flag_as_required("config")
 
 

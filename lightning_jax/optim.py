@@ -10,6 +10,8 @@
     wsd       -> hold peak for `stable_fraction` of the post-warmup steps, then decay linearly
                  to peak / decay_ratio (warmup-stable-decay),
     constant  -> hold peak.
+  `optim.schedule_start` = s0 > 0 (set by train.extend_schedule=restart) shifts all of it to
+  begin at step s0 and end at the budget's last step.
 * Optimizer: clip_by_global_norm(clip_norm) over all gradients, then per LR group AdamW
   (b1, b2, eps from config; paper 0.9 / 0.95 / 1e-10). Groups are labels on parameter paths:
   "router" (any path through a `router`), "adapters" (through `adapters`), "rest". Their LR
@@ -99,12 +101,17 @@ def make_schedule(cfg, steps: int | None = None):
   if o.warmup_steps < 0:
     raise ConfigError(f"optim.warmup_steps={o.warmup_steps} must be >= 0.")
   lr0, peak, lr_end = start_lr(cfg), float(o.peak_lr), end_lr(o)
+  # a schedule restarted at step s0 (train.extend_schedule=restart) spans steps s0..steps
+  s0 = int(o.get("schedule_start", 0))      # absent in configs stored before the field
+  if not 0 <= s0 < steps:
+    raise ConfigError(f"optim.schedule_start={s0} must be in [0, {steps}) (the run's steps).")
+  steps -= s0
   warm = min(int(o.warmup_steps), steps)
   rest = max(steps - warm, 1)
   stable = int(round(o.stable_fraction * rest)) if o.schedule == "wsd" else 0
 
   def sched(step):
-    s = jnp.asarray(step, jnp.float32)
+    s = jnp.maximum(jnp.asarray(step, jnp.float32) - s0, 0.0)
     w = jnp.where(warm > 0, lr0 + (peak - lr0) * jnp.minimum(s, warm) / max(warm, 1), peak)
     if o.schedule == "constant":
       after = jnp.full_like(s, peak)

@@ -88,6 +88,27 @@ def test_chunked_gradients_match_recurrence():
     assert _rel(a, b) <= 1e-4, f"seed={seed} d{name} rel err {_rel(a, b)}"
 
 
+def test_unit_lower_solve_matches_triangular_solve_without_lapack():
+  """The CPU path's (I + A)^-1 (batched matmuls) equals jax.scipy's triangular solve and the
+  float64 inverse, for any chunk length; the chunked rule and its gradient contain no
+  triangular solve (a LAPACK custom call on CPU that deadlocked the 2-thread pool)."""
+  seed = _seed()
+  rng = np.random.default_rng(seed)
+  for c in (1, 37, 64):
+    a = np.tril(rng.uniform(-1, 1, (3, c, c)), -1).astype(np.float32)
+    rhs = rng.standard_normal((3, c, 6)).astype(np.float32)
+    exact = np.linalg.inv(np.eye(c) + a.astype(np.float64)) @ rhs
+    tri = jax.scipy.linalg.solve_triangular(a + np.eye(c, dtype=np.float32), rhs, lower=True,
+                                            unit_diagonal=True)
+    got = jax.jit(dn.unit_lower_solve)(a, rhs)
+    assert _rel(got, exact) <= 2e-6, f"seed={seed} C={c} vs float64 {_rel(got, exact)}"
+    assert _rel(got, tri) <= 2e-6, f"seed={seed} C={c} vs solve_triangular {_rel(got, tri)}"
+  q, k, v, la, beta, _ = (jnp.asarray(x) for x in _rule_inputs(seed, b=1, t=40, h=2))
+  f = lambda q, k, v, la, b: jnp.sum(dn.chunk_gated_delta_rule(q, k, v, la, b, 16)[0])
+  text = str(jax.make_jaxpr(jax.grad(f, argnums=(0, 1, 2, 3, 4)))(q, k, v, la, beta))
+  assert "triangular_solve" not in text and "custom_call" not in text
+
+
 def test_bad_shapes_are_named():
   q, k, v, la, beta, s0 = _rule_inputs(0, t=5)
   with pytest.raises(ValueError, match="log_alpha"):

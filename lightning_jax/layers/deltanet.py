@@ -10,7 +10,7 @@ g_i = sum_{j<=i} log_alpha_j and gamma_i = exp(g_i), write u_i = beta_i (v_i - a
 for the value actually written at step i, so that S_t = gamma_t S_0 + sum_{i<=t} e^{g_t-g_i} u_i k_i^T.
 Substituting S_{i-1} gives a unit-lower-triangular system for the rows u_i:
   (I + A) U = diag(beta) V - diag(beta gamma) K S_0^T ,  A_ij = beta_i e^{g_i-g_j} k_i.k_j  (j < i)
-solved once per chunk by a triangular solve (no per-token loop), U = Uv - W S_0^T. Then
+solved once per chunk (unit_lower_solve: no per-token loop), U = Uv - W S_0^T. Then
   O   = diag(gamma) Q S_0^T + (M o Q K^T) U ,   M_ti = e^{g_t-g_i}  (i <= t)
   S_C = gamma_C S_0 + U^T diag(e^{g_C-g}) K .
 Everything that does not depend on S_0 is computed for all chunks at once with dense matmuls;
@@ -161,6 +161,50 @@ def _state0(initial_state, q, v):
   return initial_state.astype(jnp.float32)
 
 
+# ----------------------------------------------------------------------------- (I + A)^-1
+def unit_lower_inverse(a):
+  """(I + a)^-1 for strictly lower-triangular a [..., C, C] (any C), by batched matmuls only.
+
+  Recursive 2 x 2 block inversion done bottom-up: pad C to a power of two P (the padding is an
+  identity block, so the leading C x C of the result is exact); X = the inverse of the
+  block-diagonal part at block size s (X = I at s = 1: unit diagonal); with O the off-diagonal
+  s-blocks inside each 2s-block, (X^-1 + O)^-1 = X - X O X exactly (O X O = 0). log2(P) levels of
+  two matmuls; no pivoting and no LAPACK custom call.
+  """
+  c = a.shape[-1]
+  p = 1 << max(c - 1, 0).bit_length()
+  if p != c:
+    a = jnp.pad(a, [(0, 0)] * (a.ndim - 2) + [(0, p - c), (0, p - c)])
+  pos = jnp.arange(p)
+  mm = lambda x, y: jnp.matmul(x, y, precision=jax.lax.Precision.HIGHEST)
+  eye = jnp.eye(p, dtype=a.dtype)
+  # every term derives from `a`, so the result keeps a's sharding (explicit-axis meshes)
+  inv = eye + jnp.zeros_like(a)
+  s = 1
+  while s < p:
+    off = ((pos[:, None] // s) != (pos[None, :] // s)) & \
+          ((pos[:, None] // (2 * s)) == (pos[None, :] // (2 * s)))
+    o = jnp.where(off, a, 0.0)
+    inv = inv - o if s == 1 else inv - mm(inv, mm(o, inv))     # X = I at s = 1
+    s *= 2
+  return inv[..., :c, :c]
+
+
+def unit_lower_solve(a, rhs):
+  """(I + a)^-1 rhs for strictly lower-triangular a [..., C, C] and rhs [..., C, D], float32.
+
+  On CPU: unit_lower_inverse then a matmul. XLA:CPU runs LAPACK's batched trsm (what
+  jax.scipy.linalg.solve_triangular lowers to) as a custom call that splits its batch over the
+  intra-op thread pool and blocks a pool thread until the pieces finish; two such solves
+  scheduled at once on a 2-thread pool wait on each other forever (seen with
+  --xla_cpu_multi_thread_eigen=false, docs/RELIABILITY.md). Elsewhere: the triangular solve.
+  """
+  if jax.default_backend() == "cpu":
+    return jnp.matmul(unit_lower_inverse(a), rhs, precision=jax.lax.Precision.HIGHEST)
+  lower = a + jnp.eye(a.shape[-1], dtype=a.dtype)
+  return jax.scipy.linalg.solve_triangular(lower, rhs, lower=True, unit_diagonal=True)
+
+
 # ----------------------------------------------------------------------------- delta rule
 def recurrent_gated_delta_rule(q, k, v, log_alpha, beta, initial_state=None):
   """Token-by-token reference. Returns (o [B, T, H, Dv] in v's dtype, S_T [B, H, Dv, Dk] f32)."""
@@ -215,10 +259,9 @@ def chunk_gated_delta_rule(q, k, v, log_alpha, beta, chunk_size: int = 64, initi
 
   kk = jnp.einsum("bhntd,bhnsd->bhnts", kc, kc)
   a_mat = jnp.where(strict, bc[..., :, None] * decay * kk, 0.0)
-  lower = a_mat + jnp.eye(c, dtype=f32)
   gamma = jnp.exp(g)
   rhs = jnp.concatenate([kc * (bc * gamma)[..., None], vc * bc[..., None]], axis=-1)
-  sol = jax.scipy.linalg.solve_triangular(lower, rhs, lower=True, unit_diagonal=True)
+  sol = unit_lower_solve(a_mat, rhs)
   w_mat, u_v = sol[..., :dk], sol[..., dk:]                      # [B, H, N, C, Dk|Dv]
 
   p_mat = decay * jnp.einsum("bhntd,bhnsd->bhnts", qc, kc)       # intra-chunk attention
