@@ -97,7 +97,7 @@ def compile_plan(cfg, batch: int, seq: int) -> dict:
   """The compiled memory analysis of the rank's step at `batch` (nothing allocated)."""
   from launch.plan import build
   c = bench_config(cfg.copy_and_resolve_references(), seq=seq, batch=batch, n_dev=1)
-  mesh = sharding.make_mesh(c.mesh)
+  mesh = sharding.make_mesh(c.mesh, devices=jax.devices()[:1])
   b = build(c, mesh)
   t0 = time.perf_counter()
   with sharding.use_mesh(mesh):
@@ -127,7 +127,7 @@ def run(cfg, a, command: str) -> dict:
   ranks = a.ranks or int(cfg.mesh.expert)
   cfg = rank_config(cfg, ranks)
   cfg = bench_config(cfg, layers=a.layers, seq=a.seq, batch=a.batch, n_dev=1)
-  mesh = sharding.make_mesh(cfg.mesh)
+  mesh = sharding.make_mesh(cfg.mesh, devices=jax.devices()[:1])  # one rank, one device
   b, t = cfg.train.global_batch, cfg.train.seq_len
   print(f"one rank: {cfg.model.n_layers} layers, {cfg.moe.n_experts} experts top-"
         f"{cfg.moe.top_k}, B{b} x T{t} = {b * t * cfg.moe.top_k:,} expert rows per MoE layer, "

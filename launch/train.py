@@ -366,14 +366,12 @@ def train(cfg, workdir, *, fallback_to_previous: bool = False, stop_after: int =
 
   def compile_step(acc):
     def build():
-      micro = cfg.train.global_batch // (acc * n_batch)
       fn = jax.jit(make_train_step(cfg, tx, acc, model, mesh), in_shardings=step_in,
                    out_shardings=(state_shard, rep), donate_argnums=(0,))
       with sharding.use_mesh(mesh):
-        name = f"the training step ({micro} sequences per device per micro-batch)"
-        t = watchdog.compile_all(wd, log, [(name, lambda: out.append(
+        t = watchdog.compile_all(wd, log, [("the training step", lambda: out.append(
             fn.lower(*step_args).compile()))])
-      step_compile_s[acc] = t[name]
+      step_compile_s[acc] = t["the training step"]
       return out[-1]
     out = []
     return _cached_jit(("train_aot", hot is not None) +
