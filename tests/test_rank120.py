@@ -11,8 +11,7 @@ from lightning_jax.config import ConfigError, load_config
 
 def test_rank120_tiny_writes_the_record(tmp_path):
   out = tmp_path / "rank120.json"
-  rec = rank120.main(["--tiny", "--layers", "4", "--seq", "32", "--plan_batches", "2",
-                      "--json", str(out)])
+  rec = rank120.main(["--tiny", "--layers", "4", "--seq", "32", "--json", str(out)])
   on_disk = json.loads(out.read_text())
   for k in ("device", "date", "commit", "command", "tokens_per_s", "peak_gb", "compiled_plan_gb",
             "flops_per_token", "mfu", "largest_micro_batch_80gb", "largest_micro_batch_141gb"):
@@ -24,11 +23,18 @@ def test_rank120_tiny_writes_the_record(tmp_path):
   assert rec["flops_per_token"] == counting.flops_per_token(cfg, 32)["total"]
   # CPU keeps no allocator statistics: the compiled plan stands in for the peak
   assert rec["peak_gb"] == rec["compiled_plan_gb"] > 0
-  plans = {p["batch"]: p["total"] for p in rec["plans_gb"]}
-  assert set(plans) == {1, 2} and plans[2] > plans[1]
+  assert [p["batch"] for p in rec["plans_gb"]] == [1]
   # the profile: a table of the step's ops from a jax.profiler trace
   assert len(rec["profile"]) > 5 and rec["profile_info"]["op_ms_per_call"] > 0
   assert abs(sum(r["share"] for r in rec["profile"]) - 1.0) < 1.0 and rec["profile"][0]["ms"] > 0
+
+
+def test_largest_fitting_micro_batch():
+  plans = [{"batch": 1, "total": 60e9}, {"batch": 2, "total": 80e9}]
+  assert rank120.largest_fitting(plans, 1.0, 141e9)["batch"] == 5     # 80 + 20 x 3 = 140 GB
+  assert rank120.largest_fitting(plans, 1.0, 70e9) == {"batch": 1, "how": "planned"}
+  assert rank120.largest_fitting(plans[:1], 1.0, 50e9)["batch"] == 0
+  assert rank120.largest_fitting(plans, 1.1, 89e9)["batch"] == 2       # calibrated: 66, 88 GB
 
 
 def test_rank120_bad_input():
