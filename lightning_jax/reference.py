@@ -653,6 +653,7 @@ def config_from_reference(cfg_json: dict, base=None):
   m.hc.n_streams = int(ce.get("n_streams", 4))
   m.hc.sinkhorn_iters = int(ce.get("sinkhorn_iters", 20))
   m.embed.form = "on_the_fly"
+  m.embed.round_codes_bf16 = True          # PureHybridEmbeddingTorch casts the codes to bf16
   m.mtp.enabled = bool(ce.get("enable_mtp", True))
   m.mtp.weight = float(cfg_json.get("mtp_weight", 0.3))
   m.mtp.reversible = bool(ce.get("mtp_reversible", False))
@@ -752,3 +753,107 @@ def save_safetensors(sd: dict, path, config_json: dict | None = None) -> None:
   meta = {"config_json": json.dumps(config_json)} if config_json else None
   save_file({k: np.ascontiguousarray(v) for k, v in sd.items()}, str(tmp), metadata=meta)
   tmp.replace(p)
+
+
+def reference_config(cfg) -> dict:
+  """The reference's config record for our config (inverse of config_from_reference), written
+  into exported files so that importing them needs no --config."""
+  m, e = cfg.model, cfg.moe
+  ce = {"hidden_size": m.d_model, "num_layers": m.n_layers, "vocab_size": m.vocab_size,
+        "num_deltanet_layers": m.n_layers - m.n_layers // 4, "num_gsa_layers": m.n_layers // 4,
+        "max_seq_len": m.max_seq_len, "rope_base": m.rope_base,
+        "delta_v_heads": m.deltanet.n_heads, "delta_head_dim": m.deltanet.head_dim,
+        "gsa_num_heads": m.gsa.n_heads, "gsa_head_dim": m.gsa.head_dim,
+        "gsa_indexer_heads": m.gsa.idx_heads, "gsa_k_base": m.gsa.k_base,
+        "gsa_k_min": m.gsa.k_min, "gsa_k_max": m.gsa.k_max, "n_streams": m.hc.n_streams,
+        "sinkhorn_iters": m.hc.sinkhorn_iters, "enable_mtp": bool(m.mtp.enabled),
+        "mtp_reversible": mtp_reversible(cfg), "mtp_step_size": cfg.reversible.h,
+        "mtp_a": cfg.reversible.a,
+        "shared_expert_intermediate_size": e.shared_width if e.enabled else m.ffn_width,
+        "num_real_experts": e.n_experts if e.enabled else 0}
+  out = {"config_effective": ce, "mtp_weight": m.mtp.weight, "name": str(cfg.get("stage", "export"))}
+  if e.enabled:
+    ce.update(num_null_experts=e.n_null if e.router == "null_slot" else 0, top_k=e.top_k,
+              expert_intermediate_size=e.expert_width, mtp_num_experts=e.mtp_n_experts)
+  if e.enabled and e.router == "sigmoid":
+    out["reference_module"] = "lightninglm.models.recurrence_model_120b_moe"
+    out["moe_env"] = {"MOE_W_Z": str(e.z_weight), "MOE_BIAS_GAMMA": str(e.bias_gamma),
+                      "MOE_EXPERT_CAP_LO": str(e.bias_cap_lo),
+                      "MOE_EXPERT_CAP_HI": str(e.bias_cap_hi), "MOE_GUARD_K": str(e.bias_guard_k)}
+  elif cfg.reversible.enabled:
+    out["reference_module"] = "lightninglm.models.recurrence_model_8b_moe"
+  else:
+    out["reference_module"] = "lightninglm.models.recurrence_model_1b_non_rev"
+  return out
+
+
+# ----------------------------------------------------------------------------- verification
+class recorded_selections:
+  """Context manager (verification only: launch.convert check, tests): while active, traced GSA
+  layers use the reference's recorded selection (rec_<run>/gsa/<i>: 0 = the backbone's G
+  layer, 1 = the MTP block's; models with one backbone G layer) instead of their own, and our
+  own selections and k_t are collected in `self.ours[i]` when the computation runs. At the
+  fixtures' tie positions the indexer scores are exactly equal and torch.topk's pick among
+  them is arbitrary, so logits are compared on the reference's selection."""
+
+  def __init__(self, z, run: str):
+    self.z, self.run, self.ours, self.calls = z, run, {}, set()
+    self._in_mtp = []
+
+  def selection(self, i: int) -> np.ndarray:
+    p = f"rec_{self.run}/gsa/{i}/"
+    ti = self.z[p + "top_indices"].astype(np.int64)
+    t = np.arange(ti.shape[1])
+    k = np.minimum(self.z[p + "k_t"], t[None] + 1)
+    keep = (np.arange(ti.shape[2])[None, None] < k[..., None]) & (ti <= t[None, :, None])
+    return np.where(keep, ti, -1).astype(np.int32)
+
+  def __enter__(self):
+    import jax
+    import jax.numpy as jnp
+    from lightning_jax import model
+    from lightning_jax.layers import sparse_attention as sa
+    self._saved = (sa.gsa_select, model.mtp_layer)
+    orig_select, orig_mtp = self._saved
+
+    def mtp_layer(*a, **k):
+      self._in_mtp.append(1)
+      try:
+        return orig_mtp(*a, **k)
+      finally:
+        self._in_mtp.pop()
+
+    def select(p, st, x, c):
+      sel, k_t, var_t = orig_select(p, st, x, c)
+      i = 1 if self._in_mtp else 0
+      self.calls.add(i)
+      jax.debug.callback(lambda s, k, i=i: self.ours.__setitem__(i, (np.asarray(s), np.asarray(k))),
+                         sel, k_t)
+      return jnp.asarray(self.selection(i)), k_t, var_t
+
+    sa.gsa_select, model.mtp_layer = select, mtp_layer
+    return self
+
+  def __exit__(self, *exc):
+    from lightning_jax import model
+    from lightning_jax.layers import sparse_attention as sa
+    sa.gsa_select, model.mtp_layer = self._saved
+    return False
+
+  def mismatches(self, i: int) -> int:
+    """Queries (outside the recorded ties) whose kept keys or k_t differ from the reference's."""
+    sel, k_t = self.ours[i]
+    p = f"rec_{self.run}/gsa/{i}/"
+    t = np.arange(sel.shape[1])
+    ties = {tuple(x) for x in self.z[p + "boundary_tie_positions"].tolist()} \
+        if p + "boundary_tie_positions" in self.z.files else set()
+    ref = self.selection(i)
+    want_k = np.minimum(self.z[p + "k_t"], t[None] + 1)
+    bad = 0
+    for b in range(sel.shape[0]):
+      for q in range(sel.shape[1]):
+        if (b, q) in ties:
+          continue
+        bad += int(set(sel[b, q][sel[b, q] >= 0].tolist()) != set(ref[b, q][ref[b, q] >= 0].tolist())
+                   or k_t[b, q] != want_k[b, q])
+    return bad
