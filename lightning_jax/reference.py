@@ -533,7 +533,7 @@ def export_state_dict(variables: dict, cfg, dtype=np.float32) -> dict:
       raise ReferenceError(f"the variables have no leaf {e.ours} (for reference tensor {e.ref}); "
                            f"expected variables of the config's model.")
     a = flat[e.ours] if e.index is None else flat[e.ours][e.index]
-    sd[e.ref] = np.ascontiguousarray(to_ref(np.asarray(a, np.float32), e.layout, e.ref_shape))
+    sd[e.ref] = np.array(to_ref(np.asarray(a, np.float32), e.layout, e.ref_shape), order="C")
   m = cfg.model
   for n in range(m.n_layers):
     for b in _buffers_of_layer(cfg, n):
@@ -751,7 +751,7 @@ def save_safetensors(sd: dict, path, config_json: dict | None = None) -> None:
   p = pathlib.Path(path)
   tmp = p.with_name(p.name + ".tmp")
   meta = {"config_json": json.dumps(config_json)} if config_json else None
-  save_file({k: np.ascontiguousarray(v) for k, v in sd.items()}, str(tmp), metadata=meta)
+  save_file({k: np.array(v, order="C") for k, v in sd.items()}, str(tmp), metadata=meta)
   tmp.replace(p)
 
 
@@ -857,3 +857,61 @@ class recorded_selections:
         bad += int(set(sel[b, q][sel[b, q] >= 0].tolist()) != set(ref[b, q][ref[b, q] >= 0].tolist())
                    or k_t[b, q] != want_k[b, q])
     return bad
+
+
+# ----------------------------------------------------------------------------- abstract plan
+def _ours_shape(e: Entry, n_groups: int | None, padded: int | None) -> tuple:
+  s = tuple(e.ref_shape)
+  if e.layout == "T":
+    s = s[::-1]
+  elif e.layout == "conv":
+    s = (s[2], s[0])
+  elif e.layout == "vec1":
+    s = ()
+  elif e.layout == "experts":
+    s = (padded,) + s[1:]
+  return s if n_groups is None else (n_groups,) + s
+
+
+def check_plan(cfg) -> dict:
+  """Check, without allocating, that the reference's state dict for cfg maps onto our tree:
+  every entry lands on a leaf of model.abstract_variables with the right shape, every stacked
+  leaf gets all of its groups, every leaf is written or deliberately fresh; with TQP, that the
+  quantized import (tqp.convert_moe_to_tqp, traced with jax.eval_shape) has exactly the
+  config's params and frozen structure. Returns {"entries", "reference_parameters"}."""
+  import jax
+  from lightning_jax import model, nn
+  from lightning_jax.config import n_groups
+  from lightning_jax.layers import moe as moe_lib
+  dense_cfg, abstract = _abstract_dense(cfg)
+  flat = {f"{c}/{k}": v for c in ("params", "stats") for k, v in nn.flatten(abstract[c]).items()}
+  ng = n_groups(dense_cfg)
+  seen: dict = {}
+  n_ref = 0
+  for e in entries(dense_cfg):
+    if e.ours not in flat:
+      raise ReferenceError(f"reference tensor {e.ref} maps to {e.ours}, which the config's tree "
+                           f"lacks.")
+    n_exp = dense_cfg.moe.mtp_n_experts if e.ours.startswith("params/mtp") else dense_cfg.moe.n_experts
+    padded = moe_lib.padded_experts(dense_cfg, n_exp) if dense_cfg.moe.enabled else None
+    want = _ours_shape(e, ng if e.index is not None else None, padded)
+    if tuple(flat[e.ours].shape) != want:
+      raise ReferenceError(f"reference tensor {e.ref} {e.ref_shape} becomes {want}, but our leaf "
+                           f"{e.ours} is {tuple(flat[e.ours].shape)}.")
+    seen.setdefault(e.ours, set()).add(e.index)
+    n_ref += int(np.prod(e.ref_shape))
+  missing = [p for p in flat if not p.endswith("/use_ema")
+             and seen.get(p) not in ({None}, set(range(ng)))]
+  if missing:
+    raise ReferenceError(f"our leaves {_names(missing)} would be left unwritten by the reference "
+                         f"state dict.")
+  if cfg.tqp.enabled:
+    from lightning_jax import tqp
+    got_p, got_f = jax.eval_shape(lambda p: tqp.convert_moe_to_tqp(p, cfg), abstract["params"])
+    want = model.abstract_variables(cfg)
+    sig = lambda t: {k: (tuple(v.shape), str(v.dtype)) for k, v in nn.flatten(t).items()}
+    want_f = {k: v for k, v in want["frozen"].items() if k != "embed"}
+    if sig(got_p) != sig(want["params"]) or sig(got_f) != sig(want_f):
+      raise ReferenceError("the TQP conversion of the imported experts does not give the config's "
+                           "params/frozen tree.")
+  return {"entries": len(entries(dense_cfg)), "reference_parameters": n_ref}
