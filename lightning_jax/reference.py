@@ -367,7 +367,10 @@ class ImportReport:
     out = [f"mapped {self.mapped} reference tensors; {self.aliases} alias names checked equal "
            f"to the tensors they duplicate"]
     out += [f"dropped {len(ns)} ({w}): {_names(ns, 3)}" for w, ns in why.items()]
-    out += [f"fresh {p}: {w}" for p, w in self.fresh.items()]
+    fresh: dict = {}
+    for p, w in self.fresh.items():
+      fresh.setdefault(w, []).append(p)
+    out += [f"fresh {len(ps)} ({w}): {_names(ps, 3)}" for w, ps in fresh.items()]
     return out
 
 
@@ -687,6 +690,7 @@ def config_from_reference(cfg_json: dict, base=None):
       e.bias_cap_hi = _moe_env(cfg_json, "MOE_EXPERT_CAP_HI", "0.15")
       e.bias_guard_k = _moe_env(cfg_json, "MOE_GUARD_K", "50")
   c.train.seq_len = min(c.train.seq_len, m.max_seq_len)
+  c.train.steps = 1000              # a placeholder schedule: override --config.train.* / optim.*
   return c
 
 
