@@ -396,6 +396,7 @@ def import_state_dict(sd: dict, cfg, *, check_aliases: bool = True):
 
   With cfg.tqp.enabled the routed experts are quantized (tqp.convert_moe_to_tqp): the result
   then also has "frozen" (the TQP bases, without the embedding codec)."""
+  import jax
   from lightning_jax import nn
   report = ImportReport()
   dense_cfg, abstract = _abstract_dense(cfg)
@@ -481,8 +482,9 @@ def import_state_dict(sd: dict, cfg, *, check_aliases: bool = True):
   if unwritten:
     raise ReferenceError(f"our leaves {_names(unwritten)} were left unwritten by the reference "
                          f"state dict; expected every parameter of the config to have a source.")
-  tree = {c: nn.unflatten({k[len(c) + 1:]: v for k, v in out.items() if k.startswith(c + "/")})
-          for c in ("params", "stats")}
+  # the abstract tree's own structure (empty subtrees included: checkpoints compare structures)
+  tree = {c: jax.tree_util.tree_map_with_path(lambda kp, _, c=c: out[f"{c}/{_kp_str(kp)}"],
+                                              abstract[c]) for c in ("params", "stats")}
   if cfg.tqp.enabled:
     from lightning_jax import tqp
     params, qfrozen = tqp.convert_moe_to_tqp(tree["params"], cfg)
@@ -490,6 +492,10 @@ def import_state_dict(sd: dict, cfg, *, check_aliases: bool = True):
     tree["frozen"] = jax_to_numpy(qfrozen)
     report.fresh["params/**/moe/adapters"] = FRESH["moe/adapters"]
   return tree, report
+
+
+def _kp_str(kp) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in kp)
 
 
 def _stack_len(path: str, a, cfg) -> int:
