@@ -40,6 +40,14 @@ def test_import_then_export_is_bit_exact(src):
                                             "mtp_block.reversible_stack.bootstrap"))]
   assert aliases and all("alias" in report.dropped[n] for n in aliases)
   assert report.mapped == len(R.entries(cfg))
+  # exactly the model's tree (empty subtrees included: launch.train restores by structure)
+  import jax
+  from lightning_jax import model
+  abstract = model.abstract_variables(cfg)
+  for c in ("params", "stats"):
+    assert jax.tree_util.tree_structure(tree[c]) == jax.tree_util.tree_structure(abstract[c])
+    for a, b in zip(jax.tree_util.tree_leaves(tree[c]), jax.tree_util.tree_leaves(abstract[c])):
+      assert a.shape == b.shape and a.dtype == b.dtype
 
 
 def _refused(sd, cfg, *words):
