@@ -49,9 +49,8 @@ def rel(a, b) -> float:
   return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-@pytest.fixture(scope="module", params=CASES, ids=[f"{f}-{m}" for f, m in CASES])
-def case(request):
-  name, mode = request.param
+def build_case(name: str, mode: str) -> dict:
+  """Import the fixture, run the forward and one loss+gradient on it (one compile each)."""
   path = FIXTURES / f"{name}.npz"
   src = R.load_source(path)
   z = np.load(path)
@@ -85,7 +84,7 @@ def case(request):
 
 
 # ----------------------------------------------------------------------------- forward
-def test_logits_and_losses(case):
+def _check_logits_and_losses(case):
   z, fw = case["z"], f"fwd_{case['mode']}/"
   ln, lm = case["logits"]
   assert rel(ln, z[fw + "logits_ntp"]) < 1e-4, rel(ln, z[fw + "logits_ntp"])
@@ -98,7 +97,7 @@ def test_logits_and_losses(case):
     assert float(m["aux"]) > 1e-3
 
 
-def test_gsa_selection_matches_reference(case):
+def _check_gsa_selection_matches_reference(case):
   """Our indexer's k_t and kept keys equal the reference's at every query outside the ties."""
   rs, z, run = case["rs"], case["z"], case["run"]
   assert sorted(rs.ours) == [0, 1]          # the backbone's G layer and the MTP block's
@@ -113,10 +112,13 @@ def test_gsa_selection_matches_reference(case):
     assert len(same) >= sel.shape[0] * sel.shape[1] - len(ties)
 
 
-def test_router_layer0_experts(case):
-  if not case["cfg"].moe.enabled:
-    pytest.skip("the dense 2B fixture has no router")   # (MoE fixture below has one)
+def _check_router_layer0_experts(case):
   z = case["z"]
+  if not case["cfg"].moe.enabled:     # the dense 2B: no router in either model
+    assert "router_layer0_topk_idx_forward" not in z.files
+    assert not any(k.startswith(f"rec_{case['run']}/router/") for k in z.files)
+    assert all("moe" not in ch for ch in case["choices"])
+    return
   idx = np.sort(np.asarray(case["choices"][0]["moe"]["idx"][0]), -1)   # position 0, group 0
   # router_layer0_topk_idx_forward is the CUDA-path runs' choice; each run records its own
   want = z["router_layer0_topk_idx_forward"] if case["mode"] == "gpu" else \
@@ -132,7 +134,7 @@ def test_router_layer0_experts(case):
 
 
 # ----------------------------------------------------------------------------- gradients
-def test_gradients(case):
+def _check_gradients(case):
   """Every recorded gradient within 1e-3 normwise relative: full tensors where recorded, the
   norm of every other parameter's gradient.
 
@@ -174,7 +176,7 @@ def test_gradients(case):
 
 
 # ----------------------------------------------------------------------------- buffers
-def test_buffers_after_one_step(case):
+def _check_buffers_after_one_step(case):
   z, run, cfg = case["z"], case["run"], case["cfg"]
   stats = case["stats"]
   step = case["metrics"]["step_stats"]
@@ -227,3 +229,14 @@ def test_buffers_after_one_step(case):
                              replay(jax.tree_util.tree_map(lambda a: a[0], stats["groups"]["l0"]["moe"]),
                                     [np.asarray(case["choices"][0]["moe"]["idx"][0])], 8)["bias"],
                              rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("name,mode", CASES, ids=[f"{f}-{m}" for f, m in CASES])
+def test_reference_case(name, mode):
+  """One test per fixture and mode, so that the two compiles run once even under xdist."""
+  case = build_case(name, mode)
+  _check_logits_and_losses(case)
+  _check_gsa_selection_matches_reference(case)
+  _check_router_layer0_experts(case)
+  _check_gradients(case)
+  _check_buffers_after_one_step(case)
