@@ -31,6 +31,11 @@ def get_base_config() -> ConfigDict:
   m.ffn_width = 2048              # dense SwiGLU width (2B seed); MoE stages use moe.*
   m.ce_chunk = 1024               # tokens per cross-entropy chunk (never all float32 logits)
   m.remat = False                 # plain stack: rematerialise each layer in the backward
+  # compatibility with the PyTorch reference (docs/reference.md): "spec" (SPEC.md and the
+  # reference's CPU code) | "reference_cuda" (what the reference's CUDA kernels compute, which the
+  # released weights were trained with: DeltaNet output RMSNorm(o) * w * sigmoid(g), and the
+  # Kronecker codes rounded to bfloat16 before the projection as model.embed.round_codes_bf16)
+  m.compat = "spec"
 
   m.deltanet = ConfigDict()
   m.deltanet.n_heads = 32
@@ -74,10 +79,15 @@ def get_base_config() -> ConfigDict:
   m.embed.form = "table"          # table | on_the_fly
   m.embed.z_eps = 1e-6
   m.embed.reference_text_decode = False  # reference behaviour: decode to text (U+FFFD collapse)
+  m.embed.round_codes_bf16 = False  # reference behaviour (both its CUDA and CPU code): the
+                                    # z-normalised codes are rounded to bfloat16 before the
+                                    # projection (matters in float32 compute only)
 
   m.mtp = ConfigDict()
   m.mtp.enabled = True
   m.mtp.weight = 0.3
+  m.mtp.reversible = False        # True: the MTP block's two sublayers form a midpoint stack
+                                  # (reversible.h, reversible.a), as the reference's 120B
 
   # ------------------------------------------------------------------ MoE (SPEC §2.4)
   e = c.moe = ConfigDict()

@@ -109,6 +109,14 @@ def n_groups(cfg: ConfigDict) -> int:
   return cfg.model.n_layers // len(cfg.model.pattern)
 
 
+COMPAT = ("spec", "reference_cuda")
+
+
+def compat(cfg) -> str:
+  """model.compat ("spec" when the config predates the field)."""
+  return cfg.model.get("compat", "spec")
+
+
 def _need(cond: bool, msg: str):
   if not cond:
     raise ConfigError(msg)
@@ -167,8 +175,12 @@ def validate(cfg: ConfigDict) -> ConfigDict:
   _need(g.n_heads * g.head_dim == m.d_model,
         f"model.gsa.n_heads={g.n_heads} x head_dim={g.head_dim} must equal "
         f"model.d_model={m.d_model}.")
-  _need(1 <= g.k_min <= g.k_base <= g.k_max,
-        f"model.gsa needs 1 <= k_min ({g.k_min}) <= k_base ({g.k_base}) <= k_max ({g.k_max}).")
+  _need(1 <= g.k_min <= g.k_max and g.k_base >= 1,
+        f"model.gsa needs 1 <= k_min ({g.k_min}) <= k_max ({g.k_max}) and k_base ({g.k_base}) "
+        f">= 1.")
+  _need(m.get("compat", "spec") in COMPAT,
+        f"model.compat={m.get('compat')!r} must be 'spec' (SPEC.md) or 'reference_cuda' (the "
+        f"reference's CUDA-kernel mathematics, for its released weights).")
   _need(g.get("var_row", "full_row") in ("full_row", "causal"),
         f"model.gsa.var_row={g.get('var_row')!r} must be 'full_row' or 'causal'.")
   _need(g.get("attention", "gather") in ("auto", "gather", "dense_masked", "flash", "kernel"),

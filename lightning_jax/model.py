@@ -223,8 +223,15 @@ def layer_apply(vars_j, x, consts, choices, *, cfg, kind: str, mixer=None):
   (y, selection | None, aux, stats)` run in its place inside the streams (lightning_jax.decode:
   the mixer with its decoding state, which it returns as `stats`).
   """
+  x, ch, aux, st = mix_sublayer(vars_j, x, consts, choices, cfg=cfg, kind=kind, mixer=mixer)
+  x, ch2, aux2, st2 = ffn_sublayer(vars_j, x, consts, choices, cfg=cfg)
+  return x, {**ch, **ch2}, aux + aux2, {**st, **st2}
+
+
+def mix_sublayer(vars_j, x, consts, choices, *, cfg, kind: str, mixer=None):
+  """The mixer (DeltaNet or GSA, or a replacement `mixer`, see layer_apply) inside its streams:
+  (x, choices, aux, stats)."""
   p = vars_j["params"]
-  fr = vars_j.get("frozen") or {}
   st = vars_j.get("stats") or {}
   ch = choices or {}
   x = sharding.constrain(x, _STATE_AXES)
@@ -251,8 +258,17 @@ def layer_apply(vars_j, x, consts, choices, *, cfg, kind: str, mixer=None):
     x, (sel, a, s) = streams.apply(p["mix_hc"], x, mix, cfg)
     aux = aux + jnp.asarray(a, jnp.float32)
     out_choices["mixer"], out_stats["mixer"] = sel, s
-  x = sharding.constrain(x, _STATE_AXES)
+  return sharding.constrain(x, _STATE_AXES), out_choices, aux, out_stats
 
+
+def ffn_sublayer(vars_j, x, consts, choices, *, cfg):
+  """The FFN or MoE inside its streams: (x, choices, aux, stats)."""
+  p = vars_j["params"]
+  fr = vars_j.get("frozen") or {}
+  st = vars_j.get("stats") or {}
+  ch = choices or {}
+  aux = jnp.zeros((), jnp.float32)
+  out_choices, out_stats = {}, {}
   if cfg.moe.enabled:
     mo = _moe()
 
@@ -266,8 +282,27 @@ def layer_apply(vars_j, x, consts, choices, *, cfg, kind: str, mixer=None):
   else:
     dtype = nn.dtype_of(cfg.model.dtype)
     x, _ = streams.apply(p["ffn_hc"], x, lambda u: (ffn.swiglu(p["ffn"], u, dtype),), cfg)
-  x = sharding.constrain(x, _STATE_AXES)
-  return x, out_choices, aux, out_stats
+  return sharding.constrain(x, _STATE_AXES), out_choices, aux, out_stats
+
+
+def mtp_layer(vars_m, x, consts, cfg):
+  """The MTP block's layer (a GSA sublayer and an FFN/MoE sublayer) on the stream state.
+
+  model.mtp.reversible: the two sublayers form a midpoint stack as in the reference's 120B
+  (with f(x) = sublayer(x) - x): p1 = x + (h/2) f_mix(x); out = a x + (1-a) p1 + 2h f_ffn(p1),
+  h = reversible.h, a = reversible.a. Two sublayers need no activation rebuild: plain autodiff.
+  """
+  if not cfg.model.mtp.get("reversible", False):
+    return layer_apply(vars_m, x, consts, None, cfg=cfg, kind="G")
+  h, a = float(cfg.reversible.h), float(cfg.reversible.a)
+  f32 = jnp.float32
+  y0, ch, aux, st = mix_sublayer(vars_m, x, consts, None, cfg=cfg, kind="G")
+  p0 = x.astype(f32)
+  p1 = (p0 + 0.5 * h * (y0.astype(f32) - p0)).astype(x.dtype)
+  y1, ch2, aux2, st2 = ffn_sublayer(vars_m, p1, consts, None, cfg=cfg)
+  p1f = p1.astype(f32)
+  out = a * p0 + (1.0 - a) * p1f + 2.0 * h * (y1.astype(f32) - p1f)
+  return out.astype(x.dtype), {**ch, **ch2}, aux + aux2, {**st, **st2}
 
 
 def _group_vars(params, frozen, stats, cfg):
@@ -336,8 +371,7 @@ def forward(params, frozen, stats, ids, cfg, with_mtp: bool | None = None, moe_c
     xs = streams.expand(z, m.hc.n_streams)
     fz = (frozen or {}).get("mtp", {}).get("layer", {})
     sz = (stats or {}).get("mtp", {}).get("layer", {})
-    xs, _, a, s = layer_apply({"params": mp["layer"], "frozen": fz, "stats": sz}, xs, consts,
-                              None, cfg=cfg, kind="G")
+    xs, _, a, s = mtp_layer({"params": mp["layer"], "frozen": fz, "stats": sz}, xs, consts, cfg)
     out["h_mtp"] = streams.readout(xs, params["final_norm"]["scale"], m.norm_eps)
     out["aux_mtp"] = a
     step_stats["mtp"] = {"layer": s}

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from lightning_jax import nn
-from lightning_jax.config import ConfigError
+from lightning_jax.config import ConfigError, compat
 from lightning_jax.layers import norms, rotary
 from lightning_jax.sharding import constrain
 
@@ -358,7 +358,10 @@ def deltanet_output(p: dict, o, inputs, cfg):
   qk = jnp.sum(q.astype(jnp.float32) * k.astype(jnp.float32), axis=-1, keepdims=True)
   o = o + p["D"].astype(jnp.float32)[:, None] * qk * v.astype(jnp.float32)
   o = norms.rms_norm(o, p["o_norm"]["scale"], eps=float(m.norm_eps)).astype(dtype)
-  o = gate * jax.nn.silu(o)
+  if compat(cfg) == "reference_cuda":   # the reference's fused CUDA tail: RMSNorm(o) w sigmoid(g)
+    o = o * jax.nn.sigmoid(gate)
+  else:                                 # SPEC §2.2 (and the reference's CPU code)
+    o = gate * jax.nn.silu(o)
   return o.reshape(bsz, t, h * dh) @ p["o"].astype(dtype)
 
 

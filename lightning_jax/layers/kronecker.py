@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lightning_jax import nn
-from lightning_jax.config import ConfigError
+from lightning_jax.config import ConfigError, compat
 from lightning_jax.layers.norms import rms_norm, rms_norm_specs
 
 N_BYTES = 256
@@ -207,12 +207,12 @@ def embed_apply(p: dict, frozen: dict, ids, cfg):
   eps = cfg.model.embed.z_eps
   w = p["proj"]
   if "table" in frozen:
-    codes = jnp.take(frozen["table"], ids, axis=0).astype(dtype)
-    e = jnp.einsum("...c,cd->...d", codes, w.astype(dtype),
-                   preferred_element_type=jnp.float32)
+    codes = jnp.take(frozen["table"], ids, axis=0)
   else:
-    codes = on_the_fly_codes(frozen["bytes"], frozen["lengths"], ids, eps).astype(dtype)
-    e = jnp.einsum("...c,cd->...d", codes, w.astype(dtype),
-                   preferred_element_type=jnp.float32)
+    codes = on_the_fly_codes(frozen["bytes"], frozen["lengths"], ids, eps)
+  if compat(cfg) == "reference_cuda" or cfg.model.embed.get("round_codes_bf16", False):
+    codes = codes.astype(jnp.bfloat16)  # the reference rounds the z-normalised codes to bf16
+  e = jnp.einsum("...c,cd->...d", codes.astype(dtype), w.astype(dtype),
+                 preferred_element_type=jnp.float32)
   e = e.astype(dtype)
   return rms_norm(e, p["norm"]["scale"], cfg.model.norm_eps)
