@@ -42,7 +42,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from benchmarks import profile_table
 from benchmarks.step import apply_overrides, bench_config, build_step
-from lightning_jax import counting, metrics as metrics_lib, sharding
+from lightning_jax import counting, memory_plan, metrics as metrics_lib, sharding
 from lightning_jax.config import ConfigError, load_config
 
 GB = 1e9
@@ -75,13 +75,6 @@ def _stats(dev) -> dict:
   return {k: float(st[k]) for k in ("bytes_in_use", "peak_bytes_in_use", "bytes_limit") if k in st}
 
 
-def _plan_bytes(ma) -> dict:
-  arg, out = float(ma.argument_size_in_bytes), float(ma.output_size_in_bytes)
-  alias, temp = float(ma.alias_size_in_bytes), float(ma.temp_size_in_bytes)
-  return {"arguments": arg, "outputs": out, "aliased": alias, "temporaries": temp,
-          "total": arg + out - alias + temp}
-
-
 def _xla_flops(compiled) -> float:
   ca = compiled.cost_analysis()
   if isinstance(ca, (list, tuple)):
@@ -102,7 +95,7 @@ def compile_plan(cfg, batch: int, seq: int) -> dict:
   t0 = time.perf_counter()
   with sharding.use_mesh(mesh):
     compiled = b["step"].lower(b["state_abs"], b["batch_abs"]).compile()
-  return {"batch": batch, **_plan_bytes(compiled.memory_analysis()),
+  return {"batch": batch, **memory_plan.plan_bytes(compiled),
           "compile_s": time.perf_counter() - t0}
 
 
@@ -147,7 +140,7 @@ def run(cfg, a, command: str) -> dict:
     compiled = step.lower(state, {"ids": ids}).compile()
     compile_s = time.perf_counter() - t0
     print(f"state built in {build_s:.1f} s, step compiled in {compile_s:.1f} s", flush=True)
-    plan = _plan_bytes(compiled.memory_analysis())
+    plan = memory_plan.plan_bytes(compiled)
     holder = {"state": state}
     del state
 
