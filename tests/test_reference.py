@@ -138,12 +138,17 @@ def _check_gradients(case):
   """Every recorded gradient within 1e-3 normwise relative: full tensors where recorded, the
   norm of every other parameter's gradient.
 
-  The relative error is taken against max(|g_ref|, 1e-6 |g_ref of the whole model|): a few
-  stream coefficients (the layer-0 pre coefficients, which a scale-invariant RMSNorm follows,
-  and the Sinkhorn residual path) have gradients of 1e-11..1e-8 of the model's, left over from
-  cancellations; in float32 they carry rounding noise far above 1e-3 of themselves (our own
-  chunked and recurrent delta rules, equal in exact arithmetic, disagree by up to 6e-4 on
-  phi_res at this size). docs/reference.md lists them.
+  The relative error is taken against max(|g_ref|, 1e-7 |g_ref of the whole model|), i.e. an
+  absolute error of 1e-10 of the model's gradient norm (a thousandth of float32's unit roundoff
+  of it) is allowed where a gradient is smaller than 1e-7 of the norm. This matters for 19-32
+  stream coefficients per fixture (the layer-0 pre coefficients, which a scale-invariant RMSNorm
+  follows, the Sinkhorn residual path, and the last sublayer's residual mix, whose exact gradient
+  is zero: the readout averages the streams and the mix is doubly stochastic). Their gradients,
+  1e-22..2e-9 of the norm, are what remains of cancellations. benchmarks/reference_grads_f64.py
+  recomputes them in float64 (results in benchmarks/results/reference_grads_f64.json): for most
+  of them the fixture's own float32 value is more than 1e-3 away from the exact gradient, so no
+  float32 computation can match it to 1e-3; ours, the fixture's and the exact values agree to
+  1.3e-11 of the norm. docs/reference.md has the table.
   """
   z, run, cfg = case["z"], case["run"], case["cfg"]
   g = R.export_state_dict({"params": case["grads"],
@@ -151,7 +156,7 @@ def _check_gradients(case):
   norms = [k[len(f"grad_{run}/norm/"):] for k in z.files if k.startswith(f"grad_{run}/norm/")]
   full = [k[len(f"grad_{run}/full/"):] for k in z.files if k.startswith(f"grad_{run}/full/")]
   total = float(np.sqrt(sum(float(z[f"grad_{run}/norm/{n}"]) ** 2 for n in norms)))
-  floor = 1e-6 * total
+  floor = 1e-7 * total
   checked, above = 0, 0
   for n in norms:
     if n in R.DROPPED:                          # memory-stream parameters: not in our model
@@ -240,3 +245,28 @@ def test_reference_case(name, mode):
   _check_router_layer0_experts(case)
   _check_gradients(case)
   _check_buffers_after_one_step(case)
+
+
+def test_reference_grads_f64_classifies_each_parameter():
+  """benchmarks/reference_grads_f64's comparison (its float64 runs are not repeated here):
+  gradients given as one-element arrays of the fixture's recorded norms; one large parameter
+  kept, one tiny one moved off in float32, one tiny one whose exact value is zero."""
+  from benchmarks import reference_grads_f64 as B
+  z = np.load(FIXTURES / "moe_120b_tiny.npz")
+  pre = "grad_gpu_fullgrad/norm/"
+  names = [k[len(pre):] for k in z.files if k.startswith(pre) and k[len(pre):] not in R.DROPPED
+           and not bool(z[f"grad_gpu_fullgrad/is_none/{k[len(pre):]}"])]
+  g = {n: np.array([float(z[pre + n])]) for n in names}
+  big = max(names, key=lambda n: g[n][0])
+  tiny = sorted(names, key=lambda n: g[n][0])[:2]
+  g32, g64 = dict(g), dict(g)
+  g32[tiny[0]] = g[tiny[0]] * 1.5                 # float32 noise: 50% off the fixture
+  g64[tiny[1]] = np.zeros(1)                      # the exact gradient is zero ...
+  g32[tiny[1]] = g[tiny[1]] * 3                   # ... and ours is noise as well
+  c = B.compare("moe_120b_tiny", "gpu", g32, g64)
+  assert c["n_params"] == len(names) and c["outside_1e-3"] == 2 and big not in c["outside"]
+  rows = {r["name"]: r for r in c["outside"]}
+  assert set(rows) == set(tiny)
+  assert rows[tiny[1]]["exactly_zero"] and not rows[tiny[0]]["exactly_zero"]
+  assert c["outside_fixture_off_exact_by_over_1e-3"] == 1      # only the zero one
+  assert np.isclose(rows[tiny[0]]["ours_vs_ref_over_total"], 0.5 * g[tiny[0]][0] / c["total_grad_norm"])
