@@ -11,8 +11,11 @@ unchanged, and one micro-batch of `--batch` sequences. A rank of the real node s
 tokens plus the rows that the other ranks route to its experts; on average that is the same
 number of expert rows as one micro-batch routed top-k over the rank's own experts (8,192 x 12 =
 98,304 at B1 x T8192), which is what runs here. Differences from a rank of the sharded step:
-no all-to-all, and the optimizer state is whole (the real step keeps 1/ranks of it, ZeRO-1):
-the report gives the optimizer state's bytes and the peak with (ranks - 1)/ranks of it removed.
+no all-to-all, and the optimizer state is whole. The real step keeps each replicated
+parameter's moments split over the ranks (ZeRO-1), while the routed experts' moments are already
+the rank's own: the report gives the optimizer state's bytes here, one device's share of it in the
+sharded node step (from that step's shardings on an abstract mesh, nothing allocated), and the
+measured peak with the difference removed.
 
 Reported (and written to --json): step time (median over --steps after two warm-up steps),
 tokens/s, MFU on counting.flops_per_token (the corrected model count) and XLA's own count of the
@@ -99,6 +102,24 @@ def compile_plan(cfg, batch: int, seq: int) -> dict:
           "compile_s": time.perf_counter() - t0}
 
 
+def zero1_optimizer_bytes(a, ranks: int) -> float:
+  """One device's optimizer-state bytes in the sharded node step (data 1 x expert `ranks`):
+  the uncut config's state shardings (ZeRO-1 included) on an abstract mesh; nothing allocated."""
+  from jax.sharding import AbstractMesh
+  from launch.plan import build
+  cfg = load_config(a.config)
+  apply_overrides(cfg, a.set)
+  if a.layers:
+    cfg.model.n_layers = a.layers
+  cfg.mesh.data, cfg.mesh.expert, cfg.mesh.tensor = 1, ranks, 1
+  c = bench_config(cfg, seq=a.seq, batch=a.batch, n_dev=ranks)
+  mesh = AbstractMesh((1, ranks, 1), sharding.MESH_AXES)
+  b = build(c, mesh)
+  return float(sum(math.prod(s.shard_shape(x.shape)) * x.dtype.itemsize for x, s in
+                   zip(jax.tree.leaves(b["state_abs"]["opt_state"]),
+                       jax.tree.leaves(b["state_shard"]["opt_state"]))))
+
+
 def largest_fitting(plans: list[dict], calib: float, cap: float) -> dict:
   """Largest batch whose calibrated plan (plan total x measured/planned at the run batch) fits;
   beyond the largest planned batch, extrapolated linearly from the two largest plans."""
@@ -179,6 +200,7 @@ def run(cfg, a, command: str) -> dict:
   else:                                  # CPU: no allocator statistics, the plan stands in
     measured, how = plan["total"], "no device statistics: the compiled plan"
   opt_b = _opt_bytes(holder["state"])
+  opt_z = zero1_optimizer_bytes(a, ranks)
   rec = {
       "device": dev.device_kind, "date": f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
       "commit": a.commit or _commit(), "command": command, "stage": cfg.stage,
@@ -197,7 +219,8 @@ def run(cfg, a, command: str) -> dict:
       "compiled_plan_gb": plan["total"] / GB, "compiled_plan": {k: v / GB for k, v in plan.items()},
       "peak_minus_plan_gb": measured / GB - plan["total"] / GB,
       "optimizer_state_gb": opt_b / GB,
-      "peak_with_zero1_gb": (measured - opt_b * (ranks - 1) / ranks) / GB,
+      "optimizer_state_zero1_gb": opt_z / GB,
+      "peak_with_zero1_gb": (measured - opt_b + opt_z) / GB,
       "profile": prof_rows, "profile_info": prof_info, "profile_by_source": src_rows,
   }
   plans = [{"batch": b, **plan}]
@@ -249,8 +272,9 @@ def format_report(rec: dict) -> str:
       f"{rec['peak_after_build_gb']:.2f} GB peak, {rec['in_use_after_build_gb']:.2f} GB in use",
       "compiled plan: " + ", ".join(f"{k} {v:.2f}" for k, v in rec["compiled_plan"].items())
       + f" GB; measured - plan = {rec['peak_minus_plan_gb']:+.2f} GB",
-      f"optimizer state {rec['optimizer_state_gb']:.2f} GB whole here; with ZeRO-1 over the ranks "
-      f"the peak would be {rec['peak_with_zero1_gb']:.2f} GB",
+      f"optimizer state {rec['optimizer_state_gb']:.2f} GB whole here, "
+      f"{rec['optimizer_state_zero1_gb']:.2f} GB per device in the sharded node step (ZeRO-1); "
+      f"with that share the peak would be {rec['peak_with_zero1_gb']:.2f} GB",
       f"largest micro-batch: 80 GB -> B{rec['largest_micro_batch_80gb']} "
       f"({rec['largest_micro_batch_80gb_how']}), 141 GB -> B{rec['largest_micro_batch_141gb']} "
       f"({rec['largest_micro_batch_141gb_how']}); plans "

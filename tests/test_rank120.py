@@ -24,6 +24,11 @@ def test_rank120_tiny_writes_the_record(tmp_path):
   # CPU keeps no allocator statistics: the compiled plan stands in for the peak
   assert rec["peak_gb"] == rec["compiled_plan_gb"] > 0
   assert [p["batch"] for p in rec["plans_gb"]] == [1]
+  # ZeRO-1 in the 2-rank node step: the replicated parameters' moments are halved, the routed
+  # experts' (already the rank's own) are not
+  whole, share = rec["optimizer_state_gb"], rec["optimizer_state_zero1_gb"]
+  assert whole / 2 < share < whole
+  assert rec["peak_with_zero1_gb"] == pytest.approx(rec["peak_gb"] - whole + share)
   # the profile: a table of the step's ops from a jax.profiler trace
   assert len(rec["profile"]) > 5 and rec["profile_info"]["op_ms_per_call"] > 0
   assert abs(sum(r["share"] for r in rec["profile"]) - 1.0) < 1.0 and rec["profile"][0]["ms"] > 0
