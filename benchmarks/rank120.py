@@ -11,11 +11,14 @@ unchanged, and one micro-batch of `--batch` sequences. A rank of the real node s
 tokens plus the rows that the other ranks route to its experts; on average that is the same
 number of expert rows as one micro-batch routed top-k over the rank's own experts (8,192 x 12 =
 98,304 at B1 x T8192), which is what runs here. Differences from a rank of the sharded step:
-no all-to-all, and the optimizer state is whole. The real step keeps each replicated
-parameter's moments split over the ranks (ZeRO-1), while the routed experts' moments are already
-the rank's own: the report gives the optimizer state's bytes here, one device's share of it in the
-sharded node step (from that step's shardings on an abstract mesh, nothing allocated), and the
-measured peak with the difference removed.
+no all-to-all, no reduce-scatter or all-gather. The optimizer is ZeRO-1 as in the node step
+(benchmarks.step.zero1_emulation; --no_zero1 keeps the whole state): each replicated parameter's
+moments are held for the rank's 1/ranks slice and updated there, the routed experts' moments
+(already the rank's own) whole. The report gives the optimizer bytes held, the whole state's, and
+one device's share in the sharded node step computed from that step's own shardings on an
+abstract mesh (nothing allocated). The two agree up to what the rank-cut model itself changes:
+its router has the rank's expert columns only, and the MTP block's experts (20, fewer per rank
+than top-k) stay whole (0.5 MB of 5.36 GB at 120B).
 
 Reported (and written to --json): step time (median over --steps after two warm-up steps),
 tokens/s, MFU on counting.flops_per_token (the corrected model count) and XLA's own count of the
@@ -102,6 +105,14 @@ def compile_plan(cfg, batch: int, seq: int) -> dict:
           "compile_s": time.perf_counter() - t0}
 
 
+def whole_optimizer_bytes(cfg) -> float:
+  """The rank's optimizer state without ZeRO-1 (abstract)."""
+  from lightning_jax import model, optim
+  params = model.abstract_variables(cfg)["params"]
+  tx, _ = optim.make_optimizer(cfg, params, 1000)
+  return _opt_bytes({"opt_state": jax.eval_shape(tx.init, params)})
+
+
 def zero1_optimizer_bytes(a, ranks: int) -> float:
   """One device's optimizer-state bytes in the sharded node step (data 1 x expert `ranks`):
   the uncut config's state shardings (ZeRO-1 included) on an abstract mesh; nothing allocated."""
@@ -150,7 +161,7 @@ def run(cfg, a, command: str) -> dict:
   mem0 = _stats(dev)
   key = jax.random.PRNGKey(a.seed)
   t0 = time.perf_counter()
-  step, state, batch_shard = build_step(cfg, mesh, key)
+  step, state, batch_shard = build_step(cfg, mesh, key, zero1_ranks=1 if a.no_zero1 else ranks)
   build_s = time.perf_counter() - t0
   mem_built = _stats(dev)
   ids = jax.random.randint(jax.random.fold_in(key, 7), (b, t + 2), 0, cfg.model.vocab_size,
@@ -201,6 +212,7 @@ def run(cfg, a, command: str) -> dict:
     measured, how = plan["total"], "no device statistics: the compiled plan"
   opt_b = _opt_bytes(holder["state"])
   opt_z = zero1_optimizer_bytes(a, ranks)
+  opt_w = whole_optimizer_bytes(cfg)
   rec = {
       "device": dev.device_kind, "date": f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
       "commit": a.commit or _commit(), "command": command, "stage": cfg.stage,
@@ -218,8 +230,8 @@ def run(cfg, a, command: str) -> dict:
       "bytes_limit_gb": mem0.get("bytes_limit", float("nan")) / GB,
       "compiled_plan_gb": plan["total"] / GB, "compiled_plan": {k: v / GB for k, v in plan.items()},
       "peak_minus_plan_gb": measured / GB - plan["total"] / GB,
-      "optimizer_state_gb": opt_b / GB,
-      "optimizer_state_zero1_gb": opt_z / GB,
+      "zero1_emulated": not a.no_zero1, "optimizer_state_gb": opt_b / GB,
+      "optimizer_state_whole_gb": opt_w / GB, "optimizer_state_zero1_gb": opt_z / GB,
       "peak_with_zero1_gb": (measured - opt_b + opt_z) / GB,
       "profile": prof_rows, "profile_info": prof_info, "profile_by_source": src_rows,
   }
@@ -272,9 +284,11 @@ def format_report(rec: dict) -> str:
       f"{rec['peak_after_build_gb']:.2f} GB peak, {rec['in_use_after_build_gb']:.2f} GB in use",
       "compiled plan: " + ", ".join(f"{k} {v:.2f}" for k, v in rec["compiled_plan"].items())
       + f" GB; measured - plan = {rec['peak_minus_plan_gb']:+.2f} GB",
-      f"optimizer state {rec['optimizer_state_gb']:.2f} GB whole here, "
-      f"{rec['optimizer_state_zero1_gb']:.2f} GB per device in the sharded node step (ZeRO-1); "
-      f"with that share the peak would be {rec['peak_with_zero1_gb']:.2f} GB",
+      f"optimizer state held {rec['optimizer_state_gb']:.2f} GB "
+      f"({'ZeRO-1 emulated' if rec['zero1_emulated'] else 'whole'}; whole "
+      f"{rec['optimizer_state_whole_gb']:.2f} GB, a device's share in the node step "
+      f"{rec['optimizer_state_zero1_gb']:.2f} GB); peak with that share "
+      f"{rec['peak_with_zero1_gb']:.2f} GB",
       f"largest micro-batch: 80 GB -> B{rec['largest_micro_batch_80gb']} "
       f"({rec['largest_micro_batch_80gb_how']}), 141 GB -> B{rec['largest_micro_batch_141gb']} "
       f"({rec['largest_micro_batch_141gb_how']}); plans "
@@ -302,6 +316,8 @@ def main(argv=None):
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--plan_batches", default="", help="comma list of batches to plan (compile only)")
   ap.add_argument("--no_profile", action="store_true")
+  ap.add_argument("--no_zero1", action="store_true",
+                  help="hold the whole optimizer state (default: the rank's ZeRO-1 share)")
   ap.add_argument("--keep_trace", default="", help="copy the profile's .trace.json.gz here")
   ap.add_argument("--hlo_dump", default="",
                   help="XLA dump directory of this run (XLA_FLAGS=--xla_dump_to=DIR): attribute "

@@ -149,12 +149,63 @@ def _median_time(fn, args, steps: int, warmup: int = 2) -> tuple[float, list]:
 
 
 # ----------------------------------------------------------------------------- the step
-def build_step(cfg, mesh, key):
+def zero1_split_dims(cfg, abstract_params, ranks: int):
+  """Per parameter leaf, the dim that ZeRO-1 splits over the `ranks` devices of an
+  expert-parallel node step (mesh data 1 x expert `ranks`), or -1: the rule of
+  sharding.zero1_sharding on that mesh. A routed expert's leaf is already the rank's own (its
+  expert dim takes the expert axis, and data has size 1), so it is never split again."""
+  from jax.sharding import AbstractMesh
+  node = AbstractMesh((1, ranks, 1), sharding.MESH_AXES)
+
+  def one(ax, a):
+    if "expert" in ax:
+      return -1
+    z = sharding.zero1_sharding(node, sharding.named(node, ax, a.shape), a.shape).spec
+    return next((i for i, e in enumerate(z) if e is not None and "expert" in
+                 ((e,) if isinstance(e, str) else e)), -1)
+  return jax.tree_util.tree_map(one, model.param_axes(cfg), abstract_params,
+                                is_leaf=lambda x: isinstance(x, tuple))
+
+
+def zero1_emulation(tx, split_dims, ranks: int, clip_norm: float):
+  """`tx` as one rank of a ZeRO-1 node applies it, on one device: the optimizer state holds the
+  rank's 1/ranks slice of every split leaf (the first slice stands in for any rank's), the
+  update is computed on that slice of the gradient (the reduce-scatter's result) and written
+  into a parameter-sized zero update (the all-gather's buffer). The clip uses the whole
+  gradient's norm as the node does; tx's own clip then sees a smaller norm and does nothing.
+  Memory and optimizer work are the rank's; the two collectives are not run."""
+  import optax
+
+  def cut(tree):
+    return jax.tree_util.tree_map(
+        lambda x, d: x if d < 0 else jax.lax.slice_in_dim(x, 0, x.shape[d] // ranks, axis=d),
+        tree, split_dims)
+
+  def init(params):
+    return tx.init(cut(params))
+
+  def update(grads, state, params=None):
+    grads, _ = optax.clip_by_global_norm(clip_norm).update(grads, optax.EmptyState())
+    u, state = tx.update(cut(grads), state, cut(params))
+    full = jax.tree_util.tree_map(
+        lambda g, v, d: v if d < 0 else
+        jax.lax.dynamic_update_slice_in_dim(jnp.zeros_like(g), v.astype(g.dtype), 0, d),
+        grads, u, split_dims)
+    return full, state
+  return optax.GradientTransformation(init, update)
+
+
+def build_step(cfg, mesh, key, zero1_ranks: int = 1):
+  """The training loop's own step, jitted with its state. zero1_ranks > 1 (one rank's emulation,
+  benchmarks.rank120): the optimizer as one rank of a ZeRO-1 node of that many ranks holds it."""
   from launch.train import make_train_step, opt_state_shardings  # the loop's own step
   abstract = model.abstract_variables(cfg)
   p_shard = sharding.tree_shardings(mesh, model.param_axes(cfg), abstract["params"])
   rep = NamedSharding(mesh, P())
   tx, _ = optim.make_optimizer(cfg, abstract["params"], 1000)
+  if zero1_ranks > 1:
+    tx = zero1_emulation(tx, zero1_split_dims(cfg, abstract["params"], zero1_ranks),
+                         zero1_ranks, float(cfg.optim.clip_norm))
   opt_abs = jax.eval_shape(tx.init, abstract["params"])
   o_shard = opt_state_shardings(mesh, opt_abs, p_shard)
   from launch.train import frozen_shardings
