@@ -1,0 +1,90 @@
+"""Every entry point (a module of launch/, growth/ or tokenizer/ with a __main__ block) takes absl
+flags, and its `--help` lists every flag the project defines for it, with that flag's help text."""
+import concurrent.futures
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+PACKAGES = ("launch", "growth", "tokenizer")
+
+# Runs `python -m MOD --help` in-process (runpy, as __main__) and prints the help text and every
+# flag that project code (launch/, growth/, tokenizer/, lightning_jax/) defined along the way.
+DRIVER = r"""
+import contextlib, io, json, runpy, sys
+from absl import flags
+mod = sys.argv[1]
+sys.argv = [mod, "--help"]
+buf, code = io.StringIO(), None
+try:
+  with contextlib.redirect_stdout(buf):
+    runpy.run_module(mod, run_name="__main__", alter_sys=True)
+except SystemExit as e:
+  code = e.code
+ours = {}
+for module, fl in flags.FLAGS.flags_by_module_dict().items():
+  # keyed by file path for the __main__ module, by module name for the others
+  if any(f"/{p}/" in module or module.startswith(p + ".")
+         for p in ("launch", "growth", "tokenizer", "lightning_jax")):
+    ours.update({f.name: f.help or "" for f in fl})
+print("\x00" + json.dumps({"help": buf.getvalue(), "flags": ours, "code": code}))
+"""
+
+
+def entry_points():
+  out = []
+  for pkg in PACKAGES:
+    for f in sorted((REPO / pkg).glob("*.py")):
+      if re.search(r'^if __name__ == "__main__":', f.read_text(), re.M):
+        out.append(f"{pkg}.{f.stem}")
+  return out
+
+
+def _help(mod):
+  env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
+  r = subprocess.run([sys.executable, "-c", DRIVER, mod], capture_output=True, text=True,
+                     cwd=REPO, env=env, timeout=300)
+  assert "\x00" in r.stdout, f"{mod}: {r.stdout[-2000:]}{r.stderr[-2000:]}"
+  return json.loads(r.stdout.rsplit("\x00", 1)[1])
+
+
+def test_every_entry_point_lists_every_flag_with_its_help():
+  mods = entry_points()
+  # the tools named by the issue are among them
+  for m in ("launch.train", "launch.generate", "launch.score", "launch.plan", "launch.inspect",
+            "growth.expand_experts", "growth.lineage", "tokenizer.build", "tokenizer.check",
+            "tokenizer.fertility", "tokenizer.corpus_extract"):
+    assert m in mods, m
+  with concurrent.futures.ThreadPoolExecutor(2) as ex:
+    results = dict(zip(mods, ex.map(_help, mods)))
+  flat = lambda s: re.sub(r"\s+", "", s)      # absl wraps lines, also after a hyphen
+  for mod, r in results.items():
+    text = flat(r["help"])
+    assert "Try--helpfull" in text, f"{mod}: --help is not absl's ({r['help'][:300]!r})"
+    assert r["code"] in (0, 1), f"{mod}: --help ended with {r['code']!r}"
+    for name, hlp in r["flags"].items():
+      assert hlp.strip(), f"{mod}: --{name} has no help text"
+      assert re.search(rf"--(\[no\])?{re.escape(name)}: ", r["help"]), f"{mod}: --{name} missing"
+      assert flat(hlp) in text, f"{mod}: --{name}'s help text missing"
+  # the growth CLIs list their shared flags (defined in growth/cli.py, not in the module itself)
+  for name in ("src", "dst", "seed", "ratio", "config"):
+    assert name in results["growth.expand_experts"]["flags"], name
+  assert {"audit_corpus", "out", "freq_corpus", "target", "overwrite"} <= set(
+      results["tokenizer.build"]["flags"])
+
+
+def test_tokenizer_build_refuses_to_write_over_a_tokenizer(tmp_path, capsys):
+  from tokenizer import build
+  out = tmp_path / "tok"
+  out.mkdir()
+  (out / "meta.json").write_text("{}")
+  assert build.main(["--audit_corpus", str(REPO / "corpus"), f"--out={out}"]) == 2
+  assert "already holds files" in capsys.readouterr().err
+  assert (out / "meta.json").read_text() == "{}"
+  assert build.main(["--out=x"]) == 2                         # --audit_corpus is required
+  assert "audit_corpus" in capsys.readouterr().err
