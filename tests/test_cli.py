@@ -88,3 +88,26 @@ def test_tokenizer_build_refuses_to_write_over_a_tokenizer(tmp_path, capsys):
   assert (out / "meta.json").read_text() == "{}"
   assert build.main(["--out=x"]) == 2                         # --audit_corpus is required
   assert "audit_corpus" in capsys.readouterr().err
+
+
+def test_growth_history_chains_through_runs(tmp_path):
+  """Each written run's growth_history.json is its source run's history plus its own step."""
+  from growth import history
+  a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+  history.record(a, {"provenance": {"source_path": None, "transform": "init",
+                                    "args": {"seed": 0}}}, "tiny")
+  history.record(b, {"provenance": {"source_path": str(a / "checkpoints" / "20"),
+                                    "source_step": 20, "source_stage": "tiny",
+                                    "transform": "dense_to_moe", "args": {"seed": 1}},
+                     "growth_report": {"source_loss": 5.0, "grown_loss": 5.5,
+                                       "heldout_domain": "en"}}, "tiny_moe")
+  history.record(c, {"provenance": {"source_path": str(b / "checkpoints"), "source_step": 7,
+                                    "transform": "ema", "ema": {"alpha": 0.2}}}, "tiny_moe")
+  h = history.read(c)
+  assert [e["transform"] for e in h] == ["init", "dense_to_moe", "ema"]
+  assert [e["run"] for e in h] == [str(a), str(b), str(c)]
+  assert h[1]["heldout"] == {"source": 5.0, "grown": 5.5, "domain": "en"}
+  lines = history.format_lines(h)
+  assert len(lines) == 3 and "from scratch" in lines[0] and "5.0000 -> 5.5000" in lines[1]
+  assert '"alpha": 0.2' in lines[2] and "step 7" in lines[2]
+  assert history.read(tmp_path / "none") == [] and not list(tmp_path.glob("*/*.tmp"))
