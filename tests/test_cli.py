@@ -1,6 +1,5 @@
 """Every entry point (a module of launch/, growth/ or tokenizer/ with a __main__ block) takes absl
 flags, and its `--help` lists every flag the project defines for it, with that flag's help text."""
-import concurrent.futures
 import json
 import os
 import pathlib
@@ -13,26 +12,48 @@ import pytest
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PACKAGES = ("launch", "growth", "tokenizer")
 
-# Runs `python -m MOD --help` in-process (runpy, as __main__) and prints the help text and every
-# flag that project code (launch/, growth/, tokenizer/, lightning_jax/) defined along the way.
+# One process imports the heavy dependencies once, then forks a child per entry point that runs
+# `python -m MOD --help` (runpy, as __main__) and sends back the help text and every flag that
+# project code (launch/, growth/, tokenizer/, lightning_jax/) defined along the way.
 DRIVER = r"""
-import contextlib, io, json, runpy, sys
+import contextlib, io, json, os, runpy, sys
+import numpy, jax, flax, optax, ml_collections
 from absl import flags
-mod = sys.argv[1]
-sys.argv = [mod, "--help"]
-buf, code = io.StringIO(), None
-try:
-  with contextlib.redirect_stdout(buf):
-    runpy.run_module(mod, run_name="__main__", alter_sys=True)
-except SystemExit as e:
-  code = e.code
-ours = {}
-for module, fl in flags.FLAGS.flags_by_module_dict().items():
-  # keyed by file path for the __main__ module, by module name for the others
-  if any(f"/{p}/" in module or module.startswith(p + ".")
-         for p in ("launch", "growth", "tokenizer", "lightning_jax")):
-    ours.update({f.name: f.help or "" for f in fl})
-print("\x00" + json.dumps({"help": buf.getvalue(), "flags": ours, "code": code}))
+
+def one(mod):
+  sys.argv = [mod, "--help"]
+  buf, code = io.StringIO(), None
+  try:
+    with contextlib.redirect_stdout(buf):
+      runpy.run_module(mod, run_name="__main__", alter_sys=True)
+  except SystemExit as e:
+    code = e.code
+  ours = {}
+  for module, fl in flags.FLAGS.flags_by_module_dict().items():
+    # keyed by file path for the __main__ module, by module name for the others
+    if any(f"/{p}/" in module or module.startswith(p + ".")
+           for p in ("launch", "growth", "tokenizer", "lightning_jax")):
+      ours.update({f.name: f.help or "" for f in fl})
+  return {"help": buf.getvalue(), "flags": ours, "code": code}
+
+out = {}
+for mod in sys.argv[1:]:
+  r, w = os.pipe()
+  pid = os.fork()
+  if pid == 0:
+    os.close(r)
+    try:
+      data = json.dumps(one(mod))
+    except BaseException as e:
+      data = json.dumps({"error": f"{type(e).__name__}: {e}"})
+    with os.fdopen(w, "w") as f:
+      f.write(data)
+    os._exit(0)
+  os.close(w)
+  with os.fdopen(r) as f:
+    out[mod] = json.loads(f.read())
+  os.waitpid(pid, 0)
+print("\x00" + json.dumps(out))
 """
 
 
@@ -45,11 +66,11 @@ def entry_points():
   return out
 
 
-def _help(mod):
+def _help(mods):
   env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
-  r = subprocess.run([sys.executable, "-c", DRIVER, mod], capture_output=True, text=True,
-                     cwd=REPO, env=env, timeout=300)
-  assert "\x00" in r.stdout, f"{mod}: {r.stdout[-2000:]}{r.stderr[-2000:]}"
+  r = subprocess.run([sys.executable, "-c", DRIVER, *mods], capture_output=True, text=True,
+                     cwd=REPO, env=env, timeout=600)
+  assert "\x00" in r.stdout, f"{r.stdout[-2000:]}{r.stderr[-2000:]}"
   return json.loads(r.stdout.rsplit("\x00", 1)[1])
 
 
@@ -60,10 +81,11 @@ def test_every_entry_point_lists_every_flag_with_its_help():
             "growth.expand_experts", "growth.lineage", "tokenizer.build", "tokenizer.check",
             "tokenizer.fertility", "tokenizer.corpus_extract"):
     assert m in mods, m
-  with concurrent.futures.ThreadPoolExecutor(2) as ex:
-    results = dict(zip(mods, ex.map(_help, mods)))
+  results = _help(mods)
   flat = lambda s: re.sub(r"\s+", "", s)      # absl wraps lines, also after a hyphen
+  assert set(results) == set(mods)
   for mod, r in results.items():
+    assert "error" not in r, f"{mod}: {r.get('error')}"
     text = flat(r["help"])
     assert "Try--helpfull" in text, f"{mod}: --help is not absl's ({r['help'][:300]!r})"
     assert r["code"] in (0, 1), f"{mod}: --help ended with {r['code']!r}"
