@@ -224,4 +224,7 @@ def get_base_config() -> ConfigDict:
   # JAX persistent compilation cache: "auto" (~/.cache/lightning_jax/jax_compile), "run"
   # (<workdir>/jax_cache), "off", or a directory
   tr.compile_cache = "auto"
+  # Weights & Biases: a project name logs the run's scalars there too (needs `pip install wandb`;
+  # lightning_jax/metrics.py); "" = off. TensorBoard (<workdir>/tb) is always written.
+  tr.wandb_project = ""
   return c

@@ -191,6 +191,8 @@ def write_grown(dst: pathlib.Path, cfg, variables, data_dir, manifest, meta, log
     w = ck.Checkpointer(dst / "checkpoints", kc)
     w.save(0, state, loader_state, ck.config_to_json(cfg), meta, frozen_version=0)
     w.close()
+  from growth import history      # <dst>/growth_history.json: kept after checkpoints/0 is gone
+  history.record(dst, meta, cfg.stage)
   log(f"wrote {dst / 'checkpoints' / '0'}: step 0, "
       f"{'fresh' if opt_state is None else 'given'} optimizer state, schedule of "
       f"{steps_total} steps from the target config (stage {cfg.stage!r})"

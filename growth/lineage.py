@@ -1,6 +1,6 @@
 """The tiny lineage in one command (docs/cookbook.md lists the same steps as separate commands):
 
-  python -m growth.lineage --workdir runs/lineage --steps 20 [--set train.seq_len=64 ...]
+  python -m growth.lineage --workdir=runs/lineage --steps=20 [--set=train.seq_len=64 ...]
 
 train configs/tiny.py -> dense_to_moe -> train configs/tiny_moe.py -> depth_map -> train
 configs/tiny_deep.py -> expand_experts -> to_tqp -> train configs/tiny_120b.py. Each stage's run
@@ -93,19 +93,28 @@ def run_lineage(workdir, steps: int = 20, overrides: list[str] = (), log=print) 
   return record
 
 
-def main(argv=None):
-  import argparse
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--workdir", required=True)
-  p.add_argument("--steps", type=int, default=20)
-  p.add_argument("--set", action="append", default=[], dest="overrides",
-                 help="section.field=value applied to every stage config")
-  a = p.parse_args(argv)
+def define_flags():
+  from absl import flags
+  flags.DEFINE_string("workdir", None, "Root directory: one run directory per stage below it, and "
+                      "lineage.json.")
+  flags.DEFINE_integer("steps", 20, "Training steps per stage.")
+  flags.DEFINE_multi_string("set", [], "section.field=value applied to every stage config "
+                            "(repeatable).")
+  flags.mark_flag_as_required("workdir")
+
+
+def main(argv):
+  from absl import flags
+  a = flags.FLAGS
+  if len(argv) > 1:
+    print(f"error: unexpected arguments {argv[1:]}; flags look like --workdir=DIR --steps=N.",
+          file=sys.stderr)
+    return 2
   from growth.common import GrowthError
   from lightning_jax import checkpoint as ck
   from lightning_jax.config import ConfigError
   try:
-    rec = run_lineage(a.workdir, a.steps, a.overrides)
+    rec = run_lineage(a.workdir, a.steps, a.set)
   except (GrowthError, ConfigError, ck.CheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
@@ -123,6 +132,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  from absl import logging as absl_logging
+  from absl import app, logging as absl_logging
   absl_logging.set_verbosity(absl_logging.ERROR)
-  sys.exit(main())
+  define_flags()
+  app.run(lambda argv: sys.exit(main(argv)))

@@ -5,7 +5,8 @@
   python -m launch.inspect runs/tiny --step 40 --opt_state --full_config
 
 Prints the steps present, the config (its sections), the data-loader state, the save's meta
-record, the frozen version the step uses (checkpoints/frozen/<version>/, stored once per run and
+record, the growth history of a grown run (RUN/growth_history.json: every growth step that led to
+it, kept after training has deleted checkpoints/0), the frozen version the step uses (checkpoints/frozen/<version>/, stored once per run and
 shared by the steps: its fingerprint, the steps using it, its bytes on disk, and every stored
 version), and the parameter tree with shape, dtype, bytes and sharding of every leaf (optimizer
 state totals; --opt_state lists its leaves too). Sizes are read from orbax metadata: no arrays
@@ -124,6 +125,12 @@ def inspect(path: str, step: int = -1, opt_state: bool = False, full_config: boo
         out(f"  {sec}: {v}")
   out(f"\ndata loader state: {json.dumps(loader)}")
   out(f"meta: {json.dumps(meta)}")
+  from growth import history
+  grown = history.read(cdir.parent)
+  if grown:
+    out(f"growth history ({cdir.parent / history.FILE}):")
+    for line in history.format_lines(grown):
+      out(line)
   frozen = _frozen_summary(c, step, out)
   total = {}
   for coll in ("params", "frozen", "stats"):
@@ -147,7 +154,7 @@ def inspect(path: str, step: int = -1, opt_state: bool = False, full_config: boo
       out(f"  {name:<{w}}  {str(list(shape)):<22} {dtype:<9} {_fmt_bytes(nbytes):>10}  {sh}")
   c.close()
   return {"steps": steps, "step": step, "config": config, "loader": loader, "totals": total,
-          "frozen": frozen}
+          "frozen": frozen, "growth_history": grown}
 
 
 def _disk_bytes(path: pathlib.Path) -> int:

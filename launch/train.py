@@ -321,6 +321,7 @@ def train(cfg, workdir, *, fallback_to_previous: bool = False, stop_after: int =
   apply_data_vocab(cfg, manifest, data_dir)
   validate(cfg)
   watchdog.check_config(cfg)
+  metrics_lib.check_config(cfg)   # a W&B project needs the wandb package
   if stage_cfg is not None:
     log(run_checks.config_diff_line(cfg, stage_cfg[1], stage_cfg[0]))
   mesh = sharding.make_mesh(cfg.mesh)
@@ -459,7 +460,8 @@ def train(cfg, workdir, *, fallback_to_previous: bool = False, stop_after: int =
   fpt, fpt_note = metrics_lib.model_flops_per_token(cfg, abstract["params"])
   peak, peak_note = metrics_lib.peak_flops(mesh.devices.flat, cfg.model.dtype)
   thr = metrics_lib.Throughput(fpt, peak)
-  logger = metrics_lib.Logger(workdir)
+  logger = metrics_lib.Logger(workdir, config=cfg_json, step=start,
+                              wandb_project=cfg.train.wandb_project)
   log(f"MFU: model FLOPs/token {fpt:.4g} ({fpt_note}); {peak_note}")
   log(f"run {workdir}: {steps_total} steps x {tps} tokens (global_batch {cfg.train.global_batch}"
       f" x seq_len {cfg.train.seq_len}; {accum} micro-batch(es) of "

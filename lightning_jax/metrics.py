@@ -1,4 +1,12 @@
-"""Throughput, MFU and logging sinks (JSONL, TensorBoard), plus the PNG curves of launch.plot.
+"""Throughput, MFU and logging sinks (JSONL, TensorBoard, optional Weights & Biases), plus the
+PNG curves of launch.plot.
+
+Sinks: run_dir/metrics.jsonl keeps the plain record keys (`loss`, `val/en`, `mfu`, ...; launch.plot
+and the tests read those). TensorBoard (run_dir/tb) and W&B get the same scalars under namespaced
+tags (`tb_tag`): `val/...` as written, throughput and compile times under `perf/`, everything else
+under `train/`. Each launch of a run appends one line to run_dir/run_info.jsonl (time, start step,
+git commit, the resolved config) and writes the same as TensorBoard text (`run/commit`,
+`run/config`). W&B is on when train.wandb_project names a project (`pip install wandb`).
 
 MFU = achieved model FLOP/s / peak FLOP/s of the devices in use. Model FLOPs per token come
 from the model's own count (lightning_jax.counting.flops_per_token, forward + backward); the
@@ -8,10 +16,13 @@ CPUs have no published peak: we assume a nominal 32 FLOP/cycle (two 8-wide FP32 
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
 import pathlib
+import secrets
+import subprocess
 import time
 
 import jax
@@ -88,10 +99,59 @@ class Throughput:
     return {"tokens_per_s": tps, "mfu": mfu, "step_time_s": dt}
 
 
-class Logger:
-  """One record per call to JSONL (run_dir/metrics.jsonl) and TensorBoard (run_dir/tb)."""
+# record keys logged under perf/ (the rest of a step's scalars go under train/)
+PERF_KEYS = ("tokens_per_s", "mfu", "step_time_s", "compile_s")
+NAMESPACES = ("train", "val", "perf")
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
-  def __init__(self, run_dir, tensorboard: bool = True):
+
+def tb_tag(key: str) -> str:
+  """The TensorBoard / W&B tag of a metrics record key: keys already under train/, val/ or perf/
+  keep it; `tokens_per_s`, `mfu`, `step_time_s`, `compile_s` and `compile_s/<phase>` go under
+  perf/; everything else (loss, ce_mtp, aux, grad_norm, lr, tokens, ...) under train/. Spaces
+  become underscores (as TensorBoard would make them)."""
+  key = key.replace(" ", "_")
+  head = key.split("/", 1)[0]
+  if head in NAMESPACES:
+    return key
+  return ("perf/" if head in PERF_KEYS else "train/") + key
+
+
+def git_commit(repo=REPO) -> str:
+  """The repository's HEAD commit, with "+dirty" when tracked files differ from it; "unknown"
+  outside a git checkout (e.g. an installed wheel)."""
+  try:
+    run = lambda *a: subprocess.run(["git", "-C", str(repo), *a], capture_output=True, text=True,
+                                    timeout=10)
+    head = run("rev-parse", "HEAD")
+    if head.returncode != 0:
+      return "unknown"
+    dirty = run("status", "--porcelain", "--untracked-files=no").stdout.strip()
+    return head.stdout.strip() + ("+dirty" if dirty else "")
+  except (OSError, subprocess.SubprocessError):
+    return "unknown"
+
+
+def check_config(cfg):
+  """Refuse, before anything is compiled, a W&B project when the wandb package is missing."""
+  from lightning_jax.config import ConfigError
+  project = cfg.train.wandb_project
+  if project and importlib.util.find_spec("wandb") is None:
+    raise ConfigError(f"train.wandb_project={project!r} asks for Weights & Biases logging, but "
+                      f"the wandb package is not installed; expected `pip install wandb` (or "
+                      f"'.[wandb]'), or an empty train.wandb_project.")
+
+
+class Logger:
+  """One record per call to JSONL (run_dir/metrics.jsonl), TensorBoard (run_dir/tb) and, when
+  `wandb_project` is set, Weights & Biases.
+
+  config: the resolved config (JSON-able dict) of this launch; with it, run_info.jsonl gets a
+  line {time, step, commit, config} and TensorBoard the text summaries run/commit and run/config.
+  """
+
+  def __init__(self, run_dir, tensorboard: bool = True, config: dict | None = None,
+               step: int = 0, wandb_project: str = ""):
     self.dir = pathlib.Path(run_dir)
     self.dir.mkdir(parents=True, exist_ok=True)
     self.f = open(self.dir / "metrics.jsonl", "a", buffering=1)
@@ -102,24 +162,60 @@ class Logger:
         self.tb = SummaryWriter(str(self.dir / "tb"))
       except ImportError:    # optional on machines without tensorboardX
         self.tb = None
+    self.commit = git_commit()
+    self.wandb = self._wandb(wandb_project, config) if wandb_project else None
+    if config is not None:
+      self.record_run(config, step)
+
+  def _wandb(self, project: str, config):
+    """A W&B run for this run directory: one id kept in run_dir/wandb_id, so a resumed run
+    continues the same W&B run."""
+    import wandb      # checked by check_config before anything was compiled
+    id_file = self.dir / "wandb_id"
+    if not id_file.exists():
+      id_file.write_text(secrets.token_hex(8) + "\n")
+    return wandb.init(project=project, name=self.dir.resolve().name, id=id_file.read_text().strip(),
+                      resume="allow", dir=str(self.dir), config=config or {},
+                      notes=f"commit {self.commit}")
+
+  def record_run(self, config: dict, step: int):
+    info = {"time": time.time(), "step": int(step), "commit": self.commit, "config": config}
+    with open(self.dir / "run_info.jsonl", "a") as f:
+      f.write(json.dumps(info, sort_keys=True) + "\n")
+    if self.tb is not None:
+      self.tb.add_text("run/commit", self.commit, step)
+      # markdown: a code block keeps the JSON's indentation
+      self.tb.add_text("run/config", "```\n" + json.dumps(config, indent=1, sort_keys=True)
+                       + "\n```", step)
 
   def write(self, step: int, record: dict):
     rec = {"step": int(step), "time": time.time()}
     for k, v in record.items():
       rec[k] = _plain(v)
     self.f.write(json.dumps(rec) + "\n")
+    scalars = {tb_tag(k): v for k, v in rec.items()
+               if k not in ("step", "time") and isinstance(v, (int, float))
+               and not isinstance(v, bool) and math.isfinite(v)}
     if self.tb is not None:
-      for k, v in rec.items():
-        if k not in ("step", "time") and isinstance(v, (int, float)) and math.isfinite(v):
-          self.tb.add_scalar(k, v, step)
+      for tag, v in scalars.items():
+        self.tb.add_scalar(tag, v, step)
+      if isinstance(rec.get("stopped"), str):
+        self.tb.add_text("run/stopped", rec["stopped"], step)
+    if self.wandb is not None and scalars:
+      self.wandb.log(scalars, step=int(step))
 
   def note(self, text: str):
     self.f.write(json.dumps({"note": text, "time": time.time()}) + "\n")
+    if self.tb is not None:
+      self.tb.add_text("run/note", text)
 
   def close(self):
     self.f.close()
     if self.tb is not None:
       self.tb.close()
+    if self.wandb is not None:
+      self.wandb.finish()
+      self.wandb = None
 
 
 def _plain(v):

@@ -28,7 +28,7 @@ EXTEND_CHOICES = ("ask", "stretch", "restart")
 # train.* fields the compiled step does not depend on (launch.train's in-process compile key)
 HOST_ONLY = ("extend_schedule", "watchdog_factor", "watchdog_min_s", "watchdog_compile_s",
              "compile_cache", "log_every", "eval_every", "fit_memory", "device_memory_gb",
-             "memory_headroom_gb")
+             "memory_headroom_gb", "wandb_project")
 
 
 # ----------------------------------------------------------------------------- schedule extension

@@ -66,6 +66,15 @@ def test_tiny_lineage(tmp_path):
     p = meta["provenance"]
     assert p["transform"] == transform and p["source_path"].startswith(str(tmp_path / src)), p
     assert p["source_step"] == (0 if src == "big_bf16" else STEPS), p
+  # after training (checkpoints/0 may be gone) launch.inspect RUN shows the whole growth history
+  shown = []
+  got = inspect(str(tmp_path / "big"), out=shown.append)
+  assert got["step"] == STEPS
+  assert [e["transform"] for e in got["growth_history"]] == [
+      "dense_to_moe", "depth_map", "expand_experts", "to_tqp"]
+  i = shown.index(next(l for l in shown if l.startswith("growth history")))
+  assert all(t in shown[i + k] for k, t in enumerate(
+      ["dense_to_moe", "depth_map", "expand_experts", "to_tqp"], 1)), shown[i:i + 5]
   # the written checkpoint holds exactly what the pure function returns for the restored source
   from growth import cli, common
   from growth.depth_map import depth_map

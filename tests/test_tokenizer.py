@@ -253,7 +253,7 @@ def test_bad_base_hash(tmp_path):
   p.write_bytes(b"YQ== 0\n")
   with pytest.raises(base.TokenizerFileError, match="SHA-256 .* expected"):
     base.load_ranks(p)
-  assert build.main(["--base", str(p), "--audit-corpus", str(REPO / "corpus" / "hi"),
+  assert build.main(["--base", str(p), "--audit_corpus", str(REPO / "corpus" / "hi"),
                      "--out", str(tmp_path / "o")]) == 2
 
 

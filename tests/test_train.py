@@ -93,6 +93,15 @@ def test_resume_is_bitwise_exact(data_dir, tmp_path):
   assert [r["step"] for r in steps] == [1, 2, 3, 4]
   for k in ("loss", "ce_mtp", "aux", "grad_norm", "lr", "tokens_per_s", "mfu"):
     assert k in steps[0], k
+  # TensorBoard gets them under train/ and perf/; each launch records its config and commit
+  from test_metrics import tb_events
+  from lightning_jax.metrics import git_commit
+  tags = tb_events(tmp_path / "b")[0]
+  assert {"train/loss", "train/aux", "perf/mfu"} <= set(tags) and "loss" not in tags
+  assert sorted(tags["train/loss"]) == [1, 2, 3, 4]
+  info = [json.loads(l) for l in (tmp_path / "b" / "run_info.jsonl").read_text().splitlines()]
+  assert [i["step"] for i in info] == [0, 2] and info[1]["commit"] == git_commit()
+  assert info[1]["config"]["train"]["seq_len"] == cfg.train.seq_len
   # restarting a finished run does nothing and keeps the step
   again = T.train(cfg, tmp_path / "a", progress=False, log=lambda *_: None)
   assert again["final_step"] == 4 and again["losses"] == []

@@ -1,22 +1,23 @@
 """Build BrahmicTokenizer-131K (SPEC §7): crop, retrofit, checks, id order, byte buffers.
 
-  python -m tokenizer.build --base o200k_base --audit-corpus corpus --out DIR
-      [--target 131072] [--num-specials 32] [--retrofit-slots 2372] [--freq-corpus DIR]
+  python -m tokenizer.build --base=o200k_base --audit_corpus=corpus --out=DIR
+      [--target=131072] [--num_specials=32] [--retrofit_slots=2372] [--freq_corpus=DIR]
 
 --base: "o200k_base" (the offline copy, hash-checked) or a .tiktoken(.gz) file, checked against
---base-sha256 (default: o200k_base's content hash). --audit-corpus: a directory of .txt (one
+--base_sha256 (default: o200k_base's content hash). --audit_corpus: a directory of .txt (one
 document per line) / .jsonl ("text") files; files named eval/val/test/... are held out and not
 read. Prints how many tokens each step removed and added, per script, and writes the tokenizer
 directory (see tokenizer/artifacts.py).
 """
 from __future__ import annotations
 
-import argparse
 import collections
+import pathlib
 import sys
 import time
 
 import numpy as np
+from absl import app, flags
 
 from tokenizer import artifacts, base, bpe, crop, retrofit, scripts
 
@@ -131,20 +132,56 @@ def format_report(report: dict) -> str:
   return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-  ap = argparse.ArgumentParser(prog="python -m tokenizer.build", description=__doc__.split("\n")[0])
-  ap.add_argument("--base", default="o200k_base")
-  ap.add_argument("--base-sha256", default=base.O200K_SHA256)
-  ap.add_argument("--audit-corpus", required=True)
-  ap.add_argument("--freq-corpus", default=None, help="corpus for the frequency id order "
-                  "(default: the audit corpus)")
-  ap.add_argument("--out", required=True)
-  ap.add_argument("--target", type=int, default=DEFAULT_TARGET)
-  ap.add_argument("--num-specials", type=int, default=DEFAULT_SPECIALS)
-  ap.add_argument("--retrofit-slots", type=int, default=DEFAULT_SLOTS)
-  ap.add_argument("--max-bytes", type=int, default=32)
-  ap.add_argument("--name", default="brahmic131k")
-  a = ap.parse_args(argv)
+def define_flags(fv=flags.FLAGS):
+  flags.DEFINE_string("base", "o200k_base", "The base vocabulary: o200k_base (the offline copy, "
+                      "hash-checked) or a .tiktoken(.gz) file.", flag_values=fv)
+  flags.DEFINE_string("base_sha256", base.O200K_SHA256, "SHA-256 the --base file's content must "
+                      "have (default: o200k_base's).", flag_values=fv)
+  flags.DEFINE_string("audit_corpus", None, "Directory of .txt (one document per line) / .jsonl "
+                      "(\"text\") files for the retrofit audit; files named eval/val/test/... are "
+                      "held out and not read.", flag_values=fv)
+  flags.DEFINE_string("freq_corpus", None, "Corpus for the frequency id order (default: the audit "
+                      "corpus).", flag_values=fv)
+  flags.DEFINE_string("out", None, "Output tokenizer directory (a new one: the shipped "
+                      "tokenizer/brahmic131k is the committed build).", flag_values=fv)
+  flags.DEFINE_integer("target", DEFAULT_TARGET, "Vocabulary size after the crop and retrofit, "
+                       "specials included.", flag_values=fv)
+  flags.DEFINE_integer("num_specials", DEFAULT_SPECIALS, "Special tokens at the top ids.",
+                       flag_values=fv)
+  flags.DEFINE_integer("retrofit_slots", DEFAULT_SLOTS, "Corpus-dead slots re-filled with "
+                       "Brahmic merges (SPEC section 7).", flag_values=fv)
+  flags.DEFINE_integer("max_bytes", 32, "Longest token in bytes.", flag_values=fv)
+  flags.DEFINE_string("name", "brahmic131k", "The tokenizer's name (tiktoken Encoding name).",
+                      flag_values=fv)
+  flags.DEFINE_bool("overwrite", False, "Write into an --out directory that already holds files "
+                    "(refused otherwise, so a build never replaces the shipped tokenizer by "
+                    "accident).", flag_values=fv)
+  flags.mark_flags_as_required(["audit_corpus", "out"], flag_values=fv)
+
+
+def main(argv: list[str]) -> int:
+  """In-process entry (tests): `argv` as on the command line, without the program name."""
+  fv = flags.FlagValues()
+  define_flags(fv)
+  try:
+    rest = fv(["tokenizer.build", *argv])
+  except flags.Error as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return run(fv, rest[1:])
+
+
+def run(a, args=()) -> int:
+  """The build with parsed flags `a` (absl FlagValues); `args`: stray positional arguments."""
+  if args:
+    print(f"error: unexpected arguments {list(args)}; options look like --out=DIR.",
+          file=sys.stderr)
+    return 2
+  out = pathlib.Path(a.out)
+  if out.exists() and any(out.iterdir()) and not a.overwrite:
+    print(f"error: --out={a.out} already holds files; expected a new directory (or --overwrite "
+          f"to replace what is there).", file=sys.stderr)
+    return 2
   t0 = time.time()
   try:
     ranks = (base.load_ranks() if a.base == "o200k_base"
@@ -181,4 +218,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  define_flags()
+  app.run(lambda argv: sys.exit(run(flags.FLAGS, argv[1:])))

@@ -1,6 +1,6 @@
 """Constraint checks of a built tokenizer directory.
 
-  python -m tokenizer.check DIR [--corpus corpus] [--expect-vocab 131072]
+  python -m tokenizer.check DIR [--corpus=corpus] [--expect_vocab=131072]
 
 Checks: vocabulary size; mergeable ids dense 0..M-1; special tokens at the top ids (end of text
 first, then pad, chat and reserved tokens); no token longer than max_bytes (32); no token mixing
@@ -12,11 +12,11 @@ buffers equal the token bytes in both id orders. Exit status 1 if any check fail
 """
 from __future__ import annotations
 
-import argparse
 import pathlib
 import sys
 
 import numpy as np
+from absl import app, flags
 
 from tokenizer import artifacts, base, bpe, crop, retrofit, scripts
 
@@ -85,14 +85,35 @@ def run_checks(path, corpus=None, expect_vocab: int | None = 131072):
   return out
 
 
-def main(argv=None) -> int:
-  ap = argparse.ArgumentParser(prog="python -m tokenizer.check")
-  ap.add_argument("dir")
-  ap.add_argument("--corpus", default=None)
-  ap.add_argument("--expect-vocab", type=int, default=131072)
-  a = ap.parse_args(argv)
+def define_flags(fv=flags.FLAGS):
+  flags.DEFINE_string("corpus", None, "Directory whose .txt lines and .jsonl \"text\" documents "
+                      "must round-trip, held-out files included (default: the bundled corpus/).",
+                      flag_values=fv)
+  flags.DEFINE_integer("expect_vocab", 131072, "Vocabulary size (mergeable + special) the "
+                       "directory must have.", flag_values=fv)
+
+
+def main(argv: list[str]) -> int:
+  """In-process entry (tests): `argv` as on the command line, without the program name."""
+  fv = flags.FlagValues()
+  define_flags(fv)
   try:
-    res = run_checks(a.dir, a.corpus, a.expect_vocab)
+    rest = fv(["tokenizer.check", *argv])
+  except flags.Error as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return run(fv, rest[1:])
+
+
+def run(a, args) -> int:
+  """The checks with parsed flags `a` on the one positional argument, the tokenizer directory."""
+  if len(args) != 1:
+    print("usage: python -m tokenizer.check DIR [--corpus=DIR] [--expect_vocab=N]",
+          file=sys.stderr)
+    return 2
+  a_dir = args[0]
+  try:
+    res = run_checks(a_dir, a.corpus, a.expect_vocab)
   except base.TokenizerFileError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
@@ -104,4 +125,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  define_flags()
+  app.run(lambda argv: sys.exit(run(flags.FLAGS, argv[1:])))

@@ -84,9 +84,16 @@ def split(lines: list[str]) -> tuple[list[str], list[str]]:
   return train, evl
 
 
-def main(argv=None):
-  argv = sys.argv[1:] if argv is None else argv
-  root, out = pathlib.Path(argv[0]), pathlib.Path(argv[1])
+def main(argv) -> int:
+  """absl main: argv = [program, DEB_ROOT, OUT_DIR] (this command has no options)."""
+  if len(argv) != 3:
+    print("usage: python -m tokenizer.corpus_extract DEB_ROOT OUT_DIR", file=sys.stderr)
+    return 2
+  root, out = pathlib.Path(argv[1]), pathlib.Path(argv[2])
+  if not root.is_dir():
+    print(f"error: DEB_ROOT {root} is not a directory; expected the packages of "
+          f"corpus/SOURCES.md extracted with `dpkg-deb -x`.", file=sys.stderr)
+    return 2
   for lang in LANGS:
     items = collect(root, lang)
     # keep longer strings first (running text over single words), within a byte budget
@@ -106,7 +113,9 @@ def main(argv=None):
     (d / "eval.txt").write_text("\n".join(evl) + "\n", encoding="utf-8")
     print(f"{lang}: {len(items)} strings available, kept {len(kept)} ({total} bytes): "
           f"train {len(train)}, eval {len(evl)}")
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  from absl import app
+  app.run(lambda argv: sys.exit(main(argv)))

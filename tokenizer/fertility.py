@@ -1,6 +1,6 @@
 """Fertility (tokens per word) per language on the bundled held-out samples, beside o200k_base.
 
-  python -m tokenizer.fertility [--tokenizer DIR] [--corpus corpus] [--json FILE]
+  python -m tokenizer.fertility [--tokenizer=DIR] [--corpus=corpus] [--json=FILE]
 
 Samples: corpus/<lang>/eval.txt for the nine Brahmic languages (held out from the audit corpus);
 corpus/en and corpus/code (every .jsonl/.txt there; the audit reads no English or code, so any
@@ -9,10 +9,11 @@ encode_ordinary of each document, summed. Without --tokenizer the committed buil
 """
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import sys
+
+from absl import app, flags
 
 from tokenizer import artifacts, base, retrofit
 
@@ -69,12 +70,32 @@ def format_table(rep: dict) -> str:
   return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-  ap = argparse.ArgumentParser(prog="python -m tokenizer.fertility")
-  ap.add_argument("--tokenizer", default=str(DEFAULT_TOKENIZER))
-  ap.add_argument("--corpus", default=str(REPO / "corpus"))
-  ap.add_argument("--json", default=None)
-  a = ap.parse_args(argv)
+def define_flags(fv=flags.FLAGS):
+  flags.DEFINE_string("tokenizer", str(DEFAULT_TOKENIZER), "Tokenizer directory (default: the "
+                      "committed build, tokenizer/brahmic131k).", flag_values=fv)
+  flags.DEFINE_string("corpus", str(REPO / "corpus"), "Corpus root: <lang>/eval.txt for the "
+                      "Brahmic languages, en/ and code/ read whole.", flag_values=fv)
+  flags.DEFINE_string("json", None, "Also write the table as JSON to this file.", flag_values=fv)
+
+
+def main(argv: list[str]) -> int:
+  """In-process entry (tests): `argv` as on the command line, without the program name."""
+  fv = flags.FlagValues()
+  define_flags(fv)
+  try:
+    rest = fv(["tokenizer.fertility", *argv])
+  except flags.Error as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return run(fv, rest[1:])
+
+
+def run(a, args=()) -> int:
+  """The table with parsed flags `a` (absl FlagValues); `args`: stray positional arguments."""
+  if args:
+    print(f"error: unexpected arguments {list(args)}; options look like --tokenizer=DIR.",
+          file=sys.stderr)
+    return 2
   try:
     enc = artifacts.load_encoding(a.tokenizer)
   except base.TokenizerFileError as e:
@@ -89,4 +110,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  define_flags()
+  app.run(lambda argv: sys.exit(run(flags.FLAGS, argv[1:])))

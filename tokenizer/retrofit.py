@@ -253,7 +253,7 @@ def retrofit(kept: list[bytes], base_ranks: dict[bytes, int], splits, audit_text
   if avail < total_slots:
     raise RetrofitError(f"the audit corpus yields only {avail} candidate merges (each seen at "
                         f"least twice) for {total_slots} slots; give more Brahmic text or fewer "
-                        "--retrofit-slots.")
+                        "--retrofit_slots.")
   alloc = allocate_lp(gains, total_slots)
   same = alloc == allocate_greedy(gains, total_slots)
   new, added = [], {}

@@ -1,0 +1,264 @@
+"""The numbers the docs quote, generated from the code and the results files, in one place.
+
+  python -m launch.docs_numbers            # rewrite every marked block in README.md and docs/
+  python -m launch.docs_numbers --check    # change nothing; exit 1 naming the blocks out of date
+
+A marked block is `<!-- gen:NAME -->...<!-- /gen:NAME -->` (inline in a sentence or a table
+cell, or on lines of their own around a table); NAME is a generator of BLOCKS below, with its
+arguments after colons (`count:stage_2b`). Sources:
+  count:STAGE               parameter counts of configs/STAGE.py (lightning_jax.counting, shapes
+                            by jax.eval_shape: nothing is allocated or compiled)
+  gflop:STAGE               training FLOPs per token at the stage's train.seq_len
+                            (counting.flops_per_token, the MFU numerator)
+  node_tokens_s:STAGE:MFU   tokens/s of one 8 x H100 node (989 TFLOP/s bf16 dense each,
+                            lightning_jax.metrics.PEAK_FLOPS) at that MFU
+  node_step_s:STAGE:MFU     seconds per global batch at that rate
+  fertility_table           tokens per word of tokenizer/brahmic131k vs o200k_base on the bundled
+                            held-out samples (tokenizer.fertility)
+  rank120_table             the rows of benchmarks/results/rank120.json
+  tiny_heldout_table        the README's main job per domain: training tokens, held-out CE at
+                            the start and the end (benchmarks/results/tiny_main_job.json,
+                            written by benchmarks/tiny_main_job.py)
+  tiny_heldout_falls        the domains whose held-out CE fell by >= FALL_NATS in that run
+  tiny_unseen               the domains that supplied no training token in it
+  tiny_pools_read           which domains each pool of several domains read in it
+  tiny_steps                its steps
+"""
+from __future__ import annotations
+
+import functools
+import json
+import pathlib
+import re
+import sys
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+DOCS = ("README.md", "docs/data.md", "docs/PERFORMANCE.md", "docs/tokenizer.md",
+        "docs/cookbook.md", "docs/ARCHITECTURE.md")
+RESULTS = REPO / "benchmarks" / "results"
+BLOCK = re.compile(r"<!-- gen:([\w:.]+) -->(.*?)<!-- /gen:\1 -->", re.S)
+NODE_DEVICES, NODE_PEAK_KEY = 8, "H100"
+# a domain's held-out loss "falls" when it ends at least this much below its start (nats)
+FALL_NATS = 0.5
+
+
+class DocsError(ValueError):
+  """A marked block names no generator, or a generator's source is missing."""
+
+
+@functools.cache
+def _config(stage: str):
+  from lightning_jax.config import load_config
+  path = REPO / "configs" / f"{stage}.py"
+  if not path.exists():
+    raise DocsError(f"block names stage {stage!r}, but configs/{stage}.py does not exist.")
+  return load_config(str(path))
+
+
+@functools.cache
+def _counts(stage: str) -> dict:
+  from lightning_jax import counting
+  return counting.count_params(_config(stage))
+
+
+@functools.cache
+def _gflop(stage: str) -> float:
+  from lightning_jax import counting
+  cfg = _config(stage)
+  return counting.flops_per_token(cfg, cfg.train.seq_len)["total"] / 1e9
+
+
+def count(stage: str) -> str:
+  c = _counts(stage)
+  s, a = c["total_stored"] / 1e9, c["total_active"] / 1e9
+  text = (f"{s:.2f}B stored = active" if c["total_stored"] == c["total_active"]
+          else f"{s:.2f}B stored / {a:.2f}B active")
+  if c["stored"].get("tqp_adapters"):
+    s0, a0 = c["total_stored_no_adapters"] / 1e9, c["total_active_no_adapters"] / 1e9
+    text = (f"{s0:.2f}B stored / {a0:.2f}B active "
+            f"(+{c['stored']['tqp_adapters'] / 1e9:.2f}B adapters)")
+  if c["mtp_total_stored"]:
+    text += f"; MTP block {c['mtp_total_stored'] / 1e9:.2f}B apart"
+  return text
+
+
+def gflop(stage: str) -> str:
+  return f"{_gflop(stage):.2f}"
+
+
+def _node_rate(stage: str, mfu: str) -> float:
+  from lightning_jax.metrics import PEAK_FLOPS
+  return NODE_DEVICES * PEAK_FLOPS[NODE_PEAK_KEY]["bfloat16"] * float(mfu) / (_gflop(stage) * 1e9)
+
+
+def node_tokens_s(stage: str, mfu: str) -> str:
+  return f"{_node_rate(stage, mfu):.1e}".replace("e+0", "e")
+
+
+def node_step_s(stage: str, mfu: str) -> str:
+  t = _config(stage).train
+  return f"{t.global_batch * t.seq_len / _node_rate(stage, mfu):.1f}"
+
+
+def fertility_table() -> str:
+  from tokenizer import artifacts, base, fertility
+  rep = fertility.report(artifacts.load_encoding(fertility.DEFAULT_TOKENIZER),
+                         base.load_o200k_base(), REPO / "corpus")
+  names = {**fertility.BRAHMIC_LANGS, **fertility.OTHER_LANGS}
+  rows = ["| language | words | BrahmicTokenizer | o200k_base | ratio |",
+          "| --- | ---: | ---: | ---: | ---: |"]
+  for lang, r in rep.items():
+    rows.append(f"| {names[lang]} | {r['words']:,} | {r['fertility']:.3f} | "
+                f"{r['o200k_fertility']:.3f} | {r['ratio']:.3f} |")
+  br = [r for lang, r in rep.items() if lang in fertility.BRAHMIC_LANGS]
+  m = sum(r["fertility"] for r in br) / len(br)
+  mr = sum(r["o200k_fertility"] for r in br) / len(br)
+  rows.append(f"| Brahmic mean | | {m:.3f} | {mr:.3f} | {m / mr:.3f} |")
+  return "\n" + "\n".join(rows) + "\n"
+
+
+@functools.cache
+def _result(name: str) -> dict:
+  p = RESULTS / name
+  if not p.exists():
+    raise DocsError(f"results file {p.relative_to(REPO)} does not exist; expected the JSON record "
+                    f"the block is generated from.")
+  return json.loads(p.read_text())
+
+
+def rank120_table() -> str:
+  r = _result("rank120.json")
+  b = r["before_this_issue"]
+  rows = ["| commit | what | layers x experts, B | step | tokens/s | MFU | device peak | "
+          "compiled plan |", "|---|---|---|---|---|---|---|---|",
+          f"| before | {b['source']} | {r['layers']} x {r['experts_per_rank']}, B1 | "
+          f"{b['step_ms']:,.1f} ms | {b['tokens_per_s']:,} | | {b['peak_gib']} GiB | "
+          f"{b['compiled_plan_gb']} GB |"]
+  for x in r["runs"]:
+    rows.append(f"| {x['commit']} | {x['what']} | {x['layers']} x {x['experts']}, B{x['batch']} | "
+                f"{x['step_ms']:,.1f} ms | {x['tokens_per_s']:,} | {x['mfu']:.1%} | "
+                f"{x['peak_gb']:.2f} GB | {x['compiled_plan_gb']:.2f} GB |")
+  return "\n" + "\n".join(rows) + "\n"
+
+
+def _tiny() -> dict:
+  return _result("tiny_main_job.json")
+
+
+def tiny_heldout_table() -> str:
+  r = _tiny()
+  pools = {d: p for p, ds in r["pools"].items() for d in ds}
+  seen = r["train_tokens_by_domain"]
+  rows = [f"| domain | pool | training tokens in {r['steps']} steps | held-out CE at step 0 | "
+          f"at step {r['steps']} | change |", "| --- | --- | ---: | ---: | ---: | ---: |"]
+  for d, start in r["heldout_start"].items():
+    end = r["heldout_end"][d]
+    rows.append(f"| {d} | {pools.get(d, '')} | {seen.get(d, 0):,} | {start:.2f} | {end:.2f} | "
+                f"{end - start:+.2f} |")
+  rows.append(f"| mixture-weighted (plain mean) | | {sum(seen.values()):,} | "
+              f"{r['heldout_mix'][0]:.3f} ({r['heldout_mean'][0]:.3f}) | "
+              f"{r['heldout_mix'][1]:.3f} ({r['heldout_mean'][1]:.3f}) | |")
+  return "\n" + "\n".join(rows) + "\n"
+
+
+def _names(ds) -> str:
+  ds = list(ds)
+  return (", ".join(ds[:-1]) + " and " + ds[-1]) if len(ds) > 1 else (ds[0] if ds else "none")
+
+
+def _lang(d: str) -> str:
+  from tokenizer import fertility
+  return {**fertility.BRAHMIC_LANGS, **fertility.OTHER_LANGS}.get(d, d)
+
+
+def tiny_heldout_falls() -> str:
+  """The domains whose held-out CE ends at least FALL_NATS below its start."""
+  r = _tiny()
+  return _names(_lang(d) for d, s in r["heldout_start"].items()
+                if r["heldout_end"][d] <= s - FALL_NATS)
+
+
+def tiny_unseen() -> str:
+  """The domains that supplied no training token in the run's steps."""
+  r = _tiny()
+  return _names(_lang(d) for d in r["heldout_start"] if not r["train_tokens_by_domain"].get(d))
+
+
+def tiny_pools_read() -> str:
+  """Which of its domains each pool of several domains read in the run's steps."""
+  r = _tiny()
+  seen = r["train_tokens_by_domain"]
+  parts = [f"the {p} pool read only {_names([_lang(d) for d in ds if seen.get(d)])}"
+           for p, ds in r["pools"].items() if len(ds) > 1]
+  return "; ".join(parts)
+
+
+def tiny_steps() -> str:
+  return str(_tiny()["steps"])
+
+
+BLOCKS = {"count": count, "gflop": gflop, "node_tokens_s": node_tokens_s,
+          "node_step_s": node_step_s, "fertility_table": fertility_table,
+          "rank120_table": rank120_table, "tiny_heldout_table": tiny_heldout_table,
+          "tiny_heldout_falls": tiny_heldout_falls, "tiny_unseen": tiny_unseen,
+          "tiny_pools_read": tiny_pools_read, "tiny_steps": tiny_steps}
+
+
+def render(name: str) -> str:
+  fn, *args = name.split(":")
+  if fn not in BLOCKS:
+    raise DocsError(f"marked block gen:{name} names no generator; expected one of "
+                    f"{', '.join(BLOCKS)} (launch/docs_numbers.py).")
+  return BLOCKS[fn](*args)
+
+
+def update(check: bool = False, docs=DOCS) -> list[str]:
+  """Rewrite (or with check, only compare) every marked block; returns 'file: block' of those
+  that were (or would be) changed."""
+  changed = []
+  for rel in docs:
+    p = REPO / rel
+    if not p.exists():
+      continue
+    text = p.read_text()
+
+    def sub(m):
+      new = render(m.group(1))
+      if new != m.group(2):
+        changed.append(f"{rel}: gen:{m.group(1)}")
+      return f"<!-- gen:{m.group(1)} -->{new}<!-- /gen:{m.group(1)} -->"
+    out = BLOCK.sub(sub, text)
+    if not check and out != text:
+      p.write_text(out)
+  return changed
+
+
+def main(argv):
+  from absl import flags
+  if len(argv) > 1:
+    print(f"error: unexpected arguments {argv[1:]}; the only flag is --check.", file=sys.stderr)
+    return 2
+  try:
+    changed = update(check=flags.FLAGS.check)
+  except DocsError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  if flags.FLAGS.check:
+    for c in changed:
+      print(f"out of date: {c}")
+    print("docs are in sync" if not changed else
+          f"{len(changed)} block(s) out of date; run python -m launch.docs_numbers")
+    return 1 if changed else 0
+  for c in changed:
+    print(f"rewrote {c}")
+  print(f"{len(changed)} block(s) rewritten")
+  return 0
+
+
+if __name__ == "__main__":
+  import os
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  from absl import app, flags
+  flags.DEFINE_bool("check", False, "Change nothing; list the blocks whose text differs from "
+                    "what the generators give, exit 1 if any.")
+  app.run(lambda argv: sys.exit(main(argv)))
