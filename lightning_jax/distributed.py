@@ -370,8 +370,8 @@ def global_batch(sharding, local: np.ndarray, global_shape):
   return jax.make_array_from_process_local_data(sharding, np.asarray(local), tuple(global_shape))
 
 
-def replicated(value, sharding):
-  """A host value on every device of `sharding` (works across processes)."""
+def from_host(value, sharding):
+  """A host value (the same on every process) placed by `sharding` (works across processes)."""
   arr = np.asarray(value)
   return jax.make_array_from_callback(arr.shape, sharding, lambda idx: arr[idx])
 
@@ -379,6 +379,13 @@ def replicated(value, sharding):
 def local_devices(devices) -> list:
   me = jax.process_index()
   return [d for d in devices if d.process_index == me]
+
+
+class NullLogger:
+  """The metrics logger of processes other than 0: every call does nothing."""
+
+  def __getattr__(self, name):
+    return lambda *a, **k: None
 
 
 PER_PROCESS = "per_process/v1"
