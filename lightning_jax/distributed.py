@@ -240,12 +240,16 @@ def fail(message: str, code: int = 1) -> None:
   me = jax.process_index()
   stop_watching()
   text = f"process {me} ({socket.gethostname()}) failed: {message}"
+  sys.stdout.flush()
+  print(f"error: {message}" if not message.startswith("error:") else message, file=sys.stderr,
+        flush=True)
   try:
     _client().key_value_set(f"ljx/failed/{me}", text)
-    time.sleep(3 * POLL_S)       # the coordinator may live in this process: let the others read
+    if me == 0:                  # the coordination service lives here: let the others read it
+      time.sleep(3 * POLL_S)
   except Exception:              # the service is gone already: the others notice that instead
     pass
-  _die(f"error: {message}" if not message.startswith("error:") else message, code)
+  os._exit(code)
 
 
 # ----------------------------------------------------------------------------- agreement

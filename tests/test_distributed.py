@@ -206,6 +206,16 @@ def test_bad_inputs_one_sentence(setup, tmp_path):
     assert "process 1's config (hash" in o and "differs from process 0's" in o, o[-3000:]
     assert "optim.peak_lr" in o and "Traceback" not in o, o[-3000:]
 
+  # one process fails (its data directory is missing) while process 0 waits for it: process 0
+  # ends too, naming process 1 and its sentence
+  port = D.free_port()
+  p0 = launch(dense, tmp_path / "f", port=port, ids=[0])
+  p1 = launch(dense, tmp_path / "f", f"--config.data.path={tmp_path / 'gone'}", port=port, ids=[1])
+  codes, outs = finish(p0 + p1, 180)
+  assert codes == [D.EXIT_PEER, 1], (codes, outs)
+  assert "error: stopping process 0 because process 1 (" in outs[0], outs[0][-3000:]
+  assert "failed: data directory" in outs[0] and "gone does not exist" in outs[0], outs[0][-3000:]
+
   codes, outs = finish(launch(dense, tmp_path / "b", "--config.train.global_batch=10",
                               "--config.train.eval_every=0", n=3), 180)
   assert all(c == 1 for c in codes), outs
