@@ -147,13 +147,17 @@ def test_two_processes_match_one_process_and_resume_after_kill(setup, tmp_path):
   codes, outs = finish(procs, 30)
   assert codes == [-signal.SIGKILL] * 2, outs
   first = losses(wd)
-  assert [s for s, _ in first] == [1, 2], first
+  assert [s for s, _ in first] == [1, 2], first     # one record per step: process 0 logs alone
   # the checkpoint holds each process's own loader state
   c = ck.Checkpointer(wd / "checkpoints", load_config(str(dense)).checkpoint, read_only=True)
   rec = c.read_json(2, "loader")
   c.close()
   assert rec["kind"] == D.PER_PROCESS and len(rec["states"]) == 2, rec
   assert all(s["iterator"] == rec["states"][0]["iterator"] for s in rec["states"])
+  # the frozen-version store across processes: version 0, written once, referenced by step 2
+  c = ck.Checkpointer(wd / "checkpoints", load_config(str(dense)).checkpoint, read_only=True)
+  assert c.frozen_versions() == [0] and c.frozen_ref(2)["version"] == 0
+  c.close()
 
   moe = setup["cfgs"]["tiny_moe"]
   moe_procs = None
