@@ -703,8 +703,8 @@ def main(argv):
   many = launch is not None
   try:
     stage_cfg = run_checks.stage_config(FLAGS["config"])
-    run_checks.enable_compile_cache(cfg, workdir, log=print if distributed.is_primary() else
-                                    (lambda *_: None))
+    run_checks.enable_compile_cache(cfg, workdir, log=print if not many or
+                                    launch.process_id == 0 else (lambda *_: None))
     s = train(cfg, workdir, fallback_to_previous=FLAGS.fallback_to_previous,
               stop_after=FLAGS.stop_after, progress=not FLAGS.no_progress,
               debug_poison_step=FLAGS.debug_poison_step,
