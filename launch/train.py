@@ -4,7 +4,9 @@ Flags: --config (ml_collections config file; any field overrides as --config.sec
 --workdir (run directory; default runs/<stage>), --fallback_to_previous (resume from the newest
 READABLE checkpoint when the newest one is torn; otherwise that is an error), --stop_after
 (stop, with a checkpoint, after this many steps of this invocation: the schedule still spans the
-whole budget), --no_progress.
+whole budget), --no_progress; several processes (one per host, lightning_jax/distributed.py):
+--coordinator_address, --num_processes, --process_id (or JAX_* / SLURM / torchrun variables),
+--distributed_timeout_s, --heartbeat_timeout_s (docs/cookbook.md, "Beyond one node").
 
 Restarting the same command in the same run directory resumes from the newest complete
 checkpoint: parameters, optimizer state, running statistics, step and the data loader's position.
@@ -416,7 +418,8 @@ def train(cfg, workdir, *, fallback_to_previous: bool = False, stop_after: int =
   if restored is not None:
     _check_same_run(restored["config"], cfg_json, ck.step_dir(restored["step"]))
     state = restored["state"]
-    loader.set_state(distributed.own_loader_state(restored["loader"]), log=log)       # the pool mixture reports stage notes
+    # (each process its own state; the pool mixture reports stage notes)
+    loader.set_state(distributed.own_loader_state(restored["loader"]), log=log)
     start = int(restored["step"])
     if run_checks.schedule_on_resume(cfg, restored["config"], restored.get("meta"), start, log):
       tx, sched = optim.make_optimizer(cfg, abstract["params"], steps_total)   # restarted LR
