@@ -68,6 +68,9 @@ def check_train_config(cfg, n_batch_shards: int) -> int:
   if t.micro_batch < 0:
     raise ConfigError(f"train.micro_batch={t.micro_batch} must be >= 1 sequence per device (or 0: "
                       f"no gradient accumulation).")
+  if t.eval_every > 0 and (t.eval_batch < 1 or t.eval_batch % n_batch_shards):
+    raise ConfigError(f"train.eval_batch={t.eval_batch} must be a positive multiple of the "
+                      f"{n_batch_shards} batch shards (mesh data x expert).")
   if t.micro_batch == 0:          # no accumulation: the whole global batch in one forward
     if t.global_batch < n_batch_shards or t.global_batch % n_batch_shards:
       raise ConfigError(f"train.global_batch={t.global_batch} must be a positive multiple of the "
@@ -78,9 +81,6 @@ def check_train_config(cfg, n_batch_shards: int) -> int:
     raise ConfigError(
         f"train.global_batch={t.global_batch} must be a positive multiple of train.micro_batch="
         f"{t.micro_batch} x {n_batch_shards} batch shards (mesh data x expert) = {micro_global}.")
-  if t.eval_every > 0 and (t.eval_batch < 1 or t.eval_batch % n_batch_shards):
-    raise ConfigError(f"train.eval_batch={t.eval_batch} must be a positive multiple of the "
-                      f"{n_batch_shards} batch shards (mesh data x expert).")
   return t.global_batch // micro_global
 
 
