@@ -157,6 +157,10 @@ def get_base_config() -> ConfigDict:
   # absolute token shares summing to 1; always-on pools take always_on_fraction of every batch.
   # A pool's source: domains="en,hi" (of data.path) or shards=<glob | list file | prepare_data dir>.
   d.use_pools = False             # True: train on data.pools instead of data.path's single stream
+  # reader ranks of the pool mixture (each pool's shards striped over them; every rank reads
+  # its slice of each global batch): 0 = one per process; a multiple of the process count keeps
+  # the same stream when the number of hosts changes (lightning_jax/distributed.py)
+  d.ranks = 0
   d.always_on_fraction = 0.25
   d.pools = ConfigDict()
   for name, w in (("D1", 0.34), ("D2", 0.24), ("D3", 0.11), ("D4", 0.06)):   # 2B (SPEC §6)

@@ -24,6 +24,12 @@ The breakdown of the arguments (parameters, frozen, optimizer state, stats, batc
 from the per-device shard shapes; "activations etc." is the temporaries (activations kept for
 the backward, gradient accumulators, workspace).
 Run on a CPU host it forces `--devices` virtual CPU devices (before jax is imported).
+
+Several processes (one per host; lightning_jax/distributed.py): the same flags as launch.train
+(--coordinator_address, --num_processes, --process_id, or from JAX_* / SLURM / torchrun
+variables); --devices is then the per-process count, the mesh spans every process's devices
+("data" across processes, "expert" inside one) and process 0 prints the plan, e.g. two processes
+of 8 virtual CPU devices: data 2 x expert 8 (docs/cookbook.md).
 """
 from __future__ import annotations
 
@@ -230,6 +236,10 @@ def _define_flags():
                       "the allocator limit of the device here, or train.device_memory_gb.")
   flags.DEFINE_float("mem_fraction", None, "Fraction of --device's memory the allocator may use "
                      "(default: XLA_PYTHON_CLIENT_MEM_FRACTION, else 0.75).")
+  flags.DEFINE_string("coordinator_address", "", "host:port of process 0 (multi-process plan).")
+  flags.DEFINE_integer("num_processes", 0, "Number of processes (0: from the environment, else 1).")
+  flags.DEFINE_integer("process_id", -1, "This process's id in [0, num_processes).")
+  flags.DEFINE_integer("distributed_timeout_s", 300, "Seconds to wait for the coordinator.")
 
 
 def main(argv):
@@ -240,17 +250,27 @@ def main(argv):
           f"--config=configs/stage_120b.py.", file=sys.stderr)
     return 2
   cfg = fl.config
+  from lightning_jax import distributed
   try:
+    launch = distributed.from_environment(fl.coordinator_address, fl.num_processes,
+                                          fl.process_id)
+    if launch is not None:
+      distributed.initialize(launch, fl.distributed_timeout_s)
     if cfg is None:
       raise ConfigError("--config is required, e.g. --config=configs/stage_120b.py.")
     validate(cfg)
-    n = len(jax.devices())
+    n = jax.local_device_count()
     if n != fl.devices:
       raise ConfigError(f"--devices={fl.devices} but jax sees {n} devices; run launch.plan as a "
                         "fresh process so it can set the virtual device count.")
     mesh = sharding.make_mesh(cfg.mesh)
-    plan(cfg, mesh, device=fl.device, mem_fraction=fl.mem_fraction)
+    log = print if distributed.is_primary() else (lambda *a, **k: None)
+    t0 = time.perf_counter()
+    plan(cfg, mesh, log=log, device=fl.device, mem_fraction=fl.mem_fraction)
+    log(f"{jax.process_count()} process(es) x {n} devices; wall {time.perf_counter() - t0:.1f} s")
   except ConfigError as e:
+    if distributed.active():
+      distributed.fail(str(e))
     print(f"error: {e}", file=sys.stderr)
     return 1
   return 0

@@ -4,7 +4,9 @@ Flags: --config (ml_collections config file; any field overrides as --config.sec
 --workdir (run directory; default runs/<stage>), --fallback_to_previous (resume from the newest
 READABLE checkpoint when the newest one is torn; otherwise that is an error), --stop_after
 (stop, with a checkpoint, after this many steps of this invocation: the schedule still spans the
-whole budget), --no_progress.
+whole budget), --no_progress; several processes (one per host, lightning_jax/distributed.py):
+--coordinator_address, --num_processes, --process_id (or JAX_* / SLURM / torchrun variables),
+--distributed_timeout_s, --heartbeat_timeout_s (docs/cookbook.md, "Beyond one node").
 
 Restarting the same command in the same run directory resumes from the newest complete
 checkpoint: parameters, optimizer state, running statistics, step and the data loader's position.
@@ -44,6 +46,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lightning_jax import checkpoint as ckpt_lib
+from lightning_jax import distributed
 from lightning_jax import memory_plan, metrics as metrics_lib
 from lightning_jax import optim, rundir, run_checks, sharding, watchdog
 from lightning_jax.config import ConfigError, validate
@@ -65,6 +68,9 @@ def check_train_config(cfg, n_batch_shards: int) -> int:
   if t.micro_batch < 0:
     raise ConfigError(f"train.micro_batch={t.micro_batch} must be >= 1 sequence per device (or 0: "
                       f"no gradient accumulation).")
+  if t.eval_every > 0 and (t.eval_batch < 1 or t.eval_batch % n_batch_shards):
+    raise ConfigError(f"train.eval_batch={t.eval_batch} must be a positive multiple of the "
+                      f"{n_batch_shards} batch shards (mesh data x expert).")
   if t.micro_batch == 0:          # no accumulation: the whole global batch in one forward
     if t.global_batch < n_batch_shards or t.global_batch % n_batch_shards:
       raise ConfigError(f"train.global_batch={t.global_batch} must be a positive multiple of the "
@@ -75,9 +81,6 @@ def check_train_config(cfg, n_batch_shards: int) -> int:
     raise ConfigError(
         f"train.global_batch={t.global_batch} must be a positive multiple of train.micro_batch="
         f"{t.micro_batch} x {n_batch_shards} batch shards (mesh data x expert) = {micro_global}.")
-  if t.eval_every > 0 and (t.eval_batch < 1 or t.eval_batch % n_batch_shards):
-    raise ConfigError(f"train.eval_batch={t.eval_batch} must be a positive multiple of the "
-                      f"{n_batch_shards} batch shards (mesh data x expert).")
   return t.global_batch // micro_global
 
 
@@ -127,18 +130,19 @@ class _null:
     return False
 
 
-def make_data(cfg, data_dir, manifest):
+def make_data(cfg, data_dir, manifest, rows=None):
   """(train loader, held-out batches per domain). The pool mixture (data.use_pools) when the
-  data-curriculum module is present, else the single-source grain window pipeline."""
+  data-curriculum module is present, else the single-source grain window pipeline. rows: the
+  [lo, hi) of every global batch this process reads (distributed.local_rows)."""
   try:
     from lightning_jax.data import pools
   except ImportError:
     pools = None
   if pools is not None and hasattr(pools, "make_train_loader"):
-    loader = pools.make_train_loader(cfg, data_dir, manifest)
+    loader = pools.make_train_loader(cfg, data_dir, manifest, rows=rows)
   else:
     loader = pipeline.train_loader(data_dir, cfg.train.seq_len, cfg.train.global_batch,
-                                   cfg.data.seed, manifest=manifest)
+                                   cfg.data.seed, manifest=manifest, rows=rows)
   evals = {}
   if cfg.train.eval_every > 0:
     if pools is not None and cfg.data.get("use_pools", False):
@@ -311,15 +315,20 @@ def train(cfg, workdir, *, fallback_to_previous: bool = False, stop_after: int =
   if model is None:
     from lightning_jax import model
   t_start = time.perf_counter()
+  if not distributed.is_primary():      # several processes: process 0 logs and shows progress
+    log, progress = (lambda *a, **k: None), False
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   rundir.lock(workdir, log)     # one process per run directory (released at exit / the end)
   cfg = cfg.copy_and_resolve_references() if hasattr(cfg, "copy_and_resolve_references") else cfg
   optim.resolve_start_from(cfg)   # stored resolved: a stored config is never executed
   validate(cfg)                   # bad sizes in one sentence before any data is prepared
-  data_dir, manifest = resolve_data(cfg, workdir, log)
+  distributed.check_batch(cfg)
+  with distributed.primary_first("data"):      # process 0 prepares shards, the others read them
+    data_dir, manifest = resolve_data(cfg, workdir, log)
   apply_data_vocab(cfg, manifest, data_dir)
   validate(cfg)
+  distributed.check_agreement(ckpt_lib.config_to_json(cfg))   # same config and code everywhere
   watchdog.check_config(cfg)
   metrics_lib.check_config(cfg)   # a W&B project needs the wandb package
   if stage_cfg is not None:
@@ -377,12 +386,14 @@ def train(cfg, workdir, *, fallback_to_previous: bool = False, stop_after: int =
     out = []
     return _cached_jit(("train_aot", hot is not None) +
                        _compile_key(ckpt_lib.config_to_json(cfg), mesh, acc, model), build)
-  capacity, cap_note = memory_plan.device_capacity(mesh.devices.flat,
+  capacity, cap_note = memory_plan.device_capacity(distributed.local_devices(mesh.devices.flat),
                                                    cfg.train.device_memory_gb)
   accum, step_jit, _ = memory_plan.fit(cfg, n_batch, compile_step, capacity, cap_note, log)
 
   # ---- data
-  loader, evals = make_data(cfg, data_dir, manifest)
+  batch_shape = (cfg.train.global_batch, cfg.train.seq_len + 2)
+  loader, evals = make_data(cfg, data_dir, manifest,
+                            rows=distributed.local_rows(batch_shard, batch_shape))
   eval_names, eval_stack = [], None
   for dom, bs in evals.items():
     full = [b for b in bs if b.shape[0] == cfg.train.eval_batch]
@@ -408,7 +419,8 @@ def train(cfg, workdir, *, fallback_to_previous: bool = False, stop_after: int =
   if restored is not None:
     _check_same_run(restored["config"], cfg_json, ck.step_dir(restored["step"]))
     state = restored["state"]
-    loader.set_state(restored["loader"], log=log)       # the pool mixture reports stage notes
+    # (each process its own state; the pool mixture reports stage notes)
+    loader.set_state(distributed.own_loader_state(restored["loader"]), log=log)
     start = int(restored["step"])
     if run_checks.schedule_on_resume(cfg, restored["config"], restored.get("meta"), start, log):
       tx, sched = optim.make_optimizer(cfg, abstract["params"], steps_total)   # restarted LR
@@ -441,7 +453,7 @@ def train(cfg, workdir, *, fallback_to_previous: bool = False, stop_after: int =
       opt_state = opt_init_jit(var["params"])
     jax.block_until_ready(opt_state)
     log(f"initialised in {time.perf_counter() - t_init:.1f} s")
-    state = {**var, "opt_state": opt_state, "step": jax.device_put(jnp.int32(0), rep)}
+    state = {**var, "opt_state": opt_state, "step": distributed.from_host(np.int32(0), rep)}
 
   # ---- host-side controls between steps
   if hot is not None:
@@ -460,8 +472,10 @@ def train(cfg, workdir, *, fallback_to_previous: bool = False, stop_after: int =
   fpt, fpt_note = metrics_lib.model_flops_per_token(cfg, abstract["params"])
   peak, peak_note = metrics_lib.peak_flops(mesh.devices.flat, cfg.model.dtype)
   thr = metrics_lib.Throughput(fpt, peak)
-  logger = metrics_lib.Logger(workdir, config=cfg_json, step=start,
-                              wandb_project=cfg.train.wandb_project)
+  # process 0 logs (metrics.jsonl, run_info.jsonl, TensorBoard, W&B); the others log nothing
+  logger = (metrics_lib.Logger(workdir, config=cfg_json, step=start,
+                               wandb_project=cfg.train.wandb_project)
+            if distributed.is_primary() else distributed.NullLogger())
   log(f"MFU: model FLOPs/token {fpt:.4g} ({fpt_note}); {peak_note}")
   log(f"run {workdir}: {steps_total} steps x {tps} tokens (global_batch {cfg.train.global_batch}"
       f" x seq_len {cfg.train.seq_len}; {accum} micro-batch(es) of "
@@ -488,7 +502,8 @@ def train(cfg, workdir, *, fallback_to_previous: bool = False, stop_after: int =
       return out
     wd.begin("eval", f"the held-out evaluation at step {step}")
     with sharding.use_mesh(mesh):
-      vals = np.asarray(jax.device_get(eval_jit(state, jax.device_put(eval_stack, eval_shard))))
+      vals = np.asarray(jax.device_get(eval_jit(state, distributed.from_host(eval_stack,
+                                                                             eval_shard))))
     wd.end()
     for dom in dict.fromkeys(eval_names):
       out[f"val/{dom}"] = float(np.mean([v for n, v in zip(eval_names, vals) if n == dom]))
@@ -501,7 +516,8 @@ def train(cfg, workdir, *, fallback_to_previous: bool = False, stop_after: int =
   def save(step, meta):
     if checkpointing:
       wd.begin("save", f"the checkpoint save at step {step}")
-      ck.save(step, state, loader.get_state(), cfg_json, meta, frozen_version=frozen_version)
+      ck.save(step, state, distributed.gather_loader_state(loader.get_state()), cfg_json, meta,
+              frozen_version=frozen_version)
       wd.end()
 
   history, first_eval, last_eval = [], None, None
@@ -531,7 +547,7 @@ def train(cfg, workdir, *, fallback_to_previous: bool = False, stop_after: int =
         hot.poll(step)
         extra = (hot.ctl(),)
       with sharding.use_mesh(mesh):
-        ids = jax.make_array_from_process_local_data(batch_shard, np.asarray(batch["ids"]))
+        ids = distributed.global_batch(batch_shard, batch["ids"], batch_shape)
         state, m = step_jit(state, {"ids": ids}, *extra)
       m = jax.device_get(m)
       wd.end()
@@ -592,7 +608,7 @@ def train(cfg, workdir, *, fallback_to_previous: bool = False, stop_after: int =
              "heldout_mean_start": first_eval.get("val/mean") if first_eval else None,
              "heldout_mean_end": last_eval.get("val/mean") if last_eval else None,
              "heldout_end_by_domain": last_eval}
-  mem = device_peak_memory(mesh.devices.flat)
+  mem = device_peak_memory(distributed.local_devices(mesh.devices.flat))
   if mem is not None:
     summary.update(mem)
     log(f"peak device memory (peak_bytes_in_use): max {mem['peak_bytes_in_use_max'] / 1e9:.2f} GB; "
@@ -655,7 +671,8 @@ def _resume_view(c: dict) -> dict:
           "moe": {k: v for k, v in (c.get("moe") or {}).items() if k not in MOE_TUNABLE},
           "tqp": {k: (c.get("tqp") or {}).get(k) for k in ("enabled", "bits", "rank", "seed")},
           "train": {k: t.get(k) for k in ("seq_len", "global_batch", "seed")},
-          "data": without_stage_fields(c.get("data") or {})}
+          "data": {k: v for k, v in without_stage_fields(c.get("data") or {}).items()
+                   if k != "ranks"}}     # data.ranks: the loader state's own num_ranks check
 
 
 def _check_same_run(saved: dict, current: dict, where):
@@ -683,16 +700,35 @@ def main(argv):
   cfg = FLAGS.config
   workdir = FLAGS.workdir or f"runs/{cfg.stage}"
   try:
+    launch = distributed.from_environment(FLAGS.coordinator_address, FLAGS.num_processes,
+                                          FLAGS.process_id)
+    if launch is not None:       # one process per host (lightning_jax/distributed.py)
+      distributed.initialize(launch, FLAGS.distributed_timeout_s, FLAGS.heartbeat_timeout_s)
+  except ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  many = launch is not None
+  try:
     stage_cfg = run_checks.stage_config(FLAGS["config"])
-    run_checks.enable_compile_cache(cfg, workdir)
+    run_checks.enable_compile_cache(cfg, workdir, log=print if not many or
+                                    launch.process_id == 0 else (lambda *_: None))
     s = train(cfg, workdir, fallback_to_previous=FLAGS.fallback_to_previous,
               stop_after=FLAGS.stop_after, progress=not FLAGS.no_progress,
               debug_poison_step=FLAGS.debug_poison_step,
               checkpointing=not FLAGS.no_checkpoint, stage_cfg=stage_cfg,
-              debug_hang_step=FLAGS.debug_hang_step)
+              debug_hang_step=FLAGS.debug_hang_step,
+              on_hang=(lambda msg: distributed.fail(msg, watchdog.EXIT_CODE)) if many else None)
   except (ConfigError, shards.DataError, ckpt_lib.CheckpointError, TrainingStopped) as e:
+    if many:                     # every other process stops too, naming this one
+      distributed.fail(str(e))
     print(f"error: {e}", file=sys.stderr)
     return 1
+  except Exception as e:
+    if many:
+      distributed.fail(f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}")
+    raise
+  if not distributed.is_primary():
+    return 0
   hs, he = s["heldout_start"], s["heldout_end"]
   print(f"done: step {s['final_step']}/{s['steps_total']} in {s['wall_s']:.1f}s; "
         f"final loss {s['losses'][-1][1]:.4f}" if s["losses"] else
@@ -769,6 +805,16 @@ def _define_flags():
                        "before this step (tests the non-finite stop).")
   flags.DEFINE_integer("debug_hang_step", -1, "Fault injection: block forever in this step "
                        "(tests the watchdog).")
+  # multi-process runs (lightning_jax/distributed.py; also from JAX_*, SLURM or torchrun variables)
+  flags.DEFINE_string("coordinator_address", "", "host:port of process 0's coordination service "
+                      "(multi-process runs; default: from the environment).")
+  flags.DEFINE_integer("num_processes", 0, "Number of processes (one per host); 0: from the "
+                       "environment, else 1.")
+  flags.DEFINE_integer("process_id", -1, "This process's id in [0, num_processes).")
+  flags.DEFINE_integer("distributed_timeout_s", 300, "Seconds to wait for the coordinator and "
+                       "the other processes at start.")
+  flags.DEFINE_integer("heartbeat_timeout_s", 100, "Seconds without a heartbeat after which "
+                       "JAX's coordination service declares a process dead and stops the others.")
   flags.mark_flag_as_required("config")
 
 

@@ -42,8 +42,13 @@ _local = threading.local()
 
 
 def make_mesh(mesh_cfg, devices=None) -> Mesh:
-  """Mesh (data, expert, tensor) from config; data=-1 takes all remaining devices."""
-  devices = list(jax.devices() if devices is None else devices)
+  """Mesh (data, expert, tensor) from config; data=-1 takes all remaining devices. The devices
+  are taken process by process (distributed.ordered_devices), so with several processes "data"
+  runs across hosts and "expert" / "tensor" inside one whenever they divide its devices."""
+  if devices is None:
+    from lightning_jax import distributed
+    devices = distributed.ordered_devices()
+  devices = list(devices)
   n = len(devices)
   expert, tensor = int(mesh_cfg.expert), int(mesh_cfg.tensor)
   if expert < 1 or tensor < 1 or n % (expert * tensor):

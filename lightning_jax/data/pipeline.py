@@ -10,8 +10,11 @@ mixtures). The loader state saved with each checkpoint is one small JSON record:
   {"kind", "seed", "seq_len", "batch", "n_windows", "iterator": grain's iterator state}
 Restoring it continues the exact same stream of batches.
 
-One process feeds all local devices: the global batch is assembled here and split over the
-mesh by `jax.device_put`. (Multi-host striping of shards per data-parallel rank is future work.)
+One process feeds all its local devices. With several processes (lightning_jax/distributed.py)
+each reads only its own rows [lo, hi) of every global batch (`rows=`): the shuffled window order
+is the same on every process (an index computation), so the global batches, and the loss, are
+those of one process reading them all; launch.train assembles them with
+jax.make_array_from_process_local_data.
 """
 from __future__ import annotations
 
@@ -63,10 +66,19 @@ class Loader:
 
   kind = "windows/v1"
 
-  def __init__(self, source, batch: int, seed: int, seq_len: int):
+  def __init__(self, source, batch: int, seed: int, seq_len: int, rows=None):
     self.source, self.batch, self.seed, self.seq_len = source, int(batch), int(seed), int(seq_len)
-    ds = (grain.MapDataset.source(source).shuffle(seed=self.seed).repeat(None)
-          .batch(self.batch, drop_remainder=True))
+    order = grain.MapDataset.source(source).shuffle(seed=self.seed).repeat(None)
+    lo, hi = (0, self.batch) if rows is None else (int(rows[0]), int(rows[1]))
+    if not 0 <= lo < hi <= self.batch:
+      raise DataError(f"rows [{lo}, {hi}) must lie within the global batch of {self.batch}.")
+    self.rows = (lo, hi)
+    if (lo, hi) == (0, self.batch):
+      ds = order.batch(self.batch, drop_remainder=True)
+    else:                 # this process's rows of every global batch: only they are read
+      n, B = hi - lo, self.batch
+      ds = (grain.MapDataset.range(0, len(order) // B * n)
+            .map(lambda j: order[(j // n) * B + lo + j % n]).batch(n, drop_remainder=True))
     self._ds = ds.to_iter_dataset()
     self._it = iter(self._ds)
 
@@ -90,9 +102,11 @@ class Loader:
     self._it.set_state(state["iterator"])
 
 
-def train_loader(data_dir, seq_len: int, batch: int, seed: int, manifest=None) -> Loader:
+def train_loader(data_dir, seq_len: int, batch: int, seed: int, manifest=None,
+                 rows=None) -> Loader:
+  """rows: [lo, hi) of every global batch of `batch` windows read by this process (all: None)."""
   src = WindowSource(data_dir, "train", seq_len + 2, seq_len, manifest=manifest)
-  return Loader(src, batch, seed, seq_len)
+  return Loader(src, batch, seed, seq_len, rows=rows)
 
 
 def eval_batches(data_dir, seq_len: int, batch: int, n_batches: int, manifest=None) -> dict:

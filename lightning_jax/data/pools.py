@@ -442,6 +442,11 @@ class MixtureLoader:
   """Iterator of {"ids": int32 [batch // num_ranks, seq_len + 2], "pool": int32 [same rows]}
   for rank `rank` of `num_ranks`; get_state() / set_state() exchange one small JSON record.
 
+  `read`: the contiguous ranks this process reads (default: just `rank`); the output holds their
+  rows in rank order, [len(read) x batch // num_ranks] rows. A process of a multi-process run
+  reads several ranks when data.ranks is a multiple of the process count, and one process
+  reading every rank yields exactly the global batches of that many processes.
+
   `pools`: resolved pools (weight 0 pools are kept for their held-out shards but never read).
   `names` in the output: `self.pool_names[i]` is the pool of rows with "pool" == i.
   """
@@ -450,7 +455,13 @@ class MixtureLoader:
 
   def __init__(self, pools: Sequence[Pool], batch: int, seq_len: int, seed: int,
                always_on_fraction: float, rank: int = 0, num_ranks: int = 1,
-               eot_id: int | None = None):
+               eot_id: int | None = None, read: Sequence[int] | None = None):
+    read = [int(rank)] if read is None else [int(r) for r in read]
+    if not read or read != list(range(read[0], read[0] + len(read))) or not (
+        0 <= read[0] and read[-1] < num_ranks):
+      raise DataError(f"read={read} must be a non-empty contiguous run of ranks in "
+                      f"[0, num_ranks={num_ranks}).")
+    rank = read[0]
     if num_ranks < 1 or not 0 <= rank < num_ranks:
       raise DataError(f"rank={rank} must be in [0, num_ranks={num_ranks}).")
     if batch <= 0 or batch % num_ranks:
@@ -463,13 +474,15 @@ class MixtureLoader:
     self.pool_names = [p.name for p in self.pools]
     self.batch, self.seq_len, self.seed = int(batch), int(seq_len), int(seed)
     self.rank, self.num_ranks = int(rank), int(num_ranks)
+    self.read = read
     self.local = self.batch // self.num_ranks
     self.always_on_fraction = float(always_on_fraction)
     # streams: this rank reads its own; positions are tracked for all ranks
     self.stripes = {p.name: [stripe(p.train, r, num_ranks, p.name) for r in range(num_ranks)]
                     for p in self.pools}
-    self.streams = {p.name: PoolStream(p.name, self.stripes[p.name][self.rank], seed, self.rank,
-                                       eot_id) for p in self.pools}
+    self.rank_streams = {(p.name, r): PoolStream(p.name, self.stripes[p.name][r], seed, r, eot_id)
+                         for p in self.pools for r in self.read}
+    self.streams = {p.name: self.rank_streams[(p.name, self.rank)] for p in self.pools}
     self._set_weights()
     self.pos = {n: [0] * num_ranks for n in self.pool_names}
     self.batches = 0
@@ -502,16 +515,17 @@ class MixtureLoader:
   def __next__(self) -> dict:
     rows = self.allocate()
     T = self.seq_len + 2
-    ids = np.empty((self.local, T), np.int32)
+    n = self.local * len(self.read)
+    ids = np.empty((n, T), np.int32)
     lo = self.rank * self.local
     for r in range(self.num_ranks):
       for j in range(r * self.local, (r + 1) * self.local):
         name = self.pool_names[rows[j]]
-        if r == self.rank:
-          ids[j - lo] = self.streams[name].read(self.pos[name][r], T)
+        if (name, r) in self.rank_streams:
+          ids[j - lo] = self.rank_streams[(name, r)].read(self.pos[name][r], T)
         self.pos[name][r] += self.seq_len
     self.batches += 1
-    return {"ids": ids, "pool": rows[lo:lo + self.local].copy()}
+    return {"ids": ids, "pool": rows[lo:lo + n].copy()}
 
   # -- state
   def get_state(self) -> dict:
@@ -594,26 +608,59 @@ def _eot(pools, manifest):
   return None
 
 
+def data_ranks(cfg, rows=None) -> tuple[int, list[int]]:
+  """(num_ranks, the ranks this process reads) for the global-batch `rows` [lo, hi) it holds.
+
+  num_ranks: data.ranks, or the process count when data.ranks is 0 (or absent). rows: default
+  the process's equal contiguous share of the global batch (jax.process_index())."""
+  import jax
+  n_proc, me = jax.process_count(), jax.process_index()
+  ranks = cfg.data.get("ranks", 0)
+  if not isinstance(ranks, int) or isinstance(ranks, bool) or ranks < 0:
+    raise DataError(f"data.ranks={ranks!r} must be an integer >= 0 (0: one rank per process).")
+  num_ranks = ranks or n_proc
+  batch = int(cfg.train.global_batch)
+  if num_ranks % n_proc or batch % num_ranks:
+    raise DataError(f"data.ranks={num_ranks} must be a multiple of the {n_proc} processes and "
+                    f"divide train.global_batch={batch}.")
+  if rows is None:
+    rows = (me * batch // n_proc, (me + 1) * batch // n_proc)
+  local = batch // num_ranks
+  lo, hi = int(rows[0]), int(rows[1])
+  if lo % local or hi % local or hi <= lo:
+    raise DataError(f"this process holds rows [{lo}, {hi}) of each global batch, which are not "
+                    f"whole data ranks of {local} rows (data.ranks={num_ranks}); expected "
+                    f"data.ranks to be a multiple of the process count.")
+  return num_ranks, list(range(lo // local, hi // local))
+
+
 def mixture_loader(cfg, data_dir=None, manifest=None, *, rank=None, num_ranks=None,
-                   pools=None) -> MixtureLoader:
-  """The pool mixture of `cfg.data` for this process (rank = jax.process_index() by default)."""
+                   pools=None, rows=None) -> MixtureLoader:
+  """The pool mixture of `cfg.data` for this process. rank/num_ranks: one explicit rank; else
+  the ranks of the global-batch `rows` this process holds (data_ranks)."""
+  read = None
+  if rank is None and num_ranks is None:
+    num_ranks, read = data_ranks(cfg, rows)
+    rank = read[0]
   rank, num_ranks = _rank_defaults(rank, num_ranks)
   if manifest is None and data_dir:
     manifest = load_manifest(data_dir)
   pools = pools if pools is not None else pools_from_config(cfg, data_dir, manifest)
   return MixtureLoader(pools, cfg.train.global_batch, cfg.train.seq_len, cfg.data.seed,
-                       cfg.data.always_on_fraction, rank, num_ranks, _eot(pools, manifest))
+                       cfg.data.always_on_fraction, rank, num_ranks, _eot(pools, manifest),
+                       read=read)
 
 
-def make_train_loader(cfg, data_dir, manifest=None, *, rank=None, num_ranks=None):
+def make_train_loader(cfg, data_dir, manifest=None, *, rank=None, num_ranks=None, rows=None):
   """The one switch for launch/train.py: the pool mixture when cfg.data.use_pools, else the
   single-source window pipeline. Both yield {"ids": int32 [rows, seq_len + 2], ...} and have
-  get_state() / set_state(record). The mixture yields this process's rows only."""
+  get_state() / set_state(record). Both yield this process's rows only: `rows` [lo, hi) of
+  every global batch (default: its equal share, by jax.process_index())."""
   if cfg.data.get("use_pools", False):
-    return mixture_loader(cfg, data_dir, manifest, rank=rank, num_ranks=num_ranks)
+    return mixture_loader(cfg, data_dir, manifest, rank=rank, num_ranks=num_ranks, rows=rows)
   from lightning_jax.data import pipeline
   return pipeline.train_loader(data_dir, cfg.train.seq_len, cfg.train.global_batch,
-                               cfg.data.seed, manifest=manifest)
+                               cfg.data.seed, manifest=manifest, rows=rows)
 
 
 def without_stage_fields(data_section: Mapping) -> dict:
