@@ -152,16 +152,17 @@ def test_fallback_never_leaves_no_checkpoint_and_vanished_checkpoints_refuse(tmp
 @pytest.mark.parametrize("async_save", [False, True])
 def test_save_failures_are_one_sentence_and_keep_the_previous(tmp_path, mesh, monkeypatch,
                                                               async_save):
+  """Each failure in a run directory of its own: a run stops at its failed save, and orbax's
+  background writers of a failed async save may still be running inside that directory (a
+  second save there in the same process raced them: "Directory not empty")."""
   w = np.random.default_rng(3).normal(size=(8, 6)).astype(np.float32)
-  d = tmp_path / "checkpoints"
-  c = ck.Checkpointer(d, _cfg(async_save))
-  c.save(1, _state(mesh, w), {}, {}, {"loss": 1.0}, frozen_version=0)
-  c.wait()
   cls = type(epath.Path("/"))
   orig = cls.write_text
-  c.close()
   for no, words in ((errno.ENOSPC, "the disk is full"), (errno.EACCES, "permission denied")):
-    c = ck.Checkpointer(d, _cfg(async_save))      # a run stops at its failed save
+    d = tmp_path / f"run_{no}" / "checkpoints"
+    c = ck.Checkpointer(d, _cfg(async_save))
+    c.save(1, _state(mesh, w), {}, {}, {"loss": 1.0}, frozen_version=0)
+    c.wait()
     def fail(self, *a, _no=no, **k):
       raise OSError(_no, os.strerror(_no), str(self))
     monkeypatch.setattr(cls, "write_text", fail)
@@ -170,11 +171,14 @@ def test_save_failures_are_one_sentence_and_keep_the_previous(tmp_path, mesh, mo
       c.save(2, _state(mesh, w * 2), {}, {}, {"loss": 1.0}, frozen_version=0)
       c.wait()
     monkeypatch.setattr(cls, "write_text", orig)
+    r = ck.Checkpointer(d, _cfg())
+    out = r.restore_latest(_abstract(_state(mesh, w)))
+    assert r.steps() == [1] and out["step"] == 1
+    np.testing.assert_array_equal(np.asarray(out["state"]["params"]["w"]), w)
+  # the checkpoint directory deleted while training (a directory no failed save wrote into)
+  d = tmp_path / "run_deleted" / "checkpoints"
   r = ck.Checkpointer(d, _cfg())
-  out = r.restore_latest(_abstract(_state(mesh, w)))
-  assert r.steps() == [1] and out["step"] == 1
-  np.testing.assert_array_equal(np.asarray(out["state"]["params"]["w"]), w)
-  # the checkpoint directory deleted while training
+  r.save(1, _state(mesh, w), {}, {}, {"loss": 1.0}, frozen_version=0)
   shutil.rmtree(d)
   with pytest.raises(ck.CheckpointSaveError, match=r"checkpoints/3: the checkpoint directory .* "
                                                    r"no longer exists"):
