@@ -73,15 +73,23 @@ def _child(args):
 
 
 def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--config", default="configs/tiny.py")
-  ap.add_argument("--layers", type=int, default=0)
-  ap.add_argument("--seq", type=int, default=0)
-  ap.add_argument("--batch", type=int, default=8)
-  ap.add_argument("--parts", default=",".join(PARTS))
-  ap.add_argument("--set", action="append", default=[])
-  ap.add_argument("--timeout", type=float, default=240)
-  ap.add_argument("--part", default="", help=argparse.SUPPRESS)
+  ap = argparse.ArgumentParser(prog="python -m benchmarks.compile_probe",
+                               description=__doc__.splitlines()[0])
+  ap.add_argument("--config", default="configs/tiny.py", help="Config file (stage) to compile.")
+  ap.add_argument("--layers", type=int, default=0, help="Override model.n_layers, a multiple of "
+                  "the pattern length (0: the config's).")
+  ap.add_argument("--seq", type=int, default=0, help="Sequence length in tokens (0: the "
+                  "config's train.seq_len).")
+  ap.add_argument("--batch", type=int, default=8, help="Sequences per step (the global batch "
+                  "on the one device the parts compile for).")
+  ap.add_argument("--parts", default=",".join(PARTS), help="Comma list of parts to compile, "
+                  f"each in its own subprocess, in parallel (of {','.join(PARTS)}).")
+  ap.add_argument("--set", action="append", default=[], help="section.field=value config "
+                  "override (repeatable).")
+  ap.add_argument("--timeout", type=float, default=240, help="Seconds from the start (parts run "
+                  "in parallel) after which a part still compiling is killed and reported.")
+  ap.add_argument("--part", default="", help="Internal: the part this subprocess compiles "
+                  "(set by the parent; empty: run as the parent).")
   args = ap.parse_args(argv)
   if args.part:
     return _child(args)

@@ -123,7 +123,8 @@ def measure(cfg, variables, *, batches, decode_context, new_tokens, prefill_cont
 
 
 def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap = argparse.ArgumentParser(prog="python -m benchmarks.decode_bench",
+                               description=__doc__.splitlines()[0])
   ap.add_argument("--config", default="configs/stage_2b.py", help="Config file (stage).")
   ap.add_argument("--tiny", action="store_true", help="configs/tiny.py at CPU sizes (contexts "
                   "64/512, prefill 256, batches 1 and 4, 16 new tokens) to check the script.")

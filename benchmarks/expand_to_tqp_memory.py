@@ -57,14 +57,21 @@ def nbytes(tree):
 
 
 def main():
-  ap = argparse.ArgumentParser()
-  ap.add_argument("--mode", choices=("layer", "whole"), required=True)
-  ap.add_argument("--d_model", type=int, default=512)
-  ap.add_argument("--expert_width", type=int, default=1024)
-  ap.add_argument("--layers", type=int, default=4)
-  ap.add_argument("--src_experts", type=int, default=16)
-  ap.add_argument("--experts", type=int, default=64)
-  ap.add_argument("--workers", type=int, default=1)
+  ap = argparse.ArgumentParser(prog="python -m benchmarks.expand_to_tqp_memory",
+                               description=__doc__.splitlines()[0])
+  ap.add_argument("--mode", choices=("layer", "whole"), required=True, help="layer: "
+                  "growth.expand_to_tqp one layer at a time; whole: to_tqp(expand_experts(...)) "
+                  "over the whole tree.")
+  ap.add_argument("--d_model", type=int, default=512, help="Model width of source and result.")
+  ap.add_argument("--expert_width", type=int, default=1024, help="Hidden width of each routed "
+                  "(and the shared) expert.")
+  ap.add_argument("--layers", type=int, default=4, help="Layers of source and result.")
+  ap.add_argument("--src_experts", type=int, default=16, help="Routed experts of the random "
+                  "9B-shape source.")
+  ap.add_argument("--experts", type=int, default=64, help="Routed experts of the grown "
+                  "120B-shape (TQP) result.")
+  ap.add_argument("--workers", type=int, default=1, help="Layers expanded in parallel threads by "
+                  "--mode layer (ignored by --mode whole).")
   a = ap.parse_args()
   src_cfg, dst_cfg = cfgs(a)
   src = random_variables(src_cfg, 0)

@@ -267,15 +267,22 @@ def case_lineage(args):
 
 
 def main():
-  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--workdir", default="runs/faults")
-  ap.add_argument("--only", default="hang,watchdog,kill,extend,own_data,lineage")
-  ap.add_argument("--steps", type=int, default=12)
-  ap.add_argument("--timeout", type=float, default=900)
-  ap.add_argument("--lineage_timeout", type=float, default=3600)
+  ap = argparse.ArgumentParser(prog="python -m benchmarks.faults",
+                               description=__doc__.split("\n")[0])
+  ap.add_argument("--workdir", default="runs/faults", help="Directory for the cases' runs, "
+                  "logs and data (reused: the baseline run is kept).")
+  ap.add_argument("--only", default="hang,watchdog,kill,extend,own_data,lineage",
+                  help="Comma list of cases to run (hang runs hang_1dev and hang_4dev).")
+  ap.add_argument("--steps", type=int, default=12, help="Training steps of the hang, "
+                  "watchdog, kill and extend runs (extend then asks for twice as many).")
+  ap.add_argument("--timeout", type=float, default=900, help="Seconds each launch.train "
+                  "subprocess may take before it is reported as a timeout.")
+  ap.add_argument("--lineage_timeout", type=float, default=3600, help="Seconds the whole "
+                  "lineage case (all its commands) may take.")
   ap.add_argument("--warm_cache", action="store_true", help="lineage: keep the compilation "
                   "cache of an earlier lineage run in the same --workdir (default: cold)")
-  ap.add_argument("--json", default="")
+  ap.add_argument("--json", default="", help="Also write the result rows as JSON here "
+                  "(default: the table only).")
   args = ap.parse_args()
   args.workdir = pathlib.Path(args.workdir).resolve()
   args.workdir.mkdir(parents=True, exist_ok=True)

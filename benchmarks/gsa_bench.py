@@ -47,14 +47,19 @@ def _time(fn, args, repeat):
 
 
 def main():
-  ap = argparse.ArgumentParser()
-  ap.add_argument("--config", default="configs/stage_2b.py")
-  ap.add_argument("--batch", type=int, default=1)
-  ap.add_argument("--seq", default="4096,8192")
-  ap.add_argument("--query_chunk", default="")
-  ap.add_argument("--attention", default="gather,dense_masked,flash")
-  ap.add_argument("--dtype", default="bfloat16")
-  ap.add_argument("--repeat", type=int, default=5)
+  ap = argparse.ArgumentParser(prog="python -m benchmarks.gsa_bench",
+                               description=__doc__.splitlines()[0])
+  ap.add_argument("--config", default="configs/stage_2b.py", help="Config file whose model.gsa "
+                  "layer is timed.")
+  ap.add_argument("--batch", type=int, default=1, help="Sequences per call.")
+  ap.add_argument("--seq", default="4096,8192", help="Comma list of sequence lengths in tokens.")
+  ap.add_argument("--query_chunk", default="", help="Comma list of model.gsa.query_chunk values "
+                  "in queries (default: the config's).")
+  ap.add_argument("--attention", default="gather,dense_masked,flash", help="Comma list of "
+                  "model.gsa.attention modes (gather, dense_masked, flash, kernel).")
+  ap.add_argument("--dtype", default="bfloat16", help="model.dtype (compute dtype) for the layer.")
+  ap.add_argument("--repeat", type=int, default=5, help="Timed calls per function after one "
+                  "warm-up call (median reported).")
   a = ap.parse_args()
   cfg = load_config(a.config)
   cfg.model.dtype = a.dtype

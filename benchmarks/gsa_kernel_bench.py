@@ -3,7 +3,7 @@
     python -m benchmarks.gsa_kernel_bench [--seq 4096,8192] [--heads 16] [--head_dim 256]
         [--batch 1] [--k_max 256] [--selection random,clustered] [--tiles b,c,d]
         [--key_order count,position]
-        [--variants kernel,flash,cudnn] [--repeat 10] [--no-check] [--no-indexer]
+        [--variants kernel,flash,cudnn] [--repeat 10] [--no_check] [--no_indexer]
 
 Times, on the default device, for each sequence length and selection kind:
   lists      the kernels' CSR lists alone (query unions + key lists; one sort each)
@@ -142,19 +142,32 @@ def _bench_indexer(T, B, repeat, hi=4, di=128):
 
 
 def main():
-  ap = argparse.ArgumentParser()
-  ap.add_argument("--seq", default="4096,8192")
-  ap.add_argument("--heads", type=int, default=16)
-  ap.add_argument("--head_dim", type=int, default=256)
-  ap.add_argument("--batch", type=int, default=1)
-  ap.add_argument("--k_max", type=int, default=256)
-  ap.add_argument("--selection", default="random,clustered")
-  ap.add_argument("--tiles", default="b,c,d")
-  ap.add_argument("--key_order", default="count", help="count,position: dK/dV key blocks")
-  ap.add_argument("--variants", default="kernel,flash,cudnn")
-  ap.add_argument("--repeat", type=int, default=10)
-  ap.add_argument("--check", action=argparse.BooleanOptionalAction, default=True)
-  ap.add_argument("--indexer", action=argparse.BooleanOptionalAction, default=True)
+  ap = argparse.ArgumentParser(prog="python -m benchmarks.gsa_kernel_bench",
+                               description=__doc__.splitlines()[0])
+  ap.add_argument("--seq", default="4096,8192", help="Comma list of sequence lengths in tokens.")
+  ap.add_argument("--heads", type=int, default=16, help="Attention heads.")
+  ap.add_argument("--head_dim", type=int, default=256, help="Width of each head (a power of two).")
+  ap.add_argument("--batch", type=int, default=1, help="Sequences per call.")
+  ap.add_argument("--k_max", type=int, default=256, help="Selection width: most keys a query "
+                  "keeps (the selection is int32 [batch, seq, k_max]).")
+  ap.add_argument("--selection", default="random,clustered", help="Comma list of selection "
+                  "kinds (random, clustered; see above).")
+  ap.add_argument("--tiles", default="b,c,d", help="Comma list of the kernel's tile sets "
+                  f"({','.join(TILES)}; listed above); the first one is --check'ed.")
+  ap.add_argument("--key_order", default="count", help="Comma list of dK/dV key block orders "
+                  "for the kernel (count, position).")
+  ap.add_argument("--variants", default="kernel,flash,cudnn", help="Comma list of attention "
+                  "implementations to time (kernel, flash, cudnn).")
+  ap.add_argument("--repeat", type=int, default=10, help="Timed calls per measurement after "
+                  "one warm-up call (median reported).")
+  ap.add_argument("--check", action="store_true", default=True, help="Print the kernel's "
+                  "errors against the float32 gather reference at the first --seq (default).")
+  ap.add_argument("--no_check", "--no-check", dest="check", action="store_false",
+                  help="Skip that check.")
+  ap.add_argument("--indexer", action="store_true", default=True, help="Also time the "
+                  "lightning-indexer scores, XLA vs the Pallas kernel (default).")
+  ap.add_argument("--no_indexer", "--no-indexer", dest="indexer", action="store_false",
+                  help="Skip the indexer timing.")
   a = ap.parse_args()
   B, H, D = a.batch, a.heads, a.head_dim
   variants = a.variants.split(",")

@@ -2,7 +2,7 @@
 
     python -m benchmarks.kernels_bench [--small] [--only ceilings,delta,prep,gsa,variants]
                                        [--iters 10] [--json out.json]
-    python -m benchmarks.kernels_bench --only resources --triton-python /venv/with/triton/python
+    python -m benchmarks.kernels_bench --only resources --triton_python /venv/with/triton/python
 
 ceilings  an 8192^3 bf16 matmul (TFLOP/s) and a 2 GiB device-to-device copy (bytes read + written)
 delta     gated delta rule, 32 heads x 128, bf16 q/k/v, float32 decay and beta, at B4 T4096 and
@@ -21,7 +21,7 @@ prep      the chunk prep alone at B4 T4096 (32 x 128, chunk 64): XLA float32 vs 
           kernel of the recurrence alone on random operands (forward, reverse dS, dS + per-chunk
           gradients, the merged backward kernel), float32 and bf16 saved states.
 resources registers / spills / shared memory per kernel for sm_90 from the Triton IR, on any host
-          (needs --triton-python, a Python with `pip install triton`; no GPU).
+          (needs --triton_python, a Python with `pip install triton`; no GPU).
 variants  older recurrence-backward / inverse-precision variants (XLA prep), forward+backward.
 gsa       attention core at T=8192, 16 heads x 256, bf16: layers.sparse_attention.sparse_attention
           over a synthetic selection of 128 causal keys per query (k_max 256 slots, the rest -1),
@@ -330,7 +330,7 @@ for path in sys.argv[1:]:
 def resources(small, triton_python):
   """Per-kernel registers / spills (STACK) / shared memory of the delta rule's Pallas kernels for
   sm_90, without a GPU: lower jit(fwd+bwd) for CUDA here (common.lower_for_gpu), keep each
-  kernel's Triton IR, and compile it with the `triton` package of --triton-python (a Python
+  kernel's Triton IR, and compile it with the `triton` package of --triton_python (a Python
   with `pip install triton`; ptxas / cuobjdump ship in its wheel). Uses a private JAX hook
   (jax._src.pallas.triton.pallas_call_registration) to see the IR: diagnostic only."""
   import os
@@ -341,7 +341,7 @@ def resources(small, triton_python):
   from lightning_jax.kernels import common
   from lightning_jax.kernels import delta_rule as kdr
   if not triton_python:
-    print("resources: pass --triton-python /path/to/python (with the triton package)")
+    print("resources: pass --triton_python /path/to/python (with the triton package)")
     return
   out = tempfile.mkdtemp(prefix="gdr_ttir_")
   orig = reg.lowering.lower_jaxpr_to_triton_module
@@ -431,13 +431,17 @@ def gsa(small, iters):
 
 
 def main(argv=None):
-  ap = argparse.ArgumentParser()
-  ap.add_argument("--small", action="store_true")
-  ap.add_argument("--only", default="ceilings,delta,gsa")
-  ap.add_argument("--iters", type=int, default=10)
-  ap.add_argument("--json", default="")
-  ap.add_argument("--triton-python", default="",
-                  help="--only resources: a Python interpreter with the triton package")
+  ap = argparse.ArgumentParser(prog="python -m benchmarks.kernels_bench",
+                               description=__doc__.splitlines()[0])
+  ap.add_argument("--small", action="store_true", help="Run the same code at toy shapes (CPU "
+                  "smoke run).")
+  ap.add_argument("--only", default="ceilings,delta,gsa", help="Comma list of parts to run "
+                  "(ceilings, delta, prep, gsa, resources, variants; see above).")
+  ap.add_argument("--iters", type=int, default=10, help="Timed runs per measurement after "
+                  "warm-up (median reported).")
+  ap.add_argument("--json", default="", help="Also write the results as JSON here.")
+  ap.add_argument("--triton_python", "--triton-python", default="",
+                  help="For --only resources: a Python interpreter with the triton package.")
   a = ap.parse_args(argv)
   dev = jax.devices()[0]
   head = (f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC  {dev.device_kind}  "

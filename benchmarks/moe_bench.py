@@ -85,11 +85,13 @@ def _patched(**names):
 
 
 def main():
-  ap = argparse.ArgumentParser()
-  ap.add_argument("--small", action="store_true", help="tiny shapes (CPU smoke test)")
-  ap.add_argument("--iters", type=int, default=5)
+  ap = argparse.ArgumentParser(prog="python -m benchmarks.moe_bench",
+                               description=__doc__.splitlines()[0])
+  ap.add_argument("--small", action="store_true", help="Tiny shapes (CPU smoke test).")
+  ap.add_argument("--iters", type=int, default=5, help="Timed runs per row after two warm-up "
+                  "runs (mean reported).")
   ap.add_argument("--only", default="dense,grouped,ragged,dispatch,legacy,movement",
-                  help="comma list of row groups")
+                  help="Comma list of row groups to run (see above).")
   args = ap.parse_args()
   only = set(args.only.split(","))
   e, n, k, d, f = (58, 65536, 12, 4096, 1024) if not args.small else (6, 512, 3, 64, 32)

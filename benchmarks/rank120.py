@@ -304,28 +304,40 @@ def format_report(rec: dict) -> str:
 
 
 def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--config", default="configs/stage_120b.py")
+  ap = argparse.ArgumentParser(prog="python -m benchmarks.rank120",
+                               description=__doc__.split("\n")[0])
+  ap.add_argument("--config", default="configs/stage_120b.py", help="Config file (MoE stage) "
+                  "whose rank is run.")
   ap.add_argument("--tiny", action="store_true",
-                  help="configs/tiny_120b.py at T=64, one step, 2 ranks (CPU; what CI runs)")
-  ap.add_argument("--ranks", type=int, default=0, help="expert-parallel width (0: mesh.expert)")
-  ap.add_argument("--layers", type=int, default=0, help="override model.n_layers (0: config's)")
-  ap.add_argument("--batch", type=int, default=1, help="sequences per micro-batch")
-  ap.add_argument("--seq", type=int, default=0, help="sequence length (0: train.seq_len)")
-  ap.add_argument("--steps", type=int, default=3)
-  ap.add_argument("--seed", type=int, default=0)
-  ap.add_argument("--plan_batches", default="", help="comma list of batches to plan (compile only)")
-  ap.add_argument("--no_profile", action="store_true")
+                  help="configs/tiny_120b.py at T=64, one step, 2 ranks (CPU; what CI runs).")
+  ap.add_argument("--ranks", type=int, default=0, help="Expert-parallel width (0: the config's "
+                  "mesh.expert).")
+  ap.add_argument("--layers", type=int, default=0, help="Override model.n_layers (0: the "
+                  "config's).")
+  ap.add_argument("--batch", type=int, default=1, help="Sequences per micro-batch.")
+  ap.add_argument("--seq", type=int, default=0, help="Sequence length in tokens (0: the "
+                  "config's train.seq_len).")
+  ap.add_argument("--steps", type=int, default=3, help="Timed steps after two warm-up steps "
+                  "(median reported; --tiny caps it at 1).")
+  ap.add_argument("--seed", type=int, default=0, help="Random seed of the parameters and token "
+                  "ids.")
+  ap.add_argument("--plan_batches", default="", help="Comma list of micro-batch sizes "
+                  "to plan (compile only, nothing run).")
+  ap.add_argument("--no_profile", action="store_true", help="Skip the per-op profile of one "
+                  "step (jax.profiler trace).")
   ap.add_argument("--no_zero1", action="store_true",
-                  help="hold the whole optimizer state (default: the rank's ZeRO-1 share)")
-  ap.add_argument("--keep_trace", default="", help="copy the profile's .trace.json.gz here")
+                  help="Hold the whole optimizer state (default: the rank's ZeRO-1 share).")
+  ap.add_argument("--keep_trace", default="", help="Copy the profile's .trace.json.gz "
+                  "here.")
   ap.add_argument("--hlo_dump", default="",
                   help="XLA dump directory of this run (XLA_FLAGS=--xla_dump_to=DIR): attribute "
                        "the profile to Python source through the step's HLO (best with "
-                       "--xla_gpu_enable_command_buffer= so kernels carry HLO names)")
-  ap.add_argument("--commit", default="", help="commit to record (default: git rev-parse)")
-  ap.add_argument("--set", action="append", default=[], help="section.field=value override")
-  ap.add_argument("--json", default="", help="write the record here")
+                       "--xla_gpu_enable_command_buffer= so kernels carry HLO names).")
+  ap.add_argument("--commit", default="", help="Commit to record (default: git "
+                  "rev-parse).")
+  ap.add_argument("--set", action="append", default=[], help="section.field=value config "
+                  "override (repeatable).")
+  ap.add_argument("--json", default="", help="Write the record here as JSON.")
   a = ap.parse_args(argv)
   if a.tiny:
     a.config, a.seq, a.steps = "configs/tiny_120b.py", a.seq or 64, min(a.steps, 1)

@@ -127,11 +127,13 @@ def main(argv=None) -> None:
   ap = argparse.ArgumentParser(prog="python -m benchmarks.reference_grads_f64",
                                description=__doc__.split("\n")[0])
   ap.add_argument("--out", default="benchmarks/results/reference_grads_f64.json",
-                  help="JSON file to write")
+                  help="JSON file to write the comparison to.")
   ap.add_argument("--fixtures", default="dense_2b_tiny,moe_120b_tiny",
-                  help="comma-separated fixture names in tests/fixtures/reference")
-  ap.add_argument("--modes", default="gpu,cpu", help="gpu (reference_cuda) and/or cpu (spec)")
-  ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+                  help="Comma list of fixture names in tests/fixtures/reference.")
+  ap.add_argument("--modes", default="gpu,cpu", help="Comma list of modes: gpu (reference_cuda) "
+                  "and/or cpu (spec).")
+  ap.add_argument("--worker", default=None, help="Internal: NAME,MODE,PRECISION,DUMP, the one "
+                  "gradient a subprocess computes and saves (set by the parent).")
   a = ap.parse_args(argv)
   if a.worker:
     worker(*a.worker.split(","))

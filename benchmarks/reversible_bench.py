@@ -1,7 +1,7 @@
 """Memory and step time of the reversible midpoint stack versus plain autodiff.
 
     python -m benchmarks.reversible_bench [--layers 4,20,40] [--batch 4] [--seq 64] [--d 64]
-        [--model synthetic|tiny] [--repeat 5]
+        [--bits 24] [--repeat 5]
 
 For each depth it compiles one training step (loss + grads w.r.t. params and input; no optimizer,
 so the temporaries exclude parameters and optimizer state by construction) and reports XLA's
@@ -141,13 +141,17 @@ def measure(mode, a, n_layers, args):
 
 
 def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--layers", default="4,20,40")
-  ap.add_argument("--batch", type=int, default=4)
-  ap.add_argument("--seq", type=int, default=64)
-  ap.add_argument("--d", type=int, default=64)
-  ap.add_argument("--bits", type=int, default=24)
-  ap.add_argument("--repeat", type=int, default=5)
+  ap = argparse.ArgumentParser(prog="python -m benchmarks.reversible_bench",
+                               description=__doc__.split("\n")[0])
+  ap.add_argument("--layers", default="4,20,40", help="Comma list of stack depths in layers "
+                  "(multiples of 4: the synthetic DDDG pattern).")
+  ap.add_argument("--batch", type=int, default=4, help="Sequences in the state.")
+  ap.add_argument("--seq", type=int, default=64, help="Sequence length in tokens.")
+  ap.add_argument("--d", type=int, default=64, help="Model width of each of the 4 streams.")
+  ap.add_argument("--bits", type=int, default=24, help="Fractional bits of the fixed-point "
+                  "state (reversible.fixed_point_bits) of the run_stack modes.")
+  ap.add_argument("--repeat", type=int, default=5, help="Timed steps per (mode, depth) after one "
+                  "warm-up step (median reported).")
   args = ap.parse_args(argv)
   depths = [int(v) for v in args.layers.split(",")]
   modes = [("autodiff", 0.5), ("autodiff+remat", 0.5), ("store_boundaries", 0.5),

@@ -402,17 +402,25 @@ def report(cfg, res: dict, bd: dict | None, n_dev: int, layers_note: str) -> tup
 
 
 def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--config", default="configs/stage_2b.py")
-  ap.add_argument("--layers", type=int, default=0, help="override model.n_layers (0: config's)")
-  ap.add_argument("--seq", type=int, default=0, help="sequence length (0: train.seq_len)")
-  ap.add_argument("--batch", type=int, default=1, help="sequences per device")
-  ap.add_argument("--steps", type=int, default=5)
-  ap.add_argument("--breakdown", action="store_true")
+  ap = argparse.ArgumentParser(prog="python -m benchmarks.step",
+                               description=__doc__.split("\n")[0])
+  ap.add_argument("--config", default="configs/stage_2b.py", help="Config file (stage) whose "
+                  "training step is timed.")
+  ap.add_argument("--layers", type=int, default=0, help="Override model.n_layers, a multiple "
+                  "of the pattern length (0: the config's).")
+  ap.add_argument("--seq", type=int, default=0, help="Sequence length in tokens (0: the "
+                  "config's train.seq_len).")
+  ap.add_argument("--batch", type=int, default=1, help="Sequences per device per step.")
+  ap.add_argument("--steps", type=int, default=5, help="Timed steps after two warm-up steps "
+                  "(median reported); also the timed calls per breakdown piece.")
+  ap.add_argument("--breakdown", action="store_true", help="Also time each piece (D layer, G "
+                  "layer, mixers, FFN/MoE, head + CE) alone, forward+backward.")
   ap.add_argument("--only_breakdown", action="store_true",
-                  help="skip the full step (its compile takes minutes on a GPU): breakdown only")
-  ap.add_argument("--set", action="append", default=[], help="section.field=value override")
-  ap.add_argument("--json", default="", help="also write the record as JSON here")
+                  help="Skip the full step (its compile takes minutes on a GPU): "
+                  "breakdown only.")
+  ap.add_argument("--set", action="append", default=[], help="section.field=value config "
+                  "override (repeatable).")
+  ap.add_argument("--json", default="", help="Also write the record as JSON here.")
   a = ap.parse_args(argv)
   cfg = load_config(a.config)
   layers_cfg = int(cfg.model.n_layers)

@@ -25,9 +25,11 @@ from benchmarks.kernels_bench import bench, guarded, record
 
 
 def main(argv=None):
-  ap = argparse.ArgumentParser()
-  ap.add_argument("--small", action="store_true", help="toy shapes (CPU smoke run)")
-  ap.add_argument("--iters", type=int, default=10)
+  ap = argparse.ArgumentParser(prog="python -m benchmarks.tokamax_bench",
+                               description=__doc__.splitlines()[0])
+  ap.add_argument("--small", action="store_true", help="Toy shapes (CPU smoke run).")
+  ap.add_argument("--iters", type=int, default=10, help="Timed runs per row after warm-up "
+                  "(median reported).")
   a = ap.parse_args(argv)
   g, rows, d, f = (4, 64, 128, 64) if a.small else (58, 13568, 4096, 1024)
   m = g * rows

@@ -210,16 +210,21 @@ def run(experts=58, rows=13824, d=4096, f=1024, bits_list=(4, 8), iters=10,
 
 
 def main():
-  ap = argparse.ArgumentParser()
-  ap.add_argument("--experts", type=int, default=58)
-  ap.add_argument("--rows", type=int, default=13824)
-  ap.add_argument("--d", type=int, default=4096)
-  ap.add_argument("--f", type=int, default=1024)
-  ap.add_argument("--bits", default="4,8")
-  ap.add_argument("--iters", type=int, default=10)
-  ap.add_argument("--only", default="base,swiglu", help="comma list: base, swiglu")
+  ap = argparse.ArgumentParser(prog="python -m benchmarks.tqp_bench",
+                               description=__doc__.splitlines()[0])
+  ap.add_argument("--experts", type=int, default=58, help="Local experts (groups) per device.")
+  ap.add_argument("--rows", type=int, default=13824, help="Routed rows per expert.")
+  ap.add_argument("--d", type=int, default=4096, help="Model width (gate/up input, down "
+                  "output).")
+  ap.add_argument("--f", type=int, default=1024, help="Expert hidden width (gate/up output, down "
+                  "input).")
+  ap.add_argument("--bits", default="4,8", help="Comma list of TQP base bit widths.")
+  ap.add_argument("--iters", type=int, default=10, help="Calls per row after one warm-up "
+                  "call, timed together (mean reported).")
+  ap.add_argument("--only", default="base,swiglu", help="Comma list of row groups to run (base, "
+                  "swiglu).")
   ap.add_argument("--kernels", default="xla,xla_rotate,pallas,pallas_rotate",
-                  help="swiglu rows: comma list of tqp.kernel values")
+                  help="For the swiglu rows: comma list of tqp.kernel values.")
   a = ap.parse_args()
   only = set(a.only.split(","))
   bits = tuple(int(b) for b in a.bits.split(","))

@@ -1,5 +1,9 @@
 """Every entry point (a module of launch/, growth/ or tokenizer/ with a __main__ block) takes absl
-flags, and its `--help` lists every flag the project defines for it, with that flag's help text."""
+flags, and its `--help` lists every flag the project defines for it, with that flag's help text.
+Every benchmark script (benchmarks/*.py with a __main__ block) takes argparse options (or absl
+flags) with the same underscored names, each listed by `--help` with its help text."""
+import ast
+import functools
 import json
 import os
 import pathlib
@@ -13,12 +17,22 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 PACKAGES = ("launch", "growth", "tokenizer")
 
 # One process imports the heavy dependencies once, then forks a child per entry point that runs
-# `python -m MOD --help` (runpy, as __main__) and sends back the help text and every flag that
-# project code (launch/, growth/, tokenizer/, lightning_jax/) defined along the way.
+# `python -m MOD --help` (runpy, as __main__) and sends back the help text, every absl flag that
+# project code (launch/, growth/, tokenizer/, benchmarks/, lightning_jax/) defined along the way
+# and every argparse parser that parsed the command line (its prog, description and options).
 DRIVER = r"""
-import contextlib, io, json, os, runpy, sys
+import argparse, contextlib, io, json, os, runpy, sys
 import numpy, jax, flax, optax, ml_collections
 from absl import flags
+
+PARSERS = []
+_parse_known = argparse.ArgumentParser.parse_known_args
+
+def _record(self, *a, **k):
+  if self not in PARSERS:
+    PARSERS.append(self)
+  return _parse_known(self, *a, **k)
+argparse.ArgumentParser.parse_known_args = _record
 
 def one(mod):
   sys.argv = [mod, "--help"]
@@ -32,9 +46,12 @@ def one(mod):
   for module, fl in flags.FLAGS.flags_by_module_dict().items():
     # keyed by file path for the __main__ module, by module name for the others
     if any(f"/{p}/" in module or module.startswith(p + ".")
-           for p in ("launch", "growth", "tokenizer", "lightning_jax")):
+           for p in ("launch", "growth", "tokenizer", "benchmarks", "lightning_jax")):
       ours.update({f.name: f.help or "" for f in fl})
-  return {"help": buf.getvalue(), "flags": ours, "code": code}
+  parsers = [{"prog": p.prog, "description": p.description or "",
+              "options": [[list(a.option_strings), a.help or ""] for a in p._actions]}
+             for p in PARSERS]
+  return {"help": buf.getvalue(), "flags": ours, "parsers": parsers, "code": code}
 
 out = {}
 for mod in sys.argv[1:]:
@@ -57,13 +74,19 @@ print("\x00" + json.dumps(out))
 """
 
 
-def entry_points():
+def entry_points(packages=PACKAGES):
   out = []
-  for pkg in PACKAGES:
+  for pkg in packages:
     for f in sorted((REPO / pkg).glob("*.py")):
       if re.search(r'^if __name__ == "__main__":', f.read_text(), re.M):
         out.append(f"{pkg}.{f.stem}")
   return out
+
+
+@functools.lru_cache(maxsize=None)
+def _all_help():
+  """The --help results of every entry point and benchmark script, from one driver process."""
+  return _help(entry_points() + entry_points(("benchmarks",)))
 
 
 def _help(mods):
@@ -81,7 +104,7 @@ def test_every_entry_point_lists_every_flag_with_its_help():
             "growth.expand_experts", "growth.lineage", "tokenizer.build", "tokenizer.check",
             "tokenizer.fertility", "tokenizer.corpus_extract"):
     assert m in mods, m
-  results = _help(mods)
+  results = {m: r for m, r in _all_help().items() if m in mods}
   flat = lambda s: re.sub(r"\s+", "", s)      # absl wraps lines, also after a hyphen
   assert set(results) == set(mods)
   for mod, r in results.items():
@@ -98,6 +121,48 @@ def test_every_entry_point_lists_every_flag_with_its_help():
     assert name in results["growth.expand_experts"]["flags"], name
   assert {"audit_corpus", "out", "freq_corpus", "target", "overwrite"} <= set(
       results["tokenizer.build"]["flags"])
+
+
+def test_every_benchmark_lists_every_option_with_its_help():
+  mods = entry_points(("benchmarks",))
+  for m in ("benchmarks.rank120", "benchmarks.step", "benchmarks.kernels_bench",
+            "benchmarks.gsa_kernel_bench", "benchmarks.tiny_main_job"):
+    assert m in mods, m
+  results = {m: r for m, r in _all_help().items() if m in mods}
+  assert set(results) == set(mods)
+  flat = lambda s: re.sub(r"\s+", "", s)      # argparse wraps lines
+  n_options = 0
+  for mod, r in results.items():
+    assert "error" not in r, f"{mod}: {r.get('error')}"
+    text = flat(r["help"])
+    if not r["parsers"]:                       # an absl script: checked as the entry points are
+      assert "Try--helpfull" in text and r["flags"], f"{mod}: --help is neither argparse's nor absl's"
+      for name, hlp in r["flags"].items():
+        assert hlp.strip(), f"{mod}: --{name} has no help text"
+        assert flat(hlp) in text, f"{mod}: --{name}'s help text missing"
+      continue
+    assert r["code"] in (0, None), f"{mod}: --help ended with {r['code']!r}"
+    assert len(r["parsers"]) == 1, f"{mod}: {len(r['parsers'])} parsers parsed the command line"
+    p = r["parsers"][0]
+    src = (REPO / "benchmarks" / f"{mod.split('.')[1]}.py").read_text()
+    assert p["prog"] == f"python -m {mod}", f"{mod}: prog is {p['prog']!r}"
+    assert p["description"] == ast.get_docstring(ast.parse(src)).splitlines()[0], \
+        f"{mod}: the description is not the docstring's first line"
+    assert text.startswith(flat(f"usage: python -m {mod}")), r["help"][:200]
+    for names, hlp in p["options"]:
+      if names == ["-h", "--help"]:
+        continue
+      n_options += 1
+      primary = names[0]
+      assert re.fullmatch(r"--[a-z0-9_]+", primary), f"{mod}: {names}: the first name must be " \
+          "underscored (dashed spellings are aliases after it)"
+      for alias in names[1:]:
+        assert alias.replace("-", "_")[2:] == primary[2:], f"{mod}: {alias} is not {primary}"
+      assert hlp.strip() and hlp != "==SUPPRESS==", f"{mod}: {primary} has no help text"
+      assert "\n" not in hlp.strip(), f"{mod}: {primary}'s help text is not one line"
+      assert all(flat(n) in text for n in names), f"{mod}: {names} missing from --help"
+      assert flat(hlp) in text, f"{mod}: {primary}'s help text missing from --help"
+  assert n_options >= 100, n_options
 
 
 def test_tokenizer_build_refuses_to_write_over_a_tokenizer(tmp_path, capsys):
