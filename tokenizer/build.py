@@ -19,7 +19,7 @@ import time
 import numpy as np
 from absl import app, flags
 
-from tokenizer import artifacts, base, bpe, crop, retrofit, scripts
+from tokenizer import artifacts, base, bpe, cli, crop, retrofit, scripts
 
 DEFAULT_TARGET = 131072
 DEFAULT_SPECIALS = 32
@@ -161,14 +161,7 @@ def define_flags(fv=flags.FLAGS):
 
 def main(argv: list[str]) -> int:
   """In-process entry (tests): `argv` as on the command line, without the program name."""
-  fv = flags.FlagValues()
-  define_flags(fv)
-  try:
-    rest = fv(["tokenizer.build", *argv])
-  except flags.Error as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  return run(fv, rest[1:])
+  return cli.in_process("tokenizer.build", define_flags, run, argv)
 
 
 def run(a, args=()) -> int:

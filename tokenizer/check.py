@@ -18,7 +18,7 @@ import sys
 import numpy as np
 from absl import app, flags
 
-from tokenizer import artifacts, base, bpe, crop, retrofit, scripts
+from tokenizer import artifacts, base, bpe, cli, crop, retrofit, scripts
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -95,14 +95,7 @@ def define_flags(fv=flags.FLAGS):
 
 def main(argv: list[str]) -> int:
   """In-process entry (tests): `argv` as on the command line, without the program name."""
-  fv = flags.FlagValues()
-  define_flags(fv)
-  try:
-    rest = fv(["tokenizer.check", *argv])
-  except flags.Error as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  return run(fv, rest[1:])
+  return cli.in_process("tokenizer.check", define_flags, run, argv)
 
 
 def run(a, args) -> int:

@@ -15,7 +15,7 @@ import sys
 
 from absl import app, flags
 
-from tokenizer import artifacts, base, retrofit
+from tokenizer import artifacts, base, cli, retrofit
 
 BRAHMIC_LANGS = {"hi": "Hindi", "bn": "Bengali", "pa": "Punjabi", "gu": "Gujarati", "or": "Odia",
                  "ta": "Tamil", "te": "Telugu", "kn": "Kannada", "ml": "Malayalam"}
@@ -80,14 +80,7 @@ def define_flags(fv=flags.FLAGS):
 
 def main(argv: list[str]) -> int:
   """In-process entry (tests): `argv` as on the command line, without the program name."""
-  fv = flags.FlagValues()
-  define_flags(fv)
-  try:
-    rest = fv(["tokenizer.fertility", *argv])
-  except flags.Error as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  return run(fv, rest[1:])
+  return cli.in_process("tokenizer.fertility", define_flags, run, argv)
 
 
 def run(a, args=()) -> int:
