@@ -75,16 +75,14 @@ def uniform(lo: float, hi: float) -> Initializer:
 
 
 # ----------------------------------------------------------------------------- tree helpers
-def _path_str(path) -> str:
-  parts = []
-  for p in path:
-    if isinstance(p, jax.tree_util.DictKey):
-      parts.append(str(p.key))
-    elif isinstance(p, jax.tree_util.SequenceKey):
-      parts.append(str(p.idx))
-    else:
-      parts.append(str(p))
-  return "/".join(parts)
+def path_keys(path) -> list[str]:
+  """A jax key path as strings: dict keys, sequence indices, attribute names (one home)."""
+  return [str(getattr(p, "key", getattr(p, "idx", getattr(p, "name", p)))) for p in path]
+
+
+def path_str(path) -> str:
+  """A jax key path as "a/b/0" (the project's one path-to-string rule)."""
+  return "/".join(path_keys(path))
 
 
 def path_key(key: jax.Array, path: str) -> jax.Array:
@@ -96,7 +94,7 @@ def path_key(key: jax.Array, path: str) -> jax.Array:
 def init(specs, key: jax.Array):
   """Materialise a spec tree. Each leaf's key depends only on `key` and its path."""
   def one(path, spec):
-    return spec.init(path_key(key, _path_str(path)), tuple(spec.shape), spec.dtype)
+    return spec.init(path_key(key, path_str(path)), tuple(spec.shape), spec.dtype)
   return jax.tree_util.tree_map_with_path(one, specs, is_leaf=is_spec)
 
 
@@ -129,7 +127,7 @@ def flatten(tree, sep: str = "/") -> dict:
   """Nested dict -> {"a/b/c": leaf}."""
   out = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_spec)[0]:
-    out[sep.join(_path_str([p]) for p in path)] = leaf
+    out[sep.join(path_str([p]) for p in path)] = leaf
   return out
 
 

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from lightning_jax import nn
 from lightning_jax.config import ConfigError
 from lightning_jax.layers.sparse_attention import INDEXER_PARAMS
 
@@ -126,17 +127,10 @@ def make_schedule(cfg, steps: int | None = None):
 
 
 # ----------------------------------------------------------------------------- labels and masks
-def _keys(path) -> list[str]:
-  out = []
-  for p in path:
-    out.append(str(getattr(p, "key", getattr(p, "idx", p))))
-  return out
-
-
 def group_labels(params):
   """Same tree as params: 'router' | 'adapters' | 'rest' per leaf, by path."""
   def label(path, _):
-    ks = _keys(path)
+    ks = nn.path_keys(path)
     if "adapters" in ks:
       return "adapters"
     if "router" in ks:
@@ -149,7 +143,7 @@ def decay_mask(params):
   """True where weight decay applies: matrices (>= 2 dims beyond the group-stacking axis),
   except the never-trained GSA indexer weights (INDEXER_PARAMS)."""
   def m(path, leaf):
-    ks = _keys(path)
+    ks = nn.path_keys(path)
     if ks and ks[-1] in INDEXER_PARAMS:
       return False
     nd = len(leaf.shape) - (1 if ks and ks[0] == "groups" else 0)

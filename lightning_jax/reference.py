@@ -483,7 +483,7 @@ def import_state_dict(sd: dict, cfg, *, check_aliases: bool = True):
     raise ReferenceError(f"our leaves {_names(unwritten)} were left unwritten by the reference "
                          f"state dict; expected every parameter of the config to have a source.")
   # the abstract tree's own structure (empty subtrees included: checkpoints compare structures)
-  tree = {c: jax.tree_util.tree_map_with_path(lambda kp, _, c=c: out[f"{c}/{_kp_str(kp)}"],
+  tree = {c: jax.tree_util.tree_map_with_path(lambda kp, _, c=c: out[f"{c}/{nn.path_str(kp)}"],
                                               abstract[c]) for c in ("params", "stats")}
   if cfg.tqp.enabled:
     from lightning_jax import tqp
@@ -492,10 +492,6 @@ def import_state_dict(sd: dict, cfg, *, check_aliases: bool = True):
     tree["frozen"] = jax_to_numpy(qfrozen)
     report.fresh["params/**/moe/adapters"] = FRESH["moe/adapters"]
   return tree, report
-
-
-def _kp_str(kp) -> str:
-  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in kp)
 
 
 def _stack_len(path: str, a, cfg) -> int:

@@ -641,7 +641,7 @@ def param_labels(params):
   """Tree of 'router' | 'adapters' | 'rest' per params leaf (by path), for optax.multi_transform.
 
   Frozen TQP bases are not in params, so they get no optimizer state at all."""
-  return jax.tree_util.tree_map_with_path(lambda p, _: _label(nn._path_str(p)), params)
+  return jax.tree_util.tree_map_with_path(lambda p, _: _label(nn.path_str(p)), params)
 
 
 def lr_multipliers(cfg) -> dict:
