@@ -12,7 +12,7 @@ For each (seq, query_chunk, attention mode) it compiles and times, on the defaul
 and prints XLA's memory_analysis().temp_size_in_bytes for each compiled function, plus the mean
 kept keys per query. Parameters use the config's init; the variance EMA is calibrated to the
 first batch so budgets spread around k_base as after warm-up. Attention modes are those of
-model.gsa.attention ("kernel": the Pallas kernels of lightning_jax/kernels/sparse_attention.py;
+model.gsa.attention ("kernel": the Pallas kernels of lightning_jax/ops/sparse_attention/kernel.py;
 benchmarks/gsa_kernel_bench.py times the attention core alone against cuDNN).
 """
 from __future__ import annotations

@@ -7,8 +7,8 @@
 
 Times, on the default device, for each sequence length and selection kind:
   lists      the kernels' CSR lists alone (query unions + key lists; one sort each)
-  kernel:X   lightning_jax.kernels.sparse_attention.gsa_attention with tile set X (below)
-  flash      layers.sparse_attention.flash_attention (cuDNN under the [B, 1, T, T] selection mask)
+  kernel:X   ops.sparse_attention.kernel.gsa_attention with tile set X (below)
+  flash      ops.sparse_attention.api.flash_attention (cuDNN under the [B, 1, T, T] selection mask)
   cudnn      jax.nn.dot_product_attention(implementation="cudnn", is_causal=True), no selection
 each as forward ms and forward+backward ms (grad of sum(o * r) w.r.t. q, k, v), in bf16.
 Selections: "random": per query k_t uniform in [32, 224] (mean ~128, at most t + 1), the 4 sinks,
@@ -39,8 +39,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lightning_jax.kernels import sparse_attention as ks
-from lightning_jax.layers import sparse_attention as gsa
+from lightning_jax.ops.sparse_attention import api as attention_op
+from lightning_jax.ops.sparse_attention import kernel as ks
 
 TILES = ks.TILE_SETS
 __doc__ += "".join(f"  {k}: {tuple(v.values())}\n" for k, v in TILES.items())
@@ -126,7 +126,7 @@ def _bench_indexer(T, B, repeat, hi=4, di=128):
   bias = jnp.zeros((hi,), jnp.float32)
   pos = jnp.arange(T)
   out = {}
-  for name, fn in (("xla", gsa.indexer_scores), ("kernel", ks.indexer_scores)):
+  for name, fn in (("xla", attention_op.indexer_scores), ("kernel", ks.indexer_scores)):
     try:
       c, c_s = _compile(fn, (qi, ki, wi, bias, pos))
       ms = _run(c, (qi, ki, wi, bias, pos), repeat)
@@ -205,11 +205,11 @@ def main():
     runs = []
     if "kernel" in variants:
       runs += [(f"kernel:{t}" + ("" if ko == "count" else f":{ko}"),
-                lambda q, k, v, s, t=t, ko=ko: ks.gsa_attention(q, k, v, s, key_order=ko,
-                                                                **TILES[t]))
+                lambda q, k, v, s, t=t, ko=ko: ks.gsa_attention(
+                    q, k, v, s, ks.GSAKernelOptions.tile_set(t, key_order=ko)))
                for t in a.tiles.split(",") for ko in a.key_order.split(",")]
     if "flash" in variants:
-      runs.append(("flash", lambda q, k, v, s: gsa.flash_attention(q, k, v, s)))
+      runs.append(("flash", lambda q, k, v, s: attention_op.flash_attention(q, k, v, s)))
     if "cudnn" in variants:
       runs.append(("cudnn", lambda q, k, v, s: jax.nn.dot_product_attention(
           q, k, v, is_causal=True, implementation="cudnn")))
@@ -236,11 +236,12 @@ def main():
     if a.check and si == 0 and "kernel" in variants:
       t0 = a.tiles.split(",")[0]
       f32 = lambda x: x.astype(jnp.float32)
-      kern_o = jax.jit(lambda q, k, v, s: ks.gsa_attention(q, k, v, s, **TILES[t0]))
-      ref_o = jax.jit(lambda q, k, v, s: gsa.sparse_attention(q, k, v, s, 512, "gather"))
+      opts0 = ks.GSAKernelOptions.tile_set(t0)
+      kern_o = jax.jit(lambda q, k, v, s: ks.gsa_attention(q, k, v, s, opts0))
+      ref_o = jax.jit(lambda q, k, v, s: attention_op.attend(q, k, v, s, 512, "gather"))
       kern_g = jax.jit(jax.grad(lambda q, k, v, s: jnp.sum(ks.gsa_attention(
-          q, k, v, s, **TILES[t0]).astype(jnp.float32) * f32(r)), (0, 1, 2)))
-      ref_g = jax.jit(jax.grad(lambda q, k, v, s: jnp.sum(gsa.sparse_attention(
+          q, k, v, s, opts0).astype(jnp.float32) * f32(r)), (0, 1, 2)))
+      ref_g = jax.jit(jax.grad(lambda q, k, v, s: jnp.sum(attention_op.attend(
           q, k, v, s, 512, "gather") * f32(r)), (0, 1, 2)))
       for kind, sel in sels.items():
         try:

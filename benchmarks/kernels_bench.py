@@ -1,29 +1,26 @@
 """Kernels vs XLA references vs named anchors on one GPU (docs/PERFORMANCE.md, "Kernels").
 
-    python -m benchmarks.kernels_bench [--small] [--only ceilings,delta,prep,gsa,variants]
+    python -m benchmarks.kernels_bench [--small] [--only ceilings,delta,prep,gsa,resources]
                                        [--iters 10] [--json out.json]
     python -m benchmarks.kernels_bench --only resources --triton_python /venv/with/triton/python
 
 ceilings  an 8192^3 bf16 matmul (TFLOP/s) and a 2 GiB device-to-device copy (bytes read + written)
 delta     gated delta rule, 32 heads x 128, bf16 q/k/v, float32 decay and beta, at B4 T4096 and
-          B2 T8192: the XLA chunked reference (layers/deltanet.py) forward and forward+backward,
-          and the Pallas kernel path (kernels/delta_rule.py) in the settings of DELTA_SETTINGS:
-          the XLA prep (default), the Pallas prep with the XLA prep's autodiff as its backward,
-          the Pallas prep with its Pallas backward, and that with the split recurrence backward
-          (bwd="split_pallas") or the per-chunk gradients merged into the prep's backward kernel
-          (bwd="merged"), with float32 / bf16 saved states;
-          each with its relative error against the XLA path on the same inputs (output,
-          dq/dk/dv/dlog_alpha/dbeta). Anchor: FLA 0.6.0 chunk_gated_delta_rule 4.60 ms
-          fwd+bwd, 1.54 / 1.08 ms fwd (B4T4096 / B2T8192).
+          B2 T8192: the XLA chunked reference (ops/delta_rule/reference.py) forward and
+          forward+backward, and the Pallas kernel path (ops/delta_rule/kernel.py) in the
+          settings of DELTA_SETTINGS (the default, the XLA prep, bf16 saved states, one pipeline
+          stage, a wider dS block), each with its relative error against the XLA path on the
+          same inputs (output, dq/dk/dv/dlog_alpha/dbeta). Anchor: FLA 0.6.0
+          chunk_gated_delta_rule 4.60 ms fwd+bwd, 1.54 / 1.08 ms fwd (B4T4096 / B2T8192).
+          (The removed backward variants' numbers: docs/PERFORMANCE.md, "Gated delta rule".)
 prep      the chunk prep alone at B4 T4096 (32 x 128, chunk 64): XLA float32 vs the Pallas prep
-          kernel (forward; backward through the XLA prep's autodiff or the Pallas backward
-          kernel), with the Pallas outputs' / input gradients' relative error vs XLA; then each
-          kernel of the recurrence alone on random operands (forward, reverse dS, dS + per-chunk
-          gradients, the merged backward kernel), float32 and bf16 saved states.
+          kernel (forward; backward by the Pallas backward kernel at 4 / 8 warps), with the
+          Pallas outputs' / input gradients' relative error vs XLA; then each kernel of the
+          recurrence alone on random operands (forward, reverse dS, dS + per-chunk gradients),
+          float32 and bf16 saved states.
 resources registers / spills / shared memory per kernel for sm_90 from the Triton IR, on any host
           (needs --triton_python, a Python with `pip install triton`; no GPU).
-variants  older recurrence-backward / inverse-precision variants (XLA prep), forward+backward.
-gsa       attention core at T=8192, 16 heads x 256, bf16: layers.sparse_attention.sparse_attention
+gsa       attention core at T=8192, 16 heads x 256, bf16: ops.sparse_attention.api.attend
           over a synthetic selection of 128 causal keys per query (k_max 256 slots, the rest -1),
           modes gather and dense_masked, forward and forward+backward; vs
           jax.nn.dot_product_attention(is_causal=True, implementation="cudnn") and "xla".
@@ -43,6 +40,11 @@ import traceback
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from lightning_jax.ops.delta_rule import api as delta_rule_op
+from lightning_jax.ops.delta_rule import kernel as kdr
+from lightning_jax.ops.pallas import lower_for_gpu, on_gpu
+from lightning_jax.ops.sparse_attention import api as attention_op
 
 RESULTS: dict = {}
 
@@ -112,56 +114,12 @@ def delta_inputs(key, b, t, h, d):
   return q, k, v, la, beta
 
 
-def delta_variants(small, iters):
-  """Backward and inverse-precision variants of the kernel path, forward+backward, B4 T4096."""
-  from lightning_jax.kernels import delta_rule as kdr
-  from lightning_jax.layers import deltanet as dn
-  b, t, h, d = (2, 128, 4, 16) if small else (4, 4096, 32, 128)
-  args = delta_inputs(jax.random.PRNGKey(t), b, t, h, d)
-  ct = jax.random.normal(jax.random.PRNGKey(1), (b, t, h, d), jnp.bfloat16)
-  bv = 8 if small else 64
-
-  def fwd_bwd(rule):
-    def f(*a):
-      o, vjp = jax.vjp(lambda *x: rule(*x)[0], *a)
-      return o, vjp(ct)
-    return f
-  _, _, ref = bench(fwd_bwd(lambda *a: dn.chunk_gated_delta_rule(*a, chunk_size=64)), args, 2)
-  for st in (dict(bwd="fused", inverse_precision="highest", block_v_bwd=2 * bv,
-                  num_warps_bwd=8),
-             dict(bwd="split", inverse_precision="highest", block_v_bwd=bv),
-             dict(bwd="split", inverse_precision="default", block_v_bwd=bv),
-             dict(bwd="split", inverse_precision="default", block_v_bwd=2 * bv,
-                  num_warps_bwd=8)):
-    name = ",".join(f"{k}={v}" for k, v in st.items())
-
-    def run(st=st, name=name):
-      rule = lambda *a: kdr.chunk_gated_delta_rule(*a, chunk_size=64, block_v=bv, **st)
-      ms, _, (o, g) = bench(fwd_bwd(rule), args, iters)
-      errs = {"o": _rel(o, ref[0]), "dq": _rel(g[0], ref[1][0]), "dk": _rel(g[1], ref[1][1]),
-              "dv": _rel(g[2], ref[1][2]), "dlog_alpha": _rel(g[3], ref[1][3]),
-              "dbeta": _rel(g[4], ref[1][4])}
-      record(f"delta B{b}T{t} kernel fwd+bwd [{name}]", ms,
-             "rel err vs XLA " + " ".join(f"{k}={v:.1e}" for k, v in errs.items()), errors=errs)
-    guarded(f"delta variant [{name}]", run)
-
-
-_OLD = dict(block_v=64, block_v_bwd=128, num_warps=4, num_warps_bwd=8)
-_NEW = dict(block_v=64, block_v_bwd=32, num_warps=4, num_warps_bwd=4, prep="pallas",
-            num_warps_prep=8, prep_bwd="pallas", bwd="split_pallas", block_k_grads=32,
-            num_warps_grads=8, num_warps_prep_bwd=8)
-_MERGED = dict(_NEW, bwd="merged")
-DELTA_SETTINGS = [   # (label, kwargs of kernels.delta_rule.chunk_gated_delta_rule, both shapes)
-    ("prep=xla (default)", _OLD, True),
-    ("prep=pallas,prep_bwd=xla", dict(_OLD, prep="pallas", prep_bwd="xla"), False),
-    ("prep=pallas,prep_bwd=pallas", dict(_OLD, prep="pallas", prep_bwd="pallas"), False),
-    ("prep=pallas,bwd=split_pallas", _NEW, True),
-    ("prep=pallas,bwd=split_pallas,state bf16", dict(_NEW, state_dtype=jnp.bfloat16), True),
-    ("prep=pallas,bwd=split_pallas,num_stages 2", dict(_NEW, num_stages=2), True),
-    ("prep=pallas,bwd=split_pallas,dS BV 64 warps 8", dict(_NEW, block_v_bwd=64,
-                                                           num_warps_bwd=8), False),
-    ("prep=pallas,bwd=merged", _MERGED, False),
-    ("prep=pallas,bwd=merged,state bf16", dict(_MERGED, state_dtype=jnp.bfloat16), False),
+DELTA_SETTINGS = [   # (label, DeltaRuleOptions fields, run at both shapes)
+    ("default (prep=pallas, num_stages 2)", {}, True),
+    ("prep=xla", dict(prep="xla"), True),
+    ("state bf16", dict(state_dtype="bfloat16"), True),
+    ("num_stages 1", dict(num_stages=1), True),
+    ("dS BV 64 warps 8", dict(block_v_bwd=64, num_warps_bwd=8), False),
 ]
 
 
@@ -176,8 +134,6 @@ def _errs(og, ref):
 
 def delta(small, iters):
   """XLA chunked reference and the kernel path's settings (DELTA_SETTINGS) at both shapes."""
-  from lightning_jax.kernels import delta_rule as kdr
-  from lightning_jax.layers import deltanet as dn
   shapes = [(2, 128, 4, 16)] if small else [(4, 4096, 32, 128), (2, 8192, 32, 128)]
   for b, t, h, d in shapes:
     tag = f"B{b}T{t}"
@@ -193,7 +149,7 @@ def delta(small, iters):
         return o, vjp(ct)
       return f
 
-    xla = lambda *a: dn.chunk_gated_delta_rule(*a, chunk_size=64)
+    xla = lambda *a: delta_rule_op.chunked(*a, chunk_size=64)
     ref = {}
 
     def run_xla():
@@ -209,9 +165,10 @@ def delta(small, iters):
         st = dict(st, block_v=8, block_v_bwd=8, block_k_grads=8)
       elif not both and (b, t) != shapes[0][:2]:
         continue
+      opts = delta_rule_op.DeltaRuleOptions(chunk=64, **st)
 
-      def run_kernel(st=st, label=label):
-        rule = lambda *a: kdr.chunk_gated_delta_rule(*a, chunk_size=64, **st)
+      def run_kernel(opts=opts, label=label):
+        rule = lambda *a: kdr.chunk_gated_delta_rule(*a, options=opts)
         ms, c, o = bench(fwd(rule), args, iters)
         record(f"delta {tag} kernel fwd [{label}]", ms, f"(compile+first {c:.1f} s)")
         ms, c, og = bench(fwd_bwd(rule), args, iters)
@@ -222,30 +179,35 @@ def delta(small, iters):
       guarded(f"delta {tag} kernel [{label}]", run_kernel)
 
 
+def _plan(h, options, dot=jnp.bfloat16, state=None):
+  """The kernels' per-call plan (kernel._Plan) for calling one kernel alone."""
+  bf = jnp.dtype(dot)
+  return kdr._Plan(options, options.chunk, h, bf, bf, jnp.dtype(state or options.state_dtype),
+                   not on_gpu())
+
+
 def prep(small, iters):
   """The chunk prep alone (W, Uv, P, Qg, Kd, ge from q, k, v, log decay, beta), forward and
   forward+backward: XLA (float32, autodiff) vs the Pallas kernel (bf16 outputs), with the
   Pallas outputs' and input gradients' relative error against the XLA prep. Then each kernel
   of the recurrence alone (forward; reverse dS; per-chunk gradients) on random operands."""
-  from lightning_jax.kernels import delta_rule as kdr
   b, t, h, d = (2, 128, 4, 16) if small else (4, 4096, 32, 128)
   c = 64
   tag = f"B{b}T{t}"
   args = delta_inputs(jax.random.PRNGKey(t), b, t, h, d)
-  base = dict(chunk=c, dot_dtype=jnp.dtype(jnp.bfloat16), interpret=not kdr.on_gpu(),
-              num_warps_prep=8, num_warps_prep_bwd=8, num_stages=1,
-              gpu_lowering=False, block_k_grads=8 if small else 32)
-  variants = [("XLA f32", None)] + [(f"pallas, bwd {pb}, bwd warps {nw}",
-                                     dict(base, prep_bwd=pb, num_warps_prep_bwd=nw))
-                                    for pb, nw in (("xla", 8), ("pallas", 4), ("pallas", 8))]
+  base = dict(chunk=c, num_stages=1, block_k_grads=8 if small else 32)
+
+  def xla_prep(*a):     # the XLA prep with the Pallas prep's outputs (bf16, ge broadcast)
+    w, uv, p, qg, kd, ge = kdr._prep(*a, c)
+    return tuple(x.astype(jnp.bfloat16) for x in (w, uv, p, qg, kd)) + (
+        jnp.broadcast_to(ge[..., None], ge.shape + (c,)),)
+  variants = [("XLA f32", None)] + [
+      (f"pallas, bwd warps {nw}", _plan(h, delta_rule_op.DeltaRuleOptions(
+          **base, num_warps_prep_bwd=nw))) for nw in (4, 8)]
   ref = {}
-  for label, opts in variants:
-    def run(label=label, opts=opts):
-      if opts is None:
-        f = lambda *a: kdr._prep_xla_cast(*a, dict(base, prep_bwd="xla"))
-      else:
-        key = tuple(sorted(opts.items()))
-        f = lambda *a: kdr._prep_pallas(*a, key)
+  for label, plan in variants:
+    def run(label=label, plan=plan):
+      f = xla_prep if plan is None else (lambda *a: kdr._prep_pallas(*a, plan))
       ms, _, out = bench(f, args, iters)
       errs = {} if not ref else {n: _rel(x, r) for n, x, r in
                                  zip(("W", "Uv", "P", "Qg", "Kd", "ge"), out, ref["out"])}
@@ -263,7 +225,7 @@ def prep(small, iters):
                                         zip(("dq", "dk", "dv", "dla", "dbeta"), g, ref["g"])}
       record(f"prep {tag} fwd+bwd [{label}]", ms,
              " ".join(f"{k}={v:.1e}" for k, v in errs.items()), errors=errs)
-      if opts is None:
+      if plan is None:
         ref["out"], ref["g"] = out, g
     guarded(f"prep {tag} [{label}]", run)
 
@@ -277,31 +239,22 @@ def prep(small, iters):
   s0 = rnd(5, (bh, d, d), jnp.float32)
   do = rnd(6, (b, t, h, d))
   dsn = rnd(7, (bh, d, d), jnp.float32)
-  for label, st in (("f32 states", dict(state_dtype=jnp.dtype(jnp.float32), num_stages=1)),
-                    ("bf16 states", dict(state_dtype=jnp.dtype(bf), num_stages=1)),
-                    ("f32 states, num_stages 2", dict(state_dtype=jnp.dtype(jnp.float32),
-                                                      num_stages=2))):
-    opts = dict(block_v=8 if small else 64, block_v_bwd=8 if small else 32, num_warps=4,
-                num_warps_bwd=4, dot_dtype=jnp.dtype(bf),
-                interpret=not kdr.on_gpu(), bwd="split_pallas", gpu_lowering=False,
-                block_k_grads=8 if small else 32, num_warps_grads=8, heads=h,
-                out_dtype=jnp.dtype(bf), **st)
+  for label, st in (("f32 states", dict(num_stages=1)),
+                    ("bf16 states", dict(state_dtype="bfloat16", num_stages=1)),
+                    ("f32 states, num_stages 2", dict(num_stages=2))):
+    opts = _plan(h, delta_rule_op.DeltaRuleOptions(
+        chunk=c, block_v=8 if small else 64, block_v_bwd=8 if small else 32,
+        block_k_grads=8 if small else 32, **st))
 
     def run_rec(label=label, opts=opts):
       ms, _, (o, hs, sn) = bench(lambda *a: kdr._fwd_call(*a, opts), (w, uv, p, qg, kd, gev, s0),
                                  iters)
       record(f"recurrence {tag} fwd kernel [{label}]", ms)
       ms, _, _ = bench(lambda *a: kdr._states_call(*a, opts), (w, p, qg, kd, gev, do, dsn), iters)
-      record(f"recurrence {tag} dS kernel [{label}, BV {opts['block_v_bwd']}]", ms)
+      record(f"recurrence {tag} dS kernel [{label}, BV {opts.block_v_bwd}]", ms)
       ms, _, _ = bench(lambda *a: kdr._bwd_call_split_pallas(*a, opts),
                        (w, uv, p, qg, kd, gev, hs, do, dsn), iters)
       record(f"recurrence {tag} dS + grads kernels [{label}]", ms)
-      dss = rnd(8, hs.shape, hs.dtype)
-      mopts = dict(opts, chunk=c)
-      tinv = jax.jit(lambda *a: kdr._prep_fwd_call(*a, base, with_t=True)[-1])(*args)
-      ms, _, _ = bench(lambda *a: kdr._bwd_merged_call(*a, mopts),
-                       tuple(args) + (tinv, hs, dss, do), iters)
-      record(f"recurrence {tag} merged bwd kernel (no dS) [{label}]", ms)
     guarded(f"recurrence {tag} [{label}]", run_rec)
 
 
@@ -329,7 +282,7 @@ for path in sys.argv[1:]:
 
 def resources(small, triton_python):
   """Per-kernel registers / spills (STACK) / shared memory of the delta rule's Pallas kernels for
-  sm_90, without a GPU: lower jit(fwd+bwd) for CUDA here (common.lower_for_gpu), keep each
+  sm_90, without a GPU: lower jit(fwd+bwd) for CUDA here (ops.pallas.lower_for_gpu), keep each
   kernel's Triton IR, and compile it with the `triton` package of --triton_python (a Python
   with `pip install triton`; ptxas / cuobjdump ship in its wheel). Uses a private JAX hook
   (jax._src.pallas.triton.pallas_call_registration) to see the IR: diagnostic only."""
@@ -338,8 +291,6 @@ def resources(small, triton_python):
   import sys
   import tempfile
   import jax._src.pallas.triton.pallas_call_registration as reg
-  from lightning_jax.kernels import common
-  from lightning_jax.kernels import delta_rule as kdr
   if not triton_python:
     print("resources: pass --triton_python /path/to/python (with the triton package)")
     return
@@ -363,16 +314,16 @@ def resources(small, triton_python):
   reg.lowering.lower_jaxpr_to_triton_module = dump
   try:
     for label, st, _ in DELTA_SETTINGS:
-      if st.get("prep") != "pallas":
+      if st.get("prep", "pallas") != "pallas":
         continue
-      rule = lambda *a, st=st: kdr.chunk_gated_delta_rule(*a, chunk_size=64, gpu_lowering=True,
-                                                          **st)[0]
+      opts = delta_rule_op.DeltaRuleOptions(chunk=64, gpu_lowering=True, **st)
+      rule = lambda *a, opts=opts: kdr.chunk_gated_delta_rule(*a, options=opts)[0]
 
       def f(*a, rule=rule):
         o, vjp = jax.vjp(rule, *a)
         return o, vjp(o)
       n0 = len(seen)
-      guarded(f"resources lower [{label}]", lambda f=f: common.lower_for_gpu(f, *args))
+      guarded(f"resources lower [{label}]", lambda f=f: lower_for_gpu(f, *args))
       print(f"# {label}: {[os.path.basename(p) for p in seen[n0:]]}", flush=True)
   finally:
     reg.lowering.lower_jaxpr_to_triton_module = orig
@@ -389,7 +340,6 @@ def resources(small, triton_python):
 
 # ----------------------------------------------------------------------------- GSA
 def gsa(small, iters):
-  from lightning_jax.layers import sparse_attention as sa
   b, t, h, d, kb, kmax, qc = (1, 256, 2, 32, 16, 32, 64) if small else (1, 8192, 16, 256, 128,
                                                                          256, 512)
   ks = jax.random.split(jax.random.PRNGKey(5), 5)
@@ -411,7 +361,7 @@ def gsa(small, iters):
 
   for mode in ("gather", "dense_masked"):
     def run(mode=mode):
-      f = lambda q, k, v: sa.sparse_attention(q, k, v, sel, qc, mode)
+      f = lambda q, k, v: attention_op.attend(q, k, v, sel, qc, mode)
       ms, c, _ = bench(f, (q, k, v), iters)
       record(f"gsa T{t} {mode} fwd", ms, f"useful {flops_sparse / ms / 1e9:.0f} TFLOP/s")
       ms, c, _ = bench(fb(f), (q, k, v), iters)
@@ -436,7 +386,7 @@ def main(argv=None):
   ap.add_argument("--small", action="store_true", help="Run the same code at toy shapes (CPU "
                   "smoke run).")
   ap.add_argument("--only", default="ceilings,delta,gsa", help="Comma list of parts to run "
-                  "(ceilings, delta, prep, gsa, resources, variants; see above).")
+                  "(ceilings, delta, prep, gsa, resources; see above).")
   ap.add_argument("--iters", type=int, default=10, help="Timed runs per measurement after "
                   "warm-up (median reported).")
   ap.add_argument("--json", default="", help="Also write the results as JSON here.")
@@ -459,8 +409,6 @@ def main(argv=None):
     gsa(a.small, a.iters)
   if "resources" in parts:
     resources(a.small, a.triton_python)
-  if "variants" in parts:
-    delta_variants(a.small, a.iters)
   if a.json:
     with open(a.json, "w") as f:
       json.dump(RESULTS, f, indent=1)

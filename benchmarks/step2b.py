@@ -9,7 +9,7 @@ that one batch running out of memory neither stops nor disturbs the others; such
 recorded with the allocation it asked for. The first batch also profiles one step (the top 25 ops
 by device time, `benchmarks.profile_table`). The gated delta rule is timed alone at
 B4 x T4096 x 32 heads x 128 (bf16), forward and forward + backward, on the path the model takes
-(`layers.deltanet._delta_rule`: the Pallas kernels on GPU, the chunked XLA form elsewhere).
+(`layers.deltanet.delta_rule`: the Pallas kernels on GPU, the chunked XLA form elsewhere).
 
 The record: device, date, commit; rows [{batch (sequences per device), seq, n_devices, step_ms,
 tokens_per_s, peak_gib, mfu, command}] (an out-of-memory batch has `error` and `asks_gib` instead); delta_rule {shape,
@@ -77,7 +77,7 @@ def delta_rule(b: int, t: int, h: int, d: int, iters: int) -> dict:
   cfg = load_config(os.path.join(REPO, "configs", "stage_2b.py"))
   args = delta_inputs(jax.random.PRNGKey(t), b, t, h, d)
   ct = jax.random.normal(jax.random.PRNGKey(1), (b, t, h, d), args[2].dtype)
-  rule = lambda *a: deltanet._delta_rule(cfg, *a)[0]
+  rule = lambda *a: deltanet.delta_rule(cfg, *a)[0]
 
   def fwd_bwd(*a):
     o, vjp = jax.vjp(rule, *a)

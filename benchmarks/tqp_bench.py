@@ -9,7 +9,7 @@ Per device at 120B (8 GPUs, expert parallel 8, micro-batch 8 x 8192 tokens, top-
 "base" rows: ONE base matmul (gate/up shape 4096 -> 1024, and down shape 1024 -> 4096), forward,
   bf16 einsum on bf16 weights [E, O, n] (the dense rate: the target) vs the TQP base
   n ⊙ (Q xr): xla = dequantise to bf16 in XLA, then einsum (tqp._qbase "xla"); pallas = the
-  dequantising kernel (kernels/expert_matmul.py) at its default tiles and a few others; and the
+  dequantising kernel (ops/expert_matmul/kernel.py) at its default tiles and a few others; and the
   input rotation alone, which every TQP matrix pays on top (tqp.rotate in XLA vs the one-pass
   Pallas expert_matmul.rotate, natural and split layouts).
 "swiglu" rows: one grouped SwiGLU (gate/up 4096->1024, down 1024->4096), forward and
@@ -38,7 +38,7 @@ import jax.numpy as jnp
 
 from configs.common import get_base_config
 from lightning_jax import nn, tqp
-from lightning_jax.kernels import expert_matmul
+from lightning_jax.ops.expert_matmul import api as expert_matmul
 
 
 def _cfg(bits, d, f):

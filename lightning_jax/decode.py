@@ -54,6 +54,8 @@ from lightning_jax.config import n_groups
 from lightning_jax.layers import deltanet as dn
 from lightning_jax.layers import kronecker, rotary, streams
 from lightning_jax.layers import sparse_attention as gsa
+from lightning_jax.ops.delta_rule import api as delta_rule_op
+from lightning_jax.ops.sparse_attention import api as attention_op
 
 
 class GenerationError(ValueError):
@@ -123,12 +125,12 @@ def _deltanet_mixer(vars_j, u, consts, selection, *, cfg, mode):
     valid = (jnp.arange(u.shape[1])[None, :] < consts["lengths"][:, None])[..., None]
     beta = jnp.where(valid, inp["beta"], 0.0)            # padding: the state passes unchanged
     log_alpha = jnp.where(valid, inp["log_alpha"], 0.0)
-    o, s = dn._delta_rule(cfg, inp["q"], inp["k"], inp["v"], log_alpha, beta)
+    o, s = dn.delta_rule(cfg, inp["q"], inp["k"], inp["v"], log_alpha, beta)
     ends = consts["lengths"]
   else:
     inp, raw = dn.deltanet_inputs(p, u, consts, cfg, conv_state=c["conv"])
-    o, s = dn.recurrent_gated_delta_rule(inp["q"], inp["k"], inp["v"], inp["log_alpha"],
-                                         inp["beta"], initial_state=c["S"])
+    o, s = delta_rule_op.recurrent(inp["q"], inp["k"], inp["v"], inp["log_alpha"], inp["beta"],
+                                   initial_state=c["S"])
     ends = jnp.ones_like(consts["pos"])
   conv = {n: _conv_window(raw[n], c["conv"][n], ends) for n in "qkv"}
   y = dn.deltanet_output(p, o, inp, cfg)
@@ -160,7 +162,7 @@ def _gsa_mixer(vars_j, u, consts, selection, *, cfg, mode, j):
     var_ema = jnp.asarray(stats["var_ema"], jnp.float32)
 
     def select_row(qi_b, ki_b, wi_b, pos_b):
-      s = gsa.indexer_scores(qi_b[None], ki_b[None], wi_b[None], p["idx_b"], pos_b[None])
+      s = attention_op.indexer_scores(qi_b[None], ki_b[None], wi_b[None], p["idx_b"], pos_b[None])
       idx, _, _ = gsa.select_from_scores(s, pos_b[None], var_ema, g, "causal")
       return idx[0]
 
@@ -173,8 +175,8 @@ def _gsa_mixer(vars_j, u, consts, selection, *, cfg, mode, j):
   def gather(buf, new):
     return jnp.where(mine, new[:, :, None].astype(buf.dtype), buf[gi, rows, safe])
 
-  att = gsa.attend_gathered(q, gather(cache["k"], k), gather(cache["v"], v), valid,
-                            1.0 / math.sqrt(g.head_dim))
+  att = attention_op.attend_gathered(q, gather(cache["k"], k), gather(cache["v"], v), valid,
+                                     1.0 / math.sqrt(g.head_dim))
   y = gsa.gsa_output(p, att, go, cfg)
   return y, selection, jnp.zeros((), jnp.float32), {"k": k, "v": v, "ki": ki}
 

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lightning_jax import model, nn, sharding
+from lightning_jax.ops.head_ce.api import head_logits
 
 
 def windows(tokens, seq_len: int):
@@ -61,7 +62,7 @@ def token_nll(h, w, targets, chunk_tokens: int, dtype):
 
   def body(_, xs):
     hc, tg = xs
-    lg = model.head_logits(hc, w, dtype)
+    lg = head_logits(hc, w, dtype)
     lse = jax.nn.logsumexp(lg, axis=-1)
     picked = jnp.take_along_axis(lg, tg[..., None].astype(jnp.int32), axis=-1)[..., 0]
     return None, lse - picked

@@ -44,6 +44,7 @@ from scipy import special
 
 from lightning_jax import nn
 from lightning_jax.config import ConfigError
+from lightning_jax.ops.expert_matmul import api as expert_matmul
 
 SUPPORTED_BITS = (4, 8)
 MATRICES = ("gate", "up", "down")
@@ -388,7 +389,7 @@ KERNELS = ("auto", "xla", "xla_rotate", "pallas", "pallas_rotate")
 
 def base_kernel(cfg) -> str:
   """cfg.tqp.kernel resolved: "pallas" (the dequantising Pallas/Triton kernel,
-  kernels/expert_matmul.py), "pallas_rotate" (that kernel plus the one-pass Pallas input
+  ops/expert_matmul), "pallas_rotate" (that kernel plus the one-pass Pallas input
   rotation where the width allows, expert_matmul.rotate), "xla" (dequantise to the compute
   dtype, then einsum) or "xla_rotate" (xla's matmul after the one-pass Pallas rotation).
   "auto" = xla_rotate on GPU, xla elsewhere (the interpreter would be slow). Measured on an H100
@@ -400,8 +401,7 @@ def base_kernel(cfg) -> str:
     raise ConfigError(f"tqp.kernel={k!r} is not a known base-matmul kernel; expected one of "
                       f"{KERNELS} (auto = xla_rotate on GPU, xla elsewhere).")
   if k == "auto":
-    from lightning_jax.kernels import common
-    return "xla_rotate" if common.on_gpu() else "xla"
+    return "xla_rotate" if expert_matmul.on_gpu() else "xla"
   return k
 
 
@@ -410,7 +410,6 @@ def _qbase(xr, q, bits, dtype, kernel="xla"):
   weight [E, d_out, n] in `dtype` and einsums; "pallas" dequantises tile by tile inside the
   matmul kernel (never writes the weight)."""
   if kernel == "pallas":
-    from lightning_jax.kernels import expert_matmul
     lv = jnp.asarray(codebook(q["signs"].shape[-1], bits))
     return expert_matmul.tqp_matmul(jax.lax.stop_gradient(xr), q["codes"], q["norms"], lv, bits)
   w = dequantize_rotated({"codes": q["codes"], "norms": q["norms"], "signs": q["signs"]},
@@ -425,12 +424,12 @@ def _rotated_input(xs, q, bits, kernel):
   tqp.rotate in XLA."""
   n = xs.shape[-1]
   if kernel in ("pallas_rotate", "xla_rotate"):
-    from lightning_jax.kernels import expert_matmul as em
-    fac = em.rotation_factors(n)
+    fac = expert_matmul.rotation_factors(n)
     if kernel == "xla_rotate" and fac is not None:       # plain layout for XLA's einsum
-      return em.rotate(xs, q["signs"], split=False), "split"
+      return expert_matmul.rotate(xs, q["signs"], split=False), "split"
     if fac is not None and (bits == 8 or (fac[1] >= 32 and n % 128 == 0)):
-      return em.rotate(xs, q["signs"], split=bits == 4), ("presplit" if bits == 4 else "split")
+      return (expert_matmul.rotate(xs, q["signs"], split=bits == 4),
+              "presplit" if bits == 4 else "split")
   return rotate(xs, q["signs"]), "split"
 
 
@@ -454,7 +453,6 @@ def _qlinear(x, q, ad, bits, dtype, kernel="xla", xb=None):
   if xb is None:
     xb = jnp.einsum("ecd,erd->ecr", x, _adapter_in(ad, q, x.shape[-1]).astype(dtype))
   if kernel in ("pallas", "pallas_rotate"):
-    from lightning_jax.kernels import expert_matmul
     xr, layout = _rotated_input(xs.astype(dtype), q, bits, kernel)
     lv = jnp.asarray(codebook(n, bits))
     return expert_matmul.tqp_matmul_adapter(xr, q["codes"], q["norms"], lv, bits, xb,

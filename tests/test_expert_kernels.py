@@ -1,6 +1,6 @@
-"""TQP dequantising expert-matmul kernel (kernels/expert_matmul.py): interpreted Pallas vs the XLA
-dequantise-then-einsum path in float32 (4 and 8 bits, padded tiles), the kernel inside the TQP
-SwiGLU with gradients, the CUDA lowering at the 120B shape, and bad input."""
+"""TQP's expert matmul (ops/expert_matmul): tqp's XLA path equals the op's references, the
+kernels inside the TQP SwiGLU with gradients, and bad input. (The kernels against the references
+and their CUDA lowering at the 120B shape: tests/test_ops.py.)"""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +9,8 @@ import pytest
 from configs.tiny import get_config as tiny_config
 from lightning_jax import nn, tqp
 from lightning_jax.config import ConfigError
-from lightning_jax.kernels import common, expert_matmul
+from lightning_jax.ops.expert_matmul import api as expert_matmul
+from lightning_jax.ops.expert_matmul import reference as em_reference
 
 
 def _seed():
@@ -23,28 +24,25 @@ def _random_base(rng, e, o, n, bits):
           "signs": jnp.asarray(rng.choice([-1, 1], n), jnp.int8)}
 
 
-@pytest.mark.parametrize("bits,layout,opts", [
-    (4, "split", {}), (4, "strided", {}), (4, "split", {"lookup": "select", "w_first": True}),
-    (8, "split", {"w_first": True})])      # 8 bits in the default order: the SwiGLU test below
-def test_kernel_matches_xla_dequantise_path(bits, layout, opts):
-  """3 experts, 30 rows (padded to the 16-row tile), n=64, 48 outputs (padded to 2 x 32): the
-  interpreted kernel == tqp's XLA path (unpack, codebook, norms, einsum) and the plain reference,
-  for both x layouts, both codebook lookups and both operand orders."""
+@pytest.mark.parametrize("bits", [4, 8])
+def test_tqp_xla_base_and_rotation_equal_the_op_references(bits):
+  """tqp's XLA path (unpack, codebook, norms, einsum; tqp.rotate) == ops/expert_matmul's float32
+  references, which tests/test_ops.py holds the Pallas kernels against: 3 experts, 30 rows,
+  n = 64, 48 outputs; the rotation at n = 1024."""
   seed = _seed()
   rng = np.random.default_rng(seed)
   e, c, n, o = 3, 30, 64, 48
   q = _random_base(rng, e, o, n, bits)
   xr = jnp.asarray(rng.standard_normal((e, c, n)), jnp.float32)
   lv = jnp.asarray(tqp.codebook(n, bits))
-  got = expert_matmul.tqp_matmul(xr, q["codes"], q["norms"], lv, bits, block_m=16, block_n=32,
-                                 block_k=32, x_layout=layout, interpret=True, **opts)
   want = tqp._qbase(xr, q, bits, jnp.float32, "xla")
-  ref = expert_matmul.reference(xr, q["codes"], q["norms"], lv, bits)
-  msg = f"seed={seed} bits={bits} layout={layout} {opts}"
-  assert got.shape == (e, c, o) and got.dtype == jnp.float32, msg
-  scale = float(jnp.max(jnp.abs(want)))
-  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * scale, err_msg=msg)
-  np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * scale, err_msg=msg)
+  ref = em_reference.dequantized_matmul(xr, q["codes"], q["norms"], lv, bits)
+  scale = float(jnp.max(jnp.abs(ref)))
+  np.testing.assert_allclose(want, ref, rtol=1e-5, atol=1e-5 * scale, err_msg=f"seed={seed}")
+  x = jnp.asarray(rng.standard_normal((2, 5, 1024)), jnp.float32)
+  signs = jnp.asarray(rng.choice([-1, 1], 1024), jnp.int8)
+  np.testing.assert_allclose(tqp.rotate(x, signs), em_reference.rotate(x, signs), rtol=1e-5,
+                             atol=1e-5, err_msg=f"seed={seed}")
 
 
 @pytest.mark.parametrize("kernel", ["pallas_rotate", "xla_rotate"])
@@ -84,56 +82,6 @@ def test_pallas_swiglu_matches_xla_forward_and_gradients(kernel):
     np.testing.assert_allclose(flat[name], flat_ref[name], rtol=1e-4, atol=1e-5,
                                err_msg=f"{msg} grad {name}")
   assert float(jnp.abs(g_x).max()) > 0, msg
-
-
-def test_pallas_rotation_matches_tqp_rotate_and_feeds_the_presplit_matmul():
-  """expert_matmul.rotate (one Pallas pass, interpreted) == tqp.rotate for n = 1024 (32 x 32),
-  split into the 4-bit [even | odd] layout, with a padded row block (the natural layout runs in
-  the SwiGLU test below); fed to tqp_matmul(x_layout='presplit') it == the XLA path."""
-  seed = _seed()
-  rng = np.random.default_rng(seed)
-  msg = f"seed={seed}"
-  for n, split in ((1024, True),):
-    x = jnp.asarray(rng.standard_normal((2, 5, n)), jnp.float32)
-    signs = jnp.asarray(rng.choice([-1, 1], n), jnp.int8)
-    got = expert_matmul.rotate(x, signs, split=split, block_rows=8, interpret=True)
-    want = tqp.rotate(x, signs)
-    want_layout = expert_matmul.split_even_odd(want) if split else want
-    np.testing.assert_allclose(got, want_layout, rtol=1e-5, atol=1e-5, err_msg=f"{msg} n={n}")
-  q = _random_base(rng, 2, 16, 1024, 4)
-  lv = jnp.asarray(tqp.codebook(1024, 4))
-  y = expert_matmul.tqp_matmul(got, q["codes"], q["norms"], lv, 4, x_layout="presplit",
-                               block_m=16, block_n=16, interpret=True)
-  y_ref = tqp._qbase(want, q, 4, jnp.float32, "xla")
-  np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(y_ref))),
-                             err_msg=msg)
-
-
-@pytest.mark.parametrize("bits,opts", [(4, {}), (8, {}), (4, {"lookup": "select", "w_first": True}),
-                                       (4, {"x_layout": "strided"})])
-def test_kernel_lowers_for_cuda_at_120b_shape(bits, opts):
-  """Pallas -> Triton lowering (on this host) of the native kernel with the default tiles (and the
-  other lookup / operand order / layout) at one device's 120B gate/up shape: 58 experts x 13824
-  rows, 4096 -> 1024."""
-  S = jax.ShapeDtypeStruct
-  n, o = 4096, 1024
-  args = (S((58, 13824, n), jnp.bfloat16), S((58, o, n * bits // 8), jnp.uint8),
-          S((58, o), jnp.float32), S((2 ** bits,), jnp.float32))
-  text = common.lower_for_gpu(
-      lambda x, cd, nr, lv: expert_matmul.tqp_matmul(x, cd, nr, lv, bits, gpu_lowering=True, **opts),
-      *args)
-  assert "__gpu$xla.gpu.triton" in text and f"tqp{bits}_expert_matmul" in text
-  if not opts:        # the one-pass rotation that feeds it (4 bits: writing the split layout)
-    text = common.lower_for_gpu(
-        lambda x, s: expert_matmul.rotate(x, s, split=bits == 4, gpu_lowering=True),
-        args[0], S((n,), jnp.int8))
-    assert "tqp_rotate" in text
-    # and the variant with the rank-16 adapter product in the epilogue
-    text = common.lower_for_gpu(
-        lambda x, cd, nr, lv, xb, a: expert_matmul.tqp_matmul_adapter(
-            x, cd, nr, lv, bits, xb, a, gpu_lowering=True),
-        *args, S((58, 13824, 16), jnp.bfloat16), S((58, o, 16), jnp.bfloat16))
-    assert f"tqp{bits}_expert_matmul" in text
 
 
 def test_bad_kernel_name_and_shapes_fail_clearly():

@@ -269,64 +269,6 @@ def test_aux_layer_scale():
   assert moe.aux_layer_scale(8) == 1.0 and moe.aux_layer_scale(20) == pytest.approx(0.4)
 
 
-def _random_round(rng, n, k, rows, keep):
-  """A random partial bijection between assignments (n, j) and packed rows: about a fraction
-  `keep` of the assignments land in distinct random rows, the others are dropped, and at least
-  one assignment is dropped and one row stays empty (the cases the custom VJPs must handle;
-  drawing each assignment independently filled every row in ~2% of seeds)."""
-  m = int(np.clip(rng.binomial(n * k, keep), 1, min(n * k, rows) - 1))
-  kept = rng.permutation(n * k)[:m]
-  perm = rng.permutation(rows)
-  slot = np.full((n, k), rows, np.int32)
-  src = np.full((rows,), n * k, np.int32)
-  for used, a in enumerate(sorted(kept)):
-    t, j = divmod(int(a), k)
-    slot[t, j] = perm[used]
-    src[perm[used]] = a
-  return jnp.asarray(src), jnp.asarray(slot), m
-
-
-def test_gather_only_dispatch_and_combine_match_autodiff_of_plain_version():
-  """dispatch_rows / combine_rows (custom VJPs whose backward gathers through the inverse map)
-  == plain autodiff of the straightforward masked gather / [N, k, d] combine, float32, with
-  dropped assignments and empty rows."""
-  seed = int(np.random.randint(1 << 30))
-  rng = np.random.default_rng(seed)
-  n, k, d, rows = 11, 3, 5, 29
-  src, slot, used = _random_round(rng, n, k, rows, keep=0.7)
-  msg = f"seed={seed}"
-  assert 0 < used < n * k and used < rows, msg          # some dropped, some empty
-  x = jnp.asarray(rng.standard_normal((n, d)), jnp.float32)
-  ys = jnp.asarray(rng.standard_normal((rows, d)), jnp.float32)
-  gates = jnp.asarray(rng.uniform(0.1, 1.0, (n, k)), jnp.float32)
-  wx = jnp.asarray(rng.standard_normal((rows, d)), jnp.float32)
-  wo = jnp.asarray(rng.standard_normal((n, d)), jnp.float32)
-
-  def plain_dispatch(x):
-    ok = (src < n * k)[:, None]
-    return jnp.where(ok, x[jnp.clip(src // k, 0, n - 1)], 0.0)
-
-  def plain_combine(ys, gates):
-    hit = slot < rows
-    picked = ys[jnp.clip(slot, 0, rows - 1)]                        # [N, k, d]
-    return jnp.einsum("nkd,nk->nd", picked, gates * hit)
-
-  fd = lambda f: jax.jit(jax.value_and_grad(lambda x: jnp.sum(f(x) * wx)))
-  fc = lambda f: jax.jit(jax.value_and_grad(lambda y, g: jnp.sum(f(y, g) * wo), argnums=(0, 1)))
-  v, g = fd(lambda x: moe.dispatch_rows(x, src, slot))(x)
-  v_ref, g_ref = fd(plain_dispatch)(x)
-  np.testing.assert_allclose(v, v_ref, rtol=1e-5, err_msg=msg)
-  np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-6, err_msg=msg)
-  v, (gy, gg) = fc(lambda y, g: moe.combine_rows(y, g, src, slot))(ys, gates)
-  v_ref, (gy_ref, gg_ref) = fc(plain_combine)(ys, gates)
-  np.testing.assert_allclose(v, v_ref, rtol=1e-5, err_msg=msg)
-  np.testing.assert_allclose(gy, gy_ref, rtol=1e-5, atol=1e-6, err_msg=msg)
-  np.testing.assert_allclose(gg, gg_ref, rtol=1e-5, atol=1e-6, err_msg=msg)
-  # dropped assignments get no gate gradient, empty rows no ys gradient
-  assert np.all(np.asarray(gg)[np.asarray(slot) == rows] == 0.0), msg
-  assert np.all(np.asarray(gy)[np.asarray(src) == n * k] == 0.0), msg
-
-
 def test_round_maps_are_mutually_inverse_and_match_group_positions():
   """_round_maps: slot and src invert each other, rows hold their expert's picks in (token,
   pick) order, and the rows of the round cover exactly group positions [start, start + cap)."""

@@ -17,7 +17,7 @@ SCRIPT = r"""
 import numpy as np, jax, jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 from configs import tiny_moe
-from lightning_jax.layers import deltanet as dn
+from lightning_jax.ops.delta_rule import api as delta_rule_op
 cfg = tiny_moe.get_config()
 dnc = cfg.model.deltanet
 b, t, h, d = cfg.train.global_batch, cfg.train.seq_len, dnc.n_heads, dnc.head_dim
@@ -32,7 +32,7 @@ be = rng.uniform(0, 1, (b, t, h))
 args = [jax.device_put(a.astype(np.float32), sh) for a in (q, k, v, la, be)]
 def loss(q, k, v, la, be):
   v = v + jnp.mean(v)        # an all-reduce: every device reaches the chunk solves together
-  o, _ = dn.chunk_gated_delta_rule(q, k, v, la, be, chunk_size=int(dnc.chunk_size))
+  o, _ = delta_rule_op.chunked(q, k, v, la, be, chunk_size=int(dnc.chunk_size))
   return jnp.sum(o ** 2)
 f = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
 for _ in range(10):

@@ -390,25 +390,9 @@ def test_bfloat16_compute_close_to_float32():
   assert _rel(y16.astype(jnp.float32), y32) < 3e-2, f"seed={seed}"
 
 
-def test_flash_mode_per_device_under_a_mesh():
-  """Under a mesh with the batch split, flash attention runs per device (shard_map) and equals
-  the unsharded call, values and gradients."""
-  from jax.sharding import NamedSharding, PartitionSpec as P
-  from lightning_jax import sharding as shd
-  seed = _seed()
-  k = jax.random.split(jax.random.PRNGKey(seed), 5)
-  b, t, h, d = 4, 24, 2, 8
-  q, kk, v = (jax.random.normal(k[i], (b, t, h, d)) for i in range(3))
-  sel = jax.random.randint(k[3], (b, t, 6), 0, t)
-  sel = jnp.where(sel <= jnp.arange(t)[None, :, None], sel, -1).at[:, :, 0].set(0)
-  r = jax.random.normal(k[4], (b, t, h, d))
-  loss = lambda q, kk, v: jnp.sum(gsa.flash_attention(q, kk, v, sel) * r)
-  want = jax.jit(jax.value_and_grad(loss, (0, 1, 2)))(q, kk, v)
-  mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]).reshape(1, 4, 1), ("data", "expert", "tensor"))
-  bs = NamedSharding(mesh, P(("data", "expert")))
-  with shd.use_mesh(mesh):
-    got = jax.jit(jax.value_and_grad(loss, (0, 1, 2)))(*(jax.device_put(a, bs) for a in (q, kk, v)))
-  # (the loss is a sum of terms of both signs: its relative error is the float32 summation order's)
-  assert abs(float(got[0] - want[0])) <= 1e-5 * float(jnp.sum(jnp.abs(r))), f"seed={seed}"
-  for a, w in zip(got[1], want[1]):
-    assert _rel(a, w) <= 1e-5, f"grad rel {_rel(a, w):.2e}, seed={seed}"
+def test_gsa_kernel_impl_is_a_config_error():
+  cfg = tiny.get_config()
+  cfg.model.gsa.impl = "kernel"
+  x = np.zeros((1, 8, cfg.model.d_model), np.float32)
+  with pytest.raises(ConfigError, match="model.gsa.impl='kernel' is not available"):
+    gsa.gsa_apply(None, None, x, None, cfg)

@@ -1,9 +1,13 @@
 """benchmarks.step2b --tiny: issue 17's record (step at each batch in its own process, the first
 profiled, the delta rule alone) on CPU; an out-of-memory or failing batch becomes a row that says
-so instead of stopping the others."""
+so instead of stopping the others; benchmarks.step's config overrides."""
 import json
 
-from benchmarks import step2b
+import pytest
+
+from benchmarks import step, step2b
+from configs import tiny
+from lightning_jax.config import ConfigError
 
 
 def test_step2b_tiny_writes_the_record(tmp_path):
@@ -33,3 +37,20 @@ def test_a_failing_batch_is_a_row_and_oom_sizes_are_read(tmp_path):
   assert step2b.asks_gib(msg) == 101.5
   assert abs(step2b.asks_gib("RESOURCE_EXHAUSTED: ... allocate 512.00MiB") - 0.5) < 1e-12
   assert step2b.asks_gib("some other error") is None
+
+
+def test_step_bench_config_and_overrides():
+  cfg = tiny.get_config()
+  step.apply_overrides(cfg, ["model.deltanet.impl=kernel", "model.rope_base=500",
+                                   "model.mtp.enabled=False"])
+  assert cfg.model.deltanet.impl == "kernel" and cfg.model.rope_base == 500.0
+  assert cfg.model.mtp.enabled is False
+  with pytest.raises(ConfigError, match="no field 'model.nope'"):
+    step.apply_overrides(cfg, ["model.nope=1"])
+  with pytest.raises(ConfigError, match="must look like section.field=value"):
+    step.apply_overrides(cfg, ["model.d_model"])
+  cfg = step.bench_config(cfg, layers=8, seq=256, batch=3, n_dev=2)
+  assert (cfg.model.n_layers, cfg.train.seq_len, cfg.train.global_batch,
+          cfg.train.micro_batch) == (8, 256, 6, 0)
+  with pytest.raises(ConfigError, match="--layers=6 must be a multiple of the pattern length 4"):
+    step.bench_config(cfg, layers=6)

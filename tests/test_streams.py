@@ -1,4 +1,5 @@
-"""Hyper-connection streams (SPEC §2.5): Sinkhorn, coefficients, mixing against a slow reference."""
+"""Hyper-connection streams (SPEC §2.5): Sinkhorn's properties (the op, ops/sinkhorn), coefficients,
+mixing against a slow reference."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -6,6 +7,7 @@ import numpy as np
 from configs import tiny
 from lightning_jax import nn
 from lightning_jax.layers import streams
+from lightning_jax.ops.sinkhorn.api import sinkhorn
 
 
 def _seed():
@@ -16,18 +18,18 @@ def test_sinkhorn_doubly_stochastic():
   seed = _seed()
   # logit spread 0.5: twice what a_res=0.1 x phi_res (N(0, 0.02) over 4*4096 inputs) gives at init
   logits = 0.5 * jax.random.normal(jax.random.PRNGKey(seed), (256, 4, 4))
-  m = np.asarray(streams.sinkhorn(logits, 20, 1e-6))
+  m = np.asarray(sinkhorn(logits, 20, 1e-6))
   assert np.all(m >= 0)
   np.testing.assert_allclose(m.sum(-1), 1.0, atol=1e-5, err_msg=f"rows, seed {seed}")
   np.testing.assert_allclose(m.sum(-2), 1.0, atol=1e-5, err_msg=f"cols, seed {seed}")
   # invariant to adding a constant per row (the reference subtracts the row max)
-  m2 = streams.sinkhorn(logits + jnp.arange(4.0)[:, None] * 3.0, 20, 1e-6)
+  m2 = sinkhorn(logits + jnp.arange(4.0)[:, None] * 3.0, 20, 1e-6)
   np.testing.assert_allclose(m2, m, atol=1e-5, err_msg=f"seed {seed}")
   # wide logits: 20 rounds leave rows off (columns are normalised last); more rounds converge
   wide = 2.0 * jax.random.normal(jax.random.PRNGKey(seed + 1), (256, 4, 4))
-  w20 = np.asarray(streams.sinkhorn(wide, 20, 1e-6))
+  w20 = np.asarray(sinkhorn(wide, 20, 1e-6))
   np.testing.assert_allclose(w20.sum(-2), 1.0, atol=1e-5, err_msg=f"seed {seed}")
-  w500 = np.asarray(streams.sinkhorn(wide, 500, 1e-6))
+  w500 = np.asarray(sinkhorn(wide, 500, 1e-6))
   np.testing.assert_allclose(w500.sum(-1), 1.0, atol=1e-4, err_msg=f"seed {seed}")
 
 

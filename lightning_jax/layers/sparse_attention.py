@@ -37,7 +37,7 @@ picks "gather" (default, O(T k_max)) or "dense_masked" (a chunk's dense [B, H, Q
 masked to the selection: O(T^2) FLOPs in plain matmuls instead of gathers; same result), or
 "flash" (one fused flash-attention call, cuDNN on GPU, with the selection as a [B, 1, T, T]
 mask: causal-dense FLOPs at flash-kernel speed; the stage configs' choice on GPU), or "kernel"
-(lightning_jax.kernels.sparse_attention: Pallas Triton kernels that gather the selected keys
+(lightning_jax/ops/sparse_attention: Pallas Triton kernels that gather the selected keys
 in-kernel, forward and backward; off GPU it logs once and runs "gather").
 """
 from __future__ import annotations
@@ -50,11 +50,13 @@ import jax.numpy as jnp
 from lightning_jax import nn
 from lightning_jax.config import ConfigError
 from lightning_jax.layers.rotary import apply_rotary
+from lightning_jax.ops.sparse_attention import api as attention_op
 
 INIT_STD = 0.02
 VAR_EMA_INIT = 1.0
 VAR_EMA_FLOOR = 1e-6
 _NEG = -1e30          # finite "minus infinity" for masked attention logits (no NaN gradients)
+MODES = attention_op.MODES
 _VAR_ROWS = ("full_row", "causal")
 # The indexer's parameters: never differentiated (their gradient is identically 0). The
 # reference never changes them (torch AdamW skips grad-None params); an optax AdamW with
@@ -122,22 +124,6 @@ def _chunk(g, T: int) -> int:
 
 
 # ----------------------------------------------------------------------------- indexer
-def indexer_scores(qi, ki, wi, bias, q_pos):
-  """Lightning-indexer scores of a block of queries against all keys, float32 [B, Q, T].
-
-  qi [B, Q, Hi, Di] indexer queries, ki [B, T, Di] the shared indexer key, wi [B, Q, Hi] raw
-  head-weight logits, bias [Hi], q_pos [Q] absolute query positions. Keys after the query
-  (j > q_pos) get -inf.
-  """
-  scale = 1.0 / math.sqrt(qi.shape[-1])
-  raw = jnp.einsum("bqhd,btd->bqht", qi.astype(jnp.float32), ki.astype(jnp.float32),
-                   preferred_element_type=jnp.float32) * scale
-  gated = jax.nn.sigmoid(raw + bias.astype(jnp.float32)[:, None])
-  s = jnp.einsum("bqh,bqht->bqt", jax.nn.sigmoid(wi.astype(jnp.float32)), gated)
-  causal = jnp.arange(ki.shape[1])[None, :] <= q_pos[:, None]
-  return jnp.where(causal[None], s, -jnp.inf)
-
-
 def select_from_scores(scores, q_pos, var_ema, g, var_row: str = "full_row"):
   """Budget and top-k selection from indexer scores [B, Q, T] (-inf after the query).
 
@@ -170,21 +156,6 @@ def select_from_scores(scores, q_pos, var_ema, g, var_row: str = "full_row"):
   return idx, k_t, var_t
 
 
-def _to_chunks(a, n: int, qc: int):
-  """[B, T, ...] -> [n, B, qc, ...], zero-padding T up to n * qc."""
-  B, T = a.shape[:2]
-  pad = n * qc - T
-  if pad:
-    a = jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
-  return jnp.moveaxis(a.reshape((B, n, qc) + a.shape[2:]), 1, 0)
-
-
-def _from_chunks(a, T: int):
-  """[n, B, qc, ...] -> [B, T, ...]."""
-  n, B, qc = a.shape[:3]
-  return jnp.moveaxis(a, 0, 1).reshape((B, n * qc) + a.shape[3:])[:, :T]
-
-
 def indexer_projections(p, x, g):
   """The indexer's queries qi [B, T, idx_heads, idx_dim], shared key ki [B, T, idx_dim] and head
   weight logits wi [B, T, idx_heads] of x [B, T, d] (in x's dtype)."""
@@ -214,11 +185,13 @@ def gsa_select(p, stats, x, cfg):
 
   def body(args):
     qi_c, wi_c, pos_c = args
-    s = indexer_scores(qi_c, ki, wi_c, p["idx_b"], pos_c)
+    s = attention_op.indexer_scores(qi_c, ki, wi_c, p["idx_b"], pos_c)
     return select_from_scores(s, pos_c, var_ema, g, var_row)
 
-  idx, k_t, var_t = jax.lax.map(body, (_to_chunks(qi, n, qc), _to_chunks(wi, n, qc), pos))
-  return _from_chunks(idx, T), _from_chunks(k_t, T), _from_chunks(var_t, T)
+  idx, k_t, var_t = jax.lax.map(body, (attention_op.to_chunks(qi, n, qc),
+                                        attention_op.to_chunks(wi, n, qc), pos))
+  return (attention_op.from_chunks(idx, T), attention_op.from_chunks(k_t, T),
+          attention_op.from_chunks(var_t, T))
 
 
 # ----------------------------------------------------------------------------- attention
@@ -240,45 +213,6 @@ def _projections(p, x, consts, cfg):
   return q, k, v, proj("go")
 
 
-def _attend_chunk(q_c, k, v, idx_c, scale):
-  """Softmax attention of q_c [B, Q, H, D] over the keys idx_c [B, Q, K] (-1 = none), by gather."""
-  valid = idx_c >= 0
-  safe = jnp.maximum(idx_c, 0)
-  take = jax.vmap(lambda a, i: a[i])                                  # [T,H,D],[Q,K] -> [Q,K,H,D]
-  return attend_gathered(q_c, take(k, safe), take(v, safe), valid, scale)
-
-
-def attend_gathered(q_c, ks, vs, valid, scale):
-  """Softmax attention of q_c [B, Q, H, D] over gathered keys/values ks, vs [B, Q, K, H, D];
-  valid [B, Q, K] marks the real ones (a row with none gives 0)."""
-  logits = jnp.einsum("bqhd,bqkhd->bhqk", q_c, ks, preferred_element_type=jnp.float32) * scale
-  mask = valid[:, None]                                               # [B, 1, Q, K]
-  probs = jax.nn.softmax(jnp.where(mask, logits, _NEG), axis=-1)
-  probs = jnp.where(mask, probs, 0.0)                                 # a row with no key -> 0
-  out = jnp.einsum("bhqk,bqkhd->bqhd", probs.astype(vs.dtype), vs,
-                   preferred_element_type=jnp.float32)
-  return out.astype(q_c.dtype)
-
-
-def _attend_chunk_masked(q_c, k, v, idx_c, scale):
-  """The same result by dense [B, H, Q, T] logits under the selection's mask (matmul-friendly)."""
-  B, Q, K = idx_c.shape
-  T = k.shape[1]
-  tgt = jnp.where(idx_c >= 0, idx_c, T)                               # -1 -> a dropped column
-  bi = jnp.arange(B)[:, None, None]
-  qi = jnp.arange(Q)[None, :, None]
-  mask = jnp.zeros((B, Q, T + 1), bool).at[bi, qi, tgt].set(True)[..., :T][:, None]
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q_c, k, preferred_element_type=jnp.float32) * scale
-  probs = jax.nn.softmax(jnp.where(mask, logits, _NEG), axis=-1)
-  probs = jnp.where(mask, probs, 0.0)
-  out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
-  return out.astype(q_c.dtype)
-
-
-_ATTENDS = {"gather": _attend_chunk, "dense_masked": _attend_chunk_masked}
-MODES = ("gather", "dense_masked", "flash", "kernel")
-
-
 def resolve_attention(g) -> str:
   """model.gsa.attention with "auto" resolved: "flash" on GPU, "gather" elsewhere."""
   mode = g.get("attention", "gather")
@@ -287,67 +221,6 @@ def resolve_attention(g) -> str:
   if mode not in MODES:
     raise ConfigError(f"model.gsa.attention={mode!r} must be 'auto' or one of {list(MODES)}.")
   return mode
-
-
-def selection_to_mask(selection, T: int):
-  """Selection int32 [B, T, K] (-1 padding) -> bool [B, T, T] key mask, by one scatter."""
-  B, Tq, _ = selection.shape
-  tgt = jnp.where(selection >= 0, selection, T)                       # -1 -> a dropped column
-  bi = jnp.arange(B)[:, None, None]
-  qi = jnp.arange(Tq)[:, None][None]
-  return jnp.zeros((B, Tq, T + 1), bool).at[bi, qi, tgt].set(True)[..., :T]
-
-
-def flash_attention(q, k, v, selection):
-  """Fused (flash) attention of q [B, T, H, D] over the selected keys, through
-  jax.nn.dot_product_attention with the selection as a [B, 1, T, T] mask and the causal flag
-  (cuDNN's flash kernel on GPUs in bf16/f16 skips the blocks above the diagonal; elsewhere
-  XLA's implementation). Every query keeps at least its sinks or itself, so no row is empty."""
-  from lightning_jax.kernels.sparse_attention import sharded
-
-  def local(q, k, v, selection):
-    mask = selection_to_mask(selection, k.shape[1])[:, None]
-    impl = "cudnn" if (jax.default_backend() == "gpu"
-                       and q.dtype in (jnp.bfloat16, jnp.float16)) else "xla"
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True,
-                                        implementation=impl).astype(q.dtype)
-
-  # per device (batch over the batch axes, heads over "heads"), like the Pallas kernels: XLA
-  # does not partition the cuDNN call's mask with q, and a global [B, 1, T, T] mask against a
-  # per-device q made cuDNN refuse the graph (CUDNN_STATUS_BAD_PARAM, batch dims) on 4 H200s
-  # with the batch split.
-  return sharded(local, q, k, v, selection)
-
-
-def sparse_attention(q, k, v, selection, query_chunk: int, mode: str = "gather"):
-  """Attention over selected keys, chunked over queries (rematerialised per chunk).
-
-  mode "gather": gathers the k_max selected keys/values per query, O(T * k_max) work and memory.
-  mode "dense_masked": dense logits of a query chunk against all T keys, masked to the
-  selection; O(T^2) FLOPs but plain matmuls (often faster on GPUs at T <= 8K). Same result.
-  mode "flash": one fused flash-attention call under the selection's dense mask (cuDNN on
-  GPU): causal O(T^2 / 2) FLOPs at flash speed, no [T, T] logits in memory, no chunking.
-  mode "kernel": Pallas kernels gathering the selected keys in-kernel (GPU; "gather" elsewhere).
-  """
-  if mode not in MODES:
-    raise ConfigError(f"model.gsa.attention={mode!r} must be one of {list(MODES)}.")
-  if mode == "flash":
-    return flash_attention(q, k, v, selection)
-  if mode == "kernel":
-    from lightning_jax.kernels import sparse_attention as gsa_kernel
-    return gsa_kernel.select_and_run(q, k, v, selection, query_chunk)
-  attend = _ATTENDS[mode]
-  B, T, H, D = q.shape
-  qc = min(int(query_chunk), T)
-  n = -(-T // qc)
-  scale = 1.0 / math.sqrt(D)
-  idx = selection
-  if n * qc > T:
-    idx = jnp.pad(idx, ((0, 0), (0, n * qc - T), (0, 0)), constant_values=-1)
-  idx = jnp.moveaxis(idx.reshape(B, n, qc, -1), 1, 0)
-  body = jax.checkpoint(lambda args: attend(args[0], k, v, args[1], scale))
-  out = jax.lax.map(body, (_to_chunks(q, n, qc), idx))
-  return _from_chunks(out, T)
 
 
 def _check_selection(selection, B: int, T: int, k_max: int):
@@ -386,7 +259,7 @@ def gsa_apply(p, stats, x, consts, cfg, selection=None, return_cache: bool = Fal
   mode = resolve_attention(g)
   if g.get("impl", "xla") != "xla":   # no GSA kernel yet (issue 11): fail loudly, never ignore
     raise ConfigError(f"model.gsa.impl={g.get('impl')!r} is not available: only 'xla' exists "
-                      f"(lightning_jax/kernels has no GSA kernel yet).")
+                      f"(the GSA kernel is chosen by model.gsa.attention='kernel').")
   x = x.astype(dtype)
   zero = jnp.zeros((), jnp.float32)
   if selection is None:
@@ -398,7 +271,7 @@ def gsa_apply(p, stats, x, consts, cfg, selection=None, return_cache: bool = Fal
     selection = jax.lax.stop_gradient(selection.astype(jnp.int32))
     step_stats = {"var_sum": zero, "var_count": zero, "k_sum": zero}
   q, k, v, go = _projections(p, x, consts, cfg)
-  att = sparse_attention(q, k, v, selection, _chunk(g, T), mode)
+  att = attention_op.attend(q, k, v, selection, _chunk(g, T), mode)
   y = gsa_output(p, att, go, cfg)
   if return_cache:
     return y, selection, zero, step_stats, {"k": k, "v": v, "ki": indexer_projections(p, x, g)[1]}

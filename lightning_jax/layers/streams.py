@@ -26,6 +26,7 @@ import jax.numpy as jnp
 
 from lightning_jax import nn
 from lightning_jax.layers.norms import rms_norm
+from lightning_jax.ops.sinkhorn.api import sinkhorn
 
 PHI_STD = 0.02
 A_INIT = 0.1
@@ -46,21 +47,6 @@ def hc_specs(cfg) -> dict:
       "b_res": nn.Spec((s, s), (None, None), nn.zeros),
       "in_norm": {"scale": nn.Spec((d,), ("embed",), nn.ones)},
   }
-
-
-def sinkhorn(logits, iters: int = 20, eps: float = 1e-6):
-  """[..., n, n] logits -> doubly stochastic [..., n, n] (float32)."""
-  x = logits.astype(jnp.float32)
-  m = jnp.exp(x - jax.lax.stop_gradient(jnp.max(x, axis=-1, keepdims=True)))
-
-  def body(_, m):
-    m = m / (jnp.sum(m, axis=-1, keepdims=True) + eps)
-    return m / (jnp.sum(m, axis=-2, keepdims=True) + eps)
-
-  # A rolled loop, not an unrolled one: unrolled, the 20 rounds' backward becomes ~100 separate
-  # small reductions per call (x2 per layer); on GPU every one is a kernel to compile, and the
-  # tiny model's training step did not finish compiling in 4 minutes (47 s rolled; PERFORMANCE.md).
-  return jax.lax.fori_loop(0, iters, body, m)
 
 
 def coefficients(p: dict, x, cfg):

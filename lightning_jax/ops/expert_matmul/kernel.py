@@ -1,8 +1,10 @@
 """Dequantising grouped matmul for the TQP base experts (SPEC §4), as a Pallas (Triton) kernel.
 
+The contract is reference.dequantized_matmul (and reference.rotate for `rotate`).
+
   out[e, c, o] = norms[e, o] * sum_n xr[e, c, n] * levels[codes[e, o, n]]
 
-xr [E, C, n] is the rotated expert input (tqp.rotate), codes uint8 [E, O, n * bits / 8] the packed
+xr [E, C, n] is the rotated expert input (tqp.rotate; reference.rotate), codes uint8 [E, O, n * bits / 8] the packed
 codebook indices (tqp.pack: 4 bits = two indices per byte, low nibble = even column; 8 bits = one
 per byte), levels [2^bits] the scalar codebook, norms [E, O] float32 the row norms.
 
@@ -25,7 +27,7 @@ K = R dot per tile) and differentiates only that part, by a custom VJP in XLA.
 Hadamard dots per row), optionally writing the 4-bit kernel's [even | odd] layout.
 
 Backends: Triton on GPU, the Pallas interpreter elsewhere (tests). `gpu_lowering=True` builds the
-native call with Triton compiler parameters on any host, for kernels.common.lower_for_gpu.
+native call with Triton compiler parameters on any host, for ops.pallas.lower_for_gpu.
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from lightning_jax.kernels import common
+from lightning_jax.ops import pallas as common
 
 F32 = common.F32
 _DN_T = (((1,), (1,)), ((), ()))     # a @ b.T
@@ -271,16 +273,6 @@ def _fused_adapter_bwd(bits, opts, interp, force, res, dy):
 
 
 _fused_adapter.defvjp(_fused_adapter_fwd, _fused_adapter_bwd)
-
-
-def reference(xr, codes, norms, levels, bits: int):
-  """Plain-JAX float32 reference: unpack, look up, scale rows, batched matmul."""
-  if bits == 4:
-    idx = jnp.stack([codes & 15, codes >> 4], -1).reshape(codes.shape[:-1] + (-1,))
-  else:
-    idx = codes
-  w = jnp.asarray(levels, F32)[idx.astype(jnp.int32)] * norms.astype(F32)[..., None]
-  return jnp.einsum("ecn,eon->eco", xr.astype(F32), w, precision=jax.lax.Precision.HIGHEST)
 
 
 # ----------------------------------------------------------------------------- rotation

@@ -1,6 +1,6 @@
-"""What the Pallas kernels share: backend choice, Triton compiler parameters, a GPU lowering check.
+"""What the ops' Pallas kernels share: backend choice, Triton compiler parameters, a GPU lowering check.
 
-Every kernel in this package lowers through Pallas' Triton backend on GPU (the compiler parameters
+Every Pallas kernel under lightning_jax/ops lowers through Pallas' Triton backend on GPU (the compiler parameters
 below select it) and runs with `interpret=True` elsewhere, so CPU tests exercise the kernel bodies.
 `lower_for_gpu` lowers a function for CUDA on any host: the Pallas -> Triton-IR step runs in Python,
 so unsupported indexing or primitives inside a kernel body fail on CPU in CI, not only on a GPU.
@@ -49,16 +49,16 @@ def dot(a, b, dims, dtype):
   return jax.lax.dot_general(a.astype(dtype), b.astype(dtype), dims, preferred_element_type=F32)
 
 
-def falls_back(logged: set, force_interpret: bool, config_field: str, instead: str) -> bool:
-  """True when a kernel selected by `config_field` must give way to its reference (no GPU and
+def falls_back(logged: set, force_interpret: bool, what: str, instead: str) -> bool:
+  """True when the kernels `what` must give way to its reference (no GPU and
   not forced into the interpreter by a test); says so once per backend (logging.WARNING, logger
-  "lightning_jax.kernels"), remembering it in `logged`."""
+  "lightning_jax.ops"), remembering it in `logged`."""
   if on_gpu() or force_interpret:
     return False
   be = jax.default_backend()
   if be not in logged:
     logged.add(be)
-    logging.getLogger("lightning_jax.kernels").warning(
+    logging.getLogger("lightning_jax.ops").warning(
         "%s: no GPU (backend %s), running %s instead (the kernels run off GPU only in tests, "
-        "through the Pallas interpreter).", config_field, be, instead)
+        "through the Pallas interpreter).", what, be, instead)
   return True

@@ -1,6 +1,6 @@
 """GSA attention core as Pallas (Triton) kernels that gather the selected keys in-kernel.
 
-Contract (the same as layers.sparse_attention.sparse_attention in modes "gather" / "flash"):
+Contract (the same as reference.attend and api.flash_attention):
   q, k, v [B, T, H, D], selection int32 [B, T, K] (row t: the key positions query t attends,
   -1 = empty slot; one selection shared by all heads) -> o [B, T, H, D] in q's dtype,
   o[b, t, h] = softmax_j(q . k_j / sqrt(D)) v_j over the keys j of row t only.
@@ -66,6 +66,7 @@ acq_rel per element, about one atomic per (entry, head, feature), far more than 
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -73,8 +74,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from lightning_jax.kernels.common import (compiler_params, falls_back, interpret_default,
-                                          on_gpu)
+from lightning_jax.ops.pallas import compiler_params, interpret_default
 
 F32 = jnp.float32
 _NEG = -1e30
@@ -97,6 +97,33 @@ TILE_SETS = {
               num_stages=1),
 }
 DEFAULTS = TILE_SETS["b"]
+
+
+@dataclasses.dataclass(frozen=True)
+class GSAKernelOptions:
+  """Tiles and launch parameters of the GSA attention kernels (defaults: tile set "b").
+
+  block_q queries per forward / dQ program, block_k union keys per loop step; block_kb keys per
+  dK/dV program, block_qc listed queries per loop step. block_q and block_kb are at most 128
+  (bit masks in at most 4 int32 words); every tile and D must be a power of two, the dot tiles
+  >= 16. key_order: "count" (the dK/dV key blocks follow key_order(): heavily selected keys
+  share blocks) or "position" (consecutive keys). interpret=None: native on GPU, the Pallas
+  interpreter elsewhere. gpu_lowering=True builds the Triton version on any host (for
+  ops.pallas.lower_for_gpu)."""
+  block_q: int = DEFAULTS["block_q"]
+  block_k: int = DEFAULTS["block_k"]
+  block_kb: int = DEFAULTS["block_kb"]
+  block_qc: int = DEFAULTS["block_qc"]
+  num_warps: int = DEFAULTS["num_warps"]
+  num_warps_bwd: int = DEFAULTS["num_warps_bwd"]
+  num_stages: int = DEFAULTS["num_stages"]
+  key_order: str = "count"
+  interpret: bool | None = None
+  gpu_lowering: bool = False
+
+  @classmethod
+  def tile_set(cls, name: str, **rest) -> "GSAKernelOptions":
+    return cls(**TILE_SETS[name], **rest)
 
 
 def _dot(a, b, dn, dt):
@@ -467,24 +494,16 @@ def _pow2(name, val):
     raise ValueError(f"GSA kernel: {name}={val} must be a power of two.")
 
 
-def gsa_attention(q, k, v, selection, *, block_q: int = DEFAULTS["block_q"],
-                  block_k: int = DEFAULTS["block_k"], block_kb: int = DEFAULTS["block_kb"],
-                  block_qc: int = DEFAULTS["block_qc"], num_warps: int = DEFAULTS["num_warps"],
-                  num_warps_bwd: int = DEFAULTS["num_warps_bwd"],
-                  num_stages: int = DEFAULTS["num_stages"], key_order: str = "count",
-                  interpret: bool | None = None, gpu_lowering: bool = False):
+def gsa_attention(q, k, v, selection, options: GSAKernelOptions = GSAKernelOptions()):
   """Attention of q [B, T, H, D] over the selected keys (selection int32 [B, T, K], -1 empty).
 
-  Tiles: block_q queries per forward / dQ program, block_k union keys per loop step; block_kb
-  keys per dK/dV program, block_qc listed queries per loop step. block_q and block_kb are at
-  most 128 (bit masks in at most 4 int32 words); every tile and D must be a power of two, the
-  dot tiles >= 16. Larger block_q / block_kb: fewer bytes gathered where neighbours share keys,
-  more (masked) FLOPs; see the module docstring.
-  key_order: "count" (the dK/dV key blocks follow key_order(): heavily selected keys share
-  blocks) or "position" (consecutive keys). interpret=None: native on GPU, the Pallas
-  interpreter elsewhere. gpu_lowering=True builds the
-  Triton version on any host (for common.lower_for_gpu).
+  Tiles and launch parameters: `options` (GSAKernelOptions). Larger block_q / block_kb: fewer
+  bytes gathered where neighbours share keys, more (masked) FLOPs; see the module docstring.
   """
+  o_ = options
+  block_q, block_k, block_kb, block_qc = o_.block_q, o_.block_k, o_.block_kb, o_.block_qc
+  num_warps, num_warps_bwd, num_stages = o_.num_warps, o_.num_warps_bwd, o_.num_stages
+  key_order, interpret, gpu_lowering = o_.key_order, o_.interpret, o_.gpu_lowering
   B, T, H, D = q.shape
   if k.shape != q.shape or v.shape != q.shape:
     raise ValueError(f"GSA kernel: q, k, v must share one shape [B, T, H, D]; got {q.shape}, "
@@ -525,36 +544,6 @@ def gsa_attention(q, k, v, selection, *, block_q: int = DEFAULTS["block_q"],
   return o[:, :T]
 
 
-# ----------------------------------------------------------------------------- config selection
-_FALLBACK_LOGGED = set()
-_FORCE_INTERPRET = False     # tests: run the kernels (interpreted) through select_and_run on CPU
-
-
-def sharded(fn, q, k, v, selection):
-  """Run fn(q, k, v, selection) per device under the active mesh: batch over the batch axes,
-  heads over "heads"' axes (a pallas_call is never partitioned by XLA); the selection follows
-  the batch split and is replicated over heads."""
-  from jax.sharding import PartitionSpec as P
-  from lightning_jax import sharding as shd
-  mesh = shd.current_mesh()
-  if mesh is None or mesh.size == 1:
-    return fn(q, k, v, selection)
-  spec4 = shd._fits(q.shape, shd.spec_for(("batch", None, "heads", None)), mesh)
-  return jax.shard_map(fn, mesh=mesh, in_specs=(spec4, spec4, spec4, P(spec4[0], None, None)),
-                       out_specs=spec4, check_vma=False)(q, k, v, selection)
-
-
-def select_and_run(q, k, v, selection, query_chunk: int, **tiles):
-  """model.gsa.attention == "kernel": the Pallas kernels on GPU (per device under a mesh);
-  elsewhere the XLA gather reference (logged once per backend), except in tests."""
-  if falls_back(_FALLBACK_LOGGED, _FORCE_INTERPRET, "model.gsa.attention='kernel'",
-                 "the XLA gather attention"):
-    from lightning_jax.layers.sparse_attention import sparse_attention
-    return sparse_attention(q, k, v, selection, query_chunk, "gather")
-  fn = functools.partial(gsa_attention, interpret=True if _FORCE_INTERPRET else None, **tiles)
-  return sharded(fn, q, k, v, selection)
-
-
 # ----------------------------------------------------------------------------- indexer scores
 def _indexer_kernel(q_ref, k_ref, w_ref, b_ref, pos_ref, s_ref, *, n_heads, bk, scale,
                     dot_dtype):
@@ -572,7 +561,7 @@ def indexer_scores(qi, ki, wi, bias, q_pos, *, block_q: int = 64, block_k: int =
                    num_warps: int = 4, num_stages: int = 2, interpret: bool | None = None,
                    gpu_lowering: bool = False):
   """Lightning-indexer scores as one Pallas kernel; the contract of
-  layers.sparse_attention.indexer_scores: qi [B, Q, Hi, Di], ki [B, T, Di], wi [B, Q, Hi] (raw
+  reference.indexer_scores: qi [B, Q, Hi, Di], ki [B, T, Di], wi [B, Q, Hi] (raw
   head-weight logits), bias [Hi], q_pos int [Q] -> float32 [B, Q, T],
   s = sum_h sigmoid(wi_h) sigmoid(qi_h . ki / sqrt(Di) + bias_h), -inf for keys after q_pos.
 

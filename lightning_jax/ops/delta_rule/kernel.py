@@ -1,0 +1,772 @@
+"""Chunked gated delta rule with the sequential part as Pallas kernels (forward and backward).
+
+Same contract as ops/delta_rule/reference.py's chunked and recurrent rules:
+  o [B, T, H, Dv] in v's dtype, S_T [B, H, Dv, Dk] float32.
+Config-free: every choice comes in a `DeltaRuleOptions`; ops/delta_rule/api.py builds it from
+the config and picks this module or the reference.
+
+Split of the work (the math is the reference's, see reference.py's docstring):
+  * prep, per chunk: the local cumulative log decay g, W = (I+A)^-1 diag(beta gamma) K and
+    Uv = (I+A)^-1 diag(beta) V, the intra-chunk attention P = M o Q K^T, Qg = diag(gamma) Q,
+    Kd = diag(e^{g_C - g}) K and the chunk decay ge = e^{g_C}. prep="xla": plain JAX over all
+    chunks at once, float32, differentiated by autodiff. prep="pallas": one Pallas program per
+    (batch, head, chunk) reading bf16 q/k/v straight from [B, T, H, D] and writing W, Uv, P, Qg,
+    Kd in dot_dtype; (I+A)^-1 is built in registers in 16 x 16 sub-blocks (forward substitution
+    on the diagonal blocks, T_ij = -T_ii sum_{j<=m<i} A_im T_mj below them, float32 IEEE dots).
+    When differentiated the forward also saves T = (I+A)^-1 (float32 [C, C] per chunk); its
+    backward is a second per-chunk kernel on full [C, C] tiles and [C, bk] column slabs:
+    dA = -T^T dT T^T, the M / diagonal scalings' terms and dlog_alpha = reverse cumsum(dg)
+    (see _prep_bwd_kernel);
+  * the recurrence over chunks, one Pallas program per (batch x head, block of Dv rows of the
+    state), the state block [BV, Dk] held in registers across a loop over the chunks:
+        U_n = Uv_n - W_n S_n^T ;  O_n = Qg_n S_n^T + P_n U_n ;  S_{n+1} = ge_n S_n + U_n^T Kd_n
+    (rows of the state over Dv are independent, which is what makes the Dv split exact). The
+    forward kernel writes O in v's dtype into [B, T, H, Dv] and the state at each chunk start
+    (state_dtype, float32 by default) for the backward;
+  * the backward of the recurrence, in reverse over chunks with dS [BV, Dk]:
+        dS_{n+1} -> dU += Kd dS^T, dKd = U dS, dge = <S_n, dS>, dS_n = ge dS
+        dO       -> dQg = dO S_n, dS_n += dO^T Qg, dP = dO U^T, dU += P^T dO
+        U        -> dUv = dU, dW = -dU S_n, dS_n -= dU^T W
+    as a reverse kernel that carries only dS and writes dS_{n+1} per chunk, then one parallel
+    Pallas kernel per (batch x head, chunk) for every chunk-local gradient (U and dU on full
+    [C, Dv] tiles, then dKd, dQg, dW per Dk column block, written in the operands' dtype).
+Everything is tied together by jax.custom_vjp (prep and recurrence separately).
+
+Backward variants that lost on GPU were removed (a fused reverse kernel, dS kernel + XLA
+einsums, the prep's backward merged with the per-chunk gradients, the prep's backward by XLA
+autodiff); their measurements are in docs/PERFORMANCE.md ("Gated delta rule"); their code is
+in the history as lightning_jax/kernels/delta_rule.py.
+
+Backends: on GPU the kernels lower through Pallas' Triton backend; elsewhere (CPU) they run with
+`interpret=True` (slow; for tests) — `impl_note()` says which. Matmul operands inside the kernels
+are cast to `dot_dtype` (float32 for float32 inputs, else bfloat16) with float32 accumulation; the
+state and every carried quantity stay float32 (the saved per-chunk states: state_dtype). In the
+Pallas prep the 16 x 16 inverse dots are float32 IEEE; the other float32 dots (T Kb, T Vb,
+-T^T dT T^T) use default precision, i.e. TF32 on GPU (below the bf16 rounding of their results).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from lightning_jax.ops.delta_rule.reference import check_shapes, state0
+from lightning_jax.ops.pallas import compiler_params, on_gpu
+
+F32 = jnp.float32
+_DN_T = (((1,), (1,)), ((), ()))     # a @ b.T
+_DN_TA = (((0,), (0,)), ((), ()))    # a.T @ b
+_DN = (((1,), (0,)), ((), ()))       # a @ b
+
+
+def impl_note() -> str:
+  return ("Pallas Triton kernels on GPU" if on_gpu() else
+          f"Pallas interpreter on {jax.default_backend()} (no GPU: correct but slow)")
+
+
+def _dot(a, b, dn, dt, precision=None):
+  return jax.lax.dot_general(a.astype(dt), b.astype(dt), dn, precision=precision,
+                             preferred_element_type=F32)
+
+
+def _compiler_params(num_warps, num_stages, force=False):
+  return compiler_params(num_warps, num_stages, force=force)
+
+
+# ----------------------------------------------------------------------------- kernels
+def _fwd_kernel(w_ref, uv_ref, p_ref, qg_ref, kd_ref, ge_ref, s0_ref,
+                o_ref, hs_ref, sn_ref, *, n_chunks, dot_dtype):
+  c = uv_ref.shape[1]
+
+  def body(i, s):
+    hs_ref[i] = s.astype(hs_ref.dtype)
+    u = uv_ref[i].astype(F32) - _dot(w_ref[i], s, _DN_T, dot_dtype)            # [C, BV]
+    o = _dot(qg_ref[i], s, _DN_T, dot_dtype) + _dot(p_ref[i], u, _DN, dot_dtype)
+    o_ref[pl.ds(i * c, c), :] = o.astype(o_ref.dtype)                          # [B, T, H, Dv]
+    ge = jnp.max(ge_ref[i].astype(F32))                                         # all equal
+    return ge * s + _dot(u, kd_ref[i], _DN_TA, dot_dtype)                       # [BV, Dk]
+  s = jax.lax.fori_loop(0, n_chunks, body, s0_ref[...].astype(F32))
+  sn_ref[...] = s
+
+
+
+
+def _bwd_states_kernel(w_ref, p_ref, qg_ref, kd_ref, ge_ref, do_ref, dsn_ref, dss_ref, ds0_ref,
+                       *, n_chunks, dot_dtype):
+  """Only the sequential part of the backward: dS entering each chunk from the right.
+  do_ref: this (batch, head)'s [T, BV] slab of dO in the [B, T, H, Dv] layout."""
+  c = p_ref.shape[1]
+
+  def body(j, ds):
+    i = n_chunks - 1 - j
+    dss_ref[i] = ds.astype(dss_ref.dtype)                                        # dS_{i+1}
+    do = do_ref[pl.ds(i * c, c), :].astype(F32)
+    du = _dot(kd_ref[i], ds, _DN_T, dot_dtype) + _dot(p_ref[i], do, _DN_TA, dot_dtype)
+    ge = jnp.max(ge_ref[i].astype(F32))
+    return (ge * ds + _dot(do, qg_ref[i], _DN_TA, dot_dtype)
+            - _dot(du, w_ref[i], _DN_TA, dot_dtype))
+  ds = jax.lax.fori_loop(0, n_chunks, body, dsn_ref[...].astype(F32))
+  ds0_ref[...] = ds
+
+
+
+
+def _specs(n, c, dk, bv):
+  """BlockSpecs: per-(bh) full chunk slabs; Dv-blocked slabs; one Dv block of the state(s)."""
+  sq = pl.squeezed if hasattr(pl, "squeezed") else None
+  full_k = pl.BlockSpec((sq, n, c, dk), lambda i, j: (i, 0, 0, 0))
+  full_c = pl.BlockSpec((sq, n, c, c), lambda i, j: (i, 0, 0, 0))
+  vec = pl.BlockSpec((sq, n, c), lambda i, j: (i, 0, 0))
+  blk_v = pl.BlockSpec((sq, n, c, bv), lambda i, j: (i, 0, 0, j))
+  state = pl.BlockSpec((sq, bv, dk), lambda i, j: (i, j, 0))
+  states = pl.BlockSpec((sq, n, bv, dk), lambda i, j: (i, 0, j, 0))
+  return dict(full_k=full_k, full_c=full_c, vec=vec, blk_v=blk_v, state=state, states=states)
+
+
+def _seq_spec(n, c, bv, heads):
+  """[T, BV] slab of (batch x head) i, Dv block j, of an array laid out [B, T, H, Dv]."""
+  sq = pl.squeezed if hasattr(pl, "squeezed") else None
+  return pl.BlockSpec((sq, n * c, sq, bv), lambda i, j: (i // heads, 0, i % heads, j))
+
+
+
+
+def _block_v(dv, want, name="block_v", dim="Dv"):
+  bv = min(int(want), dv)
+  if dv % bv or bv & (bv - 1):
+    raise ValueError(f"delta rule kernel: {name}={want} must be a power of two dividing "
+                     f"{dim}={dv}.")
+  return bv
+
+
+def _fwd_call(w, uv, p, qg, kd, gev, s0, opts):
+  bh, n, c, dk = w.shape
+  dv = uv.shape[-1]
+  bv = _block_v(dv, opts.block_v)
+  sp = _specs(n, c, dk, bv)
+  kern = functools.partial(_fwd_kernel, n_chunks=n, dot_dtype=opts.dot_dtype)
+  return pl.pallas_call(
+      kern, grid=(bh, dv // bv),
+      in_specs=[sp["full_k"], sp["blk_v"], sp["full_c"], sp["full_k"], sp["full_k"], sp["vec"],
+                sp["state"]],
+      out_specs=[_seq_spec(n, c, bv, opts.heads), sp["states"], sp["state"]],
+      out_shape=[jax.ShapeDtypeStruct((bh // opts.heads, n * c, opts.heads, dv),
+                                      opts.out_dtype),
+                 jax.ShapeDtypeStruct((bh, n, dv, dk), opts.state_dtype),
+                 jax.ShapeDtypeStruct((bh, dv, dk), F32)],
+      interpret=opts.interpret, name="gdr_chunk_fwd",
+      compiler_params=_compiler_params(opts.num_warps, opts.num_stages,
+                                       opts.gpu_lowering),
+  )(w, uv, p, qg, kd, gev, s0)
+
+
+
+
+def _states_call(w, p, qg, kd, gev, do, dsn, opts):
+  """The reverse dS kernel: dS_{n+1} for every chunk n (in state_dtype) and dS_0 (float32)."""
+  bh, n, c, dk = w.shape
+  dv = do.shape[-1]
+  bv = _block_v(dv, opts.block_v_bwd)
+  sp = _specs(n, c, dk, bv)
+  kern = functools.partial(_bwd_states_kernel, n_chunks=n, dot_dtype=opts.dot_dtype)
+  return pl.pallas_call(
+      kern, grid=(bh, dv // bv),
+      in_specs=[sp["full_k"], sp["full_c"], sp["full_k"], sp["full_k"], sp["vec"],
+                _seq_spec(n, c, bv, opts.heads), sp["state"]],
+      out_specs=[sp["states"], sp["state"]],
+      out_shape=[jax.ShapeDtypeStruct((bh, n, dv, dk), opts.state_dtype),
+                 jax.ShapeDtypeStruct((bh, dv, dk), F32)],
+      interpret=opts.interpret, name="gdr_chunk_bwd_states",
+      compiler_params=_compiler_params(opts.num_warps_bwd, opts.num_stages,
+                                       opts.gpu_lowering),
+  )(w, p, qg, kd, gev, do, dsn)
+
+
+
+
+def _bwd_grads_kernel(w_ref, uv_ref, p_ref, kd_ref, hs_ref, dss_ref, do_ref,
+                      duv_ref, dw_ref, dp_ref, dqg_ref, dkd_ref, dge_ref, *, bk, dot_dtype):
+  """Every chunk-local gradient of one chunk, given S_n (hs [Dv, Dk]) and dS_{n+1} (dss), with
+  Dk in column blocks of bk (only [C, Dv] tiles and [., bk] slabs live, no accumulators):
+    pass A: W S^T, Kd dS^T; then U = Uv - W S^T, dU = Kd dS^T + P^T dO (= dUv), dP = dO U^T;
+    pass B: dKd = U dS, dQg = dO S, dW = -dU S per column block, and dge = <S, dS>."""
+  c, dk = w_ref.shape
+  dt = dot_dtype
+  f = lambda x: x.astype(F32)
+  zs = jnp.zeros((c, uv_ref.shape[1]), F32)
+
+  def pass_a(j, carry):
+    ws, kds = carry
+    cols = pl.ds(j * bk, bk)
+    return (ws + _dot(w_ref[:, cols], hs_ref[:, cols], _DN_T, dt),
+            kds + _dot(kd_ref[:, cols], dss_ref[:, cols], _DN_T, dt))
+  ws, kds = jax.lax.fori_loop(0, dk // bk, pass_a, (zs, zs))
+  do = do_ref[...]
+  u = f(uv_ref[...]) - ws
+  du = kds + _dot(p_ref[...], do, _DN_TA, dt)
+  duv_ref[...] = du.astype(duv_ref.dtype)
+  dp_ref[...] = _dot(do, u, _DN_T, dt).astype(dp_ref.dtype)
+  u, du = u.astype(dt), du.astype(dt)
+
+  def pass_b(j, dge):
+    cols = pl.ds(j * bk, bk)
+    s, ds = hs_ref[:, cols], dss_ref[:, cols]                   # [Dv, bk]
+    dkd_ref[:, cols] = _dot(u, ds, _DN, dt).astype(dkd_ref.dtype)
+    dqg_ref[:, cols] = _dot(do, s, _DN, dt).astype(dqg_ref.dtype)
+    dw_ref[:, cols] = (-_dot(du, s, _DN, dt)).astype(dw_ref.dtype)
+    return dge + jnp.sum(f(s) * f(ds))
+  dge = jax.lax.fori_loop(0, dk // bk, pass_b, jnp.zeros((), F32))
+  # every entry of a chunk's gev row holds the same ge: its cotangent is spread evenly
+  dge_ref[...] = jnp.zeros((c,), F32) + dge / c
+
+
+def _bwd_call_split_pallas(w, uv, p, qg, kd, gev, hs, do, dsn, opts):
+  """Backward as the sequential dS kernel (Dv blocks of block_v_bwd rows) + one parallel Pallas
+  kernel over (batch x head, chunk) for every chunk-local gradient, written in the operands'
+  dtype (no float32 partials)."""
+  bh, n, c, dk = w.shape
+  dv = uv.shape[-1]
+  dss, ds0 = _states_call(w, p, qg, kd, gev, do, dsn, opts)
+  heads = opts.heads
+  sq = pl.squeezed if hasattr(pl, "squeezed") else None
+  do_spec = pl.BlockSpec((sq, c, sq, dv), lambda i, j: (i // heads, j, i % heads, 0))
+  ck = lambda d: pl.BlockSpec((sq, sq, c, d), lambda i, j: (i, j, 0, 0))
+  st = pl.BlockSpec((sq, sq, dv, dk), lambda i, j: (i, j, 0, 0))
+  cv = pl.BlockSpec((sq, sq, c), lambda i, j: (i, j, 0))
+  kern = functools.partial(_bwd_grads_kernel, bk=_block_v(dk, opts.block_k_grads, "block_k_grads", "Dk"),
+                           dot_dtype=opts.dot_dtype)
+  like = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype)
+  duv, dw, dp, dqg, dkd, dgev = pl.pallas_call(
+      kern, grid=(bh, n),
+      in_specs=[ck(dk), ck(dv), ck(c), ck(dk), st, st, do_spec],
+      out_specs=[ck(dv), ck(dk), ck(c), ck(dk), ck(dk), cv],
+      out_shape=[like(uv), like(w), like(p), like(qg), like(kd),
+                 jax.ShapeDtypeStruct(gev.shape, F32)],
+      interpret=opts.interpret, name="gdr_chunk_bwd_grads",
+      compiler_params=_compiler_params(opts.num_warps_grads, opts.num_stages,
+                                       opts.gpu_lowering),
+  )(w, uv, p, kd, hs, dss, do)
+  return duv, dw, dp, dqg, dkd, dgev * c, ds0
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _recurrence(w, uv, p, qg, kd, gev, s0, opts):
+  o, _, sn = _fwd_call(w, uv, p, qg, kd, gev, s0, opts)
+  return o, sn
+
+
+def _recurrence_fwd(w, uv, p, qg, kd, gev, s0, opts):
+  o, hs, sn = _fwd_call(w, uv, p, qg, kd, gev, s0, opts)
+  return (o, sn), (w, uv, p, qg, kd, gev, hs)
+
+
+def _recurrence_bwd(opts, res, cts):
+  w, uv, p, qg, kd, gev, hs = res
+  do, dsn = cts
+  duv, dw, dp, dqg, dkd, dge, ds0 = _bwd_call_split_pallas(w, uv, p, qg, kd, gev, hs, do,
+                                                           dsn.astype(F32), opts)
+  return (dw.astype(w.dtype), duv.astype(uv.dtype), dp.astype(p.dtype), dqg.astype(qg.dtype),
+          dkd.astype(kd.dtype), (dge / gev.shape[-1]).astype(gev.dtype), ds0)
+  # (every entry of a chunk's gev row holds the same ge, broadcast over C outside: its
+  # cotangent is spread evenly so that the broadcast's transpose sums back to dge)
+
+
+_recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
+
+
+# ----------------------------------------------------------------------------- prep + wrapper
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def unit_lower_inverse(a, block: int = 16, precision=jax.lax.Precision.HIGHEST):
+  return _unit_lower_inverse(a, block, precision)
+
+
+def _uli_fwd(a, block, precision):
+  inv = _unit_lower_inverse(a, block, precision)
+  return inv, inv
+
+
+def _uli_bwd(block, precision, inv, d_inv):
+  # d(L^-1) = -L^-1 dL L^-1  =>  dA = -(L^-1)^T dInv (L^-1)^T, on the strictly lower entries only
+  # (the others do not enter the result): two matmuls instead of the ~20 of autodiff through
+  # the power series and merges.
+  c = inv.shape[-1]
+  it = jnp.swapaxes(inv, -1, -2)
+  da = -jnp.matmul(jnp.matmul(it, d_inv, precision=precision), it, precision=precision)
+  pos = jnp.arange(c)
+  return (jnp.where(pos[:, None] > pos[None, :], da, 0.0).astype(inv.dtype),)
+
+
+unit_lower_inverse.defvjp(_uli_fwd, _uli_bwd)
+
+
+def _unit_lower_inverse(a, block: int = 16, precision=jax.lax.Precision.HIGHEST):
+  """(I + a)^-1 for strictly lower-triangular a [..., C, C] (C a power of two), by matmuls only.
+
+  Diagonal blocks of `block` rows: I + D with D nilpotent of order `block`, so
+  (I + D)^-1 = (I - D)(I + D^2)(I + D^4)... exactly (log2(block) factors). Then blocks are merged
+  pairwise: with X the inverse of the block-diagonal part at size s and O the off-diagonal
+  s-blocks inside each 2s-block, (X^-1 + O)^-1 = X - X O X exactly (O X O = 0). Entries of D^m
+  stay bounded by binomial(block-1, m) for |a| <= 1 (|beta| < 1, decay <= 1, |k| = 1), which is
+  why the power series is confined to small blocks. Replaces a batched triangular solve (slow on
+  GPUs for many small systems) with ~10 batched C x C matmuls.
+  """
+  c = a.shape[-1]
+  b = min(int(block), c)
+  pos = jnp.arange(c)
+  eye = jnp.eye(c, dtype=a.dtype)
+  mm = lambda x, y: jnp.matmul(x, y, precision=precision)
+  same = (pos[:, None] // b) == (pos[None, :] // b)
+  x = -jnp.where(same, a, 0.0)
+  inv = eye + x
+  p = x
+  s = 2
+  while s < b:
+    p = mm(p, p)
+    inv = inv + mm(inv, p)
+    s *= 2
+  s = b
+  while s < c:
+    off = ((pos[:, None] // s) != (pos[None, :] // s)) & \
+          ((pos[:, None] // (2 * s)) == (pos[None, :] // (2 * s)))
+    inv = inv - mm(inv, mm(jnp.where(off, a, 0.0), inv))
+    s *= 2
+  return inv
+
+
+def _prep(q, k, v, log_alpha, beta, c, precision=jax.lax.Precision.HIGHEST):
+  """Chunk quantities in float32: W, Uv, P, Qg, Kd [B, H, N, C, .], ge [B, H, N]."""
+  bsz, t, h, dk = q.shape
+  n = -(-t // c)
+  pad = n * c - t
+
+  def chunks(a):  # [B, T, H, ...] -> [B, H, N, C, ...]
+    a = a.astype(F32)
+    if pad:
+      a = jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
+    return jnp.moveaxis(a.reshape((bsz, n, c) + a.shape[2:]), 3, 1)
+
+  qc, kc, vc, lac, bc = (chunks(a) for a in (q, k, v, log_alpha, beta))
+  g = jnp.cumsum(lac, axis=-1)                                   # [B, H, N, C]
+  pos = jnp.arange(c)
+  incl = pos[:, None] >= pos[None, :]
+  strict = pos[:, None] > pos[None, :]
+  decay = jnp.exp(jnp.where(incl, g[..., :, None] - g[..., None, :], -jnp.inf))
+  a_mat = jnp.where(strict, bc[..., :, None] * decay * jnp.einsum("...td,...sd->...ts", kc, kc),
+                    0.0)
+  gamma = jnp.exp(g)
+  t_inv = unit_lower_inverse(a_mat, precision=precision)
+  w = jnp.einsum("...ts,...sd->...td", t_inv, kc * (bc * gamma)[..., None])
+  uv = jnp.einsum("...ts,...sd->...td", t_inv, vc * bc[..., None])
+  p = decay * jnp.einsum("...td,...sd->...ts", qc, kc)
+  qg = qc * gamma[..., None]
+  kd = kc * jnp.exp(g[..., -1:] - g)[..., None]
+  ge = jnp.exp(g[..., -1])
+  return w, uv, p, qg, kd, ge
+
+
+# ----------------------------------------------------------------------------- Pallas prep
+# One program per (batch, head, chunk): reads the chunk's q, k, v (input dtype) and log decay /
+# beta (float32) once, keeps every C x C quantity in registers as _SB x _SB sub-blocks (Triton
+# cannot slice a register tile, so the triangular inverse is built block by block: forward
+# substitution on each diagonal block, then T_ij = -T_ii sum_{j<=m<i} A_im T_mj below it), and
+# writes W, Uv, P, Qg, Kd in dot_dtype and the chunk decay ge (float32) — the recurrence's inputs.
+_SB = 16          # sub-block rows (Triton dots need every dim >= 16)
+_HI = jax.lax.Precision.HIGHEST
+
+
+def _iota(shape, dim):
+  return jax.lax.broadcasted_iota(jnp.int32, shape, dim)
+
+
+def _mm(a, b, dn=_DN, precision=None):
+  """float32 dot, float32 accumulation (TF32 on GPU unless precision=HIGHEST)."""
+  return jax.lax.dot_general(a.astype(F32), b.astype(F32), dn, precision=precision,
+                             preferred_element_type=F32)
+
+
+def _cum_blocks(la, nb, sb):
+  """Sub-blocks of g = cumsum(la): g_i[r] = sum_{t <= i sb + r} la_t (masked sums, no scan)."""
+  c = la.shape[0]
+  t, r = _iota((sb, c), 1), _iota((sb, c), 0)
+  return [jnp.sum(jnp.where(t <= r + i * sb, la[None, :], 0.0), axis=1) for i in range(nb)]
+
+
+def _cum_full(la):
+  c = la.shape[0]
+  return jnp.sum(jnp.where(_iota((c, c), 1) <= _iota((c, c), 0), la[None, :], 0.0), axis=1)
+
+
+def _bwd_chunk_setup(la_ref, b_ref, t_ref, c):
+  """What the prep's backward kernel starts from, float32: the chunk's log decays and betas,
+  the saved T = (I+A)^-1, row/col iotas, the cumulative decay g, its total g_C, gamma = e^g,
+  e^{g_C - g}, beta gamma, and [C, C] / [C] zeros."""
+  la, beta = la_ref[...].astype(F32), b_ref[...].astype(F32)
+  t = t_ref[...].astype(F32)
+  row, col = _iota((c, c), 0), _iota((c, c), 1)
+  g = _cum_full(la)
+  gc = jnp.sum(la)
+  gam = jnp.exp(g)
+  return (la, beta, t, row, col, g, gc, gam, jnp.exp(gc - g), beta * gam,
+          jnp.zeros((c, c), F32), jnp.zeros((c,), F32))
+
+
+def _inverse_grads(t, dtt, kk, beta, g, row, col, db):
+  """Through T = (I + A)^-1, A = diag(beta) (M o K K^T), M_ts = e^{g_t - g_s}: from dT to
+  M, d(K K^T), db + rowsum(dA o M o KK) and the dg of A (rowsum - colsum of dA o A)."""
+  m = _decay_block(g, g, True)
+  dam = jnp.where(col < row, -_mm(t, _mm(dtt, t, _DN_T), _DN_TA), 0.0) * m  # -T^T dT T^T o M
+  e = dam * kk                                                 # dA o M o KK
+  y = e * beta[:, None]                                        # dA o A
+  return (m, dam * beta[:, None], db + jnp.sum(e, axis=1),
+          jnp.sum(y, axis=1) - jnp.sum(y, axis=0))
+
+
+def _decay_block(gi, gj, diag):
+  """e^{g_t - g_s} for t in block i, s in block j (masked to s <= t on a diagonal block,
+  before the exp: above the diagonal the exponent is positive and could overflow)."""
+  diff = gi[:, None] - gj[None, :]
+  if diag:
+    sb = gi.shape[0]
+    diff = jnp.where(_iota((sb, sb), 1) <= _iota((sb, sb), 0), diff, -jnp.inf)
+  return jnp.exp(diff)
+
+
+def _inv_unit_lower(blocks):
+  """(I + a)^-1 for each strictly lower [sb, sb] float32 tile in `blocks`: forward substitution
+  row by row (row r of the inverse = e_r - a_r X, rows read and written through masks), all
+  tiles in one loop so that their independent steps overlap."""
+  sb = blocks[0].shape[0]
+  rows = _iota((sb, sb), 0)
+  eye = jnp.where(rows == _iota((sb, sb), 1), 1.0, 0.0).astype(F32)
+
+  def body(r, xs):
+    out = []
+    for a, x in zip(blocks, xs):
+      a_r = jnp.sum(jnp.where(rows == r, a, 0.0), axis=0)             # row r of a, over j
+      new = -jnp.sum(a_r[:, None] * x, axis=0)                         # - a_r @ X
+      out.append(jnp.where(rows == r, x + new[None, :], x))
+    return tuple(out)
+  return list(jax.lax.fori_loop(1, sb, body, tuple(eye for _ in blocks)))
+
+
+def _chunk_inverse(k, beta, g, dot_dtype):
+  """Sub-blocks (i >= j) of KK^T, the decay mask M, and T = (I + A)^-1,
+  A = strictly-lower(diag(beta) (M o K K^T)). k: list of [sb, Dk] tiles; beta, g: [sb] lists."""
+  nb = len(k)
+  kk, m, a, t = {}, {}, {}, {}
+  for i in range(nb):
+    for j in range(i + 1):
+      kk[i, j] = _dot(k[i], k[j], _DN_T, dot_dtype)
+      m[i, j] = _decay_block(g[i], g[j], i == j)
+      a_ij = beta[i][:, None] * m[i, j] * kk[i, j]
+      if i == j:
+        sb = a_ij.shape[0]
+        a_ij = jnp.where(_iota((sb, sb), 1) < _iota((sb, sb), 0), a_ij, 0.0)
+      a[i, j] = a_ij
+  for i, ti in enumerate(_inv_unit_lower([a[i, i] for i in range(nb)])):
+    t[i, i] = ti
+  for i in range(nb):
+    for j in range(i - 1, -1, -1):
+      acc = _mm(a[i, j], t[j, j], precision=_HI)
+      for mm_ in range(j + 1, i):
+        acc = acc + _mm(a[i, mm_], t[mm_, j], precision=_HI)
+      t[i, j] = -_mm(t[i, i], acc, precision=_HI)
+  return kk, m, a, t
+
+
+def _prep_fwd_kernel(q_ref, k_ref, v_ref, la_ref, b_ref,
+                     w_ref, uv_ref, p_ref, qg_ref, kd_ref, ge_ref, *t_out, sb, dot_dtype):
+  c = q_ref.shape[0]
+  nb = c // sb
+  rows = [pl.ds(i * sb, sb) for i in range(nb)]
+  la = la_ref[...].astype(F32)
+  g = _cum_blocks(la, nb, sb)
+  beta = [b_ref[rows[i]].astype(F32) for i in range(nb)]
+  k = [k_ref[rows[i], :] for i in range(nb)]
+  _, _, _, t = _chunk_inverse(k, beta, g, dot_dtype)
+  for i in range(nb):
+    w = uv = None
+    for j in range(i + 1):
+      kb = k[j].astype(F32) * (beta[j] * jnp.exp(g[j]))[:, None]
+      vb = v_ref[rows[j], :].astype(F32) * beta[j][:, None]
+      w = _mm(t[i, j], kb) if w is None else w + _mm(t[i, j], kb)
+      uv = _mm(t[i, j], vb) if uv is None else uv + _mm(t[i, j], vb)
+    w_ref[rows[i], :] = w.astype(w_ref.dtype)
+    uv_ref[rows[i], :] = uv.astype(uv_ref.dtype)
+  if t_out:          # T = (I + A)^-1 for the backward, stored block by block (zeros above)
+    for i in range(nb):
+      for j in range(nb):
+        t_out[0][rows[i], rows[j]] = t[i, j] if j <= i else jnp.zeros((sb, sb), F32)
+  gf = _cum_full(la)
+  gc = jnp.sum(la)
+  q = q_ref[...]
+  kf = k_ref[...]
+  p_ref[...] = (_decay_block(gf, gf, True) * _dot(q, kf, _DN_T, dot_dtype)).astype(p_ref.dtype)
+  qg_ref[...] = (q.astype(F32) * jnp.exp(gf)[:, None]).astype(qg_ref.dtype)
+  kd_ref[...] = (kf.astype(F32) * jnp.exp(gc - gf)[:, None]).astype(kd_ref.dtype)
+  ge_ref[...] = jnp.zeros((c,), F32) + jnp.exp(gc)
+
+
+def _prep_specs(c, dk, dv):
+  sq = pl.squeezed if hasattr(pl, "squeezed") else None
+  seq = lambda d: pl.BlockSpec((sq, c, sq, d), lambda b, h, n: (b, n, h, 0))
+  vec = pl.BlockSpec((sq, c, sq), lambda b, h, n: (b, n, h))
+  chunk = lambda d: pl.BlockSpec((sq, sq, sq, c, d), lambda b, h, n: (b, h, n, 0, 0))
+  cvec = pl.BlockSpec((sq, sq, sq, c), lambda b, h, n: (b, h, n, 0))
+  return seq, vec, chunk, cvec
+
+
+def _prep_fwd_call(q, k, v, la, beta, opts, with_t=False):
+  """W, Uv, P, Qg, Kd [B, H, N, C, .] in dot_dtype, gev [B, H, N, C] float32 (and with_t:
+  T = (I + A)^-1 [B, H, N, C, C] float32, the backward's residual)."""
+  bsz, t, h, dk = q.shape
+  dv = v.shape[-1]
+  c = opts.chunk
+  n = t // c
+  dt = opts.dot_dtype
+  seq, vec, chunk, cvec = _prep_specs(c, dk, dv)
+  kern = functools.partial(_prep_fwd_kernel, sb=min(_SB, c), dot_dtype=dt)
+  shp = lambda d, dtype=dt: jax.ShapeDtypeStruct((bsz, h, n, c, d), dtype)
+  return pl.pallas_call(
+      kern, grid=(bsz, h, n),
+      in_specs=[seq(dk), seq(dk), seq(dv), vec, vec],
+      out_specs=[chunk(dk), chunk(dv), chunk(c), chunk(dk), chunk(dk), cvec] + (
+          [chunk(c)] if with_t else []),
+      out_shape=[shp(dk), shp(dv), shp(c), shp(dk), shp(dk),
+                 jax.ShapeDtypeStruct((bsz, h, n, c), F32)] + ([shp(c, F32)] if with_t else []),
+      interpret=opts.interpret, name="gdr_prep_fwd",
+      compiler_params=_compiler_params(opts.num_warps_prep, opts.num_stages,
+                                       opts.gpu_lowering),
+  )(q, k, v, la, beta)
+
+
+def _prep_bwd_kernel(q_ref, k_ref, v_ref, la_ref, b_ref, t_ref, dw_ref, duv_ref, dp_ref,
+                     dqg_ref, dkd_ref, dge_ref, dq_ref, dk_ref, dv_ref, dla_ref, db_ref, *,
+                     bk, dot_dtype):
+  """Cotangents of W, Uv, P, Qg, Kd, ge -> of q, k, v, log_alpha, beta for one chunk, with the
+  forward's T = (I + A)^-1 (Kb = diag(beta gamma) K, Vb = diag(beta) V, W = T Kb, Uv = T Vb).
+  Every [C, D] operand is taken in column blocks of bk (loops over D), so that only [C, C]
+  tiles and [C, bk] slabs are live (registers; no spills at 8 warps per ptxas):
+    pass 1: dT = dW Kb^T + dUv Vb^T, K K^T, Q K^T (contractions over D); dv = beta T^T dUv;
+    [C, C]: dA = -T^T dT T^T (strict), d(K K^T), dP o M, and their dbeta / dg terms
+      (A = diag(beta) (M o K K^T), P = M o Q K^T, M_ts = e^{g_t - g_s}: dg_t += rowsum(dA o A
+      + dP o P), dg_s -= colsum(...));
+    pass 2: dq, dk per column block (W = T Kb: dKb = T^T dW; Qg, Kd: diagonal scalings), with
+      the row sums that feed dbeta and dg; dlog_alpha = reverse cumsum of dg (+ dg_C)."""
+  c, dk_total = q_ref.shape
+  dv_total = v_ref.shape[1]
+  dt = dot_dtype
+  f = lambda x: x.astype(F32)
+  la, beta, t, row, col, g, gc, gam, kdec, bg, zc, zv = _bwd_chunk_setup(la_ref, b_ref, t_ref, c)
+
+  def pass1_k(j, carry):
+    dtt, kk, qk = carry
+    cols = pl.ds(j * bk, bk)
+    k_b = k_ref[:, cols]
+    kb = f(k_b) * bg[:, None]
+    return (dtt + _dot(dw_ref[:, cols], kb, _DN_T, dt), kk + _dot(k_b, k_b, _DN_T, dt),
+            qk + _dot(q_ref[:, cols], k_b, _DN_T, dt))
+  dtt, kk, qk = jax.lax.fori_loop(0, dk_total // bk, pass1_k, (zc, zc, zc))
+
+  def pass1_v(j, carry):
+    dtt, db = carry
+    cols = pl.ds(j * bk, bk)
+    v_b = f(v_ref[:, cols])
+    duv = duv_ref[:, cols]
+    dvb = _dot(t, duv, _DN_TA, dt)
+    dv_ref[:, cols] = (dvb * beta[:, None]).astype(dv_ref.dtype)
+    return dtt + _dot(duv, v_b * beta[:, None], _DN_T, dt), db + jnp.sum(dvb * v_b, axis=1)
+  dtt, db = jax.lax.fori_loop(0, dv_total // bk, pass1_v, (dtt, zv))
+
+  m, dkk, db, dg = _inverse_grads(t, dtt, kk, beta, g, row, col, db)
+  dpm = f(dp_ref[...]) * m
+  z = dpm * qk                                                 # dP o P
+  dg = dg + jnp.sum(z, axis=1) - jnp.sum(z, axis=0)
+
+  def pass2(j, carry):
+    h, gq, s = carry
+    cols = pl.ds(j * bk, bk)
+    k_b, q_b = k_ref[:, cols], q_ref[:, cols]
+    kf, qf = f(k_b), f(q_b)
+    dkb = _dot(t, dw_ref[:, cols], _DN_TA, dt)
+    dqg = f(dqg_ref[:, cols])
+    dkd = f(dkd_ref[:, cols])
+    dq_ref[:, cols] = (dqg * gam[:, None] + _dot(dpm, k_b, _DN, dt)).astype(dq_ref.dtype)
+    dk = (dkd * kdec[:, None] + dkb * bg[:, None] + _dot(dkk, k_b, _DN, dt)
+          + _dot(dkk, k_b, _DN_TA, dt) + _dot(dpm, q_b, _DN_TA, dt))
+    dk_ref[:, cols] = dk.astype(dk_ref.dtype)
+    return (h + jnp.sum(dkb * kf, axis=1), gq + jnp.sum(dqg * qf, axis=1),
+            s + jnp.sum(dkd * kf, axis=1))
+  h, gq, s = jax.lax.fori_loop(0, dk_total // bk, pass2, (zv, zv, zv))
+  s = kdec * s
+  db = db + gam * h
+  dg = dg + bg * h + gam * gq - s
+  dgc = jnp.sum(f(dge_ref[...])) * jnp.exp(gc) + jnp.sum(s)
+  db_ref[...] = db.astype(db_ref.dtype)
+  dla_ref[...] = (jnp.sum(jnp.where(col >= row, dg[None, :], 0.0), axis=1) + dgc
+                  ).astype(dla_ref.dtype)
+
+
+def _prep_bwd_call(q, k, v, la, beta, t, dw, duv, dp, dqg, dkd, dge, opts):
+  bsz, tt, h, dk = q.shape
+  dv = v.shape[-1]
+  c = opts.chunk
+  seq, vec, chunk, cvec = _prep_specs(c, dk, dv)
+  kern = functools.partial(_prep_bwd_kernel, bk=_block_v(min(dk, dv), opts.block_k_grads,
+                                                 "block_k_grads", "min(Dk, Dv)"),
+                           dot_dtype=opts.dot_dtype)
+  return tuple(pl.pallas_call(
+      kern, grid=(bsz, h, tt // c),
+      in_specs=[seq(dk), seq(dk), seq(dv), vec, vec, chunk(c),
+                chunk(dk), chunk(dv), chunk(c), chunk(dk), chunk(dk), cvec],
+      out_specs=[seq(dk), seq(dk), seq(dv), vec, vec],
+      out_shape=[jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (q, k, v, la, beta)],
+      interpret=opts.interpret, name="gdr_prep_bwd",
+      compiler_params=_compiler_params(opts.num_warps_prep_bwd, opts.num_stages,
+                                       opts.gpu_lowering),
+  )(q, k, v, la, beta, t, dw, duv, dp, dqg, dkd, dge))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _prep_pallas(q, k, v, la, beta, opts):
+  """Pallas prep on inputs whose T is a multiple of the chunk -> W, Uv, P, Qg, Kd, gev."""
+  return tuple(_prep_fwd_call(q, k, v, la, beta, opts))
+
+
+def _prep_pallas_fwd(q, k, v, la, beta, opts):
+  *out, tinv = _prep_fwd_call(q, k, v, la, beta, opts, with_t=True)
+  return tuple(out), (q, k, v, la, beta, tinv)
+
+
+def _prep_pallas_bwd(opts, res, cts):
+  return _prep_bwd_call(*res, *cts, opts)
+
+
+_prep_pallas.defvjp(_prep_pallas_fwd, _prep_pallas_bwd)
+
+
+# ----------------------------------------------------------------------------- options
+PREPS = ("pallas", "xla")
+PRECISIONS = ("highest", "default")
+
+
+@dataclasses.dataclass(frozen=True)
+class DeltaRuleOptions:
+  """How the Pallas delta rule runs. Defaults: the fastest setting measured on one H100 at
+  B4 x T4096, 32 heads x 128 (7.39 ms fwd+bwd; docs/PERFORMANCE.md, "Gated delta rule").
+
+  chunk: tokens per chunk (a power of two for the kernels; any size for the chunked
+  reference). prep: "pallas" (one Pallas program per (batch,
+  head, chunk); chunk, Dk, Dv >= 16; num_warps_prep / num_warps_prep_bwd warps for its forward /
+  backward kernel) or "xla" (the chunk quantities in plain JAX, float32, differentiated by
+  autodiff; inverse_precision: the matmul precision of its (I + A)^-1, "highest" | "default").
+  block_v / num_warps: Dv rows of the state per program of the forward recurrence kernel;
+  block_v_bwd / num_warps_bwd: the same for the reverse dS kernel; block_k_grads: the column
+  block (over Dk, and Dv in the prep's backward) the per-chunk backward kernels loop over,
+  num_warps_grads warps for the per-chunk gradient kernel. num_stages: Triton pipeline stages.
+  state_dtype: the per-chunk states saved for the backward and the dS passed on ("float32" |
+  "bfloat16"; bf16 halves that traffic). dot_dtype: matmul operand dtype (None: float32 for
+  float32 inputs, else bfloat16). interpret: None runs natively on GPU and in the Pallas
+  interpreter elsewhere. gpu_lowering=True builds every kernel for the GPU (no interpreter,
+  Triton compiler parameters on any host) so that ops.pallas.lower_for_gpu can lower it on CPU.
+  """
+  chunk: int = 64
+  prep: str = "pallas"
+  block_v: int = 64
+  block_v_bwd: int = 32
+  num_warps: int = 4
+  num_warps_bwd: int = 4
+  num_stages: int = 2
+  num_warps_prep: int = 8
+  num_warps_prep_bwd: int = 8
+  block_k_grads: int = 32
+  num_warps_grads: int = 8
+  state_dtype: str = "float32"
+  inverse_precision: str = "highest"
+  dot_dtype: str | None = None
+  interpret: bool | None = None
+  gpu_lowering: bool = False
+
+  def __post_init__(self):
+    if not isinstance(self.chunk, int) or self.chunk < 1:
+      raise ValueError(f"delta rule: chunk={self.chunk!r} must be a positive integer.")
+    for name in ("block_v", "block_v_bwd", "block_k_grads"):
+      val = getattr(self, name)
+      if not isinstance(val, int) or val < 1 or val & (val - 1):
+        raise ValueError(f"delta rule kernel: {name}={val!r} must be a power of two.")
+    for name in ("num_warps", "num_warps_bwd", "num_stages", "num_warps_prep",
+                 "num_warps_prep_bwd", "num_warps_grads"):
+      val = getattr(self, name)
+      if not isinstance(val, int) or val < 1:
+        raise ValueError(f"delta rule kernel: {name}={val!r} must be a positive integer.")
+    if self.prep not in PREPS:
+      raise ValueError(f"delta rule kernel: prep={self.prep!r} must be 'pallas' or 'xla'.")
+    if self.inverse_precision not in PRECISIONS:
+      raise ValueError(f"delta rule kernel: inverse_precision={self.inverse_precision!r} must "
+                       f"be 'highest' or 'default'.")
+    for name in ("state_dtype", "dot_dtype"):
+      val = getattr(self, name)
+      if val is not None and str(jnp.dtype(val)) not in ("float32", "bfloat16"):
+        raise ValueError(f"delta rule kernel: {name}={val!r} must be 'float32' or 'bfloat16'.")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  """DeltaRuleOptions resolved for one call (hashable: the custom_vjps' static argument)."""
+  options: DeltaRuleOptions
+  chunk: int
+  heads: int
+  out_dtype: jnp.dtype
+  dot_dtype: jnp.dtype
+  state_dtype: jnp.dtype
+  interpret: bool
+
+  def __getattr__(self, name):       # the options' fields, read through the plan
+    if name.startswith("_") or name == "options":
+      raise AttributeError(name)
+    return getattr(self.options, name)
+
+
+def chunk_gated_delta_rule(q, k, v, log_alpha, beta, initial_state=None,
+                           options: DeltaRuleOptions = DeltaRuleOptions()):
+  """Gated delta rule, chunked, with the recurrence over chunks in Pallas kernels.
+
+  Same arguments and results as reference.chunk_gated_delta_rule, the chunk size and every
+  other choice in `options`. Head dims must be powers of two.
+  """
+  check_shapes(q, k, v, log_alpha, beta, initial_state)
+  o_ = options
+  bsz, t, h, dk = q.shape
+  dv = v.shape[-1]
+  c = o_.chunk
+  for name, val in (("chunk", c), ("Dk", dk), ("Dv", dv)):
+    if val < 1 or val & (val - 1):
+      raise ValueError(f"delta rule kernel: {name}={val} must be a power of two.")
+  if o_.prep == "pallas" and (c < _SB or dk < 16 or dv < 16):
+    raise ValueError(f"delta rule kernel: prep='pallas' needs chunk, Dk and Dv >= 16 "
+                     f"(got {c}, {dk}, {dv}).")
+  interpret = False if o_.gpu_lowering else ((not on_gpu()) if o_.interpret is None
+                                             else bool(o_.interpret))
+  dot_dtype = jnp.dtype(o_.dot_dtype if o_.dot_dtype is not None else
+                        (F32 if jnp.dtype(v.dtype) == jnp.dtype(F32) else jnp.bfloat16))
+  plan = _Plan(o_, c, int(h), jnp.dtype(v.dtype), dot_dtype, jnp.dtype(o_.state_dtype),
+               bool(interpret))
+  s0 = state0(initial_state, q, v).reshape(bsz * h, dv, dk)
+  flat = lambda a: a.reshape((bsz * h,) + a.shape[2:])
+  if o_.prep == "pallas":
+    n = -(-t // c)
+    pad = n * c - t
+    if pad:   # beta = 0, log_alpha = 0 on the tail: the state passes through unchanged
+      padt = lambda a: jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
+      q, k, v, log_alpha, beta = (padt(a) for a in (q, k, v, log_alpha, beta))
+    w, uv, p, qg, kd, gev = _prep_pallas(q, k, v, log_alpha.astype(F32), beta.astype(F32), plan)
+  else:
+    w, uv, p, qg, kd, ge = _prep(q, k, v, log_alpha, beta, c,
+                                 precision=getattr(jax.lax.Precision, o_.inverse_precision.upper()))
+    w, uv, p, qg, kd = (a.astype(dot_dtype) for a in (w, uv, p, qg, kd))
+    gev = jnp.broadcast_to(ge[..., None], ge.shape + (c,))
+  o, sn = _recurrence(flat(w), flat(uv), flat(p), flat(qg), flat(kd), flat(gev), s0, plan)
+  return o[:, :t], sn.reshape(bsz, h, dv, dk)

@@ -1,0 +1,163 @@
+"""Every implementation of every op against the op's reference (lightning_jax/ops/testing.py),
+on fresh random inputs (the seed is in every message); the Pallas kernels run in the Pallas
+interpreter off GPU, and their CUDA lowering (Pallas -> Triton IR) is checked on this host.
+Then what the ops' api adds: per-device runs under a mesh, the CPU fallback, bad options."""
+import logging
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from lightning_jax import sharding as shd
+from lightning_jax.ops import testing
+from lightning_jax.ops.delta_rule import api as delta_rule_op
+from lightning_jax.ops.delta_rule import kernel as delta_kernel
+from lightning_jax.ops.sparse_attention import api as attention_op
+
+
+def _seed():
+  return int(np.random.randint(1 << 30))
+
+
+@pytest.mark.parametrize("op,impl,case", testing.checks(),
+                         ids=[f"{o}-{i}-{c}" for o, i, c in testing.checks()])
+def test_implementation_matches_reference(op, impl, case):
+  testing.check(op, impl, case, _seed())
+
+
+@pytest.mark.parametrize("name", sorted(testing.LOWERINGS))
+def test_kernels_lower_for_gpu(name):
+  testing.check_lowering(name)
+
+
+def test_every_op_folder_is_registered_and_has_reference_and_api():
+  ops = pathlib.Path(testing.__file__).parent
+  folders = {p.name for p in ops.iterdir() if (p / "__init__.py").exists()}
+  assert folders == {name.split(".")[0] for name in testing.REGISTRY}, folders
+  for f in folders:
+    assert (ops / f / "reference.py").exists() and (ops / f / "api.py").exists(), f
+  assert len(testing.checks()) >= 2 * len(folders)
+
+
+def test_harness_fails_a_wrong_implementation(monkeypatch):
+  """The harness sees a wrong output and a wrong gradient (not a vacuous comparison)."""
+  op = testing.REGISTRY["rms_norm"]
+  wrong = testing.Impl(lambda x, s, eps: op.impls["custom_vjp"].fn(x, s * 1.001, eps), ("f32",))
+  monkeypatch.setitem(op.impls, "wrong", wrong)
+  with pytest.raises(AssertionError, match="output 0 rel err"):
+    testing.check("rms_norm", "wrong", "f32", 0)
+  flat = testing.Impl(lambda x, s, eps: op.impls["custom_vjp"].fn(
+      x, jax.lax.stop_gradient(s), eps), ("f32",))
+  monkeypatch.setitem(op.impls, "flat", flat)
+  with pytest.raises(AssertionError, match=r"d\(input 1\) rel err"):
+    testing.check("rms_norm", "flat", "f32", 0)
+
+
+def _mesh4():
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]).reshape(1, 4, 1),
+                           ("data", "expert", "tensor"))
+  return mesh, NamedSharding(mesh, P(("data", "expert")))
+
+
+def test_delta_rule_api_runs_the_kernels_per_device_under_a_mesh():
+  """api.delta_rule(impl="kernel") shards the kernels over the batch (shard_map) under an
+  8-device mesh and equals the recurrence (head dims 8 / 4: the XLA prep)."""
+  seed = _seed()
+  args = testing.delta_inputs(np.random.default_rng(seed), 8, 40, 2, 8, 4)[:5]
+  opts = delta_rule_op.DeltaRuleOptions(chunk=32, prep="xla", interpret=True)
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(8, 1, 1),
+                           ("data", "expert", "tensor"))
+  with shd.use_mesh(mesh):
+    o, s = jax.jit(lambda *a: delta_rule_op.delta_rule(*a, impl="kernel", options=opts))(*args)
+  o_r, s_r = jax.jit(delta_rule_op.recurrent)(*args)
+  assert testing.rel_err(o, o_r) <= 1e-5, f"seed={seed} sharded output"
+  assert testing.rel_err(s, s_r) <= 1e-5, f"seed={seed} sharded state"
+
+
+def test_attention_api_runs_the_kernels_per_device_under_a_mesh():
+  """api.attend(mode="kernel") under a 4-device mesh with the batch split runs the kernels per
+  device and equals the unsharded gather reference, gradients included."""
+  seed = _seed()
+  rng = np.random.default_rng(seed)
+  q, k, v, r = (rng.standard_normal((4, 32, 2, 16)).astype(np.float32) for _ in range(4))
+  sel = jnp.asarray(testing.selection(rng, 4, 32, 8))
+  opts = attention_op.GSAKernelOptions(interpret=True)
+  loss = lambda mode: lambda q, k, v: jnp.sum(attention_op.attend(q, k, v, sel, 16, mode,
+                                                                  opts) * r)
+  want = jax.jit(jax.grad(loss("gather"), (0, 1, 2)))(q, k, v)
+  mesh, bs = _mesh4()
+  with shd.use_mesh(mesh):
+    got = jax.jit(jax.grad(loss("kernel"), (0, 1, 2)))(*(jax.device_put(a, bs)
+                                                         for a in (q, k, v)))
+  for name, a, w in zip(("dq", "dk", "dv"), got, want):
+    assert testing.rel_err(a, w) <= 1e-5, f"seed={seed} sharded {name}"
+
+
+def test_flash_attention_per_device_under_a_mesh():
+  """Under a mesh with the batch split, flash attention runs per device (shard_map) and equals
+  the unsharded call, values and gradients."""
+  seed = _seed()
+  k = jax.random.split(jax.random.PRNGKey(seed), 5)
+  b, t, h, d = 4, 24, 2, 8
+  q, kk, v = (jax.random.normal(k[i], (b, t, h, d)) for i in range(3))
+  sel = jax.random.randint(k[3], (b, t, 6), 0, t)
+  sel = jnp.where(sel <= jnp.arange(t)[None, :, None], sel, -1).at[:, :, 0].set(0)
+  r = jax.random.normal(k[4], (b, t, h, d))
+  loss = lambda q, kk, v: jnp.sum(attention_op.flash_attention(q, kk, v, sel) * r)
+  want = jax.jit(jax.value_and_grad(loss, (0, 1, 2)))(q, kk, v)
+  mesh, bs = _mesh4()
+  with shd.use_mesh(mesh):
+    got = jax.jit(jax.value_and_grad(loss, (0, 1, 2)))(*(jax.device_put(a, bs)
+                                                         for a in (q, kk, v)))
+  # (the loss is a sum of terms of both signs: its relative error is the float32 summation order's)
+  assert abs(float(got[0] - want[0])) <= 1e-5 * float(jnp.sum(jnp.abs(r))), f"seed={seed}"
+  for a, w in zip(got[1], want[1]):
+    assert testing.rel_err(a, w) <= 1e-5, f"seed={seed}"
+
+
+def test_kernel_impls_fall_back_off_gpu_once_and_say_so(caplog, monkeypatch):
+  """Without a GPU and without options.interpret=True, impl "kernel" runs the chunked reference
+  (the delta rule) / the gather reference (attention), said once per backend."""
+  if jax.default_backend() == "gpu":
+    pytest.skip("the fallback exists off GPU only")
+  seed = _seed()
+  args = testing.delta_inputs(np.random.default_rng(seed), 1, 40, 1, 16, 8)[:5]
+  monkeypatch.setattr(delta_rule_op, "_FALLBACK_LOGGED", set())
+  monkeypatch.setattr(attention_op, "_FALLBACK_LOGGED", set())
+  opts = delta_rule_op.DeltaRuleOptions(chunk=16)
+  with caplog.at_level(logging.WARNING, logger="lightning_jax.ops"):
+    o, _ = delta_rule_op.delta_rule(*args, impl="kernel", options=opts)
+    delta_rule_op.delta_rule(*args, impl="kernel", options=opts)
+  o_c, _ = delta_rule_op.chunked(*args, chunk_size=16)
+  assert testing.rel_err(o, o_c) <= 1e-6, f"seed={seed}"
+  hits = [r for r in caplog.records if "delta rule's Pallas kernels" in r.getMessage()]
+  assert len(hits) == 1 and "chunked reference" in hits[0].getMessage(), caplog.text
+  q = jnp.asarray(np.random.default_rng(seed).standard_normal((1, 16, 1, 16)), jnp.float32)
+  sel = jnp.zeros((1, 16, 2), jnp.int32)
+  with caplog.at_level(logging.WARNING, logger="lightning_jax.ops"):
+    y = attention_op.attend(q, q, q, sel, 8, "kernel")
+  assert testing.rel_err(y, attention_op.attend(q, q, q, sel, 8, "gather")) <= 1e-6
+  assert sum("GSA attention kernels" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_bad_kernel_options_are_named():
+  with pytest.raises(ValueError, match="block_v=3 must be a power of two"):
+    delta_rule_op.DeltaRuleOptions(block_v=3)
+  with pytest.raises(ValueError, match="prep='cuda' must be 'pallas' or 'xla'"):
+    delta_rule_op.DeltaRuleOptions(prep="cuda")
+  with pytest.raises(ValueError, match="state_dtype='float16' must be"):
+    delta_rule_op.DeltaRuleOptions(state_dtype="float16")
+  args = testing.delta_inputs(np.random.default_rng(0), 1, 8, 1, 8, 8)[:5]
+  with pytest.raises(ValueError, match="chunk=48 must be a power of two"):
+    delta_kernel.chunk_gated_delta_rule(*args, options=delta_rule_op.DeltaRuleOptions(chunk=48))
+  with pytest.raises(ValueError, match="prep='pallas' needs chunk, Dk and Dv >= 16"):
+    delta_kernel.chunk_gated_delta_rule(*args, options=delta_rule_op.DeltaRuleOptions(chunk=8))
+  with pytest.raises(ValueError, match="bwd='fused' must be 'split_pallas'"):
+    delta_rule_op.options_from(64, bwd="fused")
+  with pytest.raises(TypeError, match=r"unknown delta rule kernel option\(s\) \['warp_speed'\]"):
+    delta_rule_op.options_from(64, warp_speed=9)
+  assert delta_rule_op.options_from(64, bwd="split_pallas", prep_bwd="pallas", num_stages=1) == \
+      delta_rule_op.DeltaRuleOptions(chunk=64, num_stages=1)
