@@ -313,6 +313,8 @@ def test_kernel_options_come_from_the_config():
   cfg.model.deltanet.kernel.bwd = "sideways"
   with pytest.raises(ConfigError, match=r"model.deltanet.kernel=.*bwd='sideways' must be"):
     dn.rule_options(cfg)
+  # read only where the kernels run: the chunked / recurrent references ignore them
+  assert dn.rule_options(cfg, kernel=False) == delta_rule_op.DeltaRuleOptions(chunk=32)
   cfg.model.deltanet.kernel.bwd = "split_pallas"
   cfg.model.deltanet.kernel.warp_speed = 9
   with pytest.raises(ConfigError, match=r"unknown delta rule kernel option\(s\) \['warp_speed'\]"):

@@ -133,11 +133,12 @@ def resolve_impl(cfg) -> str:
   return impl
 
 
-def rule_options(cfg) -> delta_rule_op.DeltaRuleOptions:
-  """model.deltanet.chunk_size and model.deltanet.kernel.* as the op's typed options (a bad
-  value or an unknown name is one ConfigError naming it)."""
+def rule_options(cfg, kernel: bool = True) -> delta_rule_op.DeltaRuleOptions:
+  """model.deltanet.chunk_size and (kernel=True) model.deltanet.kernel.* as the op's typed
+  options; a bad value or an unknown name is one ConfigError naming it. The kernel options are
+  read only where the kernels run, as before the op had options."""
   dn = cfg.model.deltanet
-  opts = dict(dn.get("kernel", {}))
+  opts = dict(dn.get("kernel", {})) if kernel else {}
   try:
     return delta_rule_op.options_from(int(dn.chunk_size), **opts)
   except (TypeError, ValueError) as e:
@@ -156,7 +157,7 @@ def delta_rule(cfg, q, k, v, log_alpha, beta, initial_state=None):
     raise ConfigError(f"model.deltanet.chunk_size={c} must be a power of two with "
                       f"model.deltanet.impl='kernel' (Triton tensor sizes).")
   return delta_rule_op.delta_rule(q, k, v, log_alpha, beta, initial_state, impl=impl,
-                                  options=rule_options(cfg))
+                                  options=rule_options(cfg, kernel=impl == "kernel"))
 
 
 def deltanet_inputs(p: dict, x, consts, cfg, conv_state=None):
