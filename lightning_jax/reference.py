@@ -178,7 +178,7 @@ def _layer(cfg, kind: str, pre: str, ours: str, stats: str, i, mtp_names=None) -
 
 
 def mtp_reversible(cfg) -> bool:
-  return bool(cfg.model.mtp.get("reversible", False))
+  return bool(cfg.model.mtp.reversible)
 
 
 def entries(cfg) -> list[Entry]:

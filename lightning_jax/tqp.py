@@ -134,7 +134,7 @@ def pow2_dim(d: int, cfg=None, what: str = "matrix dimension") -> int:
   """The rotation length for a row of length d: d itself if a power of two, else padded."""
   if d >= 1 and d & (d - 1) == 0:
     return d
-  if cfg is not None and not cfg.tqp.get("allow_pad", True):
+  if cfg is not None and not cfg.tqp.allow_pad:
     raise ConfigError(f"TQP {what} {d} is not a power of two, which the Hadamard rotation needs, "
                       "and tqp.allow_pad=False; expected a power of two (or allow zero-padding "
                       f"to {1 << (d - 1).bit_length()}).")
@@ -395,7 +395,7 @@ def base_kernel(cfg) -> str:
   at the 120B per-device shape (docs/PERFORMANCE.md): XLA's fused dequantise + einsum runs at
   90-98% of the bf16 matmul, the Pallas dequantising kernel at 9-22%; the Pallas rotation is
   2.3-2.8x faster than tqp.rotate."""
-  k = cfg.tqp.get("kernel", "auto")
+  k = cfg.tqp.kernel
   if k not in KERNELS:
     raise ConfigError(f"tqp.kernel={k!r} is not a known base-matmul kernel; expected one of "
                       f"{KERNELS} (auto = xla_rotate on GPU, xla elsewhere).")
