@@ -117,13 +117,14 @@ def make_schedule(cfg, steps: int | None = None):
 
 # ----------------------------------------------------------------------------- labels and masks
 def group_labels(params):
-  """Same tree as params: 'router' | 'adapters' | 'rest' per leaf, by path."""
+  """Same tree as params: 'router' | 'adapters' | 'rest' per leaf, by path (the one LR-group
+  rule, SPEC §4): a leaf under an MoE's router or its TQP adapters, or anything else. Frozen
+  TQP bases are not in params, so they get no optimizer state at all."""
   def label(path, _):
     ks = nn.path_keys(path)
-    if "adapters" in ks:
-      return "adapters"
-    if "router" in ks:
-      return "router"
+    for a, b in zip(ks, ks[1:]):
+      if a == "moe" and b in ("router", "adapters"):
+        return b
     return "rest"
   return jax.tree_util.tree_map_with_path(label, params)
 
