@@ -24,15 +24,14 @@ Forward, for batch["ids"] int32 [B, T + 2]:
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from lightning_jax import blocks, nn, reversible, sharding
-from lightning_jax.config import ConfigError, layer_kinds, n_groups, validate
-from lightning_jax.layers import ffn, kronecker, rotary, streams
+from lightning_jax.config import ConfigError, n_groups, validate
+from lightning_jax.layers import kronecker, rotary, streams
 from lightning_jax.layers.norms import rms_norm_specs
 
 
