@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lightning_jax import blocks, nn, reversible, sharding
+from lightning_jax import blocks, nn, reversible, sharding, tqp
 from lightning_jax.config import ConfigError, n_groups, validate
 from lightning_jax.layers import kronecker, rotary, streams
 from lightning_jax.layers.norms import rms_norm_specs
@@ -80,7 +80,6 @@ def frozen_specs(cfg) -> dict:
 def _specs(cfg):
   specs = _dense_param_specs(cfg)
   if cfg.tqp.enabled:
-    from lightning_jax import tqp
     return tqp.tqp_specs(specs, cfg)
   return specs, {}
 
