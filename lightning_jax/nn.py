@@ -151,7 +151,3 @@ def cast(x, dtype):
 
 def dtype_of(name: str):
   return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
-
-
-def to_numpy_tree(tree):
-  return jax.tree_util.tree_map(np.asarray, tree)
