@@ -21,7 +21,6 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 Initializer = Callable[[jax.Array, tuple, Any], jax.Array]
 
