@@ -51,16 +51,10 @@ keys, "clustered": shared salience + recency, neighbours share keys):
   clustered  q-blocks   178   107    64  k-blocks  613   479   352  ordered  139   102
 (the useful pairs are 8192 x 126 = 1032 thousand; "ordered": key blocks in key_order(), the
 default, which groups the keys many queries select).
-Prediction, one H100 SXM, 16 heads x 256, B1, bf16, tile set "b" (blocks 32 / 32), assuming
-~6 TB/s of L2 gather bandwidth and ~400 TFLOP/s of Triton mma (small M tiles):
-  random:    forward 579k x 16 x 1 KiB = 9.5 GB (1.6 ms) vs 0.30 TFLOP (0.8 ms) -> ~1.6-2.3 ms;
-             fwd+bwd 28 GB (4.7 ms) vs 1.34 TFLOP (3.3 ms)                        -> ~5-7 ms:
-             ABOVE dense causal cuDNN (4.39 ms), about the "flash" mode (cuDNN under the mask).
-  clustered: forward 1.75 GB (0.3 ms); fwd+bwd (ordered key blocks) 5.8 GB (1.0 ms) vs
-             0.29 TFLOP (0.7 ms) + lists, key order, un-permuting dK/dV (~0.3 ms)
-             -> ~1.3-2 ms: below cuDNN (in position order dK/dV alone would be 7.8 GB).
-The goal (beat 4.39 ms) therefore depends on how much neighbouring queries' selections overlap,
-which the indexer decides; the benchmark prints the list lengths of the selection it times.
+Measured on an H100 (docs/PERFORMANCE.md, "GSA sparse attention"): faster than dense causal
+cuDNN where neighbouring queries' selections overlap (clustered), slower where they do not
+(random; the L2 gather bandwidth was about half the one the cost model assumed). Whether the
+kernel wins therefore depends on the indexer; the benchmark prints the list lengths it times.
 Atomics (dK/dV scattered from the query-major pass) were not used: Pallas' Triton atomics are
 acq_rel per element, about one atomic per (entry, head, feature), far more than the rows read.
 """
@@ -85,7 +79,7 @@ _DN_TA = (((0,), (0,)), ((), ()))    # a.T @ b
 _DN = (((1,), (0,)), ((), ()))       # a @ b
 
 # Tile sets (timed by benchmarks/gsa_kernel_bench.py --tiles a,b,c,d); DEFAULTS is what the layer
-# (model.gsa.attention="kernel") uses. Not yet measured on a GPU: "b" is the middle ground.
+# (model.gsa.attention="kernel") uses: "b" (c and d measured slower, docs/PERFORMANCE.md).
 TILE_SETS = {
     "a": dict(block_q=16, block_k=64, block_kb=16, block_qc=64, num_warps=4, num_warps_bwd=4,
               num_stages=2),
