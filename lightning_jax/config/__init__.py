@@ -198,11 +198,13 @@ def validate(cfg: ConfigDict) -> ConfigDict:
     _need(e.top_k <= n_slots,
           f"moe.top_k={e.top_k} must be between 1 and the router's {n_slots} slots "
           f"(moe.n_experts={e.n_experts}).")
-    slots, ep = expert_slots(cfg, e.n_experts), int(cfg.mesh.expert)
-    _need(slots % ep == 0,
-          f"moe.n_experts={e.n_experts} padded to a multiple of moe.expert_pad={e.expert_pad} "
-          f"gives {slots} expert slots, which mesh.expert={ep} does not divide; expected "
-          f"moe.expert_pad a multiple of {ep} (or 0: mesh.expert).")
+    for name in ("n_experts", "mtp_n_experts"):
+      n = int(e[name])
+      slots, ep = expert_slots(cfg, n), int(cfg.mesh.expert)
+      _need(slots % ep == 0,
+            f"moe.{name}={n} padded to a multiple of moe.expert_pad={e.expert_pad} gives {slots} "
+            f"expert slots, which mesh.expert={ep} does not divide; expected moe.expert_pad a "
+            f"multiple of {ep} (or 0: mesh.expert).")
 
   r = cfg.reversible
   if r.enabled:

@@ -79,7 +79,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from lightning_jax import nn, sharding, tqp
-from lightning_jax.config import ConfigError
+from lightning_jax.config import ConfigError, expert_slots
 from lightning_jax.layers import ffn
 from lightning_jax.ops.dispatch.api import combine_rows, dispatch_rows
 
@@ -91,13 +91,14 @@ EXPERT_STD = 0.02
 
 # ----------------------------------------------------------------------------- layout
 def ep_size(cfg) -> int:
-  """Expert-parallel size the stored layout is built for (cfg.mesh.expert)."""
+  """Expert-parallel devices of the mesh (mesh.expert)."""
   return max(1, int(cfg.mesh.expert))
 
 
 def padded_experts(cfg, n_experts: int) -> int:
-  n = ep_size(cfg)
-  return -(-n_experts // n) * n
+  """Stored expert slots: n_experts rounded up to the layout's multiple (moe.expert_pad, a model
+  field: 0 means mesh.expert when the run is created; config.expert_slots)."""
+  return expert_slots(cfg, n_experts)
 
 
 def expert_layout(cfg, n_experts: int) -> dict:
@@ -113,12 +114,9 @@ def aux_layer_scale(n_layers: int) -> float:
 
 
 def validate_moe(cfg, n_experts: int):
-  """Build-time checks: router kind, top-k against the router's slots, experts against the mesh."""
+  """Build-time checks of one MoE sublayer with n_experts experts: top-k against the router's
+  slots, experts against the mesh (the fields themselves: config.validate)."""
   e = cfg.moe
-  if e.router not in ("null_slot", "sigmoid"):
-    raise ConfigError(f"moe.router={e.router!r} must be 'null_slot' or 'sigmoid'.")
-  if e.dispatch not in ("dropless", "capacity"):
-    raise ConfigError(f"moe.dispatch={e.dispatch!r} must be 'dropless' or 'capacity'.")
   if n_experts < 1:
     raise ConfigError(f"moe expert count {n_experts} must be at least 1.")
   n_slots = n_experts + (int(e.n_null) if e.router == "null_slot" else 0)
@@ -130,9 +128,6 @@ def validate_moe(cfg, n_experts: int):
   if n_experts < ep:
     raise ConfigError(f"moe expert count {n_experts} is smaller than mesh.expert={ep}; expected "
                       f"at least one real expert per expert-parallel device.")
-  if e.group_pad < 1 or e.capacity_factor <= 0:
-    raise ConfigError(f"moe.group_pad={e.group_pad} must be >= 1 and moe.capacity_factor="
-                      f"{e.capacity_factor} must be positive.")
 
 
 # ----------------------------------------------------------------------------- specs
