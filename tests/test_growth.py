@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from configs import stage_5b, stage_9b, tiny, tiny_120b, tiny_deep, tiny_moe
-from growth import common
-from growth.common import GrowthError
-from growth.dense_to_moe import dense_to_moe
-from growth.depth_map import MAPPINGS, check_mapping, depth_map
-from growth.expand_experts import expand_experts
+from lightning_jax.growth import common
+from lightning_jax.growth.common import GrowthError
+from lightning_jax.growth.dense_to_moe import dense_to_moe
+from lightning_jax.growth.depth_map import MAPPINGS, check_mapping, depth_map
+from lightning_jax.growth.expand_experts import expand_experts
 
 VOCAB = 64
 SEED = int(np.random.SeedSequence().entropy % (2 ** 31))

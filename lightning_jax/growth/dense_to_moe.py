@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from growth import common
-from growth.common import GrowthError, GrowthReport
+from lightning_jax.growth import common, registry
+from lightning_jax.growth.common import GrowthError, GrowthReport
 
 ROUTER_STD = 0.02
 DROP_FRACTION = 0.5
@@ -168,6 +168,9 @@ def dense_to_moe(params, src_cfg, dst_cfg, *, strategy: str = "partition", seed:
   return (grown, report) if return_report else grown
 
 
-if __name__ == "__main__":
-  from growth import cli
-  cli.run("dense_to_moe")
+registry.register(registry.Transform(
+    "dense_to_moe", dense_to_moe, needs="a dense run (moe.enabled=False)",
+    makes="an MoE run of the target stage (SPEC §3.1)",
+    flags=(registry.Flag("strategy", "enum", "partition", "Expert initialisation.",
+                         choices=STRATEGIES),
+           registry.Flag("seed", "integer", 0, "Seed of every random draw."))))

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from growth import common
-from growth.common import GrowthError, GrowthReport
+from lightning_jax.config import layer_kinds
+from lightning_jax.growth import common, registry
+from lightning_jax.growth.common import GrowthError, GrowthReport
 
 MAPPINGS = {
     "5b_to_9b": [0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 6, 7],
@@ -43,7 +44,6 @@ def parse_mapping(mapping) -> tuple[str, list[int]]:
 
 
 def check_mapping(mp: list[int], src_cfg, dst_cfg):
-  from lightning_jax.config import layer_kinds
   n_src, n_dst = src_cfg.model.n_layers, dst_cfg.model.n_layers
   if len(mp) != n_dst:
     raise GrowthError(f"depth_map mapping has {len(mp)} entries but the target config has "
@@ -124,6 +124,9 @@ def depth_map(params, src_cfg, dst_cfg, *, mapping="5b_to_9b", return_report: bo
   return (grown, report) if return_report else grown
 
 
-if __name__ == "__main__":
-  from growth import cli
-  cli.run("depth_map")
+registry.register(registry.Transform(
+    "depth_map", depth_map, needs="a run of the source depth",
+    makes="a deeper run of the target stage, layers copied by the mapping (SPEC §3.2)",
+    flags=(registry.Flag("mapping", "string", "5b_to_9b",
+                         "Named mapping or comma-separated source layers."),),
+    report_choices=("mapping",)))

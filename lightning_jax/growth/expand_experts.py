@@ -30,9 +30,9 @@ import os
 
 import numpy as np
 
-from growth import common
-from growth.common import GrowthError, GrowthReport
-from growth.dense_to_moe import fresh_sigmoid_stats
+from lightning_jax.growth import common, registry
+from lightning_jax.growth.common import GrowthError, GrowthReport
+from lightning_jax.growth.dense_to_moe import fresh_sigmoid_stats
 
 
 def _check_stages(flat_src, src_cfg, dst_cfg, ratio, router_sigma):
@@ -247,6 +247,13 @@ def expand_experts(params, src_cfg, dst_cfg, *, ratio: float = 0.5, router_sigma
   return (grown, p.report) if return_report else grown
 
 
-if __name__ == "__main__":
-  from growth import cli
-  cli.run("expand_experts")
+EXPAND_FLAGS = (
+    registry.Flag("ratio", "float", 0.5, "Fraction of each target expert's channels re-drawn."),
+    registry.Flag("router_sigma", "float", 0.05,
+                  "Router noise std relative to std(source router)."),
+    registry.Flag("seed", "integer", 1337, "Seed of every random draw."))
+
+registry.register(registry.Transform(
+    "expand_experts", expand_experts, needs="an MoE run of the source expert count",
+    makes="the target stage's experts, cloned and partly re-drawn (SPEC §3.3)",
+    flags=EXPAND_FLAGS))

@@ -7,12 +7,12 @@ The result is the one `growth.expand_experts` followed by `growth.to_tqp` writes
 bit for bit, and the same report: tests/test_run_120b_reduced.py); only the intermediate with the
 routed experts in dense float32 form is never built. That intermediate is what makes the
 two-command path heavy at the 120B's width: 464 (460 + padding) x 3 x 4096 x 1024 float32 expert
-weights are 23.35 GB per layer, 467 GB at 20 layers, and growth.cli.write_grown stores them with
+weights are 23.35 GB per layer, 467 GB at 20 layers, and lightning_jax.run.checkpoints.write_grown stores them with
 two fresh Adam moments (3x).
 
 Per layer: every (pattern position j, group g) of the stacked layer groups is expanded from its
-own random stream (growth.expand_experts.expand_layer: the draws expand_experts makes for it),
-each of its three matrices is quantized, 16 experts per call (growth.to_tqp.convert_layer: the slice
+own random stream (lightning_jax.growth.expand_experts.expand_layer: the draws expand_experts makes for it),
+each of its three matrices is quantized, 16 experts per call (lightning_jax.growth.to_tqp.convert_layer: the slice
 lightning_jax.tqp.convert_moe_to_tqp writes for it, key from tqp.seed and the layer's path), the
 codes / norms / signs and the fresh adapters are copied into the preallocated output stacks, and
 the dense copy is dropped. `workers` layers are expanded in parallel threads (numpy releases the
@@ -20,7 +20,7 @@ GIL) while the main thread quantizes the oldest; the order does not change the r
 
 Peak host memory (bytes; D = d_model, F = moe.expert_width, Ep = padded experts, r = tqp.rank,
 b = tqp.bits, W = workers):
-  source variables (growth.cli.read_source, which no longer reads the optimizer state: 35.4 GB
+  source variables (lightning_jax.run.checkpoints.read_source, which no longer reads the optimizer state: 35.4 GB
   for the 9B at 20 layers; the Adam moments would be 67 GB more)
   + the TQP output variables, filled in as the layers finish (params + frozen of the target; per
     expert layer 3 Ep D F b/8 codes + 4 Ep (2 F + D) norms + 12 Ep r (D + F) adapters = 3.39 GB
@@ -31,7 +31,7 @@ b = tqp.bits, W = workers):
 At the 120B's width and 20 layers: W = 1: 35.4 + 82.3 + 23.4 + 1.3 + 1 = 143 GB; W = 4 (the
 default on a large host): 213 GB. The whole-tree path held all layers' dense experts and
 quantized each stack in one call (about 5x a matrix in buffers): 35.4 (+ 67 optimizer state) +
-467 + 82.3 + 39 > 620 GB. growth.cli.grow then writes with write_grown(on_cpu=True): + 82.3 GB of
+467 + 82.3 + 39 > 620 GB. lightning_jax.growth.driver.grow then writes with write_grown(on_cpu=True): + 82.3 GB of
 device (host) copies and 42.9 GB of fresh Adam moments. Measured on a 2-core CPU host at d_model 512,
 expert_width 1024, 4 layers, 16 -> 64 experts (benchmarks/expand_to_tqp_memory.py; source 613 MB,
 output 387 MB, one dense layer 403 MB): peak RSS growth during the transform, whole-tree path
@@ -50,8 +50,10 @@ import os
 
 import numpy as np
 
-from growth import common
-from growth.common import GrowthError, GrowthReport
+from lightning_jax.growth import common, registry
+from lightning_jax.growth.common import GrowthError, GrowthReport
+from lightning_jax.growth.expand_experts import EXPAND_FLAGS, expand_layer, plan
+from lightning_jax.growth.to_tqp import assemble, check_configs, convert_layer
 
 MATRICES = ("gate", "up", "down")
 
@@ -94,8 +96,6 @@ def expand_to_tqp(variables, src_cfg, dst_cfg, *, ratio: float = 0.5, router_sig
   (layer, group) at a time (module docstring). variables: the full {"params", "frozen", "stats"}
   (the quantized bases go to "frozen"). workers: layers expanded in parallel (None: default_workers).
   log: called with a line per finished layer (None: quiet). Returns numpy leaves."""
-  from growth.expand_experts import expand_layer, plan
-  from growth.to_tqp import assemble, check_configs, convert_layer
   mid_cfg = common.dense_expert_cfg(dst_cfg)
   check_configs(mid_cfg, dst_cfg)
   if not (isinstance(variables, dict) and "params" in variables):
@@ -172,6 +172,7 @@ def expand_to_tqp(variables, src_cfg, dst_cfg, *, ratio: float = 0.5, router_sig
   return (tree, report) if return_report else tree
 
 
-if __name__ == "__main__":
-  from growth import cli
-  cli.run("expand_to_tqp")
+registry.register(registry.Transform(
+    "expand_to_tqp", expand_to_tqp, needs="an MoE run of the source expert count",
+    makes="expand_experts then to_tqp in one process, without the dense intermediate",
+    flags=EXPAND_FLAGS, keeps_tqp=True, on_cpu=True, takes_log=True))

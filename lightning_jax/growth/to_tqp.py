@@ -14,14 +14,18 @@ CLI: python -m growth.to_tqp --src RUN --dst NEW_RUN --config=configs/stage_120b
 """
 from __future__ import annotations
 
+import math
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from growth import common
-from growth.common import GrowthError, GrowthReport
+from lightning_jax import model, tqp
+from lightning_jax.growth import common, registry
+from lightning_jax.growth.common import GrowthError, GrowthReport
 
 
 def _target_abstract(dst_cfg, cols):
-  from lightning_jax import model
   ab = model.abstract_variables(dst_cfg)
   flat = common.flatten({c: ab[c] for c in cols})
   if not any("/moe/adapters/" in k for k in flat):
@@ -56,10 +60,6 @@ def convert_layer(w, cfg, path: str, li: int, chunk: int = 16):
   (same key per (node, layer, matrix) from tqp.seed, same quantizer on the same batches of `chunk`
   experts; tests/test_run_120b_reduced.py compares them bit for bit). Transient memory: one
   chunk's buffers, not the whole matrix's."""
-  import math
-  import jax
-  import jax.numpy as jnp
-  from lightning_jax import tqp
   node, mat = path.rsplit("/", 1)
   bits, r = int(cfg.tqp.bits), int(cfg.tqp.rank)
   E, d_in, d_out = w.shape
@@ -90,7 +90,6 @@ def assemble(out: dict, flat_src: dict, dst_cfg, *, return_report: bool = True):
   """Flat TQP output {path: array} -> (target tree, GrowthReport): provenance per leaf, and the
   guards (exactly the target TQP model's leaves, shapes and dtypes; every source leaf used).
   flat_src: the dense source's flat tree (leaves are only looked up by name)."""
-  import jax
   report = GrowthReport("to_tqp", {"bits": int(dst_cfg.tqp.bits), "rank": int(dst_cfg.tqp.rank),
                                    "tqp_seed": int(dst_cfg.tqp.seed)})
   used = set()
@@ -123,7 +122,6 @@ def assemble(out: dict, flat_src: dict, dst_cfg, *, return_report: bool = True):
 
 
 def to_tqp(variables, src_cfg, dst_cfg, *, return_report: bool = False):
-  from lightning_jax import tqp
   t = "to_tqp"
   check_configs(src_cfg, dst_cfg)
   v, was_full = common.as_variables(common.to_host(variables))
@@ -140,6 +138,7 @@ def to_tqp(variables, src_cfg, dst_cfg, *, return_report: bool = False):
   return (tree, report) if return_report else tree
 
 
-if __name__ == "__main__":
-  from growth import cli
-  cli.run("to_tqp")
+registry.register(registry.Transform(
+    "to_tqp", to_tqp, needs="an MoE run with dense routed experts (tqp.enabled=False)",
+    makes="the same model with TQP-quantized experts and fresh adapters (SPEC §4)",
+    keeps_tqp=True, on_cpu=True))
