@@ -36,13 +36,22 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
+import subprocess
+import sys
+import tempfile
 import time
 import traceback
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from lightning_jax.kernels import common
+from lightning_jax.kernels import delta_rule as kdr
+from lightning_jax.layers import deltanet as dn
+from lightning_jax.layers import sparse_attention as sa
 
 RESULTS: dict = {}
 
@@ -114,8 +123,6 @@ def delta_inputs(key, b, t, h, d):
 
 def delta_variants(small, iters):
   """Backward and inverse-precision variants of the kernel path, forward+backward, B4 T4096."""
-  from lightning_jax.kernels import delta_rule as kdr
-  from lightning_jax.layers import deltanet as dn
   b, t, h, d = (2, 128, 4, 16) if small else (4, 4096, 32, 128)
   args = delta_inputs(jax.random.PRNGKey(t), b, t, h, d)
   ct = jax.random.normal(jax.random.PRNGKey(1), (b, t, h, d), jnp.bfloat16)
@@ -176,8 +183,6 @@ def _errs(og, ref):
 
 def delta(small, iters):
   """XLA chunked reference and the kernel path's settings (DELTA_SETTINGS) at both shapes."""
-  from lightning_jax.kernels import delta_rule as kdr
-  from lightning_jax.layers import deltanet as dn
   shapes = [(2, 128, 4, 16)] if small else [(4, 4096, 32, 128), (2, 8192, 32, 128)]
   for b, t, h, d in shapes:
     tag = f"B{b}T{t}"
@@ -227,7 +232,6 @@ def prep(small, iters):
   forward+backward: XLA (float32, autodiff) vs the Pallas kernel (bf16 outputs), with the
   Pallas outputs' and input gradients' relative error against the XLA prep. Then each kernel
   of the recurrence alone (forward; reverse dS; per-chunk gradients) on random operands."""
-  from lightning_jax.kernels import delta_rule as kdr
   b, t, h, d = (2, 128, 4, 16) if small else (4, 4096, 32, 128)
   c = 64
   tag = f"B{b}T{t}"
@@ -333,13 +337,7 @@ def resources(small, triton_python):
   kernel's Triton IR, and compile it with the `triton` package of --triton_python (a Python
   with `pip install triton`; ptxas / cuobjdump ship in its wheel). Uses a private JAX hook
   (jax._src.pallas.triton.pallas_call_registration) to see the IR: diagnostic only."""
-  import os
-  import subprocess
-  import sys
-  import tempfile
   import jax._src.pallas.triton.pallas_call_registration as reg
-  from lightning_jax.kernels import common
-  from lightning_jax.kernels import delta_rule as kdr
   if not triton_python:
     print("resources: pass --triton_python /path/to/python (with the triton package)")
     return
@@ -389,7 +387,6 @@ def resources(small, triton_python):
 
 # ----------------------------------------------------------------------------- GSA
 def gsa(small, iters):
-  from lightning_jax.layers import sparse_attention as sa
   b, t, h, d, kb, kmax, qc = (1, 256, 2, 32, 16, 32, 64) if small else (1, 8192, 16, 256, 128,
                                                                          256, 512)
   ks = jax.random.split(jax.random.PRNGKey(5), 5)
