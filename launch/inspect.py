@@ -29,7 +29,7 @@ from absl import app, flags, logging as absl_logging
 import jax
 import numpy as np
 
-from lightning_jax.growth import history
+from lightning_jax.run import history
 from lightning_jax.run.checkpoints import locate
 from lightning_jax import checkpoint as ck
 

@@ -9,6 +9,7 @@
                  the checkpoint's saved config BEFORE any array is restored)
   checkpoints.py reading a run's variables (params-only, the optimizer state never opened) and
                  writing a step-0 run (growth, init, EMA); locating a checkpoint from a path
+  history.py     a run's growth history (<run>/growth_history.json), recorded by every step-0 write
 
 Full checkpoints (save, restore, fallback, frozen versions) are lightning_jax/checkpoint.py.
 Entry points (launch/, growth/, benchmarks/, tokenizer/) import these modules, never each other.

@@ -20,7 +20,7 @@ import orbax.checkpoint as ocp
 from lightning_jax import checkpoint as ck
 from lightning_jax import optim
 from lightning_jax.config import from_stored
-from lightning_jax.growth import history
+from lightning_jax.run import history
 from lightning_jax.run import setup
 
 
