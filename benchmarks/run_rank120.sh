@@ -6,7 +6,10 @@
 # cases: full (20 layers, 58 experts, B1 x T8192, profile + HLO memory report), l4e460 (4 layers
 # with all 460 experts), or "custom:<args for benchmarks.rank120>"; for the other GPU issues on the
 # same call: step2b (issue 17: benchmarks.step2b, stage_2b at B1/B2/B4 + the delta rule) and
-# decode (issue 22: benchmarks.decode_bench on stage_2b).
+# decode (issue 22: benchmarks.decode_bench on stage_2b); house_2b / house_rank120 (issue 19:
+# stage_2b B1 x T4096, or the 120B rank, in the tree as it was before the house move (.before/,
+# made with `mkdir .before && git archive b6b1dd1 | tar -x -C .before`, carried) and in this
+# tree, alternating, twice: one device call per case).
 set -uo pipefail
 : "${OUT:=/tmp/rank120_out}"; mkdir -p "$OUT"
 : "${COMMIT:=unknown}"
@@ -50,6 +53,21 @@ for case in "${@:-full}"; do
     decode)
       timeout "${T_DECODE:-300}" python3 -m benchmarks.decode_bench --params_dtype bfloat16 \
         ${EXTRA:-} --out "$OUT/decode_bench_2b.json" 2>&1 | tail -40 ;;
+    house_2b|house_rank120)   # one device call each (compiles are cached for the second rep)
+      export JAX_COMPILATION_CACHE_DIR=/tmp/jax_cache_house
+      for rep in 1 2; do
+        for tree in .before .; do
+          tag=$([ "$tree" = . ] && echo after || echo before)
+          if [ "$case" = house_2b ]; then
+            cmd=(benchmarks.step --config configs/stage_2b.py --batch 1 --seq 4096 --steps 10)
+          else
+            cmd=(benchmarks.rank120 "${common[@]}" --steps 5 --no_profile
+                 --set reversible.mode=invert)
+          fi
+          (cd "$tree" && PYTHONPATH="$PWD:${PYTHONPATH:-}" timeout "${T_HOUSE:-280}" \
+            python3 -m "${cmd[@]}" --json "$OUT/${case}_${tag}_${rep}.json" 2>&1 | tail -6)
+        done
+      done ;;
     custom:*)
       timeout "${T_CUSTOM:-300}" python3 -m benchmarks.rank120 "${common[@]}" ${case#custom:} \
         2>&1 | tail -40 ;;

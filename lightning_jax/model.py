@@ -24,38 +24,19 @@ Forward, for batch["ids"] int32 [B, T + 2]:
 from __future__ import annotations
 
 import functools
-import importlib
-import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lightning_jax import nn, reversible, sharding
-from lightning_jax.config import ConfigError, layer_kinds, n_groups, validate
-from lightning_jax.layers import ffn, kronecker, rotary, streams
+from lightning_jax import blocks, nn, reversible, sharding, tqp
+from lightning_jax.config import ConfigError, n_groups, validate
+from lightning_jax.layers import kronecker, rotary, streams
 from lightning_jax.layers.norms import rms_norm_specs
 
 
 class InputError(ValueError):
   """A batch does not fit the model; the message names the field and what was expected."""
-
-
-# ----------------------------------------------------------------------------- layer modules
-def _mod(name: str):
-  return importlib.import_module(f"lightning_jax.layers.{name}")
-
-
-def _deltanet():
-  return _mod("deltanet")
-
-
-def _gsa():
-  return _mod("sparse_attention")
-
-
-def _moe():
-  return _mod("moe")
 
 
 def _materialise(tree):
@@ -70,30 +51,19 @@ def _materialise(tree):
 
 # ----------------------------------------------------------------------------- specs
 def layer_specs(cfg, kind: str, n_experts: int | None = None) -> dict:
-  """Parameter specs of one layer (unstacked)."""
-  if kind == "D":
-    mixer = _deltanet().deltanet_specs(cfg)
-  elif kind == "G":
-    mixer = _gsa().gsa_specs(cfg)
-  else:
-    raise ConfigError(f"model.pattern has layer kind {kind!r}; expected 'D' or 'G'.")
-  p = {"mix_hc": streams.hc_specs(cfg), "mixer": mixer, "ffn_hc": streams.hc_specs(cfg)}
-  if cfg.moe.enabled:
-    p["moe"] = _moe().moe_specs(cfg, n_experts if n_experts is not None else cfg.moe.n_experts)
-  else:
-    p["ffn"] = ffn.swiglu_specs(cfg.model.d_model, cfg.model.ffn_width)
-  return p
+  """Parameter specs of one layer (unstacked): the pattern letter's mixer, the FFN kind."""
+  fb = blocks.ffn_block(cfg)
+  return {"mix_hc": streams.hc_specs(cfg), "mixer": blocks.mixer(kind).specs(cfg),
+          "ffn_hc": streams.hc_specs(cfg), fb.key: fb.specs(cfg, n_experts)}
 
 
 def layer_stats(cfg, kind: str, n_experts: int | None = None) -> dict:
   """Non-trained statistics of one layer (unstacked arrays)."""
   st = {}
-  if kind == "G":
-    st["mixer"] = _materialise(_gsa().gsa_stats_init(cfg))
-  if cfg.moe.enabled:
-    s = _moe().moe_stats_init(cfg, n_experts if n_experts is not None else cfg.moe.n_experts)
+  for key, s in ((blocks.mixer(kind).key, blocks.mixer(kind).stats(cfg)),
+                 (blocks.ffn_block(cfg).key, blocks.ffn_block(cfg).stats(cfg, n_experts))):
     if s is not None and jax.tree_util.tree_leaves(s, is_leaf=nn.is_spec):
-      st["moe"] = _materialise(s)
+      st[key] = _materialise(s)
   return st
 
 
@@ -110,7 +80,6 @@ def frozen_specs(cfg) -> dict:
 def _specs(cfg):
   specs = _dense_param_specs(cfg)
   if cfg.tqp.enabled:
-    from lightning_jax import tqp
     return tqp.tqp_specs(specs, cfg)
   return specs, {}
 
@@ -213,7 +182,6 @@ def make_consts(cfg, seq_len: int) -> dict:
 
 
 _STATE_AXES = ("batch", "seq", "streams", "embed")
-_ZERO = None
 
 
 def layer_apply(vars_j, x, consts, choices, *, cfg, kind: str, mixer=None):
@@ -238,26 +206,20 @@ def mix_sublayer(vars_j, x, consts, choices, *, cfg, kind: str, mixer=None):
   aux = jnp.zeros((), jnp.float32)
   out_choices, out_stats = {}, {}
 
-  if mixer is not None:
-    x, (sel, a, s) = streams.apply(p["mix_hc"], x,
-                                   lambda u: mixer(vars_j, u, consts, ch.get("mixer")), cfg)
-    aux = aux + jnp.asarray(a, jnp.float32)
+  if mixer is None:
+    mk = blocks.mixer(kind)
+
+    def mixer(vars_j, u, consts, selection):
+      return mk.apply(vars_j["params"]["mixer"], None, st.get("mixer"), u, consts, cfg,
+                      selection=selection)
+
+  x, (sel, a, s) = streams.apply(p["mix_hc"], x,
+                                 lambda u: mixer(vars_j, u, consts, ch.get("mixer")), cfg)
+  aux = aux + jnp.asarray(a, jnp.float32)
+  if s is not None:
     out_stats["mixer"] = s
-    if sel is not None:
-      out_choices["mixer"] = sel
-  elif kind == "D":
-    dn = _deltanet()
-    x, _ = streams.apply(p["mix_hc"], x, lambda u: (dn.deltanet_apply(p["mixer"], u, consts, cfg),),
-                         cfg)
-  else:
-    g = _gsa()
-
-    def mix(u):
-      return g.gsa_apply(p["mixer"], st.get("mixer"), u, consts, cfg, selection=ch.get("mixer"))
-
-    x, (sel, a, s) = streams.apply(p["mix_hc"], x, mix, cfg)
-    aux = aux + jnp.asarray(a, jnp.float32)
-    out_choices["mixer"], out_stats["mixer"] = sel, s
+  if sel is not None:
+    out_choices["mixer"] = sel
   return sharding.constrain(x, _STATE_AXES), out_choices, aux, out_stats
 
 
@@ -269,19 +231,18 @@ def ffn_sublayer(vars_j, x, consts, choices, *, cfg):
   ch = choices or {}
   aux = jnp.zeros((), jnp.float32)
   out_choices, out_stats = {}, {}
-  if cfg.moe.enabled:
-    mo = _moe()
+  fb = blocks.ffn_block(cfg)
 
-    def moe_fn(u):
-      return mo.moe_apply(p["moe"], fr.get("moe"), st.get("moe"), u, consts, cfg,
-                          selection=ch.get("moe"))
+  def ffn_fn(u):
+    return fb.apply(p[fb.key], fr.get(fb.key), st.get(fb.key), u, consts, cfg,
+                    selection=ch.get(fb.key))
 
-    x, (sel, a, s) = streams.apply(p["ffn_hc"], x, moe_fn, cfg)
-    aux = aux + jnp.asarray(a, jnp.float32)
-    out_choices["moe"], out_stats["moe"] = sel, s
-  else:
-    dtype = nn.dtype_of(cfg.model.dtype)
-    x, _ = streams.apply(p["ffn_hc"], x, lambda u: (ffn.swiglu(p["ffn"], u, dtype),), cfg)
+  x, (sel, a, s) = streams.apply(p["ffn_hc"], x, ffn_fn, cfg)
+  aux = aux + jnp.asarray(a, jnp.float32)
+  if sel is not None:
+    out_choices[fb.key] = sel
+  if s is not None:
+    out_stats[fb.key] = s
   return sharding.constrain(x, _STATE_AXES), out_choices, aux, out_stats
 
 
@@ -292,7 +253,7 @@ def mtp_layer(vars_m, x, consts, cfg):
   (with f(x) = sublayer(x) - x): p1 = x + (h/2) f_mix(x); out = a x + (1-a) p1 + 2h f_ffn(p1),
   h = reversible.h, a = reversible.a. Two sublayers need no activation rebuild: plain autodiff.
   """
-  if not cfg.model.mtp.get("reversible", False):
+  if not cfg.model.mtp.reversible:
     return layer_apply(vars_m, x, consts, None, cfg=cfg, kind="G")
   h, a = float(cfg.reversible.h), float(cfg.reversible.a)
   f32 = jnp.float32
@@ -357,7 +318,7 @@ def forward(params, frozen, stats, ids, cfg, with_mtp: bool | None = None, moe_c
   fns = [functools.partial(layer_apply, cfg=cfg, kind=k) for k in m.pattern]
   x, aux, step_stats, choices = reversible.run_stack(
       cfg.reversible, fns, _group_vars(params, frozen, stats, cfg), x, consts,
-      remat=bool(m.get("remat", False)))
+      remat=bool(m.remat))
   h = streams.readout(x, params["final_norm"]["scale"], m.norm_eps)
   h = sharding.constrain(h, ("batch", "seq", "embed"))
   step_stats = {"groups": {f"l{j}": s for j, s in enumerate(step_stats)}}
@@ -469,7 +430,7 @@ def loss_fn(params, frozen, stats, batch, cfg, moe_ctl=None):
   if with_mtp:
     ce_mtp = chunked_cross_entropy(out["h_mtp"], w, ids[:, 2:], m.ce_chunk, dtype)
     total = total + m.mtp.weight * ce_mtp
-    if m.mtp.get("include_aux", False):
+    if m.mtp.include_aux:
       total = total + out["aux_mtp"]
   metrics = {"loss": ce_next, "ce_mtp": ce_mtp, "aux": aux, "aux_mtp": out["aux_mtp"],
              "total": total, "step_stats": out["step_stats"]}
@@ -485,30 +446,20 @@ def update_stats(cfg, stats, step_stats, moe_ctl=None):
   if not stats:
     return stats
   new = jax.tree_util.tree_map(lambda a: a, stats)
-  kinds = cfg.model.pattern
 
-  def upd(kind_mod, fn_name, cur, st, stacked):
-    fn = getattr(kind_mod, fn_name)
-    if fn_name == "moe_update_stats" and moe_ctl is not None:
-      fn = functools.partial(fn, ctl=moe_ctl)
-    if stacked:
-      return jax.vmap(lambda c, s: fn(c, s, cfg))(cur, st)
-    return fn(cur, st, cfg)
+  def upd(block, cur, st, stacked):
+    def fn(c, s):
+      return block.update_stats(c, s, cfg, moe_ctl)
+    return jax.vmap(fn)(cur, st) if stacked else fn(cur, st)
 
-  for j, k in enumerate(kinds):
+  def layer(kind, cur, st, out, stacked):
+    for block in (blocks.mixer(kind), blocks.ffn_block(cfg)):
+      if block.key in cur and block.update_stats is not None:
+        out[block.key] = upd(block, cur[block.key], st[block.key], stacked)
+
+  for j, k in enumerate(cfg.model.pattern):
     lj = f"l{j}"
-    cur = stats["groups"].get(lj, {})
-    st = step_stats["groups"][lj]
-    if k == "G" and "mixer" in cur:
-      new["groups"][lj]["mixer"] = upd(_gsa(), "gsa_update_stats", cur["mixer"], st["mixer"], True)
-    if "moe" in cur:
-      new["groups"][lj]["moe"] = upd(_moe(), "moe_update_stats", cur["moe"], st["moe"], True)
+    layer(k, stats["groups"].get(lj, {}), step_stats["groups"][lj], new["groups"][lj], True)
   if "mtp" in stats and "mtp" in step_stats:
-    cur = stats["mtp"]["layer"]
-    st = step_stats["mtp"]["layer"]
-    if "mixer" in cur:
-      new["mtp"]["layer"]["mixer"] = upd(_gsa(), "gsa_update_stats", cur["mixer"], st["mixer"],
-                                         False)
-    if "moe" in cur:
-      new["mtp"]["layer"]["moe"] = upd(_moe(), "moe_update_stats", cur["moe"], st["moe"], False)
+    layer("G", stats["mtp"]["layer"], step_stats["mtp"]["layer"], new["mtp"]["layer"], False)
   return new

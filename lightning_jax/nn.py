@@ -7,10 +7,10 @@ names, initializer). From that one tree we derive:
   * `abstract(specs)`          -> ShapeDtypeStructs for `jax.eval_shape`-style counting,
   * `stack(specs, n, axis)`    -> the specs of n copies stacked on a leading axis (lax.scan).
 
-Why plain dicts instead of Flax NNX modules: the reversible custom_vjp scans a pure function
-over stacked layer groups, growth and TQP conversion are pure functions on parameter trees,
-and the optimizer labels leaves by path. All of that wants plain pytrees; an NNX module would
-be split and merged at every one of those boundaries.
+These declarations are the one source of a block's variables: the pure trees the training
+step, growth, TQP conversion, checkpoints and the optimizer work on (the reversible custom_vjp
+and the scans over layer groups want pure functions of pytrees), and the Flax NNX modules of
+lightning_jax/modules, whose variables carry the same paths and logical axes.
 """
 from __future__ import annotations
 
@@ -21,7 +21,6 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 Initializer = Callable[[jax.Array, tuple, Any], jax.Array]
 
@@ -151,7 +150,3 @@ def cast(x, dtype):
 
 def dtype_of(name: str):
   return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
-
-
-def to_numpy_tree(tree):
-  return jax.tree_util.tree_map(np.asarray, tree)

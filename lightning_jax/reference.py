@@ -27,9 +27,21 @@ import dataclasses
 import json
 import pathlib
 import re
+import struct
 import zipfile
 
+import jax
+import jax.numpy as jnp
+import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
 import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
+
+from lightning_jax import model, nn, tqp
+from lightning_jax.config import base_config, n_groups
+from lightning_jax.layers import moe as moe_lib
+from lightning_jax.layers import sparse_attention as sa
+from lightning_jax.layers.kronecker import codec_dim
 
 MAX_NAMED = 6
 
@@ -178,14 +190,13 @@ def _layer(cfg, kind: str, pre: str, ours: str, stats: str, i, mtp_names=None) -
 
 
 def mtp_reversible(cfg) -> bool:
-  return bool(cfg.model.mtp.get("reversible", False))
+  return bool(cfg.model.mtp.reversible)
 
 
 def entries(cfg) -> list[Entry]:
   """Every reference tensor of `cfg`'s model, in the reference's registration order."""
   m = cfg.model
   d, v = m.d_model, m.vocab_size
-  from lightning_jax.layers.kronecker import codec_dim
   out = [Entry("pf_to_model.weight", "params/embed/proj", None, "T", (d, codec_dim(m.embed.max_bytes))),
          Entry("embed_norm.weight", "params/embed/norm/scale", None, "id", (d,))]
   for n in range(m.n_layers):
@@ -383,7 +394,6 @@ def _dtype_name(a) -> str:
 
 def _abstract_dense(cfg):
   """Abstract params/stats of cfg with routed experts in dense form (the TQP import target)."""
-  from lightning_jax import model
   dense = cfg
   if cfg.tqp.enabled:
     dense = cfg.copy_and_resolve_references()
@@ -396,8 +406,6 @@ def import_state_dict(sd: dict, cfg, *, check_aliases: bool = True):
 
   With cfg.tqp.enabled the routed experts are quantized (tqp.convert_moe_to_tqp): the result
   then also has "frozen" (the TQP bases, without the embedding codec)."""
-  import jax
-  from lightning_jax import nn
   report = ImportReport()
   dense_cfg, abstract = _abstract_dense(cfg)
   flat_abs = {f"{c}/{k}": v for c in ("params", "stats") for k, v in nn.flatten(abstract[c]).items()}
@@ -486,7 +494,6 @@ def import_state_dict(sd: dict, cfg, *, check_aliases: bool = True):
   tree = {c: jax.tree_util.tree_map_with_path(lambda kp, _, c=c: out[f"{c}/{nn.path_str(kp)}"],
                                               abstract[c]) for c in ("params", "stats")}
   if cfg.tqp.enabled:
-    from lightning_jax import tqp
     params, qfrozen = tqp.convert_moe_to_tqp(tree["params"], cfg)
     tree["params"] = jax_to_numpy(params)
     tree["frozen"] = jax_to_numpy(qfrozen)
@@ -505,7 +512,6 @@ def _same(a, b) -> bool:
 
 
 def jax_to_numpy(tree):
-  import jax
   return jax.tree_util.tree_map(np.asarray, tree)
 
 
@@ -525,7 +531,6 @@ def export_state_dict(variables: dict, cfg, dtype=np.float32) -> dict:
   With TQP, the routed experts are the dequantized bases with the adapters folded in (the
   reference's 120B keeps dense experts). Memory-stream parameters (never trained) are written
   at the reference's initial values (memory_gate_proj zero)."""
-  from lightning_jax import nn
   params = variables["params"]
   if cfg.tqp.enabled:
     params = _dense_experts(params, variables["frozen"], cfg)
@@ -560,7 +565,6 @@ def export_state_dict(variables: dict, cfg, dtype=np.float32) -> dict:
 
 
 def _cast(v, dtype):
-  import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy; a jax dependency)
   return np.asarray(v).astype(dtype)
 
 
@@ -601,8 +605,6 @@ def _dense_experts(params, frozen, cfg):
 
 def _dequant_stack(q, a, bits, d_in):
   """tqp.dequantize (stored [..., E, d_in, d_out] layout) over the stacked group dims."""
-  import jax
-  from lightning_jax import tqp
   fn = lambda q_, a_: tqp.dequantize(q_, bits, d_in, a_)
   for _ in range(np.ndim(q["signs"]) - 1):
     fn = jax.vmap(fn)
@@ -621,8 +623,7 @@ def config_from_reference(cfg_json: dict, base=None):
   Values the record leaves out keep the reference code's defaults (MOE_W_Z 1e-3, bias gamma
   1e-3, caps 0.02 / 0.15, guard 50)."""
   if base is None:
-    from configs.common import get_base_config
-    base = get_base_config()
+    base = base_config()
   c = base.copy_and_resolve_references()
   ce = cfg_json.get("config_effective", cfg_json)
   need = ("hidden_size", "num_layers", "vocab_size", "delta_v_heads", "delta_head_dim",
@@ -725,8 +726,6 @@ def load_source(path) -> dict:
                            f"fixtures' layout.")
     return {"state_dict": sd, "config_json": cj, "kron": kron}
   if suffix == ".safetensors":
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
     try:
       sd = load_file(str(p))
     except (SafetensorError, OSError, ValueError) as err:
@@ -741,7 +740,6 @@ def load_source(path) -> dict:
 
 
 def _safetensors_metadata(p) -> dict | None:
-  import struct
   try:
     with open(p, "rb") as fh:
       n = struct.unpack("<Q", fh.read(8))[0]
@@ -753,7 +751,6 @@ def _safetensors_metadata(p) -> dict | None:
 
 def save_safetensors(sd: dict, path, config_json: dict | None = None) -> None:
   """Write a reference state dict (atomically: a temporary file renamed into place)."""
-  from safetensors.numpy import save_file
   p = pathlib.Path(path)
   tmp = p.with_name(p.name + ".tmp")
   meta = {"config_json": json.dumps(config_json)} if config_json else None
@@ -815,10 +812,6 @@ class recorded_selections:
     return np.where(keep, ti, -1).astype(np.int32)
 
   def __enter__(self):
-    import jax
-    import jax.numpy as jnp
-    from lightning_jax import model
-    from lightning_jax.layers import sparse_attention as sa
     self._saved = (sa.gsa_select, model.mtp_layer)
     orig_select, orig_mtp = self._saved
 
@@ -841,8 +834,6 @@ class recorded_selections:
     return self
 
   def __exit__(self, *exc):
-    from lightning_jax import model
-    from lightning_jax.layers import sparse_attention as sa
     sa.gsa_select, model.mtp_layer = self._saved
     return False
 
@@ -885,10 +876,6 @@ def check_plan(cfg) -> dict:
   leaf gets all of its groups, every leaf is written or deliberately fresh; with TQP, that the
   quantized import (tqp.convert_moe_to_tqp, traced with jax.eval_shape) has exactly the
   config's params and frozen structure. Returns {"entries", "reference_parameters"}."""
-  import jax
-  from lightning_jax import model, nn
-  from lightning_jax.config import n_groups
-  from lightning_jax.layers import moe as moe_lib
   dense_cfg, abstract = _abstract_dense(cfg)
   flat = {f"{c}/{k}": v for c in ("params", "stats") for k, v in nn.flatten(abstract[c]).items()}
   ng = n_groups(dense_cfg)
@@ -912,7 +899,6 @@ def check_plan(cfg) -> dict:
     raise ReferenceError(f"our leaves {_names(missing)} would be left unwritten by the reference "
                          f"state dict.")
   if cfg.tqp.enabled:
-    from lightning_jax import tqp
     got_p, got_f = jax.eval_shape(lambda p: tqp.convert_moe_to_tqp(p, cfg), abstract["params"])
     want = model.abstract_variables(cfg)
     sig = lambda t: {k: (tuple(v.shape), str(v.dtype)) for k, v in nn.flatten(t).items()}

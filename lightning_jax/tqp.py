@@ -35,14 +35,13 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from scipy import special
 
-from lightning_jax import nn
+from lightning_jax import nn, optim
 from lightning_jax.config import ConfigError
 
 SUPPORTED_BITS = (4, 8)
@@ -134,7 +133,7 @@ def pow2_dim(d: int, cfg=None, what: str = "matrix dimension") -> int:
   """The rotation length for a row of length d: d itself if a power of two, else padded."""
   if d >= 1 and d & (d - 1) == 0:
     return d
-  if cfg is not None and not cfg.tqp.get("allow_pad", True):
+  if cfg is not None and not cfg.tqp.allow_pad:
     raise ConfigError(f"TQP {what} {d} is not a power of two, which the Hadamard rotation needs, "
                       "and tqp.allow_pad=False; expected a power of two (or allow zero-padding "
                       f"to {1 << (d - 1).bit_length()}).")
@@ -395,7 +394,7 @@ def base_kernel(cfg) -> str:
   at the 120B per-device shape (docs/PERFORMANCE.md): XLA's fused dequantise + einsum runs at
   90-98% of the bf16 matmul, the Pallas dequantising kernel at 9-22%; the Pallas rotation is
   2.3-2.8x faster than tqp.rotate."""
-  k = cfg.tqp.get("kernel", "auto")
+  k = cfg.tqp.kernel
   if k not in KERNELS:
     raise ConfigError(f"tqp.kernel={k!r} is not a known base-matmul kernel; expected one of "
                       f"{KERNELS} (auto = xla_rotate on GPU, xla elsewhere).")
@@ -623,44 +622,8 @@ def merge_frozen(frozen: dict, qfrozen: dict) -> dict:
   return out
 
 
-# ============================================================================ optimizer labels
-LABELS = ("router", "adapters", "rest")
-
-
-def _label(path: str) -> str:
-  parts = path.split("/")
-  for i, p in enumerate(parts[:-1]):
-    if p == "moe" and parts[i + 1] == "router":
-      return "router"
-    if p == "moe" and parts[i + 1] == "adapters":
-      return "adapters"
-  return "rest"
-
-
-def param_labels(params):
-  """Tree of 'router' | 'adapters' | 'rest' per params leaf (by path), for optax.multi_transform.
-
-  Frozen TQP bases are not in params, so they get no optimizer state at all."""
-  return jax.tree_util.tree_map_with_path(lambda p, _: _label(nn.path_str(p)), params)
-
-
-def lr_multipliers(cfg) -> dict:
-  """LR multiplier per label (SPEC §4): router x1, adapters x3, rest x0.01 at 120B stage 1.
-  Without TQP every label trains at x1."""
-  if not cfg.tqp.enabled:
-    return {k: 1.0 for k in LABELS}
-  return {"router": float(cfg.tqp.lr_mult_router), "adapters": float(cfg.tqp.lr_mult_adapters),
-          "rest": float(cfg.tqp.lr_mult_rest)}
-
-
-def multi_transform(cfg, make_tx: Callable[[float], Any]):
-  """optax.multi_transform with one `make_tx(lr_multiplier)` per label (see optim.py)."""
-  import optax
-  mults = lr_multipliers(cfg)
-  return optax.multi_transform({k: make_tx(m) for k, m in mults.items()}, param_labels)
-
-
 # ============================================================================ flush
+# (LR groups: optim.group_labels, the one label rule)
 def flush(params: dict, frozen: dict, cfg, step: int, tx=None, opt_state=None, chunk: int = 16):
   """Fold A·B into every quantized base, requantize, re-draw the adapters, and (when `tx` and
   `opt_state` are given) zero the adapters' optimizer moments. Returns (params, frozen,
@@ -710,7 +673,7 @@ def _flush_one(codes, norms, signs, a, b, bits):
 def reset_adapter_state(tx, opt_state, params):
   """Zero every params-shaped optimizer-state leaf that belongs to an adapter."""
   import optax
-  labels = param_labels(params)
+  labels = optim.group_labels(params)
 
   def f(v, label):
     if label == "adapters" and hasattr(v, "shape"):

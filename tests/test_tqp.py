@@ -10,7 +10,7 @@ import scipy.linalg
 
 from configs.common import get_base_config
 from configs.tiny import get_config as tiny_config
-from lightning_jax import nn, tqp
+from lightning_jax import nn, optim, tqp
 from lightning_jax.config import ConfigError
 
 
@@ -233,13 +233,14 @@ def test_convert_labels_optimizer_state_and_flush():
     rel = float(jnp.sum((w1 - w0) ** 2) / jnp.sum(w0 ** 2))
     assert rel < 1.3 * tqp.expected_relative_mse(cfg.model.d_model, 4), f"seed={seed}: {rel}"
   # labels and optimizer state only on trainables (frozen is not in params at all)
-  labels = tqp.param_labels(params)
+  labels = optim.group_labels(params)
   assert labels["groups"]["l0"]["moe"]["router"]["w"] == "router"
   assert labels["groups"]["l0"]["moe"]["adapters"]["down"]["b"] == "adapters"
   assert labels["groups"]["l0"]["moe"]["shared"]["up"] == "rest"
   assert labels["head"]["w"] == "rest"
-  assert tqp.lr_multipliers(cfg) == {"router": 1.0, "adapters": 3.0, "rest": 0.01}
-  tx = tqp.multi_transform(cfg, lambda m: optax.adam(1e-2 * m))
+  assert optim.lr_multipliers(cfg) == {"router": 1.0, "adapters": 3.0, "rest": 0.01}
+  tx = optax.multi_transform({k: optax.adam(1e-2 * m) for k, m in
+                              optim.lr_multipliers(cfg).items()}, optim.group_labels)
   state = tx.init(params)
   float_leaves = [l for l in jax.tree.leaves(state) if hasattr(l, "ndim") and l.ndim > 0]
   assert sum(l.size for l in float_leaves) == 2 * nn.count(params)
