@@ -7,7 +7,7 @@ of `python -m growth.<name>` come from its registration):
   python -m growth.expand_experts --src RUN --dst NEW_RUN --config=configs/stage_120b.py --ratio 0.5 --router_sigma 0.05 --seed 1337
   python -m growth.to_tqp         --src RUN --dst NEW_RUN --config=configs/stage_120b.py
   python -m growth.expand_to_tqp  --src RUN --dst NEW_RUN --config=configs/stage_120b.py --ratio 0.5 --router_sigma 0.05 --seed 1337
-  (expand_experts then to_tqp in one process, without the dense intermediate run: growth/expand_to_tqp.py)
+  (expand_experts then to_tqp in one process, without the dense intermediate run: lightning_jax/growth/expand_to_tqp.py)
 
 --src: a run directory, its checkpoints/ directory, or one checkpoints/<step> directory (the
 newest step by default). The source config is the one saved in the checkpoint. --config is the

@@ -15,7 +15,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 PACKAGES = ("lightning_jax", "launch", "growth", "benchmarks", "tokenizer")
 # imports of project modules inside functions, per package (ceilings after issue 19 step 2: the
 # entry points have none; lightning_jax's are in the modules the later steps move)
-IN_FUNCTION_CEILING = {"lightning_jax": 32, "launch": 0, "growth": 0, "benchmarks": 0,
+IN_FUNCTION_CEILING = {"lightning_jax": 16, "launch": 0, "growth": 0, "benchmarks": 0,
                        "tokenizer": 0}
 # edges between top-level packages (and layers <-> kernels inside the library) that exist
 # today: entry points -> lightning_jax, one entry point -> entry point left (growth.lineage
