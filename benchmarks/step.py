@@ -376,13 +376,13 @@ def report(cfg, res: dict, bd: dict | None, n_dev: int, layers_note: str) -> tup
          "n_devices": n_dev, "host": platform.node(), "stage": cfg.stage,
          "layers": cfg.model.n_layers, "layers_note": layers_note, "pattern": "".join(kinds),
          "batch": b, "seq": t, "dtype": cfg.model.dtype,
-         "deltanet_impl": dn_impl, "gsa_impl": cfg.model.gsa.impl,
+         "deltanet_impl": dn_impl,
          "gsa_attention": gsa_att, "tokens_per_s": tps, "mfu": mfu,
          "flops_per_token": fpt, "peak_note": peak_note, **res}
   lines = [f"# {rec['date']}  {dev.device_kind} x{n_dev}  stage {cfg.stage}: "
            f"{cfg.model.n_layers} layers {''.join(kinds)}{layers_note}, B={b} T={t} "
-           f"{cfg.model.dtype}, deltanet.impl={dn_impl} gsa.impl="
-           f"{cfg.model.gsa.impl} gsa.attention={gsa_att}",
+           f"{cfg.model.dtype}, deltanet.impl={dn_impl} "
+           f"gsa.attention={gsa_att}",
            f"step {res['step_s'] * 1e3:.1f} ms (median of {len(res['step_times_s'])}; compile "
            f"{res['compile_s']:.1f} s; loss {res['loss']:.3f})  tokens/s {tps:,.0f}  "
            f"model {fpt['total'] / 1e9:.3f} GFLOP/token -> {tps * fpt['total'] / 1e12:.1f} "
