@@ -8,7 +8,7 @@ seconds is reported as such and the others still run; they run in parallel):
   forward   jit(loss_fn)                      the model forward, MTP, chunked CE
   grad      jit(grad(loss_fn))                forward + backward
   update    jit(tx.update + apply_updates)    clip + AdamW over the parameter tree
-  step      launch.train.make_train_step      what the training loop compiles
+  step      lightning_jax.run.step.make_train_step      what the training loop compiles
 Reports trace+lower seconds, compile seconds and the optimized HLO's instruction and fusion
 counts, one JSON line per part. Use it to find which construct makes a backend's compile slow.
 """
@@ -21,17 +21,20 @@ import subprocess
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from benchmarks import step as S
+from lightning_jax import model, optim, sharding
+from lightning_jax.config import load_config
+from lightning_jax.run.step import make_train_step
+
 PARTS = ("forward", "grad", "update", "step")
 
 
 def _child(args):
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
-  from benchmarks import step as S
-  from launch.train import make_train_step
-  from lightning_jax import model, optim, sharding
-  from lightning_jax.config import load_config
   cfg = S.apply_overrides(load_config(args.config), args.set)
   cfg = S.bench_config(cfg, layers=args.layers, seq=args.seq, batch=args.batch, n_dev=1)
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "expert", "tensor"))
@@ -47,7 +50,6 @@ def _child(args):
     fn = jax.jit(jax.grad(lambda p, f, s, i: model.loss_fn(p, f, s, {"ids": i}, cfg)[0]))
     a = (ab["params"], ab["frozen"], ab["stats"], ids)
   elif part == "update":
-    import optax
 
     def upd(g, o, p):
       u, o = tx.update(g, o, p)

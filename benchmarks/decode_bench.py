@@ -29,6 +29,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lightning_jax import decode
+from lightning_jax import model
+from lightning_jax.config import load_config
+
 
 def synthetic_vocab(n: int) -> list:
   """n distinct byte strings of 1-4 bytes (the Kronecker codec's input)."""
@@ -41,7 +45,6 @@ def synthetic_vocab(n: int) -> list:
 
 
 def build(cfg, seed=0):
-  from lightning_jax import model
   return model.init_variables(cfg, jax.random.PRNGKey(seed), synthetic_vocab(cfg.model.vocab_size))
 
 
@@ -63,7 +66,6 @@ def _timed(fn, repeat):
 
 def measure(cfg, variables, *, batches, decode_context, new_tokens, prefill_context, contexts,
             repeat, log=print):
-  from lightning_jax import decode
   out = {}
   V = cfg.model.vocab_size
   rng = np.random.default_rng(0)
@@ -139,7 +141,6 @@ def main(argv=None):
                   "dtype (e.g. bfloat16).")
   ap.add_argument("--out", default="decode_bench.json", help="JSON output file.")
   a = ap.parse_args(argv)
-  from lightning_jax.config import load_config
   if a.tiny:
     a.config, a.batches, a.decode_context, a.new_tokens = "configs/tiny.py", "1,4", 64, 16
     a.prefill_context, a.contexts, a.repeat = 256, "64,512", 2

@@ -7,7 +7,7 @@ A random 9B-shape source (configs/stage_9b.py at --d_model, --layers, --src_expe
 vocab 64) grown into configs/stage_120b.py's shape with --experts routed experts (TQP on, 1 expert
 device: no padding): --mode layer runs growth.expand_to_tqp.expand_to_tqp (one layer at a time,
 --workers wide), --mode whole runs to_tqp(expand_experts(...)) as the previous expand_to_tqp did.
-Prints the byte counts the memory model in growth/expand_to_tqp.py uses, the peak RSS seen by
+Prints the byte counts the memory model in lightning_jax/growth/expand_to_tqp.py uses, the peak RSS seen by
 getrusage, and a checksum of the result (equal for both modes).
 """
 import argparse
@@ -16,11 +16,15 @@ import sys
 import time
 import zlib
 
+import jax
 import numpy as np
 
 sys.path.insert(0, __file__.rsplit("/benchmarks/", 1)[0])
 from configs import stage_9b, stage_120b  # noqa: E402
-from growth import common  # noqa: E402
+from lightning_jax.growth import common  # noqa: E402
+from lightning_jax.growth.expand_experts import expand_experts  # noqa: E402
+from lightning_jax.growth.expand_to_tqp import expand_to_tqp  # noqa: E402
+from lightning_jax.growth.to_tqp import to_tqp  # noqa: E402
 
 
 def cfgs(a):
@@ -39,7 +43,6 @@ def cfgs(a):
 
 
 def random_variables(cfg, seed):
-  import jax
   ab, flat = common.abstract_flat(cfg, common.COLLECTIONS)
   rng = np.random.default_rng(seed)
   out = {}
@@ -52,7 +55,6 @@ def random_variables(cfg, seed):
 
 
 def nbytes(tree):
-  import jax
   return sum(np.asarray(x).nbytes for x in jax.tree_util.tree_leaves(tree))
 
 
@@ -79,11 +81,8 @@ def main():
   t0 = time.perf_counter()
   args = dict(ratio=0.5, router_sigma=0.05, seed=1337)
   if a.mode == "layer":
-    from growth.expand_to_tqp import expand_to_tqp
     out = expand_to_tqp(src, src_cfg, dst_cfg, workers=a.workers, **args)
   else:
-    from growth.expand_experts import expand_experts
-    from growth.to_tqp import to_tqp
     mid_cfg = common.dense_expert_cfg(dst_cfg)
     mid = expand_experts(src, src_cfg, mid_cfg, **args)
     out = to_tqp(mid, mid_cfg, dst_cfg)

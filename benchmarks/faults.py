@@ -30,12 +30,17 @@ import argparse
 import json
 import os
 import pathlib
+import queue
 import re
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+
+from lightning_jax.config import load_config
+from lightning_jax.run.setup import resolve_data
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -51,8 +56,6 @@ def _env(xla=SINGLE):
 def run(cmd, timeout, env=None, kill_on=None, kill_after=0.0):
   """Run `cmd`; kill -9 it once a stdout/stderr line matches `kill_on` (+kill_after s).
   Returns (rc or 'timeout' or 'killed', output, seconds)."""
-  import queue
-  import threading
   t0 = time.time()
   p = subprocess.Popen(cmd, cwd=REPO, env=env or _env(), stdout=subprocess.PIPE,
                        stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True)
@@ -289,8 +292,6 @@ def main():
   only = set(args.only.split(","))
   data = args.workdir / "data"
   if not (data / "manifest.json").exists():
-    from launch.train import resolve_data
-    from lightning_jax.config import load_config
     resolve_data(load_config("configs/tiny.py"), args.workdir, log=print)
   if "hang" in only:
     case_hang(args, data, 1)

@@ -33,7 +33,11 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
+import subprocess
+import sys
+import tempfile
 import time
 import traceback
 
@@ -286,10 +290,6 @@ def resources(small, triton_python):
   kernel's Triton IR, and compile it with the `triton` package of --triton_python (a Python
   with `pip install triton`; ptxas / cuobjdump ship in its wheel). Uses a private JAX hook
   (jax._src.pallas.triton.pallas_call_registration) to see the IR: diagnostic only."""
-  import os
-  import subprocess
-  import sys
-  import tempfile
   import jax._src.pallas.triton.pallas_call_registration as reg
   if not triton_python:
     print("resources: pass --triton_python /path/to/python (with the triton package)")

@@ -44,12 +44,15 @@ import time
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import AbstractMesh
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from benchmarks import profile_table
 from benchmarks.step import apply_overrides, bench_config, build_step
 from lightning_jax import counting, memory_plan, metrics as metrics_lib, sharding
+from lightning_jax import model, optim
 from lightning_jax.config import ConfigError, load_config
+from lightning_jax.run.state import build_abstract as build
 
 GB = 1e9
 TARGETS = {"80gb": 80e9, "141gb": 141e9}
@@ -94,7 +97,6 @@ def _opt_bytes(state) -> float:
 
 def compile_plan(cfg, batch: int, seq: int) -> dict:
   """The compiled memory analysis of the rank's step at `batch` (nothing allocated)."""
-  from launch.plan import build
   c = bench_config(cfg.copy_and_resolve_references(), seq=seq, batch=batch, n_dev=1)
   mesh = sharding.make_mesh(c.mesh, devices=jax.devices()[:1])
   b = build(c, mesh)
@@ -107,7 +109,6 @@ def compile_plan(cfg, batch: int, seq: int) -> dict:
 
 def whole_optimizer_bytes(cfg) -> float:
   """The rank's optimizer state without ZeRO-1 (abstract)."""
-  from lightning_jax import model, optim
   params = model.abstract_variables(cfg)["params"]
   tx, _ = optim.make_optimizer(cfg, params, 1000)
   return _opt_bytes({"opt_state": jax.eval_shape(tx.init, params)})
@@ -116,8 +117,6 @@ def whole_optimizer_bytes(cfg) -> float:
 def zero1_optimizer_bytes(a, ranks: int) -> float:
   """One device's optimizer-state bytes in the sharded node step (data 1 x expert `ranks`):
   the uncut config's state shardings (ZeRO-1 included) on an abstract mesh; nothing allocated."""
-  from jax.sharding import AbstractMesh
-  from launch.plan import build
   cfg = load_config(a.config)
   apply_overrides(cfg, a.set)
   if a.layers:

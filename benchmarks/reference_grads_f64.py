@@ -10,7 +10,7 @@ fixture and mode it computes the same loss gradient twice, from the same importe
 the fixture's recorded GSA selections:
   * in float32, as the test does;
   * in float64: x64 on, and every float32 the model names resolved to float64 (the model's code
-    says jnp.float32 for its accumulations; the worker process rebinds that name before tracing,
+    says jnp.float32 for its accumulations; the worker process rebinds that name before the model is imported,
     and the jaxpr is checked to hold no float32 value). This is the exact gradient up to 1e-16,
     except the codec's bfloat16 rounding, which is part of the reference_cuda mathematics.
 Then, per parameter: the fixture's value, ours in float32, the exact one, and which are within
@@ -27,7 +27,27 @@ import subprocess
 import sys
 import tempfile
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+
+def _f64_worker(argv) -> bool:
+  """Whether this process is a float64 worker (--worker NAME,MODE,f64,DUMP)."""
+  for i, a in enumerate(argv):
+    v = a.split("=", 1)[1] if a.startswith("--worker=") else (
+        argv[i + 1] if a == "--worker" and i + 1 < len(argv) else None)
+    if v is not None and len(v.split(",")) == 4:
+      return v.split(",")[2] == "f64"
+  return False
+
+
+if __name__ == "__main__" and _f64_worker(sys.argv):
+  # before the model is imported: x64 on, and every float32 the model names resolved to float64
+  jax.config.update("jax_enable_x64", True)
+  jnp.float32 = jnp.float64
+
+from lightning_jax import model, reference as R  # noqa: E402
 
 FIXTURES = pathlib.Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "reference"
 RUN = {"gpu": "gpu_fullgrad", "cpu": "cpu_fallback"}
@@ -37,14 +57,9 @@ TOL = 1e-3
 
 def worker(name: str, mode: str, precision: str, dump: str) -> None:
   """Gradients of the fixture's total loss, as the reference's parameter names -> arrays."""
-  import jax
-  if precision == "f64":
-    jax.config.update("jax_enable_x64", True)
-    import jax.numpy as jnp
-    jnp.float32 = jnp.float64       # every accumulation the model names float32 -> float64
-  import jax.numpy as jnp
-  from lightning_jax import model, reference as R
-
+  if precision == "f64" and not jax.config.jax_enable_x64:
+    raise SystemExit("a float64 worker runs as its own process: python -m "
+                     "benchmarks.reference_grads_f64 --worker NAME,MODE,f64,DUMP")
   path = FIXTURES / f"{name}.npz"
   src, z = R.load_source(path), np.load(path)
   cfg = R.config_from_reference(src["config_json"])
@@ -84,7 +99,6 @@ def _grads(name: str, mode: str, precision: str, tmp: str) -> dict:
 
 def compare(name: str, mode: str, g32: dict, g64: dict) -> dict:
   """Per parameter: the fixture's gradient norm against ours (float32) and the exact one."""
-  from lightning_jax import reference as R
   z, run = np.load(FIXTURES / f"{name}.npz"), RUN[mode]
   pre = f"grad_{run}/norm/"
   names = [k[len(pre):] for k in z.files if k.startswith(pre)]

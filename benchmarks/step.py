@@ -4,7 +4,7 @@
         [--steps 5] [--breakdown | --only_breakdown] [--set model.deltanet.impl=kernel --set ...]
         [--json out.json]
 
-What it runs: launch.train.make_train_step (the training loop's own step: forward, MTP, chunked
+What it runs: lightning_jax.run.step.make_train_step (the training loop's own step: forward, MTP, chunked
 cross-entropy, backward, global-norm clip, AdamW, stats update) under jit with the loop's
 shardings, on random token ids, one micro-batch of `--batch` sequences per device
 (train.global_batch = batch x devices, micro_batch = 0). Parameters come from the config's
@@ -39,13 +39,23 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+from jax.sharding import AbstractMesh
 from jax.sharding import NamedSharding, PartitionSpec as P
+import numpy as np
+import optax
 
 from benchmarks import profile_table
 from lightning_jax import counting, metrics as metrics_lib, model, nn, optim, sharding
+from lightning_jax import tqp
 from lightning_jax.config import ConfigError, layer_kinds, load_config, validate
+from lightning_jax.layers import deltanet
+from lightning_jax.layers import deltanet as dn_lib, sparse_attention as gsa_lib
 from lightning_jax.layers import ffn, kronecker
+from lightning_jax.layers import moe
+from lightning_jax.layers import sparse_attention as gsa
+from lightning_jax.run.state import frozen_shardings
+from lightning_jax.run.state import opt_state_shardings
+from lightning_jax.run.step import make_train_step
 
 
 def _parse_value(s: str):
@@ -155,7 +165,6 @@ def zero1_split_dims(cfg, abstract_params, ranks: int):
   expert-parallel node step (mesh data 1 x expert `ranks`), or -1: the rule of
   sharding.zero1_sharding on that mesh. A routed expert's leaf is already the rank's own (its
   expert dim takes the expert axis, and data has size 1), so it is never split again."""
-  from jax.sharding import AbstractMesh
   node = AbstractMesh((1, ranks, 1), sharding.MESH_AXES)
 
   def one(ax, a):
@@ -175,7 +184,6 @@ def zero1_emulation(tx, split_dims, ranks: int, clip_norm: float):
   into a parameter-sized zero update (the all-gather's buffer). The clip uses the whole
   gradient's norm as the node does; tx's own clip then sees a smaller norm and does nothing.
   Memory and optimizer work are the rank's; the two collectives are not run."""
-  import optax
 
   def cut(tree):
     return jax.tree_util.tree_map(
@@ -199,7 +207,6 @@ def zero1_emulation(tx, split_dims, ranks: int, clip_norm: float):
 def build_step(cfg, mesh, key, zero1_ranks: int = 1):
   """The training loop's own step, jitted with its state. zero1_ranks > 1 (one rank's emulation,
   benchmarks.rank120): the optimizer as one rank of a ZeRO-1 node of that many ranks holds it."""
-  from launch.train import make_train_step, opt_state_shardings  # the loop's own step
   abstract = model.abstract_variables(cfg)
   p_shard = sharding.tree_shardings(mesh, model.param_axes(cfg), abstract["params"])
   rep = NamedSharding(mesh, P())
@@ -209,7 +216,6 @@ def build_step(cfg, mesh, key, zero1_ranks: int = 1):
                          zero1_ranks, float(cfg.optim.clip_norm))
   opt_abs = jax.eval_shape(tx.init, abstract["params"])
   o_shard = opt_state_shardings(mesh, opt_abs, p_shard)
-  from launch.train import frozen_shardings
   state_shard = {"params": p_shard,
                  "frozen": frozen_shardings(mesh, model, cfg, abstract["frozen"]),
                  "stats": jax.tree_util.tree_map(lambda _: rep, abstract["stats"]),
@@ -316,7 +322,6 @@ def breakdown(cfg, mesh, steps: int, seed: int = 0) -> dict:
     for kind in sorted(set(m.pattern)):
       lspecs, fspecs = model.layer_specs(cfg, kind), {}
       if cfg.moe.enabled and cfg.tqp.enabled:     # routed experts -> adapters + a random base
-        from lightning_jax import tqp
         lspecs, fspecs = tqp.tqp_specs(lspecs, cfg)
       p = _init_sharded(lspecs, ks[2], mesh)
       fz = _init_sharded(fspecs, jax.random.fold_in(ks[2], 1), mesh) if fspecs else {}
@@ -329,19 +334,16 @@ def breakdown(cfg, mesh, steps: int, seed: int = 0) -> dict:
       out[f"layer_{kind}"] = _vjp_timer(layer, (p, x_streams), steps, ks[3], f"layer_{kind}",
                                         fixed=fz)
       if kind == "D":
-        from lightning_jax.layers import deltanet
         out["mixer_D"] = _vjp_timer(
             lambda pm, x, _: deltanet.deltanet_apply(pm, x, consts, cfg), (p["mixer"], x_flat),
             steps, ks[4], "mixer_D")
       else:
-        from lightning_jax.layers import sparse_attention as gsa
         stg = st.get("mixer")
         out["mixer_G"] = _vjp_timer(
             lambda pm, x, _: gsa.gsa_apply(pm, stg, x, consts, cfg)[0], (p["mixer"], x_flat),
             steps, ks[4], "mixer_G")
       if "ffn_done" not in out:
         if cfg.moe.enabled:
-          from lightning_jax.layers import moe
           stm = st.get("moe")
           out["ffn"] = _vjp_timer(
               lambda pm, x, fzm: moe.moe_apply(pm, fzm, stm, x, consts, cfg)[0],
@@ -369,19 +371,18 @@ def report(cfg, res: dict, bd: dict | None, n_dev: int, layers_note: str) -> tup
   mfu = tps * fpt["total"] / peak if peak == peak and peak > 0 else float("nan")
   dev = jax.devices()[0]
   kinds = layer_kinds(cfg)
-  from lightning_jax.layers import deltanet as dn_lib, sparse_attention as gsa_lib
   dn_impl, gsa_att = dn_lib.resolve_impl(cfg), gsa_lib.resolve_attention(cfg.model.gsa)
   rec = {"date": f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC", "device": dev.device_kind,
          "n_devices": n_dev, "host": platform.node(), "stage": cfg.stage,
          "layers": cfg.model.n_layers, "layers_note": layers_note, "pattern": "".join(kinds),
          "batch": b, "seq": t, "dtype": cfg.model.dtype,
-         "deltanet_impl": dn_impl, "gsa_impl": cfg.model.gsa.impl,
+         "deltanet_impl": dn_impl,
          "gsa_attention": gsa_att, "tokens_per_s": tps, "mfu": mfu,
          "flops_per_token": fpt, "peak_note": peak_note, **res}
   lines = [f"# {rec['date']}  {dev.device_kind} x{n_dev}  stage {cfg.stage}: "
            f"{cfg.model.n_layers} layers {''.join(kinds)}{layers_note}, B={b} T={t} "
-           f"{cfg.model.dtype}, deltanet.impl={dn_impl} gsa.impl="
-           f"{cfg.model.gsa.impl} gsa.attention={gsa_att}",
+           f"{cfg.model.dtype}, deltanet.impl={dn_impl} "
+           f"gsa.attention={gsa_att}",
            f"step {res['step_s'] * 1e3:.1f} ms (median of {len(res['step_times_s'])}; compile "
            f"{res['compile_s']:.1f} s; loss {res['loss']:.3f})  tokens/s {tps:,.0f}  "
            f"model {fpt['total'] / 1e9:.3f} GFLOP/token -> {tps * fpt['total'] / 1e12:.1f} "

@@ -13,12 +13,20 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 import pathlib
 import platform
 import sys
 import time
 
-from absl import app, flags
+if __name__ == "__main__":      # reads a run directory: no accelerator, before jax is imported
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from absl import app, flags  # noqa: E402
+
+from lightning_jax import metrics  # noqa: E402
+from lightning_jax.config import from_stored  # noqa: E402
+from lightning_jax.data import pools, shards  # noqa: E402
 
 flags.DEFINE_string("json", "", "Write the record to this file (default: print it).")
 flags.DEFINE_string("device", "", "Where the run ran, in words (default: this host's CPU).")
@@ -28,7 +36,6 @@ FLAGS = flags.FLAGS
 def tokens_by_domain(cfg, data_dir, steps: int) -> dict:
   """Training tokens each domain supplied in `steps` steps of a fresh run (one process): the rows
   the mixture gives each pool, read along that pool's stream of shards."""
-  from lightning_jax.data import pools, shards
   man = shards.load_manifest(data_dir)
   domain_of = {str(pathlib.Path(data_dir) / e["file"]): e["domain"] for e in man["shards"]}
   loader = pools.mixture_loader(cfg, data_dir, man, rank=0, num_ranks=1)
@@ -45,8 +52,6 @@ def tokens_by_domain(cfg, data_dir, steps: int) -> dict:
 
 
 def record(run_dir, device: str = "") -> dict:
-  from lightning_jax import metrics
-  from lightning_jax.config import from_stored
   run = pathlib.Path(run_dir)
   recs = [r for r in metrics.read_jsonl(run / "metrics.jsonl") if "step" in r]
   evals = [r for r in recs if "val/mix" in r]
@@ -95,6 +100,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  import os
-  os.environ.setdefault("JAX_PLATFORMS", "cpu")
   app.run(lambda argv: sys.exit(main(argv)))

@@ -18,6 +18,16 @@ import pathlib
 import sys
 import time
 
+from absl import app, flags, logging as absl_logging
+
+# the one entry point -> entry point import left (tests/test_house.py): the lineage trains each
+# stage in this process with launch.train's loop, which stays in launch/train.py
+from launch import train as train_lib
+from lightning_jax import checkpoint as ck
+from lightning_jax.config import ConfigError, load_config
+from lightning_jax.growth import driver
+from lightning_jax.growth.common import GrowthError
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 STAGES = ("tiny", "tiny_moe", "tiny_deep", "tiny_120b")
 GROWTH = (("dense_to_moe", "tiny_moe", "dense", "moe", {"strategy": "partition", "seed": 0}),
@@ -37,7 +47,6 @@ def _parse_value(old, text: str):
 
 
 def stage_config(name: str, steps: int, data_path: str, overrides: list[str]):
-  from lightning_jax.config import ConfigError, load_config
   c = load_config(str(REPO / "configs" / f"{name}.py"))
   c.data.path = data_path
   c.train.steps = int(steps)
@@ -56,8 +65,6 @@ def stage_config(name: str, steps: int, data_path: str, overrides: list[str]):
 
 
 def run_lineage(workdir, steps: int = 20, overrides: list[str] = (), log=print) -> dict:
-  from growth import cli
-  from launch import train as train_lib
   t0 = time.perf_counter()
   root = pathlib.Path(workdir)
   runs = {k: root / k for k in ("dense", "moe", "deep", "big_bf16", "big")}
@@ -78,7 +85,7 @@ def run_lineage(workdir, steps: int = 20, overrides: list[str] = (), log=print) 
   data = str(runs["dense"] / "data")
   for transform, name, src, dst, args in GROWTH:
     t = time.perf_counter()
-    out = cli.grow(transform, str(runs[src]), str(runs[dst]),
+    out = driver.grow(transform, str(runs[src]), str(runs[dst]),
                    stage_config(name, steps, data, overrides), args, log=log)
     r = out["report"]
     record["stages"].append({"growth": transform, "args": args, "src": str(runs[src]),
@@ -94,7 +101,6 @@ def run_lineage(workdir, steps: int = 20, overrides: list[str] = (), log=print) 
 
 
 def define_flags():
-  from absl import flags
   flags.DEFINE_string("workdir", None, "Root directory: one run directory per stage below it, and "
                       "lineage.json.")
   flags.DEFINE_integer("steps", 20, "Training steps per stage.")
@@ -104,15 +110,11 @@ def define_flags():
 
 
 def main(argv):
-  from absl import flags
   a = flags.FLAGS
   if len(argv) > 1:
     print(f"error: unexpected arguments {argv[1:]}; flags look like --workdir=DIR --steps=N.",
           file=sys.stderr)
     return 2
-  from growth.common import GrowthError
-  from lightning_jax import checkpoint as ck
-  from lightning_jax.config import ConfigError
   try:
     rec = run_lineage(a.workdir, a.steps, a.set)
   except (GrowthError, ConfigError, ck.CheckpointError) as e:
@@ -132,7 +134,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from absl import app, logging as absl_logging
   absl_logging.set_verbosity(absl_logging.ERROR)
   define_flags()
   app.run(lambda argv: sys.exit(main(argv)))

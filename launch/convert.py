@@ -13,8 +13,8 @@ purpose are listed with the reason, and anything unmapped, missing, mis-shaped o
 refused with one sentence. Without --config, the config is built from the reference's own
 config record (the fixtures' `config_json`, or the metadata of a file this command exported).
 --compat (default reference_cuda: what the released weights were trained with) is recorded in
-the run's config. RUN/checkpoints/0 is a step-0 run in launch.train's format (growth.cli.
-write_grown: fresh optimizer state, fresh loader state); `launch.train --config=RUN/config.py
+the run's config. RUN/checkpoints/0 is a step-0 run in launch.train's format (lightning_jax.run.
+checkpoints.write_grown: fresh optimizer state, fresh loader state); `launch.train --config=RUN/config.py
 --workdir=RUN` resumes it and `launch.inspect RUN` reads it. The Kronecker byte buffers come
 from the source when it carries them (kron_token_bytes), else from the run data's tokenizer.
 
@@ -34,7 +34,19 @@ import json
 import pathlib
 import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from absl import app, flags, logging as absl_logging
+from ml_collections import config_flags
+
+from lightning_jax import checkpoint as ck, model, reference as R
+from lightning_jax.config import ConfigError, validate
+from lightning_jax.data import shards
+from lightning_jax.data.shards import DataError
+from lightning_jax.layers import kronecker
+from lightning_jax.run import setup
+from lightning_jax.run.checkpoints import read_source, write_grown
 
 COMMANDS = ("import", "check", "export")
 TOL_REL, TOL_ABS = 1e-4, 1e-5
@@ -72,12 +84,6 @@ def _override(cfg, item: str):
 
 def import_run(src: str, out: str, cfg=None, compat: str = "reference_cuda",
                data_path: str = "", overrides=(), log=_log) -> dict:
-  from growth import cli
-  from launch import train as train_lib
-  from lightning_jax import checkpoint as ck, reference as R
-  from lightning_jax.config import validate
-  from lightning_jax.data import shards
-  from lightning_jax.layers import kronecker
   source = R.load_source(src)
   dst = pathlib.Path(out)
   if (dst / "checkpoints").exists() and any(p.name.isdigit() for p in (dst / "checkpoints").iterdir()):
@@ -98,8 +104,8 @@ def import_run(src: str, out: str, cfg=None, compat: str = "reference_cuda",
   for line in report.lines():
     log(f"  {line}")
   dst.mkdir(parents=True, exist_ok=True)
-  data_dir, manifest = train_lib.resolve_data(cfg, dst, log)
-  train_lib.apply_data_vocab(cfg, manifest, data_dir)
+  data_dir, manifest = setup.resolve_data(cfg, dst, log)
+  setup.apply_data_vocab(cfg, manifest, data_dir)
   validate(cfg)
   if source["kron"] is not None:
     b, l = source["kron"]
@@ -116,7 +122,7 @@ def import_run(src: str, out: str, cfg=None, compat: str = "reference_cuda",
           "import_report": {"mapped": report.mapped, "aliases": report.aliases,
                             "dropped": report.dropped, "fresh": report.fresh},
           "loss": None, "tokens": 0}
-  cli.write_grown(dst, cfg, variables, data_dir, manifest, meta, log, on_cpu=bool(cfg.tqp.enabled))
+  write_grown(dst, cfg, variables, data_dir, manifest, meta, log, on_cpu=bool(cfg.tqp.enabled))
   (dst / "config.py").write_text(_config_file(cfg))
   log(f"imported {src} into {dst} (stage {cfg.stage!r}, model.compat={compat!r}; embedding codec "
       f"from {how}); resume with: python -m launch.train --config={dst / 'config.py'} "
@@ -125,7 +131,6 @@ def import_run(src: str, out: str, cfg=None, compat: str = "reference_cuda",
 
 
 def _config_file(cfg) -> str:
-  from lightning_jax import checkpoint as ck
   blob = json.dumps(ck.config_to_json(cfg), indent=1, sort_keys=True)
   return ('"""The config written by python -m launch.convert import (any field overrides as\n'
           '--config.section.field=...)."""\nimport json\n\nfrom ml_collections import ConfigDict\n\n'
@@ -135,10 +140,6 @@ def _config_file(cfg) -> str:
 
 # ----------------------------------------------------------------------------- check
 def check_run(run: str, against: str, mode: str = "", log=_log) -> bool:
-  import jax
-  import jax.numpy as jnp
-  from growth import cli
-  from lightning_jax import model, reference as R
   p = pathlib.Path(against)
   try:
     z = np.load(p, allow_pickle=False)
@@ -148,7 +149,7 @@ def check_run(run: str, against: str, mode: str = "", log=_log) -> bool:
   need = ("input_ids",)
   if any(k not in files for k in need):
     raise ConvertError(f"--against {p} has no input_ids; expected the fixtures' layout.")
-  source = cli.read_source(run, log=lambda *_: None)
+  source = read_source(run, log=lambda *_: None)
   cfg = source["cfg"].copy_and_resolve_references()
   cfg.model.dtype = "float32"
   if not mode:
@@ -232,11 +233,9 @@ def check_run(run: str, against: str, mode: str = "", log=_log) -> bool:
 
 # ----------------------------------------------------------------------------- export
 def export_run(run: str, out: str, dtype: str = "float32", log=_log) -> dict:
-  from growth import cli
-  from lightning_jax import reference as R
   if dtype not in ("float32", "bfloat16"):
     raise ConvertError(f"--dtype={dtype!r} must be float32 or bfloat16.")
-  source = cli.read_source(run, log=lambda *_: None)
+  source = read_source(run, log=lambda *_: None)
   cfg = source["cfg"]
   np_dtype = np.float32
   if dtype == "bfloat16":
@@ -253,8 +252,6 @@ def export_run(run: str, out: str, dtype: str = "float32", log=_log) -> dict:
 
 # ----------------------------------------------------------------------------- CLI
 def main():
-  from absl import app, flags, logging as absl_logging
-  from ml_collections import config_flags
   config_flags.DEFINE_config_file("config", None, "Stage config file (import; optional when the "
                                   "source carries the reference's config).", lock_config=False)
   flags.DEFINE_string("src", None, "import: the reference state dict (.safetensors or .npz).")
@@ -270,9 +267,6 @@ def main():
   flags.DEFINE_string("dtype", "float32", "export: float32 or bfloat16.")
 
   def run(argv):
-    from lightning_jax import checkpoint as ck, reference as R
-    from lightning_jax.config import ConfigError
-    from lightning_jax.data.shards import DataError
     F = flags.FLAGS
     args = argv[1:]
     if not args or args[0] not in COMMANDS:

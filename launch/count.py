@@ -3,9 +3,16 @@
   python -m launch.count --config=configs/stage_2b.py [--config.moe.n_experts=460] [--json]
 """
 import json
+import os
 
-from absl import app, flags
-from ml_collections import config_flags
+if __name__ == "__main__":      # counting needs no accelerator: before jax is imported
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from lightning_jax import counting  # noqa: E402
+from lightning_jax.config import ConfigError, validate  # noqa: E402
 
 config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/stage_2b.py",
                                 lock_config=False)
@@ -16,8 +23,6 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
-  from lightning_jax import counting
-  from lightning_jax.config import ConfigError, validate
   cfg = FLAGS.config
   if cfg is None:
     raise app.UsageError("--config is required, e.g. --config=configs/stage_2b.py")
@@ -35,6 +40,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  import os
-  os.environ.setdefault("JAX_PLATFORMS", "cpu")
   app.run(main)

@@ -28,9 +28,19 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import pathlib
 import re
 import sys
+
+if __name__ == "__main__":      # counting needs no accelerator: before jax is imported
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from absl import app, flags  # noqa: E402
+
+from lightning_jax import counting, fertility, vocab  # noqa: E402
+from lightning_jax.config import load_config  # noqa: E402
+from lightning_jax.metrics import PEAK_FLOPS  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DOCS = ("README.md", "docs/data.md", "docs/PERFORMANCE.md", "docs/tokenizer.md",
@@ -48,7 +58,6 @@ class DocsError(ValueError):
 
 @functools.cache
 def _config(stage: str):
-  from lightning_jax.config import load_config
   path = REPO / "configs" / f"{stage}.py"
   if not path.exists():
     raise DocsError(f"block names stage {stage!r}, but configs/{stage}.py does not exist.")
@@ -57,13 +66,11 @@ def _config(stage: str):
 
 @functools.cache
 def _counts(stage: str) -> dict:
-  from lightning_jax import counting
   return counting.count_params(_config(stage))
 
 
 @functools.cache
 def _gflop(stage: str) -> float:
-  from lightning_jax import counting
   cfg = _config(stage)
   return counting.flops_per_token(cfg, cfg.train.seq_len)["total"] / 1e9
 
@@ -87,7 +94,6 @@ def gflop(stage: str) -> str:
 
 
 def _node_rate(stage: str, mfu: str) -> float:
-  from lightning_jax.metrics import PEAK_FLOPS
   return NODE_DEVICES * PEAK_FLOPS[NODE_PEAK_KEY]["bfloat16"] * float(mfu) / (_gflop(stage) * 1e9)
 
 
@@ -101,9 +107,8 @@ def node_step_s(stage: str, mfu: str) -> str:
 
 
 def fertility_table() -> str:
-  from tokenizer import artifacts, base, fertility
-  rep = fertility.report(artifacts.load_encoding(fertility.DEFAULT_TOKENIZER),
-                         base.load_o200k_base(), REPO / "corpus")
+  rep = fertility.report(vocab.load_encoding(fertility.DEFAULT_TOKENIZER),
+                         vocab.load_o200k_base(), REPO / "corpus")
   names = {**fertility.BRAHMIC_LANGS, **fertility.OTHER_LANGS}
   rows = ["| language | words | BrahmicTokenizer | o200k_base | ratio |",
           "| --- | ---: | ---: | ---: | ---: |"]
@@ -167,7 +172,6 @@ def _names(ds) -> str:
 
 
 def _lang(d: str) -> str:
-  from tokenizer import fertility
   return {**fertility.BRAHMIC_LANGS, **fertility.OTHER_LANGS}.get(d, d)
 
 
@@ -234,7 +238,6 @@ def update(check: bool = False, docs=DOCS) -> list[str]:
 
 
 def main(argv):
-  from absl import flags
   if len(argv) > 1:
     print(f"error: unexpected arguments {argv[1:]}; the only flag is --check.", file=sys.stderr)
     return 2
@@ -256,9 +259,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  import os
-  os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  from absl import app, flags
   flags.DEFINE_bool("check", False, "Change nothing; list the blocks whose text differs from "
                     "what the generators give, exit 1 if any.")
   app.run(lambda argv: sys.exit(main(argv)))

@@ -19,7 +19,7 @@ Checkpoints are read with orbax, one step at a time, params only. The run must h
 checkpoints: launch.train keeps checkpoint.keep of them (3 by default), so for the 9B p4 run set
 --config.checkpoint.keep=6 (or more) and checkpoint.every_steps=500 as the reference did.
 
-Output: RUN_EMA/checkpoints/0 in launch.train's format (growth.cli.write_grown): the EMA params,
+Output: RUN_EMA/checkpoints/0 in launch.train's format (lightning_jax.run.checkpoints.write_grown): the EMA params,
 the newest checkpoint's frozen/stats/config/loader record, fresh optimizer state and step 0; its
 meta.provenance names the source run, the averaged steps and alpha. It is a weights artifact for
 evaluation and as the --src of the next growth step, not a point to resume the phase from.
@@ -30,7 +30,13 @@ import json
 import pathlib
 import sys
 
+import jax
 import numpy as np
+from absl import app, flags, logging as absl_logging
+
+from lightning_jax import checkpoint as ck
+from lightning_jax.config import ConfigError
+from lightning_jax.run import checkpoints as run_ckpt
 
 
 def ema_weights(n: int, alpha: float) -> list[float]:
@@ -39,32 +45,8 @@ def ema_weights(n: int, alpha: float) -> list[float]:
   return w
 
 
-def read_params(step_dir: pathlib.Path, abstract_params):
-  """The params tree of one checkpoint step (numpy), restored alone (orbax partial restore)."""
-  import jax
-  import orbax.checkpoint as ocp
-  from lightning_jax import checkpoint as ck
-  dev = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0] if jax.devices("cpu")
-                                          else jax.devices()[0])
-  item = {"params": jax.tree_util.tree_map(
-      lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=dev), abstract_params)}
-  try:
-    with ocp.PyTreeCheckpointer() as pc:
-      got = pc.restore(pathlib.Path(step_dir) / "state", args=ocp.args.PyTreeRestore(
-          item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-          partial_restore=True))
-  except Exception as e:   # orbax / tensorstore raise many types for torn files
-    raise ck.CheckpointError(f"checkpoint {step_dir} is unreadable ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0][:200]}).") from e
-  return jax.tree_util.tree_map(np.asarray, got["params"])
-
-
 def ema(run: str, dst: str, alpha: float = 0.2, last: int = 6, log=print) -> dict:
   """Write DST/checkpoints/0 with the EMA of RUN's last `last` checkpoints' params."""
-  import jax
-  from growth.cli import _jsonable, locate, read_source, write_grown
-  from lightning_jax import checkpoint as ck
-  from lightning_jax.config import ConfigError
   if not 0.0 < alpha <= 1.0:
     raise ConfigError(f"--alpha={alpha} must be in (0, 1] (the weight of each newer checkpoint).")
   if last < 1:
@@ -73,7 +55,7 @@ def ema(run: str, dst: str, alpha: float = 0.2, last: int = 6, log=print) -> dic
   if (dst / "checkpoints").exists() and any(p.name.isdigit() for p in (dst / "checkpoints").iterdir()):
     raise ck.CheckpointError(f"--dst {dst} already holds checkpoints; expected a new run directory "
                              f"for the averaged weights.")
-  cdir, upto = locate(run)
+  cdir, upto = run_ckpt.locate(run)
   c = ck.Checkpointer(cdir, ck.config_ns(keep=0), read_only=True)
   try:
     steps = c.steps()
@@ -91,11 +73,11 @@ def ema(run: str, dst: str, alpha: float = 0.2, last: int = 6, log=print) -> dic
   finally:
     c.close()
 
-  newest = read_source(str(cdir / str(use[-1])), log)      # frozen, stats, config, meta
+  newest = run_ckpt.read_source(str(cdir / str(use[-1])), log)      # frozen, stats, config, meta
   weights = ema_weights(len(use), alpha)
   acc = None
   for s, w in zip(use, weights):
-    p = read_params(cdir / str(s), abstract_params)
+    p = run_ckpt.read_params(cdir / str(s), abstract_params)
     if acc is None:
       acc = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32) * np.float32(w), p)
     else:
@@ -106,22 +88,19 @@ def ema(run: str, dst: str, alpha: float = 0.2, last: int = 6, log=print) -> dic
   params = jax.tree_util.tree_map(lambda a, r: a.astype(r.dtype), acc, ref)
   variables = dict(newest["variables"], params=params)
   cfg = newest["cfg"]
-  meta = {"provenance": _jsonable({
+  meta = {"provenance": run_ckpt.jsonable({
       "source_path": str(pathlib.Path(cdir).absolute()), "source_step": use[-1],
       "source_stage": cfg.get("stage"), "source_phase": cfg.get("phase"), "transform": "ema",
       "ema": {"alpha": alpha, "steps": use, "weights": weights,
               "formula": "ema_1 = x_oldest; ema_k = alpha * x_k + (1 - alpha) * ema_(k-1)"}}),
       "loss": None, "tokens": 0}
   dst.mkdir(parents=True, exist_ok=True)
-  write_grown(dst, cfg, variables, None, None, meta, log, loader_state=loader_state)
+  run_ckpt.write_grown(dst, cfg, variables, None, None, meta, log, loader_state=loader_state)
   log(f"EMA (alpha {alpha}) of params over steps {use} of {cdir} -> {dst / 'checkpoints' / '0'}")
   return {"meta": meta, "steps": use, "weights": weights, "dst": str(dst)}
 
 
 def main(argv):
-  from absl import flags
-  from lightning_jax import checkpoint as ck
-  from lightning_jax.config import ConfigError
   F = flags.FLAGS
   if len(argv) != 2:
     print("error: expected one run directory, e.g. python -m launch.ema runs/9b_p4 --alpha 0.2 "
@@ -137,7 +116,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from absl import app, flags, logging as absl_logging
   flags.DEFINE_float("alpha", 0.2, "Weight of each newer checkpoint: ema = alpha * x + "
                      "(1 - alpha) * ema, oldest to newest.")
   flags.DEFINE_integer("last", 6, "Number of newest checkpoints averaged.")

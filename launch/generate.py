@@ -22,9 +22,16 @@ import pathlib
 import sys
 import time
 
+from absl import flags
+
+from lightning_jax import checkpoint as ck
+from lightning_jax import inference, sampling
+from lightning_jax.config import ConfigError
+from lightning_jax.data.shards import DataError
+from lightning_jax.decode import GenerationError
+
 
 def read_prompts(prompt: str | None, path: str | None) -> list[str]:
-  from lightning_jax.decode import GenerationError
   if prompt and path:
     raise GenerationError("both --prompt and --prompts were given; expected one of them.")
   if prompt:
@@ -89,12 +96,6 @@ class Printer:
 
 
 def main(argv):
-  from absl import flags
-  from lightning_jax import checkpoint as ck
-  from lightning_jax import inference, sampling
-  from lightning_jax.config import ConfigError
-  from lightning_jax.data.shards import DataError
-  from lightning_jax.decode import GenerationError
   F = flags.FLAGS
   if len(argv) != 2:
     print("error: expected one run directory, e.g. python -m launch.generate runs/tiny --prompt "
@@ -133,7 +134,6 @@ def main(argv):
 
 
 def _define_flags():
-  from absl import flags
   flags.DEFINE_string("prompt", None, "One prompt (text).")
   flags.DEFINE_string("prompts", None, "A file of prompts: .txt one per line, .jsonl "
                       "{\"prompt\": ...} per line; all run as one batch.")

@@ -25,9 +25,12 @@ import math
 import pathlib
 import sys
 
-import numpy as np
 from absl import app, flags, logging as absl_logging
+import jax
+import numpy as np
 
+from lightning_jax.run import history
+from lightning_jax.run.checkpoints import locate
 from lightning_jax import checkpoint as ck
 
 flags.DEFINE_integer("step", -1, "Step to show (default: the newest).")
@@ -37,22 +40,6 @@ flags.DEFINE_bool("full_config", False, "Print the whole config as JSON (default
 flags.DEFINE_bool("verify", False, "Read every array of every step and check it against the "
                   "checksums recorded at save time (both copies of the frozen base too).")
 FLAGS = flags.FLAGS
-
-
-def locate(path: str) -> tuple[pathlib.Path, int | None]:
-  """(checkpoints directory, step or None) for a run dir, checkpoints dir or step dir."""
-  p = pathlib.Path(path).absolute()     # orbax wants absolute paths; users type relative ones
-  if not p.exists():
-    raise ck.CheckpointError(f"{p} does not exist; expected a run directory, its checkpoints/ "
-                             f"directory or one checkpoints/<step> directory.")
-  if (p / "checkpoints").is_dir():
-    return p / "checkpoints", None
-  if p.name.isdigit() and (p / "state").is_dir():
-    return p.parent, int(p.name)
-  if any(c.name.isdigit() for c in p.iterdir()):
-    return p, None
-  raise ck.CheckpointError(f"{p} holds no checkpoints; expected a run directory (with "
-                           f"checkpoints/) or a checkpoints directory.")
 
 
 def _sharding_str(sh) -> str:
@@ -70,7 +57,6 @@ def _sharding_str(sh) -> str:
 
 
 def _rows(tree, prefix):
-  import jax
   rows = []
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
     name = "/".join(str(getattr(p, "key", getattr(p, "idx", getattr(p, "name", p))))
@@ -125,7 +111,6 @@ def inspect(path: str, step: int = -1, opt_state: bool = False, full_config: boo
         out(f"  {sec}: {v}")
   out(f"\ndata loader state: {json.dumps(loader)}")
   out(f"meta: {json.dumps(meta)}")
-  from growth import history
   grown = history.read(cdir.parent)
   if grown:
     out(f"growth history ({cdir.parent / history.FILE}):")
@@ -192,7 +177,6 @@ def _frozen_summary(c, step, out) -> dict:
 def verify(path: str, out=print) -> dict:
   """Read and check every array of every step of a run (see the module docstring). Returns
   {step: "ok" | error sentence}; raises CheckpointError naming the first damaged step."""
-  import jax
   cdir, given = locate(path)
   c = ck.Checkpointer(cdir, ck.config_ns(keep=0), read_only=True, log=lambda *_: None)
   steps = c.steps() if given is None else [given]

@@ -16,7 +16,7 @@ compiled program (a loop body's once).
 
 Nothing is allocated: the state is ShapeDtypeStructs carrying the training shardings (parameters
 by sharding.RULES, TQP bases split over the expert axis like the experts they replace, optimizer
-state ZeRO-1 as in launch.train), the step is launch.train.make_train_step, and the numbers come
+state ZeRO-1 as in launch.train), the step is lightning_jax.run.step.make_train_step (lightning_jax.run.state.build_abstract), and the numbers come
 from XLA's compiled memory analysis of the SPMD-partitioned program (per device). On CPU
 `peak_memory_in_bytes` only repeats the argument size, so the total reported is
   arguments + outputs - aliased (donated state) + temporaries.
@@ -58,10 +58,14 @@ if __name__ == "__main__":
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
 
-from lightning_jax import nn, optim, sharding, tqp  # noqa: E402
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from lightning_jax import distributed, memory_plan, sharding  # noqa: E402
 from lightning_jax.config import ConfigError, validate  # noqa: E402
+from lightning_jax.run import state as state_lib  # noqa: E402
 
 GB = 1e9
 TARGETS = {"H100 80 GB": 80e9, "H200 141 GB": 141e9}
@@ -74,48 +78,6 @@ def _per_device_bytes(abstract, shardings) -> int:
     shape = s.shard_shape(a.shape) if hasattr(s, "shard_shape") else a.shape
     total += math.prod(shape) * jnp.dtype(a.dtype).itemsize
   return total
-
-
-def build(cfg, mesh, accum: int | None = None):
-  """Abstract state, shardings and the jitted step for `cfg` on `mesh` (nothing allocated);
-  `accum` overrides the accumulation steps that train.micro_batch gives."""
-  from launch import train as train_lib
-  from lightning_jax import model
-  from lightning_jax.layers import kronecker
-
-  specs = model.param_specs(cfg)
-  frozen_specs = model.frozen_specs(cfg) if hasattr(model, "frozen_specs") else {}
-  if cfg.tqp.enabled and any("experts" in n for _, n in tqp._moe_nodes(specs)):
-    specs, frozen_specs = tqp.tqp_specs(specs, cfg)     # a model without the TQP layout
-  params = nn.abstract(specs)
-  p_shard = sharding.tree_shardings(mesh, nn.logical_axes(specs), params)
-  rep = NamedSharding(mesh, P())
-  f_abs = {"embed": kronecker.frozen_abstract(cfg)}
-  f_shard = {"embed": jax.tree.map(lambda _: rep, f_abs["embed"])}
-  if frozen_specs:     # TQP bases: split over the expert axis like the experts they replace
-    q_abs = nn.abstract(frozen_specs)
-    q_shard = sharding.tree_shardings(mesh, nn.logical_axes(frozen_specs), q_abs)
-    f_abs, f_shard = tqp.merge_frozen(f_abs, q_abs), tqp.merge_frozen(f_shard, q_shard)
-  stats = jax.eval_shape(lambda: model.init_stats(cfg))
-  s_shard = jax.tree.map(lambda _: rep, stats)
-  steps = max(1, optim.total_steps(cfg)) if cfg.train.total_tokens or cfg.train.steps else 1000
-  tx, _ = optim.make_optimizer(cfg, params, steps)
-  opt_abs = jax.eval_shape(tx.init, params)
-  o_shard = train_lib.opt_state_shardings(mesh, opt_abs, p_shard)
-  n_batch = mesh.shape["data"] * mesh.shape["expert"]
-  accum = train_lib.check_train_config(cfg, n_batch) if accum is None else accum
-  state_abs = {"params": params, "frozen": f_abs, "stats": stats, "opt_state": opt_abs,
-               "step": jax.ShapeDtypeStruct((), jnp.int32)}
-  state_shard = {"params": p_shard, "frozen": f_shard, "stats": s_shard, "opt_state": o_shard,
-                 "step": rep}
-  batch_abs = {"ids": jax.ShapeDtypeStruct((cfg.train.global_batch, cfg.train.seq_len + 2),
-                                           jnp.int32)}
-  batch_shard = {"ids": NamedSharding(mesh, P(train_lib.BATCH_AXES, None))}
-  step = jax.jit(train_lib.make_train_step(cfg, tx, accum, model, mesh),
-                 in_shardings=(state_shard, batch_shard), out_shardings=(state_shard, rep),
-                 donate_argnums=(0,))
-  return {"state_abs": state_abs, "state_shard": state_shard, "batch_abs": batch_abs,
-          "batch_shard": batch_shard, "step": step, "accum": accum}
 
 
 _COLLECTIVES = ("all-to-all", "all-gather", "all-reduce", "reduce-scatter", "collective-permute")
@@ -146,13 +108,12 @@ def collectives(hlo_text: str) -> list[dict]:
 
 
 def plan(cfg, mesh, log=print, device: str = "", mem_fraction: float | None = None) -> dict:
-  from lightning_jax import memory_plan
   n_batch = mesh.shape["data"] * mesh.shape["expert"]
   built = {}
   times = {}
 
   def compile_at(acc):
-    b = build(cfg, mesh, acc)
+    b = state_lib.build_abstract(cfg, mesh, acc)
     t0 = time.perf_counter()
     with sharding.use_mesh(mesh):
       lowered = b["step"].lower(b["state_abs"], b["batch_abs"])
@@ -227,8 +188,6 @@ def plan(cfg, mesh, log=print, device: str = "", mem_fraction: float | None = No
 
 
 def _define_flags():
-  from absl import flags
-  from ml_collections import config_flags
   config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/stage_120b.py "
                                   "(overrides: --config.section.field=...).")
   flags.DEFINE_integer("devices", 8, "Virtual CPU devices to plan for (set before jax starts).")
@@ -243,14 +202,12 @@ def _define_flags():
 
 
 def main(argv):
-  from absl import flags
   fl = flags.FLAGS
   if len(argv) > 1:
     print(f"error: unexpected arguments {argv[1:]}; flags look like "
           f"--config=configs/stage_120b.py.", file=sys.stderr)
     return 2
   cfg = fl.config
-  from lightning_jax import distributed
   try:
     launch = distributed.from_environment(fl.coordinator_address, fl.num_processes,
                                           fl.process_id)
@@ -277,6 +234,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from absl import app
   _define_flags()
   app.run(lambda argv: sys.exit(main(argv)))

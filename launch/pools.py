@@ -12,6 +12,11 @@ import sys
 
 from absl import app, flags
 from ml_collections import config_flags
+import numpy as np
+
+from lightning_jax.config import ConfigError
+from lightning_jax.data import pools as P
+from lightning_jax.data.shards import DataError
 
 config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/tiny.py",
                                 lock_config=False)
@@ -23,11 +28,7 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
-  import numpy as np
 
-  from lightning_jax.config import ConfigError
-  from lightning_jax.data import pools as P
-  from lightning_jax.data.shards import DataError
   cfg = FLAGS.config
   if cfg is None:
     raise app.UsageError("--config is required, e.g. --config=configs/tiny.py")

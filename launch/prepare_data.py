@@ -5,7 +5,7 @@
 
 .txt: one document per file. .jsonl: one document per line ({"text": ..., "domain"?: ...}).
 The domain of a file is its first directory below an --input directory (else its file stem).
-Tokenizer: o200k_base loaded offline (tokenizer/base.py), or `--tokenizer brahmic` for the built
+Tokenizer: o200k_base loaded offline (lightning_jax/vocab.py), or `--tokenizer brahmic` for the built
 BrahmicTokenizer-131K (tokenizer/brahmic131k, or --tokenizer_path DIR from `python -m tokenizer.build`).
 The data's id order (--id_order) is applied on top of the tokenizer's own ids. See lightning_jax/data/shards.py.
 """
@@ -14,7 +14,9 @@ from __future__ import annotations
 import sys
 
 from absl import app, flags
+from ml_collections import ConfigDict
 
+from lightning_jax import vocab
 from lightning_jax.data.shards import DataError, prepare
 
 flags.DEFINE_multi_string("input", None, "Directories or .txt/.jsonl files (repeatable; "
@@ -38,10 +40,8 @@ def main(argv):
   try:
     encoding = None
     if FLAGS.tokenizer != "o200k_base":
-      import tokenizer as tokenizer_lib
-      from ml_collections import ConfigDict
-      encoding = tokenizer_lib.load(ConfigDict({"name": FLAGS.tokenizer, "path": FLAGS.tokenizer_path,
-                                                "id_order": "natural"})).encoding
+      encoding = vocab.load(ConfigDict({"name": FLAGS.tokenizer, "path": FLAGS.tokenizer_path,
+                                        "id_order": "natural"})).encoding
     prepare(inputs, FLAGS.output, encoding=encoding, id_order=FLAGS.id_order, val_fraction=FLAGS.val_fraction,
             seed=FLAGS.seed, shard_tokens=FLAGS.shard_tokens, vocab_multiple=FLAGS.vocab_multiple)
   except DataError as e:

@@ -15,16 +15,23 @@ JSON (--out, default RUN/scores/<step>.json): {"run", "step", "seq_len", "files"
 """
 from __future__ import annotations
 
-import json
 import pathlib
 import sys
 
+from absl import flags
 import numpy as np
+
+from lightning_jax import checkpoint as ck
+from lightning_jax import inference
+from lightning_jax import scoring
+from lightning_jax.config import ConfigError
+from lightning_jax.data import shards
+from lightning_jax.data.shards import DataError
+from lightning_jax.decode import GenerationError
 
 
 def _token_streams(inputs, vocab, split: str):
   """[(name, domain, tokens)] of every input."""
-  from lightning_jax.data import shards
   out = []
   for item in inputs:
     p = pathlib.Path(item)
@@ -47,7 +54,6 @@ def _token_streams(inputs, vocab, split: str):
 
 
 def _check_same_vocab(man, where, vocab):
-  from lightning_jax.decode import GenerationError
   src = pathlib.Path(vocab.source)
   if src.exists() and src.resolve() == where.resolve():
     return
@@ -64,7 +70,6 @@ def _check_same_vocab(man, where, vocab):
 
 
 def score(run, inputs, *, seq_len=None, batch=None, split="val", log=print) -> dict:
-  from lightning_jax import scoring
   vocab = run.vocab
   nbytes = vocab.n_bytes()
   sc = scoring.Scorer(run.cfg, run.variables, seq_len=seq_len, batch=batch, mesh=run.mesh)
@@ -88,7 +93,6 @@ def score(run, inputs, *, seq_len=None, batch=None, split="val", log=print) -> d
 
 
 def scoring_error(name, bad, size):
-  from lightning_jax.decode import GenerationError
   return GenerationError(f"{name} holds token id {bad}, outside the run's vocabulary of {size} ids.")
 
 
@@ -101,12 +105,6 @@ def table(res) -> str:
 
 
 def main(argv):
-  from absl import flags
-  from lightning_jax import checkpoint as ck
-  from lightning_jax import inference
-  from lightning_jax.config import ConfigError
-  from lightning_jax.data.shards import DataError
-  from lightning_jax.decode import GenerationError
   F = flags.FLAGS
   if len(argv) != 2:
     print("error: expected one run directory, e.g. python -m launch.score runs/tiny --input "
@@ -132,7 +130,6 @@ def main(argv):
 
 
 def _define_flags():
-  from absl import flags
   flags.DEFINE_multi_string("input", [], "A .txt/.jsonl file, a directory of them, or a prepared "
                             "data directory (repeatable).")
   flags.DEFINE_integer("step", -1, "Checkpoint step to use (default: the newest).")

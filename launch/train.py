@@ -32,9 +32,7 @@ the quantized bases every flush_every steps.
 """
 from __future__ import annotations
 
-import functools
 import json
-import math
 import pathlib
 import sys
 import time
@@ -42,247 +40,30 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
+
+from absl import app, flags, logging as absl_logging
+from ml_collections import config_flags
+from tqdm import tqdm
 
 from lightning_jax import checkpoint as ckpt_lib
 from lightning_jax import distributed
 from lightning_jax import memory_plan, metrics as metrics_lib
-from lightning_jax import optim, rundir, run_checks, sharding, watchdog
-from lightning_jax.config import ConfigError, validate
-from lightning_jax.data import pipeline, shards
+from lightning_jax import model as model_lib
+from lightning_jax import optim, rundir, run_checks, sharding, tqp as tqp_lib, watchdog
+from lightning_jax.config import ConfigError, resolve_config_argv, validate
+from lightning_jax.data import shards
+from lightning_jax.layers import kronecker, moe as moe_lib
+from lightning_jax.run import identity, setup
+from lightning_jax.run import state as state_lib
+from lightning_jax.run import step as step_lib
+from lightning_jax.run_checks import check_overrides
 
-BATCH_AXES = ("data", "expert")
+BATCH_AXES = step_lib.BATCH_AXES
 
 
 class TrainingStopped(RuntimeError):
   """The run stopped on a non-finite loss; the message names the step."""
-
-
-# ----------------------------------------------------------------------------- config checks
-def check_train_config(cfg, n_batch_shards: int) -> int:
-  """Validate the train section against the mesh; returns gradient-accumulation steps."""
-  t = cfg.train
-  if t.seq_len < 1:
-    raise ConfigError(f"train.seq_len={t.seq_len} must be positive.")
-  if t.micro_batch < 0:
-    raise ConfigError(f"train.micro_batch={t.micro_batch} must be >= 1 sequence per device (or 0: "
-                      f"no gradient accumulation).")
-  if t.eval_every > 0 and (t.eval_batch < 1 or t.eval_batch % n_batch_shards):
-    raise ConfigError(f"train.eval_batch={t.eval_batch} must be a positive multiple of the "
-                      f"{n_batch_shards} batch shards (mesh data x expert).")
-  if t.micro_batch == 0:          # no accumulation: the whole global batch in one forward
-    if t.global_batch < n_batch_shards or t.global_batch % n_batch_shards:
-      raise ConfigError(f"train.global_batch={t.global_batch} must be a positive multiple of the "
-                        f"{n_batch_shards} batch shards (mesh data x expert).")
-    return 1
-  micro_global = t.micro_batch * n_batch_shards
-  if t.global_batch < 1 or t.global_batch % micro_global:
-    raise ConfigError(
-        f"train.global_batch={t.global_batch} must be a positive multiple of train.micro_batch="
-        f"{t.micro_batch} x {n_batch_shards} batch shards (mesh data x expert) = {micro_global}.")
-  return t.global_batch // micro_global
-
-
-# ----------------------------------------------------------------------------- data
-def resolve_data(cfg, workdir: pathlib.Path, log=print) -> tuple[str, dict]:
-  d = cfg.data
-  path = d.path
-  if not path:
-    if not d.build_from:
-      raise ConfigError("data.path is empty and data.build_from is empty; expected a shard "
-                        "directory (python -m launch.prepare_data) or raw text to build from.")
-    path = str(workdir / "data")
-  p = pathlib.Path(path)
-  if not (p / shards.MANIFEST).exists() and d.build_from:
-    src = pathlib.Path(d.build_from)
-    if not src.exists():
-      raise shards.DataError(f"data.build_from={d.build_from} does not exist; expected a "
-                             f"directory of .txt/.jsonl files.")
-    log(f"preparing shards from {src} into {p} (id order {d.id_order}) ...")
-    encoding = None
-    if cfg.tokenizer.name != "o200k_base":        # e.g. "brahmic": the built BrahmicTokenizer-131K
-      import tokenizer as tokenizer_lib
-      encoding = tokenizer_lib.load(cfg.tokenizer).encoding
-    shards.prepare([str(src)], str(p), encoding=encoding, id_order=d.id_order,
-                   val_fraction=d.val_fraction, seed=d.seed, log=log)
-  manifest = shards.load_manifest(p)
-  run_checks.pool_layout_fallback(cfg, p, manifest, log)    # own data without the pools' domains
-  return str(p), manifest
-
-
-def apply_data_vocab(cfg, manifest, data_dir):
-  v = int(manifest["vocab_size"])
-  if cfg.data.vocab_from_data:
-    with cfg.unlocked() if hasattr(cfg, "unlocked") else _null():
-      cfg.model.vocab_size = v
-  elif v > cfg.model.vocab_size:
-    raise ConfigError(f"the data in {data_dir} uses {v} token ids but model.vocab_size="
-                      f"{cfg.model.vocab_size}; expected vocab_size >= the data's vocabulary "
-                      f"(or data.vocab_from_data=True).")
-
-
-class _null:
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *a):
-    return False
-
-
-def make_data(cfg, data_dir, manifest, rows=None):
-  """(train loader, held-out batches per domain). The pool mixture (data.use_pools) when the
-  data-curriculum module is present, else the single-source grain window pipeline. rows: the
-  [lo, hi) of every global batch this process reads (distributed.local_rows)."""
-  try:
-    from lightning_jax.data import pools
-  except ImportError:
-    pools = None
-  if pools is not None and hasattr(pools, "make_train_loader"):
-    loader = pools.make_train_loader(cfg, data_dir, manifest, rows=rows)
-  else:
-    loader = pipeline.train_loader(data_dir, cfg.train.seq_len, cfg.train.global_batch,
-                                   cfg.data.seed, manifest=manifest, rows=rows)
-  evals = {}
-  if cfg.train.eval_every > 0:
-    if pools is not None and cfg.data.get("use_pools", False):
-      evals = pools.eval_batches_from_config(cfg, data_dir, manifest)
-    else:
-      evals = pipeline.eval_batches(data_dir, cfg.train.seq_len, cfg.train.eval_batch,
-                                    cfg.train.eval_batches, manifest=manifest)
-  return loader, evals
-
-
-def heldout_weights(cfg, manifest, domains) -> dict:
-  """Weight of each held-out domain in the training mixture (sums to 1 over `domains`).
-
-  Pools: pool weight x the domain's share of its pool's training tokens. Single stream: the
-  domain's share of all training tokens. The headline held-out loss ("val/mix") is the
-  held-out CE_next averaged with these weights, i.e. measured on the distribution the model
-  is trained on; "val/mean" is the plain mean over domains.
-  """
-  tok = {}
-  for e in manifest["shards"]:
-    if e["split"] == "train":
-      tok[e["domain"]] = tok.get(e["domain"], 0) + e["n_tokens"]
-  w = {}
-  if cfg.data.get("use_pools", False):
-    from lightning_jax.data import pools
-    for p in pools.pool_specs(cfg.data.pools):
-      doms = p.domains
-      doms = [d.strip() for d in (doms.split(",") if isinstance(doms, str) else doms) if d.strip()]
-      total = sum(tok.get(d, 0) for d in doms)
-      for d in doms:
-        if total and d in domains:
-          w[d] = w.get(d, 0.0) + float(p.weight) * tok.get(d, 0) / total
-  else:
-    w = {d: float(tok.get(d, 0)) for d in domains}
-  z = sum(w.get(d, 0.0) for d in domains)
-  if z <= 0:
-    return {d: 1.0 / len(domains) for d in domains}
-  return {d: w.get(d, 0.0) / z for d in domains}
-
-
-# ----------------------------------------------------------------------------- shardings
-def _keys(path):
-  return [str(getattr(p, "key", getattr(p, "idx", getattr(p, "name", p)))) for p in path]
-
-
-def opt_state_shardings(mesh, opt_abstract, param_shardings):
-  """ZeRO-1: each moment leaf takes its parameter's sharding plus a split over free batch axes."""
-  by_path = {}
-  for path, s in jax.tree_util.tree_flatten_with_path(param_shardings)[0]:
-    by_path[tuple(_keys(path))] = s
-  rep = NamedSharding(mesh, P())
-
-  def one(path, leaf):
-    # the parameter path is the trailing run of dict keys
-    tail = []
-    for p in reversed(path):
-      if isinstance(p, jax.tree_util.DictKey):
-        tail.append(str(p.key))
-      else:
-        break
-    tail = tuple(reversed(tail))
-    for k in range(len(tail)):
-      s = by_path.get(tail[k:])
-      if s is not None:
-        return sharding.zero1_sharding(mesh, s, leaf.shape)
-    return rep
-  return jax.tree_util.tree_map_with_path(one, opt_abstract)
-
-
-def frozen_shardings(mesh, model, cfg, frozen_abstract):
-  """Frozen buffers by their logical axes (model.frozen_axes): the TQP quantized bases split
-  over "expert" like the experts they replace; the codec by its vocab rule."""
-  return sharding.tree_shardings(mesh, model.frozen_axes(cfg), frozen_abstract)
-
-
-# ----------------------------------------------------------------------------- the step
-def make_train_step(cfg, tx, accum: int, model, mesh):
-  """(state, batch[, moe_ctl]) -> (state, metrics). state: params, frozen, stats, opt_state, step.
-
-  moe_ctl: optional dict of float32 scalars (moe.HotConfig.ctl()), a traced argument: the
-  forward reads it as consts["moe_ctl"] and the router-bias update as ctl=.
-  """
-  micro_spec = P(None, BATCH_AXES, None)
-
-  def grads_of(params, frozen, stats, ids, moe_ctl):
-    def f(p):
-      if moe_ctl is None:
-        return model.loss_fn(p, frozen, stats, {"ids": ids}, cfg)
-      return model.loss_fn(p, frozen, stats, {"ids": ids}, cfg, moe_ctl=moe_ctl)
-    (total, m), g = jax.value_and_grad(f, has_aux=True)(params)
-    return total, m, g
-
-  def step_fn(state, batch, moe_ctl=None):
-    params, frozen, stats = state["params"], state["frozen"], state["stats"]
-    ids = batch["ids"]
-    g_rows = ids.shape[0]
-    mb = g_rows // accum
-    # row r = i * accum + a -> micro-batch a: every device keeps its rows of every micro-batch
-    micro = ids.reshape(mb, accum, ids.shape[1]).swapaxes(0, 1)
-    micro = jax.lax.with_sharding_constraint(micro, NamedSharding(mesh, micro_spec))
-
-    def body(carry, mids):
-      gsum, lsum = carry
-      total, m, g = grads_of(params, frozen, stats, mids, moe_ctl)
-      gsum = jax.tree_util.tree_map(jnp.add, gsum, g)
-      scal = {"total": total, "loss": m["loss"], "ce_mtp": m["ce_mtp"], "aux": m["aux"]}
-      lsum = jax.tree_util.tree_map(jnp.add, lsum, scal)
-      return (gsum, lsum), m["step_stats"]
-
-    zeros_g = jax.tree_util.tree_map(jnp.zeros_like, params)
-    zeros_l = {k: jnp.zeros((), jnp.float32) for k in ("total", "loss", "ce_mtp", "aux")}
-    (gsum, lsum), step_stats = jax.lax.scan(body, (zeros_g, zeros_l), micro)
-    grads = jax.tree_util.tree_map(lambda g: g / accum, gsum)
-    scal = {k: v / accum for k, v in lsum.items()}
-    step_stats = jax.tree_util.tree_map(lambda s: jnp.mean(s, axis=0), step_stats)
-    grad_norm = (optax.tree.norm(grads) if hasattr(optax, "tree") and hasattr(optax.tree, "norm")
-                 else optax.global_norm(grads))
-    updates, new_opt = tx.update(grads, state["opt_state"], params)
-    new_params = optax.apply_updates(params, updates)
-    new_stats = (model.update_stats(cfg, stats, step_stats) if moe_ctl is None else
-                 model.update_stats(cfg, stats, step_stats, moe_ctl=moe_ctl))
-    ok = jnp.isfinite(scal["total"]) & jnp.isfinite(grad_norm)
-    keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)
-    out = {"params": keep(new_params, params), "frozen": frozen,
-           "stats": keep(new_stats, stats), "opt_state": keep(new_opt, state["opt_state"]),
-           "step": state["step"] + ok.astype(state["step"].dtype)}
-    scal["grad_norm"] = grad_norm
-    scal["finite"] = ok
-    return out, scal
-  return step_fn
-
-
-def make_eval_step(cfg, model):
-  """(state, ids [n_batches, batch, seq_len + 2]) -> CE_next per batch, one compiled loop."""
-  def eval_fn(state, stacked):
-    def one(ids):
-      _, m = model.loss_fn(state["params"], state["frozen"], state["stats"], {"ids": ids}, cfg)
-      return m["loss"]
-    return jax.lax.map(one, stacked)
-  return eval_fn
 
 
 _JIT_CACHE: dict = {}
@@ -313,7 +94,7 @@ def train(cfg, workdir, *, fallback_to_previous: bool = False, stop_after: int =
   on_hang(message): the watchdog's action (lightning_jax/watchdog.py; default: end the process).
   """
   if model is None:
-    from lightning_jax import model
+    model = model_lib
   t_start = time.perf_counter()
   if not distributed.is_primary():      # several processes: process 0 logs and shows progress
     log, progress = (lambda *a, **k: None), False
@@ -325,8 +106,8 @@ def train(cfg, workdir, *, fallback_to_previous: bool = False, stop_after: int =
   validate(cfg)                   # bad sizes in one sentence before any data is prepared
   distributed.check_batch(cfg)
   with distributed.primary_first("data"):      # process 0 prepares shards, the others read them
-    data_dir, manifest = resolve_data(cfg, workdir, log)
-  apply_data_vocab(cfg, manifest, data_dir)
+    data_dir, manifest = setup.resolve_data(cfg, workdir, log)
+  setup.apply_data_vocab(cfg, manifest, data_dir)
   validate(cfg)
   distributed.check_agreement(ckpt_lib.config_to_json(cfg))   # same config and code everywhere
   watchdog.check_config(cfg)
@@ -335,30 +116,22 @@ def train(cfg, workdir, *, fallback_to_previous: bool = False, stop_after: int =
     log(run_checks.config_diff_line(cfg, stage_cfg[1], stage_cfg[0]))
   mesh = sharding.make_mesh(cfg.mesh)
   n_batch = mesh.shape["data"] * mesh.shape["expert"]
-  accum = check_train_config(cfg, n_batch)
+  accum = state_lib.check_train_config(cfg, n_batch)
   steps_total = optim.total_steps(cfg)
   tps = optim.tokens_per_step(cfg)
 
   # ---- abstract state and shardings
   abstract = model.abstract_variables(cfg)
-  p_shard = sharding.tree_shardings(mesh, model.param_axes(cfg), abstract["params"])
   rep = NamedSharding(mesh, P())
   tx, sched = optim.make_optimizer(cfg, abstract["params"], steps_total)
   opt_abs = jax.eval_shape(tx.init, abstract["params"])
-  o_shard = opt_state_shardings(mesh, opt_abs, p_shard)
-  state_abs = {"params": abstract["params"], "frozen": abstract["frozen"],
-               "stats": abstract["stats"], "opt_state": opt_abs,
-               "step": jax.ShapeDtypeStruct((), jnp.int32)}
-  state_shard = {"params": p_shard,
-                 "frozen": frozen_shardings(mesh, model, cfg, abstract["frozen"]),
-                 "stats": jax.tree_util.tree_map(lambda _: rep, abstract["stats"]),
-                 "opt_state": o_shard, "step": rep}
+  state_abs, state_shard, p_shard, o_shard = state_lib.train_state(cfg, model, mesh, abstract,
+                                                                   opt_abs)
   batch_shard = NamedSharding(mesh, P(BATCH_AXES, None))
 
   # ---- the training step, compiled before anything is built, at a micro-batch that fits
   hot = None
   if cfg.moe.enabled and cfg.moe.hot_config:
-    from lightning_jax.layers import moe as moe_lib
     hot = moe_lib.HotConfig(cfg, logger=log)
   step_in = (state_shard, {"ids": batch_shard}) + ((rep,) if hot is not None else ())
   step_args = ((ckpt_lib.abstract_with_shardings(state_abs, state_shard),
@@ -376,7 +149,7 @@ def train(cfg, workdir, *, fallback_to_previous: bool = False, stop_after: int =
 
   def compile_step(acc):
     def build():
-      fn = jax.jit(make_train_step(cfg, tx, acc, model, mesh), in_shardings=step_in,
+      fn = jax.jit(step_lib.make_train_step(cfg, tx, acc, model, mesh), in_shardings=step_in,
                    out_shardings=(state_shard, rep), donate_argnums=(0,))
       with sharding.use_mesh(mesh):
         t = watchdog.compile_all(wd, log, [("the training step", lambda: out.append(
@@ -392,7 +165,7 @@ def train(cfg, workdir, *, fallback_to_previous: bool = False, stop_after: int =
 
   # ---- data
   batch_shape = (cfg.train.global_batch, cfg.train.seq_len + 2)
-  loader, evals = make_data(cfg, data_dir, manifest,
+  loader, evals = setup.make_data(cfg, data_dir, manifest,
                             rows=distributed.local_rows(batch_shard, batch_shape))
   eval_names, eval_stack = [], None
   for dom, bs in evals.items():
@@ -412,12 +185,14 @@ def train(cfg, workdir, *, fallback_to_previous: bool = False, stop_after: int =
   ck = ckpt_lib.Checkpointer(workdir / "checkpoints", cfg.checkpoint)
   restored = None
   if checkpointing:
-    restored = ck.restore_latest(ckpt_lib.abstract_with_shardings(state_abs, state_shard),
-                                 fallback_to_previous=fallback_to_previous, log=log)
+    # the resume identity check reads the saved config before any array (run/identity.py)
+    restored = ck.restore_latest(
+        ckpt_lib.abstract_with_shardings(state_abs, state_shard),
+        fallback_to_previous=fallback_to_previous, log=log,
+        check_config=lambda saved, where: identity.check_same_run(saved, cfg_json, where))
   else:
     log("checkpointing is off (--no_checkpoint): nothing is restored or saved.")
   if restored is not None:
-    _check_same_run(restored["config"], cfg_json, ck.step_dir(restored["step"]))
     state = restored["state"]
     # (each process its own state; the pool mixture reports stage notes)
     loader.set_state(distributed.own_loader_state(restored["loader"]), log=log)
@@ -436,7 +211,6 @@ def train(cfg, workdir, *, fallback_to_previous: bool = False, stop_after: int =
     start = 0
     frozen_version = 0      # checkpoint.py: the step at which the frozen tree came into being
     token_bytes = shards.token_bytes(data_dir)
-    from lightning_jax.layers import kronecker
     codec = kronecker.codec_from_tokenizer(token_bytes, cfg)
     key = jax.random.PRNGKey(cfg.train.seed)
     # the codec (at 2B a [131072, 8192] table, 2 GB) is an argument, not a captured constant
@@ -459,12 +233,10 @@ def train(cfg, workdir, *, fallback_to_previous: bool = False, stop_after: int =
   if hot is not None:
     hot.poll(start - start % hot.every)     # a resumed run starts from the file's values
   flush_on = bool(cfg.tqp.enabled) and int(cfg.tqp.flush_every) > 0
-  if flush_on:
-    from lightning_jax import tqp as tqp_lib
 
   # ---- compiled functions (cached per config within a process: tests resume in-process)
   eval_jit = _cached_jit(("eval",) + ckey, lambda: jax.jit(
-      make_eval_step(cfg, model), in_shardings=(state_shard, NamedSharding(mesh, P(None, BATCH_AXES,
+      step_lib.make_eval_step(cfg, model), in_shardings=(state_shard, NamedSharding(mesh, P(None, BATCH_AXES,
                                                                               None))),
       out_shardings=rep))
 
@@ -484,7 +256,7 @@ def train(cfg, workdir, *, fallback_to_previous: bool = False, stop_after: int =
   logger.note(peak_note)
 
   eval_shard = NamedSharding(mesh, P(None, BATCH_AXES, None))
-  hw = heldout_weights(cfg, manifest, list(dict.fromkeys(eval_names))) if eval_names else {}
+  hw = setup.heldout_weights(cfg, manifest, list(dict.fromkeys(eval_names))) if eval_names else {}
 
   # ---- compilation (timed apart from the steps; the training step compiled above)
   note_step[0], logger_ref[0] = start, logger
@@ -528,7 +300,6 @@ def train(cfg, workdir, *, fallback_to_previous: bool = False, stop_after: int =
   end = steps_total if stop_after <= 0 else min(steps_total, start + stop_after)
   bar = None
   if progress:
-    from tqdm import tqdm
     bar = tqdm(total=steps_total, initial=start, dynamic_ncols=True, file=sys.stderr)
   stopped = None
   step = start
@@ -653,45 +424,8 @@ def _maybe_flush(state, cfg, step, tx, state_shard, tqp_lib, rec):
   return {**state, **new}, True
 
 
-MOE_TUNABLE = ("bias_gamma", "bias_cap_lo", "bias_cap_hi", "bias_ema", "bias_guard_k",
-               "hot_config", "hot_config_every", "balance_weight", "z_weight", "null_weight",
-               "null_target", "capacity_factor")
-
-
-def _resume_view(c: dict) -> dict:
-  """What must not change when a run resumes: the architecture, the sequence geometry and
-  seed, and the data (minus what a new stage may change: pool weights, always_on_fraction).
-  Schedules, logging, checkpoint policy, mesh shape and hot-tunable router knobs may change."""
-  try:
-    from lightning_jax.data.pools import without_stage_fields
-  except ImportError:
-    without_stage_fields = dict
-  t = c.get("train", {})
-  return {"model": c.get("model"), "reversible": c.get("reversible"),
-          "moe": {k: v for k, v in (c.get("moe") or {}).items() if k not in MOE_TUNABLE},
-          "tqp": {k: (c.get("tqp") or {}).get(k) for k in ("enabled", "bits", "rank", "seed")},
-          "train": {k: t.get(k) for k in ("seq_len", "global_batch", "seed")},
-          "data": {k: v for k, v in without_stage_fields(c.get("data") or {}).items()
-                   if k != "ranks"}}     # data.ranks: the loader state's own num_ranks check
-
-
-def _check_same_run(saved: dict, current: dict, where):
-  """Resuming with a different architecture or data stream would not continue the same run."""
-  a, b = _resume_view(saved), _resume_view(current)
-  diffs = []
-  for sec in a:
-    x, y = a[sec] or {}, b[sec] or {}
-    keys = sorted(k for k in set(x) | set(y) if x.get(k) != y.get(k))
-    diffs += [f"{sec}.{k} ({x.get(k)!r} -> {y.get(k)!r})" for k in keys]
-  if diffs:
-    raise ConfigError(f"checkpoint {where} was written with a different config ({'; '.join(diffs[:4])}"
-                      f"{' ...' if len(diffs) > 4 else ''}); use a new --workdir, or restore the "
-                      f"original settings.")
-
-
 # ----------------------------------------------------------------------------- CLI
 def main(argv):
-  from absl import flags
   FLAGS = flags.FLAGS
   if len(argv) > 1:
     print(f"error: unexpected arguments {argv[1:]}; flags look like --config=configs/tiny.py.",
@@ -745,53 +479,7 @@ def main(argv):
   return 0
 
 
-def check_overrides(argv) -> None:
-  """Reject --config.<field>=<value> overrides naming no field or of the wrong type, with one
-  sentence each, before absl parses them (its messages for these cases are misleading)."""
-  from lightning_jax.config import load_config
-  path, overrides = None, []
-  for i, a in enumerate(argv[1:], 1):
-    if a.startswith("--config="):
-      path = a.split("=", 1)[1]
-    elif a == "--config" and i + 1 < len(argv):
-      path = argv[i + 1]
-    elif a.startswith("--config."):
-      name, eq, value = a[len("--config."):].partition("=")
-      overrides.append((name, value if eq else None))
-  if path is None:
-    if overrides:
-      raise ConfigError("config overrides were given without --config=<file>; expected e.g. "
-                        "--config=configs/tiny.py first.")
-    return
-  cfg = load_config(path)
-  for name, value in overrides:
-    node, parts = cfg, name.split(".")
-    for k, part in enumerate(parts):
-      keys = list(node.keys()) if hasattr(node, "keys") else []
-      if part not in keys:
-        where = ".".join(parts[:k]) or "the config"
-        raise ConfigError(f"--config.{name}: {where} has no field {part!r} (it has: "
-                          f"{', '.join(sorted(keys))}).")
-      if k < len(parts) - 1:
-        node = node[part]
-    cur = node[parts[-1]]
-    if value is None or hasattr(cur, "keys"):
-      continue
-    kind = type(cur)
-    try:
-      if kind is bool:
-        if value.lower() not in ("true", "false", "1", "0"):
-          raise ValueError
-      elif kind in (int, float):
-        kind(value) if kind is float else int(value)
-    except ValueError:
-      raise ConfigError(f"--config.{name}={value}: {name} is a {kind.__name__} field "
-                        f"(now {cur!r}); {value!r} is not a {kind.__name__}.") from None
-
-
 def _define_flags():
-  from absl import flags
-  from ml_collections import config_flags
   config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/tiny.py.",
                                   lock_config=True)
   flags.DEFINE_string("workdir", "", "Run directory (default runs/<stage>).")
@@ -819,9 +507,7 @@ def _define_flags():
 
 
 if __name__ == "__main__":
-  from absl import app, logging as absl_logging
   absl_logging.set_verbosity(absl_logging.WARNING)   # orbax logs every save at INFO
-  from lightning_jax.config import resolve_config_argv
   sys.argv = resolve_config_argv(sys.argv)   # --config=configs/x.py from outside the repo root
   try:
     check_overrides(sys.argv)

@@ -590,14 +590,25 @@ class Checkpointer:
             f"{hint}")
     return len(check)
 
-  def restore(self, step: int, abstract_state) -> dict:
+  def restore(self, step: int, abstract_state, check_config=None) -> dict:
     """Restore one step and the frozen version it references; abstract_state: ShapeDtypeStructs
     with shardings (or None: as saved). Returns {"state", "loader", "config", "meta", "step",
     "frozen_version"} (frozen_version None for a step of the older layout). Every array is
-    compared with the checksums recorded at save time."""
+    compared with the checksums recorded at save time.
+
+    check_config(saved config json, step dir): called with the step's saved `config` item BEFORE
+    any array is read (lightning_jax/run/identity.py: a run resumed with another architecture
+    is reported as a config difference, not as a checkpoint the new shapes cannot read)."""
     d = self.step_dir(step)
     hint = (f"pass --fallback_to_previous to resume from the previous checkpoint instead, or "
             f"delete {d}.")
+    if check_config is not None:
+      try:
+        saved = self.read_json(step, "config")
+      except Exception as e:  # orbax raises many types for torn files
+        raise CheckpointError(f"checkpoint {d} is unreadable or incomplete ({_first_line(e)}); "
+                              f"{hint}") from e
+      check_config(saved, d)
     try:
       ref = self.frozen_ref(step)
     except Exception as e:
@@ -627,9 +638,36 @@ class Checkpointer:
             "meta": out["meta"], "step": int(step),
             "frozen_version": None if ref is None else ref["version"]}
 
-  def restore_latest(self, abstract_state, fallback_to_previous: bool = False, log=print):
+  def restore_variables(self, step: int, abstract: dict) -> dict:
+    """restore's result for params / frozen / stats only ({"state", "config", "meta"}): the state
+    item is read with orbax's partial restore (the optimizer state's files are never opened), the
+    frozen version through the checkpointer (fingerprint-verified), and every restored leaf is
+    checked finite. abstract: the saved state's abstract tree (its opt_state is ignored)."""
+    d = self.step_dir(step)
+    ref = self.frozen_ref(step)
+    abstract = dict(abstract)
+    abstract_frozen = abstract.pop("frozen", None) if ref is not None else None
+    sub = {k: abstract[k] for k in ("params", "frozen", "stats") if k in abstract}
+    try:
+      with ocp.PyTreeCheckpointer() as pc:
+        state = dict(pc.restore(d / "state", args=ocp.args.PyTreeRestore(
+            item=sub, restore_args=ocp.checkpoint_utils.construct_restore_args(sub),
+            partial_restore=True)))
+    except Exception as e:  # orbax / tensorstore raise many types for torn files
+      raise CheckpointError(f"checkpoint {d} is unreadable or incomplete "
+                            f"({_first_line(e)}).") from e
+    if ref is not None:
+      state["frozen"] = ({} if ref["version"] is None else
+                         self._restore_frozen(ref, abstract_frozen, d))
+    _check_finite_tree(state, d)
+    return {"state": state, "config": self.read_json(step, "config"),
+            "meta": self.read_json(step, "meta")}
+
+  def restore_latest(self, abstract_state, fallback_to_previous: bool = False, log=print,
+                     check_config=None):
     """Newest readable checkpoint, or None when there is none at all (and none was ever
     recorded: a run directory whose checkpoints vanished refuses, see history_path).
+    check_config: see restore (its error is the user's, never skipped by the fallback).
 
     fallback_to_previous: an unreadable newest step is skipped for the newest readable older
     one; the skipped steps (and their unreadable frozen versions) are moved aside only once a
@@ -643,7 +681,7 @@ class Checkpointer:
     errors = []
     for step in reversed(steps):
       try:
-        out = self.restore(step, abstract_state)
+        out = self.restore(step, abstract_state, check_config)
       except CheckpointError as e:
         if not fallback_to_previous:
           raise

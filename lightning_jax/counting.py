@@ -26,7 +26,7 @@ from __future__ import annotations
 import collections
 import math
 
-from lightning_jax import nn
+from lightning_jax import model, nn, tqp
 from lightning_jax.config import layer_kinds
 
 COMPONENTS = ("kronecker_projection", "mixer_deltanet", "mixer_gsa", "ffn", "shared_experts",
@@ -66,7 +66,6 @@ def _kind_of(parts: list[str], pattern: str) -> str | None:
 
 def count_params(cfg) -> dict:
   """{'stored': {comp: n}, 'active': {...}, 'mtp_stored': {...}, 'mtp_active': {...}, totals}."""
-  from lightning_jax import model  # local: model imports the layer modules
   abstract = model.abstract_variables(cfg)
   flat = nn.flatten(abstract["params"])
   pattern = cfg.model.pattern
@@ -119,7 +118,6 @@ def count_params(cfg) -> dict:
 def _matmul_terms(cfg, include_mtp: bool = True) -> dict:
   """Per-token matmul FLOPs of one training step by term, each matmul of one forward and its
   backward counted once (module docstring of flops_per_token says which backward each has)."""
-  from lightning_jax import model
   m, e = cfg.model, cfg.moe
   out = collections.Counter()
 
@@ -155,7 +153,6 @@ def _matmul_terms(cfg, include_mtp: bool = True) -> dict:
     # the frozen quantized base (SPEC §4): forward only, its output is stop_gradient, so neither
     # an input gradient nor a weight gradient is computed through it; its input is rotated
     # (a Walsh-Hadamard transform, one small dense matmul per factor) once per dispatched row
-    from lightning_jax import tqp
     layers = m.n_layers + (1 if include_mtp and m.mtp.enabled else 0)
     for mat in tqp.MATRICES:
       d_out, d_in = tqp._dims(cfg, mat)

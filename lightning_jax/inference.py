@@ -24,10 +24,12 @@ import pathlib
 
 import jax
 import numpy as np
+from ml_collections import ConfigDict
 
 from lightning_jax import checkpoint as ck
-from lightning_jax import sharding
+from lightning_jax import model, sharding, vocab as vocab_lib
 from lightning_jax.config import ConfigError, validate
+from lightning_jax.data import shards
 from lightning_jax.decode import GenerationError
 
 
@@ -62,7 +64,6 @@ def locate(path):
 
 def read_config(path, step: int | None = None):
   """(ConfigDict, step, Checkpointer) of a run's newest (or given) complete checkpoint."""
-  from ml_collections import ConfigDict
   cdir, at = locate(path)
   c = ck.Checkpointer(cdir, ck.config_ns(keep=0), read_only=True)
   steps = c.steps()
@@ -96,7 +97,6 @@ def make_mesh(cfg, mode: str = "auto"):
 
 def shardings(cfg, mesh):
   """Shardings of params / frozen / stats: training's on a mesh, else the first device."""
-  from lightning_jax import model
   ab = model.abstract_variables(cfg)
   if mesh is None:
     one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -116,7 +116,6 @@ def place(variables, cfg, mesh):
 def load_run(path, step: int | None = None, mesh: str = "auto", data: str | None = None,
              tokenizer: str | None = None, log=print, with_vocab: bool = True) -> Run:
   """Read a run's checkpoint onto the devices (see the module docstring)."""
-  from growth.cli import _restore_without_opt
   cfg, step, c = read_config(path, step)
   try:
     validate(cfg)
@@ -124,7 +123,7 @@ def load_run(path, step: int | None = None, mesh: str = "auto", data: str | None
     m = make_mesh(cfg, mesh)
     ab, sh = shardings(cfg, m)
     abstract = ck.abstract_with_shardings(ab, sh)
-    got = _restore_without_opt(c, step, abstract)
+    got = c.restore_variables(step, abstract)
   finally:
     c.close()
   log(f"loaded {c.step_dir(step)} (step {step}, stage {cfg.get('stage')!r}, "
@@ -136,15 +135,12 @@ def load_run(path, step: int | None = None, mesh: str = "auto", data: str | None
 # ----------------------------------------------------------------------------- vocabulary
 def _load_encoding(name: str, cfg):
   if name == "o200k_base":
-    from tokenizer.base import load_o200k_base
-    return load_o200k_base()
-  import tokenizer as tokenizer_lib
-  from ml_collections import ConfigDict
+    return vocab_lib.load_o200k_base()
   tc = ConfigDict(dict(cfg.tokenizer)) if "tokenizer" in cfg else ConfigDict({})
   with tc.unlocked():
     tc.name = "brahmic" if name.startswith("brahmic") else name
     tc.id_order = "natural"
-  return tokenizer_lib.load(tc).encoding
+  return vocab_lib.load(tc).encoding
 
 
 @dataclasses.dataclass
@@ -158,7 +154,6 @@ class Vocabulary:
 
   @classmethod
   def for_run(cls, cfg, run_path, data: str | None = None, tokenizer: str | None = None):
-    from lightning_jax.data import shards
     d = _data_dir(cfg, run_path, data)
     V = int(cfg.model.vocab_size)
     if d is None:                          # imported weights: the config's tokenizer, natural ids
@@ -168,8 +163,7 @@ class Vocabulary:
         raise GenerationError(f"tokenizer {enc.name!r} has {enc.n_vocab} ids but the run's "
                               f"vocabulary (model.vocab_size) is {V}; expected the tokenizer the "
                               f"run was trained with.")
-      from tokenizer.base import token_bytes_list
-      tb = token_bytes_list(enc)
+      tb = vocab_lib.token_bytes_list(enc)
       return cls(enc, None, tb + [b""] * (V - len(tb)), int(enc.eot_token), f"tokenizer {enc.name}")
     man = shards.load_manifest(d)
     name = tokenizer or man["tokenizer"]
@@ -264,7 +258,6 @@ class Vocabulary:
 
 
 def _data_dir(cfg, run_path, data):
-  from lightning_jax.data import shards
   if data:
     if not (pathlib.Path(data) / shards.MANIFEST).exists():
       raise GenerationError(f"--data {data} holds no {shards.MANIFEST}; expected the prepared "

@@ -27,6 +27,9 @@ import time
 
 import jax
 
+from lightning_jax import counting
+from lightning_jax.config import ConfigError
+
 # device kind substring -> {compute dtype: dense peak FLOP/s per device}
 PEAK_FLOPS = {
     "H200": {"bfloat16": 989e12, "float16": 989e12, "float32": 67e12},
@@ -68,7 +71,6 @@ def peak_flops(devices=None, dtype: str = "bfloat16") -> tuple[float, str]:
 def model_flops_per_token(cfg, abstract_params=None) -> tuple[float, str]:
   """(training FLOPs per token, where it comes from): the model's own count when available."""
   try:
-    from lightning_jax import counting
     fn = counting.flops_per_token
   except (ImportError, AttributeError):
     fn = None
@@ -134,7 +136,6 @@ def git_commit(repo=REPO) -> str:
 
 def check_config(cfg):
   """Refuse, before anything is compiled, a W&B project when the wandb package is missing."""
-  from lightning_jax.config import ConfigError
   project = cfg.train.wandb_project
   if project and importlib.util.find_spec("wandb") is None:
     raise ConfigError(f"train.wandb_project={project!r} asks for Weights & Biases logging, but "

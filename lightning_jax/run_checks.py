@@ -21,8 +21,12 @@ from __future__ import annotations
 import os
 import pathlib
 
+import jax
+from ml_collections import ConfigDict, config_flags
+
 from lightning_jax import optim
-from lightning_jax.config import ConfigError
+from lightning_jax.config import ConfigError, load_config
+from lightning_jax.data import pools as pools_lib
 
 EXTEND_CHOICES = ("ask", "stretch", "restart")
 # train.* fields the compiled step does not depend on (launch.train's in-process compile key)
@@ -95,7 +99,6 @@ def _lr_at(cfg, old_steps, anchor, saved_o, saved_meta, step) -> float:
   meta = saved_meta or {}
   if isinstance(meta.get("lr"), (int, float)) and meta.get("lr") == meta.get("lr"):
     return float(meta["lr"])
-  from ml_collections import ConfigDict
   c = ConfigDict(cfg.to_dict())
   c.optim.schedule_start = anchor
   if anchor:
@@ -112,7 +115,6 @@ def pool_layout_fallback(cfg, data_dir, manifest: dict, log=print) -> bool:
   d = cfg.data
   if not d.use_pools:
     return False
-  from lightning_jax.data import pools as pools_lib
   specs = pools_lib.pool_specs(d.pools)
   if any(s.shards for s in specs):
     return False            # explicit shard sources: the pools are the user's own
@@ -175,13 +177,11 @@ def config_diff(cfg, stage_cfg, limit: int = 24) -> list[str]:
 def stage_config(config_flag):
   """(stage file, its config as written) for the --config flag of a launcher, or None."""
   try:
-    from ml_collections import config_flags
     path = config_flags.get_config_filename(config_flag)
   except Exception:      # not an ml_collections config flag (e.g. a library caller)
     return None
   if not path:
     return None
-  from lightning_jax.config import load_config
   return path, load_config(path)
 
 
@@ -220,8 +220,50 @@ def enable_compile_cache(cfg, workdir, log=print) -> pathlib.Path | None:
   except OSError as e:
     raise ConfigError(f"train.compile_cache={cfg.train.compile_cache!r}: cannot create {path} "
                       f"({e.strerror}); expected a writable directory, or 'off'.") from None
-  import jax
   jax.config.update("jax_compilation_cache_dir", str(path))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   log(f"compilation cache: {path} (train.compile_cache={cfg.train.compile_cache!r})")
   return path
+
+
+def check_overrides(argv) -> None:
+  """Reject --config.<field>=<value> overrides naming no field or of the wrong type, with one
+  sentence each, before absl parses them (its messages for these cases are misleading)."""
+  path, overrides = None, []
+  for i, a in enumerate(argv[1:], 1):
+    if a.startswith("--config="):
+      path = a.split("=", 1)[1]
+    elif a == "--config" and i + 1 < len(argv):
+      path = argv[i + 1]
+    elif a.startswith("--config."):
+      name, eq, value = a[len("--config."):].partition("=")
+      overrides.append((name, value if eq else None))
+  if path is None:
+    if overrides:
+      raise ConfigError("config overrides were given without --config=<file>; expected e.g. "
+                        "--config=configs/tiny.py first.")
+    return
+  cfg = load_config(path)
+  for name, value in overrides:
+    node, parts = cfg, name.split(".")
+    for k, part in enumerate(parts):
+      keys = list(node.keys()) if hasattr(node, "keys") else []
+      if part not in keys:
+        where = ".".join(parts[:k]) or "the config"
+        raise ConfigError(f"--config.{name}: {where} has no field {part!r} (it has: "
+                          f"{', '.join(sorted(keys))}).")
+      if k < len(parts) - 1:
+        node = node[part]
+    cur = node[parts[-1]]
+    if value is None or hasattr(cur, "keys"):
+      continue
+    kind = type(cur)
+    try:
+      if kind is bool:
+        if value.lower() not in ("true", "false", "1", "0"):
+          raise ValueError
+      elif kind in (int, float):
+        kind(value) if kind is float else int(value)
+    except ValueError:
+      raise ConfigError(f"--config.{name}={value}: {name} is a {kind.__name__} field "
+                        f"(now {cur!r}); {value!r} is not a {kind.__name__}.") from None

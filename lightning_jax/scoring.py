@@ -25,6 +25,7 @@ import numpy as np
 
 from lightning_jax import model, nn, sharding
 from lightning_jax.ops.head_ce.api import head_logits
+from lightning_jax.decode import GenerationError
 
 
 def windows(tokens, seq_len: int):
@@ -92,7 +93,6 @@ class Scorer:
     self.cfg, self.variables, self.mesh = cfg, variables, mesh
     self.seq_len = int(seq_len or cfg.train.seq_len)
     if self.seq_len > int(cfg.model.max_seq_len):
-      from lightning_jax.decode import GenerationError
       raise GenerationError(f"--seq_len={self.seq_len} is longer than the model's context of "
                             f"model.max_seq_len={cfg.model.max_seq_len} tokens.")
     mult = 1 if mesh is None else int(mesh.shape["data"] * mesh.shape["expert"])

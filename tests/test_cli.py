@@ -179,7 +179,7 @@ def test_tokenizer_build_refuses_to_write_over_a_tokenizer(tmp_path, capsys):
 
 def test_growth_history_chains_through_runs(tmp_path):
   """Each written run's growth_history.json is its source run's history plus its own step."""
-  from growth import history
+  from lightning_jax.run import history
   a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
   history.record(a, {"provenance": {"source_path": None, "transform": "init",
                                     "args": {"seed": 0}}}, "tiny")

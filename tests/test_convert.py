@@ -30,9 +30,8 @@ def data(tmp_path_factory):
 
 
 def test_import_inspect_check_export(data, capsys):
-  from growth import cli
   from launch import convert
-  from launch import inspect as inspect_lib
+  from lightning_jax.run import checkpoints as run_ckpt
   run = data / "run"
   out = convert.import_run(str(FIXTURE), str(run), data_path=str(data / "data"),
                            overrides=["train.seq_len=64", "train.global_batch=2",
@@ -41,11 +40,11 @@ def test_import_inspect_check_export(data, capsys):
   log = capsys.readouterr().out
   assert "dropped 4 (memory-stream" in log and "alias" in log
   # launch.inspect reads it; the run's config file loads as --config would
-  ckdir, _ = inspect_lib.locate(str(run))
+  ckdir, _ = run_ckpt.locate(str(run))
   assert (ckdir / "0").is_dir()
   from lightning_jax.config import load_config
   assert load_config(str(run / "config.py")).train.seq_len == 64
-  src = cli.read_source(str(run), log=lambda *_: None)
+  src = run_ckpt.read_source(str(run), log=lambda *_: None)
   assert src["step"] == 0 and src["meta"]["provenance"]["transform"] == "reference_import"
   # check: every quantity within tolerance, one line each
   assert convert.check_run(str(run), str(FIXTURE))

@@ -216,12 +216,12 @@ def tiny_run(tmp_path_factory):
 
 
 def test_scoring_matches_training_heldout_eval(tiny_run):
-  from launch import train as train_lib
+  from lightning_jax.run import setup, step as step_lib
   from lightning_jax.data import shards
   cfg, v, data = tiny_run["cfg"], tiny_run["variables"], tiny_run["data"]
   man = shards.load_manifest(data)
-  _, evals = train_lib.make_data(cfg, str(data), man)
-  eval_fn = jax.jit(train_lib.make_eval_step(cfg, model))
+  _, evals = setup.make_data(cfg, str(data), man)
+  eval_fn = jax.jit(step_lib.make_eval_step(cfg, model))
   run = inference.load_run(tiny_run["dir"], log=lambda *a: None)
   assert run.step == 3 and run.mesh is None
   sc = scoring.Scorer(run.cfg, run.variables)

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from configs import stage_5b, stage_9b, tiny, tiny_120b, tiny_deep, tiny_moe
-from growth import common
-from growth.common import GrowthError
-from growth.dense_to_moe import dense_to_moe
-from growth.depth_map import MAPPINGS, check_mapping, depth_map
-from growth.expand_experts import expand_experts
+from lightning_jax.growth import common
+from lightning_jax.growth.common import GrowthError
+from lightning_jax.growth.dense_to_moe import dense_to_moe
+from lightning_jax.growth.depth_map import MAPPINGS, check_mapping, depth_map
+from lightning_jax.growth.expand_experts import expand_experts
 
 VOCAB = 64
 SEED = int(np.random.SeedSequence().entropy % (2 ** 31))
@@ -381,3 +381,24 @@ def test_config_mismatch_refused(cfgs, dense_src):
     dense_to_moe(dense_src, cfgs["dense"], dst, seed=0)
   with pytest.raises(GrowthError, match="strategy='split'"):
     dense_to_moe(dense_src, cfgs["dense"], cfgs["moe"], strategy="split", seed=0)
+
+
+def test_transforms_register_themselves_and_the_cli_reads_the_registry():
+  """Each transform module registers itself; growth/cli.py's usage and flags come from there;
+  a bad registration or an unknown name is one sentence."""
+  from growth import cli
+  from lightning_jax.growth import driver, registry
+  assert set(registry.names()) == {m.__name__.rsplit(".", 1)[1] for m in driver.TRANSFORM_MODULES}
+  for name in registry.names():
+    t = registry.get(name)
+    assert t.needs and t.makes and all(f.help for f in t.flags), name
+    text = cli.usage(name)
+    assert f"python -m growth.{name} " in text and t.needs in text, text
+    assert all(f"--{f.name}={f.default}" in text for f in t.flags), text
+  assert [f.name for f in registry.get("expand_to_tqp").flags] == ["ratio", "router_sigma", "seed"]
+  with pytest.raises(ValueError, match=r"unknown growth transform 'nope'; expected one of"):
+    registry.get("nope")
+  with pytest.raises(ValueError, match=r"flag --x has kind 'bool'; expected one of"):
+    registry.register(registry.Transform("bad", lambda *a, **k: None, "a", "b",
+                                         flags=(registry.Flag("x", "bool", False, "h"),)))
+  assert "bad" not in registry.names()

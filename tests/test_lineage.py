@@ -76,10 +76,11 @@ def test_tiny_lineage(tmp_path):
   assert all(t in shown[i + k] for k, t in enumerate(
       ["dense_to_moe", "depth_map", "expand_experts", "to_tqp"], 1)), shown[i:i + 5]
   # the written checkpoint holds exactly what the pure function returns for the restored source
-  from growth import cli, common
-  from growth.depth_map import depth_map
-  src = cli.read_source(str(tmp_path / "moe" / "checkpoints" / str(STEPS)), log=lambda *_: None)
-  dst = cli.read_source(str(tmp_path / "deep" / "checkpoints" / "0"), log=lambda *_: None)
+  from lightning_jax.growth import common
+  from lightning_jax.growth.depth_map import depth_map
+  from lightning_jax.run.checkpoints import read_source
+  src = read_source(str(tmp_path / "moe" / "checkpoints" / str(STEPS)), log=lambda *_: None)
+  dst = read_source(str(tmp_path / "deep" / "checkpoints" / "0"), log=lambda *_: None)
   want = common.flatten(depth_map(src["variables"], src["cfg"], dst["cfg"],
                                   mapping="0,1,2,3,0,1,2,3"))
   got = common.flatten(dst["variables"])

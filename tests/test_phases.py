@@ -43,7 +43,7 @@ def _close(a, b, rel=1e-5):
     ("stage_120b.py:p2", "p2", 5_100_000_000, 128, 4096),
 ])
 def test_phase_budget_batch_and_accumulation(spec, phase, tokens, batch, seq):
-  from launch.train import check_train_config
+  from lightning_jax.run.state import check_train_config
   from lightning_jax.config import validate
   c = _cfg(spec)
   assert c.phase == phase
@@ -136,12 +136,12 @@ def test_120b_schedule():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
   """(config, data_dir, manifest) of the tiny config on the bundled corpus (prepared once)."""
-  from launch import train as train_lib
+  from lightning_jax.run import setup
   work = tmp_path_factory.mktemp("phase_data")
   c = _cfg("tiny.py")
-  data_dir, manifest = train_lib.resolve_data(c, work, log=lambda *a: None)
+  data_dir, manifest = setup.resolve_data(c, work, log=lambda *a: None)
   c.data.path = data_dir
-  train_lib.apply_data_vocab(c, manifest, data_dir)
+  setup.apply_data_vocab(c, manifest, data_dir)
   return c, data_dir, manifest
 
 
@@ -167,9 +167,9 @@ def _random_state(cfg, rng, step):
 
 
 def _save_run(run, cfg, data_dir, manifest, states: dict):
-  from launch import train as train_lib
+  from lightning_jax.run import setup
   from lightning_jax import checkpoint as ck
-  loader, _ = train_lib.make_data(cfg, data_dir, manifest)
+  loader, _ = setup.make_data(cfg, data_dir, manifest)
   w = ck.Checkpointer(pathlib.Path(run) / "checkpoints", ck.config_ns(keep=0))
   for step, st in states.items():
     w.save(step, st, loader.get_state(), ck.config_to_json(cfg), {"loss": 1.0, "tokens": 0})
@@ -186,9 +186,9 @@ def _np(tree):
 
 def test_next_phase_carries_params_moments_and_loader(tiny, tmp_path):
   import optax
-  from growth import cli
-  from growth.common import GrowthError
-  from growth.next_phase import next_phase, restore_opt_state
+  from lightning_jax.growth.common import GrowthError
+  from lightning_jax.growth.next_phase import next_phase, restore_opt_state
+  from lightning_jax.run import checkpoints as run_ckpt
   cfg, data_dir, manifest = tiny
   rng = np.random.default_rng(SEED)
   src_state = _random_state(cfg, rng, step=7)
@@ -201,7 +201,7 @@ def test_next_phase_carries_params_moments_and_loader(tiny, tmp_path):
   prov = out["meta"]["provenance"]
   assert (prov["source_step"], prov["phase"], prov["optimizer"], prov["loader"]) == \
       (7, "p2", "carried", "carried"), f"seed {SEED}"
-  got = cli.read_source(str(tmp_path / "p2"), log=lambda *a: None)
+  got = run_ckpt.read_source(str(tmp_path / "p2"), log=lambda *a: None)
   assert got["step"] == 0 and got["cfg"].model.use_rotary is False
   assert got["meta"]["provenance"]["source_path"].endswith("p1/checkpoints/7")
   a, b = _np(src_state["params"]), _np(got["variables"]["params"])
@@ -246,8 +246,8 @@ def _leaves_of(tree, kind):
 
 
 def test_ema_over_last_checkpoints(tiny, tmp_path):
-  from growth import cli
   from launch.ema import ema, ema_weights
+  from lightning_jax.run import checkpoints as run_ckpt
   from lightning_jax import checkpoint as ck
   cfg, data_dir, manifest = tiny
   rng = np.random.default_rng(SEED + 1)
@@ -260,7 +260,7 @@ def test_ema_over_last_checkpoints(tiny, tmp_path):
   assert out["steps"] == [20, 30, 40]
   # hand reference, float64: oldest first, e = alpha * x + (1 - alpha) * e
   flat = {s: _np(states[s]["params"]) for s in (20, 30, 40)}
-  got = cli.read_source(str(tmp_path / "e3"), log=lambda *a: None)
+  got = run_ckpt.read_source(str(tmp_path / "e3"), log=lambda *a: None)
   g = _np(got["variables"]["params"])
   for k in g:
     e = flat[20][k].astype(np.float64)

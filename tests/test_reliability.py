@@ -245,7 +245,7 @@ def _planted_run(tmp_path, mesh):
 
 
 def test_nothing_read_from_a_run_directory_is_executed(tmp_path, mesh, monkeypatch):
-  from growth.cli import read_source
+  from lightning_jax.run.checkpoints import read_source
   from launch import ema as ema_lib, inspect as inspect_lib
   from lightning_jax import optim
   marker = _planted_run(tmp_path, mesh)

@@ -16,10 +16,10 @@ import jax
 import numpy as np
 
 from configs import tiny_120b, tiny_deep
-from growth import common
-from growth.expand_experts import expand_experts, expand_one
-from growth.expand_to_tqp import chain_reports, expand_to_tqp
-from growth.to_tqp import to_tqp
+from lightning_jax.growth import common
+from lightning_jax.growth.expand_experts import expand_experts, expand_one
+from lightning_jax.growth.expand_to_tqp import chain_reports, expand_to_tqp
+from lightning_jax.growth.to_tqp import to_tqp
 from test_growth import random_tree   # the growth tests' random variables (tests/ is on sys.path)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -82,9 +82,9 @@ def test_expand_to_tqp_is_expand_then_quantize():
 
 
 def test_growth_init_is_launch_train_init(tmp_path):
-  from growth import cli
-  from growth.init import init_run
-  from launch import train as train_lib
+  from lightning_jax.growth.init import init_run
+  from lightning_jax.run import checkpoints as run_ckpt
+  from lightning_jax.run import setup
   from lightning_jax import model
   from lightning_jax.data import shards
   from lightning_jax.layers import kronecker
@@ -94,19 +94,19 @@ def test_growth_init_is_launch_train_init(tmp_path):
   cfg.data.build_from = str(REPO / "corpus" / "en")
   cfg.data.use_pools = False
   out = init_run(str(tmp_path / "run"), cfg, on_cpu=True, log=lambda *_: None)
-  got = cli.read_source(str(tmp_path / "run"), log=lambda *_: None)
+  got = run_ckpt.read_source(str(tmp_path / "run"), log=lambda *_: None)
   assert got["step"] == 0 and got["meta"]["provenance"]["transform"] == "init", got["meta"]
   # the optimizer state is read only on request (the growth transforms never need it)
   assert "opt_state" not in got
-  with_opt = cli.read_source(str(tmp_path / "run"), log=lambda *_: None, opt_state=True)
+  with_opt = run_ckpt.read_source(str(tmp_path / "run"), log=lambda *_: None, opt_state=True)
   opt = jax.tree_util.tree_leaves(with_opt["opt_state"])
   n_par = len(jax.tree_util.tree_leaves(got["variables"]["params"]))
   assert len(opt) >= 2 * n_par and all(isinstance(x, np.ndarray) for x in opt), (len(opt), n_par)
   assert sum(x.size for x in opt) >= 2 * sum(x.size for x in jax.tree_util.tree_leaves(
       got["variables"]["params"])), SEED
-  data_dir, manifest = train_lib.resolve_data(cfg, tmp_path / "run", log=lambda *_: None)
+  data_dir, manifest = setup.resolve_data(cfg, tmp_path / "run", log=lambda *_: None)
   c = cfg.copy_and_resolve_references()
-  train_lib.apply_data_vocab(c, manifest, data_dir)
+  setup.apply_data_vocab(c, manifest, data_dir)
   codec = kronecker.codec_from_tokenizer(shards.token_bytes(data_dir), c)
   want = common.flatten(model.init_variables(c, jax.random.PRNGKey(c.train.seed), codec))
   have = common.flatten(got["variables"])

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 
 from launch import train as T
-from lightning_jax import checkpoint as ck
+from lightning_jax import checkpoint as ck, run_checks
 from lightning_jax.config import ConfigError, load_config
 from lightning_jax.data import shards
+from lightning_jax.run import setup
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -149,12 +150,12 @@ def test_bad_inputs_one_sentence(data_dir, tmp_path):
     T.train(cfg, tmp_path / "y", progress=False, log=lambda *_: None)
   tiny = str(REPO / "configs" / "tiny.py")
   with pytest.raises(ConfigError, match=r"--config.optim.bogus: optim has no field 'bogus'"):
-    T.check_overrides(["prog", f"--config={tiny}", "--config.optim.bogus=1"])
+    run_checks.check_overrides(["prog", f"--config={tiny}", "--config.optim.bogus=1"])
   with pytest.raises(ConfigError, match=r"--config.nope.x: the config has no field 'nope'"):
-    T.check_overrides(["prog", f"--config={tiny}", "--config.nope.x=1"])
+    run_checks.check_overrides(["prog", f"--config={tiny}", "--config.nope.x=1"])
   with pytest.raises(ConfigError, match=r"optim.peak_lr is a float field .* 'abc' is not"):
-    T.check_overrides(["prog", f"--config={tiny}", "--config.optim.peak_lr=abc"])
-  T.check_overrides(["prog", f"--config={tiny}", "--config.optim.peak_lr=1e-3"])
+    run_checks.check_overrides(["prog", f"--config={tiny}", "--config.optim.peak_lr=abc"])
+  run_checks.check_overrides(["prog", f"--config={tiny}", "--config.optim.peak_lr=1e-3"])
 
 
 def test_heldout_weights_follow_the_training_mixture():
@@ -165,11 +166,11 @@ def test_heldout_weights_follow_the_training_mixture():
                    [{"split": "val", "domain": "en", "n_tokens": 999}]}
   doms = ["en", "code", "hi", "bn", "pa", "gu"]
   cfg.data.use_pools = False
-  w = T.heldout_weights(cfg, man, doms)
+  w = setup.heldout_weights(cfg, man, doms)
   assert w == pytest.approx({"en": 100 / 640, "code": 300 / 640, "hi": 50 / 640,
                              "bn": 150 / 640, "pa": 10 / 640, "gu": 30 / 640})
   cfg.data.use_pools = True     # tiny's pools: D1 en .34, D2 (pa, gu, ...) .24, D3 code .17,
-  w = T.heldout_weights(cfg, man, doms)   # always-on hi, bn .25
+  w = setup.heldout_weights(cfg, man, doms)   # always-on hi, bn .25
   raw = {"en": 0.34, "code": 0.17, "hi": 0.25 * 50 / 200, "bn": 0.25 * 150 / 200,
          "pa": 0.24 * 10 / 40, "gu": 0.24 * 30 / 40}
   z = sum(raw.values())
@@ -177,10 +178,13 @@ def test_heldout_weights_follow_the_training_mixture():
 
 
 def test_resume_refuses_a_tqp_base_of_other_bits(data_dir, tmp_path):
-  """A grown TQP run (growth.cli.write_grown: frozen version 0) resumed with another tqp.bits
-  stops with one sentence naming both, before anything is compiled."""
-  from growth import cli
+  """A grown TQP run (run.checkpoints.write_grown: frozen version 0) resumed with another
+  tqp.bits stops with one sentence naming both: launch.train's identity check reads the saved
+  config before any array and names the config difference; the checkpoint's own guard (the
+  frozen base's recorded bits against the abstract tree asked for) still refuses a direct
+  restore of the step."""
   from lightning_jax import model
+  from lightning_jax.run import checkpoints as run_ckpt
 
   def tqp_cfg(bits):
     c = small_cfg(data_dir)
@@ -191,19 +195,26 @@ def test_resume_refuses_a_tqp_base_of_other_bits(data_dir, tmp_path):
     return c
   cfg8 = tqp_cfg(8)
   manifest = shards.load_manifest(data_dir)
-  T.apply_data_vocab(cfg8, manifest, str(data_dir))
+  setup.apply_data_vocab(cfg8, manifest, str(data_dir))
   rng = np.random.default_rng(0)
   variables = jax.tree_util.tree_map(lambda a: rng.integers(0, 2, a.shape).astype(a.dtype),
                                      model.abstract_variables(cfg8))
-  cli.write_grown(tmp_path / "g", cfg8, variables, str(data_dir), manifest, {"loss": None},
+  run_ckpt.write_grown(tmp_path / "g", cfg8, variables, str(data_dir), manifest, {"loss": None},
                   log=lambda *_: None)
   c = ck.Checkpointer(tmp_path / "g" / "checkpoints", cfg8.checkpoint, read_only=True)
   assert c.steps() == [0] and c.frozen_versions() == [0] and c.frozen_ref(0)["version"] == 0
   assert c.frozen_ref(0)["fingerprint"]["tqp_bits"] == 8
   c.close()
+  with pytest.raises(ConfigError, match=r"checkpoint .*/g/checkpoints/0 was written with a "
+                                        r"different config \(tqp.bits \(8 -> 4\)\)"):
+    T.train(tqp_cfg(4), tmp_path / "g", progress=False, log=lambda *_: None)
+  cfg4 = tqp_cfg(4)
+  setup.apply_data_vocab(cfg4, manifest, str(data_dir))
+  c = ck.Checkpointer(tmp_path / "g" / "checkpoints", cfg4.checkpoint, read_only=True)
   with pytest.raises(ck.CheckpointError, match=r"checkpoint .*/g/checkpoints/0 holds a 8-bit TQP "
                                                r"quantized base .* but the config has tqp.bits=4"):
-    T.train(tqp_cfg(4), tmp_path / "g", progress=False, log=lambda *_: None)
+    c.restore(0, {"frozen": model.abstract_variables(cfg4)["frozen"]})
+  c.close()
 
 
 def test_tqp_run_with_flush_checkpoints_frozen_versions_and_resumes(data_dir, tmp_path):

@@ -13,12 +13,12 @@ import numpy as np
 import optax
 import pytest
 
-from launch import train as T
 from lightning_jax import model, optim, sharding
 from lightning_jax.config import load_config
 from lightning_jax.layers import kronecker
 from lightning_jax.layers import moe as moe_lib
 from lightning_jax.layers.sparse_attention import INDEXER_PARAMS
+from lightning_jax.run import state as state_lib, step as step_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -64,7 +64,7 @@ def test_hot_config_reaches_the_step_without_recompiling(tmp_path):
   tx, _ = optim.make_optimizer(cfg, var["params"], 10)
   state = {**var, "opt_state": tx.init(var["params"]), "step": jnp.int32(0)}
   ids = jnp.asarray(rng.integers(0, 256, (8, 18)), jnp.int32)
-  step = jax.jit(T.make_train_step(cfg, tx, 1, model, mesh))
+  step = jax.jit(step_lib.make_train_step(cfg, tx, 1, model, mesh))
   logs = []
   hot = moe_lib.HotConfig(cfg, logger=logs.append)
   g0 = float(cfg.moe.bias_gamma)
@@ -98,7 +98,7 @@ def test_frozen_shardings_split_tqp_bases_over_expert():
   cfg = moe_cfg(tqp=True)
   mesh = sharding.make_mesh(cfg.mesh)
   ab = model.abstract_variables(cfg)
-  fs = T.frozen_shardings(mesh, model, cfg, ab["frozen"])
+  fs = state_lib.frozen_shardings(mesh, model, cfg, ab["frozen"])
   assert jax.tree_util.tree_structure(fs) == jax.tree_util.tree_structure(ab["frozen"])
   n_split = 0
   for path, s in jax.tree_util.tree_flatten_with_path(fs)[0]:

@@ -1,4 +1,4 @@
-"""Built tokenizer directory: write and read.
+"""Built tokenizer directory: write (the reading half lives in lightning_jax/vocab.py).
 
 Layout of a tokenizer directory (written by `python -m tokenizer.build`):
   tokenizer.json        name, pre-tokenizer pattern, special tokens {text: id}, n_vocab,
@@ -22,11 +22,13 @@ import pathlib
 import numpy as np
 import tiktoken
 
-from tokenizer.base import TokenizerFileError, load_ranks
+from lightning_jax.layers.kronecker import build_byte_buffers
+from lightning_jax.vocab import (ID_ORDER, KRON, META, load_byte_buffers, load_encoding,
+                                 load_id_order, read_meta)
 
-META = "tokenizer.json"
-ID_ORDER = "id_order.npz"
-KRON = "kronecker_{order}.npz"
+__all__ = ["ID_ORDER", "KRON", "META", "frequency_order", "load_byte_buffers", "load_encoding",
+           "load_id_order", "make_encoding", "ranks_bytes", "read_meta", "save",
+           "special_token_names"]
 
 
 def special_token_names(n: int) -> list[str]:
@@ -73,7 +75,6 @@ def save(out, name: str, tokens: list[bytes], pattern: str, specials: dict[str, 
   new_from_old, old_from_new = frequency_order(counts, len(tokens))
   np.savez_compressed(out / ID_ORDER, new_from_old=new_from_old, old_from_new=old_from_new,
            counts=counts.astype(np.int64))
-  from lightning_jax.layers.kronecker import build_byte_buffers
   by_id = list(tokens) + [b""] * len(specials)
   for s, i in specials.items():
     by_id[i] = s.encode("utf-8")
@@ -88,37 +89,3 @@ def save(out, name: str, tokens: list[bytes], pattern: str, specials: dict[str, 
   }
   (out / META).write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
   return meta
-
-
-def read_meta(path) -> dict:
-  p = pathlib.Path(path) / META
-  if not p.exists():
-    raise TokenizerFileError(f"tokenizer directory {path} has no {META}; expected the output of "
-                             "`python -m tokenizer.build`.")
-  return json.loads(p.read_text(encoding="utf-8"))
-
-
-def load_encoding(path) -> tiktoken.Encoding:
-  """The built tokenizer in `path` as a tiktoken.Encoding (ranks file hash-checked)."""
-  meta = read_meta(path)
-  ranks = load_ranks(pathlib.Path(path) / meta["ranks_file"], meta["ranks_sha256"])
-  return tiktoken.Encoding(name=meta["name"], pat_str=meta["pattern"], mergeable_ranks=ranks,
-                           special_tokens=dict(meta["special_tokens"]))
-
-
-def load_id_order(path) -> tuple[np.ndarray, np.ndarray]:
-  """(new_from_old, old_from_new) of a built tokenizer directory."""
-  p = pathlib.Path(path) / read_meta(path)["id_order_file"]
-  if not p.exists():
-    raise TokenizerFileError(f"tokenizer directory {path} has no {p.name}; expected the frequency "
-                             "permutation written by the build.")
-  z = np.load(p)
-  return z["new_from_old"], z["old_from_new"]
-
-
-def load_byte_buffers(path, order: str = "natural") -> tuple[np.ndarray, np.ndarray]:
-  """Kronecker (bytes uint8 [V, 32], lengths int16 [V]) of a built tokenizer in `order`."""
-  if order not in ("natural", "frequency"):
-    raise ValueError(f"id order {order!r}; expected 'natural' or 'frequency'.")
-  z = np.load(pathlib.Path(path) / KRON.format(order=order))
-  return z["bytes"], z["lengths"]

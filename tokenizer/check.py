@@ -18,6 +18,7 @@ import sys
 import numpy as np
 from absl import app, flags
 
+from lightning_jax.layers.kronecker import build_byte_buffers
 from tokenizer import artifacts, base, bpe, cli, crop, retrofit, scripts
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -72,7 +73,6 @@ def run_checks(path, corpus=None, expect_vocab: int | None = 131072):
     add("frequency id order", ok, f"permutation of {len(nfo)} ids, inverse, specials fixed, "
         f"most frequent = id 0 (count {counts[ofn[0]]})")
     tb = base.token_bytes_list(enc)
-    from lightning_jax.layers.kronecker import build_byte_buffers
     ok = True
     for order, ids in (("natural", np.arange(v)), ("frequency", ofn)):
       b, l = artifacts.load_byte_buffers(path, order)

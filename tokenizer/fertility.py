@@ -15,59 +15,14 @@ import sys
 
 from absl import app, flags
 
-from tokenizer import artifacts, base, cli, retrofit
+from lightning_jax.fertility import (BRAHMIC_LANGS, DEFAULT_TOKENIZER, OTHER_LANGS,
+                                     fertility, format_table, report, samples)
+from tokenizer import artifacts, base, cli
 
-BRAHMIC_LANGS = {"hi": "Hindi", "bn": "Bengali", "pa": "Punjabi", "gu": "Gujarati", "or": "Odia",
-                 "ta": "Tamil", "te": "Telugu", "kn": "Kannada", "ml": "Malayalam"}
-OTHER_LANGS = {"en": "English", "code": "code"}
+__all__ = ["BRAHMIC_LANGS", "DEFAULT_TOKENIZER", "OTHER_LANGS", "fertility", "format_table",
+           "report", "samples"]   # the measurement's home: lightning_jax/fertility.py
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
-DEFAULT_TOKENIZER = REPO / "tokenizer" / "brahmic131k"
-
-
-def samples(corpus) -> dict[str, list[str]]:
-  corpus = pathlib.Path(corpus)
-  out = {}
-  for lang in BRAHMIC_LANGS:
-    p = corpus / lang / "eval.txt"
-    if p.exists():
-      out[lang] = retrofit.read_texts(p)
-  for lang in OTHER_LANGS:
-    p = corpus / lang
-    if p.is_dir():
-      texts = retrofit.read_texts(p) + retrofit.read_texts(p, heldout=True)
-      if texts:
-        out[lang] = texts
-  return out
-
-
-def fertility(enc, texts) -> tuple[float, int, int]:
-  words = sum(len(t.split()) for t in texts)
-  toks = sum(len(x) for x in enc.encode_ordinary_batch(texts, num_threads=2))
-  return toks / max(words, 1), toks, words
-
-
-def report(enc, ref, corpus) -> dict:
-  out = {}
-  for lang, texts in samples(corpus).items():
-    f, t, w = fertility(enc, texts)
-    fr, tr, _ = fertility(ref, texts)
-    out[lang] = {"words": w, "tokens": t, "fertility": f, "o200k_tokens": tr, "o200k_fertility": fr,
-                 "ratio": f / fr}
-  return out
-
-
-def format_table(rep: dict) -> str:
-  names = {**BRAHMIC_LANGS, **OTHER_LANGS}
-  lines = [f"{'language':<11}{'words':>8}{'brahmic':>9}{'o200k':>8}{'ratio':>8}"]
-  for lang, r in rep.items():
-    lines.append(f"{names.get(lang, lang):<11}{r['words']:>8}{r['fertility']:>9.3f}"
-                 f"{r['o200k_fertility']:>8.3f}{r['ratio']:>8.3f}")
-  br = [r for lang, r in rep.items() if lang in BRAHMIC_LANGS]
-  if br:
-    m = sum(r["fertility"] for r in br) / len(br)
-    mr = sum(r["o200k_fertility"] for r in br) / len(br)
-    lines.append(f"{'Brahmic mean':<19}{m:>9.3f}{mr:>8.3f}{m / mr:>8.3f}")
-  return "\n".join(lines)
 
 
 def define_flags(fv=flags.FLAGS):

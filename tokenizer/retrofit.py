@@ -22,51 +22,18 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
-import pathlib
 
 import numpy as np
 import regex
 
+from lightning_jax.fertility import SKIP_NAMES, read_texts
 from tokenizer import bpe, scripts
 
-SKIP_NAMES = ("eval", "val", "valid", "validation", "heldout", "test")
+__all__ = ["SKIP_NAMES", "read_texts"]   # the corpus reader's home: lightning_jax/fertility.py
 
 
 class RetrofitError(ValueError):
   """The audit corpus cannot drive the retrofit (one sentence says why)."""
-
-
-def _is_heldout(p: pathlib.Path) -> bool:
-  stem = p.stem.lower()
-  return any(stem == n or stem.endswith("_" + n) or stem.endswith("-" + n) for n in SKIP_NAMES)
-
-
-def read_texts(root, heldout: bool = False) -> list[str]:
-  """Documents of a directory (or file): .txt lines, .jsonl 'text' fields.
-
-  With heldout=False, files named eval/val/valid/validation/heldout/test (also as a _/- suffix)
-  are skipped; with heldout=True only those are read.
-  """
-  root = pathlib.Path(root)
-  files = [root] if root.is_file() else sorted(
-      p for p in root.rglob("*") if p.suffix in (".txt", ".jsonl") and p.is_file())
-  out = []
-  for p in files:
-    if root.is_dir() and _is_heldout(p) != heldout:
-      continue
-    with open(p, encoding="utf-8") as f:
-      for line in f:
-        line = line.rstrip("\n")
-        if not line.strip():
-          continue
-        if p.suffix == ".jsonl":
-          t = json.loads(line).get("text", "")
-          if t.strip():
-            out.append(t)
-        else:
-          out.append(line)
-  return out
 
 
 def texts_by_script(texts) -> dict[str, list[str]]:

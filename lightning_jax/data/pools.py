@@ -48,11 +48,15 @@ import hashlib
 import json
 import os
 import pathlib
-import zlib
 from typing import Any, Mapping, Sequence
+import zlib
 
+import jax
+from ml_collections import ConfigDict
 import numpy as np
 
+from lightning_jax.config import ConfigError
+from lightning_jax.data import pipeline
 from lightning_jax.data.shards import (FORMAT_VERSION, MANIFEST, TOKEN_DTYPE, DataError,
                                        load_manifest, shards_of)
 
@@ -64,7 +68,6 @@ WEIGHT_TOL = 1e-6
 
 
 def _config_error(msg):
-  from lightning_jax.config import ConfigError
   return ConfigError(msg)
 
 
@@ -82,7 +85,6 @@ class PoolSpec:
 def pool_config(weight: float, always_on: bool = False, domains: str = "", shards: str = "",
                 val_shards: str = ""):
   """One `cfg.data.pools.<name>` entry (a ConfigDict)."""
-  from ml_collections import ConfigDict
   return ConfigDict(dict(weight=float(weight), always_on=bool(always_on), domains=domains,
                          shards=shards, val_shards=val_shards))
 
@@ -585,7 +587,6 @@ class MixtureLoader:
 # ----------------------------------------------------------------------------- from a config
 def _rank_defaults(rank, num_ranks):
   if rank is None or num_ranks is None:
-    import jax
     rank = jax.process_index() if rank is None else rank
     num_ranks = jax.process_count() if num_ranks is None else num_ranks
   return int(rank), int(num_ranks)
@@ -613,7 +614,6 @@ def data_ranks(cfg, rows=None) -> tuple[int, list[int]]:
 
   num_ranks: data.ranks, or the process count when data.ranks is 0 (or absent). rows: default
   the process's equal contiguous share of the global batch (jax.process_index())."""
-  import jax
   n_proc, me = jax.process_count(), jax.process_index()
   ranks = cfg.data.get("ranks", 0)
   if not isinstance(ranks, int) or isinstance(ranks, bool) or ranks < 0:
@@ -658,7 +658,6 @@ def make_train_loader(cfg, data_dir, manifest=None, *, rank=None, num_ranks=None
   every global batch (default: its equal share, by jax.process_index())."""
   if cfg.data.get("use_pools", False):
     return mixture_loader(cfg, data_dir, manifest, rank=rank, num_ranks=num_ranks, rows=rows)
-  from lightning_jax.data import pipeline
   return pipeline.train_loader(data_dir, cfg.train.seq_len, cfg.train.global_batch,
                                cfg.data.seed, manifest=manifest, rows=rows)
 

@@ -42,6 +42,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from lightning_jax import vocab
+
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 VOCAB_IDS = "vocab_ids.npy"
@@ -186,8 +188,7 @@ def prepare(inputs: Sequence[str], output: str, *, encoding=None, id_order: str 
   if not 0 <= val_fraction < 1:
     raise DataError(f"val_fraction={val_fraction} must be in [0, 1).")
   if encoding is None:
-    from tokenizer.base import load_o200k_base
-    encoding = load_o200k_base()
+    encoding = vocab.load_o200k_base()
   eot_tok = encoding.eot_token
   invalid_utf8: dict = {}
   docs = read_documents(inputs, invalid_utf8)
@@ -260,8 +261,7 @@ def prepare(inputs: Sequence[str], output: str, *, encoding=None, id_order: str 
     manifest["vocab_ids"] = VOCAB_IDS
     manifest["vocab_ids_sha256"] = _sha256(out / VOCAB_IDS)
   # raw bytes of every data id, so that training needs no tokenizer files (GPU machines)
-  from tokenizer.base import token_bytes_list
-  natural = token_bytes_list(encoding)
+  natural = vocab.token_bytes_list(encoding)
   tb = natural if data_to_tok is None else [b"" if t == PAD_ID else natural[int(t)]
                                               for t in data_to_tok]
   np.savez(out / TOKEN_BYTES, data=np.frombuffer(b"".join(tb), np.uint8),
@@ -447,13 +447,11 @@ def token_bytes(data_dir: str | os.PathLike, encoding=None) -> list[bytes]:
                       f"vocab_size={m['vocab_size']}.")
     return [data[off[i]:off[i + 1]] for i in range(len(off) - 1)]
   if encoding is None:
-    from tokenizer.base import load_o200k_base
-    encoding = load_o200k_base()
+    encoding = vocab.load_o200k_base()
   if m["tokenizer"] != encoding.name:
     raise DataError(f"data in {data_dir} was tokenized with {m['tokenizer']!r}, not "
                     f"{encoding.name!r}.")
-  from tokenizer.base import token_bytes_list
-  natural = token_bytes_list(encoding)
+  natural = vocab.token_bytes_list(encoding)
   if m["id_order"] == "natural":
     return natural
   ids = np.load(pathlib.Path(data_dir) / m["vocab_ids"])

@@ -168,7 +168,7 @@ def codec_from_tokenizer(enc_or_token_bytes, cfg) -> dict:
   Ids past the tokenizer's size up to model.vocab_size are padded as zero-length tokens.
   """
   if hasattr(enc_or_token_bytes, "decode_single_token_bytes"):
-    from tokenizer.base import token_bytes_list
+    from lightning_jax.vocab import token_bytes_list
     token_bytes = token_bytes_list(enc_or_token_bytes)
   else:
     token_bytes = list(enc_or_token_bytes)

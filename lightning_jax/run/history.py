@@ -1,6 +1,6 @@
 """A run's growth history: <run>/growth_history.json, the chain of growth steps that made it.
 
-Every run written by growth.cli.write_grown (the growth CLIs, growth.init, growth.next_phase,
+Every run written by lightning_jax.run.checkpoints.write_grown (the growth CLIs, growth.init, growth.next_phase,
 launch.ema) gets the file: the source run's history (read from the source's run directory, when
 it has one) plus one entry for this step: the new run, its stage, the transform and its
 arguments, the source checkpoint, step and stage, and, for a growth transform, the held-out loss

@@ -26,6 +26,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from lightning_jax import model
+
 COLLECTIONS = ("params", "frozen", "stats")
 MAX_NAMED = 6
 
@@ -99,7 +101,6 @@ _ABSTRACT_CACHE: dict = {}
 
 def abstract_flat(cfg, collections) -> tuple[dict, dict]:
   """(abstract variables tree restricted to `collections`, its flat form) for cfg (TQP off)."""
-  from lightning_jax import model
   cfg = dense_expert_cfg(cfg)
   key = (cfg.to_json_best_effort(sort_keys=True), id(model.abstract_variables))
   if key not in _ABSTRACT_CACHE:
