@@ -17,13 +17,15 @@ HLO category / a long name when the trace carries one.
 from __future__ import annotations
 
 import collections
-import re
 import glob
 import gzip
 import json
 import os
+import re
 import shutil
 import tempfile
+
+import jax
 
 
 def _load(path: str) -> dict:
@@ -102,7 +104,6 @@ def profile_ops(fn, n_calls: int = 1, logdir: str | None = None, top: int = 25,
                 keep_trace: str | None = None) -> tuple[list[dict], dict]:
   """Run fn() n_calls times under jax.profiler.trace and return op_table of the trace.
   keep_trace: copy the .trace.json.gz there (for later reading)."""
-  import jax
   own = logdir is None
   logdir = logdir or tempfile.mkdtemp(prefix="ljprof_")
   try:

@@ -45,7 +45,6 @@ import time
 import jax
 import jax.numpy as jnp
 from jax.sharding import AbstractMesh
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from benchmarks import profile_table
 from benchmarks.step import apply_overrides, bench_config, build_step

@@ -20,13 +20,11 @@ import time
 
 from absl import app, flags, logging as absl_logging
 
-# the one entry point -> entry point import left (tests/test_house.py): the lineage trains each
-# stage in this process with launch.train's loop, which stays in launch/train.py
-from launch import train as train_lib
 from lightning_jax import checkpoint as ck
 from lightning_jax.config import ConfigError, load_config
 from lightning_jax.growth import driver
 from lightning_jax.growth.common import GrowthError
+from lightning_jax.run import loop
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 STAGES = ("tiny", "tiny_moe", "tiny_deep", "tiny_120b")
@@ -72,7 +70,7 @@ def run_lineage(workdir, steps: int = 20, overrides: list[str] = (), log=print) 
 
   def train(name, run, data):
     t = time.perf_counter()
-    s = train_lib.train(stage_config(name, steps, data, overrides), run, progress=False, log=log)
+    s = loop.train(stage_config(name, steps, data, overrides), run, progress=False, log=log)
     losses = [l for _, l in s["losses"]]
     rec = {"stage": name, "run": str(run), "final_step": s["final_step"], "train_losses": losses,
            "heldout_start": s.get("heldout_start"), "heldout_end": s.get("heldout_end"),

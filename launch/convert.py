@@ -36,11 +36,15 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
-from absl import app, flags, logging as absl_logging
+from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from lightning_jax import checkpoint as ck, model, reference as R
+from lightning_jax import checkpoint as ck
+from lightning_jax import model
+from lightning_jax import reference as R
 from lightning_jax.config import ConfigError, validate
 from lightning_jax.data import shards
 from lightning_jax.data.shards import DataError
@@ -239,7 +243,6 @@ def export_run(run: str, out: str, dtype: str = "float32", log=_log) -> dict:
   cfg = source["cfg"]
   np_dtype = np.float32
   if dtype == "bfloat16":
-    import ml_dtypes
     np_dtype = ml_dtypes.bfloat16
   sd = R.export_state_dict(source["variables"], cfg, np_dtype)
   if not str(out).endswith(".safetensors"):

@@ -51,8 +51,10 @@ Integrity (issues 21 and 23):
 """
 from __future__ import annotations
 
+import errno as _errno
 import hashlib
 import json
+import logging
 import math
 import os
 import pathlib
@@ -62,6 +64,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
+from ml_collections import ConfigDict
 
 ITEMS = ("state", "frozen_ref", "loader", "config", "meta", "checksums")
 FROZEN_DIR = "frozen"
@@ -75,7 +79,6 @@ SANE_PARAM_ABS = 1e4      # a checkpoint whose largest |parameter| exceeds this 
 # with a small jitted slice per shape: hundreds of compilations for a model's parameter and
 # optimizer trees (minutes on a busy CPU). Save each array from its first replica instead.
 def _register_array_handler():
-  from absl import logging as absl_logging
   level = absl_logging.get_verbosity()
   absl_logging.set_verbosity(absl_logging.ERROR)      # "overriding jax.Array" is intended
   try:
@@ -127,7 +130,6 @@ def _first_line(e: Exception, n=300) -> str:
 
 def _save_failure(e: Exception) -> str:
   """What went wrong in a failed save, in words, with what to do about it."""
-  import errno as _errno
   text = f"{type(e).__name__}: {e}"
   no = getattr(e, "errno", None)
   if no == _errno.ENOSPC or "No space left" in text or "RESOURCE_EXHAUSTED" in text:
@@ -153,7 +155,6 @@ class _OrbaxTracebackFilter:
 
 
 def _install_log_filter():
-  import logging
   f = _OrbaxTracebackFilter()
   for name in ("absl", ""):
     logger = logging.getLogger(name)
@@ -1032,6 +1033,5 @@ def config_to_json(cfg) -> dict:
 
 def config_ns(keep=3, every_steps=0, every_seconds=0, async_save=False):
   """A checkpoint config section for tools that only read (launch.inspect)."""
-  from ml_collections import ConfigDict
   return ConfigDict({"keep": keep, "every_steps": every_steps, "every_seconds": every_seconds,
                      "async_save": async_save, "frozen_copies": 2})

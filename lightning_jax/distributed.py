@@ -46,6 +46,7 @@ import time
 
 import jax
 import numpy as np
+from jax._src import distributed as _dist
 
 from lightning_jax.config import ConfigError
 
@@ -150,7 +151,6 @@ def is_primary() -> bool:
 
 
 def _client():
-  from jax._src import distributed as _dist      # the coordination service's key-value client
   return _dist.global_state.client
 
 

@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import atexit
 import errno
+import fcntl
 import json
 import os
 import pathlib
 import socket
 import time
+
+import jax
 
 from lightning_jax.checkpoint import CheckpointError
 
@@ -39,7 +42,6 @@ _HELD: dict[pathlib.Path, int] = {}      # lock path -> open file descriptor (th
 def _lock_path(workdir) -> pathlib.Path:
   name = LOCK_NAME
   try:
-    import jax
     if jax.process_count() > 1:
       name = f"{LOCK_NAME}.{jax.process_index()}"
   except Exception:       # jax not initialised for several processes: one process
@@ -91,7 +93,6 @@ def lock(workdir, log=print) -> pathlib.Path:
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     flock_ok = True
     try:
-      import fcntl
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
       rec = _read(fd)

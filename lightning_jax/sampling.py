@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 
 import jax
 import jax.numpy as jnp
@@ -83,7 +84,6 @@ def generate(variables, cfg, prompts: list, max_new_tokens: int, params: Samplin
   The batch is padded to a multiple of the mesh's data x expert devices with copies of the
   first prompt (their output is dropped). Returns a Generation.
   """
-  import time
   params.check()
   if not prompts:
     raise decode.GenerationError("no prompts were given; expected at least one.")

@@ -16,7 +16,6 @@ shard by shard, as stored.
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import jax

@@ -16,6 +16,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from lightning_jax import distributed
 from lightning_jax.config import ConfigError
 
 MESH_AXES = ("data", "expert", "tensor")
@@ -46,7 +47,6 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
   are taken process by process (distributed.ordered_devices), so with several processes "data"
   runs across hosts and "expert" / "tensor" inside one whenever they divide its devices."""
   if devices is None:
-    from lightning_jax import distributed
     devices = distributed.ordered_devices()
   devices = list(devices)
   n = len(devices)

@@ -39,6 +39,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from scipy import special
 
 from lightning_jax import nn, optim
@@ -670,7 +671,6 @@ def _flush_one(codes, norms, signs, a, b, bits):
 
 def reset_adapter_state(tx, opt_state, params):
   """Zero every params-shaped optimizer-state leaf that belongs to an adapter."""
-  import optax
   labels = optim.group_labels(params)
 
   def f(v, label):

@@ -11,7 +11,6 @@ import re
 import subprocess
 import sys
 
-import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PACKAGES = ("launch", "growth", "tokenizer")

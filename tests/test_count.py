@@ -1,5 +1,4 @@
 """Parameter counting (jax.eval_shape, no allocation) against SPEC numbers checked by hand."""
-import math
 import subprocess
 import sys
 

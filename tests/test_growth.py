@@ -130,7 +130,6 @@ def test_drop_statistics(cfgs):
       for g in range(e.shape[0]):
         for x in range(e.shape[1]):
           vals.append(e[g, x][:, red[g, x]].ravel() if k != "down" else e[g, x][red[g, x]].ravel())
-      srcm = fs[f"params/{base}/ffn/{k}"]
     v = np.concatenate(vals)
     sm = np.mean([fs[f"params/groups/l{j}/ffn/{k}"].mean() for j in range(4)])
     ss = np.mean([fs[f"params/groups/l{j}/ffn/{k}"].std() for j in range(4)])
@@ -310,7 +309,6 @@ def test_source_stage_refused(cfgs, dense_src, moe_src):
                                         r"params/groups/l0/ffn/down"):
     bad = flat(dense_src)
     del bad["params/groups/l0/ffn/down"]
-    import jax
     dense_to_moe(common_unflatten(bad), cfgs["dense"], cfgs["moe"], seed=0)
 
 

@@ -4,7 +4,6 @@ checkpoint EMA (launch.ema).
 The config and schedule checks compile nothing. next_phase and ema run on checkpoints built
 directly with Checkpointer from random arrays shaped like the tiny config (no training).
 """
-import json
 import math
 import pathlib
 

@@ -6,7 +6,6 @@ The train-level test compiles one train step (a one-layer model) and reuses it f
 import _thread
 import json
 import pathlib
-import threading
 import time
 
 import numpy as np

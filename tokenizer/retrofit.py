@@ -25,6 +25,8 @@ import dataclasses
 
 import numpy as np
 import regex
+from scipy.optimize import linprog
+from scipy.sparse import lil_matrix
 
 from lightning_jax.fertility import SKIP_NAMES, read_texts
 from tokenizer import bpe, scripts
@@ -115,8 +117,6 @@ def word_counts_for(enc, texts, pattern: str) -> collections.Counter:
 
 def allocate_lp(gains: dict[str, list[float]], slots: int) -> dict[str, int]:
   """Slots per script maximising total gain with prefix constraints (see module docstring)."""
-  from scipy.optimize import linprog
-  from scipy.sparse import lil_matrix
   names = [s for s in gains if gains[s]]
   sizes = [len(gains[s]) for s in names]
   n = sum(sizes)

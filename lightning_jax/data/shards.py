@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
+import hashlib
 import json
 import os
 import pathlib
@@ -307,7 +308,6 @@ def _id_range(arr: np.ndarray) -> dict:
 
 
 def _sha256(path: pathlib.Path) -> str:
-  import hashlib
   return hashlib.sha256(path.read_bytes()).hexdigest()
 
 

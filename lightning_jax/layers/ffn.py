@@ -1,6 +1,5 @@
 """SwiGLU FFN: down(silu(gate(x)) * up(x)) (SPEC §2.4), weights in [in, out] layout."""
 import jax
-import jax.numpy as jnp
 
 from lightning_jax import nn
 

@@ -38,6 +38,7 @@ import numpy as np
 from lightning_jax import nn
 from lightning_jax.config import ConfigError, compat
 from lightning_jax.layers.norms import rms_norm, rms_norm_specs
+from lightning_jax.vocab import token_bytes_list
 
 N_BYTES = 256
 
@@ -168,7 +169,6 @@ def codec_from_tokenizer(enc_or_token_bytes, cfg) -> dict:
   Ids past the tokenizer's size up to model.vocab_size are padded as zero-length tokens.
   """
   if hasattr(enc_or_token_bytes, "decode_single_token_bytes"):
-    from lightning_jax.vocab import token_bytes_list
     token_bytes = token_bytes_list(enc_or_token_bytes)
   else:
     token_bytes = list(enc_or_token_bytes)

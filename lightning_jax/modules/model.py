@@ -16,11 +16,18 @@ from __future__ import annotations
 
 import jax
 from flax import nnx
+from ml_collections import FrozenConfigDict
 
 from lightning_jax import model, reversible
 from lightning_jax.config import n_groups, validate
 from lightning_jax.modules.core import Frozen, Stat, Vars, fill
-from lightning_jax.modules.layers import Block, KroneckerEmbedding, Layer, RMSNorm, _child
+from lightning_jax.modules.layers import (
+  Block,
+  KroneckerEmbedding,
+  Layer,
+  RMSNorm,
+  _child,
+)
 
 
 class Stack(Block):
@@ -69,7 +76,6 @@ class LightningLM(Block):
   @classmethod
   def from_variables(cls, cfg, variables: dict) -> "LightningLM":
     """Wrap {"params", "frozen", "stats"} (from init, a checkpoint, growth, an import)."""
-    from ml_collections import FrozenConfigDict
     validate(cfg)
     axes = {"params": model.param_axes(cfg), "frozen": model.frozen_axes(cfg),
             "stats": jax.tree_util.tree_map(lambda a: (None,) * a.ndim, variables["stats"])}
