@@ -21,6 +21,7 @@ import numpy as np
 
 sys.path.insert(0, __file__.rsplit("/benchmarks/", 1)[0])
 from configs import stage_9b, stage_120b  # noqa: E402
+from lightning_jax import nn  # noqa: E402
 from lightning_jax.growth import common  # noqa: E402
 from lightning_jax.growth.expand_experts import expand_experts  # noqa: E402
 from lightning_jax.growth.expand_to_tqp import expand_to_tqp  # noqa: E402
@@ -51,7 +52,7 @@ def random_variables(cfg, seed):
       out[k] = rng.standard_normal(s.shape, np.float32) * np.float32(0.02)
     else:
       out[k] = np.zeros(s.shape, s.dtype)
-  return jax.tree_util.tree_map_with_path(lambda p, _: out[common._path_str(p)], ab)
+  return jax.tree_util.tree_map_with_path(lambda p, _: out[nn.path_str(p)], ab)
 
 
 def nbytes(tree):

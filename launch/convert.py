@@ -157,13 +157,13 @@ def check_run(run: str, against: str, mode: str = "", log=_log) -> bool:
   cfg = source["cfg"].copy_and_resolve_references()
   cfg.model.dtype = "float32"
   if not mode:
-    mode = "gpu" if cfg.model.get("compat", "spec") == "reference_cuda" else "cpu"
+    mode = "gpu" if cfg.model.compat == "reference_cuda" else "cpu"
   if mode not in ("gpu", "cpu"):
     raise ConvertError(f"--mode={mode!r} must be 'gpu' (fwd_gpu, compat reference_cuda) or 'cpu' "
                        f"(fwd_cpu, compat spec).")
   want_compat = "reference_cuda" if mode == "gpu" else "spec"
-  if cfg.model.get("compat", "spec") != want_compat:
-    log(f"note: the run has model.compat={cfg.model.get('compat', 'spec')!r}; checking fwd_{mode} "
+  if cfg.model.compat != want_compat:
+    log(f"note: the run has model.compat={cfg.model.compat!r}; checking fwd_{mode} "
         f"with model.compat={want_compat!r}.")
   cfg.model.compat = want_compat
   fw = f"fwd_{mode}/"

@@ -67,6 +67,8 @@ import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 from ml_collections import ConfigDict
 
+from lightning_jax import nn
+
 ITEMS = ("state", "frozen_ref", "loader", "config", "meta", "checksums")
 FROZEN_DIR = "frozen"
 FROZEN_COPY_DIR = "frozen_copy"
@@ -579,7 +581,7 @@ class Checkpointer:
     if rec is None:
       return 0
     want = rec["leaves"]
-    flat = [(_path_str(p), x) for p, x in jax.tree_util.tree_flatten_with_path(state)[0]]
+    flat = [(nn.path_str(p), x) for p, x in jax.tree_util.tree_flatten_with_path(state)[0]]
     check = [(p, x) for p, x in flat if p in want and
              want[p][:2] == [list(np.shape(x)), str(np.dtype(x.dtype))]]
     got = leaf_sums([x for _, x in check], on_device=_sums_on_device([x for _, x in check]))
@@ -825,7 +827,7 @@ _ABSMAX_JIT = jax.jit(lambda xs: jnp.max(jnp.stack(
 def state_checksums(state: dict) -> dict:
   """The `checksums` record of a step: per leaf [shape, dtype, [weighted sum, sum]] of its
   bits (leaf_sums), and the largest |parameter| (None when a parameter is not finite)."""
-  flat = [(_path_str(p), x) for p, x in jax.tree_util.tree_flatten_with_path(state)[0]]
+  flat = [(nn.path_str(p), x) for p, x in jax.tree_util.tree_flatten_with_path(state)[0]]
   leaves = [x if hasattr(x, "dtype") else np.asarray(x) for _, x in flat]
   sums = leaf_sums(leaves, on_device=_sums_on_device(leaves))
   rec = {p: [list(np.shape(x)), str(np.dtype(x.dtype)), s]
@@ -837,10 +839,6 @@ def state_checksums(state: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------ fingerprints
-def _path_str(path) -> str:
-  return "/".join(str(getattr(p, "key", getattr(p, "idx", getattr(p, "name", p)))) for p in path)
-
-
 def _tqp_bits(config_json):
   t = (config_json or {}).get("tqp") or {}
   return int(t["bits"]) if t.get("enabled") and t.get("bits") is not None else None
@@ -924,7 +922,7 @@ def leaf_sums(leaves, on_device: bool | None = None) -> list[list[int]]:
 def frozen_fingerprint(frozen, tqp_bits=None, sums: bool = True) -> dict:
   """{"leaves": {path: [shape, dtype, [wsum, sum]]}, "n_bytes", "tqp_bits", "checksum"}."""
   flat = jax.tree_util.tree_flatten_with_path(frozen)[0]
-  paths = [_path_str(p) for p, _ in flat]
+  paths = [nn.path_str(p) for p, _ in flat]
   leaves = [x for _, x in flat]
   s = leaf_sums(leaves) if sums else [None] * len(leaves)
   rec = {p: [list(np.shape(x)), str(np.dtype(x.dtype)), v] for p, x, v in zip(paths, leaves, s)}
@@ -966,7 +964,7 @@ def check_frozen_matches(ref, abstract_frozen, d, fdir):
   """Refuse a stored frozen tree whose leaves do not match the model being restored (before
   any array is read): a TQP base of other bits gets one sentence naming both."""
   have = _structure(ref["fingerprint"])
-  want = {_path_str(p): [list(x.shape), str(np.dtype(x.dtype))]
+  want = {nn.path_str(p): [list(x.shape), str(np.dtype(x.dtype))]
           for p, x in jax.tree_util.tree_flatten_with_path(abstract_frozen)[0]}
   if have == want:
     return

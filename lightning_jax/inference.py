@@ -264,7 +264,7 @@ def _data_dir(cfg, run_path, data):
                             f"data directory the run was trained on.")
     return pathlib.Path(data)
   cands = []
-  if cfg.data.get("path"):
+  if cfg.data.path:
     cands.append(pathlib.Path(cfg.data.path))
   cdir, _ = locate(run_path)
   cands.append(cdir.parent / "data")

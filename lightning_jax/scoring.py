@@ -95,7 +95,7 @@ class Scorer:
       raise GenerationError(f"--seq_len={self.seq_len} is longer than the model's context of "
                             f"model.max_seq_len={cfg.model.max_seq_len} tokens.")
     mult = 1 if mesh is None else int(mesh.shape["data"] * mesh.shape["expert"])
-    b = int(batch or cfg.train.get("eval_batch", 8))
+    b = int(batch or cfg.train.eval_batch)
     self.batch = -(-b // mult) * mult
     self._fn = jax.jit(make_score_fn(cfg))
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from configs import stage_5b, stage_9b, tiny, tiny_120b, tiny_deep, tiny_moe
+from lightning_jax import nn
 from lightning_jax.growth import common
 from lightning_jax.growth.common import GrowthError
 from lightning_jax.growth.dense_to_moe import dense_to_moe
@@ -44,7 +45,7 @@ def random_tree(cfg, seed, special=None):
         v = rng.integers(0, 100, s.shape)
     out[k] = np.asarray(v).astype(s.dtype)
   import jax
-  return jax.tree_util.tree_map_with_path(lambda p, _: out[common._path_str(p)], ab)
+  return jax.tree_util.tree_map_with_path(lambda p, _: out[nn.path_str(p)], ab)
 
 
 def flat(tree):

@@ -8,7 +8,7 @@ import pytest
 
 from configs import tiny
 from lightning_jax import nn
-from lightning_jax.config import ConfigError
+from lightning_jax.config import ConfigError, from_stored, validate
 from lightning_jax.layers import sparse_attention as gsa
 from lightning_jax.layers.rotary import rotary_tables
 
@@ -390,9 +390,11 @@ def test_bfloat16_compute_close_to_float32():
   assert _rel(y16.astype(jnp.float32), y32) < 3e-2, f"seed={seed}"
 
 
-def test_gsa_kernel_impl_is_a_config_error():
+def test_the_retired_gsa_impl_field_is_refused_and_dropped_from_stored_configs():
+  """model.gsa.impl (the GSA kernel is model.gsa.attention='kernel') is no field any more: set,
+  it is one sentence; in a stored config it is dropped (config.from_stored)."""
   cfg = tiny.get_config()
   cfg.model.gsa.impl = "kernel"
-  x = np.zeros((1, 8, cfg.model.d_model), np.float32)
-  with pytest.raises(ConfigError, match="model.gsa.impl='kernel' is not available"):
-    gsa.gsa_apply(None, None, x, None, cfg)
+  with pytest.raises(ConfigError, match=r"config field model.gsa.impl is not in the schema"):
+    validate(cfg)
+  assert "impl" not in from_stored(cfg.to_dict()).model.gsa

@@ -55,6 +55,7 @@ import jax
 from ml_collections import ConfigDict
 import numpy as np
 
+from lightning_jax.config import schema
 from lightning_jax.config import ConfigError
 from lightning_jax.data import pipeline
 from lightning_jax.data.shards import (FORMAT_VERSION, MANIFEST, TOKEN_DTYPE, DataError,
@@ -62,8 +63,9 @@ from lightning_jax.data.shards import (FORMAT_VERSION, MANIFEST, TOKEN_DTYPE, Da
 
 STATE_KIND = "pools/v1"
 UNITS = 1_000_000                 # weights are apportioned in millionths
-POOL_FIELDS = {"weight": (float, int), "always_on": (bool,), "domains": (str,), "shards": (str,),
-               "val_shards": (str,)}
+# the fields of a pool entry and their types, from the config schema's declaration
+POOL_FIELDS = {k: ((float, int) if isinstance(v, float) else (type(v),))
+               for k, v in schema.POOL_FIELDS.items()}
 WEIGHT_TOL = 1e-6
 
 
@@ -615,7 +617,7 @@ def data_ranks(cfg, rows=None) -> tuple[int, list[int]]:
   num_ranks: data.ranks, or the process count when data.ranks is 0 (or absent). rows: default
   the process's equal contiguous share of the global batch (jax.process_index())."""
   n_proc, me = jax.process_count(), jax.process_index()
-  ranks = cfg.data.get("ranks", 0)
+  ranks = cfg.data.ranks
   if not isinstance(ranks, int) or isinstance(ranks, bool) or ranks < 0:
     raise DataError(f"data.ranks={ranks!r} must be an integer >= 0 (0: one rank per process).")
   num_ranks = ranks or n_proc
@@ -656,20 +658,10 @@ def make_train_loader(cfg, data_dir, manifest=None, *, rank=None, num_ranks=None
   single-source window pipeline. Both yield {"ids": int32 [rows, seq_len + 2], ...} and have
   get_state() / set_state(record). Both yield this process's rows only: `rows` [lo, hi) of
   every global batch (default: its equal share, by jax.process_index())."""
-  if cfg.data.get("use_pools", False):
+  if cfg.data.use_pools:
     return mixture_loader(cfg, data_dir, manifest, rank=rank, num_ranks=num_ranks, rows=rows)
   return pipeline.train_loader(data_dir, cfg.train.seq_len, cfg.train.global_batch,
                                cfg.data.seed, manifest=manifest, rows=rows)
-
-
-def without_stage_fields(data_section: Mapping) -> dict:
-  """`cfg.data` as a dict without what a new stage may change on resume (pool weights and
-  always_on_fraction), for a resume check that compares the saved and current data sections."""
-  d = {k: v for k, v in dict(data_section).items() if k != "always_on_fraction"}
-  if isinstance(d.get("pools"), Mapping):
-    d["pools"] = {n: {k: v for k, v in dict(p).items() if k != "weight"}
-                  for n, p in dict(d["pools"]).items()}
-  return d
 
 
 def eval_batches(pools: Sequence[Pool], seq_len: int, batch: int, n_batches: int) -> dict:

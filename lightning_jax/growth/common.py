@@ -26,7 +26,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from lightning_jax import model
+from lightning_jax import model, nn
 
 COLLECTIONS = ("params", "frozen", "stats")
 MAX_NAMED = 6
@@ -58,13 +58,9 @@ class GrowthReport:
 
 
 # ----------------------------------------------------------------------------- trees
-def _path_str(path) -> str:
-  return "/".join(str(getattr(p, "key", getattr(p, "idx", p))) for p in path)
-
-
 def flatten(tree) -> dict:
   """Nested dict -> {"a/b/c": leaf} (empty dicts vanish; `finish` restores them)."""
-  return {_path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  return {nn.path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def as_variables(tree) -> tuple[dict, bool]:
@@ -189,7 +185,7 @@ def finish(out: dict, report: GrowthReport, dst_cfg, collections, flat_src: dict
   if unused:
     raise GrowthError(f"{t}: source leaves were neither used nor listed as dropped (trained "
                       f"weights would be lost silently): {_names(unused)}.")
-  tree = jax.tree_util.tree_map_with_path(lambda p, _: out[_path_str(p)], ab)
+  tree = jax.tree_util.tree_map_with_path(lambda p, _: out[nn.path_str(p)], ab)
   return tree if was_full else tree["params"]
 
 

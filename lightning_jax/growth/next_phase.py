@@ -59,7 +59,7 @@ def _shapes(tree) -> dict:
 
 def check_same_model(src_vars: dict, src_cfg, cfg):
   """GrowthError unless cfg's params/frozen/stats tree has the source's paths, shapes, dtypes."""
-  if src_cfg.get("stage") != cfg.get("stage"):
+  if src_cfg.stage != cfg.stage:
     raise GrowthError(f"next_phase continues one stage, but the source is stage "
                       f"{src_cfg.get('stage')!r} and --config is stage {cfg.get('stage')!r}; "
                       f"grow between stages with growth.dense_to_moe / depth_map / expand_experts.")

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lightning_jax import model, tqp
+from lightning_jax import model, nn, tqp
 from lightning_jax.growth import common, registry
 from lightning_jax.growth.common import GrowthError, GrowthReport
 
@@ -117,7 +117,7 @@ def assemble(out: dict, flat_src: dict, dst_cfg, *, return_report: bool = True):
   unused = set(flat_src) - used
   if unused:
     raise GrowthError(f"to_tqp: source leaves were not carried over: {common._names(unused)}.")
-  tree = jax.tree_util.tree_map_with_path(lambda p, _: out[common._path_str(p)], ab)
+  tree = jax.tree_util.tree_map_with_path(lambda p, _: out[nn.path_str(p)], ab)
   return tree, report
 
 

@@ -210,7 +210,7 @@ def embed_apply(p: dict, frozen: dict, ids, cfg):
     codes = jnp.take(frozen["table"], ids, axis=0)
   else:
     codes = on_the_fly_codes(frozen["bytes"], frozen["lengths"], ids, eps)
-  if compat(cfg) == "reference_cuda" or cfg.model.embed.get("round_codes_bf16", False):
+  if compat(cfg) == "reference_cuda" or cfg.model.embed.round_codes_bf16:
     codes = codes.astype(jnp.bfloat16)  # the reference rounds the z-normalised codes to bf16
   e = jnp.einsum("...c,cd->...d", codes.astype(dtype), w.astype(dtype),
                  preferred_element_type=jnp.float32)

@@ -251,7 +251,7 @@ def capacities(cfg, n_tokens_local: int, n_padded: int, n_dev: int = 1):
   c0 = min(_round_up(math.ceil(e.capacity_factor * mean), pad), _round_up(n_tokens_local, pad))
   if e.dispatch == "capacity":
     return c0, 0, 0
-  frac = float(e.get("overflow_round", 0.25))
+  frac = float(e.overflow_round)
   c1 = _round_up(math.ceil(frac * c0), pad)
   rounds = max(0, -(-(n_tokens_local - c0) // c1))    # a group holds at most n_tokens_local rows
   return c0, c1, rounds

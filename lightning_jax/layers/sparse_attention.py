@@ -109,7 +109,7 @@ def gsa_update_stats(stats: dict, step_stats: dict, cfg) -> dict:
 
 
 def _var_row(g) -> str:
-  mode = g.get("var_row", "full_row")
+  mode = g.var_row
   if mode not in _VAR_ROWS:
     raise ConfigError(f"model.gsa.var_row={mode!r} must be 'full_row' (reference: variance over "
                       f"the whole row, future keys as 0) or 'causal' (causal keys only).")
@@ -215,7 +215,7 @@ def _projections(p, x, consts, cfg):
 
 def resolve_attention(g) -> str:
   """model.gsa.attention with "auto" resolved: "flash" on GPU, "gather" elsewhere."""
-  mode = g.get("attention", "gather")
+  mode = g.attention
   if mode == "auto":
     return "flash" if jax.default_backend() == "gpu" else "gather"
   if mode not in MODES:
@@ -257,9 +257,6 @@ def gsa_apply(p, stats, x, consts, cfg, selection=None, return_cache: bool = Fal
   B, T, _ = x.shape
   _var_row(g)
   mode = resolve_attention(g)
-  if g.get("impl", "xla") != "xla":   # no GSA kernel yet (issue 11): fail loudly, never ignore
-    raise ConfigError(f"model.gsa.impl={g.get('impl')!r} is not available: only 'xla' exists "
-                      f"(the GSA kernel is chosen by model.gsa.attention='kernel').")
   x = x.astype(dtype)
   zero = jnp.zeros((), jnp.float32)
   if selection is None:

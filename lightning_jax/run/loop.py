@@ -96,6 +96,13 @@ def train(cfg, workdir, *, fallback_to_previous: bool = False, stop_after: int =
   with distributed.primary_first("data"):      # process 0 prepares shards, the others read them
     data_dir, manifest = setup.resolve_data(cfg, workdir, log)
   setup.apply_data_vocab(cfg, manifest, data_dir)
+  if checkpointing and (workdir / "checkpoints").is_dir():   # the run's expert layout, if any
+    reader = ckpt_lib.Checkpointer(workdir / "checkpoints", cfg.checkpoint, read_only=True,
+                                   log=log)
+    try:
+      identity.adopt_layout(cfg, reader, log)
+    finally:
+      reader.close()
   validate(cfg)
   distributed.check_agreement(ckpt_lib.config_to_json(cfg))   # same config and code everywhere
   watchdog.check_config(cfg)

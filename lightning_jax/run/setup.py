@@ -62,7 +62,7 @@ def make_data(cfg, data_dir, manifest, rows=None):
   loader = pools.make_train_loader(cfg, data_dir, manifest, rows=rows)
   evals = {}
   if cfg.train.eval_every > 0:
-    if cfg.data.get("use_pools", False):
+    if cfg.data.use_pools:
       evals = pools.eval_batches_from_config(cfg, data_dir, manifest)
     else:
       evals = pipeline.eval_batches(data_dir, cfg.train.seq_len, cfg.train.eval_batch,
@@ -83,7 +83,7 @@ def heldout_weights(cfg, manifest, domains) -> dict:
     if e["split"] == "train":
       tok[e["domain"]] = tok.get(e["domain"], 0) + e["n_tokens"]
   w = {}
-  if cfg.data.get("use_pools", False):
+  if cfg.data.use_pools:
     for p in pools.pool_specs(cfg.data.pools):
       doms = p.domains
       doms = [d.strip() for d in (doms.split(",") if isinstance(doms, str) else doms) if d.strip()]
