@@ -621,6 +621,41 @@ def merge_frozen(frozen: dict, qfrozen: dict) -> dict:
   return out
 
 
+def convert_layer(w, cfg, path: str, li: int, chunk: int = 16):
+  """The host-side, one-layer form of the conversion (growth.to_tqp / expand_to_tqp write a
+  120B target layer by layer with it). One layer's routed-expert matrix w [E, in, out] (`path`: "<moe node>/<mat>", e.g.
+  "groups/l0/moe/gate"; li: the layer's flat index in the node's stack) -> ({codes, norms,
+  signs}, {a, b}) as numpy: exactly the slice convert_moe_to_tqp writes for it
+  (same key per (node, layer, matrix) from tqp.seed, same quantizer on the same batches of `chunk`
+  experts; tests/test_run_120b_reduced.py compares them bit for bit). Transient memory: one
+  chunk's buffers, not the whole matrix's."""
+  node, mat = path.rsplit("/", 1)
+  bits, r = int(cfg.tqp.bits), int(cfg.tqp.rank)
+  E, d_in, d_out = w.shape
+  if (d_out, d_in) != _dims(cfg, mat):
+    raise ConfigError(f"{path} has shape {tuple(w.shape)} but the config expects "
+                      f"[E, {_dims(cfg, mat)[1]}, {_dims(cfg, mat)[0]}].")
+  n = pow2_dim(d_in, cfg, f"moe.{mat} input dimension")
+  key = _layer_key(int(cfg.tqp.seed), f"{node}/{li}/{mat}")
+  ks, ka, kb = jax.random.split(key, 3)
+  s = jax.random.rademacher(ks, (n,), jnp.int32).astype(jnp.int8)
+  # `chunk` experts per call, as tqp's lax.map batches them (the same computation per batch):
+  # quantizing the whole [E, in, out] in one call holds about 5x its size in buffers
+  codes = norms = None
+  for i in range(0, E, chunk):
+    c, nr = _quantize_experts(w[i:i + chunk], s, bits, chunk)
+    if codes is None:
+      codes = np.empty((E,) + c.shape[1:], np.dtype(c.dtype))
+      norms = np.empty((E,) + nr.shape[1:], np.dtype(nr.dtype))
+    codes[i:i + chunk], norms[i:i + chunk] = np.asarray(c), np.asarray(nr)
+    del c, nr
+  a = ADAPTER_A_STD * jax.random.normal(ka, (E, d_out, r), jnp.float32)
+  b = jax.random.normal(kb, (E, r, n), jnp.float32) / math.sqrt(r)
+  h = np.asarray                                              # to the host
+  return {"codes": codes, "norms": norms, "signs": h(s)}, {"a": h(a), "b": h(b)}
+
+
+
 # ============================================================================ flush
 # (LR groups: optim.group_labels, the one label rule)
 def flush(params: dict, frozen: dict, cfg, step: int, tx=None, opt_state=None, chunk: int = 16):

@@ -12,7 +12,7 @@ two fresh Adam moments (3x).
 
 Per layer: every (pattern position j, group g) of the stacked layer groups is expanded from its
 own random stream (lightning_jax.growth.expand_experts.expand_layer: the draws expand_experts makes for it),
-each of its three matrices is quantized, 16 experts per call (lightning_jax.growth.to_tqp.convert_layer: the slice
+each of its three matrices is quantized, 16 experts per call (lightning_jax.tqp.convert_layer: the slice
 lightning_jax.tqp.convert_moe_to_tqp writes for it, key from tqp.seed and the layer's path), the
 codes / norms / signs and the fresh adapters are copied into the preallocated output stacks, and
 the dense copy is dropped. `workers` layers are expanded in parallel threads (numpy releases the
@@ -50,10 +50,11 @@ import os
 
 import numpy as np
 
+from lightning_jax import tqp
 from lightning_jax.growth import common, registry
 from lightning_jax.growth.common import GrowthError, GrowthReport
 from lightning_jax.growth.expand_experts import EXPAND_FLAGS, expand_layer, plan
-from lightning_jax.growth.to_tqp import assemble, check_configs, convert_layer
+from lightning_jax.growth.to_tqp import assemble, check_configs
 
 MATRICES = ("gate", "up", "down")
 
@@ -138,7 +139,7 @@ def expand_to_tqp(variables, src_cfg, dst_cfg, *, ratio: float = 0.5, router_sig
       lead = w.shape[:-3]
       wl = w.reshape((-1,) + w.shape[-3:])
       for li in range(wl.shape[0]):
-        store(prefix, lead, li, mat, *convert_layer(wl[li], dst_cfg, f"{prefix}/{mat}", li))
+        store(prefix, lead, li, mat, *tqp.convert_layer(wl[li], dst_cfg, f"{prefix}/{mat}", li))
       del w, wl
       flat_mid[f"params/{prefix}/experts/{mat}"] = _stand_in(want_mid[f"params/{prefix}/experts/{mat}"])
 
@@ -155,7 +156,7 @@ def expand_to_tqp(variables, src_cfg, dst_cfg, *, ratio: float = 0.5, router_sig
       dense, sets[j, g] = fut.result()
       prefix, lead = p.layers[j][0], p.layers[j][1]
       for mat in MATRICES:
-        store(prefix, lead, g, mat, *convert_layer(dense[mat], dst_cfg, f"{prefix}/{mat}", g))
+        store(prefix, lead, g, mat, *tqp.convert_layer(dense[mat], dst_cfg, f"{prefix}/{mat}", g))
         dense[mat] = None                                  # this matrix's dense copy is freed
       del dense, fut
       nxt = next(it, None)

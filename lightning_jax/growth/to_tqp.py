@@ -14,10 +14,8 @@ CLI: python -m growth.to_tqp --src RUN --dst NEW_RUN --config=configs/stage_120b
 """
 from __future__ import annotations
 
-import math
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from lightning_jax import model, nn, tqp
@@ -51,39 +49,6 @@ def check_configs(src_cfg, dst_cfg):
       diff = sorted(k for k in set(a[sec]) | set(b[sec]) if a[sec].get(k) != b[sec].get(k))
       raise GrowthError(f"to_tqp only quantizes: source and target configs differ in "
                         f"{sec}.{diff[0]} ({b[sec].get(diff[0])!r} vs {a[sec].get(diff[0])!r}).")
-
-
-def convert_layer(w, cfg, path: str, li: int, chunk: int = 16):
-  """One layer's routed-expert matrix w [E, in, out] (`path`: "<moe node>/<mat>", e.g.
-  "groups/l0/moe/gate"; li: the layer's flat index in the node's stack) -> ({codes, norms,
-  signs}, {a, b}) as numpy: exactly the slice lightning_jax.tqp.convert_moe_to_tqp writes for it
-  (same key per (node, layer, matrix) from tqp.seed, same quantizer on the same batches of `chunk`
-  experts; tests/test_run_120b_reduced.py compares them bit for bit). Transient memory: one
-  chunk's buffers, not the whole matrix's."""
-  node, mat = path.rsplit("/", 1)
-  bits, r = int(cfg.tqp.bits), int(cfg.tqp.rank)
-  E, d_in, d_out = w.shape
-  if (d_out, d_in) != tqp._dims(cfg, mat):
-    raise GrowthError(f"{path} has shape {tuple(w.shape)} but the config expects "
-                      f"[E, {tqp._dims(cfg, mat)[1]}, {tqp._dims(cfg, mat)[0]}].")
-  n = tqp.pow2_dim(d_in, cfg, f"moe.{mat} input dimension")
-  key = tqp._layer_key(int(cfg.tqp.seed), f"{node}/{li}/{mat}")
-  ks, ka, kb = jax.random.split(key, 3)
-  s = jax.random.rademacher(ks, (n,), jnp.int32).astype(jnp.int8)
-  # `chunk` experts per call, as tqp's lax.map batches them (the same computation per batch):
-  # quantizing the whole [E, in, out] in one call holds about 5x its size in buffers
-  codes = norms = None
-  for i in range(0, E, chunk):
-    c, nr = tqp._quantize_experts(w[i:i + chunk], s, bits, chunk)
-    if codes is None:
-      codes = np.empty((E,) + c.shape[1:], np.dtype(c.dtype))
-      norms = np.empty((E,) + nr.shape[1:], np.dtype(nr.dtype))
-    codes[i:i + chunk], norms[i:i + chunk] = np.asarray(c), np.asarray(nr)
-    del c, nr
-  a = tqp.ADAPTER_A_STD * jax.random.normal(ka, (E, d_out, r), jnp.float32)
-  b = jax.random.normal(kb, (E, r, n), jnp.float32) / math.sqrt(r)
-  h = np.asarray                                              # to the host
-  return {"codes": codes, "norms": norms, "signs": h(s)}, {"a": h(a), "b": h(b)}
 
 
 def assemble(out: dict, flat_src: dict, dst_cfg, *, return_report: bool = True):
