@@ -11,13 +11,8 @@ import pathlib
 from ml_collections import ConfigDict
 
 from lightning_jax.config import schema
+from lightning_jax.config.schema import ConfigError
 
-
-class ConfigError(ValueError):
-  """A config value is wrong; the message names the field and what was expected."""
-
-
-schema._set_error(ConfigError)
 REPO = pathlib.Path(__file__).resolve().parents[2]
 base_config = schema.base_config
 

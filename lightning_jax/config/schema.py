@@ -51,7 +51,6 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "unit": (lambda v: 0 <= v <= 1, "{name}={v} must be in [0, 1]."),
     "unit_open": (lambda v: 0 <= v < 1, "{name}={v} must be in [0, 1)."),
     "fraction": (lambda v: 0 < v <= 1, "{name}={v} must be in (0, 1]."),
-    "ratio": (lambda v: v >= 1, "{name}={v} must be >= 1."),
     "mesh_axis": (lambda v: v == -1 or v >= 1, "{name}={v} must be >= 1 (or -1 for mesh.data: "
                                                "all remaining devices)."),
 }
@@ -331,16 +330,8 @@ if len(BY_PATH) != len(FIELDS):
   raise RuntimeError("the config schema declares a field twice")
 
 
-class SchemaError(ValueError):
-  """Raised through config.ConfigError (config/__init__.py sets the class used)."""
-
-
-_ERROR: type[Exception] = SchemaError
-
-
-def _set_error(cls: type[Exception]) -> None:
-  global _ERROR
-  _ERROR = cls
+class ConfigError(ValueError):
+  """A config value is wrong; the message names the field and what was expected."""
 
 
 # ----------------------------------------------------------------------------- nested access
@@ -456,16 +447,16 @@ def _leaves(tree, prefix=""):
 
 def _check_pools(pools) -> None:
   if not hasattr(pools, "keys"):
-    raise _ERROR(f"data.pools is {type(pools).__name__}; expected a dict name -> "
+    raise ConfigError(f"data.pools is {type(pools).__name__}; expected a dict name -> "
                  f"{{{', '.join(POOL_FIELDS)}}}.")
   for name in pools.keys():
     p = pools[name]
     if not hasattr(p, "keys"):
-      raise _ERROR(f"data.pools.{name} is {type(p).__name__}; expected a dict of "
+      raise ConfigError(f"data.pools.{name} is {type(p).__name__}; expected a dict of "
                    f"{sorted(POOL_FIELDS)}.")
     for k in p.keys():
       if k not in POOL_FIELDS:
-        raise _ERROR(f"data.pools.{name}.{k} is not a pool field; expected one of "
+        raise ConfigError(f"data.pools.{name}.{k} is not a pool field; expected one of "
                      f"{sorted(POOL_FIELDS)}.")
 
 
@@ -476,27 +467,27 @@ def check_fields(cfg) -> None:
       near = [f.path for f in FIELDS if f.path.rsplit(".", 1)[0] == path.rsplit(".", 1)[0]]
       hint = f" (fields of that section: {', '.join(p.rsplit('.', 1)[1] for p in near)})" \
           if near else ""
-      raise _ERROR(f"config field {path} is not in the schema (lightning_jax/config/schema.py)"
+      raise ConfigError(f"config field {path} is not in the schema (lightning_jax/config/schema.py)"
                    f"{hint}.")
   for f in FIELDS:
     v = _get(cfg, f.path, _MISSING)
     if v is _MISSING:
-      raise _ERROR(f"config field {f.path} is missing; expected it (default {f.default!r}); a "
+      raise ConfigError(f"config field {f.path} is missing; expected it (default {f.default!r}); a "
                    "stored config gets it from config.complete.")
     if f.path == "data.pools":
       _check_pools(v)
       continue
     if not _type_ok(f, v):
-      raise _ERROR(f"{f.path}={v!r} has the wrong type; expected {_KIND_NAME[f.kind]}.")
+      raise ConfigError(f"{f.path}={v!r} has the wrong type; expected {_KIND_NAME[f.kind]}.")
     if not _switch_on(cfg, f.when):
       continue
     if f.choices is not None and v not in f.choices:
       opts = ", ".join(repr(c) for c in f.choices)
-      raise _ERROR(f"{f.path}={v!r} must be one of {opts}.")
+      raise ConfigError(f"{f.path}={v!r} must be one of {opts}.")
     if f.check is not None:
       ok, msg = CHECKS[f.check]
       if not ok(v):
-        raise _ERROR(msg.format(name=f.path, v=v))
+        raise ConfigError(msg.format(name=f.path, v=v))
 
 
 def resume_view(cfg) -> dict:
