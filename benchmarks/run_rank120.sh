@@ -9,7 +9,7 @@
 # decode (issue 22: benchmarks.decode_bench on stage_2b); house_2b / house_rank120 (issue 19:
 # stage_2b B1 x T4096, or the 120B rank, in the tree as it was before the house move (.before/,
 # made with `mkdir .before && git archive b6b1dd1 | tar -x -C .before`, carried) and in this
-# tree, alternating, twice: one device call per case).
+# tree, alternating, twice: one device call per case; REPS=n and TREES=".before" narrow it).
 set -uo pipefail
 : "${OUT:=/tmp/rank120_out}"; mkdir -p "$OUT"
 : "${COMMIT:=unknown}"
@@ -55,8 +55,8 @@ for case in "${@:-full}"; do
         ${EXTRA:-} --out "$OUT/decode_bench_2b.json" 2>&1 | tail -40 ;;
     house_2b|house_rank120)   # one device call each (compiles are cached for the second rep)
       export JAX_COMPILATION_CACHE_DIR=/tmp/jax_cache_house
-      for rep in 1 2; do
-        for tree in .before .; do
+      for rep in $(seq 1 "${REPS:-2}"); do
+        for tree in ${TREES:-.before .}; do
           tag=$([ "$tree" = . ] && echo after || echo before)
           if [ "$case" = house_2b ]; then
             cmd=(benchmarks.step --config configs/stage_2b.py --batch 1 --seq 4096 --steps 10)
