@@ -112,15 +112,15 @@ def plan(cfg, mesh, log=print, device: str = "", mem_fraction: float | None = No
   built = {}
   times = {}
 
-  def compile_at(acc):
-    b = state_lib.build_abstract(cfg, mesh, acc)
+  def compile_at(c, acc):
+    b = state_lib.build_abstract(c, mesh, acc)
     t0 = time.perf_counter()
     with sharding.use_mesh(mesh):
       lowered = b["step"].lower(b["state_abs"], b["batch_abs"])
     t1 = time.perf_counter()
     compiled = lowered.compile()
     times[acc] = (t1 - t0, time.perf_counter() - t1)
-    built[acc] = (b, compiled)
+    built[acc] = (b, compiled, c)
     return compiled
 
   if mem_fraction is not None and not device:
@@ -132,7 +132,7 @@ def plan(cfg, mesh, log=print, device: str = "", mem_fraction: float | None = No
   if fit_cfg.train.fit_memory == "off":
     fit_cfg.train.fit_memory = "check"
   try:
-    accum, compiled, _ = memory_plan.fit(fit_cfg, n_batch, compile_at, capacity, note, log)
+    accum, compiled, _, _ = memory_plan.fit(fit_cfg, n_batch, compile_at, capacity, note, log)
     refusal = None
   except ConfigError as err:          # launch.train would refuse with this sentence
     refusal = str(err)
@@ -140,7 +140,8 @@ def plan(cfg, mesh, log=print, device: str = "", mem_fraction: float | None = No
       raise
     accum = max(built)                  # the smallest micro-batch tried
     compiled = built[accum][1]
-  b = built[accum][0]
+  b, _, used = built[accum]        # the last compile at that micro-batch (fit's choice)
+  rev = used.reversible.mode if used.reversible.enabled else "off"
   sa, ss = b["state_abs"], b["state_shard"]
   parts = {
       "parameters (trainable, f32)": _per_device_bytes(sa["params"], ss["params"]),
@@ -160,9 +161,9 @@ def plan(cfg, mesh, log=print, device: str = "", mem_fraction: float | None = No
          "breakdown": parts, "lower_s": times[accum][0], "compile_s": times[accum][1],
          "accum": accum, "micro_batch": micro, "mesh": dict(mesh.shape), "capacity": capacity,
          "capacity_note": note, "refusal": refusal, "collectives": coll,
-         "backend": jax.default_backend()}
+         "backend": jax.default_backend(), "reversible_mode": rev}
   log(f"stage {cfg.stage}: mesh {dict(mesh.shape)}, global batch {t.global_batch} x {t.seq_len}, "
-      f"micro-batch {micro}/device ({accum} accumulation step(s)); "
+      f"micro-batch {micro}/device ({accum} accumulation step(s)), reversible {rev}; "
       f"tqp {'%d-bit' % cfg.tqp.bits if cfg.tqp.enabled else 'off'}; {jax.default_backend()} "
       f"compile" + (" (XLA:CPU: an upper bound of the GPU's)" if jax.default_backend() == "cpu"
                     else ""))

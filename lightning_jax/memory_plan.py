@@ -13,17 +13,23 @@ when set (also how a plan for another card is made: launch.plan --device h100|h2
 `train.fit_memory` says what happens when the configured micro-batch does not fit:
   check  refuse in one sentence that names the largest micro-batch that fits (the default)
   auto   train with the largest micro-batch <= train.micro_batch that fits (gradient
-         accumulation makes up the global batch) and say so
+         accumulation makes up the global batch) and say so; when not even micro-batch 1 fits
+         a reversible stack in store_boundaries mode, search again in invert mode (each layer's
+         input is rebuilt from its output instead of stored: about 12 GB less on a 120B rank,
+         and 37% slower, docs/PERFORMANCE.md) and say so
   off    no plan: compile and run as configured
 Micro-batches are the divisors of global_batch / batch shards; the search compiles the step at
 the candidates a binary search visits (the plan grows with the micro-batch), keeping the
 compiled step that is used, so a configuration that fits costs no extra compile.
+`fit` returns the config it chose (a copy when it changed reversible.mode): the caller trains,
+saves and logs that one.
 """
 from __future__ import annotations
 
 import os
 from typing import Callable
 
+from lightning_jax import reversible
 from lightning_jax.config import ConfigError
 
 GB = 1e9
@@ -92,11 +98,49 @@ def candidates(global_batch: int, n_batch: int, micro_batch: int) -> list[int]:
   return [m for m in range(top, 0, -1) if per_dev % m == 0]
 
 
-def fit(cfg, n_batch: int, compile_at: Callable[[int], object], capacity: float | None,
-        capacity_note: str, log=print) -> tuple[int, object, dict]:
-  """(accumulation steps, compiled step, plan) for the largest fitting micro-batch allowed.
+class NoFit(ConfigError):
+  """Not even micro-batch 1 fits the device; .plans lists the plans tried."""
 
-  compile_at(accum) -> the compiled step with that many micro-batches per global batch."""
+  def __init__(self, msg: str, plans: str):
+    super().__init__(msg)
+    self.plans = plans
+
+
+def lighter(cfg):
+  """The same run with less activation memory, when the config has such a choice left: the
+  reversible stack in invert mode instead of store_boundaries (a field free on resume). None
+  when there is none."""
+  r = cfg.reversible
+  if not (r.enabled and r.mode == "store_boundaries"):
+    return None
+  if reversible.dyadic(float(r.a)) is None:     # invert needs a dyadic a
+    return None
+  alt = cfg.copy_and_resolve_references()
+  alt.reversible.mode = "invert"
+  return alt
+
+
+def fit(cfg, n_batch: int, compile_at: Callable[[object, int], object], capacity: float | None,
+        capacity_note: str, log=print) -> tuple[int, object, dict, object]:
+  """(accumulation steps, compiled step, plan, config) for the largest fitting micro-batch
+  allowed; the config is cfg, or under train.fit_memory=auto a copy in invert mode when
+  store_boundaries does not fit at micro-batch 1 (`lighter`).
+
+  compile_at(cfg, accum) -> the compiled step of cfg with that many micro-batches per global
+  batch."""
+  try:
+    return _fit(cfg, n_batch, compile_at, capacity, capacity_note, log) + (cfg,)
+  except NoFit as err:
+    alt = lighter(cfg) if cfg.train.fit_memory == "auto" else None
+    if alt is None:
+      raise
+    log(f"memory plan: reversible.mode=store_boundaries does not fit at micro-batch 1 (plans "
+        f"tried: {err.plans}); trying reversible.mode=invert (each layer's input rebuilt from "
+        f"its output instead of stored)")
+    return _fit(alt, n_batch, compile_at, capacity, capacity_note, log) + (alt,)
+
+
+def _fit(cfg, n_batch, compile_at, capacity, capacity_note, log):
   t = cfg.train
   mode = t.fit_memory
   if mode not in FIT_MODES:
@@ -106,7 +150,7 @@ def fit(cfg, n_batch: int, compile_at: Callable[[int], object], capacity: float 
   accum_of = lambda mb: per_dev // mb
   usable = None if capacity is None else capacity - float(t.memory_headroom_gb) * GB
   first = cands[0]
-  compiled = compile_at(accum_of(first))
+  compiled = compile_at(cfg, accum_of(first))
   plan = plan_bytes(compiled)
   if mode == "off" or usable is None or not plan or plan["total"] <= usable:
     if plan and usable is not None:
@@ -118,7 +162,7 @@ def fit(cfg, n_batch: int, compile_at: Callable[[int], object], capacity: float 
   lo, hi = 1, len(cands) - 1          # binary search for the first (largest) candidate that fits
   while lo <= hi:
     mid = (lo + hi) // 2
-    c = compile_at(accum_of(cands[mid]))
+    c = compile_at(cfg, accum_of(cands[mid]))
     p = plan_bytes(c)
     plans[cands[mid]] = p["total"]
     if p["total"] <= usable:
@@ -128,11 +172,13 @@ def fit(cfg, n_batch: int, compile_at: Callable[[int], object], capacity: float 
       lo = mid + 1
   tried = ", ".join(f"{k}: {v / GB:.2f} GB" for k, v in sorted(plans.items(), reverse=True))
   if best is None:
-    raise ConfigError(
+    lever = "reversible.mode=invert, " if lighter(cfg) is not None else ""
+    err = NoFit(
         f"the training step does not fit the device even at micro-batch 1: it needs "
         f"{plans[cands[-1]] / GB:.2f} GB per device against {usable / GB:.2f} GB usable "
         f"({capacity_note}); expected a smaller model share per device (mesh.expert), a shorter "
-        f"train.seq_len, reversible.mode=invert or model.remat=True. Plans tried: {tried}.")
+        f"train.seq_len, {lever}or model.remat=True. Plans tried: {tried}.", tried)
+    raise err
   if mode == "check":
     raise ConfigError(
         f"train.micro_batch={t.micro_batch} needs {plans[first] / GB:.2f} GB per device but "

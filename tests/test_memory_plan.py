@@ -28,19 +28,22 @@ def _cfg(global_batch=64, micro=8, mode="check"):
   return c
 
 
-def _compiler(per_seq_gb, fixed_gb=20.0, n_batch=8, global_batch=64):
+def _compiler(per_seq_gb, fixed_gb=20.0, n_batch=8, global_batch=64, stored_gb=0.0):
+  """Plans of fixed + per_seq x micro-batch GB, plus stored_gb x micro-batch when the config's
+  reversible stack stores its boundaries."""
   calls = []
 
-  def compile_at(accum):
+  def compile_at(cfg, accum):
     micro = global_batch // (n_batch * accum)
     calls.append(micro)
-    return _Compiled((fixed_gb + per_seq_gb * micro) * GB)
+    stores = cfg.reversible.enabled and cfg.reversible.mode == "store_boundaries"
+    return _Compiled((fixed_gb + (per_seq_gb + stored_gb * stores) * micro) * GB)
   return compile_at, calls
 
 
 def test_configured_micro_batch_that_fits_is_compiled_once():
   compile_at, calls = _compiler(per_seq_gb=5.0)                # 8 x 5 + 20 = 60 GB
-  accum, compiled, plan = memory_plan.fit(_cfg(), 8, compile_at, 80 * GB, "test card", print)
+  accum, compiled, plan, _ = memory_plan.fit(_cfg(), 8, compile_at, 80 * GB, "test card", print)
   assert (accum, calls) == (1, [8]) and plan["total"] == 60 * GB
 
 
@@ -61,10 +64,42 @@ def test_check_refuses_naming_the_largest_fitting_micro_batch(per_seq, best):
 def test_auto_trains_with_the_largest_fitting_micro_batch_and_accumulates():
   compile_at, calls = _compiler(per_seq_gb=20.0, global_batch=96)   # per device 12: 12,6,4,3,2,1
   cfg = _cfg(global_batch=96, micro=12, mode="auto")
-  accum, compiled, plan = memory_plan.fit(cfg, 8, compile_at, 80 * GB, "test card", print)
+  accum, compiled, plan, used = memory_plan.fit(cfg, 8, compile_at, 80 * GB, "test card", print)
   micro = 96 // (8 * accum)
   assert micro == 2 and plan["total"] == (20 + 40) * GB and compiled.total == plan["total"]
-  assert calls[0] == 12
+  assert calls[0] == 12 and used is cfg
+
+
+def _reversible(mode="auto", a=0.5):
+  c = _cfg(global_batch=64, micro=8, mode=mode)
+  c.reversible.enabled, c.reversible.mode, c.reversible.a = True, "store_boundaries", a
+  return c
+
+
+def test_auto_falls_back_to_invert_when_store_boundaries_never_fits():
+  # store_boundaries: 20 + (30 + 40) x m GB, over 79 GB usable at m = 1; invert: 20 + 30 m
+  compile_at, calls = _compiler(per_seq_gb=30.0, stored_gb=40.0)
+  cfg, said = _reversible(), []
+  accum, compiled, plan, used = memory_plan.fit(cfg, 8, compile_at, 80 * GB, "test card",
+                                                said.append)
+  assert used.reversible.mode == "invert" and cfg.reversible.mode == "store_boundaries"
+  assert 64 // (8 * accum) == 1 and plan["total"] == 50 * GB and compiled.total == 50 * GB
+  assert any("trying reversible.mode=invert" in m for m in said)
+
+
+def test_store_boundaries_kept_when_it_fits_and_check_names_invert():
+  # store_boundaries fits at m = 2 (20 + 2 x 25 = 70): kept, with accumulation, no fallback
+  compile_at, _ = _compiler(per_seq_gb=15.0, stored_gb=10.0)
+  accum, _, plan, used = memory_plan.fit(_reversible(), 8, compile_at, 80 * GB, "test card",
+                                         print)
+  assert used.reversible.mode == "store_boundaries" and 64 // (8 * accum) == 2
+  # under check nothing is changed: the refusal names the lever
+  compile_at, _ = _compiler(per_seq_gb=30.0, stored_gb=40.0)
+  with pytest.raises(ConfigError, match="even at micro-batch 1.*reversible.mode=invert"):
+    memory_plan.fit(_reversible(mode="check"), 8, compile_at, 80 * GB, "test card", print)
+  # a non-dyadic a cannot be inverted: no fallback, the same refusal
+  with pytest.raises(ConfigError, match="even at micro-batch 1"):
+    memory_plan.fit(_reversible(a=0.3), 8, compile_at, 80 * GB, "test card", print)
 
 
 def test_nothing_fits_and_unknown_capacity():

@@ -142,9 +142,9 @@ def train(cfg, workdir, *, fallback_to_previous: bool = False, stop_after: int =
                         else log(msg)))
   step_compile_s = {}
 
-  def compile_step(acc):
+  def compile_step(c, acc):
     def build():
-      fn = jax.jit(step_lib.make_train_step(cfg, tx, acc, model, mesh), in_shardings=step_in,
+      fn = jax.jit(step_lib.make_train_step(c, tx, acc, model, mesh), in_shardings=step_in,
                    out_shardings=(state_shard, rep), donate_argnums=(0,))
       with sharding.use_mesh(mesh):
         t = watchdog.compile_all(wd, log, [("the training step", lambda: out.append(
@@ -153,10 +153,11 @@ def train(cfg, workdir, *, fallback_to_previous: bool = False, stop_after: int =
       return out[-1]
     out = []
     return _cached_jit(("train_aot", hot is not None) +
-                       _compile_key(ckpt_lib.config_to_json(cfg), mesh, acc, model), build)
+                       _compile_key(ckpt_lib.config_to_json(c), mesh, acc, model), build)
   capacity, cap_note = memory_plan.device_capacity(distributed.local_devices(mesh.devices.flat),
                                                    cfg.train.device_memory_gb)
-  accum, step_jit, _ = memory_plan.fit(cfg, n_batch, compile_step, capacity, cap_note, log)
+  # (under train.fit_memory=auto the plan may choose reversible.mode=invert: cfg is its choice)
+  accum, step_jit, _, cfg = memory_plan.fit(cfg, n_batch, compile_step, capacity, cap_note, log)
 
   # ---- data
   batch_shape = (cfg.train.global_batch, cfg.train.seq_len + 2)
@@ -196,7 +197,7 @@ def train(cfg, workdir, *, fallback_to_previous: bool = False, stop_after: int =
       tx, sched = optim.make_optimizer(cfg, abstract["params"], steps_total)   # restarted LR
       cfg_json = ckpt_lib.config_to_json(cfg)
       ckey = _compile_key(cfg_json, mesh, accum, model)
-      step_jit = compile_step(accum)          # the step closes over the restarted schedule
+      step_jit = compile_step(cfg, accum)          # the step closes over the restarted schedule
     frozen_version = restored.get("frozen_version")
     if frozen_version is None:      # a step of the older layout (frozen inside the state)
       frozen_version = start
