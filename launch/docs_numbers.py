@@ -16,6 +16,12 @@ arguments after colons (`count:stage_2b`). Sources:
   fertility_table           tokens per word of tokenizer/brahmic131k vs o200k_base on the bundled
                             held-out samples (tokenizer.fertility)
   rank120_table             the rows of benchmarks/results/rank120.json
+  step2b_table              stage_2b at B1, B2, B4 beside the reference's numbers
+                            (benchmarks/results/step2b.json, issue 17)
+  step2b_profile            the top 25 kernels of its B1 step
+  decode_table              decode and prefill speed (benchmarks/results/decode_bench_2b.json)
+  house_table               step time before and after the house move
+                            (benchmarks/results/house_timing.json)
   tiny_heldout_table        the README's main job per domain: training tokens, held-out CE at
                             the start and the end (benchmarks/results/tiny_main_job.json,
                             written by benchmarks/tiny_main_job.py)
@@ -146,6 +152,76 @@ def rank120_table() -> str:
   return "\n" + "\n".join(rows) + "\n"
 
 
+# the reference PyTorch model at stage_2b on one H200 (issue 17's table, ../shared/MEASUREMENTS.md)
+REFERENCE_2B = {1: (295.2, 13877, 31.9), 2: (535.0, 15311, 44.1), 4: (1023.6, 16006, 68.5)}
+
+
+def step2b_table() -> str:
+  r = _result("step2b.json")
+  rows = ["| batch | ours: ms / tokens/s / peak / MFU | reference: ms / tokens/s / peak | "
+          "speed ratio | memory ratio |", "|---|---|---|---|---|"]
+  for x in r["rows"]:
+    ref = REFERENCE_2B.get(x["batch"])
+    if "step_ms" not in x or x.get("step_ms") is None:
+      ours = f"did not run: {x.get('error', 'no result')}"
+      ratio = mem = "—"
+    else:
+      ours = (f"{x['step_ms']:,.1f} / {x['tokens_per_s']:,.0f} / {x['peak_gib']:.1f} GiB / "
+              f"{x['mfu']:.1%}")
+      ratio = f"{x['tokens_per_s'] / ref[1]:.2f}x" if ref else "—"
+      mem = f"{x['peak_gib'] / ref[2]:.2f}x" if ref else "—"
+    refs = f"{ref[0]:,.1f} / {ref[1]:,} / {ref[2]} GiB" if ref else "—"
+    rows.append(f"| {x['batch']} | {ours} | {refs} | {ratio} | {mem} |")
+  dr = r["delta_rule"]
+  rows.append(f"\nDelta rule alone ({dr['shape']}, `{dr['command']}`): forward "
+              f"{dr['fwd_ms']:.2f} ms, forward + backward {dr['fwdbwd_ms']:.2f} ms "
+              f"(FLA 0.6.0 on the same kind of machine: 0.99 and 3.85 ms).")
+  return "\n" + "\n".join(rows) + "\n"
+
+
+def step2b_profile() -> str:
+  r = _result("step2b.json")
+  info = r["profile_info"]
+  rows = [f"{info['op_ms_per_call']:.1f} ms of kernel time in a {info['span_ms_per_call']:.1f} ms "
+          f"step, {info['n_ops']} distinct kernels:", "",
+          "| # | kernel | ms | share | calls |", "|---|---|---|---|---|"]
+  for i, x in enumerate(r["profile"][:25], 1):
+    rows.append(f"| {i} | `{x['name'][:70]}` | {x['ms']:.2f} | {x['share']:.1%} | "
+                f"{x['calls']:.0f} |")
+  return "\n" + "\n".join(rows) + "\n"
+
+
+def decode_table() -> str:
+  r = _result("decode_bench_2b.json")
+  rows = ["| parameters | measure | batch | context | ms per step (or per prompt) | tokens/s |",
+          "|---|---|---|---|---|---|"]
+  for key in ("params_float32", "params_bfloat16"):
+    if key not in r:
+      continue
+    part, dt = r[key], key.split("_")[1]
+    for x in part["decode"]:
+      rows.append(f"| {dt} | decode | {x['batch']} | {x['context']:,} | {x['step_ms']:.2f} | "
+                  f"{x['tokens_per_s']:,.0f} |")
+    pf = part["prefill"]
+    rows.append(f"| {dt} | prefill | {pf['batch']} | {pf['context']:,} | {pf['s'] * 1e3:.1f} | "
+                f"{pf['tokens_per_s']:,.0f} |")
+    for x in part["per_token_by_context"]:
+      rows.append(f"| {dt} | decode, by context | {x['batch']} | {x['context']:,} | "
+                  f"{x['step_ms']:.2f} | {x['tokens_per_s']:,.0f} |")
+  return "\n" + "\n".join(rows) + "\n"
+
+
+def house_table() -> str:
+  r = _result("house_timing.json")
+  rows = ["| case | before (b6b1dd1) | after | change | runs (ms, in order) |",
+          "|---|---|---|---|---|"]
+  for case, s in r["summary"].items():
+    runs = ", ".join(f"{x['tree']} {x['step_ms']:,.1f}" for x in r["runs"] if x["case"] == case)
+    rows.append(f"| {case} | {s['before_ms']:,.2f} ms | {s['after_ms']:,.2f} ms | {s['change']} | "
+                f"{runs} |")
+  return "\n" + "\n".join(rows) + "\n"
+
+
 def _tiny() -> dict:
   return _result("tiny_main_job.json")
 
@@ -204,6 +280,8 @@ def tiny_steps() -> str:
 BLOCKS = {"count": count, "gflop": gflop, "node_tokens_s": node_tokens_s,
           "node_step_s": node_step_s, "fertility_table": fertility_table,
           "rank120_table": rank120_table, "tiny_heldout_table": tiny_heldout_table,
+          "step2b_table": step2b_table, "step2b_profile": step2b_profile,
+          "decode_table": decode_table, "house_table": house_table,
           "tiny_heldout_falls": tiny_heldout_falls, "tiny_unseen": tiny_unseen,
           "tiny_pools_read": tiny_pools_read, "tiny_steps": tiny_steps}
 

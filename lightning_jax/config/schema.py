@@ -303,7 +303,8 @@ FIELDS: tuple[Field, ...] = (
     F("train.eval_batch", 8, "held-out sequences per batch (per domain)", check="size",
       when="train.eval_every", resume=FREE),
     F("train.fit_memory", "check", "memory plan before compiling: check (refuse, naming the "
-      "largest micro-batch that fits) | auto (train with it) | off",
+      "largest micro-batch that fits) | auto (train with it; reversible store_boundaries that "
+      "fits at no micro-batch is planned again in invert mode) | off",
       choices=("check", "auto", "off"), resume=FREE),
     F("train.device_memory_gb", 0.0, "plan for this many GB per device (0: the device's own "
       "allocator limit)", check="nonneg", resume=FREE),
