@@ -33,7 +33,7 @@ from lightning_jax import blocks, nn, reversible, sharding, tqp
 from lightning_jax.config import ConfigError, n_groups, validate
 from lightning_jax.layers import kronecker, rotary, streams
 from lightning_jax.layers.norms import rms_norm_specs
-from lightning_jax.ops.head_ce.api import chunked_cross_entropy
+from lightning_jax.ops.head_ce.api import chunked_cross_entropies, chunked_cross_entropy
 
 
 class InputError(ValueError):
@@ -362,12 +362,15 @@ def loss_fn(params, frozen, stats, batch, cfg, moe_ctl=None):
   out = forward(params, frozen, stats, ids[:, :-1] if with_mtp else ids[:, :-2], cfg,
                 with_mtp=with_mtp, moe_ctl=moe_ctl)
   w = params["head"]["w"]
-  ce_next = chunked_cross_entropy(out["h"], w, ids[:, 1:-1], m.ce_chunk, dtype)
+  ce_mtp = jnp.zeros((), jnp.float32)
+  if with_mtp:       # both head passes in one chunked scan: one float32 head gradient, not two
+    ce_next, ce_mtp = chunked_cross_entropies([out["h"], out["h_mtp"]], w,
+                                              [ids[:, 1:-1], ids[:, 2:]], m.ce_chunk, dtype)
+  else:
+    ce_next = chunked_cross_entropy(out["h"], w, ids[:, 1:-1], m.ce_chunk, dtype)
   aux = out["aux"] * aux_scale(cfg)
   total = ce_next + aux
-  ce_mtp = jnp.zeros((), jnp.float32)
   if with_mtp:
-    ce_mtp = chunked_cross_entropy(out["h_mtp"], w, ids[:, 2:], m.ce_chunk, dtype)
     total = total + m.mtp.weight * ce_mtp
     if m.mtp.include_aux:
       total = total + out["aux_mtp"]

@@ -15,6 +15,7 @@ from lightning_jax import sharding as shd
 from lightning_jax.ops import testing
 from lightning_jax.ops.delta_rule import api as delta_rule_op
 from lightning_jax.ops.delta_rule import kernel as delta_kernel
+from lightning_jax.ops.head_ce import api as ce_api
 from lightning_jax.ops.sparse_attention import api as attention_op
 
 
@@ -161,3 +162,13 @@ def test_bad_kernel_options_are_named():
     delta_rule_op.options_from(64, warp_speed=9)
   assert delta_rule_op.options_from(64, bwd="split_pallas", prep_bwd="pallas", num_stages=1) == \
       delta_rule_op.DeltaRuleOptions(chunk=64, num_stages=1)
+
+
+def test_head_passes_of_different_shapes_are_named():
+  w = jnp.zeros((4, 10))
+  h1, h2 = jnp.zeros((1, 6, 4)), jnp.zeros((1, 5, 4))
+  t1, t2 = jnp.zeros((1, 6), jnp.int32), jnp.zeros((1, 5), jnp.int32)
+  with pytest.raises(ValueError, match=r"passes of one shape \[B, T, d\].*\(1, 6, 4\), \(1, 5, 4\)"):
+    ce_api.chunked_cross_entropies([h1, h2], w, [t1, t2], 16)
+  with pytest.raises(ValueError, match="target shapes"):
+    ce_api.chunked_cross_entropies([h1, h1], w, [t1, t2], 16)

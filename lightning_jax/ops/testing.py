@@ -403,6 +403,12 @@ _HEAD_CE = Op(
                         ("b2_t37",)),
         "chunk1000": Impl(lambda h, w, tg: ce_api.chunked_cross_entropy(h, w, tg, 1000),
                           ("b2_t37",)),
+        # the two rows as two passes through the head in one scan (model.loss_fn's MTP path):
+        # the mean of the passes' means is the mean over both rows
+        "two_passes_chunk16": Impl(
+            lambda h, w, tg: sum(ce_api.chunked_cross_entropies([h[:1], h[1:]], w,
+                                                                [tg[:1], tg[1:]], 16)) / 2,
+            ("b2_t37",)),
         # bf16 compute: the logit cotangent rounded to bf16 before both backward matmuls
         "chunk16_bf16": Impl(lambda h, w, tg: ce_api.chunked_cross_entropy(h, w, tg, 16,
                                                                            jnp.bfloat16),
