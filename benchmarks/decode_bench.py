@@ -29,8 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lightning_jax import decode
-from lightning_jax import model
+from lightning_jax import decode, metrics, model
 from lightning_jax.config import load_config
 
 
@@ -140,6 +139,7 @@ def main(argv=None):
   ap.add_argument("--params_dtype", default="", help="Also measure with >= 2-D params in this "
                   "dtype (e.g. bfloat16).")
   ap.add_argument("--out", default="decode_bench.json", help="JSON output file.")
+  ap.add_argument("--commit", default="", help="Commit to record (default: the checkout's HEAD).")
   a = ap.parse_args(argv)
   if a.tiny:
     a.config, a.batches, a.decode_context, a.new_tokens = "configs/tiny.py", "1,4", 64, 16
@@ -160,6 +160,7 @@ def main(argv=None):
             new_tokens=a.new_tokens, prefill_context=a.prefill_context, contexts=contexts,
             repeat=a.repeat)
   res = {"config": a.config, "stage": cfg.stage, "date": datetime.date.today().isoformat(),
+         "commit": a.commit or metrics.git_commit(),
          "device": str(jax.devices()[0].device_kind), "n_devices": jax.device_count(),
          "backend": jax.default_backend(), "jax": jax.__version__, "host": platform.node(),
          "dtype": cfg.model.dtype, "deltanet_impl": cfg.model.deltanet.impl,

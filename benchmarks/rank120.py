@@ -37,7 +37,6 @@ import glob
 import json
 import math
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -213,7 +212,7 @@ def run(cfg, a, command: str) -> dict:
   opt_w = whole_optimizer_bytes(cfg)
   rec = {
       "device": dev.device_kind, "date": f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
-      "commit": a.commit or _commit(), "command": command, "stage": cfg.stage,
+      "commit": a.commit or metrics_lib.git_commit(), "command": command, "stage": cfg.stage,
       "layers": cfg.model.n_layers, "experts_per_rank": cfg.moe.n_experts, "top_k": cfg.moe.top_k,
       "batch": b, "seq": t, "reversible_mode": cfg.reversible.mode if cfg.reversible.enabled else "off",
       "mem_fraction": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "default (0.75 on GPU)"),
@@ -258,14 +257,6 @@ def load_and_cut(a):
   if a.layers:
     cfg.model.n_layers = a.layers
   return cfg
-
-
-def _commit() -> str:
-  try:
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                          text=True, timeout=10).stdout.strip() or "unknown"
-  except (OSError, subprocess.SubprocessError):
-    return "unknown"
 
 
 def format_report(rec: dict) -> str:

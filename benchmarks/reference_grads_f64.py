@@ -47,7 +47,7 @@ if __name__ == "__main__" and _f64_worker(sys.argv):
   jax.config.update("jax_enable_x64", True)
   jnp.float32 = jnp.float64
 
-from lightning_jax import model, reference as R  # noqa: E402
+from lightning_jax import metrics, model, reference as R  # noqa: E402
 
 FIXTURES = pathlib.Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "reference"
 RUN = {"gpu": "gpu_fullgrad", "cpu": "cpu_fallback"}
@@ -166,8 +166,7 @@ def main(argv=None) -> None:
               f"|ref - exact| <= {c['outside_max_ref_vs_exact_over_total']:.1e}, "
               f"|ours - exact| <= {c['outside_max_ours_vs_exact_over_total']:.1e} x the norm")
   out = {"date": datetime.date.today().isoformat(),
-         "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                  text=True).stdout.strip(),
+         "commit": metrics.git_commit(),
          "command": "python -m benchmarks.reference_grads_f64", "tolerance": TOL, "cases": cases}
   pathlib.Path(a.out).parent.mkdir(parents=True, exist_ok=True)
   pathlib.Path(a.out).write_text(json.dumps(out, indent=1) + "\n")

@@ -48,10 +48,10 @@ for case in "${@:-full}"; do
         --steps 2 --no_profile --set reversible.mode="${MODE:-invert}" ${EXTRA:-} \
         --json "$OUT/rank120_l4e460.json" 2>&1 | tail -20 ;;
     step2b)
-      timeout "${T_STEP2B:-420}" python3 -m benchmarks.step2b ${EXTRA:-} \
+      timeout "${T_STEP2B:-420}" python3 -m benchmarks.step2b --commit "$COMMIT" ${EXTRA:-} \
         --json "$OUT/step2b.json" 2>&1 | tail -60 ;;
     decode)
-      timeout "${T_DECODE:-300}" python3 -m benchmarks.decode_bench --params_dtype bfloat16 \
+      timeout "${T_DECODE:-300}" python3 -m benchmarks.decode_bench --params_dtype bfloat16 --commit "$COMMIT" \
         ${EXTRA:-} --out "$OUT/decode_bench_2b.json" 2>&1 | tail -40 ;;
     house_2b|house_rank120)   # one device call each (compiles are cached for the second rep)
       export JAX_COMPILATION_CACHE_DIR=/tmp/jax_cache_house

@@ -29,6 +29,7 @@ import tempfile
 import jax
 
 from benchmarks.kernels_bench import bench, delta_inputs
+from lightning_jax import metrics
 from lightning_jax.config import load_config
 from lightning_jax.layers import deltanet
 
@@ -88,14 +89,6 @@ def delta_rule(b: int, t: int, h: int, d: int, iters: int) -> dict:
           "fwd_ms": fwd_ms, "fwdbwd_ms": fwdbwd_ms, "iters": iters}
 
 
-def _commit() -> str:
-  try:
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                          text=True, timeout=10).stdout.strip() or "unknown"
-  except (OSError, subprocess.SubprocessError):
-    return "unknown"
-
-
 def main(argv=None) -> dict:
   ap = argparse.ArgumentParser(prog="python -m benchmarks.step2b",
                                description=__doc__.split("\n")[0])
@@ -114,6 +107,7 @@ def main(argv=None) -> dict:
   ap.add_argument("--tiny", action="store_true", help="configs/tiny.py at T=64, batch 1, one "
                   "step, a small delta-rule shape (CPU; what CI runs).")
   ap.add_argument("--json", default="", help="Write the record here (default: print only).")
+  ap.add_argument("--commit", default="", help="Commit to record (default: the checkout's HEAD).")
   a = ap.parse_args(argv)
   if a.tiny:
     a.config, a.batches, a.seq, a.steps = "configs/tiny.py", "1", 64, 1
@@ -126,7 +120,7 @@ def main(argv=None) -> dict:
                      "comma lists of integers (e.g. 1,2,4 and 4,4096,32,128).") from None
   rec = {"device": jax.devices()[0].device_kind,
          "date": f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
-         "commit": _commit(), "config": a.config,
+         "commit": a.commit or metrics.git_commit(REPO), "config": a.config,
          "mem_fraction": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "default (0.75 on GPU)")}
   with tempfile.TemporaryDirectory() as tmp:
     rec["rows"] = [step_row(a.config, bb, a.seq, a.steps, a.set, i == 0, tmp)

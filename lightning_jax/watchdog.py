@@ -84,6 +84,7 @@ class Watchdog:
     self._wake = threading.Event()
     self._closed = False
     self.fired: str | None = None
+    self.acted = False            # on_timeout returned (an embedding's or a test's action)
     self._thread = None
 
   @classmethod
@@ -172,6 +173,7 @@ class Watchdog:
       except Exception:       # the note is best effort; stopping is what matters
         pass
     self.on_timeout(msg)
+    self.acted = True
     return msg
 
   def _run(self):
@@ -210,7 +212,18 @@ def compile_all(wd: Watchdog, log, parts) -> dict:
   return out
 
 
-def hang_forever():
-  """Fault injection (launch.train --debug_hang_step): block like a step that never finishes."""
+class Stopped(RuntimeError):
+  """The watchdog fired during an injected hang and its action returned instead of ending the
+  process (an embedding's or a test's on_timeout); the message is the watchdog's."""
+
+
+def hang_forever(wd: Watchdog | None = None, poll_s: float = 0.1):
+  """Fault injection (launch.train --debug_hang_step): block like a step that never finishes.
+
+  The default watchdog action ends the process from the watchdog thread, so this never returns.
+  When the action returns instead (`wd.acted`), raise Stopped with the watchdog's message, so a
+  caller's action needs no way of interrupting the main thread."""
   while True:
-    time.sleep(1.0)
+    time.sleep(poll_s)
+    if wd is not None and wd.acted:
+      raise Stopped(wd.fired)

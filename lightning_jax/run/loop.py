@@ -306,7 +306,7 @@ def train(cfg, workdir, *, fallback_to_previous: bool = False, stop_after: int =
       wd.begin("step", f"step {step + 1}")
       batch = next(loader)
       if step == debug_hang_step:        # fault injection for the watchdog test: never returns
-        watchdog.hang_forever()
+        watchdog.hang_forever(wd)
       if step == debug_poison_step:      # fault injection for the NaN-stop test
         state["params"]["head"]["w"] = state["params"]["head"]["w"] * jnp.nan
       extra = ()
