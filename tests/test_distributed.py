@@ -35,6 +35,7 @@ def get_config():
   m = c.model
   m.d_model, m.ffn_width, m.ce_chunk = 32, 64, 128
   m.n_layers, m.pattern = 2, "DG"      # one DeltaNet and one GSA layer: half the compile time
+  m.mtp.enabled = False                # (the MTP block is one more layer to compile per process)
   m.deltanet.n_heads, m.deltanet.head_dim, m.deltanet.chunk_size = 2, 16, 16
   m.gsa.n_heads, m.gsa.head_dim, m.gsa.idx_heads, m.gsa.idx_dim = 1, 32, 2, 8
   m.gsa.k_min, m.gsa.k_base, m.gsa.k_max, m.gsa.query_chunk = 4, 8, 16, 32

@@ -222,6 +222,7 @@ def test_tqp_run_with_flush_checkpoints_frozen_versions_and_resumes(data_dir, tm
   flush makes a new frozen version (stored once, not per save), old versions go once no kept
   step uses them, and a restart resumes the newest step with its version."""
   c = small_cfg(data_dir)
+  c.model.pattern, c.model.n_layers = "DG", 2       # one layer of each kind: half the compile
   e = c.moe
   e.enabled, e.router, e.n_experts, e.n_null, e.top_k = True, "sigmoid", 4, 0, 2
   e.expert_width, e.shared_width, e.mtp_n_experts = 16, 64, 4
