@@ -199,21 +199,20 @@ def decode_table() -> str:
     if key not in r:
       continue
     part, dt = r[key], key.split("_")[1]
-    for x in part["decode"]:
-      rows.append(f"| {dt} | decode | {x['batch']} | {x['context']:,} | {x['step_ms']:.2f} | "
-                  f"{x['tokens_per_s']:,.0f} |")
     pf = part["prefill"]
-    rows.append(f"| {dt} | prefill | {pf['batch']} | {pf['context']:,} | {pf['s'] * 1e3:.1f} | "
-                f"{pf['tokens_per_s']:,.0f} |")
-    for x in part["per_token_by_context"]:
-      rows.append(f"| {dt} | decode, by context | {x['batch']} | {x['context']:,} | "
-                  f"{x['step_ms']:.2f} | {x['tokens_per_s']:,.0f} |")
+    for what, xs in (("decode", part["decode"]), ("prefill", [dict(pf, step_ms=pf["s"] * 1e3)]),
+                     ("decode, by context", part["per_token_by_context"])):
+      for x in xs:
+        ms = f"{x['step_ms']:.1f}" if what == "prefill" else f"{x['step_ms']:.2f}"
+        rows.append(f"| {dt} | {what} | {x['batch']} | {x['context']:,} | {ms} | "
+                    f"{x['tokens_per_s']:,.0f} |")
   return "\n" + "\n".join(rows) + "\n"
 
 
 def house_table() -> str:
   r = _result("house_timing.json")
-  rows = ["| case | before (b6b1dd1) | after | change | runs (ms, in order) |",
+  rows = [f"| case | before ({r['before_commit']}) | after ({r['after_commit']}) | change | "
+          f"runs (ms, in order) |",
           "|---|---|---|---|---|"]
   for case, s in r["summary"].items():
     runs = ", ".join(f"{x['tree']} {x['step_ms']:,.1f}" for x in r["runs"] if x["case"] == case)
