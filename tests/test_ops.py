@@ -172,3 +172,31 @@ def test_head_passes_of_different_shapes_are_named():
     ce_api.chunked_cross_entropies([h1, h2], w, [t1, t2], 16)
   with pytest.raises(ValueError, match="target shapes"):
     ce_api.chunked_cross_entropies([h1, h1], w, [t1, t2], 16)
+
+
+def _converts_of(jaxpr, shape, in_scan=False):
+  """[in a scan body?] for every convert_element_type of a `shape` operand, nested jaxprs too."""
+  found = []
+  for e in jaxpr.eqns:
+    if e.primitive.name == "convert_element_type" and tuple(e.invars[0].aval.shape) == shape:
+      found.append(in_scan)
+    for v in e.params.values():
+      for sub in v if isinstance(v, (tuple, list)) else (v,):
+        sub = getattr(sub, "jaxpr", sub)
+        if hasattr(sub, "eqns"):
+          found += _converts_of(sub, shape, in_scan or e.primitive.name == "scan")
+  return found
+
+
+def test_head_weight_converted_once_per_pass_not_per_chunk():
+  """The float32 head weight goes to the compute dtype once in the forward and once in the
+  backward, outside the chunk scans, not once per chunk (each reads 2 GB at the 120B's head)."""
+  h = jnp.zeros((2, 64, 64), jnp.float32)
+  w = jnp.zeros((64, 512), jnp.float32)
+  t = jnp.zeros((2, 64), jnp.int32)
+  f = jax.grad(lambda h, w: sum(ce_api.chunked_cross_entropies([h, h], w, [t, t], 16,
+                                                               jnp.bfloat16)), (0, 1))
+  jaxpr = jax.make_jaxpr(f)(h, w).jaxpr
+  assert sum(e.primitive.name == "scan" for e in jaxpr.eqns) == 2      # forward and backward
+  converts = _converts_of(jaxpr, (64, 512))
+  assert converts == [False, False], f"w converts, True = inside a scan: {converts}"

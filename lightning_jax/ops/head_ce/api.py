@@ -1,8 +1,10 @@
 """The LM head and its cross-entropy (the op's entry point): `head_logits` (custom VJP: the
 logit cotangent rounded to the compute dtype before both backward matmuls) and
 `chunked_cross_entropy` (never all float32 logits at once; `chunked_cross_entropies` takes
-several passes through the same head in one scan). reference.py: the same loss from
-full float32 logits by plain autodiff.
+several passes through the same head in one scan; its custom VJP converts the head weight to
+the compute dtype once per forward and once per backward, not per chunk, with the same
+rounding as `head_logits`). reference.py: the same loss from full float32 logits by plain
+autodiff.
 """
 from __future__ import annotations
 
@@ -44,8 +46,8 @@ def chunked_cross_entropy(h, w, targets, chunk_tokens: int, dtype=jnp.float32):
   """Mean CE of logits h @ w against targets, chunked over the sequence.
 
   The chunk holds `chunk_tokens` tokens of the whole traced batch (seq chunk of
-  max(1, chunk_tokens // B) positions); each chunk's body is rematerialised in the backward
-  pass, so only one chunk's float32 logits [B, chunk, V] exist at any time.
+  max(1, chunk_tokens // B) positions); forward and backward each recompute one chunk's
+  float32 logits [B, chunk, V] at a time (see `chunked_cross_entropies`).
   """
   return chunked_cross_entropies([h], w, [targets], chunk_tokens, dtype)[0]
 
@@ -58,7 +60,7 @@ def chunked_cross_entropies(hs, w, targets, chunk_tokens: int, dtype=jnp.float32
   (at the 120B's 4096 x 131072 head that is 2.1 GB less at the peak). The passes are stacked
   on the batch axis, all of shape [B, T, d] with targets [B, T]; a chunk holds `chunk_tokens`
   tokens of the stacked batch, so the float32 logits of one chunk are as large as with one pass.
-  With one pass this is `chunked_cross_entropy`.
+  With one pass this is `chunked_cross_entropy`. The gradient is `_chunk_sums`' custom VJP.
   """
   p = len(hs)
   shapes = {tuple(x.shape) for x in hs}
@@ -74,24 +76,73 @@ def chunked_cross_entropies(hs, w, targets, chunk_tokens: int, dtype=jnp.float32
   tc = max(1, min(t, chunk_tokens // max(b, 1)))
   n = -(-t // tc)
   pad = n * tc - t
-  mask = jnp.ones((b, t), jnp.float32)
   if pad:
     h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
     tgts = jnp.pad(tgts, ((0, 0), (0, pad)))
-    mask = jnp.pad(mask, ((0, 0), (0, pad)))
   hc_all = jnp.swapaxes(h.reshape(b, n, tc, d), 0, 1)
-  ts = jnp.swapaxes(tgts.reshape(b, n, tc), 0, 1)
-  ms = jnp.swapaxes(mask.reshape(b, n, tc), 0, 1)
+  ts = jnp.swapaxes(tgts.reshape(b, n, tc), 0, 1).astype(jnp.int32)
+  total = _chunk_sums(hc_all, w, ts, p, t, dtype)
+  return [total[i] / (b1 * t) for i in range(p)]
 
-  @jax.checkpoint
-  def chunk(hc, tgt, mc):
-    lg = head_logits(hc, w, dtype)
-    lse = jax.nn.logsumexp(lg, axis=-1)
-    picked = jnp.take_along_axis(lg, tgt[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    return jnp.sum(((lse - picked) * mc).reshape(p, -1), axis=1)      # per pass
+
+def _chunk_mask(i, tc, t):
+  """[tc] float32: 1 where chunk i's position is < t (not padding)."""
+  return (i * tc + jnp.arange(tc) < t).astype(jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _chunk_sums(hc_all, w, ts, p, t, dtype):
+  """[p] sums of CE over chunks hc_all [n, b, tc, d] (targets ts [n, b, tc]; the p passes
+  stacked on b; positions >= t padding). w [d, V] is converted to `dtype` once in the forward
+  and once in the backward, not per chunk; the backward reconverts it rather than keep a copy,
+  rounds the logit cotangent to `dtype` before both matmuls and accumulates one float32 dw.
+  """
+  return _chunk_sums_fwd(hc_all, w, ts, p, t, dtype)[0]
+
+
+def _chunk_sums_fwd(hc_all, w, ts, p, t, dtype):
+  wc = w.astype(dtype)
+  tc = hc_all.shape[2]
 
   def body(acc, xs):
-    return acc + chunk(*xs), None
+    hc, tgt, i = xs
+    lg = jnp.einsum("btd,dv->btv", hc.astype(dtype), wc, preferred_element_type=jnp.float32)
+    lse = jax.nn.logsumexp(lg, axis=-1)
+    picked = jnp.take_along_axis(lg, tgt[..., None], axis=-1)[..., 0]
+    ce = (lse - picked) * _chunk_mask(i, tc, t)
+    return acc + jnp.sum(ce.reshape(p, -1), axis=1), lse
 
-  total, _ = jax.lax.scan(body, jnp.zeros((p,), jnp.float32), (hc_all, ts, ms))
-  return [total[i] / (b1 * t) for i in range(p)]
+  n = hc_all.shape[0]
+  total, lse = jax.lax.scan(body, jnp.zeros((p,), jnp.float32), (hc_all, ts, jnp.arange(n)))
+  return total, (hc_all, w, ts, lse)
+
+
+def _chunk_sums_bwd(p, t, dtype, res, g):
+  hc_all, w, ts, lse_all = res
+  # the barrier ties the conversion to the cotangent, so that it is not scheduled early nor
+  # merged with the forward's into one [d, V] copy kept alive in between (XLA on CPU drops
+  # the barrier and merges them anyway)
+  w, g = jax.lax.optimization_barrier((w, g))
+  wc = w.astype(dtype)
+  n, b, tc, _ = hc_all.shape
+  g_row = jnp.repeat(g.astype(jnp.float32), b // p)[:, None]             # [b, 1]
+  vocab = jnp.arange(w.shape[1])
+
+  def body(dw, xs):
+    hc, tgt, lse, i = xs
+    hd = hc.astype(dtype)
+    lg = jnp.einsum("btd,dv->btv", hd, wc, preferred_element_type=jnp.float32)
+    sm = jnp.exp(lg - lse[..., None])
+    scale = g_row * _chunk_mask(i, tc, t)                                # [b, tc]
+    dl = jnp.where(vocab == tgt[..., None], sm - 1.0, sm) * scale[..., None]
+    gd = dl.astype(dtype)
+    dh = jnp.einsum("btv,dv->btd", gd, wc, preferred_element_type=jnp.float32)
+    dw = dw + jnp.einsum("btd,btv->dv", hd, gd, preferred_element_type=jnp.float32)
+    return dw, dh.astype(hc_all.dtype)
+
+  dw, dh = jax.lax.scan(body, jnp.zeros(w.shape, jnp.float32),
+                        (hc_all, ts, lse_all, jnp.arange(n)))
+  return dh, dw.astype(w.dtype), None
+
+
+_chunk_sums.defvjp(_chunk_sums_fwd, _chunk_sums_bwd)
