@@ -177,7 +177,7 @@ def _fit(cfg, n_batch, compile_at, capacity, capacity_note, log):
         f"the training step does not fit the device even at micro-batch 1: it needs "
         f"{plans[cands[-1]] / GB:.2f} GB per device against {usable / GB:.2f} GB usable "
         f"({capacity_note}); expected a smaller model share per device (mesh.expert), a shorter "
-        f"train.seq_len, {lever}or model.remat=True. Plans tried: {tried}.", tried)
+        f"train.seq_len, {lever}or model.remat=selective (or full). Plans tried: {tried}.", tried)
   if mode == "check":
     raise ConfigError(
         f"train.micro_batch={t.micro_batch} needs {plans[first] / GB:.2f} GB per device but "

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lightning_jax import blocks, nn, reversible, sharding, tqp
+from lightning_jax import remat as remat_lib
 from lightning_jax.config import ConfigError, n_groups, validate
 from lightning_jax.layers import kronecker, rotary, streams
 from lightning_jax.layers.norms import rms_norm_specs
@@ -319,7 +320,7 @@ def forward(params, frozen, stats, ids, cfg, with_mtp: bool | None = None, moe_c
   fns = [functools.partial(layer_apply, cfg=cfg, kind=k) for k in m.pattern]
   x, aux, step_stats, choices = reversible.run_stack(
       cfg.reversible, fns, _group_vars(params, frozen, stats, cfg), x, consts,
-      remat=bool(m.remat))
+      remat=m.remat)
   h = streams.readout(x, params["final_norm"]["scale"], m.norm_eps)
   h = sharding.constrain(h, ("batch", "seq", "embed"))
   step_stats = {"groups": {f"l{j}": s for j, s in enumerate(step_stats)}}
@@ -333,7 +334,8 @@ def forward(params, frozen, stats, ids, cfg, with_mtp: bool | None = None, moe_c
     xs = streams.expand(z, m.hc.n_streams)
     fz = (frozen or {}).get("mtp", {}).get("layer", {})
     sz = (stats or {}).get("mtp", {}).get("layer", {})
-    xs, _, a, s = mtp_layer({"params": mp["layer"], "frozen": fz, "stats": sz}, xs, consts, cfg)
+    mtp_fn = remat_lib.wrap(functools.partial(mtp_layer, cfg=cfg), m.remat, in_scan=False)
+    xs, _, a, s = mtp_fn({"params": mp["layer"], "frozen": fz, "stats": sz}, xs, consts)
     out["h_mtp"] = streams.readout(xs, params["final_norm"]["scale"], m.norm_eps)
     out["aux_mtp"] = a
     step_stats["mtp"] = {"layer": s}

@@ -72,6 +72,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lightning_jax import remat as remat_lib
 from lightning_jax.config import ConfigError
 
 LayerFn = Callable
@@ -84,9 +85,10 @@ def _slice(tree, i):
 
 
 def plain_stack(layer_fns: Sequence[LayerFn], group_vars: Sequence[dict], x, consts,
-                remat: bool = False):
-  """x <- layer(x) for every layer, lax.scan over groups; ordinary autodiff."""
-  fns = [jax.checkpoint(f) if remat else f for f in layer_fns]
+                remat: str | bool = "none"):
+  """x <- layer(x) for every layer, lax.scan over groups; ordinary autodiff. remat: what each
+  layer keeps for the backward (lightning_jax.remat; a bool means "full" / "none")."""
+  fns = [remat_lib.wrap(f, remat) for f in layer_fns]
 
   def body(carry, gv):
     h, aux = carry
@@ -470,7 +472,7 @@ def reversible_stack(rcfg, layer_fns: Sequence[LayerFn], group_vars: Sequence[di
 
 
 def run_stack(rcfg, layer_fns: Sequence[LayerFn], group_vars: Sequence[dict], x, consts,
-              remat: bool = False):
+              remat: str | bool = "none"):
   """Dispatch on the `reversible` config section (plain stack when disabled).
 
   `remat` applies to the plain stack only: the reversible stack always recomputes.

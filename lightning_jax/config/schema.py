@@ -59,6 +59,8 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
 POOL_FIELDS = {"weight": 0.0, "always_on": False, "domains": "", "shards": "", "val_shards": ""}
 # fields a stored config may hold that no longer exist (dropped by `complete`)
 RETIRED = ("model.gsa.impl",)
+# fields whose values changed form: a stored old value -> its meaning now
+CONVERTED = {"model.remat": {True: "full", False: "none"}}
 
 
 def _pool(weight: float, always_on: bool = False) -> dict:
@@ -92,7 +94,10 @@ FIELDS: tuple[Field, ...] = (
       when="!moe.enabled"),
     F("model.ce_chunk", 1024, "tokens per cross-entropy chunk (float32 logits exist for one "
       "chunk at a time)", check="size", resume=FREE),
-    F("model.remat", False, "plain stack: rematerialise each layer in the backward", resume=FREE),
+    F("model.remat", "none", "plain stack: what each layer keeps for its backward: none "
+      "(all autodiff saves) | selective (matmul outputs and kernel residuals; elementwise work "
+      "recomputed) | full (the layer's input); a stored True/False reads as full/none",
+      choices=("none", "selective", "full"), resume=FREE),
     F("model.compat", "spec", "'spec' (SPEC.md and the reference's CPU code) or 'reference_cuda' "
       "(what the reference's CUDA kernels compute, for its released weights; docs/reference.md)",
       choices=("spec", "reference_cuda")),
@@ -394,6 +399,12 @@ def complete(cfg) -> list[str]:
   filled = []
   for path in RETIRED:
     _delete(cfg, path)
+  for path, old_values in CONVERTED.items():
+    v = _get(cfg, path, _MISSING)
+    if isinstance(v, bool) and v in old_values:
+      _delete(cfg, path)
+      _set(cfg, path, old_values[v])
+      filled.append(path)
   for f in FIELDS:
     if _get(cfg, f.path, _MISSING) is _MISSING:
       _set(cfg, f.path, f.legacy(cfg) if f.legacy is not None else _value(f.default))

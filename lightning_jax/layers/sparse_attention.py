@@ -47,7 +47,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from lightning_jax import nn
+from lightning_jax import nn, remat
 from lightning_jax.config import ConfigError
 from lightning_jax.layers.rotary import apply_rotary
 from lightning_jax.ops.sparse_attention import api as attention_op
@@ -261,6 +261,7 @@ def gsa_apply(p, stats, x, consts, cfg, selection=None, return_cache: bool = Fal
   zero = jnp.zeros((), jnp.float32)
   if selection is None:
     selection, k_t, var_t = gsa_select(p, stats, x, cfg)
+    selection = remat.keep(selection)     # the indexer does not run again (model.remat)
     step_stats = {"var_sum": jnp.sum(var_t), "var_count": jnp.asarray(B * T, jnp.float32),
                   "k_sum": jnp.sum(k_t).astype(jnp.float32)}
   else:

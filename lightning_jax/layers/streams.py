@@ -24,7 +24,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from lightning_jax import nn
+from lightning_jax import nn, remat
 from lightning_jax.layers.norms import rms_norm
 from lightning_jax.ops.sinkhorn.api import sinkhorn
 
@@ -60,7 +60,7 @@ def coefficients(p: dict, x, cfg):
   h_post = 2.0 * jax.nn.sigmoid(p["a_post"] * post + p["b_post"])
   h_res = sinkhorn(p["a_res"] * res + p["b_res"], cfg.model.hc.sinkhorn_iters,
                    cfg.model.hc.sinkhorn_eps)
-  return h_pre, h_post, h_res
+  return remat.keep((h_pre, h_post, h_res))     # small; Sinkhorn is not run again (model.remat)
 
 
 def pre(p: dict, x, cfg):

@@ -49,7 +49,7 @@ class Stack(Block):
     group_vars = [{kind: t[kind].get(f"l{j}", {}) for kind in t}
                   for j in range(len(self.cfg.model.pattern))]
     return reversible.run_stack(self.cfg.reversible, fns, group_vars, x, consts,
-                                remat=bool(self.cfg.model.remat))
+                                remat=self.cfg.model.remat)
 
   def n_groups(self) -> int:
     return n_groups(self.cfg)

@@ -53,6 +53,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from lightning_jax import remat
 from lightning_jax.ops.delta_rule.reference import check_shapes, state0
 from lightning_jax.ops.pallas import compiler_params, on_gpu
 
@@ -260,7 +261,8 @@ def _recurrence(w, uv, p, qg, kd, gev, s0, opts):
 
 def _recurrence_fwd(w, uv, p, qg, kd, gev, s0, opts):
   o, hs, sn = _fwd_call(w, uv, p, qg, kd, gev, s0, opts)
-  return (o, sn), (w, uv, p, qg, kd, gev, hs)
+  # named so that a selective jax.checkpoint (model.remat) keeps them: no kernel runs twice
+  return (o, sn), remat.keep((w, uv, p, qg, kd, gev, hs))
 
 
 def _recurrence_bwd(opts, res, cts):
@@ -638,7 +640,7 @@ def _prep_pallas(q, k, v, la, beta, opts):
 
 def _prep_pallas_fwd(q, k, v, la, beta, opts):
   *out, tinv = _prep_fwd_call(q, k, v, la, beta, opts, with_t=True)
-  return tuple(out), (q, k, v, la, beta, tinv)
+  return tuple(out), (q, k, v, la, beta, remat.keep(tinv))
 
 
 def _prep_pallas_bwd(opts, res, cts):
@@ -769,4 +771,5 @@ def chunk_gated_delta_rule(q, k, v, log_alpha, beta, initial_state=None,
     w, uv, p, qg, kd = (a.astype(dot_dtype) for a in (w, uv, p, qg, kd))
     gev = jnp.broadcast_to(ge[..., None], ge.shape + (c,))
   o, sn = _recurrence(flat(w), flat(uv), flat(p), flat(qg), flat(kd), flat(gev), s0, plan)
+  o = remat.keep(o)    # else a selective jax.checkpoint recomputes o by running both kernels again
   return o[:, :t], sn.reshape(bsz, h, dv, dk)
