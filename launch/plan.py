@@ -161,9 +161,10 @@ def plan(cfg, mesh, log=print, device: str = "", mem_fraction: float | None = No
          "breakdown": parts, "lower_s": times[accum][0], "compile_s": times[accum][1],
          "accum": accum, "micro_batch": micro, "mesh": dict(mesh.shape), "capacity": capacity,
          "capacity_note": note, "refusal": refusal, "collectives": coll,
-         "backend": jax.default_backend(), "reversible_mode": rev}
+         "backend": jax.default_backend(), "reversible_mode": rev, "remat": used.model.remat}
   log(f"stage {cfg.stage}: mesh {dict(mesh.shape)}, global batch {t.global_batch} x {t.seq_len}, "
-      f"micro-batch {micro}/device ({accum} accumulation step(s)), reversible {rev}; "
+      f"micro-batch {micro}/device ({accum} accumulation step(s)), reversible {rev}, "
+      f"remat {used.model.remat}; "
       f"tqp {'%d-bit' % cfg.tqp.bits if cfg.tqp.enabled else 'off'}; {jax.default_backend()} "
       f"compile" + (" (XLA:CPU: an upper bound of the GPU's)" if jax.default_backend() == "cpu"
                     else ""))

@@ -13,23 +13,24 @@ when set (also how a plan for another card is made: launch.plan --device h100|h2
 `train.fit_memory` says what happens when the configured micro-batch does not fit:
   check  refuse in one sentence that names the largest micro-batch that fits (the default)
   auto   train with the largest micro-batch <= train.micro_batch that fits (gradient
-         accumulation makes up the global batch) and say so; when not even micro-batch 1 fits
-         a reversible stack in store_boundaries mode, search again in invert mode (each layer's
-         input is rebuilt from its output instead of stored: about 12 GB less on a 120B rank,
-         and 37% slower, docs/PERFORMANCE.md) and say so
+         accumulation makes up the global batch) and say so; when not even micro-batch 1 fits,
+         search again with the next lever of `lighter` and say so: model.remat=selective, then
+         (a reversible stack in store_boundaries mode) reversible.mode=invert (each layer's input
+         rebuilt from its output instead of stored: about 12 GB less on a 120B rank, and 37%
+         slower, docs/PERFORMANCE.md), then (a plain stack) model.remat=full
   off    no plan: compile and run as configured
 Micro-batches are the divisors of global_batch / batch shards; the search compiles the step at
 the candidates a binary search visits (the plan grows with the micro-batch), keeping the
 compiled step that is used, so a configuration that fits costs no extra compile.
-`fit` returns the config it chose (a copy when it changed reversible.mode): the caller trains,
-saves and logs that one.
+`fit` returns the config it chose (a copy when it pulled a lever): the caller trains, saves and
+logs that one.
 """
 from __future__ import annotations
 
 import os
 from typing import Callable
 
-from lightning_jax import reversible
+from lightning_jax import remat, reversible
 from lightning_jax.config import ConfigError
 
 GB = 1e9
@@ -107,37 +108,48 @@ class NoFit(ConfigError):
 
 
 def lighter(cfg):
-  """The same run with less activation memory, when the config has such a choice left: the
-  reversible stack in invert mode instead of store_boundaries (a field free on resume). None
-  when there is none."""
+  """(config, what changed) for the next choice with less activation memory that the config
+  leaves, or None. In order of time cost: model.remat none -> selective (a layer's elementwise
+  work recomputed in its backward), a reversible stack's store_boundaries -> invert (each
+  layer's input rebuilt from its output: 37% slower on a 120B rank, docs/PERFORMANCE.md), a plain
+  stack's model.remat selective -> full (every layer's forward run twice). All are free on
+  resume; the config returned is a copy."""
   r = cfg.reversible
-  if not (r.enabled and r.mode == "store_boundaries"):
-    return None
-  if reversible.dyadic(float(r.a)) is None:     # invert needs a dyadic a
-    return None
+  rm = remat.mode_of(cfg.model.remat)
   alt = cfg.copy_and_resolve_references()
-  alt.reversible.mode = "invert"
-  return alt
+  if rm == "none":
+    alt.model.remat = "selective"
+    return alt, "model.remat=selective (matmul outputs and kernel residuals kept, the elementwise " \
+                "work recomputed in the backward)"
+  if r.enabled and r.mode == "store_boundaries" and reversible.dyadic(float(r.a)) is not None:
+    alt.reversible.mode = "invert"
+    return alt, "reversible.mode=invert (each layer's input rebuilt from its output instead of " \
+                "stored)"
+  if not r.enabled and rm == "selective":
+    alt.model.remat = "full"
+    return alt, "model.remat=full (each layer's forward run again in the backward)"
+  return None
 
 
 def fit(cfg, n_batch: int, compile_at: Callable[[object, int], object], capacity: float | None,
         capacity_note: str, log=print) -> tuple[int, object, dict, object]:
   """(accumulation steps, compiled step, plan, config) for the largest fitting micro-batch
-  allowed; the config is cfg, or under train.fit_memory=auto a copy in invert mode when
-  store_boundaries does not fit at micro-batch 1 (`lighter`).
+  allowed; the config is cfg, or under train.fit_memory=auto a copy with the levers of `lighter`
+  applied one by one while not even micro-batch 1 fits.
 
   compile_at(cfg, accum) -> the compiled step of cfg with that many micro-batches per global
   batch."""
-  try:
-    return _fit(cfg, n_batch, compile_at, capacity, capacity_note, log) + (cfg,)
-  except NoFit as err:
-    alt = lighter(cfg) if cfg.train.fit_memory == "auto" else None
-    if alt is None:
-      raise
-    log(f"memory plan: reversible.mode=store_boundaries does not fit at micro-batch 1 (plans "
-        f"tried: {err.plans}); trying reversible.mode=invert (each layer's input rebuilt from "
-        f"its output instead of stored)")
-    return _fit(alt, n_batch, compile_at, capacity, capacity_note, log) + (alt,)
+  cur = cfg
+  while True:
+    try:
+      return _fit(cur, n_batch, compile_at, capacity, capacity_note, log) + (cur,)
+    except NoFit as err:
+      nxt = lighter(cur) if cfg.train.fit_memory == "auto" else None
+      if nxt is None:
+        raise
+      cur, what = nxt
+      log(f"memory plan: the step does not fit at micro-batch 1 (plans tried: {err.plans}); "
+          f"trying {what}")
 
 
 def _fit(cfg, n_batch, compile_at, capacity, capacity_note, log):
@@ -172,12 +184,16 @@ def _fit(cfg, n_batch, compile_at, capacity, capacity_note, log):
       lo = mid + 1
   tried = ", ".join(f"{k}: {v / GB:.2f} GB" for k, v in sorted(plans.items(), reverse=True))
   if best is None:
-    lever = "reversible.mode=invert, " if lighter(cfg) is not None else ""
+    levers, nxt = [], lighter(cfg)
+    while nxt is not None:
+      levers.append(nxt[1].split(" (")[0])
+      nxt = lighter(nxt[0])
+    choices = ["a smaller model share per device (mesh.expert)", "a shorter train.seq_len"] + levers
     raise NoFit(
         f"the training step does not fit the device even at micro-batch 1: it needs "
         f"{plans[cands[-1]] / GB:.2f} GB per device against {usable / GB:.2f} GB usable "
-        f"({capacity_note}); expected a smaller model share per device (mesh.expert), a shorter "
-        f"train.seq_len, {lever}or model.remat=selective (or full). Plans tried: {tried}.", tried)
+        f"({capacity_note}); expected {', '.join(choices[:-1])} or {choices[-1]}. Plans tried: "
+        f"{tried}.", tried)
   if mode == "check":
     raise ConfigError(
         f"train.micro_batch={t.micro_batch} needs {plans[first] / GB:.2f} GB per device but "

@@ -277,8 +277,12 @@ def midpoint_autodiff(rcfg, layer_fns, group_vars, x, consts, remat: bool = Fals
 
 
 # ----------------------------------------------------------------------------- the custom_vjp
-def _build(rcfg, layer_fns, n_groups: int, debug: bool):
+def _build(rcfg, layer_fns, n_groups: int, debug: bool, remat: str | bool = "none"):
   """The custom_vjp function (group_vars, x, consts, probe) -> (x_out, aux, stats, choices).
+
+  remat: what each layer's rebuild keeps between its forward and its vjp (lightning_jax.remat):
+  "selective" recomputes the layer's elementwise work once more to hold one layer's matmul
+  outputs and kernel residuals instead of all its intermediates.
 
   `probe` is a float32 scalar that does not affect the output. Its cotangent is 0, except with
   debug=True in mode 'invert': then the forward also keeps every state P_n and the probe's
@@ -399,7 +403,7 @@ def _build(rcfg, layer_fns, n_groups: int, debug: bool):
         y, _, aj, _ = fn(rebuild(prm), xx, consts, ch)
         return y, aj
 
-      (y, _), vjp_fn = jax.vjp(f, params, p)
+      (y, _), vjp_fn = jax.vjp(remat_lib.wrap(f, remat), params, p)
       dparams, dx = vjp_fn((u.astype(y.dtype), g_aux))
       return y, dparams, dx
 
@@ -457,15 +461,17 @@ def _build(rcfg, layer_fns, n_groups: int, debug: bool):
 
 
 def reversible_stack(rcfg, layer_fns: Sequence[LayerFn], group_vars: Sequence[dict], x, consts,
-                     probe=None, debug: bool = False):
+                     probe=None, debug: bool = False, remat: str | bool = "none"):
   """The midpoint integrator as one custom_vjp (see the module docstring).
 
   `probe`/`debug` exist for the exactness test: with debug=True (mode 'invert') the gradient
   with respect to `probe` is the largest |rebuilt - forward| state difference over all layers.
+  remat: what each layer's rebuild keeps for its vjp (see _build).
   """
   _check_rcfg(rcfg)
   n_groups = _check_layers(layer_fns, group_vars, x, consts)
-  fn = _build(rcfg, tuple(layer_fns), n_groups, debug and rcfg.mode == "invert")
+  fn = _build(rcfg, tuple(layer_fns), n_groups, debug and rcfg.mode == "invert",
+              remat_lib.mode_of(remat))
   if probe is None:
     probe = jnp.zeros((), jnp.float32)
   return fn(tuple(group_vars), x, consts, probe)
@@ -475,8 +481,10 @@ def run_stack(rcfg, layer_fns: Sequence[LayerFn], group_vars: Sequence[dict], x,
               remat: str | bool = "none"):
   """Dispatch on the `reversible` config section (plain stack when disabled).
 
-  `remat` applies to the plain stack only: the reversible stack always recomputes.
+  `remat` (model.remat): in the plain stack, what each layer keeps from the forward for the
+  backward; in the reversible stack, which rebuilds every layer anyway, what each layer's rebuild
+  keeps for its vjp.
   """
   if not rcfg.enabled:
     return plain_stack(layer_fns, group_vars, x, consts, remat=remat)
-  return reversible_stack(rcfg, layer_fns, group_vars, x, consts)
+  return reversible_stack(rcfg, layer_fns, group_vars, x, consts, remat=remat)

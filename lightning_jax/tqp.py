@@ -42,7 +42,7 @@ import numpy as np
 import optax
 from scipy import special
 
-from lightning_jax import nn, optim
+from lightning_jax import nn, optim, remat
 from lightning_jax.config import ConfigError
 from lightning_jax.ops.expert_matmul import api as expert_matmul
 
@@ -455,12 +455,14 @@ def _qlinear(x, q, ad, bits, dtype, kernel="xla", xb=None):
   if kernel in ("pallas", "pallas_rotate"):
     xr, layout = _rotated_input(xs.astype(dtype), q, bits, kernel)
     lv = jnp.asarray(codebook(n, bits))
-    return expert_matmul.tqp_matmul_adapter(xr, q["codes"], q["norms"], lv, bits, xb,
-                                            ad["a"].astype(dtype), x_layout=layout)
+    return remat.keep(expert_matmul.tqp_matmul_adapter(xr, q["codes"], q["norms"], lv, bits,
+                                                       xb, ad["a"].astype(dtype),
+                                                       x_layout=layout))
   xr = (_rotated_input(xs.astype(dtype), q, bits, kernel)[0] if kernel == "xla_rotate"
         else rotate(xs, q["signs"]))
   base = jax.lax.stop_gradient(_qbase(xr, q, bits, dtype, "xla"))
-  return base.astype(dtype) + jnp.einsum("ecr,eor->eco", xb, ad["a"].astype(dtype))
+  # kept by name under model.remat=selective: the base matmul is the costliest to run again
+  return remat.keep(base.astype(dtype) + jnp.einsum("ecr,eor->eco", xb, ad["a"].astype(dtype)))
 
 
 def tqp_grouped_swiglu(adapters: dict, qbase: dict, xg: jax.Array, cfg) -> jax.Array:

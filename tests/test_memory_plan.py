@@ -124,3 +124,28 @@ def test_capacities_and_bad_inputs(monkeypatch):
     memory_plan.mem_fraction()
   assert memory_plan.candidates(64, 8, 0) == [8, 4, 2, 1]
   assert memory_plan.candidates(96, 8, 5) == [4, 3, 2, 1]
+
+
+def test_auto_pulls_the_remat_levers_in_order_for_a_plain_stack():
+  # per sequence: 70 GB keeping everything, 40 GB selective, 25 GB full; 79 GB usable
+  per_seq = {"none": 70.0, "selective": 40.0, "full": 25.0}
+  calls = []
+
+  def compile_at(cfg, accum):
+    micro = 64 // (8 * accum)
+    calls.append((cfg.model.remat, micro))
+    return _Compiled((20 + per_seq[cfg.model.remat] * micro) * GB)
+
+  cfg, said = _cfg(mode="auto"), []
+  accum, _, plan, used = memory_plan.fit(cfg, 8, compile_at, 80 * GB, "test card", said.append)
+  assert used.model.remat == "selective" and cfg.model.remat == "none"
+  assert 64 // (8 * accum) == 1 and plan["total"] == 60 * GB
+  assert any("trying model.remat=selective" in m for m in said)
+  per_seq["selective"] = 65.0                          # selective is not enough: full
+  accum, _, plan, used = memory_plan.fit(_cfg(mode="auto"), 8, compile_at, 80 * GB, "card",
+                                         print)
+  assert used.model.remat == "full" and 64 // (8 * accum) == 2 and plan["total"] == 70 * GB
+  # check mode changes nothing and names every lever left
+  with pytest.raises(ConfigError, match="shorter train.seq_len, model.remat=selective or "
+                                        "model.remat=full"):
+    memory_plan.fit(_cfg(), 8, compile_at, 80 * GB, "test card", print)

@@ -94,9 +94,10 @@ FIELDS: tuple[Field, ...] = (
       when="!moe.enabled"),
     F("model.ce_chunk", 1024, "tokens per cross-entropy chunk (float32 logits exist for one "
       "chunk at a time)", check="size", resume=FREE),
-    F("model.remat", "none", "plain stack: what each layer keeps for its backward: none "
-      "(all autodiff saves) | selective (matmul outputs and kernel residuals; elementwise work "
-      "recomputed) | full (the layer's input); a stored True/False reads as full/none",
+    F("model.remat", "none", "what each layer keeps for its backward (in a reversible stack: "
+      "within its rebuild): none (all autodiff saves) | selective (matmul outputs and kernel "
+      "residuals; elementwise work recomputed) | full (the layer's input); a stored True/False "
+      "reads as full/none",
       choices=("none", "selective", "full"), resume=FREE),
     F("model.compat", "spec", "'spec' (SPEC.md and the reference's CPU code) or 'reference_cuda' "
       "(what the reference's CUDA kernels compute, for its released weights; docs/reference.md)",

@@ -78,7 +78,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from lightning_jax import nn, sharding, tqp
+from lightning_jax import nn, remat, sharding, tqp
 from lightning_jax.config import ConfigError, expert_slots
 from lightning_jax.layers import ffn
 from lightning_jax.ops.dispatch.api import combine_rows, dispatch_rows
@@ -232,9 +232,11 @@ def grouped_swiglu(experts_params, experts_frozen, xg, cfg):
   del experts_frozen
   dt = nn.dtype_of(cfg.model.dtype)
   x = xg.astype(dt)
-  g = jnp.einsum("ecd,edf->ecf", x, experts_params["gate"].astype(dt))
-  u = jnp.einsum("ecd,edf->ecf", x, experts_params["up"].astype(dt))
-  return jnp.einsum("ecf,efd->ecd", jax.nn.silu(g) * u, experts_params["down"].astype(dt))
+  # the expert matmuls batch over experts, so model.remat=selective keeps them by name
+  g, u = remat.keep((jnp.einsum("ecd,edf->ecf", x, experts_params["gate"].astype(dt)),
+                     jnp.einsum("ecd,edf->ecf", x, experts_params["up"].astype(dt))))
+  return remat.keep(jnp.einsum("ecf,efd->ecd", jax.nn.silu(g) * u,
+                               experts_params["down"].astype(dt)))
 
 
 def _round_up(n: int, m: int) -> int:
@@ -322,7 +324,9 @@ def _dispatch_local(wp, wf, x, eid, gates, cfg, n_dev, axis, reduce_axes):
       n_run = jnp.clip((maxc - c0 + c1 - 1) // c1, 0, rounds).astype(jnp.int32)
       tail = _overflow_rounds(lambda wp_, wf_, x_, g_, m_, r: one_round(
           wp_, wf_, x_, g_, m_, c0 + r * c1, c1), (n, d))
-      out = out + tail(wp, wf, x, gates, maps, n_run)
+      # kept by name under model.remat=selective: its custom VJP would otherwise run the
+      # rounds' forward once more just to give this sum
+      out = out + remat.keep(tail(wp, wf, x, gates, maps, n_run))
   if reduce_axes:
     dropped = jax.lax.psum(dropped, reduce_axes)
   return out, dropped

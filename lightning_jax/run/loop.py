@@ -156,7 +156,8 @@ def train(cfg, workdir, *, fallback_to_previous: bool = False, stop_after: int =
                        _compile_key(ckpt_lib.config_to_json(c), mesh, acc, model), build)
   capacity, cap_note = memory_plan.device_capacity(distributed.local_devices(mesh.devices.flat),
                                                    cfg.train.device_memory_gb)
-  # (under train.fit_memory=auto the plan may choose reversible.mode=invert: cfg is its choice)
+  # (under train.fit_memory=auto the plan may choose model.remat or reversible.mode: cfg is its
+  # choice)
   accum, step_jit, _, cfg = memory_plan.fit(cfg, n_batch, compile_step, capacity, cap_note, log)
 
   # ---- data

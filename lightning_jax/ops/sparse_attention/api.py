@@ -52,16 +52,21 @@ def flash_attention(q, k, v, selection):
 
   def local(q, k, v, selection):
     mask = selection_to_mask(selection, k.shape[1])[:, None]
-    impl = "cudnn" if (jax.default_backend() == "gpu"
-                       and q.dtype in (jnp.bfloat16, jnp.float16)) else "xla"
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True,
-                                        implementation=impl).astype(q.dtype)
+                                        implementation=flash_implementation(q.dtype)
+                                        ).astype(q.dtype)
 
   # per device (batch over the batch axes, heads over "heads"), like the Pallas kernels: XLA
   # does not partition the cuDNN call's mask with q, and a global [B, 1, T, T] mask against a
   # per-device q made cuDNN refuse the graph (CUDNN_STATUS_BAD_PARAM, batch dims) on 4 H200s
   # with the batch split.
   return sharded(local, q, k, v, selection)
+
+
+def flash_implementation(dtype) -> str:
+  """jax.nn.dot_product_attention's implementation for "flash": cuDNN on GPU in bf16/f16."""
+  return "cudnn" if jax.default_backend() == "gpu" and dtype in (jnp.bfloat16,
+                                                                 jnp.float16) else "xla"
 
 
 def attend(q, k, v, selection, query_chunk: int, mode: str = "gather",
