@@ -143,6 +143,9 @@ FIELDS: tuple[Field, ...] = (
     F("model.hc.sinkhorn_iters", 20, "Sinkhorn rounds for the doubly stochastic mix",
       check="size"),
     F("model.hc.sinkhorn_eps", 1e-6, "Sinkhorn epsilon", check="positive"),
+    F("model.hc.sinkhorn_impl", "rolled", "Sinkhorn implementation: rolled (a lax.fori_loop) "
+      "| kernel (one Pallas launch forward, one backward; not yet run on a GPU) | auto (the "
+      "kernel on GPU, else rolled)", choices=("rolled", "kernel", "auto"), resume=FREE),
 
     F("model.embed.max_bytes", 32, "codec byte positions (vector width 256 x max_bytes)",
       check="size"),

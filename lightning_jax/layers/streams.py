@@ -59,7 +59,7 @@ def coefficients(p: dict, x, cfg):
   h_pre = jax.nn.sigmoid(p["a_pre"] * pre + p["b_pre"])
   h_post = 2.0 * jax.nn.sigmoid(p["a_post"] * post + p["b_post"])
   h_res = sinkhorn(p["a_res"] * res + p["b_res"], cfg.model.hc.sinkhorn_iters,
-                   cfg.model.hc.sinkhorn_eps)
+                   cfg.model.hc.sinkhorn_eps, impl=cfg.model.hc.sinkhorn_impl)
   return remat.keep((h_pre, h_post, h_res))     # small; Sinkhorn is not run again (model.remat)
 
 

@@ -415,11 +415,41 @@ _HEAD_CE = Op(
                              ("b2_t37_bf16",)),
     })
 
+
+def _sinkhorn_logits(*shape):
+  return lambda r: ((0.5 * r.standard_normal(shape)).astype(F32),)
+
+
+def _sinkhorn_case(*shape, iters=20, eps=1e-6):
+  return Case(_sinkhorn_logits(*shape), (0,), static={"iters": iters, "eps": eps})
+
+
 _SINKHORN = Op(
     reference=sinkhorn_reference.sinkhorn,
-    cases={"256x4x4": Case(lambda r: ((0.5 * r.standard_normal((256, 4, 4))).astype(F32),), (0,),
-                           static=dict(iters=20, eps=1e-6))},
-    impls={"rolled": Impl(sinkhorn_api.sinkhorn, ("256x4x4",))})
+    cases={"256x4x4": _sinkhorn_case(256, 4, 4),
+           # ragged: 300 tokens = 2 x 128 + a padded block; batch dims, 74 tokens in one block
+           "300x4x4": _sinkhorn_case(300, 4, 4),
+           "2x37x4x4": _sinkhorn_case(2, 37, 4, 4),
+           # few rounds, a large eps (the backward's eps terms matter), n = 3 and n = 8. (The
+           # reference differentiates through the row max, the op does not: a difference of
+           # order eps / row sum, 6e-4 at 1 round and eps 1e-3; tests/test_sinkhorn.py compares
+           # the kernel with the rolled loop there.)
+           "2x37x4x4_iters3_eps1e-3": _sinkhorn_case(2, 37, 4, 4, iters=3, eps=1e-3),
+           "50x3x3_iters1": _sinkhorn_case(50, 3, 3, iters=1),
+           "20x8x8_iters4": _sinkhorn_case(20, 8, 8, iters=4)},
+    impls={
+        "rolled": Impl(lambda x, iters, eps: sinkhorn_api.sinkhorn(x, iters, eps, "rolled"),
+                       ("256x4x4",)),
+        "kernel": Impl(sinkhorn_api.kernel.sinkhorn,
+                       ("256x4x4", "300x4x4", "2x37x4x4", "2x37x4x4_iters3_eps1e-3",
+                        "50x3x3_iters1", "20x8x8_iters4")),
+        # 64 tokens a program: 5 programs, the last padded
+        "kernel_block64": Impl(lambda x, iters, eps: sinkhorn_api.kernel.sinkhorn(
+            x, iters, eps, block=64, num_warps=2), ("300x4x4",)),
+        # through the api (off GPU forced into the interpreter)
+        "api_kernel": Impl(lambda x, iters, eps: sinkhorn_api.sinkhorn(
+            x, iters, eps, "kernel", interpret=None if on_gpu() else True), ("2x37x4x4",)),
+    })
 
 
 REGISTRY = {
@@ -558,6 +588,12 @@ def _rotate_lowering(split):
   return build
 
 
+def _sinkhorn_lowering():
+  """Forward and backward at the model's shape, [B, T, 4, 4] (8,192 tokens), 20 rounds."""
+  rule = lambda x: sinkhorn_api.kernel.sinkhorn(x, 20, 1e-6, gpu_lowering=True)
+  return _fwd_bwd(rule, 1), (_S((2, 4096, 4, 4), jnp.float32),)
+
+
 _TRITON = "__gpu$xla.gpu.triton"
 LOWERINGS = {
     "delta_rule": Lowering(_delta_lowering, ("gdr_prep_fwd", "gdr_chunk_fwd",
@@ -579,6 +615,7 @@ LOWERINGS = {
     "expert_matmul.bits8_adapter": Lowering(_adapter_lowering(8), ("tqp8_expert_matmul",)),
     "expert_matmul.rotate_split": Lowering(_rotate_lowering(True), ("tqp_rotate",)),
     "expert_matmul.rotate": Lowering(_rotate_lowering(False), ("tqp_rotate",)),
+    "sinkhorn": Lowering(_sinkhorn_lowering, (_TRITON, "sinkhorn_fwd", "sinkhorn_bwd")),
 }
 
 
