@@ -15,10 +15,10 @@ and, for a plain (non-reversible) stack, the whole loss's residuals per micro-ba
 In a reversible stack the layers' residuals live one layer at a time (inside its rebuild), so the
 per-layer figure is the one that adds to the peak.
 
-Off GPU the GPU code paths are traced (`gpu_paths`): the delta rule's Pallas kernels, cuDNN
-flash attention for GSA and the TQP Pallas rotation, as `model.*=auto` picks them on a GPU. The
-residual bytes of a plain stack predicted the measured activation memory of stage_2b on one H200
-(26.85 GB traced at B1 against 27.2 GB measured between B1 and B2; docs/PERFORMANCE.md).
+Off GPU the GPU code paths are traced (`gpu_paths`): the delta rule's and Sinkhorn's Pallas
+kernels, cuDNN flash attention for GSA and the TQP Pallas rotation, as "auto" picks them on a
+GPU. The residual bytes of a plain stack matched the measured activation memory of stage_2b on
+one H200 (26.85 GB traced at B1 against 27.2 GB measured between B1 and B2; PERFORMANCE.md).
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ import datetime
 import functools
 import json
 import re
+import sys
 from unittest import mock
 
 import jax
@@ -56,8 +57,10 @@ def gpu_paths():
 
   from lightning_jax.ops.delta_rule import api as delta_api
   from lightning_jax.ops.expert_matmul import api as expert_api
+  from lightning_jax.ops.sinkhorn import api as sinkhorn_api
   from lightning_jax.ops.sparse_attention import api as attention_api
   with mock.patch.object(delta_api, "falls_back", lambda *a: False), \
+      mock.patch.object(sinkhorn_api, "falls_back", lambda *a: False), \
       mock.patch.object(expert_api, "on_gpu", lambda: True), \
       mock.patch.object(attention_api, "flash_implementation", lambda dtype: "cudnn"), \
       mock.patch.object(cudnn_attention, "check_cudnn_version", lambda *a: 91000), \
@@ -72,6 +75,8 @@ def gpu_choices(cfg) -> None:
     m.deltanet.impl = "kernel"
   if m.gsa.attention == "auto":
     m.gsa.attention = "flash"
+  if m.hc.sinkhorn_impl == "auto":
+    m.hc.sinkhorn_impl = "kernel"
 
 
 def _source(src: str) -> str:
@@ -177,7 +182,9 @@ def main(argv=None):
   gpu_choices(cfg)
   seq = a.seq or int(cfg.train.seq_len)
   modes = [remat.mode_of(m) for m in a.modes.split(",")]
-  report = {"config": a.config, "sets": a.set, "batch": a.batch, "seq": seq,
+  report = {"command": "python -m benchmarks.residuals " + " ".join(
+                sys.argv[1:] if argv is None else argv),
+            "config": a.config, "sets": a.set, "batch": a.batch, "seq": seq,
             "date": datetime.date.today().isoformat(),
             "commit": a.commit or metrics.git_commit(), "traced_as": "gpu",
             "reversible": bool(cfg.reversible.enabled), "layers": {}, "step": {}}

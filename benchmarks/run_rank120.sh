@@ -47,9 +47,9 @@ for case in "${@:-full}"; do
       timeout "${T_L4:-240}" python3 -m benchmarks.rank120 "${common[@]}" --ranks 1 --layers 4 \
         --steps 2 --no_profile --set reversible.mode="${MODE:-invert}" ${EXTRA:-} \
         --json "$OUT/rank120_l4e460.json" 2>&1 | tail -20 ;;
-    step2b)
+    step2b)   # NAME=step2b_remat_none EXTRA="--set model.remat=none": the baseline beside it
       timeout "${T_STEP2B:-420}" python3 -m benchmarks.step2b --commit "$COMMIT" ${EXTRA:-} \
-        --json "$OUT/step2b.json" 2>&1 | tail -60 ;;
+        --json "$OUT/${NAME:-step2b}.json" 2>&1 | tail -60 ;;
     decode)
       timeout "${T_DECODE:-300}" python3 -m benchmarks.decode_bench --params_dtype bfloat16 --commit "$COMMIT" \
         ${EXTRA:-} --out "$OUT/decode_bench_2b.json" 2>&1 | tail -40 ;;

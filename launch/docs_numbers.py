@@ -221,6 +221,26 @@ def house_table() -> str:
   return "\n" + "\n".join(rows) + "\n"
 
 
+def residuals_table(name: str) -> str:
+  """Per layer kind and model.remat mode: traced residual bytes, live matmul FLOPs and kernel
+  launches of one layer's forward + backward (benchmarks/residuals.py), and the whole step's."""
+  r = _result(name)
+  rows = ["| layer | remat | residuals | per token | live matmul (fwd + bwd) | Pallas calls | "
+          "cuDNN attention calls |", "|---|---|---|---|---|---|---|"]
+  for kind, modes in r["layers"].items():
+    base = modes.get("none", {}).get("dot_gflop")
+    for mode, x in modes.items():
+      more = f" ({x['dot_gflop'] / base - 1:+.2%})" if base and mode != "none" else ""
+      rows.append(f"| {kind} | {mode} | {x['residual_gb']:.3f} GB | "
+                  f"{x['residual_kb_per_token']:,.1f} KB | {x['dot_gflop']:,.1f} GFLOP{more} | "
+                  f"{x['pallas_calls']} | {x['attention_calls']} |")
+  if r.get("step"):
+    rows.append("\nWhole step (B{}, T{:,}): ".format(r["batch"], r["seq"]) + ", ".join(
+        f"{mode} {x['residual_gb']:.2f} GB" for mode, x in r["step"].items()) + ".")
+  rows.append(f"\n`{r['command']}` (commit {r['commit']}).")
+  return "\n" + "\n".join(rows) + "\n"
+
+
 def _tiny() -> dict:
   return _result("tiny_main_job.json")
 
@@ -282,7 +302,8 @@ BLOCKS = {"count": count, "gflop": gflop, "node_tokens_s": node_tokens_s,
           "step2b_table": step2b_table, "step2b_profile": step2b_profile,
           "decode_table": decode_table, "house_table": house_table,
           "tiny_heldout_falls": tiny_heldout_falls, "tiny_unseen": tiny_unseen,
-          "tiny_pools_read": tiny_pools_read, "tiny_steps": tiny_steps}
+          "tiny_pools_read": tiny_pools_read, "tiny_steps": tiny_steps,
+          "residuals_table": residuals_table}
 
 
 def render(name: str) -> str:
