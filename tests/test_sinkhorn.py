@@ -29,7 +29,7 @@ def _value_and_grad(fn, x, ct):
   return jax.jit(jax.value_and_grad(lambda x: jnp.sum(fn(x) * ct)))(x), jax.jit(fn)(x)
 
 
-@pytest.mark.parametrize("iters,eps", [(1, 1e-6), (1, 1e-3), (3, 1e-6), (3, 1e-3)])
+@pytest.mark.parametrize("iters,eps", [(1, 1e-3), (3, 1e-6)])   # (3, 1e-3): the registry
 def test_kernel_equals_rolled_loop_few_rounds(iters, eps):
   """Values and gradients equal the rolled loop's for 1 and 3 rounds, eps 1e-6 and 1e-3 (where
   the eps terms of the hand-written backward matter), on a ragged token count; n = 4 and 2."""
