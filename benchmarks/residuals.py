@@ -35,14 +35,19 @@ from unittest import mock
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax._src.ad_checkpoint import (
-  saved_residuals,  # print_saved_residuals' list (no public twin)
-)
+
+# print_saved_residuals' list (no public twin); cuDNN attention's version checks (gpu_paths)
+from jax._src.ad_checkpoint import saved_residuals
+from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention
 from jax.extend import core as jax_core
 
 from benchmarks.step import apply_overrides
 from lightning_jax import metrics, model, nn, remat
 from lightning_jax.config import load_config
+from lightning_jax.ops.delta_rule import api as delta_api
+from lightning_jax.ops.expert_matmul import api as expert_api
+from lightning_jax.ops.sinkhorn import api as sinkhorn_api
+from lightning_jax.ops.sparse_attention import api as attention_api
 
 GB = 1e9
 
@@ -53,16 +58,11 @@ def gpu_paths():
   if jax.default_backend() == "gpu":
     yield
     return
-  from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention
-
-  from lightning_jax.ops.delta_rule import api as delta_api
-  from lightning_jax.ops.expert_matmul import api as expert_api
-  from lightning_jax.ops.sinkhorn import api as sinkhorn_api
-  from lightning_jax.ops.sparse_attention import api as attention_api
   with mock.patch.object(delta_api, "falls_back", lambda *a: False), \
       mock.patch.object(sinkhorn_api, "falls_back", lambda *a: False), \
       mock.patch.object(expert_api, "on_gpu", lambda: True), \
-      mock.patch.object(attention_api, "flash_implementation", lambda dtype: "cudnn"), \
+      mock.patch.object(attention_api, "flash_implementation", lambda dtype: "cudnn" if dtype in (
+          jnp.bfloat16, jnp.float16) else "xla"), \
       mock.patch.object(cudnn_attention, "check_cudnn_version", lambda *a: 91000), \
       mock.patch.object(cudnn_attention, "check_compute_capability", lambda *a: True):
     yield

@@ -1,4 +1,6 @@
 """model.remat (lightning_jax.remat): the modes change what a layer keeps, never the gradients."""
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -118,3 +120,15 @@ def test_remat_config_values():
     stored.model.remat = old
     assert "model.remat" in complete(stored) and stored.model.remat == new
     validate(stored)
+
+
+def test_residuals_benchmark_records_every_layer_kind_and_the_step(tmp_path):
+  out = tmp_path / "r.json"
+  rep = benchmarks_residuals.main(["--config", "configs/tiny.py", "--seq", "128", "--modes",
+                                   "none,selective", "--json", str(out)])
+  assert json.loads(out.read_text())["command"].endswith(str(out))
+  assert set(rep["layers"]) == {"D", "G"} and set(rep["step"]) == {"none", "selective"}
+  for kind in ("D", "G"):
+    none, sel = rep["layers"][kind]["none"], rep["layers"][kind]["selective"]
+    assert 0 < sel["residual_gb"] < none["residual_gb"] and none["dot_gflop"] > 0
+  assert rep["step"]["selective"]["residual_gb"] < rep["step"]["none"]["residual_gb"]
