@@ -28,7 +28,7 @@ def _words(n):
   return [bytes([32 + i]) for i in range(n - 1)] + [b"<|endoftext|>"]
 
 
-def test_modes_give_the_same_float32_gradients():
+def test_selective_gives_the_same_float32_gradients():
   seed = np.random.randint(1 << 30)
   cfg = _cfg()                     # float32, with the MTP block (wrapped outside the scan)
   v = model.init_variables(cfg, jax.random.PRNGKey(seed), _words(VOCAB))
@@ -39,10 +39,10 @@ def test_modes_give_the_same_float32_gradients():
     c.model.remat = mode
     return jax.grad(lambda p: model.loss_fn(p, v["frozen"], v["stats"], {"ids": ids}, c)[0])
 
-  # one compile for the three modes
-  g_none, g_sel, g_full = jax.jit(lambda p: tuple(grads(m)(p) for m in remat.MODES))(v["params"])
-  for other, name in ((g_sel, "selective"), (g_full, "full")):
-    _assert_close(g_none, other, f"seed {seed}: {name}")
+  # one compile for both modes ("full" is jax.checkpoint saving nothing: its values are jax's
+  # own remat; its behaviour is checked by the trace below)
+  g_none, g_sel = jax.jit(lambda p: (grads("none")(p), grads("selective")(p)))(v["params"])
+  _assert_close(g_none, g_sel, f"seed {seed}: selective")
 
 
 def test_selective_inside_the_reversible_rebuild_gives_the_same_gradients():
