@@ -403,7 +403,8 @@ def _build(rcfg, layer_fns, n_groups: int, debug: bool, remat: str | bool = "non
         y, _, aj, _ = fn(rebuild(prm), xx, consts, ch)
         return y, aj
 
-      (y, _), vjp_fn = jax.vjp(remat_lib.wrap(f, remat), params, p)
+      # prevent_cse: the recomputation sits in the same scan body as this forward
+      (y, _), vjp_fn = jax.vjp(remat_lib.wrap(f, remat, in_scan=False), params, p)
       dparams, dx = vjp_fn((u.astype(y.dtype), g_aux))
       return y, dparams, dx
 
