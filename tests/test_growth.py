@@ -100,7 +100,11 @@ def test_dense_to_moe(cfgs, dense_src, strategy):
         if strategy == "drop":   # re-drawn channels are not copies of any dense channel
           assert not np.isin(eg[g, e][0, ~keep], dg[g][0]).any()
     w = fo[f"{p}/router/w"]
-    assert abs(w.std() - 0.02) < 0.004 and abs(w.mean()) < 0.004, (SEED, w.std())
+    # N(0, 0.02) within 5 sigma of the sample size (the MTP router has only d x 4 entries: a
+    # fixed 0.004 was 2.3 sigma for its mean and failed about one seed in 40)
+    tol = 5 * 0.02 / np.sqrt(w.size)
+    assert abs(w.std() - 0.02) < tol / np.sqrt(2) and abs(w.mean()) < tol, (SEED, w.shape,
+                                                                              w.std(), w.mean())
     assert not fo[f"{p}/router/logit_bias"].any() and not fo[f"{p}/router/null_logit"].any()
   # everything but the FFNs copies
   for k, v in fo.items():
