@@ -137,7 +137,7 @@ def layer_report(cfg, kind: str, batch: int, seq: int, mode: str) -> dict:
                            nn.dtype_of(cfg.model.dtype))
   consts = model.make_consts(cfg, seq)
   layer = remat.wrap(functools.partial(model.layer_apply, cfg=cfg, kind=kind), mode,
-                     in_scan=False)
+                     prevent_cse=True)
 
   def loss(gv, x):
     y, _, aux, _ = layer(gv, x, consts, None)

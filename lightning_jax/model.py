@@ -334,7 +334,8 @@ def forward(params, frozen, stats, ids, cfg, with_mtp: bool | None = None, moe_c
     xs = streams.expand(z, m.hc.n_streams)
     fz = (frozen or {}).get("mtp", {}).get("layer", {})
     sz = (stats or {}).get("mtp", {}).get("layer", {})
-    mtp_fn = remat_lib.wrap(functools.partial(mtp_layer, cfg=cfg), m.remat, in_scan=False)
+    mtp_fn = remat_lib.wrap(functools.partial(mtp_layer, cfg=cfg), m.remat,
+                            prevent_cse=True)
     xs, _, a, s = mtp_fn({"params": mp["layer"], "frozen": fz, "stats": sz}, xs, consts)
     out["h_mtp"] = streams.readout(xs, params["final_norm"]["scale"], m.norm_eps)
     out["aux_mtp"] = a

@@ -1,14 +1,17 @@
-"""What a layer of the plain stack keeps for its backward pass (`model.remat`).
+"""What a layer keeps for its backward pass (`model.remat`): in the plain stack between the forward
+and the backward; in the reversible stack, within each layer's rebuild.
 
   "none"       everything autodiff saves: every intermediate of the layer that a backward rule
                reads (at stage_2b's width, 3.3 GB per DeltaNet layer of 4,096 tokens).
   "selective"  the outputs of the matmuls without batch dimensions (the projections, the FFN, the
                stream coefficients' projection) and the values named KEEP: the delta rule
-               kernel's residuals and output, the mHC coefficients (Sinkhorn's result) and GSA's
-               selection. The elementwise work between them (norms, the short convolution, SiLU,
-               L2 normalisation, rotary, the stream mixing, casts) is recomputed in the backward.
-               No matmul and no Pallas kernel runs twice; cuDNN's flash attention forward does,
-               since its softmax statistics cannot be named from outside.
+               kernel's residuals and output, the mHC coefficients (Sinkhorn's result), GSA's
+               selection, the routed experts' matmuls (they batch over experts), the TQP base +
+               adapter outputs and the MoE overflow rounds' sum. The elementwise work between
+               them (norms, the short convolution, SiLU, L2 normalisation, rotary, the stream
+               mixing, the dispatch gathers, casts) is recomputed in the backward. No matmul and
+               no Pallas kernel runs twice; cuDNN's flash attention forward does, since its
+               softmax statistics cannot be named from outside.
   "full"       the layer's input only: the whole layer is recomputed in the backward.
 
 The choice changes memory and time, never values: the recomputed operations are the same ones,
@@ -53,11 +56,13 @@ def policy(mode: str):
       jax.checkpoint_policies.save_only_these_names(KEEP))
 
 
-def wrap(fn, mode, in_scan: bool = True):
-  """fn under jax.checkpoint with the mode's policy (fn itself for "none"). In a lax.scan body
-  (in_scan) common-subexpression elimination cannot merge the recomputation with the forward,
-  so it need not be prevented."""
+def wrap(fn, mode, prevent_cse: bool = False):
+  """fn under jax.checkpoint with the mode's policy (fn itself for "none").
+
+  prevent_cse: keep XLA from merging the recomputation with the forward (which would keep
+  everything alive again). Not needed in the plain stack, whose forward and backward are separate
+  scans; needed where both sit in one computation (the MTP layer, a reversible layer's rebuild)."""
   pol = policy(mode)
   if pol is None:
     return fn
-  return jax.checkpoint(fn, policy=pol, prevent_cse=not in_scan)
+  return jax.checkpoint(fn, policy=pol, prevent_cse=prevent_cse)

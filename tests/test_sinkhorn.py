@@ -138,6 +138,6 @@ def test_one_launch_forward_one_backward(mode, launches):
   again there (its output is needed inside the rematerialised function)."""
   x = jnp.zeros((2, 8, 4, 4))
   body = remat.wrap(lambda x: jnp.sum(jnp.sin(remat.keep(kernel.sinkhorn(x, 20, 1e-6)))), mode,
-                    in_scan=False)
+                    prevent_cse=True)
   jaxpr = jax.make_jaxpr(jax.value_and_grad(body))(x).jaxpr
   assert _live_pallas_calls(jaxpr) == launches, jaxpr
