@@ -13,7 +13,7 @@ B4 x T4096 x 32 heads x 128 (bf16), forward and forward + backward, on the path 
 
 The record: device, date, commit; rows [{batch (sequences per device), seq, n_devices, step_ms,
 tokens_per_s, peak_gib, mfu, command}] (an out-of-memory batch has `error` and `asks_gib` instead); delta_rule {shape,
-fwd_ms, fwdbwd_ms, command}; profile (the first batch's top 25 ops).
+fwd_ms, fwdbwd_ms, command, profile_fwd, profile_fwdbwd (top 12 kernels of each)}; profile (the first batch's top 25 ops).
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ import tempfile
 
 import jax
 
+from benchmarks import profile_table
 from benchmarks.kernels_bench import bench, delta_inputs
 from lightning_jax import metrics
 from lightning_jax.config import load_config
@@ -85,8 +86,13 @@ def delta_rule(b: int, t: int, h: int, d: int, iters: int) -> dict:
     return o, vjp(ct)
   fwd_ms = bench(rule, args, iters)[0]
   fwdbwd_ms = bench(fwd_bwd, args, iters)[0]
+  # where the time goes, kernel by kernel (already compiled above, so the trace holds no compile)
+  fwd_j, fwd_bwd_j = jax.jit(rule), jax.jit(fwd_bwd)
+  jax.block_until_ready((fwd_j(*args), fwd_bwd_j(*args)))
+  prof = {f"profile_{name}": profile_table.profile_ops(lambda f=f: f(*args), top=12)[0]
+          for name, f in (("fwd", fwd_j), ("fwdbwd", fwd_bwd_j))}
   return {"shape": f"B{b}xT{t}x{h}x{d}", "impl": deltanet.resolve_impl(cfg),
-          "fwd_ms": fwd_ms, "fwdbwd_ms": fwdbwd_ms, "iters": iters}
+          "fwd_ms": fwd_ms, "fwdbwd_ms": fwdbwd_ms, "iters": iters, **prof}
 
 
 def main(argv=None) -> dict:
@@ -142,6 +148,9 @@ def main(argv=None) -> dict:
   dr = rec["delta_rule"]
   print(f"delta rule {dr['shape']} ({dr['impl']}): forward {dr['fwd_ms']:.2f} ms, forward + "
         f"backward {dr['fwdbwd_ms']:.2f} ms")
+  for name in ("fwd", "fwdbwd"):
+    for row in dr[f"profile_{name}"]:
+      print(f"  {name:6s} {row['name'][:60]:60s} {row['calls']:5.0f} {row['ms']:8.3f} ms")
   if a.json:
     os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
     with open(a.json, "w") as f:

@@ -26,6 +26,8 @@ def test_step2b_tiny_writes_the_record(tmp_path):
   dr = rec["delta_rule"]
   assert dr["shape"] == "B1xT64x2x16" and dr["impl"] == "chunked"
   assert 0 < dr["fwd_ms"] and 0 < dr["fwdbwd_ms"] and dr["command"].startswith("python -m")
+  for name in ("profile_fwd", "profile_fwdbwd"):     # the delta rule's own per-kernel table
+    assert 0 < len(dr[name]) <= 12 and all(r["ms"] > 0 for r in dr[name]), name
 
 
 def test_a_failing_batch_is_a_row_and_oom_sizes_are_read(tmp_path):
