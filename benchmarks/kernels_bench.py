@@ -206,8 +206,9 @@ def prep(small, iters):
     return tuple(x.astype(jnp.bfloat16) for x in (w, uv, p, qg, kd)) + (
         jnp.broadcast_to(ge[..., None], ge.shape + (c,)),)
   variants = [("XLA f32", None)] + [
-      (f"pallas, bwd warps {nw}", _plan(h, delta_rule_op.DeltaRuleOptions(
-          **base, num_warps_prep_bwd=nw))) for nw in (4, 8)]
+      (f"pallas, warps fwd {nf} bwd {nb}", _plan(h, delta_rule_op.DeltaRuleOptions(
+          **base, num_warps_prep=nf, num_warps_prep_bwd=nb)))
+      for nf, nb in ((8, 8), (4, 4), (2, 4), (4, 8))]
   ref = {}
   for label, plan in variants:
     def run(label=label, plan=plan):
