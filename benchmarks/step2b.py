@@ -108,6 +108,8 @@ def main(argv=None) -> dict:
                   "timing (bf16).")
   ap.add_argument("--iters", type=int, default=20, help="Timed calls of the delta rule "
                   "(median reported).")
+  ap.add_argument("--no_delta", action="store_true", help="Skip the delta rule's own timing "
+                  "(a step-only run beside a full record).")
   ap.add_argument("--set", action="append", default=[], help="section.field=value override "
                   "passed to every step run (repeatable).")
   ap.add_argument("--tiny", action="store_true", help="configs/tiny.py at T=64, batch 1, one "
@@ -135,9 +137,10 @@ def main(argv=None) -> dict:
                    for i, bb in enumerate(batches)]
   rec["profile"] = rec["rows"][0].pop("profile", [])
   rec["profile_info"] = rec["rows"][0].pop("profile_info", {})
-  rec["delta_rule"] = {**delta_rule(b, t, h, d, a.iters),
-                       "command": "python -m benchmarks.step2b --delta_shape "
-                                  f"{a.delta_shape} --iters {a.iters}"}
+  if not a.no_delta:
+    rec["delta_rule"] = {**delta_rule(b, t, h, d, a.iters),
+                         "command": "python -m benchmarks.step2b --delta_shape "
+                                    f"{a.delta_shape} --iters {a.iters}"}
   for r in rec["rows"]:
     if "error" in r:
       print(f"B{r['batch']} x T{r['seq']}: {r['error']}"
@@ -145,12 +148,13 @@ def main(argv=None) -> dict:
     else:
       print(f"B{r['batch']} x T{r['seq']}: {r['step_ms']:.1f} ms, {r['tokens_per_s']:,.0f} "
             f"tokens/s, peak {r['peak_gib']:.2f} GiB, MFU {r['mfu'] * 100:.1f}%")
-  dr = rec["delta_rule"]
-  print(f"delta rule {dr['shape']} ({dr['impl']}): forward {dr['fwd_ms']:.2f} ms, forward + "
-        f"backward {dr['fwdbwd_ms']:.2f} ms")
-  for name in ("fwd", "fwdbwd"):
-    for row in dr[f"profile_{name}"]:
-      print(f"  {name:6s} {row['name'][:60]:60s} {row['calls']:5.0f} {row['ms']:8.3f} ms")
+  dr = rec.get("delta_rule")
+  if dr:
+    print(f"delta rule {dr['shape']} ({dr['impl']}): forward {dr['fwd_ms']:.2f} ms, forward + "
+          f"backward {dr['fwdbwd_ms']:.2f} ms")
+    for name in ("fwd", "fwdbwd"):
+      for row in dr[f"profile_{name}"]:
+        print(f"  {name:6s} {row['name'][:60]:60s} {row['calls']:5.0f} {row['ms']:8.3f} ms")
   if a.json:
     os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
     with open(a.json, "w") as f:
