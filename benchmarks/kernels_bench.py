@@ -123,6 +123,7 @@ DELTA_SETTINGS = [   # (label, DeltaRuleOptions fields, run at both shapes)
     ("prep=xla", dict(prep="xla"), True),
     ("state bf16", dict(state_dtype="bfloat16"), True),
     ("num_stages 1", dict(num_stages=1), True),
+    ("prep_fwd split", dict(prep_fwd="split"), True),
     ("dS BV 64 warps 8", dict(block_v_bwd=64, num_warps_bwd=8), False),
 ]
 
@@ -206,9 +207,9 @@ def prep(small, iters):
     return tuple(x.astype(jnp.bfloat16) for x in (w, uv, p, qg, kd)) + (
         jnp.broadcast_to(ge[..., None], ge.shape + (c,)),)
   variants = [("XLA f32", None)] + [
-      (f"pallas, warps fwd {nf} bwd {nb}", _plan(h, delta_rule_op.DeltaRuleOptions(
-          **base, num_warps_prep=nf, num_warps_prep_bwd=nb)))
-      for nf, nb in ((8, 8), (4, 4), (2, 4), (4, 8))]
+      (f"pallas {pf}, warps fwd {nf} bwd {nb}", _plan(h, delta_rule_op.DeltaRuleOptions(
+          **base, prep_fwd=pf, num_warps_prep=nf, num_warps_prep_bwd=nb)))
+      for pf, nf, nb in (("fused", 8, 8), ("split", 8, 8), ("split", 4, 8), ("fused", 4, 4))]
   ref = {}
   for label, plan in variants:
     def run(label=label, plan=plan):

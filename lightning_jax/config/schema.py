@@ -114,6 +114,9 @@ FIELDS: tuple[Field, ...] = (
       resume=FREE),
     F("model.deltanet.kernel.prep", "pallas", "kernel chunk prep: xla | pallas",
       choices=("xla", "pallas"), resume=FREE),
+    F("model.deltanet.kernel.prep_fwd", "fused", "kernel chunk prep's forward: fused (one "
+      "kernel) | split (three: A, the inverse, W / Uv)", choices=("fused", "split"),
+      resume=FREE),
     F("model.deltanet.kernel.bwd", "split_pallas", "kernel recurrence backward",
       resume=FREE),
     F("model.deltanet.kernel.block_v_bwd", 32, "kernel backward value-block width", check="size",

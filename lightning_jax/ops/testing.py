@@ -194,6 +194,11 @@ _DELTA = Op(
                                                   block_k_grads=8)), ("b1_t100_dv16",)),
         "kernel_c64": Impl(_rule(DeltaRuleOptions(chunk=64, block_v=8, block_v_bwd=8,
                                                   block_k_grads=8)), ("b2_t100_dv32",)),
+        # the prep's forward as three kernels (A, the inverse, W / Uv through memory)
+        "kernel_c32_split_prep": Impl(_rule(DeltaRuleOptions(chunk=32, prep_fwd="split",
+                                                             block_v=8, block_v_bwd=8,
+                                                             block_k_grads=8)),
+                                      ("b1_t100_dv16",)),
         # bf16 saved states (the forward and dS kernels write them)
         "kernel_bf16_states": Impl(_rule(DeltaRuleOptions(chunk=32, block_v=4, block_v_bwd=4,
                                                           block_k_grads=8,
@@ -208,8 +213,9 @@ def _xla_prep(q, k, v, la, b, chunk=64):
   return w, uv, p, qg, kd, jnp.broadcast_to(ge[..., None], ge.shape + (chunk,))
 
 
-def _pallas_prep(q, k, v, la, b, chunk=64):
-  opts = DeltaRuleOptions(chunk=chunk, num_warps_prep=4, num_stages=1, block_k_grads=8)
+def _pallas_prep(q, k, v, la, b, chunk=64, prep_fwd="fused"):
+  opts = DeltaRuleOptions(chunk=chunk, num_warps_prep=4, num_stages=1, block_k_grads=8,
+                          prep_fwd=prep_fwd)
   f32 = jnp.dtype(jnp.float32)
   plan = delta_kernel._Plan(opts, chunk, q.shape[2], f32, f32, f32, not on_gpu())
   return delta_kernel._prep_pallas(q, k, v, la, b, plan)
@@ -220,7 +226,8 @@ _DELTA_PREP = Op(
     # chunk 64: four sub-blocks, the whole block-inverse recursion; Dv = 32 != Dk
     cases={"t128_dv32": Case(lambda r: delta_inputs(r, 1, 128, 1, 16, 32)[:5], (0, 1, 2, 3, 4),
                              1e-5, 1e-5)},
-    impls={"pallas": Impl(_pallas_prep, ("t128_dv32",))})
+    impls={"pallas": Impl(_pallas_prep, ("t128_dv32",)),
+           "pallas_split": Impl(lambda *a: _pallas_prep(*a, prep_fwd="split"), ("t128_dv32",))})
 
 
 def _strict(shape):
@@ -528,15 +535,17 @@ def _fwd_bwd(rule, n):
   return f
 
 
-def _delta_lowering():
+def _delta_lowering(**options):
   """Every kernel of the default path (prep, recurrence, their backwards), bf16 inputs,
   chunk 64, bf16 saved states."""
-  q, k, v, la, b, _ = delta_inputs(np.random.default_rng(0), 1, 128, 2, 32, 32)
-  q, k, v = (jnp.asarray(a, jnp.bfloat16) for a in (q, k, v))
-  opts = DeltaRuleOptions(chunk=64, block_v=16, block_v_bwd=32, block_k_grads=16,
-                          state_dtype="bfloat16", gpu_lowering=True)
-  return _fwd_bwd(lambda *x: delta_kernel.chunk_gated_delta_rule(*x, options=opts)[0], 5), \
-      (q, k, v, la, b)
+  def build():
+    q, k, v, la, b, _ = delta_inputs(np.random.default_rng(0), 1, 128, 2, 32, 32)
+    q, k, v = (jnp.asarray(a, jnp.bfloat16) for a in (q, k, v))
+    opts = DeltaRuleOptions(chunk=64, block_v=16, block_v_bwd=32, block_k_grads=16,
+                            state_dtype="bfloat16", gpu_lowering=True, **options)
+    return _fwd_bwd(lambda *x: delta_kernel.chunk_gated_delta_rule(*x, options=opts)[0], 5), \
+        (q, k, v, la, b)
+  return build
 
 
 def _gsa_lowering(**tiles):
@@ -596,9 +605,12 @@ def _sinkhorn_lowering():
 
 _TRITON = "__gpu$xla.gpu.triton"
 LOWERINGS = {
-    "delta_rule": Lowering(_delta_lowering, ("gdr_prep_fwd", "gdr_chunk_fwd",
-                                             "gdr_chunk_bwd_states", "gdr_chunk_bwd_grads",
-                                             "gdr_prep_bwd")),
+    "delta_rule": Lowering(_delta_lowering(), ("gdr_prep_fwd", "gdr_chunk_fwd",
+                                               "gdr_chunk_bwd_states", "gdr_chunk_bwd_grads",
+                                               "gdr_prep_bwd")),
+    "delta_rule.split_prep": Lowering(_delta_lowering(prep_fwd="split"),
+                                      ("gdr_prep_a", "gdr_prep_inv", "gdr_prep_wy",
+                                       "gdr_chunk_fwd", "gdr_prep_bwd")),
     "sparse_attention": Lowering(_gsa_lowering(), ("gsa_fwd", "gsa_dq", "gsa_dkv")),
     # two mask words, position-ordered key blocks
     "sparse_attention.tiles64": Lowering(

@@ -458,7 +458,7 @@ def _chunk_inverse(k, beta, g, dot_dtype):
   """Sub-blocks (i >= j) of KK^T, the decay mask M, and T = (I + A)^-1,
   A = strictly-lower(diag(beta) (M o K K^T)). k: list of [sb, Dk] tiles; beta, g: [sb] lists."""
   nb = len(k)
-  kk, m, a, t = {}, {}, {}, {}
+  kk, m, a = {}, {}, {}
   for i in range(nb):
     for j in range(i + 1):
       kk[i, j] = _dot(k[i], k[j], _DN_T, dot_dtype)
@@ -468,15 +468,21 @@ def _chunk_inverse(k, beta, g, dot_dtype):
         sb = a_ij.shape[0]
         a_ij = jnp.where(_iota((sb, sb), 1) < _iota((sb, sb), 0), a_ij, 0.0)
       a[i, j] = a_ij
-  for i, ti in enumerate(_inv_unit_lower([a[i, i] for i in range(nb)])):
-    t[i, i] = ti
+  return kk, m, a, _block_inverse(a, nb)
+
+
+def _block_inverse(a, nb):
+  """T = (I + A)^-1 as {(i, j): [sb, sb]} for i >= j, from A's sub-blocks {(i, j): [sb, sb]}
+  (strictly lower on the diagonal): forward substitution on the diagonal blocks, then
+  T_ij = -T_ii sum_{j <= m < i} A_im T_mj, float32 IEEE dots."""
+  t = {(i, i): ti for i, ti in enumerate(_inv_unit_lower([a[i, i] for i in range(nb)]))}
   for i in range(nb):
     for j in range(i - 1, -1, -1):
       acc = _mm(a[i, j], t[j, j], precision=_HI)
       for mm_ in range(j + 1, i):
         acc = acc + _mm(a[i, mm_], t[mm_, j], precision=_HI)
       t[i, j] = -_mm(t[i, i], acc, precision=_HI)
-  return kk, m, a, t
+  return t
 
 
 def _prep_fwd_kernel(q_ref, k_ref, v_ref, la_ref, b_ref,
@@ -512,6 +518,48 @@ def _prep_fwd_kernel(q_ref, k_ref, v_ref, la_ref, b_ref,
   ge_ref[...] = jnp.zeros((c,), F32) + jnp.exp(gc)
 
 
+def _prep_a_kernel(q_ref, k_ref, la_ref, b_ref, a_ref, p_ref, qg_ref, kd_ref, ge_ref, *,
+                   dot_dtype):
+  """Split prep, kernel 1 of 3, on full [C, C] / [C, D] tiles: A = strictly-lower(diag(beta)
+  (M o K K^T)) in float32 for the inverse kernel, and P, Qg, Kd, ge as the fused prep writes them."""
+  c = q_ref.shape[0]
+  la, beta = la_ref[...].astype(F32), b_ref[...].astype(F32)
+  g = _cum_full(la)
+  gc = jnp.sum(la)
+  m = _decay_block(g, g, True)
+  q, k = q_ref[...], k_ref[...]
+  a_ref[...] = jnp.where(_iota((c, c), 1) < _iota((c, c), 0),
+                         beta[:, None] * m * _dot(k, k, _DN_T, dot_dtype), 0.0)
+  p_ref[...] = (m * _dot(q, k, _DN_T, dot_dtype)).astype(p_ref.dtype)
+  qg_ref[...] = (q.astype(F32) * jnp.exp(g)[:, None]).astype(qg_ref.dtype)
+  kd_ref[...] = (k.astype(F32) * jnp.exp(gc - g)[:, None]).astype(kd_ref.dtype)
+  ge_ref[...] = jnp.zeros((c,), F32) + jnp.exp(gc)
+
+
+def _prep_inv_kernel(a_ref, t_ref, *, sb):
+  """Split prep, kernel 2 of 3: T = (I + A)^-1 from A's [sb, sb] sub-blocks, read from memory
+  (forward substitution on the diagonal blocks, T_ij = -T_ii sum_{j<=m<i} A_im T_mj below them,
+  float32 IEEE dots), written whole (zeros above the diagonal blocks)."""
+  c = a_ref.shape[0]
+  nb = c // sb
+  rows = [pl.ds(i * sb, sb) for i in range(nb)]
+  a = {(i, j): a_ref[rows[i], rows[j]] for i in range(nb) for j in range(i + 1)}
+  t = _block_inverse(a, nb)
+  for i in range(nb):
+    for j in range(nb):
+      t_ref[rows[i], rows[j]] = t[i, j] if j <= i else jnp.zeros((sb, sb), F32)
+
+
+def _prep_wy_kernel(k_ref, v_ref, la_ref, b_ref, t_ref, w_ref, uv_ref):
+  """Split prep, kernel 3 of 3: W = T diag(beta gamma) K and Uv = T diag(beta) V as two
+  [C, C] x [C, D] dots (default precision: TF32 on GPU, as the fused prep's)."""
+  la, beta = la_ref[...].astype(F32), b_ref[...].astype(F32)
+  t = t_ref[...]
+  kb = k_ref[...].astype(F32) * (beta * jnp.exp(_cum_full(la)))[:, None]
+  w_ref[...] = _mm(t, kb).astype(w_ref.dtype)
+  uv_ref[...] = _mm(t, v_ref[...].astype(F32) * beta[:, None]).astype(uv_ref.dtype)
+
+
 def _prep_specs(c, dk, dv):
   sq = pl.squeezed if hasattr(pl, "squeezed") else None
   seq = lambda d: pl.BlockSpec((sq, c, sq, d), lambda b, h, n: (b, n, h, 0))
@@ -524,6 +572,9 @@ def _prep_specs(c, dk, dv):
 def _prep_fwd_call(q, k, v, la, beta, opts, with_t=False):
   """W, Uv, P, Qg, Kd [B, H, N, C, .] in dot_dtype, gev [B, H, N, C] float32 (and with_t:
   T = (I + A)^-1 [B, H, N, C, C] float32, the backward's residual)."""
+  if opts.prep_fwd == "split":
+    out = _prep_split_call(q, k, v, la, beta, opts)
+    return out if with_t else out[:-1]
   bsz, t, h, dk = q.shape
   dv = v.shape[-1]
   c = opts.chunk
@@ -543,6 +594,36 @@ def _prep_fwd_call(q, k, v, la, beta, opts, with_t=False):
       compiler_params=_compiler_params(opts.num_warps_prep, opts.num_stages,
                                        opts.gpu_lowering),
   )(q, k, v, la, beta)
+
+
+def _prep_split_call(q, k, v, la, beta, opts):
+  """The prep's forward as three kernels per (batch, head, chunk), with A and T passed through
+  memory (float32 [C, C] each): W, Uv, P, Qg, Kd, gev and T. The fused kernel's 16 x 16
+  sub-block dots over D hold 255 registers per thread at 8 warps (one program per SM on sm_90,
+  ptxas); here every dot over D is one [C, C] or [C, D] tile (125, 128 and 73 registers)."""
+  bsz, t, h, dk = q.shape
+  dv = v.shape[-1]
+  c = opts.chunk
+  n = t // c
+  dt = opts.dot_dtype
+  seq, vec, chunk, cvec = _prep_specs(c, dk, dv)
+  shp = lambda d, dtype=dt: jax.ShapeDtypeStruct((bsz, h, n, c, d), dtype)
+  call = lambda kern, name, **kw: pl.pallas_call(
+      kern, grid=(bsz, h, n), interpret=opts.interpret, name=name,
+      compiler_params=_compiler_params(opts.num_warps_prep, opts.num_stages, opts.gpu_lowering),
+      **kw)
+  a, p, qg, kd, gev = call(
+      functools.partial(_prep_a_kernel, dot_dtype=dt), "gdr_prep_a",
+      in_specs=[seq(dk), seq(dk), vec, vec],
+      out_specs=[chunk(c), chunk(c), chunk(dk), chunk(dk), cvec],
+      out_shape=[shp(c, F32), shp(c), shp(dk), shp(dk),
+                 jax.ShapeDtypeStruct((bsz, h, n, c), F32)])(q, k, la, beta)
+  tinv = call(functools.partial(_prep_inv_kernel, sb=min(_SB, c)), "gdr_prep_inv",
+              in_specs=[chunk(c)], out_specs=chunk(c), out_shape=shp(c, F32))(a)
+  w, uv = call(_prep_wy_kernel, "gdr_prep_wy", in_specs=[seq(dk), seq(dv), vec, vec, chunk(c)],
+               out_specs=[chunk(dk), chunk(dv)], out_shape=[shp(dk), shp(dv)]
+               )(k, v, la, beta, tinv)
+  return w, uv, p, qg, kd, gev, tinv
 
 
 def _prep_bwd_kernel(q_ref, k_ref, v_ref, la_ref, b_ref, t_ref, dw_ref, duv_ref, dp_ref,
@@ -652,6 +733,7 @@ _prep_pallas.defvjp(_prep_pallas_fwd, _prep_pallas_bwd)
 
 # ----------------------------------------------------------------------------- options
 PREPS = ("pallas", "xla")
+PREP_FWDS = ("fused", "split")
 PRECISIONS = ("highest", "default")
 
 
@@ -663,7 +745,8 @@ class DeltaRuleOptions:
   chunk: tokens per chunk (a power of two for the kernels; any size for the chunked
   reference). prep: "pallas" (one Pallas program per (batch,
   head, chunk); chunk, Dk, Dv >= 16; num_warps_prep / num_warps_prep_bwd warps for its forward /
-  backward kernel) or "xla" (the chunk quantities in plain JAX, float32, differentiated by
+  backward kernels; prep_fwd: its forward as one kernel, "fused", or as three, "split": A,
+  (I + A)^-1 and W / Uv, with A and the inverse passed through memory) or "xla" (the chunk quantities in plain JAX, float32, differentiated by
   autodiff; inverse_precision: the matmul precision of its (I + A)^-1, "highest" | "default").
   block_v / num_warps: Dv rows of the state per program of the forward recurrence kernel;
   block_v_bwd / num_warps_bwd: the same for the reverse dS kernel; block_k_grads: the column
@@ -677,6 +760,7 @@ class DeltaRuleOptions:
   """
   chunk: int = 64
   prep: str = "pallas"
+  prep_fwd: str = "fused"
   block_v: int = 64
   block_v_bwd: int = 32
   num_warps: int = 4
@@ -706,6 +790,9 @@ class DeltaRuleOptions:
         raise ValueError(f"delta rule kernel: {name}={val!r} must be a positive integer.")
     if self.prep not in PREPS:
       raise ValueError(f"delta rule kernel: prep={self.prep!r} must be 'pallas' or 'xla'.")
+    if self.prep_fwd not in PREP_FWDS:
+      raise ValueError(f"delta rule kernel: prep_fwd={self.prep_fwd!r} must be 'fused' or "
+                       f"'split'.")
     if self.inverse_precision not in PRECISIONS:
       raise ValueError(f"delta rule kernel: inverse_precision={self.inverse_precision!r} must "
                        f"be 'highest' or 'default'.")
