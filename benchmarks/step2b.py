@@ -28,7 +28,7 @@ import tempfile
 
 import jax
 
-from benchmarks import profile_table
+from benchmarks import profile_table, step
 from benchmarks.kernels_bench import bench, delta_inputs
 from lightning_jax import metrics
 from lightning_jax.config import load_config
@@ -74,9 +74,10 @@ def step_row(cfg: str, batch: int, seq: int, steps: int, sets: list, profile: bo
   return row
 
 
-def delta_rule(b: int, t: int, h: int, d: int, iters: int) -> dict:
-  """Forward and forward+backward of the model's delta-rule path at [b, t, h, d] (bf16)."""
-  cfg = load_config(os.path.join(REPO, "configs", "stage_2b.py"))
+def delta_rule(b: int, t: int, h: int, d: int, iters: int, sets=()) -> dict:
+  """Forward and forward+backward of the model's delta-rule path at [b, t, h, d] (bf16), with
+  stage_2b's model.deltanet options and the run's --set overrides."""
+  cfg = step.apply_overrides(load_config(os.path.join(REPO, "configs", "stage_2b.py")), sets)
   args = delta_inputs(jax.random.PRNGKey(t), b, t, h, d)
   ct = jax.random.normal(jax.random.PRNGKey(1), (b, t, h, d), args[2].dtype)
   rule = lambda *a: deltanet.delta_rule(cfg, *a)[0]
@@ -138,9 +139,10 @@ def main(argv=None) -> dict:
   rec["profile"] = rec["rows"][0].pop("profile", [])
   rec["profile_info"] = rec["rows"][0].pop("profile_info", {})
   if not a.no_delta:
-    rec["delta_rule"] = {**delta_rule(b, t, h, d, a.iters),
+    rec["delta_rule"] = {**delta_rule(b, t, h, d, a.iters, a.set),
                          "command": "python -m benchmarks.step2b --delta_shape "
-                                    f"{a.delta_shape} --iters {a.iters}"}
+                                    f"{a.delta_shape} --iters {a.iters}"
+                                    + "".join(f" --set {x}" for x in a.set)}
   for r in rec["rows"]:
     if "error" in r:
       print(f"B{r['batch']} x T{r['seq']}: {r['error']}"
