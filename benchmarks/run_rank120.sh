@@ -5,7 +5,8 @@
 #   OUT=/some/dir COMMIT=<sha> bash benchmarks/run_rank120.sh [case ...]
 # cases: full (20 layers, 58 experts, B1 x T8192, profile + HLO memory report), l4e460 (4 layers
 # with all 460 experts), or "custom:<args for benchmarks.rank120>"; for the other GPU issues on the
-# same call: step2b (issue 17: benchmarks.step2b, stage_2b at B1/B2/B4 + the delta rule) and
+# same call: step2b (issue 17: benchmarks.step2b, stage_2b at B1/B2/B4 + the delta rule),
+# step2b_attr (its B1 step profiled by Python source, command buffers off) and
 # decode (issue 22: benchmarks.decode_bench on stage_2b); house_2b / house_rank120 (issue 19:
 # stage_2b B1 x T4096, or the 120B rank, in the tree as it was before the house move (.before/,
 # made with `mkdir .before && git archive b6b1dd1 | tar -x -C .before`, carried) and in this
@@ -50,6 +51,12 @@ for case in "${@:-full}"; do
     step2b)   # NAME=step2b_remat_none EXTRA="--set model.remat=none": the baseline beside it
       timeout "${T_STEP2B:-420}" python3 -m benchmarks.step2b --commit "$COMMIT" ${EXTRA:-} \
         --json "$OUT/${NAME:-step2b}.json" 2>&1 | tail -60 ;;
+    step2b_attr)   # the stage_2b B1 step with command buffers off, its kernels summed by source
+      rm -rf /tmp/dump2b
+      XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer= --xla_dump_to=/tmp/dump2b" \
+        timeout "${T_STEP2B:-300}" python3 -m benchmarks.step --config configs/stage_2b.py \
+        --batch 1 --seq 4096 --steps 2 ${EXTRA:-} --attribute /tmp/dump2b \
+        --json "$OUT/${NAME:-step2b_attr}.json" 2>&1 | tail -45 ;;
     decode)
       timeout "${T_DECODE:-300}" python3 -m benchmarks.decode_bench --params_dtype bfloat16 --commit "$COMMIT" \
         ${EXTRA:-} --out "$OUT/decode_bench_2b.json" 2>&1 | tail -40 ;;

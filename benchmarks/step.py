@@ -33,8 +33,11 @@ from __future__ import annotations
 import argparse
 import ast
 import datetime
+import glob
 import json
+import os
 import platform
+import tempfile
 import time
 
 import jax
@@ -239,7 +242,21 @@ def build_step(cfg, mesh, key, zero1_ranks: int = 1):
   return step, state, batch_shard
 
 
-def time_step(cfg, mesh, steps: int, seed: int = 0, profile: bool = False) -> dict:
+def _attribute(trace: str, dump_dir: str) -> dict:
+  """The profile by Python source ({"file": rows, "function": rows}) from the step's optimized
+  HLO module as XLA dumped it into dump_dir (the largest jit_step_fn): kernels carry their HLO instruction's name
+  only with command buffers off (XLA_FLAGS=--xla_gpu_enable_command_buffer=)."""
+  hlo = glob.glob(os.path.join(dump_dir, "*step_fn*after_optimizations.txt"))
+  if not hlo:
+    raise SystemExit(f"--attribute {dump_dir}: no *step_fn*after_optimizations.txt there; run with "
+                     f"XLA_FLAGS='--xla_dump_to={dump_dir} --xla_gpu_enable_command_buffer='.")
+  srcs = profile_table.hlo_sources(max(hlo, key=os.path.getsize))
+  return {by: profile_table.source_table(trace, srcs, 1, by=by, top=30)
+          for by in ("file", "function")}
+
+
+def time_step(cfg, mesh, steps: int, seed: int = 0, profile: bool = False,
+              attribute: str = "") -> dict:
   key = jax.random.PRNGKey(seed)
   step, state, batch_shard = build_step(cfg, mesh, key)
   b, t = cfg.train.global_batch, cfg.train.seq_len
@@ -268,8 +285,11 @@ def time_step(cfg, mesh, steps: int, seed: int = 0, profile: bool = False) -> di
       jax.block_until_ready(m)
       ts.append(time.perf_counter() - t1)
     prof = {}
-    if profile:     # one more step under jax.profiler: the top 25 ops by device time
-      prof["profile"], prof["profile_info"] = profile_table.profile_ops(run, 1)
+    if profile or attribute:     # one more step under jax.profiler: the top 25 ops by time
+      trace = os.path.join(tempfile.mkdtemp(prefix="step_"), "t.json.gz")
+      prof["profile"], prof["profile_info"] = profile_table.profile_ops(run, 1, keep_trace=trace)
+      if attribute:
+        prof["profile_by_source"] = _attribute(trace, attribute)
   m = jax.device_get(m)
   mem, mem_how = peak_memory(mesh.devices.flat[0], compiled)
   return {"step_s": float(np.median(ts)), "step_times_s": ts, "compile_s": compile_s,
@@ -390,6 +410,9 @@ def report(cfg, res: dict, bd: dict | None, n_dev: int, layers_note: str) -> tup
            f"peak memory {res['peak_mem_bytes'] / 2**30:.2f} GiB ({res['peak_mem_how']})"]
   if res.get("profile"):
     lines.append(profile_table.format_table(res["profile"], res["profile_info"], "profile: "))
+  for by, rows in (res.get("profile_by_source") or {}).items():
+    lines.append(f"by source {by}: " + "; ".join(f"{r['name']} {r['ms']:.2f} ms"
+                                                 for r in rows))
   if bd:
     n_d = kinds.count("D")
     n_g = kinds.count("G") + (1 if cfg.model.mtp.enabled else 0)
@@ -429,6 +452,9 @@ def main(argv=None):
                   "override (repeatable).")
   ap.add_argument("--profile", action="store_true", help="Run one more step under "
                   "jax.profiler and report its top 25 ops by device time.")
+  ap.add_argument("--attribute", default="", help="With XLA_FLAGS='--xla_dump_to=DIR "
+                  "--xla_gpu_enable_command_buffer=': profile one step and sum its kernels by "
+                  "the Python file and function that built them (DIR: the dump).")
   ap.add_argument("--json", default="", help="Also write the record as JSON here.")
   a = ap.parse_args(argv)
   cfg = load_config(a.config)
@@ -448,7 +474,7 @@ def main(argv=None):
                    "batch": cfg.train.global_batch, "seq": cfg.train.seq_len,
                    "device": jax.devices()[0].device_kind}, f, indent=1, default=float)
     return bd
-  res = time_step(cfg, mesh, a.steps, profile=a.profile)
+  res = time_step(cfg, mesh, a.steps, profile=a.profile, attribute=a.attribute)
   text, rec = report(cfg, res, None, n_dev, note)
   print(text, flush=True)
   if a.json:
