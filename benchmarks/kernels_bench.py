@@ -207,9 +207,11 @@ def prep(small, iters):
     return tuple(x.astype(jnp.bfloat16) for x in (w, uv, p, qg, kd)) + (
         jnp.broadcast_to(ge[..., None], ge.shape + (c,)),)
   variants = [("XLA f32", None)] + [
-      (f"pallas {pf}, warps fwd {nf} bwd {nb}", _plan(h, delta_rule_op.DeltaRuleOptions(
-          **base, prep_fwd=pf, num_warps_prep=nf, num_warps_prep_bwd=nb)))
-      for pf, nf, nb in (("fused", 8, 8), ("split", 8, 8), ("split", 4, 8), ("fused", 4, 4))]
+      (f"pallas {pf}, warps fwd {nf}{f' (inverse {ni})' if ni else ''} bwd {nb}",
+       _plan(h, delta_rule_op.DeltaRuleOptions(**base, prep_fwd=pf, num_warps_prep=nf,
+                                               num_warps_inv=ni, num_warps_prep_bwd=nb)))
+      for pf, nf, ni, nb in (("fused", 8, 0, 8), ("split", 8, 0, 8), ("split", 8, 2, 8),
+                             ("split", 8, 4, 8), ("fused", 4, 0, 4))]
   ref = {}
   for label, plan in variants:
     def run(label=label, plan=plan):

@@ -608,10 +608,9 @@ def _prep_split_call(q, k, v, la, beta, opts):
   dt = opts.dot_dtype
   seq, vec, chunk, cvec = _prep_specs(c, dk, dv)
   shp = lambda d, dtype=dt: jax.ShapeDtypeStruct((bsz, h, n, c, d), dtype)
-  call = lambda kern, name, **kw: pl.pallas_call(
+  call = lambda kern, name, warps=opts.num_warps_prep, **kw: pl.pallas_call(
       kern, grid=(bsz, h, n), interpret=opts.interpret, name=name,
-      compiler_params=_compiler_params(opts.num_warps_prep, opts.num_stages, opts.gpu_lowering),
-      **kw)
+      compiler_params=_compiler_params(warps, opts.num_stages, opts.gpu_lowering), **kw)
   a, p, qg, kd, gev = call(
       functools.partial(_prep_a_kernel, dot_dtype=dt), "gdr_prep_a",
       in_specs=[seq(dk), seq(dk), vec, vec],
@@ -619,6 +618,7 @@ def _prep_split_call(q, k, v, la, beta, opts):
       out_shape=[shp(c, F32), shp(c), shp(dk), shp(dk),
                  jax.ShapeDtypeStruct((bsz, h, n, c), F32)])(q, k, la, beta)
   tinv = call(functools.partial(_prep_inv_kernel, sb=min(_SB, c)), "gdr_prep_inv",
+              opts.num_warps_inv or opts.num_warps_prep,
               in_specs=[chunk(c)], out_specs=chunk(c), out_shape=shp(c, F32))(a)
   w, uv = call(_prep_wy_kernel, "gdr_prep_wy", in_specs=[seq(dk), seq(dv), vec, vec, chunk(c)],
                out_specs=[chunk(dk), chunk(dv)], out_shape=[shp(dk), shp(dv)]
@@ -746,7 +746,8 @@ class DeltaRuleOptions:
   reference). prep: "pallas" (one Pallas program per (batch,
   head, chunk); chunk, Dk, Dv >= 16; num_warps_prep / num_warps_prep_bwd warps for its forward /
   backward kernels; prep_fwd: its forward as one kernel, "fused", or as three, "split": A,
-  (I + A)^-1 and W / Uv, with A and the inverse passed through memory) or "xla" (the chunk quantities in plain JAX, float32, differentiated by
+  (I + A)^-1 and W / Uv, with A and the inverse passed through memory; num_warps_inv: the
+  inverse kernel's warps, 0 = num_warps_prep) or "xla" (the chunk quantities in plain JAX, float32, differentiated by
   autodiff; inverse_precision: the matmul precision of its (I + A)^-1, "highest" | "default").
   block_v / num_warps: Dv rows of the state per program of the forward recurrence kernel;
   block_v_bwd / num_warps_bwd: the same for the reverse dS kernel; block_k_grads: the column
@@ -767,6 +768,7 @@ class DeltaRuleOptions:
   num_warps_bwd: int = 4
   num_stages: int = 2
   num_warps_prep: int = 8
+  num_warps_inv: int = 0
   num_warps_prep_bwd: int = 8
   block_k_grads: int = 32
   num_warps_grads: int = 8
@@ -783,6 +785,9 @@ class DeltaRuleOptions:
       val = getattr(self, name)
       if not isinstance(val, int) or val < 1 or val & (val - 1):
         raise ValueError(f"delta rule kernel: {name}={val!r} must be a power of two.")
+    if not isinstance(self.num_warps_inv, int) or self.num_warps_inv < 0:
+      raise ValueError(f"delta rule kernel: num_warps_inv={self.num_warps_inv!r} must be a "
+                       f"non-negative integer (0: num_warps_prep).")
     for name in ("num_warps", "num_warps_bwd", "num_stages", "num_warps_prep",
                  "num_warps_prep_bwd", "num_warps_grads"):
       val = getattr(self, name)
