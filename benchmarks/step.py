@@ -244,12 +244,12 @@ def build_step(cfg, mesh, key, zero1_ranks: int = 1):
 
 def _attribute(trace: str, dump_dir: str) -> dict:
   """The profile by Python source ({"file": rows, "function": rows}) from the step's optimized
-  HLO module as XLA dumped it into dump_dir (the largest jit_step_fn): kernels carry their HLO instruction's name
-  only with command buffers off (XLA_FLAGS=--xla_gpu_enable_command_buffer=)."""
+  HLO module as XLA dumped it into dump_dir (the largest jit_step_fn): kernels carry their HLO
+  instruction's name only with command buffers off (XLA_FLAGS=--xla_gpu_enable_command_buffer=)."""
   hlo = glob.glob(os.path.join(dump_dir, "*step_fn*after_optimizations.txt"))
   if not hlo:
-    raise SystemExit(f"--attribute {dump_dir}: no *step_fn*after_optimizations.txt there; run with "
-                     f"XLA_FLAGS='--xla_dump_to={dump_dir} --xla_gpu_enable_command_buffer='.")
+    raise SystemExit(f"--attribute {dump_dir}: no *step_fn*after_optimizations.txt there; run "
+                     f"with XLA_FLAGS='--xla_dump_to={dump_dir} --xla_gpu_enable_command_buffer='.")
   srcs = profile_table.hlo_sources(max(hlo, key=os.path.getsize))
   return {by: profile_table.source_table(trace, srcs, 1, by=by, top=30)
           for by in ("file", "function")}

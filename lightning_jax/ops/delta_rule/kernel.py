@@ -12,7 +12,9 @@ Split of the work (the math is the reference's, see reference.py's docstring):
     chunks at once, float32, differentiated by autodiff. prep="pallas": one Pallas program per
     (batch, head, chunk) reading bf16 q/k/v straight from [B, T, H, D] and writing W, Uv, P, Qg,
     Kd in dot_dtype; (I+A)^-1 is built in registers in 16 x 16 sub-blocks (forward substitution
-    on the diagonal blocks, T_ij = -T_ii sum_{j<=m<i} A_im T_mj below them, float32 IEEE dots).
+    on the diagonal blocks, T_ij = -T_ii sum_{j<=m<i} A_im T_mj below them, float32 IEEE dots);
+    prep_fwd="split" runs the same forward as three kernels on full tiles (A; the inverse from
+    A's sub-blocks read back from memory; W and Uv), for register pressure (see _prep_split_call).
     When differentiated the forward also saves T = (I+A)^-1 (float32 [C, C] per chunk); its
     backward is a second per-chunk kernel on full [C, C] tiles and [C, bk] column slabs:
     dA = -T^T dT T^T, the M / diagonal scalings' terms and dlog_alpha = reverse cumsum(dg)
@@ -600,7 +602,7 @@ def _prep_split_call(q, k, v, la, beta, opts):
   """The prep's forward as three kernels per (batch, head, chunk), with A and T passed through
   memory (float32 [C, C] each): W, Uv, P, Qg, Kd, gev and T. The fused kernel's 16 x 16
   sub-block dots over D hold 255 registers per thread at 8 warps (one program per SM on sm_90,
-  ptxas); here every dot over D is one [C, C] or [C, D] tile (125, 128 and 73 registers)."""
+  ptxas); here every dot over D is one [C, C] or [C, D] tile (123, 128 and 73 registers)."""
   bsz, t, h, dk = q.shape
   dv = v.shape[-1]
   c = opts.chunk
@@ -747,8 +749,9 @@ class DeltaRuleOptions:
   head, chunk); chunk, Dk, Dv >= 16; num_warps_prep / num_warps_prep_bwd warps for its forward /
   backward kernels; prep_fwd: its forward as one kernel, "fused", or as three, "split": A,
   (I + A)^-1 and W / Uv, with A and the inverse passed through memory; num_warps_inv: the
-  inverse kernel's warps, 0 = num_warps_prep) or "xla" (the chunk quantities in plain JAX, float32, differentiated by
-  autodiff; inverse_precision: the matmul precision of its (I + A)^-1, "highest" | "default").
+  inverse kernel's warps, 0 = num_warps_prep) or "xla" (the chunk quantities in plain JAX,
+  float32, differentiated by autodiff; inverse_precision: the matmul precision of its
+  (I + A)^-1, "highest" | "default").
   block_v / num_warps: Dv rows of the state per program of the forward recurrence kernel;
   block_v_bwd / num_warps_bwd: the same for the reverse dS kernel; block_k_grads: the column
   block (over Dk, and Dv in the prep's backward) the per-chunk backward kernels loop over,
