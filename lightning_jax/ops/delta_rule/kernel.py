@@ -577,25 +577,29 @@ def _prep_fwd_call(q, k, v, la, beta, opts, with_t=False):
   if opts.prep_fwd == "split":
     out = _prep_split_call(q, k, v, la, beta, opts)
     return out if with_t else out[:-1]
+  c, dk, dv, dt, seq, vec, chunk, cvec, shp, call = _prep_forward_parts(q, v, opts)
+  return call(functools.partial(_prep_fwd_kernel, sb=min(_SB, c), dot_dtype=dt), "gdr_prep_fwd",
+              in_specs=[seq(dk), seq(dk), seq(dv), vec, vec],
+              out_specs=[chunk(dk), chunk(dv), chunk(c), chunk(dk), chunk(dk), cvec] + (
+                  [chunk(c)] if with_t else []),
+              out_shape=[shp(dk), shp(dv), shp(c), shp(dk), shp(dk), shp(None, F32)] + (
+                  [shp(c, F32)] if with_t else []))(q, k, v, la, beta)
+
+
+def _prep_forward_parts(q, v, opts):
+  """What every prep-forward kernel call shares: chunk, Dk, Dv, the dot dtype, the block specs,
+  shp(d, dtype) (an output [B, H, N, C, d], or [B, H, N, C] for d=None) and
+  call(kernel, name, warps=num_warps_prep, **pallas_call kwargs) over the (B, H, N) grid."""
   bsz, t, h, dk = q.shape
   dv = v.shape[-1]
   c = opts.chunk
   n = t // c
   dt = opts.dot_dtype
-  seq, vec, chunk, cvec = _prep_specs(c, dk, dv)
-  kern = functools.partial(_prep_fwd_kernel, sb=min(_SB, c), dot_dtype=dt)
-  shp = lambda d, dtype=dt: jax.ShapeDtypeStruct((bsz, h, n, c, d), dtype)
-  return pl.pallas_call(
-      kern, grid=(bsz, h, n),
-      in_specs=[seq(dk), seq(dk), seq(dv), vec, vec],
-      out_specs=[chunk(dk), chunk(dv), chunk(c), chunk(dk), chunk(dk), cvec] + (
-          [chunk(c)] if with_t else []),
-      out_shape=[shp(dk), shp(dv), shp(c), shp(dk), shp(dk),
-                 jax.ShapeDtypeStruct((bsz, h, n, c), F32)] + ([shp(c, F32)] if with_t else []),
-      interpret=opts.interpret, name="gdr_prep_fwd",
-      compiler_params=_compiler_params(opts.num_warps_prep, opts.num_stages,
-                                       opts.gpu_lowering),
-  )(q, k, v, la, beta)
+  shp = lambda d, dtype=dt: jax.ShapeDtypeStruct((bsz, h, n, c) + ((d,) if d else ()), dtype)
+  call = lambda kern, name, warps=opts.num_warps_prep, **kw: pl.pallas_call(
+      kern, grid=(bsz, h, n), interpret=opts.interpret, name=name,
+      compiler_params=_compiler_params(warps, opts.num_stages, opts.gpu_lowering), **kw)
+  return (c, dk, dv, dt, *_prep_specs(c, dk, dv), shp, call)
 
 
 def _prep_split_call(q, k, v, la, beta, opts):
@@ -603,22 +607,12 @@ def _prep_split_call(q, k, v, la, beta, opts):
   memory (float32 [C, C] each): W, Uv, P, Qg, Kd, gev and T. The fused kernel's 16 x 16
   sub-block dots over D hold 255 registers per thread at 8 warps (one program per SM on sm_90,
   ptxas); here every dot over D is one [C, C] or [C, D] tile (123, 128 and 73 registers)."""
-  bsz, t, h, dk = q.shape
-  dv = v.shape[-1]
-  c = opts.chunk
-  n = t // c
-  dt = opts.dot_dtype
-  seq, vec, chunk, cvec = _prep_specs(c, dk, dv)
-  shp = lambda d, dtype=dt: jax.ShapeDtypeStruct((bsz, h, n, c, d), dtype)
-  call = lambda kern, name, warps=opts.num_warps_prep, **kw: pl.pallas_call(
-      kern, grid=(bsz, h, n), interpret=opts.interpret, name=name,
-      compiler_params=_compiler_params(warps, opts.num_stages, opts.gpu_lowering), **kw)
+  c, dk, dv, dt, seq, vec, chunk, cvec, shp, call = _prep_forward_parts(q, v, opts)
   a, p, qg, kd, gev = call(
       functools.partial(_prep_a_kernel, dot_dtype=dt), "gdr_prep_a",
       in_specs=[seq(dk), seq(dk), vec, vec],
       out_specs=[chunk(c), chunk(c), chunk(dk), chunk(dk), cvec],
-      out_shape=[shp(c, F32), shp(c), shp(dk), shp(dk),
-                 jax.ShapeDtypeStruct((bsz, h, n, c), F32)])(q, k, la, beta)
+      out_shape=[shp(c, F32), shp(c), shp(dk), shp(dk), shp(None, F32)])(q, k, la, beta)
   tinv = call(functools.partial(_prep_inv_kernel, sb=min(_SB, c)), "gdr_prep_inv",
               opts.num_warps_inv or opts.num_warps_prep,
               in_specs=[chunk(c)], out_specs=chunk(c), out_shape=shp(c, F32))(a)
