@@ -135,6 +135,9 @@ def largest_fitting(plans: list[dict], calib: float, cap: float) -> dict:
   fit = [b for b, v in pts if v <= cap]
   best = max(fit) if fit else 0
   how = "planned"
+  if len(pts) == 1 and fit:
+    how = (f"at least: B{best} is the only batch planned and it fits; pass --plan_batches "
+           "for a larger one")
   if len(pts) >= 2 and best == pts[-1][0]:
     (b0, v0), (b1, v1) = pts[-2], pts[-1]
     slope = (v1 - v0) / (b1 - b0)

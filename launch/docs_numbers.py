@@ -158,8 +158,9 @@ REFERENCE_2B = {1: (295.2, 13877, 31.9), 2: (535.0, 15311, 44.1), 4: (1023.6, 16
 
 def step2b_table() -> str:
   r = _result("step2b.json")
-  rows = ["| batch | ours: ms / tokens/s / peak / MFU | reference: ms / tokens/s / peak | "
-          "speed ratio | memory ratio |", "|---|---|---|---|---|"]
+  rows = ["| batch | commit, settings | ours: ms / tokens/s / peak / MFU | "
+          "reference: ms / tokens/s / peak | speed ratio | memory ratio |",
+          "|---|---|---|---|---|---|"]
   for x in r["rows"]:
     ref = REFERENCE_2B.get(x["batch"])
     if "step_ms" not in x or x.get("step_ms") is None:
@@ -171,7 +172,8 @@ def step2b_table() -> str:
       ratio = f"{x['tokens_per_s'] / ref[1]:.2f}x" if ref else "—"
       mem = f"{x['peak_gib'] / ref[2]:.2f}x" if ref else "—"
     refs = f"{ref[0]:,.1f} / {ref[1]:,} / {ref[2]} GiB" if ref else "—"
-    rows.append(f"| {x['batch']} | {ours} | {refs} | {ratio} | {mem} |")
+    how = f"{x.get('commit', r['commit'])}, {x.get('settings', 'the default')}"
+    rows.append(f"| {x['batch']} | {how} | {ours} | {refs} | {ratio} | {mem} |")
   dr = r["delta_rule"]
   rows.append(f"\nDelta rule alone ({dr['shape']}, `{dr['command']}`): forward "
               f"{dr['fwd_ms']:.2f} ms, forward + backward {dr['fwdbwd_ms']:.2f} ms "
@@ -183,7 +185,8 @@ def step2b_profile() -> str:
   r = _result("step2b.json")
   info = r["profile_info"]
   rows = [f"{info['op_ms_per_call']:.1f} ms of kernel time in a {info['span_ms_per_call']:.1f} ms "
-          f"step, {info['n_ops']} distinct kernels:", "",
+          f"step, {info['n_ops']} distinct kernels (commit {r.get('profile_commit', r['commit'])}):",
+          "",
           "| # | kernel | ms | share | calls |", "|---|---|---|---|---|"]
   for i, x in enumerate(r["profile"][:25], 1):
     rows.append(f"| {i} | `{x['name'][:70]}` | {x['ms']:.2f} | {x['share']:.1%} | "

@@ -42,6 +42,8 @@ def test_largest_fitting_micro_batch():
   assert rank120.largest_fitting(plans, 1.0, 141e9)["batch"] == 5     # 80 + 20 x 3 = 140 GB
   assert rank120.largest_fitting(plans, 1.0, 70e9) == {"batch": 1, "how": "planned"}
   assert rank120.largest_fitting(plans[:1], 1.0, 50e9)["batch"] == 0
+  one = rank120.largest_fitting(plans[:1], 1.0, 141e9)    # one plan that fits: a lower bound
+  assert one["batch"] == 1 and one["how"].startswith("at least")
   assert rank120.largest_fitting(plans, 1.1, 89e9)["batch"] == 2       # calibrated: 66, 88 GB
 
 
