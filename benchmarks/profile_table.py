@@ -65,6 +65,45 @@ def _pick_lines(events, procs, threads):
   return set(threads), "all host threads"
 
 
+# kernel families by name (GPU stream lines; on CPU the HLO op names fall into the XLA rows)
+FAMILIES = (
+    ("XLA Triton GEMM fusions", re.compile(r"^(gemm_fusion|triton_gemm|cutlass_gemm_fusion)")),
+    ("cuBLAS GEMMs", re.compile(r"nvjet|xmma_gemm|cublas|cutlass|^sm\d+_.*gemm", re.I)),
+    ("cuDNN attention", re.compile(r"cudnn|sdpa|flash", re.I)),
+    ("memcpy / memset", re.compile(r"^Memcpy|^Memset|^memcpy|^memset")),
+    ("sort", re.compile(r"sort", re.I)),
+    ("concatenate fusions", re.compile(r"concatenate")),
+    ("other XLA fusions", re.compile(
+        r"fusion|^wrapped_|^loop_|^input_|^copy|^transpose|^reduce|^select|^broadcast|^convert|"
+        r"^slice|^dynamic|^scatter|^gather|^bitcast|^iota|^pad|^add|^multiply|^subtract|^divide|"
+        r"^exp|^log|^negate|^compare|^and|^or|^xor|^maximum|^minimum|^rsqrt|^sqrt|^tanh|^dot|"
+        r"^all-|^reduce-|^collective|^while|^conditional|^tuple|^get-tuple|^parameter|^constant")),
+)
+OTHER_FAMILY = "Pallas and other custom kernels"
+
+
+def family_of(name: str) -> str:
+  """The family a kernel (or HLO op) name belongs to: the first of FAMILIES that matches."""
+  for fam, rx in FAMILIES:
+    if rx.search(name):
+      return fam
+  return OTHER_FAMILY
+
+
+def family_table(rows: list[dict]) -> list[dict]:
+  """rows of op_table (all of them, not the top few) summed by family, largest first."""
+  acc = collections.defaultdict(lambda: [0.0, 0.0, 0])
+  for r in rows:
+    a = acc[family_of(r["name"])]
+    a[0] += r["ms"]
+    a[1] += r["calls"]
+    a[2] += 1
+  total = sum(v[0] for v in acc.values()) or 1.0
+  out = [{"family": k, "ms": v[0], "share": v[0] / total, "calls": v[1], "kernels": v[2]}
+         for k, v in acc.items()]
+  return sorted(out, key=lambda r: -r["ms"])
+
+
 def op_table(trace_path: str, n_calls: int = 1, top: int = 25) -> tuple[list[dict], dict]:
   """(rows sorted by total time, info) from one Perfetto trace JSON (optionally .gz)."""
   data = _load(trace_path)
@@ -73,6 +112,7 @@ def op_table(trace_path: str, n_calls: int = 1, top: int = 25) -> tuple[list[dic
   lines, how = _pick_lines(events, procs, threads)
   acc = collections.defaultdict(lambda: [0, 0.0, ""])
   span = [float("inf"), 0.0]
+  short = 0                                      # launches under 5 us
   for ev in events:
     if ev.get("ph") != "X" or (ev.get("pid"), ev.get("tid")) not in lines:
       continue
@@ -81,6 +121,7 @@ def op_table(trace_path: str, n_calls: int = 1, top: int = 25) -> tuple[list[dic
                                                     "PjitFunction")) or "ThunkExecutor" in name):
       continue                                   # Python frames and executor wrappers
     dur = float(ev.get("dur", 0.0))
+    short += dur < 5.0
     a = acc[name]
     a[0] += 1
     a[1] += dur
@@ -96,7 +137,8 @@ def op_table(trace_path: str, n_calls: int = 1, top: int = 25) -> tuple[list[dic
   rows.sort(key=lambda r: -r["ms"])
   info = {"lines": how, "n_ops": len(rows), "op_ms_per_call": total_us / 1e3 / n_calls,
           "span_ms_per_call": (span[1] - span[0]) / 1e3 / n_calls if acc else 0.0,
-          "trace": trace_path}
+          "trace": trace_path, "families": family_table(rows),
+          "calls_per_call": sum(r["calls"] for r in rows), "calls_under_5us": short / n_calls}
   return rows[:top], info
 
 
@@ -130,6 +172,12 @@ def format_table(rows: list[dict], info: dict, title: str = "") -> str:
   for i, r in enumerate(rows, 1):
     det = f"  [{r['detail']}]" if r["detail"] else ""
     out.append(f"{i:>3} {r['ms']:9.3f} {r['share'] * 100:5.1f}% {r['calls']:7.0f}  {r['name']}{det}")
+  if info.get("families"):
+    out.append(f"by family ({info['calls_per_call']:,.0f} launches, "
+               f"{info['calls_under_5us']:,.0f} under 5 us):")
+    for f in info["families"]:
+      out.append(f"    {f['ms']:9.3f} {f['share'] * 100:5.1f}% {f['calls']:7.0f}  {f['family']} "
+                 f"({f['kernels']} distinct)")
   return "\n".join(out)
 
 

@@ -35,6 +35,31 @@ def test_rank120_tiny_writes_the_record(tmp_path):
   # the profile: a table of the step's ops from a jax.profiler trace
   assert len(rec["profile"]) > 5 and rec["profile_info"]["op_ms_per_call"] > 0
   assert abs(sum(r["share"] for r in rec["profile"]) - 1.0) < 1.0 and rec["profile"][0]["ms"] > 0
+  fams = rec["profile_info"]["families"]      # every op, not just the top 25, summed by family
+  assert sum(f["ms"] for f in fams) == pytest.approx(rec["profile_info"]["op_ms_per_call"])
+  assert sum(f["kernels"] for f in fams) == rec["profile_info"]["n_ops"]
+
+
+def test_kernel_families_by_name():
+  from benchmarks import profile_table as pt
+  got = {n: pt.family_of(n) for n in (
+      "nvjet_sm90_tss_128x128_64x6_2x1_v_bz_NNT", "gemm_fusion_dot_777", "MemcpyD2D",
+      "cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma", "sort_9_1",
+      "input_concatenate_fusion_3", "loop_select_fusion_5", "wrapped_convert_27", "gdr_prep_fwd",
+      "sm90_xmma_gemm_f32f32_tf32f32_f32_nt_n_tilesize128x256x32")}
+  assert got == {
+      "nvjet_sm90_tss_128x128_64x6_2x1_v_bz_NNT": "cuBLAS GEMMs",
+      "gemm_fusion_dot_777": "XLA Triton GEMM fusions", "MemcpyD2D": "memcpy / memset",
+      "cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma": "cuDNN attention",
+      "sort_9_1": "sort", "input_concatenate_fusion_3": "concatenate fusions",
+      "loop_select_fusion_5": "other XLA fusions", "wrapped_convert_27": "other XLA fusions",
+      "gdr_prep_fwd": pt.OTHER_FAMILY,
+      "sm90_xmma_gemm_f32f32_tf32f32_f32_nt_n_tilesize128x256x32": "cuBLAS GEMMs"}
+  rows = [{"name": "nvjet_a", "ms": 3.0, "calls": 2}, {"name": "nvjet_b", "ms": 1.0, "calls": 1},
+          {"name": "gdr_x", "ms": 12.0, "calls": 1}]
+  fam = pt.family_table(rows)
+  assert [(f["family"], f["ms"], f["calls"], f["kernels"], f["share"]) for f in fam] == [
+      (pt.OTHER_FAMILY, 12.0, 1, 1, 0.75), ("cuBLAS GEMMs", 4.0, 3, 2, 0.25)]
 
 
 def test_largest_fitting_micro_batch():
