@@ -179,9 +179,11 @@ def run(cfg, a, command: str) -> dict:
     def one():
       holder["state"], m = compiled(holder["state"], {"ids": ids})
       return m
+    first = None
     for _ in range(2):
       m = jax.block_until_ready(one())
-    ts = []
+      first = float(m["loss"]) if first is None else first   # before any update: comparable
+    ts = []                                                    # across modes and kernels
     for _ in range(a.steps):
       t1 = time.perf_counter()
       m = jax.block_until_ready(one())
@@ -220,7 +222,8 @@ def run(cfg, a, command: str) -> dict:
       "batch": b, "seq": t, "reversible_mode": cfg.reversible.mode if cfg.reversible.enabled else "off",
       "mem_fraction": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "default (0.75 on GPU)"),
       "step_ms": step_s * 1e3, "step_ms_all": [x * 1e3 for x in ts], "compile_s": compile_s,
-      "build_s": build_s, "loss": float(m["loss"]), "finite": bool(m["finite"]),
+      "build_s": build_s, "loss": float(m["loss"]), "loss_first_step": first,
+      "finite": bool(m["finite"]),
       "tokens_per_s": tps, "flops_per_token": fpt["total"], "flops_terms": fpt,
       "xla_flops_per_token": xla_fpt, "mfu": mfu, "peak_note": peak_note,
       "peak_gb": measured / GB, "peak_how": how,
