@@ -119,11 +119,11 @@ def delta_inputs(key, b, t, h, d):
 
 
 DELTA_SETTINGS = [   # (label, DeltaRuleOptions fields, run at both shapes)
-    ("default (prep=pallas, num_stages 2)", {}, True),
+    ("default (prep=pallas split, num_stages 2)", {}, True),
     ("prep=xla", dict(prep="xla"), True),
     ("state bf16", dict(state_dtype="bfloat16"), True),
     ("num_stages 1", dict(num_stages=1), True),
-    ("prep_fwd split", dict(prep_fwd="split"), True),
+    ("prep_fwd fused, prep warps 8", dict(prep_fwd="fused", num_warps_prep_bwd=8), True),
     ("dS BV 64 warps 8", dict(block_v_bwd=64, num_warps_bwd=8), False),
 ]
 

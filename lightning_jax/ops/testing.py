@@ -194,8 +194,8 @@ _DELTA = Op(
                                                   block_k_grads=8)), ("b1_t100_dv16",)),
         "kernel_c64": Impl(_rule(DeltaRuleOptions(chunk=64, block_v=8, block_v_bwd=8,
                                                   block_k_grads=8)), ("b2_t100_dv32",)),
-        # the prep's forward as three kernels (A, the inverse, W / Uv through memory)
-        "kernel_c32_split_prep": Impl(_rule(DeltaRuleOptions(chunk=32, prep_fwd="split",
+        # the prep's forward as one kernel (the default is three: A, the inverse, W / Uv)
+        "kernel_c32_fused_prep": Impl(_rule(DeltaRuleOptions(chunk=32, prep_fwd="fused",
                                                              block_v=8, block_v_bwd=8,
                                                              block_k_grads=8)),
                                       ("b1_t100_dv16",)),
@@ -213,7 +213,7 @@ def _xla_prep(q, k, v, la, b, chunk=64):
   return w, uv, p, qg, kd, jnp.broadcast_to(ge[..., None], ge.shape + (chunk,))
 
 
-def _pallas_prep(q, k, v, la, b, chunk=64, prep_fwd="fused"):
+def _pallas_prep(q, k, v, la, b, chunk=64, prep_fwd="split"):
   opts = DeltaRuleOptions(chunk=chunk, num_warps_prep=4, num_stages=1, block_k_grads=8,
                           prep_fwd=prep_fwd)
   f32 = jnp.dtype(jnp.float32)
@@ -227,7 +227,7 @@ _DELTA_PREP = Op(
     cases={"t128_dv32": Case(lambda r: delta_inputs(r, 1, 128, 1, 16, 32)[:5], (0, 1, 2, 3, 4),
                              1e-5, 1e-5)},
     impls={"pallas": Impl(_pallas_prep, ("t128_dv32",)),
-           "pallas_split": Impl(lambda *a: _pallas_prep(*a, prep_fwd="split"), ("t128_dv32",))})
+           "pallas_fused": Impl(lambda *a: _pallas_prep(*a, prep_fwd="fused"), ("t128_dv32",))})
 
 
 def _strict(shape):
@@ -605,12 +605,11 @@ def _sinkhorn_lowering():
 
 _TRITON = "__gpu$xla.gpu.triton"
 LOWERINGS = {
-    "delta_rule": Lowering(_delta_lowering(), ("gdr_prep_fwd", "gdr_chunk_fwd",
-                                               "gdr_chunk_bwd_states", "gdr_chunk_bwd_grads",
-                                               "gdr_prep_bwd")),
-    "delta_rule.split_prep": Lowering(_delta_lowering(prep_fwd="split"),
-                                      ("gdr_prep_a", "gdr_prep_inv", "gdr_prep_wy",
-                                       "gdr_chunk_fwd", "gdr_prep_bwd")),
+    "delta_rule": Lowering(_delta_lowering(), ("gdr_prep_a", "gdr_prep_inv", "gdr_prep_wy",
+                                               "gdr_chunk_fwd", "gdr_chunk_bwd_states",
+                                               "gdr_chunk_bwd_grads", "gdr_prep_bwd")),
+    "delta_rule.fused_prep": Lowering(_delta_lowering(prep_fwd="fused"),
+                                      ("gdr_prep_fwd", "gdr_chunk_fwd", "gdr_prep_bwd")),
     "sparse_attention": Lowering(_gsa_lowering(), ("gsa_fwd", "gsa_dq", "gsa_dkv")),
     # two mask words, position-ordered key blocks
     "sparse_attention.tiles64": Lowering(

@@ -13,8 +13,10 @@ Split of the work (the math is the reference's, see reference.py's docstring):
     (batch, head, chunk) reading bf16 q/k/v straight from [B, T, H, D] and writing W, Uv, P, Qg,
     Kd in dot_dtype; (I+A)^-1 is built in registers in 16 x 16 sub-blocks (forward substitution
     on the diagonal blocks, T_ij = -T_ii sum_{j<=m<i} A_im T_mj below them, float32 IEEE dots);
-    prep_fwd="split" runs the same forward as three kernels on full tiles (A; the inverse from
-    A's sub-blocks read back from memory; W and Uv), for register pressure (see _prep_split_call).
+    prep_fwd="split" (the default) runs the same forward as three kernels on full tiles (A; the
+    inverse from A's sub-blocks read back from memory, at num_warps_inv = 2 warps; W and Uv), for
+    register pressure (see _prep_split_call): on an H100 at B4 x T4096 x 32 x 128 the forward
+    takes 1.47 ms split against 2.51 ms fused at 8 warps (docs/PERFORMANCE.md).
     When differentiated the forward also saves T = (I+A)^-1 (float32 [C, C] per chunk); its
     backward is a second per-chunk kernel on full [C, C] tiles and [C, bk] column slabs:
     dA = -T^T dT T^T, the M / diagonal scalings' terms and dlog_alpha = reverse cumsum(dg)
@@ -736,7 +738,9 @@ PRECISIONS = ("highest", "default")
 @dataclasses.dataclass(frozen=True)
 class DeltaRuleOptions:
   """How the Pallas delta rule runs. Defaults: the fastest setting measured on one H100 at
-  B4 x T4096, 32 heads x 128 (7.39 ms fwd+bwd; docs/PERFORMANCE.md, "Gated delta rule").
+  B4 x T4096, 32 heads x 128 (7.39 ms fwd+bwd; docs/PERFORMANCE.md, "Gated delta rule"), with
+  the prep's forward split and its inverse at 2 warps and the prep's backward at 4 warps since
+  the prep alone was measured (fwd+bwd 4.88 ms fused at 8 warps -> about 3.2 ms).
 
   chunk: tokens per chunk (a power of two for the kernels; any size for the chunked
   reference). prep: "pallas" (one Pallas program per (batch,
@@ -758,15 +762,15 @@ class DeltaRuleOptions:
   """
   chunk: int = 64
   prep: str = "pallas"
-  prep_fwd: str = "fused"
+  prep_fwd: str = "split"
   block_v: int = 64
   block_v_bwd: int = 32
   num_warps: int = 4
   num_warps_bwd: int = 4
   num_stages: int = 2
   num_warps_prep: int = 8
-  num_warps_inv: int = 0
-  num_warps_prep_bwd: int = 8
+  num_warps_inv: int = 2
+  num_warps_prep_bwd: int = 4
   block_k_grads: int = 32
   num_warps_grads: int = 8
   state_dtype: str = "float32"
