@@ -29,7 +29,7 @@ def get_config():
   m.gsa.query_chunk = 128
   c.moe.expert_width = 32
   c.moe.shared_width = 64
-  m.embed.form = "on_the_fly"     # a [V, 8192] table would dwarf the tiny model
+  m.embed.form = "on_the_fly"     # (the default) a [V, 8192] table would dwarf the tiny model
 
   # ---- data: the bundled corpus (corpus/, SOURCES.md), prepared into <workdir>/data on first run
   d = c.data

@@ -153,7 +153,8 @@ FIELDS: tuple[Field, ...] = (
 
     F("model.embed.max_bytes", 32, "codec byte positions (vector width 256 x max_bytes)",
       check="size"),
-    F("model.embed.form", "table", "Kronecker codes as a [V, 8192] table or computed on the fly",
+    F("model.embed.form", "on_the_fly", "Kronecker codes computed on the fly from each token's "
+      "bytes (about 4.5 MB) or kept as a [V, 8192] table (2.15 GB at V = 131072)",
       choices=("table", "on_the_fly")),
     F("model.embed.z_eps", 1e-6, "z-normalisation epsilon", check="positive"),
     F("model.embed.reference_text_decode", False, "reference behaviour: decode each token to text "
