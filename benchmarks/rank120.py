@@ -179,11 +179,11 @@ def run(cfg, a, command: str) -> dict:
     def one():
       holder["state"], m = compiled(holder["state"], {"ids": ids})
       return m
-    first = None
+    first = None         # the loss before any update: comparable across modes and kernels
     for _ in range(2):
       m = jax.block_until_ready(one())
-      first = float(m["loss"]) if first is None else first   # before any update: comparable
-    ts = []                                                    # across modes and kernels
+      first = float(m["loss"]) if first is None else first
+    ts = []
     for _ in range(a.steps):
       t1 = time.perf_counter()
       m = jax.block_until_ready(one())

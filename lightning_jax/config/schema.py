@@ -149,7 +149,8 @@ FIELDS: tuple[Field, ...] = (
     F("model.hc.sinkhorn_eps", 1e-6, "Sinkhorn epsilon", check="positive"),
     F("model.hc.sinkhorn_impl", "rolled", "Sinkhorn implementation: rolled (a lax.fori_loop) "
       "| kernel (one Pallas launch forward, one backward; -2.0% step time on the 120B rank, "
-      "docs/PERFORMANCE.md) | auto (the kernel on GPU, else rolled)", choices=("rolled", "kernel", "auto"), resume=FREE),
+      "docs/PERFORMANCE.md) | auto (the kernel on GPU, else rolled)",
+      choices=("rolled", "kernel", "auto"), resume=FREE),
 
     F("model.embed.max_bytes", 32, "codec byte positions (vector width 256 x max_bytes)",
       check="size"),
