@@ -124,6 +124,7 @@ DELTA_SETTINGS = [   # (label, DeltaRuleOptions fields, run at both shapes)
     ("state bf16", dict(state_dtype="bfloat16"), True),
     ("num_stages 1", dict(num_stages=1), True),
     ("prep_fwd fused, prep warps 8", dict(prep_fwd="fused", num_warps_prep_bwd=8), True),
+    ("fwd_o split", dict(fwd_o="split"), True),
     ("dS BV 64 warps 8", dict(block_v_bwd=64, num_warps_bwd=8), False),
 ]
 
@@ -254,7 +255,8 @@ def prep(small, iters):
   for label, st in (("f32 states", dict(num_stages=1)),
                     ("bf16 states", dict(state_dtype="bfloat16", num_stages=1)),
                     ("f32 states, num_stages 2", dict(num_stages=2)),
-                    ("f32 states, num_stages 2, fwd BV 32", dict(num_stages=2, block_v=32))):
+                    ("f32 states, num_stages 2, fwd BV 32", dict(num_stages=2, block_v=32)),
+                    ("f32 states, num_stages 2, fwd_o split", dict(num_stages=2, fwd_o="split"))):
     st = {"block_v": 8 if small else 64, **st}
     if small:
       st["block_v"] = min(st["block_v"], 8)

@@ -151,6 +151,8 @@ def test_bad_kernel_options_are_named():
     delta_rule_op.DeltaRuleOptions(prep="cuda")
   with pytest.raises(ValueError, match="state_dtype='float16' must be"):
     delta_rule_op.DeltaRuleOptions(state_dtype="float16")
+  with pytest.raises(ValueError, match="fwd_o='parallel' must be 'fused' or 'split'"):
+    delta_rule_op.DeltaRuleOptions(fwd_o="parallel")
   args = testing.delta_inputs(np.random.default_rng(0), 1, 8, 1, 8, 8)[:5]
   with pytest.raises(ValueError, match="chunk=48 must be a power of two"):
     delta_kernel.chunk_gated_delta_rule(*args, options=delta_rule_op.DeltaRuleOptions(chunk=48))

@@ -118,6 +118,10 @@ FIELDS: tuple[Field, ...] = (
       "kernels: A, the inverse, W / Uv; 1.47 ms at B4 x T4096 on an H100) | fused (one kernel: "
       "2.51 ms)", choices=("fused", "split"),
       resume=FREE),
+    F("model.deltanet.kernel.fwd_o", "fused", "kernel recurrence forward's outputs: fused (in "
+      "the sequential kernel) | split (FLA's layout: a second kernel, parallel over chunks, "
+      "from the saved states; not yet timed on a GPU)", choices=("fused", "split"),
+      resume=FREE),
     F("model.deltanet.kernel.bwd", "split_pallas", "kernel recurrence backward",
       resume=FREE),
     F("model.deltanet.kernel.block_v_bwd", 32, "kernel backward value-block width", check="size",

@@ -199,6 +199,10 @@ _DELTA = Op(
                                                              block_v=8, block_v_bwd=8,
                                                              block_k_grads=8)),
                                       ("b1_t100_dv16",)),
+        # the forward's outputs by a kernel parallel over chunks, from the saved states
+        "kernel_c64_split_out": Impl(_rule(DeltaRuleOptions(chunk=64, fwd_o="split", block_v=8,
+                                                            block_v_bwd=8, block_k_grads=8)),
+                                     ("b2_t100_dv32",)),
         # bf16 saved states (the forward and dS kernels write them)
         "kernel_bf16_states": Impl(_rule(DeltaRuleOptions(chunk=32, block_v=4, block_v_bwd=4,
                                                           block_k_grads=8,
@@ -610,6 +614,9 @@ LOWERINGS = {
                                                "gdr_chunk_bwd_grads", "gdr_prep_bwd")),
     "delta_rule.fused_prep": Lowering(_delta_lowering(prep_fwd="fused"),
                                       ("gdr_prep_fwd", "gdr_chunk_fwd", "gdr_prep_bwd")),
+    "delta_rule.split_out": Lowering(_delta_lowering(fwd_o="split"),
+                                     ("gdr_chunk_fwd_states", "gdr_chunk_fwd_out",
+                                      "gdr_chunk_bwd_states")),
     "sparse_attention": Lowering(_gsa_lowering(), ("gsa_fwd", "gsa_dq", "gsa_dkv")),
     # two mask words, position-ordered key blocks
     "sparse_attention.tiles64": Lowering(

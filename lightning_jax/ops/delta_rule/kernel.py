@@ -22,7 +22,8 @@ Split of the work (the math is the reference's, see reference.py's docstring):
     dA = -T^T dT T^T, the M / diagonal scalings' terms and dlog_alpha = reverse cumsum(dg)
     (see _prep_bwd_kernel);
   * the recurrence over chunks, one Pallas program per (batch x head, block of Dv rows of the
-    state), the state block [BV, Dk] held in registers across a loop over the chunks:
+    state), the state block [BV, Dk] held in registers across a loop over the chunks (fwd_o=
+    "split" leaves O to a second kernel over (batch x head, chunk, Dv block) reading the states):
         U_n = Uv_n - W_n S_n^T ;  O_n = Qg_n S_n^T + P_n U_n ;  S_{n+1} = ge_n S_n + U_n^T Kd_n
     (rows of the state over Dv are independent, which is what makes the Dv split exact). The
     forward kernel writes O in v's dtype into [B, T, H, Dv] and the state at each chunk start
@@ -97,6 +98,27 @@ def _fwd_kernel(w_ref, uv_ref, p_ref, qg_ref, kd_ref, ge_ref, s0_ref,
   sn_ref[...] = s
 
 
+def _fwd_states_kernel(w_ref, uv_ref, kd_ref, ge_ref, s0_ref, hs_ref, sn_ref, *, n_chunks,
+                       dot_dtype):
+  """fwd_o="split": only the sequential part of the forward (the states), two dots per chunk
+  instead of four; the outputs come from _fwd_out_kernel, parallel over chunks."""
+  def body(i, s):
+    hs_ref[i] = s.astype(hs_ref.dtype)
+    u = uv_ref[i].astype(F32) - _dot(w_ref[i], s, _DN_T, dot_dtype)            # [C, BV]
+    ge = jnp.max(ge_ref[i].astype(F32))
+    return ge * s + _dot(u, kd_ref[i], _DN_TA, dot_dtype)
+  sn_ref[...] = jax.lax.fori_loop(0, n_chunks, body, s0_ref[...].astype(F32))
+
+
+def _fwd_out_kernel(w_ref, uv_ref, p_ref, qg_ref, hs_ref, o_ref, *, dot_dtype):
+  """One (batch x head, chunk, Dv block): O = Qg S^T + P (Uv - W S^T) from the saved state S
+  entering the chunk (exact with float32 saved states; rounded ones with state_dtype bf16)."""
+  s = hs_ref[...].astype(F32)                                                   # [BV, Dk]
+  u = uv_ref[...].astype(F32) - _dot(w_ref[...], s, _DN_T, dot_dtype)           # [C, BV]
+  o = _dot(qg_ref[...], s, _DN_T, dot_dtype) + _dot(p_ref[...], u, _DN, dot_dtype)
+  o_ref[...] = o.astype(o_ref.dtype)
+
+
 
 
 def _bwd_states_kernel(w_ref, p_ref, qg_ref, kd_ref, ge_ref, do_ref, dsn_ref, dss_ref, ds0_ref,
@@ -148,6 +170,8 @@ def _block_v(dv, want, name="block_v", dim="Dv"):
 
 
 def _fwd_call(w, uv, p, qg, kd, gev, s0, opts):
+  if opts.fwd_o == "split":
+    return _fwd_split_call(w, uv, p, qg, kd, gev, s0, opts)
   bh, n, c, dk = w.shape
   dv = uv.shape[-1]
   bv = _block_v(dv, opts.block_v)
@@ -166,6 +190,41 @@ def _fwd_call(w, uv, p, qg, kd, gev, s0, opts):
       compiler_params=_compiler_params(opts.num_warps, opts.num_stages,
                                        opts.gpu_lowering),
   )(w, uv, p, qg, kd, gev, s0)
+
+
+def _fwd_split_call(w, uv, p, qg, kd, gev, s0, opts):
+  """The forward as FLA splits it: the states by a sequential kernel over chunks
+  (gdr_chunk_fwd_states, grid (B H, Dv blocks)), then the outputs by a kernel parallel over
+  (B H, chunk, Dv block) (gdr_chunk_fwd_out). Same results as _fwd_call's fused kernel."""
+  bh, n, c, dk = w.shape
+  dv = uv.shape[-1]
+  bv = _block_v(dv, opts.block_v)
+  sp = _specs(n, c, dk, bv)
+  hs, sn = pl.pallas_call(
+      functools.partial(_fwd_states_kernel, n_chunks=n, dot_dtype=opts.dot_dtype),
+      grid=(bh, dv // bv),
+      in_specs=[sp["full_k"], sp["blk_v"], sp["full_k"], sp["vec"], sp["state"]],
+      out_specs=[sp["states"], sp["state"]],
+      out_shape=[jax.ShapeDtypeStruct((bh, n, dv, dk), opts.state_dtype),
+                 jax.ShapeDtypeStruct((bh, dv, dk), F32)],
+      interpret=opts.interpret, name="gdr_chunk_fwd_states",
+      compiler_params=_compiler_params(opts.num_warps, opts.num_stages, opts.gpu_lowering),
+  )(w, uv, kd, gev, s0)
+  sq = pl.squeezed if hasattr(pl, "squeezed") else None
+  heads = opts.heads
+  k_blk = pl.BlockSpec((sq, sq, c, dk), lambda i, j, v: (i, j, 0, 0))
+  o = pl.pallas_call(
+      functools.partial(_fwd_out_kernel, dot_dtype=opts.dot_dtype),
+      grid=(bh, n, dv // bv),
+      in_specs=[k_blk, pl.BlockSpec((sq, sq, c, bv), lambda i, j, v: (i, j, 0, v)),
+                pl.BlockSpec((sq, sq, c, c), lambda i, j, v: (i, j, 0, 0)), k_blk,
+                pl.BlockSpec((sq, sq, bv, dk), lambda i, j, v: (i, j, v, 0))],
+      out_specs=pl.BlockSpec((sq, c, sq, bv), lambda i, j, v: (i // heads, j, i % heads, v)),
+      out_shape=jax.ShapeDtypeStruct((bh // heads, n * c, heads, dv), opts.out_dtype),
+      interpret=opts.interpret, name="gdr_chunk_fwd_out",
+      compiler_params=_compiler_params(opts.num_warps, opts.num_stages, opts.gpu_lowering),
+  )(w, uv, p, qg, hs)
+  return o, hs, sn
 
 
 
@@ -733,6 +792,7 @@ _prep_pallas.defvjp(_prep_pallas_fwd, _prep_pallas_bwd)
 PREPS = ("pallas", "xla")
 PREP_FWDS = ("fused", "split")
 PRECISIONS = ("highest", "default")
+FWD_OS = ("fused", "split")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -751,6 +811,9 @@ class DeltaRuleOptions:
   float32, differentiated by autodiff; inverse_precision: the matmul precision of its
   (I + A)^-1, "highest" | "default").
   block_v / num_warps: Dv rows of the state per program of the forward recurrence kernel;
+  fwd_o: the outputs inside that sequential kernel ("fused": four dots per chunk) or, as FLA
+  does, from the saved states by a second kernel parallel over chunks ("split": the sequential
+  kernel keeps two dots per chunk; with bf16 saved states the outputs see the rounded states);
   block_v_bwd / num_warps_bwd: the same for the reverse dS kernel; block_k_grads: the column
   block (over Dk, and Dv in the prep's backward) the per-chunk backward kernels loop over,
   num_warps_grads warps for the per-chunk gradient kernel. num_stages: Triton pipeline stages.
@@ -763,6 +826,7 @@ class DeltaRuleOptions:
   chunk: int = 64
   prep: str = "pallas"
   prep_fwd: str = "split"
+  fwd_o: str = "fused"
   block_v: int = 64
   block_v_bwd: int = 32
   num_warps: int = 4
@@ -799,6 +863,8 @@ class DeltaRuleOptions:
     if self.prep_fwd not in PREP_FWDS:
       raise ValueError(f"delta rule kernel: prep_fwd={self.prep_fwd!r} must be 'fused' or "
                        f"'split'.")
+    if self.fwd_o not in FWD_OS:
+      raise ValueError(f"delta rule kernel: fwd_o={self.fwd_o!r} must be 'fused' or 'split'.")
     if self.inverse_precision not in PRECISIONS:
       raise ValueError(f"delta rule kernel: inverse_precision={self.inverse_precision!r} must "
                        f"be 'highest' or 'default'.")
