@@ -51,6 +51,14 @@ from lightning_jax.ops.pallas import lower_for_gpu, on_gpu
 from lightning_jax.ops.sparse_attention import api as attention_op
 
 RESULTS: dict = {}
+JSON_PATH = ""   # set by main: every recorded row is written at once, so a timed-out run keeps them
+
+
+def _flush():
+  if JSON_PATH:
+    with open(JSON_PATH + ".tmp", "w") as f:
+      json.dump(RESULTS, f, indent=1)
+    os.replace(JSON_PATH + ".tmp", JSON_PATH)
 
 
 def bench(fn, args, iters=10, warmup=2):
@@ -71,6 +79,7 @@ def bench(fn, args, iters=10, warmup=2):
 
 def record(name, ms, note="", **extra):
   RESULTS[name] = {"ms": ms, "note": note, **extra}
+  _flush()
   print(f"{name:<58} {ms:9.3f} ms  {note}", flush=True)
 
 
@@ -79,6 +88,7 @@ def guarded(name, fn):
     fn()
   except Exception as e:  # noqa: BLE001 (report and go on: one failure must not lose the rest)
     RESULTS[name] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+    _flush()
     print(f"{name:<58} FAILED {type(e).__name__}: {str(e)[:600]}", flush=True)
     traceback.print_exc(limit=3)
 
@@ -406,6 +416,8 @@ def main(argv=None):
   ap.add_argument("--triton_python", "--triton-python", default="",
                   help="For --only resources: a Python interpreter with the triton package.")
   a = ap.parse_args(argv)
+  global JSON_PATH
+  JSON_PATH = a.json
   dev = jax.devices()[0]
   head = (f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC  {dev.device_kind}  "
           f"{platform.node()}  jax {jax.__version__}")
@@ -422,9 +434,7 @@ def main(argv=None):
     gsa(a.small, a.iters)
   if "resources" in parts:
     resources(a.small, a.triton_python)
-  if a.json:
-    with open(a.json, "w") as f:
-      json.dump(RESULTS, f, indent=1)
+  _flush()
 
 
 if __name__ == "__main__":
