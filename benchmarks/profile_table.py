@@ -188,16 +188,11 @@ _COMP = re.compile(r"^%?([\w.\-]+)\s*\(.*\{\s*$")
 _KV = re.compile(r"(\w+)=(\d+)")
 
 
-def hlo_sources(hlo_text_path: str, project: str = "lightning_jax") -> dict:
-  """{instruction name: "file.py:function:line"} from an XLA HLO text dump of the step (its
-  *after_optimizations.txt), read from each instruction's stack_frame_id through the module's
-  FileNames / FunctionNames / FileLocations / StackFrames tables: the innermost frame inside
-  `project`'s files (else the innermost frame). Kernels are named after HLO instructions when
-  command buffers are off (XLA_FLAGS=--xla_gpu_enable_command_buffer=), so a trace's events map
-  to the Python source that built them; a fusion without metadata of its own takes its fused
-  computation's root's."""
+def _parse_hlo(hlo_text_path: str):
+  """(frame tables, {instr: stack_frame_id}, {instr: op_name}, {instr: called computation},
+  {computation: root instr}) of an XLA HLO text dump."""
   tables = {"FileNames": {}, "FunctionNames": {}, "FileLocations": {}, "StackFrames": {}}
-  section, frame_of, calls, roots, comp = None, {}, {}, {}, None
+  section, frame_of, op_of, calls, roots, comp = None, {}, {}, {}, {}, None
   with open(hlo_text_path) as f:
     for line in f:
       head = line.strip()
@@ -222,11 +217,34 @@ def hlo_sources(hlo_text_path: str, project: str = "lightning_jax") -> dict:
       sf = re.search(r"stack_frame_id=(\d+)", m.group(2))
       if sf:
         frame_of[name] = int(sf.group(1))
+      on = re.search(r'op_name="([^"]*)"', m.group(2))
+      if on:
+        op_of[name] = on.group(1)
       c = _CALLS.search(line)
       if c:
         calls[name] = c.group(1)
       if head.startswith("ROOT") and comp:
         roots[comp] = name
+  return tables, frame_of, op_of, calls, roots
+
+
+def _own_or_root(name, own: dict, calls: dict, roots: dict):
+  """An instruction's own metadata entry, else (a fusion) its fused computation's root's."""
+  v = own.get(name)
+  if v is None and name in calls:
+    v = own.get(roots.get(calls[name], ""))
+  return v
+
+
+def hlo_sources(hlo_text_path: str, project: str = "lightning_jax") -> dict:
+  """{instruction name: "file.py:function:line"} from an XLA HLO text dump of the step (its
+  *after_optimizations.txt), read from each instruction's stack_frame_id through the module's
+  FileNames / FunctionNames / FileLocations / StackFrames tables: the innermost frame inside
+  `project`'s files (else the innermost frame). Kernels are named after HLO instructions when
+  command buffers are off (XLA_FLAGS=--xla_gpu_enable_command_buffer=), so a trace's events map
+  to the Python source that built them; a fusion without metadata of its own takes its fused
+  computation's root's."""
+  tables, frame_of, _, calls, roots = _parse_hlo(hlo_text_path)
 
   def describe(frame: int) -> str:
     first, best, seen = None, None, set()
@@ -246,12 +264,48 @@ def hlo_sources(hlo_text_path: str, project: str = "lightning_jax") -> dict:
     return best or first or "?"
 
   out = {}
-  names = set(frame_of) | set(calls)
-  for name in names:
-    fr = frame_of.get(name)
-    if fr is None and name in calls:
-      fr = frame_of.get(roots.get(calls[name], ""), None)
+  for name in set(frame_of) | set(calls):
+    fr = _own_or_root(name, frame_of, calls, roots)
     out[name] = describe(fr) if fr else "?"
+  return out
+
+
+# The model's jax.named_scope names (model.py, layers/streams.py, layers/moe.py, reversible.py).
+# Scope names survive autodiff (a backward op is named transpose(jvp(<scope>))/...), unlike the
+# stack frames: inside the reversible stack's custom_vjp the backward's frames all point at
+# reversible_stack.
+MODEL_SCOPES = ("embed", "hc_pre", "hc_post", "mixer_D", "mixer_G", "moe", "ffn", "route",
+                "routed", "gather_rows", "experts", "combine_rows", "shared", "mtp", "head_ce")
+_WRAP = re.compile(r"^(?:\w+\()+|\)+$")
+
+
+def scope_of(op_name: str) -> str:
+  """"<phase> <scope path>" of one HLO op_name. The phase is fwd (the step's forward), rebuild
+  (the reversible stack's per-layer forward again, in the backward), recompute (model.remat's
+  rematerialised values inside a layer's vjp), or bwd; the path is the model scopes it sits in,
+  outermost first ("-" outside every scope: the optimizer update, the loss glue)."""
+  parts = [_WRAP.sub("", t) for t in op_name.split("/")]
+  if "rematted_computation" in op_name:
+    phase = "recompute"
+  elif "rebuild" in parts and "layer_vjp" not in parts:
+    phase = "rebuild"
+  elif "transpose(" in op_name or "layer_vjp" in parts:
+    phase = "bwd"
+  else:
+    phase = "fwd"
+  path = [t for t in parts if t in MODEL_SCOPES]
+  path = [t for i, t in enumerate(path) if t not in path[:i]]
+  return f"{phase} {'/'.join(path) or '-'}"
+
+
+def hlo_scopes(hlo_text_path: str) -> dict:
+  """{instruction name: scope_of(its op_name)} from the step's HLO text dump (see hlo_sources);
+  for source_table(..., by="line")."""
+  _, _, op_of, calls, roots = _parse_hlo(hlo_text_path)
+  out = {}
+  for name in set(op_of) | set(calls):
+    on = _own_or_root(name, op_of, calls, roots)
+    out[name] = scope_of(on) if on else "? -"
   return out
 
 
@@ -278,3 +332,13 @@ def source_table(trace_path: str, sources: dict, n_calls: int = 1, by: str = "fi
            "detail": ""} for k, v in acc.items()]
   rows.sort(key=lambda r: -r["ms"])
   return rows[:top]
+
+
+def attribution(trace_path: str, hlo_text_path: str, top: int = 30) -> dict:
+  """The trace's device time by Python source file and function (hlo_sources) and by model
+  scope and phase (hlo_scopes, up to 2 * top rows): {"file", "function", "scope"} row lists."""
+  srcs = hlo_sources(hlo_text_path)
+  out = {by: source_table(trace_path, srcs, 1, by=by, top=top) for by in ("file", "function")}
+  out["scope"] = source_table(trace_path, hlo_scopes(hlo_text_path), 1, by="line", top=2 * top)
+  return out
+

@@ -197,9 +197,7 @@ def run(cfg, a, command: str) -> dict:
       hlo = sorted(glob.glob(os.path.join(a.hlo_dump, "*step_fn*after_optimizations.txt"))) \
           if a.hlo_dump else []
       if hlo:
-        srcs = profile_table.hlo_sources(hlo[-1])
-        src_rows = {by: profile_table.source_table(trace, srcs, 1, by=by, top=30)
-                    for by in ("file", "function")}
+        src_rows = profile_table.attribution(trace, hlo[-1])
   m = jax.device_get(m)
   step_s = sorted(ts)[len(ts) // 2]
   tokens = b * t

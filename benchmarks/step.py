@@ -250,9 +250,7 @@ def _attribute(trace: str, dump_dir: str) -> dict:
   if not hlo:
     raise SystemExit(f"--attribute {dump_dir}: no *step_fn*after_optimizations.txt there; run "
                      f"with XLA_FLAGS='--xla_dump_to={dump_dir} --xla_gpu_enable_command_buffer='.")
-  srcs = profile_table.hlo_sources(max(hlo, key=os.path.getsize))
-  return {by: profile_table.source_table(trace, srcs, 1, by=by, top=30)
-          for by in ("file", "function")}
+  return profile_table.attribution(trace, max(hlo, key=os.path.getsize))
 
 
 def time_step(cfg, mesh, steps: int, seed: int = 0, profile: bool = False,

@@ -215,8 +215,11 @@ def mix_sublayer(vars_j, x, consts, choices, *, cfg, kind: str, mixer=None):
       return mk.apply(vars_j["params"]["mixer"], None, st.get("mixer"), u, consts, cfg,
                       selection=selection)
 
-  x, (sel, a, s) = streams.apply(p["mix_hc"], x,
-                                 lambda u: mixer(vars_j, u, consts, ch.get("mixer")), cfg)
+  def scoped_mixer(u):
+    with jax.named_scope(f"mixer_{kind}"):
+      return mixer(vars_j, u, consts, ch.get("mixer"))
+
+  x, (sel, a, s) = streams.apply(p["mix_hc"], x, scoped_mixer, cfg)
   aux = aux + jnp.asarray(a, jnp.float32)
   if s is not None:
     out_stats["mixer"] = s
@@ -236,8 +239,9 @@ def ffn_sublayer(vars_j, x, consts, choices, *, cfg):
   fb = blocks.ffn_block(cfg)
 
   def ffn_fn(u):
-    return fb.apply(p[fb.key], fr.get(fb.key), st.get(fb.key), u, consts, cfg,
-                    selection=ch.get(fb.key))
+    with jax.named_scope(fb.key):
+      return fb.apply(p[fb.key], fr.get(fb.key), st.get(fb.key), u, consts, cfg,
+                      selection=ch.get(fb.key))
 
   x, (sel, a, s) = streams.apply(p["ffn_hc"], x, ffn_fn, cfg)
   aux = aux + jnp.asarray(a, jnp.float32)
@@ -311,7 +315,8 @@ def forward(params, frozen, stats, ids, cfg, with_mtp: bool | None = None, moe_c
   dtype = nn.dtype_of(m.dtype)
   t = ids.shape[1] - (1 if with_mtp else 0)
   ids = sharding.constrain(ids, ("batch", "seq"))
-  emb = kronecker.embed_apply(params["embed"], frozen["embed"], ids, cfg).astype(dtype)
+  with jax.named_scope("embed"):
+    emb = kronecker.embed_apply(params["embed"], frozen["embed"], ids, cfg).astype(dtype)
   emb = sharding.constrain(emb, ("batch", "seq", "embed"))
   consts = make_consts(cfg, t)
   if moe_ctl is not None:
@@ -336,7 +341,8 @@ def forward(params, frozen, stats, ids, cfg, with_mtp: bool | None = None, moe_c
     sz = (stats or {}).get("mtp", {}).get("layer", {})
     mtp_fn = remat_lib.wrap(functools.partial(mtp_layer, cfg=cfg), m.remat,
                             prevent_cse=True)
-    xs, _, a, s = mtp_fn({"params": mp["layer"], "frozen": fz, "stats": sz}, xs, consts)
+    with jax.named_scope("mtp"):
+      xs, _, a, s = mtp_fn({"params": mp["layer"], "frozen": fz, "stats": sz}, xs, consts)
     out["h_mtp"] = streams.readout(xs, params["final_norm"]["scale"], m.norm_eps)
     out["aux_mtp"] = a
     step_stats["mtp"] = {"layer": s}
@@ -366,11 +372,12 @@ def loss_fn(params, frozen, stats, batch, cfg, moe_ctl=None):
                 with_mtp=with_mtp, moe_ctl=moe_ctl)
   w = params["head"]["w"]
   ce_mtp = jnp.zeros((), jnp.float32)
-  if with_mtp:       # both head passes in one chunked scan: one float32 head gradient, not two
-    ce_next, ce_mtp = chunked_cross_entropies([out["h"], out["h_mtp"]], w,
-                                              [ids[:, 1:-1], ids[:, 2:]], m.ce_chunk, dtype)
-  else:
-    ce_next = chunked_cross_entropy(out["h"], w, ids[:, 1:-1], m.ce_chunk, dtype)
+  with jax.named_scope("head_ce"):
+    if with_mtp:     # both head passes in one chunked scan: one float32 head gradient, not two
+      ce_next, ce_mtp = chunked_cross_entropies([out["h"], out["h_mtp"]], w,
+                                                [ids[:, 1:-1], ids[:, 2:]], m.ce_chunk, dtype)
+    else:
+      ce_next = chunked_cross_entropy(out["h"], w, ids[:, 1:-1], m.ce_chunk, dtype)
   aux = out["aux"] * aux_scale(cfg)
   total = ce_next + aux
   if with_mtp:

@@ -297,19 +297,22 @@ def _dispatch_local(wp, wf, x, eid, gates, cfg, n_dev, axis, reduce_axes):
 
   def one_round(wp, wf, x, gates, maps, start, cap):
     src, slot = _round_maps(*maps, start, cap, n, k)
-    xs = dispatch_rows(x, src, slot)                                   # [E_tot cap, d]
+    with jax.named_scope("gather_rows"):
+      xs = dispatch_rows(x, src, slot)                                 # [E_tot cap, d]
     if axis is not None:
       xs = jax.lax.all_to_all(xs.reshape(n_dev, e_loc, cap, d), axis, 0, 0, tiled=True)
       xg = xs.transpose(1, 0, 2, 3).reshape(e_loc, n_dev * cap, d)
     else:
       xg = xs.reshape(e_tot, cap, d)
-    yg = grouped_swiglu(wp, wf, xg, cfg)
+    with jax.named_scope("experts"):
+      yg = grouped_swiglu(wp, wf, xg, cfg)
     if axis is not None:
       ys = yg.reshape(e_loc, n_dev, cap, d).transpose(1, 0, 2, 3)
       ys = jax.lax.all_to_all(ys, axis, 0, 0, tiled=True).reshape(e_tot * cap, d)
     else:
       ys = yg.reshape(e_tot * cap, d)
-    return combine_rows(ys, gates, src, slot)                          # [N, d] float32
+    with jax.named_scope("combine_rows"):
+      return combine_rows(ys, gates, src, slot)                        # [N, d] float32
 
   out = one_round(wp, wf, x, gates, maps, 0, c0)
   if cfg.moe.dispatch == "capacity":
@@ -400,10 +403,13 @@ def moe_apply(p, frozen, stats, x, consts, cfg, selection=None):
   dt = nn.dtype_of(cfg.model.dtype)
   x2 = x.reshape(b * t, d)
   idx = None if selection is None else selection["idx"].reshape(b * t, -1)
-  idx, eid, gates, aux, st = route(p["router"], stats, x2.astype(dt), cfg, consts, idx)
+  with jax.named_scope("route"):
+    idx, eid, gates, aux, st = route(p["router"], stats, x2.astype(dt), cfg, consts, idx)
   wp, wf = _expert_vars(p, frozen, cfg)
-  routed, dropped = dispatch(wp, wf, x2.astype(dt), eid, gates, cfg)
-  y = ffn.swiglu(p["shared"], x2.astype(dt)).astype(jnp.float32) + routed
+  with jax.named_scope("routed"):
+    routed, dropped = dispatch(wp, wf, x2.astype(dt), eid, gates, cfg)
+  with jax.named_scope("shared"):
+    y = ffn.swiglu(p["shared"], x2.astype(dt)).astype(jnp.float32) + routed
   st["dropped"] = dropped
   st["dropped_fraction"] = dropped / jnp.maximum(st["assignments"], 1.0)
   return (y.astype(dt).reshape(b, t, d), {"idx": idx.reshape(b, t, -1)}, aux, st)

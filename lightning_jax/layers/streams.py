@@ -82,10 +82,12 @@ def post(coeffs, x, y):
 
 def apply(p: dict, x, sublayer, cfg):
   """Run `sublayer(u) -> (y, *extras)` inside the streams; returns (new_x, extras)."""
-  u, coeffs = pre(p, x, cfg)
+  with jax.named_scope("hc_pre"):
+    u, coeffs = pre(p, x, cfg)
   out = sublayer(u)
   y, extras = out[0], out[1:]
-  return post(coeffs, x, y), extras
+  with jax.named_scope("hc_post"):
+    return post(coeffs, x, y), extras
 
 
 def expand(e, n_streams: int):
