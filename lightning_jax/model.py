@@ -34,7 +34,8 @@ from lightning_jax import remat as remat_lib
 from lightning_jax.config import ConfigError, n_groups, validate
 from lightning_jax.layers import kronecker, rotary, streams
 from lightning_jax.layers.norms import rms_norm_specs
-from lightning_jax.ops.head_ce.api import chunked_cross_entropies, chunked_cross_entropy
+from lightning_jax.ops.head_ce.api import (chunked_cross_entropies, chunked_cross_entropy,
+                                          fused_cross_entropy_loss)
 
 
 class InputError(ValueError):
@@ -372,16 +373,22 @@ def loss_fn(params, frozen, stats, batch, cfg, moe_ctl=None):
                 with_mtp=with_mtp, moe_ctl=moe_ctl)
   w = params["head"]["w"]
   ce_mtp = jnp.zeros((), jnp.float32)
+  # both head passes in one chunked scan: one float32 head gradient, not two
+  hs, tgts = ([out["h"], out["h_mtp"]], [ids[:, 1:-1], ids[:, 2:]]) if with_mtp else \
+      ([out["h"]], [ids[:, 1:-1]])
   with jax.named_scope("head_ce"):
-    if with_mtp:     # both head passes in one chunked scan: one float32 head gradient, not two
-      ce_next, ce_mtp = chunked_cross_entropies([out["h"], out["h_mtp"]], w,
-                                                [ids[:, 1:-1], ids[:, 2:]], m.ce_chunk, dtype)
+    if m.ce_impl == "fused":     # the CE terms of `total` and their gradient, in one pass
+      weights = (1.0, float(m.mtp.weight)) if with_mtp else (1.0,)
+      ce_total, ces = fused_cross_entropy_loss(hs, w, tgts, m.ce_chunk, dtype, weights)
     else:
-      ce_next = chunked_cross_entropy(out["h"], w, ids[:, 1:-1], m.ce_chunk, dtype)
-  aux = out["aux"] * aux_scale(cfg)
-  total = ce_next + aux
+      ces = chunked_cross_entropies(hs, w, tgts, m.ce_chunk, dtype)
+      ce_total = ces[0] + (m.mtp.weight * ces[1] if with_mtp else 0.0)
+  ce_next = ces[0]
   if with_mtp:
-    total = total + m.mtp.weight * ce_mtp
+    ce_mtp = ces[1]
+  aux = out["aux"] * aux_scale(cfg)
+  total = ce_total + aux
+  if with_mtp:
     if m.mtp.include_aux:
       total = total + out["aux_mtp"]
   metrics = {"loss": ce_next, "ce_mtp": ce_mtp, "aux": aux, "aux_mtp": out["aux_mtp"],

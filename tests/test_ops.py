@@ -202,3 +202,39 @@ def test_head_weight_converted_once_per_pass_not_per_chunk():
   assert sum(e.primitive.name == "scan" for e in jaxpr.eqns) == 2      # forward and backward
   converts = _converts_of(jaxpr, (64, 512))
   assert converts == [False, False], f"w converts, True = inside a scan: {converts}"
+
+
+def _dots_with(jaxpr, dim):
+  """Number of dot_generals (nested jaxprs too) with an operand dimension of size `dim`."""
+  n = 0
+  for e in jaxpr.eqns:
+    if e.primitive.name == "dot_general" and any(dim in v.aval.shape for v in e.invars):
+      n += 1
+    for v in e.params.values():
+      for sub in v if isinstance(v, (tuple, list)) else (v,):
+        sub = getattr(sub, "jaxpr", sub)
+        if hasattr(sub, "eqns"):
+          n += _dots_with(sub, dim)
+  return n
+
+
+def test_fused_head_runs_three_vocab_matmuls_per_chunk_and_one_when_evaluating():
+  """model.ce_impl=fused: logits, dh and dw once per chunk in ONE scan (the recompute path runs
+  the logits again in its backward: four), the weight converted once; without differentiation
+  only the logits matmul runs."""
+  h = jnp.zeros((2, 64, 64), jnp.float32)
+  w = jnp.zeros((64, 512), jnp.float32)
+  t = jnp.zeros((2, 64), jnp.int32)
+  fused = lambda h, w: ce_api.fused_cross_entropy_loss([h, h], w, [t, t], 16, jnp.bfloat16,
+                                                       (1.0, 0.3))[0]
+  recompute = lambda h, w: sum(ce_api.chunked_cross_entropies([h, h], w, [t, t], 16,
+                                                              jnp.bfloat16))
+  g_fused = jax.make_jaxpr(jax.grad(fused, (0, 1)))(h, w).jaxpr
+  assert _dots_with(g_fused, 512) == 3
+  assert sum(e.primitive.name == "scan" for e in g_fused.eqns) == 1
+  assert _converts_of(g_fused, (64, 512)) == [False]
+  assert _dots_with(jax.make_jaxpr(jax.grad(recompute, (0, 1)))(h, w).jaxpr, 512) == 4
+  assert _dots_with(jax.make_jaxpr(fused)(h, w).jaxpr, 512) == 1
+  with pytest.raises(ValueError, match="one weight per pass; got 1 weights for 2 passes"):
+    ce_api.fused_cross_entropy_loss([h, h], w, [t, t], 16, weights=(1.0,))
+

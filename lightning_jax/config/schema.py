@@ -94,6 +94,10 @@ FIELDS: tuple[Field, ...] = (
       when="!moe.enabled"),
     F("model.ce_chunk", 1024, "tokens per cross-entropy chunk (float32 logits exist for one "
       "chunk at a time)", check="size", resume=FREE),
+    F("model.ce_impl", "fused", "the training loss's head: fused (each chunk's logit gradient "
+      "and both gradient matmuls in the forward; the backward scales them) | recompute (the "
+      "backward computes every chunk's logits again)", choices=("fused", "recompute"),
+      resume=FREE),
     F("model.remat", "none", "what each layer keeps for its backward (in a reversible stack: "
       "within its rebuild): none (all autodiff saves) | selective (matmul outputs and kernel "
       "residuals; elementwise work recomputed) | full (the layer's input); a stored True/False "

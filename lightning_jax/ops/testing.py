@@ -424,6 +424,14 @@ _HEAD_CE = Op(
         "chunk16_bf16": Impl(lambda h, w, tg: ce_api.chunked_cross_entropy(h, w, tg, 16,
                                                                            jnp.bfloat16),
                              ("b2_t37_bf16",)),
+        # the training loss's head (model.ce_impl=fused): the gradient computed in the forward
+        # and scaled by the loss's cotangent; two passes weighted 1/2 each are the mean of both
+        "fused_chunk16": Impl(lambda h, w, tg: ce_api.fused_cross_entropy_loss(
+            [h], w, [tg], 16)[0], ("b2_t37",)),
+        "fused_two_passes_chunk16": Impl(lambda h, w, tg: ce_api.fused_cross_entropy_loss(
+            [h[:1], h[1:]], w, [tg[:1], tg[1:]], 16, weights=(0.5, 0.5))[0], ("b2_t37",)),
+        "fused_chunk16_bf16": Impl(lambda h, w, tg: ce_api.fused_cross_entropy_loss(
+            [h], w, [tg], 16, jnp.bfloat16)[0], ("b2_t37_bf16",)),
     })
 
 

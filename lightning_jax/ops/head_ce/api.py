@@ -52,16 +52,9 @@ def chunked_cross_entropy(h, w, targets, chunk_tokens: int, dtype=jnp.float32):
   return chunked_cross_entropies([h], w, [targets], chunk_tokens, dtype)[0]
 
 
-def chunked_cross_entropies(hs, w, targets, chunk_tokens: int, dtype=jnp.float32):
-  """[mean CE of hs[i] @ w against targets[i] for each i], in ONE chunked scan.
-
-  Several passes through the same head (the next-token and the MTP read-outs) share the scan,
-  so the backward accumulates one float32 dw [d, V] for all of them instead of one per pass
-  (at the 120B's 4096 x 131072 head that is 2.1 GB less at the peak). The passes are stacked
-  on the batch axis, all of shape [B, T, d] with targets [B, T]; a chunk holds `chunk_tokens`
-  tokens of the stacked batch, so the float32 logits of one chunk are as large as with one pass.
-  With one pass this is `chunked_cross_entropy`. The gradient is `_chunk_sums`' custom VJP.
-  """
+def _stack_passes(hs, targets, chunk_tokens: int):
+  """The passes stacked on the batch axis and cut into sequence chunks: (hc_all [n, b, tc, d],
+  ts [n, b, tc] int32, p, b1, t)."""
   p = len(hs)
   shapes = {tuple(x.shape) for x in hs}
   if p == 0 or len(shapes) != 1 or len(targets) != p or \
@@ -81,8 +74,49 @@ def chunked_cross_entropies(hs, w, targets, chunk_tokens: int, dtype=jnp.float32
     tgts = jnp.pad(tgts, ((0, 0), (0, pad)))
   hc_all = jnp.swapaxes(h.reshape(b, n, tc, d), 0, 1)
   ts = jnp.swapaxes(tgts.reshape(b, n, tc), 0, 1).astype(jnp.int32)
+  return hc_all, ts, p, b1, t
+
+
+def chunked_cross_entropies(hs, w, targets, chunk_tokens: int, dtype=jnp.float32):
+  """[mean CE of hs[i] @ w against targets[i] for each i], in ONE chunked scan.
+
+  Several passes through the same head (the next-token and the MTP read-outs) share the scan,
+  so the backward accumulates one float32 dw [d, V] for all of them instead of one per pass
+  (at the 120B's 4096 x 131072 head that is 2.1 GB less at the peak). The passes are stacked
+  on the batch axis, all of shape [B, T, d] with targets [B, T]; a chunk holds `chunk_tokens`
+  tokens of the stacked batch, so the float32 logits of one chunk are as large as with one pass.
+  With one pass this is `chunked_cross_entropy`. The gradient is `_chunk_sums`' custom VJP,
+  which computes every chunk's logits again (see `fused_cross_entropy_loss` for the training
+  loss, which does not).
+  """
+  hc_all, ts, p, b1, t = _stack_passes(hs, targets, chunk_tokens)
   total = _chunk_sums(hc_all, w, ts, p, t, dtype)
   return [total[i] / (b1 * t) for i in range(p)]
+
+
+def fused_cross_entropy_loss(hs, w, targets, chunk_tokens: int, dtype=jnp.float32,
+                             weights=None):
+  """(sum_i weights[i] * mean CE of pass i, [mean CE of pass i]) with the gradient computed in
+  the forward: the training loss's head (model.ce_impl=fused).
+
+  The loss is the only differentiable output: the per-pass means come back under
+  stop_gradient, for metrics. Because the loss is linear in the per-pass sums with weights
+  fixed at trace time, the logit gradient of every chunk, (softmax - onehot) * weight / tokens,
+  is known while its logits are: each chunk's forward runs its three matmuls (logits, dh, dw)
+  at once, keeps dh [B, T, d] per pass and one float32 dw [d, V], and the backward only scales
+  both by the loss's cotangent. Against `chunked_cross_entropies` it saves the backward's
+  second pass over every chunk's logits (one [chunk, d] x [d, V] matmul in four, and the
+  softmax over the float32 logits again); the rounding is the same: the logit gradient is
+  rounded to `dtype` before the dh and dw matmuls (it is exactly the same at cotangent 1).
+  """
+  hc_all, ts, p, b1, t = _stack_passes(hs, targets, chunk_tokens)
+  weights = (1.0,) * p if weights is None else tuple(float(x) for x in weights)
+  if len(weights) != p:
+    raise ValueError(f"fused_cross_entropy_loss takes one weight per pass; got {len(weights)} "
+                     f"weights for {p} passes.")
+  loss, sums = _fused_sums(hc_all, w, ts, tuple(x / (b1 * t) for x in weights), t, dtype)
+  sums = jax.lax.stop_gradient(sums)
+  return loss, [sums[i] / (b1 * t) for i in range(p)]
 
 
 def _chunk_mask(i, tc, t):
@@ -146,3 +180,54 @@ def _chunk_sums_bwd(p, t, dtype, res, g):
 
 
 _chunk_sums.defvjp(_chunk_sums_fwd, _chunk_sums_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _fused_sums(hc_all, w, ts, coef, t, dtype):
+  """(sum_p coef[p] * CE sum of pass p, [p] CE sums) over chunks hc_all [n, b, tc, d] (see
+  fused_cross_entropy_loss); the custom VJP's residuals are the gradients themselves. Called
+  without differentiation (evaluation) it runs the forward alone, without the gradient
+  matmuls."""
+  sums = _chunk_sums_fwd(hc_all, w, ts, len(coef), t, dtype)[0]
+  return jnp.sum(jnp.asarray(coef, jnp.float32) * sums), sums
+
+
+def _fused_sums_fwd(hc_all, w, ts, coef, t, dtype):
+  wc = w.astype(dtype)
+  n, b, tc, _ = hc_all.shape
+  p = len(coef)
+  row_coef = jnp.repeat(jnp.asarray(coef, jnp.float32), b // p)[:, None]   # [b, 1]
+  vocab = jnp.arange(w.shape[1])
+
+  def body(carry, xs):
+    acc, dw = carry
+    hc, tgt, i = xs
+    hd = hc.astype(dtype)
+    lg = jnp.einsum("btd,dv->btv", hd, wc, preferred_element_type=jnp.float32)
+    lse = jax.nn.logsumexp(lg, axis=-1)
+    picked = jnp.take_along_axis(lg, tgt[..., None], axis=-1)[..., 0]
+    mask = _chunk_mask(i, tc, t)
+    ce = (lse - picked) * mask
+    sm = jnp.exp(lg - lse[..., None])
+    scale = row_coef * mask                                              # [b, tc]
+    gd = (jnp.where(vocab == tgt[..., None], sm - 1.0, sm) * scale[..., None]).astype(dtype)
+    dh = jnp.einsum("btv,dv->btd", gd, wc, preferred_element_type=jnp.float32)
+    dw = dw + jnp.einsum("btd,btv->dv", hd, gd, preferred_element_type=jnp.float32)
+    return (acc + jnp.sum(ce.reshape(p, -1), axis=1), dw), dh.astype(hc_all.dtype)
+
+  (sums, dw), dh = jax.lax.scan(
+      body, (jnp.zeros((p,), jnp.float32), jnp.zeros(w.shape, jnp.float32)),
+      (hc_all, ts, jnp.arange(n)))
+  loss = jnp.sum(jnp.asarray(coef, jnp.float32) * sums)
+  return (loss, sums), (dh, dw.astype(w.dtype))
+
+
+def _fused_sums_bwd(coef, t, dtype, res, g):
+  # g[1], the per-pass sums' cotangent, is zero: fused_cross_entropy_loss stops their gradient
+  dh, dw = res
+  gl = g[0].astype(jnp.float32)
+  return ((dh.astype(jnp.float32) * gl).astype(dh.dtype),
+          (dw.astype(jnp.float32) * gl).astype(dw.dtype), None)
+
+
+_fused_sums.defvjp(_fused_sums_fwd, _fused_sums_bwd)
