@@ -159,6 +159,10 @@ FIELDS: tuple[Field, ...] = (
       "| kernel (one Pallas launch forward, one backward; -2.0% step time on the 120B rank, "
       "docs/PERFORMANCE.md) | auto (the kernel on GPU, else rolled)",
       choices=("rolled", "kernel", "auto"), resume=FREE),
+    F("model.hc.mix", "elementwise", "how post() mixes the streams, H_res @ x: elementwise (S "
+      "broadcast products summed in float32: one pass over the state) | einsum (a batched "
+      "S x S matmul per token, which XLA on GPU runs as a Triton GEMM at half the bandwidth)",
+      choices=("elementwise", "einsum"), resume=FREE),
 
     F("model.embed.max_bytes", 32, "codec byte positions (vector width 256 x max_bytes)",
       check="size"),

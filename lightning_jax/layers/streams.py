@@ -71,11 +71,24 @@ def pre(p: dict, x, cfg):
   return u, (h_post, h_res)
 
 
-def post(coeffs, x, y):
-  """New state: H_res @ x + H_post (outer) y, in x's dtype."""
+def post(coeffs, x, y, mix: str = "elementwise"):
+  """New state: H_res @ x + H_post (outer) y, in x's dtype.
+
+  H_res is rounded to x's dtype and the products summed in float32 either way. mix
+  "elementwise" writes the S x S mix as S broadcast products (one fused pass over the state,
+  forward and backward); "einsum" as a batched matmul per token, which XLA on GPU lowers to a
+  Triton GEMM with 4-row tiles (about 0.63 ms per call on the 120B's float32 [8192, 4, 4096]
+  state on an H100, against about 0.34 ms for the bytes it moves)."""
   h_post, h_res = coeffs
-  mixed = jnp.einsum("btsu,btud->btsd", h_res.astype(x.dtype), x,
-                     preferred_element_type=jnp.float32)
+  if mix == "einsum":
+    mixed = jnp.einsum("btsu,btud->btsd", h_res.astype(x.dtype), x,
+                       preferred_element_type=jnp.float32)
+  elif mix == "elementwise":
+    hr = h_res.astype(x.dtype).astype(jnp.float32)
+    xf = x.astype(jnp.float32)
+    mixed = sum(hr[..., :, u, None] * xf[..., u, None, :] for u in range(x.shape[-2]))
+  else:
+    raise ValueError(f"model.hc.mix={mix!r} is not a stream mix; expected elementwise or einsum.")
   out = mixed + h_post[..., None] * y.astype(jnp.float32)[:, :, None, :]
   return out.astype(x.dtype)
 
@@ -87,7 +100,7 @@ def apply(p: dict, x, sublayer, cfg):
   out = sublayer(u)
   y, extras = out[0], out[1:]
   with jax.named_scope("hc_post"):
-    return post(coeffs, x, y), extras
+    return post(coeffs, x, y, cfg.model.hc.mix), extras
 
 
 def expand(e, n_streams: int):
