@@ -140,13 +140,14 @@ def _result(name: str) -> dict:
 def rank120_table() -> str:
   r = _result("rank120.json")
   b = r["before_this_issue"]
-  rows = ["| commit | what | layers x experts, B | step | tokens/s | MFU | device peak | "
-          "compiled plan |", "|---|---|---|---|---|---|---|---|",
-          f"| before | {b['source']} | {r['layers']} x {r['experts_per_rank']}, B1 | "
+  rows = ["| commit | device | what | layers x experts, B | step | tokens/s | MFU | device peak | "
+          "compiled plan |", "|---|---|---|---|---|---|---|---|---|",
+          f"| before | H200 | {b['source']} | {r['layers']} x {r['experts_per_rank']}, B1 | "
           f"{b['step_ms']:,.1f} ms | {b['tokens_per_s']:,} | | {b['peak_gib']} GiB | "
           f"{b['compiled_plan_gb']} GB |"]
   for x in r["runs"]:
-    rows.append(f"| {x['commit']} | {x['what']} | {x['layers']} x {x['experts']}, B{x['batch']} | "
+    rows.append(f"| {x['commit']} | {x.get('device', 'H200')} | {x['what']} | "
+                f"{x['layers']} x {x['experts']}, B{x['batch']} | "
                 f"{x['step_ms']:,.1f} ms | {x['tokens_per_s']:,} | {x['mfu']:.1%} | "
                 f"{x['peak_gb']:.2f} GB | {x['compiled_plan_gb']:.2f} GB |")
   return "\n" + "\n".join(rows) + "\n"
