@@ -108,7 +108,7 @@ def _dot_flops(eq) -> int:
 def live_cost(jaxpr) -> dict:
   """Matmul FLOPs and Pallas launches of the equations whose results are used (XLA drops the
   others; jax keeps unused pallas_calls in a jaxpr), nested jaxprs included."""
-  acc = {"dot_flops": 0, "pallas_calls": 0, "attention_calls": 0}
+  acc = {"dot_flops": 0, "pallas_calls": 0, "attention_calls": 0, "gathers": 0}
 
   def walk(j):
     live = {id(v) for v in j.outvars}
@@ -120,6 +120,7 @@ def live_cost(jaxpr) -> dict:
         acc["dot_flops"] += _dot_flops(eq)
       acc["pallas_calls"] += eq.primitive.name == "pallas_call"
       acc["attention_calls"] += "attention" in eq.primitive.name    # cuDNN's fused attention
+      acc["gathers"] += eq.primitive.name == "gather"
       for sub in jax_core.jaxprs_in_params(eq.params):
         walk(sub)
 
@@ -127,8 +128,9 @@ def live_cost(jaxpr) -> dict:
   return acc
 
 
-def layer_report(cfg, kind: str, batch: int, seq: int, mode: str) -> dict:
-  """One layer of pattern letter `kind` under value_and_grad with model.remat=mode."""
+def layer_report(cfg, kind: str, batch: int, seq: int, mode: str, rebuild: bool = False) -> dict:
+  """One layer of pattern letter `kind` under value_and_grad with model.remat=mode (rebuild:
+  with the policy of the reversible stack's per-layer rebuild)."""
   av = model.abstract_variables(cfg)
   j = cfg.model.pattern.index(kind)
   gv = model._group_vars(av["params"], av["frozen"], av["stats"], cfg)[j]
@@ -137,7 +139,7 @@ def layer_report(cfg, kind: str, batch: int, seq: int, mode: str) -> dict:
                            nn.dtype_of(cfg.model.dtype))
   consts = model.make_consts(cfg, seq)
   layer = remat.wrap(functools.partial(model.layer_apply, cfg=cfg, kind=kind), mode,
-                     prevent_cse=True)
+                     prevent_cse=True, rebuild=rebuild)
 
   def loss(gv, x):
     y, _, aux, _ = layer(gv, x, consts, None)
@@ -147,7 +149,7 @@ def layer_report(cfg, kind: str, batch: int, seq: int, mode: str) -> dict:
   cost = live_cost(jax.make_jaxpr(jax.value_and_grad(loss, argnums=(0, 1), allow_int=True))(
       gv, x).jaxpr)
   out.update(dot_gflop=cost["dot_flops"] / 1e9, pallas_calls=cost["pallas_calls"],
-             attention_calls=cost["attention_calls"],
+             attention_calls=cost["attention_calls"], gathers=cost["gathers"],
              residual_kb_per_token=out["residual_gb"] * GB / 1e3 / (batch * seq))
   return out
 

@@ -9,7 +9,11 @@ and the backward; in the reversible stack, within each layer's rebuild.
                selection, the routed experts' matmuls (they batch over experts), the TQP base +
                adapter outputs and the MoE overflow rounds' sum. The elementwise work between
                them (norms, the short convolution, SiLU, L2 normalisation, rotary, the stream
-               mixing, the dispatch gathers, casts) is recomputed in the backward. No matmul and
+               mixing, the dispatch gathers, casts) is recomputed in the backward. Inside the
+               reversible stack's rebuild, where a layer's residuals live only for its own
+               vjp, it also keeps the values named KEEP_REBUILD: the MoE's gathered expert
+               rows (recomputing them costs a gather, and on an expert-parallel mesh an
+               all-to-all, per layer). No matmul and
                no Pallas kernel runs twice; cuDNN's flash attention forward does, since its
                softmax statistics cannot be named from outside.
   "full"       the layer's input only: the whole layer is recomputed in the backward.
@@ -27,12 +31,21 @@ from lightning_jax.config.schema import BY_PATH, CONVERTED
 
 MODES = BY_PATH["model.remat"].choices
 KEEP = "lightning_keep"          # checkpoint name of the values "selective" keeps besides matmuls
+# kept by "selective" only inside the reversible stack's per-layer rebuild, where a layer's
+# residuals live for that layer's vjp alone (in a plain stack they would live for every layer)
+KEEP_REBUILD = "lightning_keep_rebuild"
 LEGACY = CONVERTED["model.remat"]   # model.remat was a bool before "selective" existed
 
 
 def keep(tree):
   """Name every array of `tree` KEEP (a no-op outside jax.checkpoint)."""
   return jax.tree_util.tree_map(lambda a: checkpoint_name(a, KEEP), tree)
+
+
+def keep_in_rebuild(tree):
+  """Name every array of `tree` KEEP_REBUILD: kept by "selective" inside the reversible stack's
+  rebuild (wrap(..., rebuild=True)), recomputed elsewhere."""
+  return jax.tree_util.tree_map(lambda a: checkpoint_name(a, KEEP_REBUILD), tree)
 
 
 def mode_of(value) -> str:
@@ -44,25 +57,28 @@ def mode_of(value) -> str:
   return value
 
 
-def policy(mode: str):
-  """jax.checkpoint policy of a remat mode (None for "none")."""
+def policy(mode: str, rebuild: bool = False):
+  """jax.checkpoint policy of a remat mode (None for "none"); rebuild: the policy inside the
+  reversible stack's per-layer rebuild ("selective" also keeps the KEEP_REBUILD names)."""
   mode = mode_of(mode)
   if mode == "none":
     return None
   if mode == "full":
     return jax.checkpoint_policies.nothing_saveable
+  names = (KEEP, KEEP_REBUILD) if rebuild else (KEEP,)
   return jax.checkpoint_policies.save_from_both_policies(
       jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-      jax.checkpoint_policies.save_only_these_names(KEEP))
+      jax.checkpoint_policies.save_only_these_names(*names))
 
 
-def wrap(fn, mode, prevent_cse: bool = False):
+def wrap(fn, mode, prevent_cse: bool = False, rebuild: bool = False):
   """fn under jax.checkpoint with the mode's policy (fn itself for "none").
 
   prevent_cse: keep XLA from merging the recomputation with the forward (which would keep
   everything alive again). Not needed in the plain stack, whose forward and backward are separate
-  scans; needed where both sit in one computation (the MTP layer, a reversible layer's rebuild)."""
-  pol = policy(mode)
+  scans; needed where both sit in one computation (the MTP layer, a reversible layer's rebuild).
+  rebuild: fn is a reversible layer's rebuild (see policy)."""
+  pol = policy(mode, rebuild)
   if pol is None:
     return fn
   return jax.checkpoint(fn, policy=pol, prevent_cse=prevent_cse)

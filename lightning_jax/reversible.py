@@ -405,7 +405,8 @@ def _build(rcfg, layer_fns, n_groups: int, debug: bool, remat: str | bool = "non
 
       # prevent_cse: the recomputation sits in the same scan body as this forward
       with jax.named_scope("rebuild"):   # the layer's forward again, for its vjp
-        (y, _), vjp_fn = jax.vjp(remat_lib.wrap(f, remat, prevent_cse=True), params, p)
+        (y, _), vjp_fn = jax.vjp(remat_lib.wrap(f, remat, prevent_cse=True, rebuild=True),
+                                 params, p)
       with jax.named_scope("layer_vjp"):
         dparams, dx = vjp_fn((u.astype(y.dtype), g_aux))
       return y, dparams, dx

@@ -9,6 +9,7 @@ import pytest
 from benchmarks import residuals as benchmarks_residuals
 from configs import tiny
 from lightning_jax import model, remat
+from lightning_jax.layers import moe
 from lightning_jax.config import ConfigError, validate
 from lightning_jax.config.schema import complete
 from lightning_jax.ops.delta_rule import api as delta_api
@@ -105,6 +106,15 @@ def test_selective_moe_tqp_layer_runs_no_expert_matmul_twice(monkeypatch):
   r = {mode: _layer(cfg, "D", mode) for mode in ("none", "selective")}
   assert r["selective"]["residual_gb"] < r["none"]["residual_gb"] / 2, r
   assert r["selective"]["dot_gflop"] < 1.05 * r["none"]["dot_gflop"], r
+  # inside a reversible rebuild "selective" also keeps the first round's gathered expert rows
+  # (named KEEP_REBUILD): exactly their bytes more, and the dispatch gather not run again
+  rb = benchmarks_residuals.layer_report(cfg, "D", 2, 256, "selective", rebuild=True)
+  e_tot = moe.padded_experts(cfg, cfg.moe.n_experts)
+  rows = e_tot * moe.capacities(cfg, 2 * 256, e_tot)[0]
+  grown = (rb["residual_gb"] - r["selective"]["residual_gb"]) * 1e9
+  assert grown == pytest.approx(rows * cfg.model.d_model * 2, rel=1e-6), (rb, r)
+  assert rb["gathers"] == r["selective"]["gathers"] - 1, (rb, r)
+  assert rb["dot_gflop"] == r["selective"]["dot_gflop"], (rb, r)
 
 
 def test_remat_config_values():
