@@ -3,7 +3,9 @@ logit cotangent rounded to the compute dtype before both backward matmuls) and
 `chunked_cross_entropy` (never all float32 logits at once; `chunked_cross_entropies` takes
 several passes through the same head in one scan; its custom VJP converts the head weight to
 the compute dtype once per forward and once per backward, not per chunk, with the same
-rounding as `head_logits`). reference.py: the same loss from full float32 logits by plain
+rounding as `head_logits`), and `fused_cross_entropy_loss` (the training loss's head,
+model.ce_impl=fused: the passes' weighted CE with each chunk's gradient computed in the forward,
+so the backward runs no matmul). reference.py: the same loss from full float32 logits by plain
 autodiff.
 """
 from __future__ import annotations
@@ -106,8 +108,8 @@ def fused_cross_entropy_loss(hs, w, targets, chunk_tokens: int, dtype=jnp.float3
   at once, keeps dh [B, T, d] per pass and one float32 dw [d, V], and the backward only scales
   both by the loss's cotangent. Against `chunked_cross_entropies` it saves the backward's
   second pass over every chunk's logits (one [chunk, d] x [d, V] matmul in four, and the
-  softmax over the float32 logits again); the rounding is the same: the logit gradient is
-  rounded to `dtype` before the dh and dw matmuls (it is exactly the same at cotangent 1).
+  softmax over the float32 logits again). The rounding points are the same: the logit gradient
+  is rounded to `dtype` before the dh and dw matmuls, which accumulate in float32.
   """
   hc_all, ts, p, b1, t = _stack_passes(hs, targets, chunk_tokens)
   weights = (1.0,) * p if weights is None else tuple(float(x) for x in weights)
