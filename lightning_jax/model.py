@@ -34,8 +34,7 @@ from lightning_jax import remat as remat_lib
 from lightning_jax.config import ConfigError, n_groups, validate
 from lightning_jax.layers import kronecker, rotary, streams
 from lightning_jax.layers.norms import rms_norm_specs
-from lightning_jax.ops.head_ce.api import (chunked_cross_entropies, chunked_cross_entropy,
-                                          fused_cross_entropy_loss)
+from lightning_jax.ops.head_ce.api import chunked_cross_entropies, fused_cross_entropy_loss
 
 
 class InputError(ValueError):
