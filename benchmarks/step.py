@@ -56,6 +56,7 @@ from lightning_jax.layers import deltanet as dn_lib, sparse_attention as gsa_lib
 from lightning_jax.layers import ffn, kronecker
 from lightning_jax.layers import moe
 from lightning_jax.layers import sparse_attention as gsa
+from lightning_jax.ops.head_ce import api as ce_api
 from lightning_jax.run.state import frozen_shardings
 from lightning_jax.run.state import opt_state_shardings
 from lightning_jax.run.step import make_train_step
@@ -373,9 +374,11 @@ def breakdown(cfg, mesh, steps: int, seed: int = 0) -> dict:
     out.pop("ffn_done", None)
     w = nn.init({"w": nn.Spec((d, m.vocab_size), ("embed", "vocab"), nn.normal(0.02))}, ks[6])["w"]
     tgt = jax.random.randint(ks[7], (b, t), 0, m.vocab_size, jnp.int32)
-    out["head_ce"] = _vjp_timer(
-        lambda h, w, tg: model.chunked_cross_entropy(h, w, tg, m.ce_chunk, dtype), (x_flat, w),
-        steps, ks[7], "head_ce", fixed=tgt)
+    if m.ce_impl == "fused":     # the training loss's head (model.loss_fn)
+      head = lambda h, w, tg: ce_api.fused_cross_entropy_loss([h], w, [tg], m.ce_chunk, dtype)[0]
+    else:
+      head = lambda h, w, tg: ce_api.chunked_cross_entropy(h, w, tg, m.ce_chunk, dtype)
+    out["head_ce"] = _vjp_timer(head, (x_flat, w), steps, ks[7], "head_ce", fixed=tgt)
   return out
 
 
