@@ -46,8 +46,8 @@ import jax.numpy as jnp
 from jax.sharding import AbstractMesh
 
 from benchmarks import profile_table
-from benchmarks.step import apply_overrides, bench_config, build_step
-from lightning_jax import counting, memory_plan, metrics as metrics_lib, sharding
+from benchmarks.step import apply_overrides, bench_config, build_step, compile_for
+from lightning_jax import counting, gpu_target, memory_plan, metrics as metrics_lib, sharding
 from lightning_jax import model, optim
 from lightning_jax.config import ConfigError, load_config
 from lightning_jax.run.state import build_abstract as build
@@ -93,10 +93,11 @@ def _opt_bytes(state) -> float:
   return float(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state["opt_state"])))
 
 
-def compile_plan(cfg, batch: int, seq: int) -> dict:
-  """The compiled memory analysis of the rank's step at `batch` (nothing allocated)."""
+def compile_plan(cfg, batch: int, seq: int, devices=None) -> dict:
+  """The compiled memory analysis of the rank's step at `batch` (nothing allocated); devices:
+  where to compile (default this host's first device; gpu_target's compile-only devices)."""
   c = bench_config(cfg.copy_and_resolve_references(), seq=seq, batch=batch, n_dev=1)
-  mesh = sharding.make_mesh(c.mesh, devices=jax.devices()[:1])
+  mesh = sharding.make_mesh(c.mesh, devices=(devices or jax.devices())[:1])
   b = build(c, mesh)
   t0 = time.perf_counter()
   with sharding.use_mesh(mesh):
@@ -254,6 +255,61 @@ def run(cfg, a, command: str) -> dict:
   return rec
 
 
+def compile_only(cfg, a, command: str) -> dict:
+  """The rank's step compiled for a card that is not here (--compile_for; gpu_target): the
+  GPU compiler's memory plan (with the ZeRO-1 share as in `run`), its FLOP count and, with
+  --hlo_out, its optimized HLO. Nothing runs, so no time, peak or profile."""
+  card = gpu_target.card_of(a.compile_for)
+  ranks = a.ranks or int(cfg.mesh.expert)
+  cfg = rank_config(cfg, ranks)
+  cfg = bench_config(cfg, layers=a.layers, seq=a.seq, batch=a.batch, n_dev=1)
+  out = compile_for(cfg, card, zero1_ranks=1 if a.no_zero1 else ranks, hlo_out=a.hlo_out)
+  plan = out["plan"]
+  b, t = cfg.train.global_batch, cfg.train.seq_len
+  fpt = counting.flops_per_token(cfg, t)
+  plans = [{"batch": b, **{k: v / GB for k, v in plan.items()}}]
+  for pb in a.plan_batches:
+    if pb != b:
+      p = compile_plan(cfg, pb, t, out["devices"])
+      plans.append({k: (v / GB if k in plan else v) for k, v in p.items()})
+  plans.sort(key=lambda p: p["batch"])
+  fits = {k: largest_fitting(plans, 1.0, cap * memory_plan.mem_fraction())
+          for k, cap in TARGETS.items()}
+  return {
+      "device": f"{gpu_target.CARDS[card]['description']} (compile only, no device)",
+      "date": datetime.date.today().isoformat(), "commit": a.commit or metrics_lib.git_commit(),
+      "command": command, "stage": cfg.stage, "layers": int(cfg.model.n_layers),
+      "experts_per_rank": int(cfg.moe.n_experts), "top_k": int(cfg.moe.top_k), "batch": b,
+      "seq": t, "reversible_mode": cfg.reversible.mode if cfg.reversible.enabled else "off",
+      "remat": cfg.model.remat, "mem_fraction": memory_plan.mem_fraction(),
+      "compile_s": out["compile_s"], "compiled_plan_gb": plan["total"] / GB,
+      "compiled_plan": {k: v / GB for k, v in plan.items()},
+      "optimizer_state_gb": out["optimizer_bytes"] / GB, "zero1_emulated": not a.no_zero1,
+      "flops_per_token": fpt["total"], "flops_terms": fpt,
+      "xla_flops_per_token": out["xla_flops"] / (b * t), "plans_gb": plans,
+      "largest_micro_batch_80gb": fits["80gb"]["batch"],
+      "largest_micro_batch_80gb_how": fits["80gb"]["how"] + " (compile only, uncalibrated)",
+      "largest_micro_batch_141gb": fits["141gb"]["batch"],
+      "largest_micro_batch_141gb_how": fits["141gb"]["how"] + " (compile only, uncalibrated)"}
+
+
+def format_plan(rec: dict) -> str:
+  p = rec["compiled_plan"]
+  return "\n".join([
+      f"{rec['device']}: {rec['stage']} rank, {rec['layers']} layers, {rec['experts_per_rank']} "
+      f"experts top-{rec['top_k']}, B{rec['batch']} x T{rec['seq']}, reversible "
+      f"{rec['reversible_mode']}, remat {rec['remat']}; compiled in {rec['compile_s']:.1f} s",
+      f"compiled plan {p['total']:.2f} GB (arguments {p['arguments']:.2f}, temporaries "
+      f"{p['temporaries']:.2f}, outputs {p['outputs']:.2f}, aliased {p['aliased']:.2f}); "
+      f"optimizer state {rec['optimizer_state_gb']:.2f} GB "
+      f"({'ZeRO-1 share' if rec['zero1_emulated'] else 'whole'})",
+      f"FLOPs/token: model {rec['flops_per_token'] / 1e9:.2f} G, XLA's count "
+      f"{rec['xla_flops_per_token'] / 1e9:.2f} G",
+      "plans: " + ", ".join(f"B{q['batch']} {q['total']:.2f} GB" for q in rec["plans_gb"])
+      + f"; largest micro-batch at fraction {rec['mem_fraction']}: 80 GB -> "
+      f"B{rec['largest_micro_batch_80gb']}, 141 GB -> B{rec['largest_micro_batch_141gb']}"])
+
+
 def load_and_cut(a):
   cfg = load_config(a.config)
   apply_overrides(cfg, a.set)
@@ -326,6 +382,11 @@ def main(argv=None):
                   help="XLA dump directory of this run (XLA_FLAGS=--xla_dump_to=DIR): attribute "
                        "the profile to Python source through the step's HLO (best with "
                        "--xla_gpu_enable_command_buffer= so kernels carry HLO names).")
+  ap.add_argument("--compile_for", default="", help="h100 or h200: compile the rank's step "
+                  "for that card without one (lightning_jax/gpu_target.py: needs JAX's CUDA "
+                  "plugin, no driver) and report its memory plan; nothing runs.")
+  ap.add_argument("--hlo_out", default="", help="With --compile_for: write the optimized HLO "
+                  "here.")
   ap.add_argument("--commit", default="", help="Commit to record (default: git "
                   "rev-parse).")
   ap.add_argument("--set", action="append", default=[], help="section.field=value config "
@@ -343,8 +404,12 @@ def main(argv=None):
   cfg = load_config(a.config)
   apply_overrides(cfg, a.set)
   command = "python -m benchmarks.rank120 " + " ".join(argv if argv is not None else sys.argv[1:])
-  rec = run(cfg, a, command.strip())
-  print(format_report(rec), flush=True)
+  if a.compile_for:
+    rec = compile_only(cfg, a, command.strip())
+    print(format_plan(rec), flush=True)
+  else:
+    rec = run(cfg, a, command.strip())
+    print(format_report(rec), flush=True)
   if a.json:
     os.makedirs(os.path.dirname(a.json) or ".", exist_ok=True)
     with open(a.json, "w") as f:

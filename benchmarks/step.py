@@ -35,8 +35,10 @@ import ast
 import datetime
 import glob
 import json
+import math
 import os
 import platform
+import sys
 import tempfile
 import time
 
@@ -48,7 +50,8 @@ import numpy as np
 import optax
 
 from benchmarks import profile_table
-from lightning_jax import counting, metrics as metrics_lib, model, nn, optim, sharding
+from lightning_jax import counting, gpu_target, memory_plan, metrics as metrics_lib, model, nn
+from lightning_jax import optim, sharding
 from lightning_jax import tqp
 from lightning_jax.config import ConfigError, layer_kinds, load_config, validate
 from lightning_jax.layers import deltanet
@@ -208,9 +211,11 @@ def zero1_emulation(tx, split_dims, ranks: int, clip_norm: float):
   return optax.GradientTransformation(init, update)
 
 
-def build_step(cfg, mesh, key, zero1_ranks: int = 1):
-  """The training loop's own step, jitted with its state. zero1_ranks > 1 (one rank's emulation,
-  benchmarks.rank120): the optimizer as one rank of a ZeRO-1 node of that many ranks holds it."""
+def step_parts(cfg, mesh, zero1_ranks: int = 1) -> dict:
+  """The training loop's own step jitted with its state's shardings, and the state's abstract
+  tree (nothing allocated): {"step", "tx", "abstract", "state_abs", "state_shard", "batch_shard"}.
+  zero1_ranks > 1 (one rank's emulation, benchmarks.rank120): the optimizer as one rank of a
+  ZeRO-1 node of that many ranks holds it."""
   abstract = model.abstract_variables(cfg)
   p_shard = sharding.tree_shardings(mesh, model.param_axes(cfg), abstract["params"])
   rep = NamedSharding(mesh, P())
@@ -224,7 +229,47 @@ def build_step(cfg, mesh, key, zero1_ranks: int = 1):
                  "frozen": frozen_shardings(mesh, model, cfg, abstract["frozen"]),
                  "stats": jax.tree_util.tree_map(lambda _: rep, abstract["stats"]),
                  "opt_state": o_shard, "step": rep}
+  state_abs = {"params": abstract["params"], "frozen": abstract["frozen"],
+               "stats": abstract["stats"], "opt_state": opt_abs,
+               "step": jax.ShapeDtypeStruct((), jnp.int32)}
   batch_shard = NamedSharding(mesh, P(("data", "expert"), None))
+  step = jax.jit(make_train_step(cfg, tx, 1, model, mesh),
+                 in_shardings=(state_shard, {"ids": batch_shard}),
+                 out_shardings=(state_shard, rep), donate_argnums=(0,))
+  return {"step": step, "tx": tx, "abstract": abstract, "state_abs": state_abs,
+          "state_shard": state_shard, "batch_shard": batch_shard}
+
+
+def compile_for(cfg, card: str, zero1_ranks: int = 1, hlo_out: str = "") -> dict:
+  """`step_parts`' step (one device, one micro-batch) compiled with XLA:GPU for `card` on a host
+  without one (lightning_jax/gpu_target.py): {"plan": memory_plan.plan_bytes, "xla_flops",
+  "compile_s", "optimizer_bytes", "devices"}; with hlo_out the optimized HLO is written there.
+  Nothing runs."""
+  devs = gpu_target.compile_only_devices(card, 1)
+  mesh = sharding.make_mesh(cfg.mesh, devices=devs)
+  parts = step_parts(cfg, mesh, zero1_ranks)
+  b, t = cfg.train.global_batch, cfg.train.seq_len
+  batch_abs = {"ids": jax.ShapeDtypeStruct((b, t + 2), jnp.int32)}
+  t0 = time.perf_counter()
+  with sharding.use_mesh(mesh):
+    compiled = parts["step"].lower(parts["state_abs"], batch_abs).compile()
+  compile_s = time.perf_counter() - t0
+  if hlo_out:
+    with open(hlo_out, "w") as f:
+      f.write(compiled.as_text())
+  ca = compiled.cost_analysis()
+  ca = (ca[0] if ca else {}) if isinstance(ca, (list, tuple)) else (ca or {})
+  return {"plan": memory_plan.plan_bytes(compiled), "xla_flops": float(ca.get("flops", 0.0)),
+          "compile_s": compile_s, "devices": devs,
+          "optimizer_bytes": float(sum(math.prod(x.shape) * x.dtype.itemsize for x in
+                                       jax.tree.leaves(parts["state_abs"]["opt_state"])))}
+
+
+def build_step(cfg, mesh, key, zero1_ranks: int = 1):
+  """`step_parts`' step with its state built on the mesh's devices (random values)."""
+  parts = step_parts(cfg, mesh, zero1_ranks)
+  tx, state_shard, o_shard = parts["tx"], parts["state_shard"], parts["state_shard"]["opt_state"]
+  p_shard, rep = state_shard["params"], state_shard["step"]
   specs = model.param_specs(cfg)
   k_p, k_f = jax.random.split(key)
   t0 = time.perf_counter()
@@ -237,10 +282,7 @@ def build_step(cfg, mesh, key, zero1_ranks: int = 1):
   print(f"state built in {time.perf_counter() - t0:.1f} s", flush=True)
   state = {"params": params, "frozen": frozen, "stats": stats, "opt_state": opt_state,
            "step": jax.device_put(jnp.int32(0), rep)}
-  step = jax.jit(make_train_step(cfg, tx, 1, model, mesh),
-                 in_shardings=(state_shard, {"ids": batch_shard}),
-                 out_shardings=(state_shard, rep), donate_argnums=(0,))
-  return step, state, batch_shard
+  return parts["step"], state, parts["batch_shard"]
 
 
 def _attribute(trace: str, dump_dir: str) -> dict:
@@ -432,6 +474,32 @@ def report(cfg, res: dict, bd: dict | None, n_dev: int, layers_note: str) -> tup
   return "\n".join(lines), rec
 
 
+def _compile_only(cfg, a, layers_cfg: int) -> dict:
+  """--compile_for: the step's plan on one `a.compile_for` card, compiled here."""
+  card = gpu_target.card_of(a.compile_for)
+  cfg = bench_config(cfg, layers=a.layers, seq=a.seq, batch=a.batch, n_dev=1)
+  out = compile_for(cfg, card, hlo_out=a.hlo_out)
+  b, t = cfg.train.global_batch, cfg.train.seq_len
+  fpt = counting.flops_per_token(cfg, t)
+  plan = {k: v / 2**30 for k, v in out["plan"].items()}
+  rec = {"device": f"{gpu_target.CARDS[card]['description']} (compile only, no device)",
+         "date": datetime.date.today().isoformat(), "commit": metrics_lib.git_commit(),
+         "command": "python -m benchmarks.step " + " ".join(
+             sys.argv[1:] if a is not None else []),
+         "stage": cfg.stage, "layers": int(cfg.model.n_layers), "layers_config": layers_cfg,
+         "batch": b, "seq": t, "mem_fraction": memory_plan.mem_fraction(),
+         "compile_s": out["compile_s"], "compiled_plan_gib": plan,
+         "flops_per_token": fpt["total"], "xla_flops_per_token": out["xla_flops"] / (b * t)}
+  print(f"{rec['device']}: {cfg.stage}, {rec['layers']} layers, B{b} x T{t}; compiled in "
+        f"{out['compile_s']:.1f} s; plan {plan['total']:.2f} GiB (arguments "
+        f"{plan['arguments']:.2f}, temporaries {plan['temporaries']:.2f}); FLOPs/token model "
+        f"{fpt['total'] / 1e9:.2f} G, XLA {rec['xla_flops_per_token'] / 1e9:.2f} G", flush=True)
+  if a.json:
+    with open(a.json, "w") as f:
+      json.dump(rec, f, indent=1, default=float)
+  return rec
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(prog="python -m benchmarks.step",
                                description=__doc__.split("\n")[0])
@@ -456,11 +524,18 @@ def main(argv=None):
   ap.add_argument("--attribute", default="", help="With XLA_FLAGS='--xla_dump_to=DIR "
                   "--xla_gpu_enable_command_buffer=': profile one step and sum its kernels by "
                   "the Python file and function that built them (DIR: the dump).")
+  ap.add_argument("--compile_for", default="", help="h100 or h200: compile the step for that "
+                  "card without one (lightning_jax/gpu_target.py: needs JAX's CUDA plugin, no "
+                  "driver) and report its memory plan and FLOP count; nothing runs.")
+  ap.add_argument("--hlo_out", default="", help="With --compile_for: write the optimized HLO "
+                  "here.")
   ap.add_argument("--json", default="", help="Also write the record as JSON here.")
   a = ap.parse_args(argv)
   cfg = load_config(a.config)
   layers_cfg = int(cfg.model.n_layers)
   apply_overrides(cfg, a.set)
+  if a.compile_for:
+    return _compile_only(cfg, a, layers_cfg)
   n_dev = len(jax.devices())
   cfg = bench_config(cfg, layers=a.layers, seq=a.seq, batch=a.batch, n_dev=n_dev)
   note = (f" (REDUCED from {layers_cfg} layers)" if a.layers and a.layers != layers_cfg else "")

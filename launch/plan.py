@@ -63,7 +63,7 @@ from jax.sharding import NamedSharding  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from lightning_jax import distributed, memory_plan, sharding  # noqa: E402
+from lightning_jax import distributed, gpu_target, memory_plan, sharding  # noqa: E402
 from lightning_jax.config import ConfigError, validate  # noqa: E402
 from lightning_jax.run import state as state_lib  # noqa: E402
 
@@ -107,7 +107,8 @@ def collectives(hlo_text: str) -> list[dict]:
                  for (k, sh), (c, b) in acc.items()), key=lambda r: -r["bytes"] * r["count"])
 
 
-def plan(cfg, mesh, log=print, device: str = "", mem_fraction: float | None = None) -> dict:
+def plan(cfg, mesh, log=print, device: str = "", mem_fraction: float | None = None,
+         compile_for: str = "") -> dict:
   n_batch = mesh.shape["data"] * mesh.shape["expert"]
   built = {}
   times = {}
@@ -157,17 +158,18 @@ def plan(cfg, mesh, log=print, device: str = "", mem_fraction: float | None = No
   coll = collectives(compiled.as_text())
   t = cfg.train
   micro = t.global_batch // (accum * n_batch)
+  backend = (f"XLA:GPU for {compile_for} (compile only, no device)" if compile_for
+             else jax.default_backend())
   res = {"arguments": arg, "outputs": out, "aliased": alias, "temporaries": temp, "total": total,
          "breakdown": parts, "lower_s": times[accum][0], "compile_s": times[accum][1],
          "accum": accum, "micro_batch": micro, "mesh": dict(mesh.shape), "capacity": capacity,
          "capacity_note": note, "refusal": refusal, "collectives": coll,
-         "backend": jax.default_backend(), "reversible_mode": rev, "remat": used.model.remat}
+         "backend": backend, "reversible_mode": rev, "remat": used.model.remat}
   log(f"stage {cfg.stage}: mesh {dict(mesh.shape)}, global batch {t.global_batch} x {t.seq_len}, "
       f"micro-batch {micro}/device ({accum} accumulation step(s)), reversible {rev}, "
       f"remat {used.model.remat}; "
-      f"tqp {'%d-bit' % cfg.tqp.bits if cfg.tqp.enabled else 'off'}; {jax.default_backend()} "
-      f"compile" + (" (XLA:CPU: an upper bound of the GPU's)" if jax.default_backend() == "cpu"
-                    else ""))
+      f"tqp {'%d-bit' % cfg.tqp.bits if cfg.tqp.enabled else 'off'}; {backend} "
+      f"compile" + (" (XLA:CPU: an upper bound of the GPU's)" if backend == "cpu" else ""))
   log(f"lowered in {res['lower_s']:.1f} s, compiled in {res['compile_s']:.1f} s")
   log("per-device bytes (compiled memory analysis):")
   for k in ("arguments", "outputs", "aliased", "temporaries", "total"):
@@ -195,6 +197,10 @@ def _define_flags():
   flags.DEFINE_integer("devices", 8, "Virtual CPU devices to plan for (set before jax starts).")
   flags.DEFINE_string("device", "", "Plan for this card: h100 (80 GB) or h200 (141 GB); default: "
                       "the allocator limit of the device here, or train.device_memory_gb.")
+  flags.DEFINE_string("compile_for", "", "h100 or h200: compile the step with XLA:GPU for a node "
+                      "of --devices such cards without one (lightning_jax/gpu_target.py: needs "
+                      "JAX's CUDA plugin, no driver), so the plan is the GPU compiler's; implies "
+                      "--device of the same card.")
   flags.DEFINE_float("mem_fraction", None, "Fraction of --device's memory the allocator may use "
                      "(default: XLA_PYTHON_CLIENT_MEM_FRACTION, else 0.75).")
   flags.DEFINE_string("coordinator_address", "", "host:port of process 0 (multi-process plan).")
@@ -218,14 +224,28 @@ def main(argv):
     if cfg is None:
       raise ConfigError("--config is required, e.g. --config=configs/stage_120b.py.")
     validate(cfg)
-    n = jax.local_device_count()
+    device = fl.device
+    if fl.compile_for:
+      if launch is not None:
+        raise ConfigError("--compile_for plans one node on this host; expected no "
+                          "multi-process flags with it.")
+      device = device or fl.compile_for
+      if device.lower() != fl.compile_for.lower():
+        raise ConfigError(f"--compile_for={fl.compile_for} with --device={fl.device}: expected "
+                          "the same card (or --device left out).")
+      devs = gpu_target.compile_only_devices(fl.compile_for, fl.devices, fl.mem_fraction)
+      n = len(devs)
+    else:
+      devs = None
+      n = jax.local_device_count()
     if n != fl.devices:
       raise ConfigError(f"--devices={fl.devices} but jax sees {n} devices; run launch.plan as a "
                         "fresh process so it can set the virtual device count.")
-    mesh = sharding.make_mesh(cfg.mesh)
+    mesh = sharding.make_mesh(cfg.mesh, devices=devs)
     log = print if distributed.is_primary() else (lambda *a, **k: None)
     t0 = time.perf_counter()
-    plan(cfg, mesh, log=log, device=fl.device, mem_fraction=fl.mem_fraction)
+    plan(cfg, mesh, log=log, device=device, mem_fraction=fl.mem_fraction,
+         compile_for=fl.compile_for)
     log(f"{jax.process_count()} process(es) x {n} devices; wall {time.perf_counter() - t0:.1f} s")
   except ConfigError as e:
     if distributed.active():
