@@ -15,7 +15,8 @@ when set (also how a plan for another card is made: launch.plan --device h100|h2
   auto   train with the largest micro-batch <= train.micro_batch that fits (gradient
          accumulation makes up the global batch) and say so; when not even micro-batch 1 fits,
          search again with the next lever of `lighter` and say so: model.remat=selective, then
-         (a reversible stack in store_boundaries mode) reversible.mode=invert (each layer's input
+         (a reversible stack in store_layers mode) reversible.mode=store_boundaries, then
+         (store_boundaries) reversible.mode=invert (each layer's input
          rebuilt from its output instead of stored: about 12 GB less on a 120B rank, and 37%
          slower, docs/PERFORMANCE.md), then (a plain stack) model.remat=full
   off    no plan: compile and run as configured
@@ -110,10 +111,11 @@ class NoFit(ConfigError):
 def lighter(cfg):
   """(config, what changed) for the next choice with less activation memory that the config
   leaves, or None. In order of time cost: model.remat none -> selective (a layer's elementwise
-  work recomputed in its backward), a reversible stack's store_boundaries -> invert (each
-  layer's input rebuilt from its output: 37% slower on a 120B rank, docs/PERFORMANCE.md), a plain
-  stack's model.remat selective -> full (every layer's forward run twice). All are free on
-  resume; the config returned is a copy."""
+  work recomputed in its backward), a reversible stack's store_layers -> store_boundaries (each
+  layer's forward run again in the backward, keeping one state per layer), store_boundaries ->
+  invert (each layer's input rebuilt from its output: 37% slower on a 120B rank,
+  docs/PERFORMANCE.md), a plain stack's model.remat selective -> full (every layer's forward run
+  twice). All are free on resume; the config returned is a copy."""
   r = cfg.reversible
   rm = remat.mode_of(cfg.model.remat)
   alt = cfg.copy_and_resolve_references()
@@ -121,6 +123,10 @@ def lighter(cfg):
     alt.model.remat = "selective"
     return alt, "model.remat=selective (matmul outputs and kernel residuals kept, the elementwise " \
                 "work recomputed in the backward)"
+  if r.enabled and r.mode == "store_layers":
+    alt.reversible.mode = "store_boundaries"
+    return alt, "reversible.mode=store_boundaries (each layer's forward run again in the " \
+                "backward instead of its activations kept)"
   if r.enabled and r.mode == "store_boundaries" and reversible.dyadic(float(r.a)) is not None:
     alt.reversible.mode = "invert"
     return alt, "reversible.mode=invert (each layer's input rebuilt from its output instead of " \

@@ -31,7 +31,7 @@ adjoint of the float integrator, with G_n = dL/dp_n:
 where J_n^T is the layer's vjp at p_n, evaluated with the forward's discrete choices (never
 reselected); the layer's aux term gets the aux cotangent in the same vjp.
 
-Two modes (cfg.reversible.mode):
+Three modes (cfg.reversible.mode):
 
 * `store_boundaries` (the reference's behaviour): float state; the forward keeps each layer's
   input state p_n and the backward recomputes inside the layer. The reference keeps the pair
@@ -62,6 +62,14 @@ Two modes (cfg.reversible.mode):
   outside it makes the stack's output NaN (lower fixed_point_bits then).
   Its output differs from the float integrator's by the fixed-point rounding (about 2^-(F+1)
   per layer and element); gradients are the float integrator's adjoint at these states.
+
+* `store_layers`: the same float integrator as store_boundaries, differentiated by ordinary
+  autodiff of its lax.scan (`midpoint_autodiff`, not the custom_vjp): each layer keeps for its
+  backward what model.remat lets it keep, so the backward rebuilds nothing. It trades the rebuild
+  (a second forward of every layer: 331 of 1,470 ms on a 120B rank, H100 profile) for the
+  activations of a plain stack, so it is for cards with room to spare (a 120B rank at B1 x T8192
+  plans at about 112 GB with model.remat=selective: an H200, not an H100); memory_plan.lighter
+  falls back to store_boundaries when it does not fit.
 """
 from __future__ import annotations
 
@@ -77,7 +85,7 @@ from lightning_jax.config import ConfigError
 
 LayerFn = Callable
 
-MODES = ("store_boundaries", "invert")
+MODES = ("store_boundaries", "invert", "store_layers")
 
 
 def _slice(tree, i):
@@ -117,7 +125,7 @@ def dyadic(a: float, max_k: int = 8, max_m: int = 1 << 8):
 
 def _check_rcfg(rcfg):
   if rcfg.mode not in MODES:
-    raise ConfigError(f"reversible.mode={rcfg.mode!r} must be 'store_boundaries' or 'invert'.")
+    raise ConfigError(f"reversible.mode={rcfg.mode!r} must be one of {', '.join(MODES)}.")
   if rcfg.a == 0:
     raise ConfigError("reversible.a=0 makes the midpoint integrator non-invertible; "
                       "expected a non-zero a (the paper uses 0.5).")
@@ -247,14 +255,19 @@ def midpoint_reference(rcfg, layer_fns, group_vars, x, consts):
   return p_cur, aux
 
 
-def midpoint_autodiff(rcfg, layer_fns, group_vars, x, consts, remat: bool = False):
-  """The float integrator as a lax.scan with ordinary autodiff (optionally per-layer remat).
+def midpoint_autodiff(rcfg, layer_fns, group_vars, x, consts, remat: str | bool = False):
+  """The float integrator as a lax.scan with ordinary autodiff: mode `store_layers`, the
+  baseline of benchmarks/reversible_bench.py and the tests' reference at depth.
 
-  The baseline of benchmarks/reversible_bench.py. Returns (x_out, aux, stats, choices).
+  Each layer keeps what its backward needs from the forward (under `remat`, model.remat's
+  policy: "none" everything, "selective" the matmul outputs and kernel residuals, "full" nothing;
+  a bool means "full" / "none"), so the backward rebuilds nothing: the same float math as
+  store_boundaries, the memory of a plain stack plus the one extra state per layer the integrator
+  reads (p_{n-1}). Returns (x_out, aux, stats, choices).
   """
   h, a = float(rcfg.h), float(rcfg.a)
   P = len(layer_fns)
-  fns = [jax.checkpoint(f) if remat else f for f in layer_fns]
+  fns = [remat_lib.wrap(f, remat) for f in layer_fns]
 
   def body(carry, xs):
     p_prev, p_cur, aux = carry
@@ -485,10 +498,19 @@ def run_stack(rcfg, layer_fns: Sequence[LayerFn], group_vars: Sequence[dict], x,
               remat: str | bool = "none"):
   """Dispatch on the `reversible` config section (plain stack when disabled).
 
-  `remat` (model.remat): in the plain stack, what each layer keeps from the forward for the
-  backward; in the reversible stack, which rebuilds every layer anyway, what each layer's rebuild
-  keeps for its vjp.
+  `remat` (model.remat): in the plain stack and the reversible stack's store_layers mode, what
+  each layer keeps from the forward for the backward; in the other modes, which rebuild every
+  layer anyway, what each layer's rebuild keeps for its vjp.
   """
   if not rcfg.enabled:
     return plain_stack(layer_fns, group_vars, x, consts, remat=remat)
+  if rcfg.mode == "store_layers":
+    _check_rcfg(rcfg)
+    _check_layers(layer_fns, group_vars, x, consts)
+    # as in the other modes only the parameters are differentiated (frozen buffers and stats get
+    # zero cotangents)
+    fixed = [{k: (v if k == "params" else jax.lax.stop_gradient(v)) for k, v in vj.items()}
+             if isinstance(vj, dict) and "params" in vj else jax.lax.stop_gradient(vj)
+             for vj in group_vars]
+    return midpoint_autodiff(rcfg, layer_fns, fixed, x, consts, remat=remat)
   return reversible_stack(rcfg, layer_fns, group_vars, x, consts, remat=remat)

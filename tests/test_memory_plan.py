@@ -149,3 +149,27 @@ def test_auto_pulls_the_remat_levers_in_order_for_a_plain_stack():
   with pytest.raises(ConfigError, match="shorter train.seq_len, model.remat=selective or "
                                         "model.remat=full"):
     memory_plan.fit(_cfg(), 8, compile_at, 80 * GB, "test card", print)
+
+
+def test_auto_falls_back_from_store_layers_to_store_boundaries_then_invert():
+  # per sequence (GB): store_layers 55, store_boundaries 35, invert 25 (remat already
+  # selective, so the first lever is the mode); 79 GB usable
+  per_seq = {"store_layers": 55.0, "store_boundaries": 35.0, "invert": 25.0}
+
+  def compile_at(cfg, accum):
+    micro = 64 // (8 * accum)
+    return _Compiled((20 + per_seq[cfg.reversible.mode] * micro) * GB)
+
+  cfg, said = _reversible(), []
+  cfg.reversible.mode, cfg.model.remat = "store_layers", "selective"
+  accum, _, plan, used = memory_plan.fit(cfg, 8, compile_at, 80 * GB, "test card", said.append)
+  assert used.reversible.mode == "store_layers" and 64 // (8 * accum) == 1
+  assert plan["total"] == 75 * GB and not any("trying" in m for m in said)
+  per_seq["store_layers"] = 70.0                      # 90 GB at micro-batch 1: falls back
+  accum, _, plan, used = memory_plan.fit(cfg, 8, compile_at, 80 * GB, "test card", said.append)
+  assert used.reversible.mode == "store_boundaries" and cfg.reversible.mode == "store_layers"
+  assert 64 // (8 * accum) == 1 and plan["total"] == 55 * GB
+  assert any("trying reversible.mode=store_boundaries" in m for m in said)
+  per_seq["store_boundaries"] = 65.0                  # then invert
+  accum, _, plan, used = memory_plan.fit(cfg, 8, compile_at, 80 * GB, "test card", print)
+  assert used.reversible.mode == "invert" and 64 // (8 * accum) == 2 and plan["total"] == 70 * GB

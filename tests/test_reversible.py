@@ -67,6 +67,31 @@ def test_scan_reference_is_the_plain_formula():
   assert _rel(g2, g1) <= 1e-6, f"seed={seed}: {_rel(g2, g1)}"
 
 
+@pytest.mark.parametrize("remat", ["none", "selective", "full"])
+def test_store_layers_is_the_formula_without_a_rebuild(remat):
+  """reversible.mode=store_layers (run_stack: the integrator's scan under plain autodiff, each
+  layer under model.remat's policy) == midpoint_reference (the formula layer by layer in Python),
+  values and gradients in float32, at 8 layers; and its backward calls each layer's forward only
+  as the remat policy recomputes it (never a rebuild of the state)."""
+  seed = int(np.random.randint(1 << 30))
+  gv, x, w = _problem(seed, 8)
+  params = [g["params"] for g in gv]
+  (l1, o1), g1 = _loss_and_grad(lambda g, xx: R.midpoint_reference(
+      rcfg(), synthetic_layers(), g, xx, CONSTS), gv, w)(params, x)
+  (l2, o2), g2 = _loss_and_grad(lambda g, xx: R.run_stack(
+      rcfg("store_layers"), synthetic_layers(), g, xx, CONSTS, remat=remat), gv, w)(params, x)
+  msg = f"seed={seed} remat={remat}"
+  scale = max(1.0, float(jnp.max(jnp.abs(o1))))
+  np.testing.assert_allclose(o2, o1, rtol=1e-6, atol=1e-6 * scale, err_msg=msg)
+  assert abs(float(l2) - float(l1)) <= 1e-5 * float(jnp.sum(jnp.abs(w))), msg
+  assert _rel(g2, g1) <= 1e-5, f"{msg}: {_rel(g2, g1)}"
+  # the custom_vjp is not used: no reversible rebuild is traced
+  jaxpr = str(jax.make_jaxpr(lambda p, xx: _loss_and_grad(lambda g, y: R.run_stack(
+      rcfg("store_layers"), synthetic_layers(), g, y, CONSTS, remat=remat), gv, w)(p, xx))(
+          params, x))
+  assert "custom_vjp" not in jaxpr and "stack_bwd" not in jaxpr, msg
+
+
 @pytest.mark.parametrize("mode,tol", [("store_boundaries", 1e-5), ("invert", 1e-4)])
 def test_gradients_match_plain_float_integrator(deep20, mode, tol):
   seed, gv, x, w, params, ((ref_loss, ref_out), ref_g) = deep20
@@ -146,7 +171,7 @@ def test_choices_and_stats_returned_like_plain_stack():
   seed = int(np.random.randint(1 << 30))
   gv, x, _ = _problem(seed, 8)
   ref = jax.jit(lambda xx: R.midpoint_autodiff(rcfg(), synthetic_layers(), gv, xx, CONSTS))(x)
-  for mode in ("store_boundaries", "invert"):
+  for mode in ("store_boundaries", "invert", "store_layers"):
     out = jax.jit(lambda xx: R.run_stack(rcfg(mode), synthetic_layers(), gv, xx, CONSTS))(x)
     assert out[3][0] is None and out[3][3].shape == (2,) + SHAPE[:2] + (2,)
     np.testing.assert_array_equal(out[3][3], ref[3][3], err_msg=f"seed={seed} {mode}")
@@ -177,7 +202,7 @@ def test_rebuild_mismatch_poisons_invert_grads(monkeypatch):
 
 def test_frozen_and_stats_get_zero_cotangents():
   gv, x, _ = _problem(int(np.random.randint(1 << 30)), 8)
-  for mode in ("store_boundaries", "invert"):
+  for mode in ("store_boundaries", "invert", "store_layers"):
     def pull(g, xx):
       out, vjp = jax.vjp(lambda g, xx: R.run_stack(rcfg(mode), synthetic_layers(), g, xx, CONSTS),
                          g, xx)
@@ -215,7 +240,7 @@ def test_pack_bits_roundtrip(k):
 
 def test_a_zero_rejected_by_the_stack():
   gv, x, _ = _problem(0, 4)
-  for mode in ("store_boundaries", "invert"):
+  for mode in ("store_boundaries", "invert", "store_layers"):
     with pytest.raises(ConfigError, match="reversible.a"):
       R.run_stack(rcfg(mode, a=0.0), synthetic_layers(), gv, x, CONSTS)
 
@@ -233,7 +258,7 @@ def test_shape_changing_layer_rejected_at_build_time():
 
   gv, x, _ = _problem(0, 4)
   fns = [widen] + synthetic_layers()[1:]
-  for mode in ("store_boundaries", "invert"):
+  for mode in ("store_boundaries", "invert", "store_layers"):
     with pytest.raises(ValueError, match="pattern position 0 returns float32\\[2, 8, 2, 16\\]"):
       R.run_stack(rcfg(mode), fns, gv, x, CONSTS)
 
@@ -289,3 +314,32 @@ def test_tiny_moe_model_20_layers(monkeypatch):
     assert e_loss <= (1e-6 if mode == "store_boundaries" else 1e-4), msg
     assert e_g <= tol, msg
     assert float(g[1]) == 0.0, msg
+
+
+def test_tiny_model_store_layers_equals_store_boundaries():
+  """The model through loss_fn (configs/tiny.py, 4 layers with the null-slot MoE, model.remat
+  selective): reversible.mode=store_layers gives store_boundaries' loss and gradients in float32
+  (the same integrator; one keeps the layers' residuals, the other rebuilds them)."""
+  from configs import tiny
+  from lightning_jax import model
+
+  seed = int(np.random.randint(1 << 30))
+  cfg = tiny.get_config()
+  cfg.model.n_layers, cfg.model.vocab_size, cfg.model.mtp.enabled = 4, 256, False
+  cfg.moe.enabled, cfg.moe.n_experts, cfg.moe.n_null, cfg.moe.top_k = True, 4, 4, 2
+  cfg.moe.dispatch, cfg.moe.group_pad = "capacity", 8
+  cfg.reversible.enabled, cfg.model.remat = True, "selective"
+  v = model.init_variables(cfg, jax.random.PRNGKey(seed), [bytes([i]) for i in range(256)])
+  ids = np.random.default_rng(seed).integers(0, 256, (2, 18))
+  batch = {"ids": jnp.asarray(ids, jnp.int32)}
+  out = {}
+  for mode in ("store_boundaries", "store_layers"):
+    cfg.reversible.mode = mode
+    (total, _), g = jax.jit(jax.value_and_grad(
+        lambda p: model.loss_fn(p, v["frozen"], v["stats"], batch, cfg), has_aux=True))(
+            v["params"])
+    out[mode] = (float(total), g)
+  (l1, g1), (l2, g2) = out["store_boundaries"], out["store_layers"]
+  msg = f"seed={seed}: loss {l2:.7f} vs {l1:.7f}, grad rel err {_rel(g2, g1):.2e}"
+  assert abs(l2 - l1) <= 1e-6 * abs(l1), msg
+  assert _rel(g2, g1) <= 1e-5, msg

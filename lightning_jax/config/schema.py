@@ -224,8 +224,11 @@ FIELDS: tuple[Field, ...] = (
     # ------------------------------------------------------------------ reversible (SPEC §2.6)
     F("reversible.enabled", False, "midpoint reversible stack"),
     F("reversible.mode", "store_boundaries", "store_boundaries (keep each group's input) | "
-      "invert (exact fixed-point inversion, O(1) activations)",
-      choices=("store_boundaries", "invert"), when="reversible.enabled", resume=FREE),
+      "invert (exact fixed-point inversion, O(1) activations) | store_layers (the same float "
+      "integrator by plain autodiff: each layer keeps what model.remat lets it, no rebuild in "
+      "the backward; the most memory, the fastest)",
+      choices=("store_boundaries", "invert", "store_layers"), when="reversible.enabled",
+      resume=FREE),
     F("reversible.h", 0.25, "integrator step h", check="positive", when="reversible.enabled"),
     F("reversible.a", 0.5, "midpoint mixing a (non-zero; dyadic for invert)",
       when="reversible.enabled"),
