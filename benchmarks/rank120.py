@@ -267,14 +267,14 @@ def compile_only(cfg, a, command: str) -> dict:
   plan = out["plan"]
   b, t = cfg.train.global_batch, cfg.train.seq_len
   fpt = counting.flops_per_token(cfg, t)
-  plans = [{"batch": b, **{k: v / GB for k, v in plan.items()}}]
+  plans = [{"batch": b, **plan}]
   for pb in a.plan_batches:
     if pb != b:
-      p = compile_plan(cfg, pb, t, out["devices"])
-      plans.append({k: (v / GB if k in plan else v) for k, v in p.items()})
+      plans.append(compile_plan(cfg, pb, t, out["devices"]))
   plans.sort(key=lambda p: p["batch"])
-  fits = {k: largest_fitting(plans, 1.0, cap * memory_plan.mem_fraction())
-          for k, cap in TARGETS.items()}
+  fits = {k: largest_fitting(plans, 1.0, cap) for k, cap in TARGETS.items()}
+  plans = [{"batch": p["batch"], "total": p["total"] / GB, "temporaries": p["temporaries"] / GB}
+           for p in plans]
   return {
       "device": f"{gpu_target.CARDS[card]['description']} (compile only, no device)",
       "date": datetime.date.today().isoformat(), "commit": a.commit or metrics_lib.git_commit(),
@@ -303,8 +303,7 @@ def format_plan(rec: dict) -> str:
       f"{p['temporaries']:.2f}, outputs {p['outputs']:.2f}, aliased {p['aliased']:.2f}); "
       f"optimizer state {rec['optimizer_state_gb']:.2f} GB "
       f"({'ZeRO-1 share' if rec['zero1_emulated'] else 'whole'})",
-      f"FLOPs/token: model {rec['flops_per_token'] / 1e9:.2f} G, XLA's count "
-      f"{rec['xla_flops_per_token'] / 1e9:.2f} G",
+      f"FLOPs/token: model {rec['flops_per_token'] / 1e9:.2f} G",
       "plans: " + ", ".join(f"B{q['batch']} {q['total']:.2f} GB" for q in rec["plans_gb"])
       + f"; largest micro-batch at fraction {rec['mem_fraction']}: 80 GB -> "
       f"B{rec['largest_micro_batch_80gb']}, 141 GB -> B{rec['largest_micro_batch_141gb']}"])
