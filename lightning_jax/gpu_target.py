@@ -29,6 +29,9 @@ from __future__ import annotations
 
 import os
 
+from jax._src import xla_bridge as xb   # make_pjrt_topology: no public spelling yet
+
+from lightning_jax import memory_plan
 from lightning_jax.config import ConfigError
 
 # Per card: the values XLA reads from a live device (cudaGetDeviceProperties). Memory is the
@@ -53,7 +56,6 @@ def spec_text(card: str, fraction: float | None = None) -> str:
   """The GpuTargetConfigProto (text format) of `card` (Hopper, sm_90), whose memory stands for
   the allocator's limit that XLA plans against on the card (its rematerialization limit): the
   card's memory x fraction (default XLA_PYTHON_CLIENT_MEM_FRACTION, else 0.75)."""
-  from lightning_jax import memory_plan
   c = CARDS[card_of(card)]
   frac = memory_plan.mem_fraction() if fraction is None else float(fraction)
   if not 0.0 < frac <= 1.0:
@@ -85,7 +87,6 @@ def compile_only_devices(card: str, n: int = 1, fraction: float | None = None) -
   if n < 1:
     raise ConfigError(f"asked for {n} compile-only {card} devices; expected at least 1.")
   prepare()
-  from jax._src import xla_bridge as xb
   try:
     topo = xb.make_pjrt_topology("cuda", "", topology=f"1x1x{n}",
                                  target_config=spec_text(card, fraction))
