@@ -131,3 +131,53 @@ def test_post_mixes_alike_elementwise_and_einsum():
       b = np.asarray(b, np.float32)
       np.testing.assert_allclose(np.asarray(a, np.float32), b, rtol=tol,
                                  atol=tol * np.max(np.abs(b)), err_msg=f"{dt.__name__}, seed {seed}")
+
+
+def test_pre_fused_backward_matches_autodiff():
+  """model.hc.pre: the written-out backward (fused) against JAX's autodiff (the default) of the
+  same forward, values and gradients w.r.t. the state and every stream parameter, on random
+  parameters away from init; float32 state to 1e-5, bf16 state against the float32 autodiff to
+  bf16's rounding."""
+  seed = _seed()
+  keys = jax.random.split(jax.random.PRNGKey(seed), 6)
+  cfg = _cfg()
+  p = nn.init(streams.hc_specs(cfg), keys[0])
+  p = jax.tree_util.tree_map(lambda a: a + 0.3 * jax.random.normal(keys[1], a.shape), p)
+  x32 = 2.0 * jax.random.normal(keys[2], (2, 5, 4, 16))
+  ct_u = jax.random.normal(keys[3], (2, 5, 16))
+  ct_post = jax.random.normal(keys[4], (2, 5, 4))
+  ct_res = jax.random.normal(keys[5], (2, 5, 4, 4))
+
+  def run(impl, x):
+    c = _cfg()
+    c.model.hc.pre = impl
+
+    def f(p, x):
+      u, (h_post, h_res) = streams.pre(p, x, c)
+      return (jnp.sum(u.astype(jnp.float32) * ct_u) + jnp.sum(h_post * ct_post)
+              + jnp.sum(h_res * ct_res)), u
+    (val, u), g = jax.jit(jax.value_and_grad(f, (0, 1), has_aux=True))(p, x)
+    return float(val), u, g
+
+  def rel(a, b):
+    a = jnp.concatenate([jnp.ravel(l.astype(jnp.float32)) for l in jax.tree_util.tree_leaves(a)])
+    b = jnp.concatenate([jnp.ravel(l.astype(jnp.float32)) for l in jax.tree_util.tree_leaves(b)])
+    return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+
+  v_a, u_a, g_a = run("autodiff", x32)
+  v_f, u_f, g_f = run("fused", x32)
+  msg = f"seed {seed}"
+  np.testing.assert_allclose(u_f, u_a, rtol=1e-5, atol=1e-5, err_msg=msg)
+  assert abs(v_f - v_a) <= 1e-5 * max(1.0, abs(v_a)), msg
+  for k in g_a[0]:
+    # a scalar's gradient sums over every token and can nearly cancel (4.7e-5 seen)
+    tol = 5e-4 if jnp.ndim(g_a[0][k]) == 0 else 1e-5
+    assert rel(g_f[0][k], g_a[0][k]) <= tol, f"{msg}: d{k} {rel(g_f[0][k], g_a[0][k]):.2e}"
+  assert rel(g_f[1], g_a[1]) <= 1e-5, f"{msg}: dx {rel(g_f[1], g_a[1]):.2e}"
+  # bf16 state: the same inputs rounded, against float32 autodiff on the rounded values
+  xb = x32.astype(jnp.bfloat16)
+  _, u_b, g_b = run("fused", xb)
+  _, u_r, g_r = run("autodiff", xb.astype(jnp.float32))
+  assert u_b.dtype == jnp.bfloat16 and g_b[1].dtype == jnp.bfloat16
+  assert rel(g_b[1], g_r[1]) <= 2e-2 and rel(g_b[0], g_r[0]) <= 2e-2, msg
+  np.testing.assert_allclose(np.asarray(u_b, np.float32), u_r, rtol=3e-2, atol=3e-2, err_msg=msg)

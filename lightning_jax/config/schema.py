@@ -159,6 +159,11 @@ FIELDS: tuple[Field, ...] = (
       "| kernel (one Pallas launch forward, one backward; -2.0% step time on the 120B rank, "
       "docs/PERFORMANCE.md) | auto (the kernel on GPU, else rolled)",
       choices=("rolled", "kernel", "auto"), resume=FREE),
+    F("model.hc.pre", "autodiff", "how pre() reads the streams in: autodiff (JAX's backward) | "
+      "fused (the same forward with a written-out backward that reads the state three times; "
+      "compiled for an H100 it moves 6.8 GB less per group of 120B rank layers and plans 0.34 GB "
+      "more; not yet timed, docs/PERFORMANCE.md)",
+      choices=("autodiff", "fused"), resume=FREE),
     F("model.hc.mix", "elementwise", "how post() mixes the streams, H_res @ x: elementwise (S "
       "broadcast products summed in float32: one pass over the state) | einsum (a batched "
       "S x S matmul per token, which XLA on GPU runs as a Triton GEMM at half the bandwidth)",
