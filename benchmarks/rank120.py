@@ -283,6 +283,7 @@ def compile_only(cfg, a, command: str) -> dict:
       "seq": t, "reversible_mode": cfg.reversible.mode if cfg.reversible.enabled else "off",
       "remat": cfg.model.remat, "mem_fraction": memory_plan.mem_fraction(),
       "compile_s": out["compile_s"], "compiled_plan_gb": plan["total"] / GB,
+      "xla_remat_ops": out["xla_remat_ops"],
       "compiled_plan": {k: v / GB for k, v in plan.items()},
       "optimizer_state_gb": out["optimizer_bytes"] / GB, "zero1_emulated": not a.no_zero1,
       "flops_per_token": fpt["total"], "flops_terms": fpt,
@@ -300,12 +301,13 @@ def format_plan(rec: dict) -> str:
       f"experts top-{rec['top_k']}, B{rec['batch']} x T{rec['seq']}, reversible "
       f"{rec['reversible_mode']}, remat {rec['remat']}; compiled in {rec['compile_s']:.1f} s",
       f"compiled plan {p['total']:.2f} GB (arguments {p['arguments']:.2f}, temporaries "
-      f"{p['temporaries']:.2f}, outputs {p['outputs']:.2f}, aliased {p['aliased']:.2f}); "
+      f"{p['temporaries']:.2f}, outputs {p['outputs']:.2f}, aliased {p['aliased']:.2f}; XLA "
+      f"rematerialised {rec['xla_remat_ops']} ops to fit); "
       f"optimizer state {rec['optimizer_state_gb']:.2f} GB "
       f"({'ZeRO-1 share' if rec['zero1_emulated'] else 'whole'})",
       f"FLOPs/token: model {rec['flops_per_token'] / 1e9:.2f} G",
       "plans: " + ", ".join(f"B{q['batch']} {q['total']:.2f} GB" for q in rec["plans_gb"])
-      + f"; largest micro-batch at fraction {rec['mem_fraction']}: 80 GB -> "
+      + "; largest micro-batch whose plan fits: 80 GB -> "
       f"B{rec['largest_micro_batch_80gb']}, 141 GB -> B{rec['largest_micro_batch_141gb']}"])
 
 

@@ -34,14 +34,13 @@ from jax._src import xla_bridge as xb   # make_pjrt_topology: no public spelling
 from lightning_jax import memory_plan
 from lightning_jax.config import ConfigError
 
-# Per card: the values XLA reads from a live device (cudaGetDeviceProperties). Memory is the
-# card's total HBM in bytes as the driver reports it (memory_plan.KNOWN_DEVICES keeps the rounded
-# figure the plan's capacity uses).
+# Per card: the values XLA reads from a live device (cudaGetDeviceProperties); the memory is
+# memory_plan.KNOWN_DEVICES' (what the card's allocator sees).
 CARDS = {
-    "h100": {"description": "NVIDIA H100 80GB HBM3", "memory_bytes": 84_978_434_048,
-             "bandwidth": 3_352_320_000_000, "l2": 52_428_800, "cores": 132},
-    "h200": {"description": "NVIDIA H200", "memory_bytes": 150_754_820_096,
-             "bandwidth": 4_800_000_000_000, "l2": 52_428_800, "cores": 132},
+    "h100": {"description": "NVIDIA H100 80GB HBM3", "bandwidth": 3_352_320_000_000,
+             "l2": 52_428_800, "cores": 132},
+    "h200": {"description": "NVIDIA H200", "bandwidth": 4_800_000_000_000, "l2": 52_428_800,
+             "cores": 132},
 }
 
 
@@ -60,7 +59,7 @@ def spec_text(card: str, fraction: float | None = None) -> str:
   frac = memory_plan.mem_fraction() if fraction is None else float(fraction)
   if not 0.0 < frac <= 1.0:
     raise ConfigError(f"memory fraction {frac} is not in (0, 1]; expected e.g. 0.75 or 0.95.")
-  memory_bytes = c["memory_bytes"] * frac
+  memory_bytes = memory_plan.KNOWN_DEVICES[card_of(card)] * frac
   return "\n".join([
       "gpu_device_info {",
       "  threads_per_block_limit: 1024", "  threads_per_warp: 32",

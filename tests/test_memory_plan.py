@@ -113,7 +113,8 @@ def test_nothing_fits_and_unknown_capacity():
 
 def test_capacities_and_bad_inputs(monkeypatch):
   cap, note = memory_plan.device_capacity([], device="h100", fraction=0.95)
-  assert cap == pytest.approx(76e9) and "h100" in note
+  # the H100's allocator limit at 0.95 measured 80.77 GB (not 0.95 x 80)
+  assert cap == pytest.approx(80.77e9, rel=1e-3) and "h100" in note
   assert memory_plan.device_capacity([], device_memory_gb=40.0)[0] == 40e9
   with pytest.raises(ConfigError, match="not one the memory plan knows"):
     memory_plan.device_capacity([], device="a100")
