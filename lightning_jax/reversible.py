@@ -67,9 +67,9 @@ Three modes (cfg.reversible.mode):
   autodiff of its lax.scan (`midpoint_autodiff`, not the custom_vjp): each layer keeps for its
   backward what model.remat lets it keep, so the backward rebuilds nothing. It trades the rebuild
   (a second forward of every layer: 331 of 1,470 ms on a 120B rank, H100 profile) for the
-  activations of a plain stack, so it is for cards with room to spare (a 120B rank at B1 x T8192
-  plans at about 112 GB with model.remat=selective: an H200, not an H100); memory_plan.lighter
-  falls back to store_boundaries when it does not fit.
+  activations of a plain stack, so it is for cards with room to spare: a 120B rank at B1 x T8192
+  with model.remat=selective, compiled for an H200, plans 114.6 GB (an H200, not an H100).
+  memory_plan.lighter falls back to store_boundaries when it does not fit.
 """
 from __future__ import annotations
 
