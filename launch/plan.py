@@ -1,7 +1,7 @@
 """Memory plan: lower and compile the full training step abstractly and print per-device bytes.
 
   python -m launch.plan --config=configs/stage_120b.py [--devices=8] [--device=h100|h200]
-      [--mem_fraction=0.95] [--config.train.micro_batch=8]
+      [--compile_for=h100|h200] [--mem_fraction=0.95] [--config.train.micro_batch=8]
 
 It answers what launch.train answers before its first step (lightning_jax/memory_plan.fit, the
 same function): does the configured micro-batch fit, and if not, which largest one does (with
@@ -10,7 +10,9 @@ The capacity is --device's memory x --mem_fraction (XLA_PYTHON_CLIENT_MEM_FRACTI
 else 0.75), or on a GPU host without --device the allocator's own limit. Run on a GPU host the
 figures are the GPU compile's (the one-rank benchmark, benchmarks/rank120.py, measured the
 device peak equal to it); on a CPU host they are XLA:CPU's, an upper bound (XLA:CPU computes
-bf16 dots in float32). The step's collectives (all-to-all of the expert dispatch, all-gathers
+bf16 dots in float32), unless --compile_for=h100|h200 compiles with XLA:GPU for --devices such
+cards without one (lightning_jax/gpu_target.py; JAX's CUDA plugin, no driver): then the figures
+are the GPU compiler's on any host. The step's collectives (all-to-all of the expert dispatch, all-gathers
 and reduce-scatters of ZeRO-1, all-reduces) are listed with their bytes as they appear in the
 compiled program (a loop body's once).
 
