@@ -53,26 +53,12 @@ def deep20():
   return seed, gv, x, w, params, ref
 
 
-def test_scan_reference_is_the_plain_formula():
-  """midpoint_autodiff (lax.scan, the 20/40-layer reference) == midpoint_reference (the formula
-  written out layer by layer in Python), values and gradients, at 8 layers."""
-  seed = int(np.random.randint(1 << 30))
-  gv, x, w = _problem(seed, 8)
-  params = [g["params"] for g in gv]
-  (l1, o1), g1 = _loss_and_grad(lambda g, xx: R.midpoint_reference(
-      rcfg(), synthetic_layers(), g, xx, CONSTS), gv, w)(params, x)
-  (l2, o2), g2 = _loss_and_grad(lambda g, xx: R.midpoint_autodiff(
-      rcfg(), synthetic_layers(), g, xx, CONSTS), gv, w)(params, x)
-  np.testing.assert_allclose(o2, o1, rtol=1e-6, atol=1e-6, err_msg=f"seed={seed}")
-  assert _rel(g2, g1) <= 1e-6, f"seed={seed}: {_rel(g2, g1)}"
-
-
 @pytest.mark.parametrize("remat", ["none", "selective", "full"])
 def test_store_layers_is_the_formula_without_a_rebuild(remat):
-  """reversible.mode=store_layers (run_stack: the integrator's scan under plain autodiff, each
-  layer under model.remat's policy) == midpoint_reference (the formula layer by layer in Python),
-  values and gradients in float32, at 8 layers; and its backward calls each layer's forward only
-  as the remat policy recomputes it (never a rebuild of the state)."""
+  """reversible.mode=store_layers (run_stack -> midpoint_autodiff: the integrator's scan under
+  plain autodiff, each layer under model.remat's policy) == midpoint_reference (the formula layer
+  by layer in Python), values and gradients in float32, at 8 layers; and no rebuild is traced.
+  With remat "none" this is also what makes midpoint_autodiff the 20/40-layer reference below."""
   seed = int(np.random.randint(1 << 30))
   gv, x, w = _problem(seed, 8)
   params = [g["params"] for g in gv]
@@ -84,7 +70,7 @@ def test_store_layers_is_the_formula_without_a_rebuild(remat):
   scale = max(1.0, float(jnp.max(jnp.abs(o1))))
   np.testing.assert_allclose(o2, o1, rtol=1e-6, atol=1e-6 * scale, err_msg=msg)
   assert abs(float(l2) - float(l1)) <= 1e-5 * float(jnp.sum(jnp.abs(w))), msg
-  assert _rel(g2, g1) <= 1e-5, f"{msg}: {_rel(g2, g1)}"
+  assert _rel(g2, g1) <= (1e-6 if remat == "none" else 1e-5), f"{msg}: {_rel(g2, g1)}"
   # the custom_vjp is not used: no reversible rebuild is traced
   jaxpr = str(jax.make_jaxpr(lambda p, xx: _loss_and_grad(lambda g, y: R.run_stack(
       rcfg("store_layers"), synthetic_layers(), g, y, CONSTS, remat=remat), gv, w)(p, xx))(
