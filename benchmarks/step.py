@@ -492,7 +492,7 @@ def report(cfg, res: dict, bd: dict | None, n_dev: int, layers_note: str) -> tup
   return "\n".join(lines), rec
 
 
-def _compile_only(cfg, a, layers_cfg: int) -> dict:
+def _compile_only(cfg, a, layers_cfg: int, command: str) -> dict:
   """--compile_for: the step's plan on one `a.compile_for` card, compiled here."""
   card = gpu_target.card_of(a.compile_for)
   cfg = bench_config(cfg, layers=a.layers, seq=a.seq, batch=a.batch, n_dev=1)
@@ -502,8 +502,7 @@ def _compile_only(cfg, a, layers_cfg: int) -> dict:
   plan = {k: v / 2**30 for k, v in out["plan"].items()}
   rec = {"device": f"{gpu_target.CARDS[card]['description']} (compile only, no device)",
          "date": datetime.date.today().isoformat(), "commit": metrics_lib.git_commit(),
-         "command": "python -m benchmarks.step " + " ".join(
-             sys.argv[1:] if a is not None else []),
+         "command": command,
          "stage": cfg.stage, "layers": int(cfg.model.n_layers), "layers_config": layers_cfg,
          "batch": b, "seq": t, "mem_fraction": memory_plan.mem_fraction(),
          "compile_s": out["compile_s"], "compiled_plan_gib": plan,
@@ -555,7 +554,8 @@ def main(argv=None):
   layers_cfg = int(cfg.model.n_layers)
   apply_overrides(cfg, a.set)
   if a.compile_for:
-    return _compile_only(cfg, a, layers_cfg)
+    return _compile_only(cfg, a, layers_cfg, "python -m benchmarks.step " + " ".join(
+        argv if argv is not None else sys.argv[1:]))
   n_dev = len(jax.devices())
   cfg = bench_config(cfg, layers=a.layers, seq=a.seq, batch=a.batch, n_dev=n_dev)
   note = (f" (REDUCED from {layers_cfg} layers)" if a.layers and a.layers != layers_cfg else "")

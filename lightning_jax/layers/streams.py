@@ -54,11 +54,16 @@ def _phi(p: dict, dtype):
   return jnp.concatenate([p["phi_pre"], p["phi_post"], p["phi_res"]], axis=1).astype(dtype)
 
 
+def _h_pre(p: dict, raw, s: int):
+  """H_pre [B, T, S] float32 from the projections raw."""
+  return jax.nn.sigmoid(p["a_pre"] * raw[..., :s] + p["b_pre"])
+
+
 def _from_raw(p: dict, raw, s: int, cfg):
   """(H_pre, H_post, H_res) float32 from the projections raw [B, T, S + S + S*S] float32."""
-  pre, post = raw[..., :s], raw[..., s:2 * s]
+  post = raw[..., s:2 * s]
   res = raw[..., 2 * s:].reshape(raw.shape[:-1] + (s, s))
-  h_pre = jax.nn.sigmoid(p["a_pre"] * pre + p["b_pre"])
+  h_pre = _h_pre(p, raw, s)
   h_post = 2.0 * jax.nn.sigmoid(p["a_post"] * post + p["b_post"])
   h_res = sinkhorn(p["a_res"] * res + p["b_res"], cfg.model.hc.sinkhorn_iters,
                    cfg.model.hc.sinkhorn_eps, impl=cfg.model.hc.sinkhorn_impl)
@@ -156,8 +161,7 @@ def _pre_fused(p: dict, x, cfg):
                    precision=jax.lax.Precision.HIGHEST)                   # [S*d, n]
     c = jnp.sum(dz * raw, axis=-1) * (r * r / (s * d))                    # [B, T]
     dzw = sum(dz[..., j, None] * w[:, j] for j in range(w.shape[1]))      # [B, T, S*d]
-    hp = jax.nn.sigmoid(p["a_pre"] * raw[..., :s] + p["b_pre"])
-    hp = hp.astype(x.dtype).astype(jnp.float32)
+    hp = _h_pre(p, raw, s).astype(x.dtype).astype(jnp.float32)
     dx = ((r[..., None] * g * dzw - c[..., None] * x2).reshape(b, t, s, d)
           + hp[..., None] * dvf[..., None, :])
     dw = g[:, None] * m
