@@ -351,9 +351,12 @@ def time_step(cfg, mesh, steps: int, seed: int = 0, profile: bool = False,
         prof["profile_by_source"] = _attribute(trace, attribute)
   m = jax.device_get(m)
   mem, mem_how = peak_memory(mesh.devices.flat[0], compiled)
+  # this device's own compiled plan beside the measured peak: the peak can only be read against
+  # the compile that ran (a plan compiled elsewhere, e.g. --compile_for, may differ)
+  plan = memory_plan.plan_bytes(compiled)
   return {"step_s": float(np.median(ts)), "step_times_s": ts, "compile_s": compile_s,
           "loss": float(m["loss"]), "finite": bool(m["finite"]),
-          "peak_mem_bytes": mem, "peak_mem_how": mem_how, **prof}
+          "peak_mem_bytes": mem, "peak_mem_how": mem_how, "compiled_plan": plan, **prof}
 
 
 # ----------------------------------------------------------------------------- breakdown
@@ -443,6 +446,19 @@ def breakdown(cfg, mesh, steps: int, seed: int = 0) -> dict:
 
 
 # ----------------------------------------------------------------------------- report
+def _plan_note(res: dict) -> str:
+  """'; compiled plan X GiB (arguments, temporaries)', and ', peak - plan = +Y GiB' where the
+  peak is the device's own (memory_stats)."""
+  plan = res.get("compiled_plan") or {}
+  if not plan or plan.get("total") is None:
+    return ""
+  txt = (f"; compiled plan {plan['total'] / 2**30:.2f} GiB (arguments "
+         f"{plan['arguments'] / 2**30:.2f}, temporaries {plan['temporaries'] / 2**30:.2f})")
+  if "memory_stats" not in res.get("peak_mem_how", ""):
+    return txt                   # no device peak to set beside it (CPU: the peak IS the plan)
+  return txt + f", peak - plan = {(res['peak_mem_bytes'] - plan['total']) / 2**30:+.2f} GiB"
+
+
 def report(cfg, res: dict, bd: dict | None, n_dev: int, layers_note: str) -> tuple[str, dict]:
   b, t = cfg.train.global_batch, cfg.train.seq_len
   tokens = b * t
@@ -468,7 +484,8 @@ def report(cfg, res: dict, bd: dict | None, n_dev: int, layers_note: str) -> tup
            f"{res['compile_s']:.1f} s; loss {res['loss']:.3f})  tokens/s {tps:,.0f}  "
            f"model {fpt['total'] / 1e9:.3f} GFLOP/token -> {tps * fpt['total'] / 1e12:.1f} "
            f"TFLOP/s, MFU {mfu * 100:.1f}% ({peak_note})",
-           f"peak memory {res['peak_mem_bytes'] / 2**30:.2f} GiB ({res['peak_mem_how']})"]
+           f"peak memory {res['peak_mem_bytes'] / 2**30:.2f} GiB ({res['peak_mem_how']})"
+           + _plan_note(res)]
   if res.get("profile"):
     lines.append(profile_table.format_table(res["profile"], res["profile_info"], "profile: "))
   for by, rows in (res.get("profile_by_source") or {}).items():

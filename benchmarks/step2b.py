@@ -69,6 +69,11 @@ def step_row(cfg: str, batch: int, seq: int, steps: int, sets: list, profile: bo
          "tokens_per_s": r["tokens_per_s"], "peak_gib": r["peak_mem_bytes"] / 2**30,
          "peak_how": r["peak_mem_how"], "mfu": r["mfu"],
          "flops_per_token": r["flops_per_token"]["total"], "command": shown}
+  plan = (r.get("compiled_plan") or {}).get("total")
+  if plan is not None:        # the device's own compiled plan, and how far the peak passed it
+    row["compiled_plan_gib"] = plan / 2**30
+    if "memory_stats" in row["peak_how"]:
+      row["peak_minus_plan_gib"] = row["peak_gib"] - row["compiled_plan_gib"]
   if profile:
     row["profile"], row["profile_info"] = r.get("profile", []), r.get("profile_info", {})
   return row

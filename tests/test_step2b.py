@@ -20,6 +20,8 @@ def test_step2b_tiny_writes_the_record(tmp_path):
   assert row["batch"] == 1 and row["seq"] == 64 and "error" not in row
   for k in ("step_ms", "tokens_per_s", "peak_gib", "mfu", "command"):
     assert row[k] > 0 if k != "command" else row[k].startswith("python -m benchmarks.step "), k
+  # the compiled plan travels with the row; on CPU there is no device peak to set beside it
+  assert row["compiled_plan_gib"] > 0 and "peak_minus_plan_gib" not in row
   tokens = row["batch"] * row["n_devices"] * 64       # one sequence per device (8 CPU devices)
   assert row["n_devices"] == 8 and abs(row["tokens_per_s"] * row["step_ms"] / 1e3 - tokens) < 1e-6 * tokens
   assert len(rec["profile"]) > 5 and rec["profile"][0]["ms"] > 0
