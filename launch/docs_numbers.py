@@ -157,13 +157,22 @@ def rank120_table() -> str:
 REFERENCE_2B = {1: (295.2, 13877, 31.9), 2: (535.0, 15311, 44.1), 4: (1023.6, 16006, 68.5)}
 
 
+def _card(device: str) -> str:
+  """'H100' / 'H200' from a device description ('NVIDIA H100 80GB HBM3', 'NVIDIA H200', ...)."""
+  for card in ("H100", "H200"):
+    if card in device:
+      return card
+  return device
+
+
 def step2b_table() -> str:
   r = _result("step2b.json")
-  rows = ["| batch | commit, settings | ours: ms / tokens/s / peak / MFU | "
-          "reference: ms / tokens/s / peak | speed ratio | memory ratio |",
-          "|---|---|---|---|---|---|"]
+  rows = ["| batch | device | commit, settings | ours: ms / tokens/s / peak / MFU | "
+          "reference (H200): ms / tokens/s / peak | speed ratio | memory ratio |",
+          "|---|---|---|---|---|---|---|"]
   for x in r["rows"]:
     ref = REFERENCE_2B.get(x["batch"])
+    card = _card(x.get("device", r["device"]))
     if "step_ms" not in x or x.get("step_ms") is None:
       ours = f"did not run: {x.get('error', 'no result')}"
       ratio = mem = "—"
@@ -171,14 +180,18 @@ def step2b_table() -> str:
       ours = (f"{x['step_ms']:,.1f} / {x['tokens_per_s']:,.0f} / {x['peak_gib']:.1f} GiB / "
               f"{x['mfu']:.1%}")
       ratio = f"{x['tokens_per_s'] / ref[1]:.2f}x" if ref else "—"
+      if ref and card != "H200":       # a speed ratio across two kinds of card says so
+        ratio += f" ({card} vs H200)"
       mem = f"{x['peak_gib'] / ref[2]:.2f}x" if ref else "—"
     refs = f"{ref[0]:,.1f} / {ref[1]:,} / {ref[2]} GiB" if ref else "—"
     how = f"{x.get('commit', r['commit'])}, {x.get('settings', 'the default')}"
-    rows.append(f"| {x['batch']} | {how} | {ours} | {refs} | {ratio} | {mem} |")
+    rows.append(f"| {x['batch']} | {card} | {how} | {ours} | {refs} | {ratio} | {mem} |")
   dr = r["delta_rule"]
-  rows.append(f"\nDelta rule alone ({dr['shape']}, `{dr['command']}`): forward "
+  card = _card(dr.get("device", r["device"]))
+  rows.append(f"\nDelta rule alone ({dr['shape']}, `{dr['command']}`, {card}"
+              f"{', commit ' + dr['commit'] if dr.get('commit') else ''}): forward "
               f"{dr['fwd_ms']:.2f} ms, forward + backward {dr['fwdbwd_ms']:.2f} ms "
-              f"(FLA 0.6.0 on the same kind of machine: 0.99 and 3.85 ms).")
+              f"(FLA 0.6.0 on an H200: 0.99 and 3.85 ms).")
   return "\n" + "\n".join(rows) + "\n"
 
 
