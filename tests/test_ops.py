@@ -238,3 +238,26 @@ def test_fused_head_runs_three_vocab_matmuls_per_chunk_and_one_when_evaluating()
   with pytest.raises(ValueError, match="one weight per pass; got 1 weights for 2 passes"):
     ce_api.fused_cross_entropy_loss([h, h], w, [t, t], 16, weights=(1.0,))
 
+
+
+def test_fused_head_keeps_its_weight_gradient_in_the_compute_dtype():
+  """model.ce_impl=fused holds dw from the head's forward to the optimizer: in bf16 compute it
+  is kept as one bf16 [d, V] residual (the float32 sum rounded once), never a float32 one, and
+  the float32 gradient it becomes is that of the recompute path to bf16 rounding. In float32
+  nothing changes."""
+  seed = _seed()
+  rng = np.random.default_rng(seed)
+  h = jnp.asarray(rng.standard_normal((2, 37, 8)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((8, 50)), jnp.float32)
+  tg = jnp.asarray(rng.integers(0, 50, (2, 37)), jnp.int32)
+  for dt, kept in ((jnp.bfloat16, jnp.bfloat16), (jnp.float32, jnp.float32)):
+    loss = lambda w_, dt=dt: ce_api.fused_cross_entropy_loss([h], w_, [tg], 16, dt)[0]
+    _, pull = jax.vjp(loss, w)
+    full = [x.dtype for x in jax.tree_util.tree_leaves(pull) if x.shape == w.shape]
+    assert full == [kept], f"seed {seed}, {dt.__name__}: residuals of w's shape {full}"
+    g = jax.grad(loss)(w)
+    g_ref = jax.grad(lambda w_: ce_api.chunked_cross_entropy(h, w_, tg, 16, dt))(w)
+    assert g.dtype == jnp.float32, g.dtype
+    tol = 2.0 ** -8 if dt == jnp.bfloat16 else 1e-6
+    np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), rtol=tol,
+                               atol=tol * float(jnp.max(jnp.abs(g_ref))), err_msg=f"seed {seed}")
