@@ -106,9 +106,9 @@ def fused_cross_entropy_loss(hs, w, targets, chunk_tokens: int, dtype=jnp.float3
   fixed at trace time, the logit gradient of every chunk, (softmax - onehot) * weight / tokens,
   is known while its logits are: each chunk's forward runs its three matmuls (logits, dh, dw)
   at once, keeps dh [B, T, d] per pass and one dw [d, V] (summed in float32, kept in `dtype`),
-  and the backward only scales both by the loss's cotangent. Against `chunked_cross_entropies` it saves the backward's
-  second pass over every chunk's logits (one [chunk, d] x [d, V] matmul in four, and the
-  softmax over the float32 logits again). The rounding points are the same: the logit gradient
+  and the backward only scales both by the loss's cotangent. Against `chunked_cross_entropies`
+  it saves the backward's second pass over every chunk's logits (one [chunk, d] x [d, V] matmul
+  in four, and the softmax over the float32 logits again). The rounding points are the same: the logit gradient
   is rounded to `dtype` before the dh and dw matmuls, which accumulate in float32. One more:
   the summed dw is rounded to `dtype` (no-op in float32), as a compute-dtype weight's gradient
   is.
