@@ -67,6 +67,41 @@ def test_spec_init_is_path_deterministic_and_stackable():
   assert nn.count(nn.abstract(specs)) == 3 * 32 + 4
 
 
+def test_spec_init_draws_together_what_each_initializer_draws_alone(monkeypatch):
+  """nn.init derives every key and draws every small random leaf in a few vmapped calls (the
+  compile); each leaf must still equal its own initializer called with path_key, for plain,
+  stacked and twice-stacked leaves, both distributions, a post-map, constants, an opaque
+  initializer, and leaves above nn.SMALL (drawn alone). Fresh key each run."""
+  monkeypatch.setattr(nn, "SMALL", 3000)        # so that a few leaves here are "big"
+  opaque = lambda k, shape, dtype: jax.random.bernoulli(k, 0.5, shape).astype(dtype)
+  base = {"w": nn.Spec((7, 300), (None, None), nn.normal(0.02)),
+          "big": nn.Spec((50, 70), (None, None), nn.normal(2.0)),
+          "u": nn.Spec((5,), (None,), nn.uniform(-0.5, 0.25), jnp.bfloat16),
+          "lg": nn.Spec((1030,), (None,), nn.Draws("uniform", lo=1e-6, hi=16.0, post=jnp.log)),
+          "z": nn.Spec((3, 2), (None, None), nn.zeros),
+          "c": nn.Spec((4,), (None,), nn.constant(0.7)),
+          "o": nn.Spec((6,), (None,), opaque)}
+  specs = {"top": base, "st": nn.stack(base, 3), "st2": nn.stack(nn.stack(base, 2, "e"), 3)}
+  key = jax.random.PRNGKey(int(np.random.default_rng().integers(2**31)))
+  leaves = jax.tree_util.tree_flatten_with_path(specs, is_leaf=nn.is_spec)[0]
+  alone = lambda k: [s.init(nn.path_key(k, nn.path_str(p)), tuple(s.shape), s.dtype)
+                     for p, s in leaves]              # each initializer by itself (one compile)
+  got, want = jax.jit(lambda k: (nn.init(specs, k), alone(k)))(key)
+  for (path, spec), w in zip(leaves, want):
+    g = got
+    for p in nn.path_keys(path):
+      g = g[p]
+    assert g.shape == tuple(spec.shape) and g.dtype == spec.dtype, nn.path_str(path)
+    np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32),
+                                  err_msg=nn.path_str(path))
+  w = np.asarray(got["st2"]["w"], np.float64)                # [3, 2, 7, 300], all independent
+  assert abs(w.std() - 0.02) < 0.002 and abs(w.mean()) < 0.002
+  assert len({float(w[i, j, 0, 0]) for i in range(3) for j in range(2)}) == 6
+  u = np.asarray(got["st"]["lg"])
+  assert np.isfinite(u).all() and u.max() < np.log(16.0) and abs(np.exp(u).mean() - 8.0) < 0.5
+  np.testing.assert_array_equal(got["st2"]["c"], np.full((3, 2, 4), 0.7, np.float32))
+
+
 def test_mesh_and_rules():
   mesh = sharding.make_mesh(tiny.get_config().mesh)
   assert mesh.shape["data"] == len(jax.devices())

@@ -23,11 +23,9 @@ L2_EPS = 1e-12           # as torch.nn.functional.normalize: x / max(||x||, eps)
 
 
 # ----------------------------------------------------------------------------- parameters
-def _a_log_init(key, shape, dtype):
-  # log(U(0, 16)); the open lower end keeps log finite (minval = tiny positive).
-  a = jax.random.uniform(key, shape, jnp.float32, minval=jnp.finfo(jnp.float32).tiny,
-                         maxval=A_MAX)
-  return jnp.log(a).astype(dtype)
+# log(U(0, 16)); the open lower end keeps log finite (the lower bound is the smallest positive
+# float32).
+_a_log_init = nn.Draws("uniform", lo=float(jnp.finfo(jnp.float32).tiny), hi=A_MAX, post=jnp.log)
 
 
 def _conv_specs(channels: int, kernel: int) -> dict:
