@@ -12,9 +12,24 @@ TEST_XLA_FLAGS = ("--xla_force_host_platform_device_count=8 --xla_backend_optimi
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + TEST_XLA_FLAGS).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+# One JAX compilation cache for the whole session: the controller makes it, and the two workers
+# and every subprocess they start inherit it through the environment. A program compiled by one
+# test (its step, its initializer, its evaluation) is loaded, not compiled again, by every later
+# test that builds the same program. The suite is dominated by XLA:CPU compile time. Programs are
+# cached only when their compile took at least 1 s (JAX's default). launch.train's own
+# train.compile_cache still points its runs at their configured directory.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  import atexit
+  import shutil
+  import tempfile
+  _cache = tempfile.mkdtemp(prefix="lightning_jax_tests_jax_cache_")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+  atexit.register(shutil.rmtree, _cache, True)
+
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 
 
 # The longest tests' modules run first, so that on 2 workers they do not start last and leave
