@@ -20,7 +20,7 @@ import time
 
 from absl import app, flags, logging as absl_logging
 
-from lightning_jax import checkpoint as ck
+from lightning_jax import checkpoint as ck, run_checks
 from lightning_jax.config import ConfigError, load_config
 from lightning_jax.growth import driver
 from lightning_jax.growth.common import GrowthError
@@ -114,6 +114,10 @@ def main(argv):
           file=sys.stderr)
     return 2
   try:
+    # as launch.train: JAX's compilation cache per train.compile_cache (the dense stage's config;
+    # a later lineage, and each growth's evaluation of a model the previous stage compiled,
+    # load their programs instead of compiling them again)
+    run_checks.enable_compile_cache(stage_config(STAGES[0], a.steps, "", a.set), a.workdir)
     rec = run_lineage(a.workdir, a.steps, a.set)
   except (GrowthError, ConfigError, ck.CheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)
