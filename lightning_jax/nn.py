@@ -195,11 +195,11 @@ def init(specs, key: jax.Array):
   cur = [keys[i:i + 1] for i, *_ in plans]
   for level in range(max(len(c) for _, c, _, _ in plans)):
     todo = [j for j, (_, c, _, _) in enumerate(plans) if len(c) > level]
-    n = [plans[j][1][level] for j in todo]
+    ns = [plans[j][1][level] for j in todo]
     got = _fold(jnp.concatenate([cur[j] for j in todo]),
-                np.repeat(n, [cur[j].shape[0] for j in todo]))
+                np.repeat(ns, [cur[j].shape[0] for j in todo]))
     off = 0
-    for j, nj in zip(todo, n):
+    for j, nj in zip(todo, ns):
       m = cur[j].shape[0] * nj
       cur[j], off = got[off:off + m], off + m
   for dist in sorted({d.dist for *_, d in plans}):
