@@ -137,7 +137,9 @@ def main(argv=None) -> dict:
   rec = {"device": jax.devices()[0].device_kind,
          "date": f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
          "commit": a.commit or metrics.git_commit(REPO), "config": a.config,
-         "mem_fraction": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "default (0.75 on GPU)")}
+         "mem_fraction": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "default (0.75 on GPU)"),
+         # the XLA flags every step ran with (e.g. the autotuner's split-K off: PERFORMANCE.md)
+         "xla_flags": os.environ.get("XLA_FLAGS", "")}
   with tempfile.TemporaryDirectory() as tmp:
     rec["rows"] = [step_row(a.config, bb, a.seq, a.steps, a.set, i == 0, tmp)
                    for i, bb in enumerate(batches)]

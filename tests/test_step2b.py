@@ -2,6 +2,7 @@
 profiled, the delta rule alone) on CPU; an out-of-memory or failing batch becomes a row that says
 so instead of stopping the others; benchmarks.step's config overrides."""
 import json
+import os
 
 import pytest
 
@@ -16,6 +17,8 @@ def test_step2b_tiny_writes_the_record(tmp_path):
   assert json.loads(out.read_text()) == json.loads(json.dumps(rec, default=float))
   for k in ("device", "date", "commit", "rows", "delta_rule"):
     assert k in rec, k
+  assert rec["xla_flags"] == os.environ.get("XLA_FLAGS", "")    # conftest's test flags
+  assert "--xla_force_host_platform_device_count=8" in rec["xla_flags"]
   (row,) = rec["rows"]
   assert row["batch"] == 1 and row["seq"] == 64 and "error" not in row
   for k in ("step_ms", "tokens_per_s", "peak_gib", "mfu", "command"):
