@@ -166,6 +166,46 @@ def test_bad_kernel_options_are_named():
       delta_rule_op.DeltaRuleOptions(chunk=64, num_stages=1)
 
 
+def _saved_state_dtypes(dtype, **options):
+  """{kernel name: dtype of its per-chunk state output} of the delta rule kernels' forward and
+  reverse dS kernel, read from the gradient's jaxpr (interpret mode, a tiny shape)."""
+  q, k, v, la, b = testing.delta_inputs(np.random.default_rng(0), 1, 64, 1, 16, 16)[:5]
+  opts = delta_rule_op.DeltaRuleOptions(chunk=32, interpret=True, block_v=8, block_v_bwd=8,
+                                        block_k_grads=8, **options)
+  loss = lambda q, k, v: delta_kernel.chunk_gated_delta_rule(
+      q, k, v, la, b, options=opts)[0].astype(jnp.float32).sum()
+  args = [jnp.asarray(x, dtype) for x in (q, k, v)]
+  found = {}
+
+  def walk(jaxpr):
+    for e in jaxpr.eqns:
+      if e.primitive.name == "pallas_call":
+        name = str(e.params.get("name_and_src_info", e.params.get("name"))).split()[0]
+        if name in ("gdr_chunk_fwd", "gdr_chunk_bwd_states"):
+          # the forward's outputs: o, the states [BH, N, Dv, Dk], S_T; the dS kernel's: dS, dS_0
+          found[name] = e.outvars[1 if name == "gdr_chunk_fwd" else 0].aval.dtype
+      for p in e.params.values():
+        for sub in (p if isinstance(p, (list, tuple)) else [p]):
+          inner = getattr(sub, "jaxpr", sub)
+          if hasattr(inner, "eqns"):
+            walk(inner)
+
+  walk(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(*args).jaxpr)
+  assert set(found) == {"gdr_chunk_fwd", "gdr_chunk_bwd_states"}, found
+  return found
+
+
+def test_saved_states_take_the_values_dtype_by_default_as_fla_does():
+  """state_dtype="auto" (the default): bf16 values save bf16 per-chunk states and dS, as FLA's
+  chunk_gated_delta_rule does (h and dh in the inputs' dtype); float32 values keep float32; an
+  explicit float32 overrides bf16 values."""
+  bf16, f32 = jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)
+  assert set(_saved_state_dtypes(jnp.bfloat16).values()) == {bf16}
+  assert set(_saved_state_dtypes(jnp.float32).values()) == {f32}
+  assert set(_saved_state_dtypes(jnp.bfloat16, state_dtype="float32").values()) == {f32}
+  assert delta_rule_op.DeltaRuleOptions().state_dtype == "auto"
+
+
 def test_head_passes_of_different_shapes_are_named():
   w = jnp.zeros((4, 10))
   h1, h2 = jnp.zeros((1, 6, 4)), jnp.zeros((1, 5, 4))

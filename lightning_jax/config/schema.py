@@ -133,6 +133,9 @@ FIELDS: tuple[Field, ...] = (
     F("model.deltanet.kernel.num_warps_bwd", 4, "kernel backward warps", check="size",
       resume=FREE),
     F("model.deltanet.kernel.num_stages", 2, "kernel pipeline stages", check="size", resume=FREE),
+    F("model.deltanet.kernel.state_dtype", "auto", "kernel per-chunk states saved for the "
+      "backward (and its dS): auto (the values' dtype, bf16 in the model: FLA's choice) | "
+      "float32 | bfloat16", choices=("auto", "float32", "bfloat16"), resume=FREE),
 
     F("model.gsa.n_heads", 16, "GSA heads", check="size"),
     F("model.gsa.head_dim", 256, "GSA head width (even: interleaved rotary)", check="size"),

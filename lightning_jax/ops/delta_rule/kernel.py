@@ -27,7 +27,8 @@ Split of the work (the math is the reference's, see reference.py's docstring):
         U_n = Uv_n - W_n S_n^T ;  O_n = Qg_n S_n^T + P_n U_n ;  S_{n+1} = ge_n S_n + U_n^T Kd_n
     (rows of the state over Dv are independent, which is what makes the Dv split exact). The
     forward kernel writes O in v's dtype into [B, T, H, Dv] and the state at each chunk start
-    (state_dtype, float32 by default) for the backward;
+    for the backward (state_dtype: by default the values' dtype, bf16 in the model, as FLA
+    saves them);
   * the backward of the recurrence, in reverse over chunks with dS [BV, Dk]:
         dS_{n+1} -> dU += Kd dS^T, dKd = U dS, dge = <S_n, dS>, dS_n = ge dS
         dO       -> dQg = dO S_n, dS_n += dO^T Qg, dP = dO U^T, dU += P^T dO
@@ -817,8 +818,10 @@ class DeltaRuleOptions:
   block_v_bwd / num_warps_bwd: the same for the reverse dS kernel; block_k_grads: the column
   block (over Dk, and Dv in the prep's backward) the per-chunk backward kernels loop over,
   num_warps_grads warps for the per-chunk gradient kernel. num_stages: Triton pipeline stages.
-  state_dtype: the per-chunk states saved for the backward and the dS passed on ("float32" |
-  "bfloat16"; bf16 halves that traffic). dot_dtype: matmul operand dtype (None: float32 for
+  state_dtype: the per-chunk states saved for the backward and the dS passed on ("auto" |
+  "float32" | "bfloat16"; bf16 halves their memory and traffic; "auto": bfloat16 for bfloat16
+  values, else float32, which is FLA's choice: its chunk_gated_delta_rule saves h and dh in the
+  inputs' dtype, so the reference model's backward sees bf16-rounded states too). dot_dtype: matmul operand dtype (None: float32 for
   float32 inputs, else bfloat16). interpret: None runs natively on GPU and in the Pallas
   interpreter elsewhere. gpu_lowering=True builds every kernel for the GPU (no interpreter,
   Triton compiler parameters on any host) so that ops.pallas.lower_for_gpu can lower it on CPU.
@@ -837,7 +840,7 @@ class DeltaRuleOptions:
   num_warps_prep_bwd: int = 4
   block_k_grads: int = 32
   num_warps_grads: int = 8
-  state_dtype: str = "float32"
+  state_dtype: str = "auto"
   inverse_precision: str = "highest"
   dot_dtype: str | None = None
   interpret: bool | None = None
@@ -870,8 +873,12 @@ class DeltaRuleOptions:
                        f"be 'highest' or 'default'.")
     for name in ("state_dtype", "dot_dtype"):
       val = getattr(self, name)
-      if val is not None and str(jnp.dtype(val)) not in ("float32", "bfloat16"):
-        raise ValueError(f"delta rule kernel: {name}={val!r} must be 'float32' or 'bfloat16'.")
+      if val is None or (name == "state_dtype" and val == "auto"):
+        continue
+      if str(jnp.dtype(val)) not in ("float32", "bfloat16"):
+        extra = ", 'auto'" if name == "state_dtype" else ""
+        raise ValueError(f"delta rule kernel: {name}={val!r} must be 'float32' or "
+                         f"'bfloat16'{extra}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -913,8 +920,9 @@ def chunk_gated_delta_rule(q, k, v, log_alpha, beta, initial_state=None,
                                              else bool(o_.interpret))
   dot_dtype = jnp.dtype(o_.dot_dtype if o_.dot_dtype is not None else
                         (F32 if jnp.dtype(v.dtype) == jnp.dtype(F32) else jnp.bfloat16))
-  plan = _Plan(o_, c, int(h), jnp.dtype(v.dtype), dot_dtype, jnp.dtype(o_.state_dtype),
-               bool(interpret))
+  state_dtype = jnp.dtype(o_.state_dtype if o_.state_dtype != "auto" else
+                          (jnp.bfloat16 if jnp.dtype(v.dtype) == jnp.dtype(jnp.bfloat16) else F32))
+  plan = _Plan(o_, c, int(h), jnp.dtype(v.dtype), dot_dtype, state_dtype, bool(interpret))
   s0 = state0(initial_state, q, v).reshape(bsz * h, dv, dk)
   flat = lambda a: a.reshape((bsz * h,) + a.shape[2:])
   if o_.prep == "pallas":
