@@ -32,6 +32,7 @@ benchmarks/profile_table, the top 25 ops).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import glob
 import json
@@ -50,6 +51,7 @@ from benchmarks.step import apply_overrides, bench_config, compile_for, compile_
 from lightning_jax import counting, gpu_target, memory_plan, metrics as metrics_lib, sharding
 from lightning_jax import model, optim
 from lightning_jax.config import ConfigError, load_config
+from lightning_jax.ops import pallas
 from lightning_jax.run.state import build_abstract as build
 
 GB = 1e9
@@ -98,10 +100,13 @@ def compile_plan(cfg, batch: int, seq: int, devices=None) -> dict:
   where to compile (default this host's first device; gpu_target's compile-only devices)."""
   c = bench_config(cfg.copy_and_resolve_references(), seq=seq, batch=batch, n_dev=1)
   mesh = sharding.make_mesh(c.mesh, devices=(devices or jax.devices())[:1])
-  b = build(c, mesh)
-  t0 = time.perf_counter()
-  with sharding.use_mesh(mesh):
-    compiled = b["step"].lower(b["state_abs"], b["batch_abs"]).compile()
+  # on compile-only devices (gpu_target) the step takes the card's code paths, not this host's
+  target = pallas.target_gpu() if devices is not None else contextlib.nullcontext()
+  with target:
+    b = build(c, mesh)
+    t0 = time.perf_counter()
+    with sharding.use_mesh(mesh):
+      compiled = b["step"].lower(b["state_abs"], b["batch_abs"]).compile()
   return {"batch": batch, **memory_plan.plan_bytes(compiled),
           "compile_s": time.perf_counter() - t0}
 

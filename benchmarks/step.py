@@ -60,6 +60,7 @@ from lightning_jax.layers import deltanet as dn_lib, sparse_attention as gsa_lib
 from lightning_jax.layers import ffn, kronecker
 from lightning_jax.layers import moe
 from lightning_jax.layers import sparse_attention as gsa
+from lightning_jax.ops import pallas
 from lightning_jax.ops.head_ce import api as ce_api
 from lightning_jax.run.state import frozen_shardings
 from lightning_jax.run.state import opt_state_shardings
@@ -248,12 +249,13 @@ def compile_for(cfg, card: str, zero1_ranks: int = 1, hlo_out: str = "") -> dict
   Nothing runs."""
   devs = gpu_target.compile_only_devices(card, 1)
   mesh = sharding.make_mesh(cfg.mesh, devices=devs)
-  parts = step_parts(cfg, mesh, zero1_ranks)
   b, t = cfg.train.global_batch, cfg.train.seq_len
   batch_abs = {"ids": jax.ShapeDtypeStruct((b, t + 2), jnp.int32)}
-  t0 = time.perf_counter()
-  with sharding.use_mesh(mesh):
-    compiled = parts["step"].lower(parts["state_abs"], batch_abs).compile()
+  with pallas.target_gpu():     # the card's code paths (kernels, cuDNN), not this host's
+    parts = step_parts(cfg, mesh, zero1_ranks)
+    t0 = time.perf_counter()
+    with sharding.use_mesh(mesh):
+      compiled = parts["step"].lower(parts["state_abs"], batch_abs).compile()
   compile_s = time.perf_counter() - t0
   text = compiled.as_text()
   if hlo_out:

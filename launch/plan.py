@@ -35,6 +35,7 @@ of 8 virtual CPU devices: data 2 x expert 8 (docs/cookbook.md).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -67,6 +68,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from lightning_jax import distributed, gpu_target, memory_plan, sharding  # noqa: E402
 from lightning_jax.config import ConfigError, validate  # noqa: E402
+from lightning_jax.ops import pallas  # noqa: E402
 from lightning_jax.run import state as state_lib  # noqa: E402
 
 GB = 1e9
@@ -246,8 +248,10 @@ def main(argv):
     mesh = sharding.make_mesh(cfg.mesh, devices=devs)
     log = print if distributed.is_primary() else (lambda *a, **k: None)
     t0 = time.perf_counter()
-    plan(cfg, mesh, log=log, device=device, mem_fraction=fl.mem_fraction,
-         compile_for=fl.compile_for)
+    # compiling for a card that is not here: trace the card's code paths, not this host's
+    with pallas.target_gpu() if fl.compile_for else contextlib.nullcontext():
+      plan(cfg, mesh, log=log, device=device, mem_fraction=fl.mem_fraction,
+           compile_for=fl.compile_for)
     log(f"{jax.process_count()} process(es) x {n} devices; wall {time.perf_counter() - t0:.1f} s")
   except ConfigError as e:
     if distributed.active():

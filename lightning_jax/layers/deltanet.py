@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from lightning_jax import nn
 from lightning_jax.config import ConfigError, compat
 from lightning_jax.layers import norms, rotary
+from lightning_jax.ops import pallas
 from lightning_jax.ops.delta_rule import api as delta_rule_op
 from lightning_jax.sharding import constrain
 
@@ -127,7 +128,7 @@ def resolve_impl(cfg) -> str:
   """model.deltanet.impl with "auto" resolved: the Pallas kernels on GPU, chunked elsewhere."""
   impl = cfg.model.deltanet.impl
   if impl == "auto":
-    return "kernel" if jax.default_backend() == "gpu" else "chunked"
+    return "kernel" if pallas.on_gpu() else "chunked"
   return impl
 
 

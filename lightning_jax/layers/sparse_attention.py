@@ -50,6 +50,7 @@ import jax.numpy as jnp
 from lightning_jax import nn, remat
 from lightning_jax.config import ConfigError
 from lightning_jax.layers.rotary import apply_rotary
+from lightning_jax.ops import pallas
 from lightning_jax.ops.sparse_attention import api as attention_op
 
 INIT_STD = 0.02
@@ -217,7 +218,7 @@ def resolve_attention(g) -> str:
   """model.gsa.attention with "auto" resolved: "flash" on GPU, "gather" elsewhere."""
   mode = g.attention
   if mode == "auto":
-    return "flash" if jax.default_backend() == "gpu" else "gather"
+    return "flash" if pallas.on_gpu() else "gather"
   if mode not in MODES:
     raise ConfigError(f"model.gsa.attention={mode!r} must be 'auto' or one of {list(MODES)}.")
   return mode

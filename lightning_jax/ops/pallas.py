@@ -8,16 +8,64 @@ so unsupported indexing or primitives inside a kernel body fail on CPU in CI, no
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import jax
 import jax.numpy as jnp
 
 F32 = jnp.float32
+_TARGET_GPU = [False]     # inside `target_gpu()`: choose the GPU code paths on any host
 
 
 def on_gpu() -> bool:
-  return jax.default_backend() == "gpu"
+  """Whether the GPU code paths are chosen: on a GPU backend, or inside `target_gpu()`."""
+  return _TARGET_GPU[0] or jax.default_backend() == "gpu"
+
+
+@contextlib.contextmanager
+def target_gpu():
+  """Choose, while tracing, what a GPU would run: every "auto" choice that asks `on_gpu()` (the
+  delta rule's and Sinkhorn's Pallas kernels, cuDNN flash attention for GSA, the TQP rotation
+  kernel) and the kernels' native Triton form instead of the interpreter. For compiling for a GPU
+  this host does not have (lightning_jax/gpu_target.py): without it the compile-only step held
+  the CPU host's choices (the chunked XLA delta rule, gather attention), whose memory differs
+  from the card's. Nothing traced inside can run on this host, and a function traced inside
+  must not be called again outside: jax's trace cache does not see this switch."""
+  before = _TARGET_GPU[0]
+  _TARGET_GPU[0] = True
+  try:
+    with _hopper_for_cudnn():
+      yield
+  finally:
+    _TARGET_GPU[0] = before
+
+
+@contextlib.contextmanager
+def _hopper_for_cudnn(capability=(9, 0)):
+  """jax.nn.dot_product_attention(implementation="cudnn") asks the live GPU for its compute
+  capability (head dims up to 256 need Hopper); with no GPU here it would answer "none". Inside,
+  it answers for the target card (sm_90: the H100 and H200). jax keeps these checks in a private
+  module (no public twin); if it moves, nothing is patched and the first cuDNN call says why."""
+  try:
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn
+  except ImportError:
+    yield
+    return
+  if jax.default_backend() == "gpu" or not hasattr(cudnn, "check_compute_capability"):
+    yield
+    return
+  parse = lambda c: tuple(int(x) for x in str(c).split("."))
+  saved = {n: getattr(cudnn, n) for n in ("check_compute_capability",
+                                          "is_cuda_compute_capability_equal") if hasattr(cudnn, n)}
+  cudnn.check_compute_capability = lambda c: capability >= parse(c)
+  if "is_cuda_compute_capability_equal" in saved:
+    cudnn.is_cuda_compute_capability_equal = lambda c: capability == parse(c)
+  try:
+    yield
+  finally:
+    for n, f in saved.items():
+      setattr(cudnn, n, f)
 
 
 def interpret_default(interpret: bool | None) -> bool:

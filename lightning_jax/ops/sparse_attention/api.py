@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from lightning_jax import sharding as shd
-from lightning_jax.ops.pallas import falls_back
+from lightning_jax.ops.pallas import falls_back, on_gpu
 from lightning_jax.ops.sparse_attention import kernel, reference
 from lightning_jax.ops.sparse_attention.kernel import GSAKernelOptions
 from lightning_jax.ops.sparse_attention.reference import (attend_gathered, from_chunks,
@@ -65,8 +65,7 @@ def flash_attention(q, k, v, selection):
 
 def flash_implementation(dtype) -> str:
   """jax.nn.dot_product_attention's implementation for "flash": cuDNN on GPU in bf16/f16."""
-  return "cudnn" if jax.default_backend() == "gpu" and dtype in (jnp.bfloat16,
-                                                                 jnp.float16) else "xla"
+  return "cudnn" if on_gpu() and dtype in (jnp.bfloat16, jnp.float16) else "xla"
 
 
 def attend(q, k, v, selection, query_chunk: int, mode: str = "gather",
