@@ -821,10 +821,11 @@ class DeltaRuleOptions:
   state_dtype: the per-chunk states saved for the backward and the dS passed on ("auto" |
   "float32" | "bfloat16"; bf16 halves their memory and traffic; "auto": bfloat16 for bfloat16
   values, else float32, which is FLA's choice: its chunk_gated_delta_rule saves h and dh in the
-  inputs' dtype, so the reference model's backward sees bf16-rounded states too). dot_dtype: matmul operand dtype (None: float32 for
-  float32 inputs, else bfloat16). interpret: None runs natively on GPU and in the Pallas
-  interpreter elsewhere. gpu_lowering=True builds every kernel for the GPU (no interpreter,
-  Triton compiler parameters on any host) so that ops.pallas.lower_for_gpu can lower it on CPU.
+  inputs' dtype, so the reference model's backward sees bf16-rounded states too).
+  dot_dtype: matmul operand dtype (None: float32 for float32 inputs, else bfloat16).
+  interpret: None runs natively on GPU and in the Pallas interpreter elsewhere.
+  gpu_lowering=True builds every kernel for the GPU (no interpreter, Triton compiler parameters
+  on any host) so that ops.pallas.lower_for_gpu can lower it on CPU.
   """
   chunk: int = 64
   prep: str = "pallas"
