@@ -14,6 +14,11 @@ import logging
 import jax
 import jax.numpy as jnp
 
+try:   # jax's cuDNN attention checks (no public twin), patched by `target_gpu`
+  from jax._src.cudnn import fused_attention_stablehlo as _cudnn
+except ImportError:         # a jax that moved them: nothing is patched (see _hopper_for_cudnn)
+  _cudnn = None
+
 F32 = jnp.float32
 _TARGET_GPU = [False]     # inside `target_gpu()`: choose the GPU code paths on any host
 
@@ -47,12 +52,9 @@ def _hopper_for_cudnn(capability=(9, 0)):
   capability (head dims up to 256 need Hopper); with no GPU here it would answer "none". Inside,
   it answers for the target card (sm_90: the H100 and H200). jax keeps these checks in a private
   module (no public twin); if it moves, nothing is patched and the first cuDNN call says why."""
-  try:
-    from jax._src.cudnn import fused_attention_stablehlo as cudnn
-  except ImportError:
-    yield
-    return
-  if jax.default_backend() == "gpu" or not hasattr(cudnn, "check_compute_capability"):
+  cudnn = _cudnn
+  if cudnn is None or jax.default_backend() == "gpu" or \
+      not hasattr(cudnn, "check_compute_capability"):
     yield
     return
   parse = lambda c: tuple(int(x) for x in str(c).split("."))
