@@ -44,27 +44,21 @@ from jax.extend import core as jax_core
 from benchmarks.step import apply_overrides
 from lightning_jax import metrics, model, nn, remat
 from lightning_jax.config import load_config
-from lightning_jax.ops.delta_rule import api as delta_api
-from lightning_jax.ops.expert_matmul import api as expert_api
-from lightning_jax.ops.sinkhorn import api as sinkhorn_api
-from lightning_jax.ops.sparse_attention import api as attention_api
+from lightning_jax.ops import pallas
 
 GB = 1e9
 
 
 @contextlib.contextmanager
 def gpu_paths():
-  """Trace the kernels a GPU would run (no-op on a GPU). Tracing only: nothing here can run."""
+  """Trace the kernels a GPU would run (no-op on a GPU): ops.pallas.target_gpu, plus a cuDNN
+  version for jax's attention checks where this host's jaxlib has no CUDA plugin to ask.
+  Tracing only: nothing here can run."""
   if jax.default_backend() == "gpu":
     yield
     return
-  with mock.patch.object(delta_api, "falls_back", lambda *a: False), \
-      mock.patch.object(sinkhorn_api, "falls_back", lambda *a: False), \
-      mock.patch.object(expert_api, "on_gpu", lambda: True), \
-      mock.patch.object(attention_api, "flash_implementation", lambda dtype: "cudnn" if dtype in (
-          jnp.bfloat16, jnp.float16) else "xla"), \
-      mock.patch.object(cudnn_attention, "check_cudnn_version", lambda *a: 91000), \
-      mock.patch.object(cudnn_attention, "check_compute_capability", lambda *a: True):
+  with pallas.target_gpu(), \
+      mock.patch.object(cudnn_attention, "check_cudnn_version", lambda *a: 91000):
     yield
 
 
