@@ -1,6 +1,7 @@
 """Bytes a compiled step moves, by model scope, from its optimized HLO text (no device needed).
 
     python -m benchmarks.hlo_traffic --hlo HLO.txt [--bandwidth 3.35e12] [--top 25] [--json F]
+    python -m benchmarks.hlo_traffic --hlo HLO.txt --scope "bwd hc_pre"   (that scope's instructions)
 
 The HLO is what `--hlo_out` of benchmarks.step / benchmarks.rank120 writes (with --compile_for,
 lightning_jax/gpu_target.py, on a host without a GPU) or XLA's `*after_optimizations.txt` dump.
@@ -109,8 +110,9 @@ def _sliced_params(lines: list) -> dict:
   return out
 
 
-def traffic(hlo_text_path: str) -> dict:
-  """{"phase scope": bytes moved per step} of a compiled HLO module's text."""
+def instructions(hlo_text_path: str):
+  """Every top-level instruction that moves bytes, as dicts {scope, name, kind, shape,
+  bytes (per step: operands + result, times its computation's runs per step), runs}."""
   with open(hlo_text_path) as f:
     text = f.read()
   comps = _computations(text)
@@ -120,7 +122,7 @@ def traffic(hlo_text_path: str) -> dict:
       for c in re.findall(r"to_apply=%([\w.\-]+)", line)}
   mult = _multiplicity(text, comps)
   scopes = profile_table.hlo_scopes(hlo_text_path)
-  size, acc, sliced = {}, collections.defaultdict(float), {}
+  size, sliced = {}, {}
   for comp, lines in comps.items():
     for line in lines:
       m = _INSTR.match(line)
@@ -144,7 +146,16 @@ def traffic(hlo_text_path: str) -> dict:
           reads.get(i, size.get(a, 0)) for i, a in enumerate(operands))
       if kind == "dynamic-update-slice":
         moved -= size.get(operands[0], 0) if operands else 0
-      acc[scopes.get(name, "?")] += moved * (mult.get(comp) or 1.0)
+      runs = mult.get(comp) or 1.0
+      yield {"scope": scopes.get(name, "?"), "name": name, "kind": kind,
+             "shape": m.group(2), "bytes": moved * runs, "runs": runs}
+
+
+def traffic(hlo_text_path: str) -> dict:
+  """{"phase scope": bytes moved per step} of a compiled HLO module's text."""
+  acc = collections.defaultdict(float)
+  for ins in instructions(hlo_text_path):
+    acc[ins["scope"]] += ins["bytes"]
   return dict(acc)
 
 
@@ -157,7 +168,21 @@ def main(argv=None):
                   "time column (H100 3.35e12, H200 4.8e12).")
   ap.add_argument("--top", type=int, default=25, help="Rows to print.")
   ap.add_argument("--json", default="", help="Write {scope: bytes} here.")
+  ap.add_argument("--scope", default="", help="Instead, list the top instructions of this "
+                  "scope (as printed, e.g. 'fwd moe/routed/experts') by bytes.")
   a = ap.parse_args(argv)
+  if a.scope:
+    rows = sorted((i for i in instructions(a.hlo) if i["scope"] == a.scope),
+                  key=lambda i: -i["bytes"])
+    if not rows:
+      raise SystemExit(f"--scope {a.scope!r} names no scope of {a.hlo}; expected one of the "
+                       f"names the plain listing prints.")
+    print(f"{a.scope}: {sum(i['bytes'] for i in rows) / 1e9:.2f} GB per step in {len(rows)} "
+          f"instructions")
+    for i in rows[:a.top]:
+      print(f"  {i['bytes'] / 1e9:8.2f} GB x{i['runs']:<4.0f} {i['kind']:14s} {i['name'][:36]:36s} "
+            f"{i['shape'][:70]}")
+    return rows
   acc = traffic(a.hlo)
   total = sum(acc.values())
   print(f"{total / 1e9:.1f} GB per step, {total / a.bandwidth * 1e3:.1f} ms at "

@@ -31,3 +31,9 @@ def test_traffic_counts_loop_trips_and_in_place_updates(tmp_path):
   assert steps * n * 0.99 <= acc["fwd experts"] <= steps * n * 1.1, acc
   assert acc["fwd experts"] < slots * n, acc
   assert hlo_traffic.array_bytes("(bf16[2,3]{1,0}, s32[4])") == 2 * 6 + 4 * 4
+  # --scope lists one scope's instructions; their bytes add up to the scope's total
+  rows = hlo_traffic.main(["--hlo", str(path), "--scope", "fwd hc_pre"])
+  assert rows and sum(r["bytes"] for r in rows) == pytest.approx(acc["fwd hc_pre"])
+  assert all(r["scope"] == "fwd hc_pre" and r["runs"] == steps for r in rows), rows
+  with pytest.raises(SystemExit, match="names no scope"):
+    hlo_traffic.main(["--hlo", str(path), "--scope", "fwd nothing"])
