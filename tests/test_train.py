@@ -177,6 +177,21 @@ def test_heldout_weights_follow_the_training_mixture():
   assert w == pytest.approx({k: v / z for k, v in raw.items()})
 
 
+def tqp_cfg(data_dir, bits):
+  """small_cfg as a TQP MoE (sigmoid router, 4 experts) with one layer of each kind (half the
+  compile), flushing every 2 steps. Both TQP tests below use it: at tqp.bits=4 it is one program,
+  compiled once (launch.train's in-process cache, or the session's compilation cache when the
+  two tests run on different workers), where the refusal test once compiled a 4-layer step of
+  its own (44 s of this host's CPU) only to be refused."""
+  c = small_cfg(data_dir)
+  c.model.pattern, c.model.n_layers = "DG", 2
+  e = c.moe
+  e.enabled, e.router, e.n_experts, e.n_null, e.top_k = True, "sigmoid", 4, 0, 2
+  e.expert_width, e.shared_width, e.mtp_n_experts = 16, 64, 4
+  c.tqp.enabled, c.tqp.bits, c.tqp.rank, c.tqp.flush_every = True, bits, 2, 2
+  return c
+
+
 def test_resume_refuses_a_tqp_base_of_other_bits(data_dir, tmp_path):
   """A grown TQP run (run.checkpoints.write_grown: frozen version 0) resumed with another
   tqp.bits stops with one sentence naming both: launch.train's identity check reads the saved
@@ -186,14 +201,7 @@ def test_resume_refuses_a_tqp_base_of_other_bits(data_dir, tmp_path):
   from lightning_jax import model
   from lightning_jax.run import checkpoints as run_ckpt
 
-  def tqp_cfg(bits):
-    c = small_cfg(data_dir)
-    e = c.moe
-    e.enabled, e.router, e.n_experts, e.n_null, e.top_k = True, "sigmoid", 4, 0, 2
-    e.expert_width, e.shared_width, e.mtp_n_experts = 16, 64, 4
-    c.tqp.enabled, c.tqp.bits, c.tqp.rank = True, bits, 2
-    return c
-  cfg8 = tqp_cfg(8)
+  cfg8 = tqp_cfg(data_dir, 8)
   manifest = shards.load_manifest(data_dir)
   setup.apply_data_vocab(cfg8, manifest, str(data_dir))
   rng = np.random.default_rng(0)
@@ -207,8 +215,8 @@ def test_resume_refuses_a_tqp_base_of_other_bits(data_dir, tmp_path):
   c.close()
   with pytest.raises(ConfigError, match=r"checkpoint .*/g/checkpoints/0 was written with a "
                                         r"different config \(tqp.bits \(8 -> 4\)\)"):
-    T.train(tqp_cfg(4), tmp_path / "g", progress=False, log=lambda *_: None)
-  cfg4 = tqp_cfg(4)
+    T.train(tqp_cfg(data_dir, 4), tmp_path / "g", progress=False, log=lambda *_: None)
+  cfg4 = tqp_cfg(data_dir, 4)
   setup.apply_data_vocab(cfg4, manifest, str(data_dir))
   c = ck.Checkpointer(tmp_path / "g" / "checkpoints", cfg4.checkpoint, read_only=True)
   with pytest.raises(ck.CheckpointError, match=r"checkpoint .*/g/checkpoints/0 holds a 8-bit TQP "
@@ -221,13 +229,7 @@ def test_tqp_run_with_flush_checkpoints_frozen_versions_and_resumes(data_dir, tm
   """A tiny TQP model trains from scratch with a flush every 2 steps: loss stays finite, each
   flush makes a new frozen version (stored once, not per save), old versions go once no kept
   step uses them, and a restart resumes the newest step with its version."""
-  c = small_cfg(data_dir)
-  c.model.pattern, c.model.n_layers = "DG", 2       # one layer of each kind: half the compile
-  e = c.moe
-  e.enabled, e.router, e.n_experts, e.n_null, e.top_k = True, "sigmoid", 4, 0, 2
-  e.expert_width, e.shared_width, e.mtp_n_experts = 16, 64, 4
-  c.tqp.enabled, c.tqp.bits, c.tqp.rank, c.tqp.flush_every = True, 4, 2, 2
-  c.train.steps = 4
+  c = tqp_cfg(data_dir, 4)
   c.checkpoint.every_steps, c.checkpoint.keep = 1, 2
   s = T.train(c, tmp_path / "r", stop_after=3, progress=False, log=lambda *_: None)
   assert s["final_step"] == 3 and all(np.isfinite(l) for _, l in s["losses"])
