@@ -47,7 +47,8 @@ import jax.numpy as jnp
 from jax.sharding import AbstractMesh
 
 from benchmarks import profile_table
-from benchmarks.step import apply_overrides, bench_config, compile_for, compile_then_build
+from benchmarks.step import (apply_overrides, bench_config, compile_for, compile_then_build,
+                             step_parts)
 from lightning_jax import counting, gpu_target, memory_plan, metrics as metrics_lib, sharding
 from lightning_jax import model, optim
 from lightning_jax.config import ConfigError, load_config
@@ -95,18 +96,27 @@ def _opt_bytes(state) -> float:
   return float(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state["opt_state"])))
 
 
-def compile_plan(cfg, batch: int, seq: int, devices=None) -> dict:
-  """The compiled memory analysis of the rank's step at `batch` (nothing allocated); devices:
-  where to compile (default this host's first device; gpu_target's compile-only devices)."""
+def plan_step(cfg, batch: int, seq: int, devices=None, zero1_ranks: int = 1):
+  """(step_parts, abstract batch, mesh) of the rank's step at `batch` on `devices` (default
+  this host's first device). zero1_ranks: the optimizer state the run batch's step holds (its
+  ZeRO-1 share, as benchmarks.step.step_parts builds it), so that plans at several batches
+  differ only by the batch, not by 21 GB of optimizer moments at 120B."""
   c = bench_config(cfg.copy_and_resolve_references(), seq=seq, batch=batch, n_dev=1)
   mesh = sharding.make_mesh(c.mesh, devices=(devices or jax.devices())[:1])
+  batch_abs = {"ids": jax.ShapeDtypeStruct((batch, seq + 2), jnp.int32)}
+  return step_parts(c, mesh, zero1_ranks), batch_abs, mesh
+
+
+def compile_plan(cfg, batch: int, seq: int, devices=None, zero1_ranks: int = 1) -> dict:
+  """The compiled memory analysis of `plan_step`'s step (nothing allocated); devices: where to
+  compile (default this host's first device; gpu_target's compile-only devices)."""
   # on compile-only devices (gpu_target) the step takes the card's code paths, not this host's
   target = pallas.target_gpu() if devices is not None else contextlib.nullcontext()
   with target:
-    b = build(c, mesh)
+    parts, batch_abs, mesh = plan_step(cfg, batch, seq, devices, zero1_ranks)
     t0 = time.perf_counter()
     with sharding.use_mesh(mesh):
-      compiled = b["step"].lower(b["state_abs"], b["batch_abs"]).compile()
+      compiled = parts["step"].lower(parts["state_abs"], batch_abs).compile()
   return {"batch": batch, **memory_plan.plan_bytes(compiled),
           "compile_s": time.perf_counter() - t0}
 
@@ -244,13 +254,14 @@ def run(cfg, a, command: str) -> dict:
   plans = [{"batch": b, **plan}]
   for pb in a.plan_batches:
     if pb != b:
-      p = compile_plan(load_and_cut(a), pb, t)
+      p = compile_plan(load_and_cut(a), pb, t, zero1_ranks=1 if a.no_zero1 else ranks)
       print(f"plan at B{pb}: {p['total'] / GB:.2f} GB (compiled in {p['compile_s']:.0f} s)",
             flush=True)
       plans.append(p)
   calib = measured / plan["total"] if measured == measured and plan["total"] else 1.0
   rec["plans_gb"] = [{"batch": p["batch"], "total": p["total"] / GB,
-                      "temporaries": p["temporaries"] / GB} for p in plans]
+                      "arguments": p["arguments"] / GB, "temporaries": p["temporaries"] / GB}
+                     for p in plans]
   rec["plan_calibration"] = calib
   for name, cap in TARGETS.items():
     fit = largest_fitting(plans, calib, cap)
@@ -274,11 +285,12 @@ def compile_only(cfg, a, command: str) -> dict:
   plans = [{"batch": b, **plan}]
   for pb in a.plan_batches:
     if pb != b:
-      plans.append(compile_plan(cfg, pb, t, out["devices"]))
+      plans.append(compile_plan(cfg, pb, t, out["devices"],
+                                zero1_ranks=1 if a.no_zero1 else ranks))
   plans.sort(key=lambda p: p["batch"])
   fits = {k: largest_fitting(plans, 1.0, cap) for k, cap in TARGETS.items()}
-  plans = [{"batch": p["batch"], "total": p["total"] / GB, "temporaries": p["temporaries"] / GB}
-           for p in plans]
+  plans = [{"batch": p["batch"], "total": p["total"] / GB, "arguments": p["arguments"] / GB,
+            "temporaries": p["temporaries"] / GB} for p in plans]
   return {
       "device": f"{gpu_target.CARDS[card]['description']} (compile only, no device)",
       "date": datetime.date.today().isoformat(), "commit": a.commit or metrics_lib.git_commit(),

@@ -72,6 +72,25 @@ def test_largest_fitting_micro_batch():
   assert rank120.largest_fitting(plans, 1.1, 89e9)["batch"] == 2       # calibrated: 66, 88 GB
 
 
+def test_plans_at_other_batches_hold_the_runs_optimizer_state():
+  """plan_step (what --plan_batches compiles) holds the ZeRO-1 share the run batch's step holds,
+  not the whole optimizer state (abstract shapes only)."""
+  import math
+
+  import jax
+
+  cfg = rank120.rank_config(load_config("configs/tiny_120b.py"), 2)
+  cfg.model.n_layers = 4
+
+  def opt_bytes(zero1_ranks):
+    parts, batch_abs, _ = rank120.plan_step(cfg, 2, 32, zero1_ranks=zero1_ranks)
+    assert batch_abs["ids"].shape == (2, 34)
+    return sum(math.prod(x.shape) * x.dtype.itemsize
+               for x in jax.tree.leaves(parts["state_abs"]["opt_state"]))
+  whole, share = opt_bytes(1), opt_bytes(2)
+  assert whole / 2 < share < whole
+
+
 def test_rank120_bad_input():
   with pytest.raises(ConfigError, match="fewer than moe.top_k"):
     rank120.rank_config(load_config("configs/tiny_120b.py"), 4)
