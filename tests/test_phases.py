@@ -2,7 +2,8 @@
 checkpoint EMA (launch.ema).
 
 The config and schedule checks compile nothing. next_phase and ema run on checkpoints built
-directly with Checkpointer from random arrays shaped like the tiny config (no training).
+directly with Checkpointer from random arrays shaped like the tiny config at two layers (no
+training).
 """
 import math
 import pathlib
@@ -134,10 +135,13 @@ def test_120b_schedule():
 # ----------------------------------------------------------------------------- checkpoints
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-  """(config, data_dir, manifest) of the tiny config on the bundled corpus (prepared once)."""
+  """(config, data_dir, manifest) of the tiny config on the bundled corpus (prepared once), with
+  one layer of each kind: the hand-over and the EMA treat every leaf alike, and half the layers
+  are half the leaves to save and restore."""
   from lightning_jax.run import setup
   work = tmp_path_factory.mktemp("phase_data")
   c = _cfg("tiny.py")
+  c.model.n_layers, c.model.pattern = 2, "DG"
   data_dir, manifest = setup.resolve_data(c, work, log=lambda *a: None)
   c.data.path = data_dir
   setup.apply_data_vocab(c, manifest, data_dir)
