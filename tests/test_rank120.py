@@ -10,16 +10,18 @@ from lightning_jax.config import ConfigError, load_config
 
 
 def test_rank120_tiny_writes_the_record(tmp_path):
+  # one layer of each kind (the record is under test, not the depth): 2 layers, not DDDG's 4
   out = tmp_path / "rank120.json"
-  rec = rank120.main(["--tiny", "--layers", "4", "--seq", "32", "--json", str(out)])
+  rec = rank120.main(["--tiny", "--set", "model.pattern=DG", "--layers", "2", "--seq", "32",
+                      "--json", str(out)])
   on_disk = json.loads(out.read_text())
   for k in ("device", "date", "commit", "command", "tokens_per_s", "peak_gb", "compiled_plan_gb",
             "flops_per_token", "mfu", "largest_micro_batch_80gb", "largest_micro_batch_141gb"):
     assert k in on_disk, k
-  assert rec["experts_per_rank"] == 6 and rec["layers"] == 4 and rec["finite"]
+  assert rec["experts_per_rank"] == 6 and rec["layers"] == 2 and rec["finite"]
   assert rec["tokens_per_s"] > 0 and rec["step_ms"] > 0
   cfg = rank120.rank_config(load_config("configs/tiny_120b.py"), 2)
-  cfg.model.n_layers = 4
+  cfg.model.pattern, cfg.model.n_layers = "DG", 2
   assert rec["flops_per_token"] == counting.flops_per_token(cfg, 32)["total"]
   # CPU keeps no allocator statistics: the compiled plan stands in for the peak
   assert rec["peak_gb"] == rec["compiled_plan_gb"] > 0
