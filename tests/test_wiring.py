@@ -55,8 +55,9 @@ def test_hot_config_reaches_the_step_without_recompiling(tmp_path):
   seed = int(np.random.default_rng().integers(1 << 30))
   rng = np.random.default_rng(seed)
   cfg = moe_cfg(expert=1)           # the compile-heavy parts stay off: one local dispatch round,
-  cfg.moe.dispatch = "capacity"     # no MTP block (the ctl path is the same for every layer)
-  cfg.model.mtp.enabled = False
+  cfg.moe.dispatch = "capacity"     # no MTP block, one layer of each kind (the ctl path is the
+  cfg.model.mtp.enabled = False     # same for every layer)
+  cfg.model.pattern, cfg.model.n_layers = "DG", 2
   hot_file = tmp_path / "hot.json"
   cfg.moe.hot_config, cfg.moe.hot_config_every = str(hot_file), 1
   mesh = sharding.make_mesh(cfg.mesh)
