@@ -110,7 +110,9 @@ def test_flops_per_token_agrees_with_xla_cost_analysis(stage):
   from lightning_jax.config import load_config
   cfg = load_config(f"configs/{stage}.py")
   m = cfg.model
-  m.d_model, m.ffn_width, m.n_layers, m.vocab_size = 512, 1024, 4, 4096
+  m.d_model, m.ffn_width, m.n_layers, m.vocab_size = 512, 1024, 2, 4096
+  m.pattern = "DG"      # one layer of each kind (the count is per layer; measured 2026-12-06:
+                        # ours / XLA's 0.978 and 0.969 here, 0.968 and 0.957 at DDDG's 4 layers)
   m.deltanet.n_heads, m.deltanet.head_dim = 4, 128
   m.gsa.n_heads, m.gsa.head_dim = 2, 256
   m.deltanet.impl, m.gsa.attention, m.dtype = "chunked", "gather", "float32"
