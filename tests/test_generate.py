@@ -143,6 +143,8 @@ def _prompts(rng, lens):
 def test_greedy_decoding_matches_full_forward_dense():
   cfg = tiny.get_config()
   cfg.model.vocab_size = VOCAB
+  cfg.model.pattern, cfg.model.n_layers = "DG", 2   # one layer of each kind (the 120B-class
+                                                    # case below decodes across two groups)
   assert cfg.model.gsa.var_row == "full_row" and cfg.model.pattern[-1] == "G"
   v = _variables(cfg, _words(VOCAB), SEED)
   rng = np.random.default_rng(SEED)
@@ -184,8 +186,8 @@ def test_sampling_settings():
 # ----------------------------------------------------------------------------- scoring + CLIs
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-  """A run directory in launch.train's format: tiny config with a small prepared corpus, random
-  weights saved as checkpoint step 3."""
+  """A run directory in launch.train's format: tiny config (two layers) with a small prepared
+  corpus, random weights saved as checkpoint step 3."""
   from lightning_jax.data import shards
   root = tmp_path_factory.mktemp("gen_run")
   src = root / "text"
@@ -199,6 +201,7 @@ def tiny_run(tmp_path_factory):
   data = root / "run" / "data"
   man = shards.prepare([str(src)], str(data), val_fraction=0.0, log=lambda *a: None)
   cfg = tiny.get_config()
+  cfg.model.pattern, cfg.model.n_layers = "DG", 2   # one layer of each kind: less to compile
   cfg.data.build_from = ""
   cfg.data.path = str(data)
   cfg.data.use_pools = False
