@@ -113,6 +113,7 @@ def test_the_module_tree_computes_the_model(tiny_lm):
 
 def test_blocks_are_modules_flax_can_tabulate():
   cfg = _cfg(tiny_moe)
+  cfg.model.n_layers, cfg.model.pattern = 2, "DG"   # the MTP block's MoE is the one under test
   lm = LightningLM.from_variables(cfg, model.init_variables(cfg, jax.random.PRNGKey(0),
                                                             _words(VOCAB)))
   moe = lm.mtp.layer.moe                            # an unstacked MoE (the MTP block's)
