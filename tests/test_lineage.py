@@ -4,6 +4,11 @@ dense_to_moe -> train -> depth_map -> train -> expand_experts -> to_tqp -> train
 at small widths. Each stage must start from the grown checkpoint (launch.train resumes
 NEW_RUN/checkpoints/0 at step 0), record finite losses, and carry its provenance.
 
+Every stage runs with model.pattern=DG (a DeltaNet and a GSA layer per group; the stages keep
+their depths, 4, 4, 8 and 8 layers): depth_map's mapping 0,1,2,3,0,1,2,3 still gives each layer
+one of its own kind, and a group of two layers is half the unrolled layers to compile and half the
+stacked leaves to save, restore and check of the tiny configs' DDDG.
+
 The subprocess runs on ONE host device with single-threaded Eigen (--xla_cpu_multi_thread_eigen=
 false): on this machine (jaxlib 0.10.2, 2 cores) the tiny MoE train step otherwise hung now and
 then inside the XLA CPU executable (the executor waiting on a task no pool worker runs; all threads
@@ -24,7 +29,7 @@ SMALL = ["train.seq_len=32", "train.global_batch=4", "train.eval_every=0", "trai
          "model.deltanet.head_dim=16", "model.deltanet.chunk_size=16", "model.gsa.n_heads=1",
          "model.gsa.head_dim=32", "model.gsa.idx_heads=2", "model.gsa.idx_dim=8",
          "model.gsa.k_min=4", "model.gsa.k_base=8", "model.gsa.k_max=16", "model.gsa.query_chunk=32",
-         "model.ce_chunk=128", "moe.expert_width=16", "tqp.rank=2"]
+         "model.ce_chunk=128", "moe.expert_width=16", "tqp.rank=2", "model.pattern=DG"]
 
 
 def _env(ndev=1):
