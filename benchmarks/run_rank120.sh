@@ -29,26 +29,27 @@ export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-/tmp/jcc}"
 mkdir -p "$JAX_COMPILATION_CACHE_DIR"
 [ -f .jcache/jcache.tar.gz ] && tar -xzf .jcache/jcache.tar.gz -C "$JAX_COMPILATION_CACHE_DIR" \
   && echo "compilation cache seeded: $(ls "$JAX_COMPILATION_CACHE_DIR" | wc -l) entries"
-# XLA's own caches, shared by every case of a call and carried with the rest: compiled kernels
-# (--xla_gpu_kernel_cache_file) and per-fusion autotuning results
-# (--xla_gpu_per_fusion_autotune_cache_dir). A step variant shares most of its kernels with the
-# case before it, so its compile skips them. On this host's compile-only runs the kernel cache
-# took the 2B step's compile from 26-29 s to 17 s (a variant's too) and the rank's from 78.8 to
-# 56.9 s; autotuning, which only a device does, is what the second flag saves. An XLA that does not
-# know a flag refuses to start, so the flags are tried first. NO_XLA_CACHES=1 turns them off.
-# These flags are part of JAX's cache key, so the first call that uses them misses entries packed
-# without them (once; later calls carry entries made with them).
+# XLA's per-fusion autotuning results, shared by every case of a call and carried with the rest
+# (--xla_gpu_per_fusion_autotune_cache_dir): autotuning, which only a device does, is skipped
+# for a fusion already tuned. NO_XLA_CACHES=1 turns it off; an XLA that does not know the flag
+# refuses to start, so it is tried first. The flag is part of JAX's cache key.
+# XLA's on-disk kernel cache (--xla_gpu_kernel_cache_file) is NOT used: a later compile that
+# reads kernels written by an earlier one fails on Hopper with a CUDA status error
+# (cuda_status.cc:50). It stopped every case after the first in session 16's call and both cases
+# of session 17's second call (the file left by the first call's B1 step on the warm machine);
+# the serialized cache drops the TMA metadata of Triton GEMM fusions (openxla/xla#35951) and
+# can reuse a kernel under other launch dimensions (openxla/xla#33220).
 if [ -z "${NO_XLA_CACHES:-}" ]; then
   mkdir -p "$JAX_COMPILATION_CACHE_DIR/autotune"
-  xc="--xla_gpu_kernel_cache_file=$JAX_COMPILATION_CACHE_DIR/xla_kernels.bin"
-  xc="$xc --xla_gpu_per_fusion_autotune_cache_dir=$JAX_COMPILATION_CACHE_DIR/autotune"
+  xc="--xla_gpu_per_fusion_autotune_cache_dir=$JAX_COMPILATION_CACHE_DIR/autotune"
   if XLA_FLAGS="${XLA_FLAGS:-} $xc" python3 -c "import jax; jax.devices()" >/dev/null 2>&1; then
     export XLA_FLAGS="${XLA_FLAGS:-} $xc"
-    echo "XLA kernel and autotuning caches on"
+    echo "XLA autotuning cache on"
   else
-    echo "this XLA does not take the kernel/autotuning cache flags: compiling without them"
+    echo "this XLA does not take the autotuning cache flag: compiling without it"
   fi
 fi
+rm -f "$JAX_COMPILATION_CACHE_DIR/xla_kernels.bin"   # left by an older version of this script
 pack_cache() {
   (cd "$JAX_COMPILATION_CACHE_DIR" && find . -maxdepth 2 -type f -size -12M -printf '%s %p\n' \
     | sort -n | awk '{t += $1; if (t < 40e6) print $2}' \

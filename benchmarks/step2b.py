@@ -13,7 +13,9 @@ B4 x T4096 x 32 heads x 128 (bf16), forward and forward + backward, on the path 
 
 The record: device, date, commit; rows [{batch (sequences per device), seq, n_devices, step_ms,
 tokens_per_s, peak_gib, mfu, command}] (an out-of-memory batch has `error` and `asks_gib` instead); delta_rule {shape,
-fwd_ms, fwdbwd_ms, command, profile_fwd, profile_fwdbwd (top 12 kernels of each)}; profile (the first batch's top 25 ops).
+fwd_ms, fwdbwd_ms (one call, waited for), fwd_queued_ms, fwdbwd_queued_ms (calls queued back to
+back, as triton's do_bench times FLA), fwd_kernel_ms, fwdbwd_kernel_ms (the profile's kernel time
+per call), command, profile_fwd, profile_fwdbwd (top 12 kernels of each)}; profile (the first batch's top 25 ops).
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 
 import jax
 
@@ -95,10 +98,32 @@ def delta_rule(b: int, t: int, h: int, d: int, iters: int, sets=()) -> dict:
   # where the time goes, kernel by kernel (already compiled above, so the trace holds no compile)
   fwd_j, fwd_bwd_j = jax.jit(rule), jax.jit(fwd_bwd)
   jax.block_until_ready((fwd_j(*args), fwd_bwd_j(*args)))
-  prof = {f"profile_{name}": profile_table.profile_ops(lambda f=f: f(*args), top=12)[0]
-          for name, f in (("fwd", fwd_j), ("fwdbwd", fwd_bwd_j))}
+  prof, kern = {}, {}
+  for name, f in (("fwd", fwd_j), ("fwdbwd", fwd_bwd_j)):
+    rows, info = profile_table.profile_ops(lambda f=f: f(*args), top=12)
+    prof[f"profile_{name}"] = rows
+    kern[f"{name}_kernel_ms"] = info["op_ms_per_call"]      # every kernel of one call, summed
+  # fwd_ms / fwdbwd_ms above time one call from dispatch to the host's wait, so they carry the
+  # launch and synchronisation latency of a ~1 ms op. FLA's figures (triton.testing.do_bench)
+  # time calls queued back to back; *_queued_ms does the same: `iters` calls dispatched without
+  # waiting, then one wait, divided by `iters`.
+  queued = {f"{name}_queued_ms": queued_ms(f, args, iters)
+            for name, f in (("fwd", fwd_j), ("fwdbwd", fwd_bwd_j))}
   return {"shape": f"B{b}xT{t}x{h}x{d}", "impl": deltanet.resolve_impl(cfg),
-          "fwd_ms": fwd_ms, "fwdbwd_ms": fwdbwd_ms, "iters": iters, **prof}
+          "fwd_ms": fwd_ms, "fwdbwd_ms": fwdbwd_ms, **queued, **kern, "iters": iters, **prof}
+
+
+def queued_ms(f, args, iters: int) -> float:
+  """Milliseconds per call of jitted f with `iters` calls queued back to back (one host wait at
+  the end), the median of three such runs."""
+  jax.block_until_ready(f(*args))
+  runs = []
+  for _ in range(3):
+    t0 = time.perf_counter()
+    outs = [f(*args) for _ in range(iters)]
+    jax.block_until_ready(outs)
+    runs.append((time.perf_counter() - t0) * 1e3 / iters)
+  return sorted(runs)[1]
 
 
 def main(argv=None) -> dict:
@@ -160,7 +185,9 @@ def main(argv=None) -> dict:
   dr = rec.get("delta_rule")
   if dr:
     print(f"delta rule {dr['shape']} ({dr['impl']}): forward {dr['fwd_ms']:.2f} ms, forward + "
-          f"backward {dr['fwdbwd_ms']:.2f} ms")
+          f"backward {dr['fwdbwd_ms']:.2f} ms (one call waited for); queued back to back "
+          f"{dr['fwd_queued_ms']:.2f} / {dr['fwdbwd_queued_ms']:.2f} ms; kernels alone "
+          f"{dr['fwd_kernel_ms']:.2f} / {dr['fwdbwd_kernel_ms']:.2f} ms")
     for name in ("fwd", "fwdbwd"):
       for row in dr[f"profile_{name}"]:
         print(f"  {name:6s} {row['name'][:60]:60s} {row['calls']:5.0f} {row['ms']:8.3f} ms")

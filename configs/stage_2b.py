@@ -19,6 +19,11 @@ def get_config(phase=None):
   # elementwise work: traced, 6.2 GB per B1 x T4096 sequence instead of 26.9 GB, with the same
   # matmuls and kernels (docs/PERFORMANCE.md, "What the backward keeps")
   c.model.remat = "selective"
+  # the fused head's chunks (1024 tokens by default): every chunk's dw product also reads and
+  # writes the float32 [4096, 131072] sum (4.3 GB), so fewer chunks move less. At B1 x T4096 the
+  # head is not at the step's peak: 4096 plans the same 29.85 GiB as 1024 (8192: +0.88 GiB)
+  # (docs/PERFORMANCE.md, "Session 17")
+  c.model.ce_chunk = 4096
 
   # ---- optimiser (SPEC §5): 2B seed, cosine 1e-3 -> 1e-4, warmup 1000 steps from 0, wd 0.1
   o = c.optim

@@ -31,6 +31,8 @@ def test_step2b_tiny_writes_the_record(tmp_path):
   dr = rec["delta_rule"]
   assert dr["shape"] == "B1xT64x2x16" and dr["impl"] == "chunked"
   assert 0 < dr["fwd_ms"] and 0 < dr["fwdbwd_ms"] and dr["command"].startswith("python -m")
+  for name in ("fwd", "fwdbwd"):     # queued back to back (as do_bench times FLA), kernels alone
+    assert dr[f"{name}_queued_ms"] > 0 and dr[f"{name}_kernel_ms"] > 0, name
   for name in ("profile_fwd", "profile_fwdbwd"):     # the delta rule's own per-kernel table
     assert 0 < len(dr[name]) <= 12 and all(r["ms"] > 0 for r in dr[name]), name
 
