@@ -158,10 +158,10 @@ FIELDS: tuple[Field, ...] = (
     F("model.hc.sinkhorn_iters", 20, "Sinkhorn rounds for the doubly stochastic mix",
       check="size"),
     F("model.hc.sinkhorn_eps", 1e-6, "Sinkhorn epsilon", check="positive"),
-    F("model.hc.sinkhorn_impl", "auto", "Sinkhorn implementation: rolled (a lax.fori_loop: "
-      "about 20 small launches per round trip, 7,560 per stage_2b B1 step) | kernel (one Pallas "
-      "launch forward, one backward; -2.0% step time on the 120B rank, docs/PERFORMANCE.md) | "
-      "auto (the kernel on GPU, else rolled)",
+    F("model.hc.sinkhorn_impl", "rolled", "Sinkhorn implementation: rolled (a lax.fori_loop) "
+      "| kernel (one Pallas launch forward, one backward; -2.0% step time on the 120B rank, but "
+      "on stage_2b no faster at B1 and +22 ms, +2.5 GiB at B4, with a 4x longer compile: "
+      "docs/PERFORMANCE.md, session 17) | auto (the kernel on GPU, else rolled)",
       choices=("rolled", "kernel", "auto"), resume=FREE),
     F("model.hc.pre", "autodiff", "how pre() reads the streams in: autodiff (JAX's backward) | "
       "fused (the same forward with a written-out backward that reads the state three times; "
