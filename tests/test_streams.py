@@ -181,3 +181,29 @@ def test_pre_fused_backward_matches_autodiff():
   assert u_b.dtype == jnp.bfloat16 and g_b[1].dtype == jnp.bfloat16
   assert rel(g_b[1], g_r[1]) <= 2e-2 and rel(g_b[0], g_r[0]) <= 2e-2, msg
   np.testing.assert_allclose(np.asarray(u_b, np.float32), u_r, rtol=3e-2, atol=3e-2, err_msg=msg)
+
+
+def test_projections_fold_the_norm_into_the_weights():
+  """_raw reads the bf16 state itself: RMSNorm(x) W computed as r (x (g W)). In float32 the folded
+  form equals the norm-then-projection form that model.compat=reference_cuda keeps; in bf16 the
+  projection's GEMM takes the state, not a normalised copy of it (the copy is what XLA wrote out
+  as float32 and bf16 arrays of the whole state before)."""
+  seed = _seed()
+  cfg = _cfg()
+  keys = jax.random.split(jax.random.PRNGKey(seed), 3)
+  p = nn.init(streams.hc_specs(cfg), keys[0])
+  p = jax.tree_util.tree_map(lambda a: a + 0.3 * jax.random.normal(keys[1], a.shape), p)
+  x = 3.0 * jax.random.normal(keys[2], (2, 5, 4, 16))
+  ref_cfg = _cfg()
+  ref_cfg.model.compat = "reference_cuda"
+  folded, plain = streams._raw(p, x, cfg), streams._raw(p, x, ref_cfg)
+  np.testing.assert_allclose(folded, plain, rtol=1e-5, atol=1e-5, err_msg=f"seed {seed}")
+  xb = x.astype(jnp.bfloat16)
+  for c, reads_state in ((cfg, True), (ref_cfg, False)):
+    jaxpr = jax.make_jaxpr(lambda x_: streams._raw(p, x_, c))(xb)
+    (dot,) = [e for e in jaxpr.eqns if e.primitive.name == "dot_general"]
+    lhs = dot.invars[0]
+    # the folded GEMM's left operand is the input reshaped, nothing computed from it in between
+    (reshape,) = [e for e in jaxpr.eqns if e.primitive.name == "reshape"
+                  and e.invars[0] is jaxpr.jaxpr.invars[0]]
+    assert (lhs is reshape.outvars[0]) == reads_state, c.model.compat

@@ -71,10 +71,27 @@ def _from_raw(p: dict, raw, s: int, cfg):
 
 
 def _raw(p: dict, x, cfg):
-  """The normalised state's projections [B, T, S + S + S*S] float32."""
+  """The normalised state's projections [B, T, S + S + S*S] float32.
+
+  RMSNorm(x) W = r (x (g W)) with r = 1 / rms(x) per token and g the norm's scale, so the
+  projections read the bf16 state itself: the norm's scale is folded into the [S*d, n] weights
+  and r scales the n outputs. Written as the norm followed by the projection, XLA kept a float32
+  copy of the normalised [B, T, S*d] state and a bf16 one for the GEMM (about 1 GB written and
+  read again per sublayer at B1 x T4096 on stage_2b, compiled for an H100). The two forms are the
+  same function; in float32 they agree to rounding, and in bf16 the GEMM's rounded operand is g W
+  instead of x r g. model.compat=reference_cuda keeps the norm-then-projection form, whose
+  roundings are the reference's.
+  """
   b, t, s, d = x.shape
-  xf = rms_norm(x.reshape(b, t, s * d), p["norm"]["scale"], cfg.model.norm_eps)
-  return jnp.einsum("btk,kn->btn", xf, _phi(p, x.dtype), preferred_element_type=jnp.float32)
+  x2 = x.reshape(b, t, s * d)
+  eps = cfg.model.norm_eps
+  if cfg.model.compat == "reference_cuda":
+    xf = rms_norm(x2, p["norm"]["scale"], eps)
+    return jnp.einsum("btk,kn->btn", xf, _phi(p, x.dtype), preferred_element_type=jnp.float32)
+  xf = x2.astype(jnp.float32)
+  r = jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + eps)    # [B, T, 1]
+  gw = (p["norm"]["scale"].astype(jnp.float32)[:, None] * _phi(p, jnp.float32)).astype(x.dtype)
+  return r * jnp.einsum("btk,kn->btn", x2, gw, preferred_element_type=jnp.float32)
 
 
 def coefficients(p: dict, x, cfg):
@@ -197,7 +214,10 @@ def post(coeffs, x, y, mix: str = "elementwise"):
   else:
     raise ValueError(f"model.hc.mix={mix!r} is not a stream mix; expected elementwise or einsum.")
   out = mixed + h_post[..., None] * y.astype(jnp.float32)[:, :, None, :]
-  return out.astype(x.dtype)
+  # the barrier makes the mix write the new state in x's dtype: without it XLA wrote the float32
+  # sum and left the rounding to the next sublayer's read-in, which then read float32 and wrote
+  # the bf16 state itself (268 MB more each way per sublayer at B1 x T4096 on stage_2b)
+  return jax.lax.optimization_barrier(out.astype(x.dtype))
 
 
 def apply(p: dict, x, sublayer, cfg):
