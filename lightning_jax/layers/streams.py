@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from lightning_jax import nn, remat
+from lightning_jax.config import compat
 from lightning_jax.layers.norms import rms_norm
 from lightning_jax.ops.sinkhorn.api import sinkhorn
 
@@ -85,7 +86,7 @@ def _raw(p: dict, x, cfg):
   b, t, s, d = x.shape
   x2 = x.reshape(b, t, s * d)
   eps = cfg.model.norm_eps
-  if cfg.model.compat == "reference_cuda":
+  if compat(cfg) == "reference_cuda":
     xf = rms_norm(x2, p["norm"]["scale"], eps)
     return jnp.einsum("btk,kn->btn", xf, _phi(p, x.dtype), preferred_element_type=jnp.float32)
   xf = x2.astype(jnp.float32)
