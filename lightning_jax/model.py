@@ -334,8 +334,9 @@ def forward(params, frozen, stats, ids, cfg, with_mtp: bool | None = None, moe_c
   if with_mtp:
     mp = params["mtp"]
     z = jnp.concatenate([h, emb[:, 1:t + 1]], axis=-1)
-    z = jnp.einsum("btk,kd->btd", z, mp["in_proj"].astype(dtype),
-                   preferred_element_type=jnp.float32).astype(dtype)
+    # The product in the compute dtype (float32 accumulation inside the GEMM, one rounding, as
+    # before): asking for a float32 result made its backward two float32 (TF32) GEMMs.
+    z = jnp.einsum("btk,kd->btd", z, mp["in_proj"].astype(dtype))
     xs = streams.expand(z, m.hc.n_streams)
     fz = (frozen or {}).get("mtp", {}).get("layer", {})
     sz = (stats or {}).get("mtp", {}).get("layer", {})

@@ -212,7 +212,7 @@ def embed_apply(p: dict, frozen: dict, ids, cfg):
     codes = on_the_fly_codes(frozen["bytes"], frozen["lengths"], ids, eps)
   if compat(cfg) == "reference_cuda" or cfg.model.embed.round_codes_bf16:
     codes = codes.astype(jnp.bfloat16)  # the reference rounds the z-normalised codes to bf16
-  e = jnp.einsum("...c,cd->...d", codes.astype(dtype), w.astype(dtype),
-                 preferred_element_type=jnp.float32)
-  e = e.astype(dtype)
+  # The result in the compute dtype: the GEMM accumulates in float32 and rounds once, as a float32
+  # result cast down would; a float32 result would make the weight gradient a float32 GEMM.
+  e = jnp.einsum("...c,cd->...d", codes.astype(dtype), w.astype(dtype))
   return rms_norm(e, p["norm"]["scale"], cfg.model.norm_eps)
