@@ -24,6 +24,10 @@ def get_config(phase=None):
   # head is not at the step's peak: 4096 plans the same 29.85 GiB as 1024 (8192: +0.88 GiB)
   # (docs/PERFORMANCE.md, "Session 17")
   c.model.ce_chunk = 4096
+  # five Sinkhorn rounds to a trip of the rolled loop: XLA copies the carried matrices once a
+  # trip, 902 copies per B1 step at 1 round, 326 at 5, with the same plan (docs/PERFORMANCE.md,
+  # "Session 18")
+  c.model.hc.sinkhorn_unroll = 5
 
   # ---- optimiser (SPEC §5): 2B seed, cosine 1e-3 -> 1e-4, warmup 1000 steps from 0, wd 0.1
   o = c.optim

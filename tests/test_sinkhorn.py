@@ -3,6 +3,7 @@ with the reference): against the rolled loop itself (the same math, the row max 
 stop_gradient) for few rounds and a large eps, the unrolled rounds that Triton compiles, the
 api's choices and errors, per-device runs under a mesh, and one launch each way under remat."""
 import logging
+import re
 
 import jax
 import jax.numpy as jnp
@@ -63,6 +64,28 @@ def test_unrolled_rounds_equal_rolled_loop():
   (_, g_r), y_r = _value_and_grad(lambda x: api.rolled(x, 3, 1e-3), x, ct)
   assert testing.rel_err(y, y_r) <= 1e-6, f"seed={seed}"
   assert testing.rel_err(g, g_r) <= 1e-5, f"seed={seed}"
+
+
+def test_rolled_loop_rounds_per_trip_do_not_change_the_result():
+  """api.rolled with 5 rounds to a trip (stage_2b's setting) and 7 (not a divisor of 20, so a
+  remainder trip) gives the values and gradients of 1 round a trip and of reference.py's Python
+  loop; and the loop has 20 / 5 = 4 trips (the point of the option: one carry copy a trip)."""
+  from lightning_jax.ops.sinkhorn import reference
+  seed = _seed()
+  x, ct = _inputs(seed, (3, 37, 4, 4), scale=2.0)
+  (_, g1), y1 = _value_and_grad(lambda x: api.rolled(x, 20, 1e-6, 1), x, ct)
+  (_, g_ref), y_ref = _value_and_grad(lambda x: reference.sinkhorn(x, 20, 1e-6), x, ct)
+  assert testing.rel_err(y1, y_ref) <= 1e-6, f"seed={seed}"
+  for unroll in (5, 7):
+    (_, g), y = _value_and_grad(lambda x: api.rolled(x, 20, 1e-6, unroll), x, ct)
+    assert testing.rel_err(y, y1) <= 1e-6, f"seed={seed} unroll={unroll}"
+    assert testing.rel_err(g, g1) <= 1e-6, f"seed={seed} unroll={unroll}"
+  # the reference differentiates through the row max (the op does not): see the registry note
+  assert testing.rel_err(g1, g_ref) <= 1e-4, f"seed={seed}"
+  hlo = jax.jit(lambda x: api.rolled(x, 20, 1e-6, 5)).lower(x).compile().as_text()
+  assert re.findall(r'known_trip_count":\{"n":"(\d+)"', hlo) == ["4"], hlo[:3000]
+  with pytest.raises(ValueError, match=r"unroll=0 must be a whole number of rounds >= 1"):
+    api.rolled(x, 20, 1e-6, 0)
 
 
 def test_bad_arguments_are_named():

@@ -67,7 +67,8 @@ def _from_raw(p: dict, raw, s: int, cfg):
   h_pre = _h_pre(p, raw, s)
   h_post = 2.0 * jax.nn.sigmoid(p["a_post"] * post + p["b_post"])
   h_res = sinkhorn(p["a_res"] * res + p["b_res"], cfg.model.hc.sinkhorn_iters,
-                   cfg.model.hc.sinkhorn_eps, impl=cfg.model.hc.sinkhorn_impl)
+                   cfg.model.hc.sinkhorn_eps, impl=cfg.model.hc.sinkhorn_impl,
+                   unroll=cfg.model.hc.sinkhorn_unroll)
   return h_pre, h_post, h_res
 
 

@@ -20,8 +20,11 @@ IMPLS = ("auto", "rolled", "kernel")
 _FALLBACK_LOGGED = set()
 
 
-def rolled(logits, iters: int = 20, eps: float = 1e-6):
-  """[..., n, n] logits -> doubly stochastic [..., n, n] (float32), the rounds in a rolled loop."""
+def rolled(logits, iters: int = 20, eps: float = 1e-6, unroll: int = 1):
+  """[..., n, n] logits -> doubly stochastic [..., n, n] (float32), the rounds in a rolled loop,
+  `unroll` rounds to a trip (the same arithmetic in the same order for any unroll)."""
+  if int(unroll) < 1:
+    raise ValueError(f"sinkhorn: unroll={unroll!r} must be a whole number of rounds >= 1.")
   x = logits.astype(jnp.float32)
   m = jnp.exp(x - jax.lax.stop_gradient(jnp.max(x, axis=-1, keepdims=True)))
 
@@ -32,7 +35,10 @@ def rolled(logits, iters: int = 20, eps: float = 1e-6):
   # A rolled loop, not an unrolled one: unrolled, the 20 rounds' backward becomes ~100 separate
   # small reductions per call (x2 per layer); on GPU every one is a kernel to compile, and the
   # tiny model's training step did not finish compiling in 4 minutes (47 s rolled; PERFORMANCE.md).
-  return jax.lax.fori_loop(0, iters, body, m)
+  # A few rounds to a trip, though: XLA copies the carried [..., n, n] matrix once per trip (the
+  # normalisation cannot write over its own input), and on stage_2b's step those copies were 738
+  # device-to-device memcpys per step at 1 round a trip (PERFORMANCE.md, session 18).
+  return jax.lax.fori_loop(0, iters, body, m, unroll=min(int(unroll), max(int(iters), 1)))
 
 
 def sharded(fn, logits):
@@ -48,8 +54,9 @@ def sharded(fn, logits):
 
 
 def sinkhorn(logits, iters: int = 20, eps: float = 1e-6, impl: str = "auto", *,
-             interpret: bool | None = None):
-  """[..., n, n] logits -> doubly stochastic [..., n, n] (float32)."""
+             interpret: bool | None = None, unroll: int = 1):
+  """[..., n, n] logits -> doubly stochastic [..., n, n] (float32). unroll: rounds to a trip of
+  the rolled loop (the kernel ignores it)."""
   if impl not in IMPLS:
     raise ValueError(f"sinkhorn: impl={impl!r} must be one of {list(IMPLS)}.")
   if impl == "auto":
@@ -58,4 +65,4 @@ def sinkhorn(logits, iters: int = 20, eps: float = 1e-6, impl: str = "auto", *,
                                          "the Sinkhorn Pallas kernel", "the rolled loop"):
     return sharded(lambda x: kernel.sinkhorn(x, int(iters), float(eps), interpret=interpret),
                    logits)
-  return rolled(logits, iters, eps)
+  return rolled(logits, iters, eps, unroll)
