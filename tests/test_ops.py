@@ -258,10 +258,17 @@ def _dots_with(jaxpr, dim):
   return n
 
 
+def _scan_dots(jaxpr, dim):
+  """dot_generals with an operand dimension `dim` inside the scans of jaxpr's top level."""
+  return sum(_dots_with(e.params["jaxpr"].jaxpr, dim) for e in jaxpr.eqns
+             if e.primitive.name == "scan")
+
+
 def test_fused_head_runs_three_vocab_matmuls_per_chunk_and_one_when_evaluating():
-  """model.ce_impl=fused: logits, dh and dw once per chunk in ONE scan (the recompute path runs
-  the logits again in its backward: four), the weight converted once and outside the scan;
-  without differentiation only the logits matmul runs."""
+  """model.ce_impl=fused: logits, dh and dw once per chunk, the first chunk before ONE scan over
+  the rest (its dw starts the float32 sum: no zero-filled [d, V] accumulator; the recompute
+  path runs the logits again in its backward: four), the weight converted once and outside the
+  scan; without differentiation only the logits matmul runs."""
   h = jnp.zeros((2, 64, 64), jnp.float32)
   w = jnp.zeros((64, 512), jnp.float32)
   t = jnp.zeros((2, 64), jnp.int32)
@@ -270,8 +277,11 @@ def test_fused_head_runs_three_vocab_matmuls_per_chunk_and_one_when_evaluating()
   recompute = lambda h, w: sum(ce_api.chunked_cross_entropies([h, h], w, [t, t], 16,
                                                               jnp.bfloat16))
   g_fused = jax.make_jaxpr(jax.grad(fused, (0, 1)))(h, w).jaxpr
-  assert _dots_with(g_fused, 512) == 3
+  assert _scan_dots(g_fused, 512) == 3 and _dots_with(g_fused, 512) == 6
   assert sum(e.primitive.name == "scan" for e in g_fused.eqns) == 1
+  # no [d, V] float32 zeros start the sum
+  assert not any(e.primitive.name == "broadcast_in_dim" and e.outvars[0].aval.shape == (64, 512)
+                 for e in g_fused.eqns)
   # the weight is converted to bf16 once, outside the scan; no [d, V] convert runs per chunk
   # (the others of that shape are dw's: rounded once after the scan, back to float32 at the end)
   assert not any(_converts_of(g_fused, (64, 512)))
@@ -283,6 +293,50 @@ def test_fused_head_runs_three_vocab_matmuls_per_chunk_and_one_when_evaluating()
   with pytest.raises(ValueError, match="one weight per pass; got 1 weights for 2 passes"):
     ce_api.fused_cross_entropy_loss([h, h], w, [t, t], 16, weights=(1.0,))
 
+
+
+def _dot_out_dtypes(jaxpr, dim):
+  """Output dtypes of the dot_generals (nested jaxprs too) whose result ends in `dim`."""
+  found = set()
+  for e in jaxpr.eqns:
+    if e.primitive.name == "dot_general" and e.outvars[0].aval.shape[-1:] == (dim,):
+      found.add(e.outvars[0].aval.dtype)
+    for v in e.params.values():
+      for sub in v if isinstance(v, (tuple, list)) else (v,):
+        sub = getattr(sub, "jaxpr", sub)
+        if hasattr(sub, "eqns"):
+          found |= _dot_out_dtypes(sub, dim)
+  return found
+
+
+def test_head_logits_in_the_compute_dtype():
+  """model.ce_logits=compute: the logits GEMM writes bf16 (half the head's largest tensors),
+  and the loss is then exactly the float32 cross-entropy of the bf16-rounded logits, as the
+  reference's fused CE computes it; both heads (fused, recompute) agree, and their gradients
+  stay within bf16 rounding of the float32-logits ones. A bad value is named."""
+  seed = _seed()
+  rng = np.random.default_rng(seed)
+  h = jnp.asarray(rng.standard_normal((2, 37, 16)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((16, 300)), jnp.float32)
+  tg = jnp.asarray(rng.integers(0, 300, (2, 37)), jnp.int32)
+  bf = jnp.bfloat16
+  lg = jnp.einsum("btd,dv->btv", h.astype(bf), w.astype(bf),
+                  preferred_element_type=jnp.float32).astype(bf).astype(jnp.float32)
+  want = jnp.mean(jax.nn.logsumexp(lg, -1) - jnp.take_along_axis(lg, tg[..., None], -1)[..., 0])
+  fused = lambda h, w, lo: ce_api.fused_cross_entropy_loss([h], w, [tg], 16, bf, logits=lo)[0]
+  recompute = lambda h, w, lo: ce_api.chunked_cross_entropy(h, w, tg, 16, bf, lo)
+  for name, f in (("fused", fused), ("recompute", recompute)):
+    got = f(h, w, "compute")
+    assert abs(float(got) - float(want)) <= 1e-5 * abs(float(want)), (name, seed, got, want)
+    outs = _dot_out_dtypes(jax.make_jaxpr(lambda h, w: f(h, w, "compute"))(h, w).jaxpr, 300)
+    assert outs == {jnp.dtype(bf)}, (name, outs)      # evaluated: the logits GEMMs alone
+    g = jax.grad(f, (0, 1))(h, w, "compute")
+    g32 = jax.grad(f, (0, 1))(h, w, "float32")
+    for a, b in zip(g, g32):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-2,
+                                 atol=2e-2 * float(jnp.max(jnp.abs(b))), err_msg=f"{name} {seed}")
+  with pytest.raises(ValueError, match=r"logits='bf16' must be one of \['float32', 'compute'\]"):
+    fused(h, w, "bf16")
 
 
 def test_fused_head_keeps_its_weight_gradient_in_the_compute_dtype():
