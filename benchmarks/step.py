@@ -440,9 +440,11 @@ def breakdown(cfg, mesh, steps: int, seed: int = 0) -> dict:
     w = nn.init({"w": nn.Spec((d, m.vocab_size), ("embed", "vocab"), nn.normal(0.02))}, ks[6])["w"]
     tgt = jax.random.randint(ks[7], (b, t), 0, m.vocab_size, jnp.int32)
     if m.ce_impl == "fused":     # the training loss's head (model.loss_fn)
-      head = lambda h, w, tg: ce_api.fused_cross_entropy_loss([h], w, [tg], m.ce_chunk, dtype)[0]
+      head = lambda h, w, tg: ce_api.fused_cross_entropy_loss([h], w, [tg], m.ce_chunk, dtype,
+                                                              logits=m.ce_logits)[0]
     else:
-      head = lambda h, w, tg: ce_api.chunked_cross_entropy(h, w, tg, m.ce_chunk, dtype)
+      head = lambda h, w, tg: ce_api.chunked_cross_entropy(h, w, tg, m.ce_chunk, dtype,
+                                                           m.ce_logits)
     out["head_ce"] = _vjp_timer(head, (x_flat, w), steps, ks[7], "head_ce", fixed=tgt)
   return out
 

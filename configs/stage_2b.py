@@ -28,6 +28,10 @@ def get_config(phase=None):
   # trip, 902 copies per B1 step at 1 round, 326 at 5, with the same plan (docs/PERFORMANCE.md,
   # "Session 18")
   c.model.hc.sinkhorn_unroll = 5
+  # the head's logits GEMM writes bf16, as the reference's fused cross-entropy keeps them; the
+  # softmax runs in float32 on them (fwd head_ce 41.2 -> 32.6 GB per B1 step, same plan;
+  # docs/PERFORMANCE.md, "Session 18")
+  c.model.ce_logits = "compute"
 
   # ---- optimiser (SPEC §5): 2B seed, cosine 1e-3 -> 1e-4, warmup 1000 steps from 0, wd 0.1
   o = c.optim

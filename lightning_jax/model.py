@@ -379,9 +379,10 @@ def loss_fn(params, frozen, stats, batch, cfg, moe_ctl=None):
   with jax.named_scope("head_ce"):
     if m.ce_impl == "fused":     # the CE terms of `total` and their gradient, in one pass
       weights = (1.0, float(m.mtp.weight)) if with_mtp else (1.0,)
-      ce_total, ces = fused_cross_entropy_loss(hs, w, tgts, m.ce_chunk, dtype, weights)
+      ce_total, ces = fused_cross_entropy_loss(hs, w, tgts, m.ce_chunk, dtype, weights,
+                                               m.ce_logits)
     else:
-      ces = chunked_cross_entropies(hs, w, tgts, m.ce_chunk, dtype)
+      ces = chunked_cross_entropies(hs, w, tgts, m.ce_chunk, dtype, m.ce_logits)
       ce_total = ces[0] + (m.mtp.weight * ces[1] if with_mtp else 0.0)
   ce_next = ces[0]
   if with_mtp:

@@ -94,6 +94,11 @@ FIELDS: tuple[Field, ...] = (
       when="!moe.enabled"),
     F("model.ce_chunk", 1024, "tokens per cross-entropy chunk (float32 logits exist for one "
       "chunk at a time)", check="size", resume=FREE),
+    F("model.ce_logits", "float32", "the dtype the head's logits GEMM writes: float32 | compute "
+      "(the compute dtype, rounded once from the float32 accumulation; the softmax still runs "
+      "in float32 on them, as in the reference's fused cross-entropy, and the head moves half "
+      "the bytes: docs/PERFORMANCE.md, session 18)", choices=("float32", "compute"),
+      resume=FREE),
     F("model.ce_impl", "fused", "the training loss's head: fused (each chunk's logit gradient "
       "and both gradient matmuls in the forward; the backward scales them) | recompute (the "
       "backward computes every chunk's logits again)", choices=("fused", "recompute"),

@@ -432,6 +432,11 @@ _HEAD_CE = Op(
             [h[:1], h[1:]], w, [tg[:1], tg[1:]], 16, weights=(0.5, 0.5))[0], ("b2_t37",)),
         "fused_chunk16_bf16": Impl(lambda h, w, tg: ce_api.fused_cross_entropy_loss(
             [h], w, [tg], 16, jnp.bfloat16)[0], ("b2_t37_bf16",)),
+        # model.ce_logits=compute: the logits GEMM writes bf16 (the reference's fused CE)
+        "fused_chunk16_bf16_logits": Impl(lambda h, w, tg: ce_api.fused_cross_entropy_loss(
+            [h], w, [tg], 16, jnp.bfloat16, logits="compute")[0], ("b2_t37_bf16",)),
+        "chunk16_bf16_logits": Impl(lambda h, w, tg: ce_api.chunked_cross_entropy(
+            h, w, tg, 16, jnp.bfloat16, "compute"), ("b2_t37_bf16",)),
     })
 
 

@@ -16,6 +16,26 @@ import jax
 import jax.numpy as jnp
 
 
+LOGITS = ("float32", "compute")
+
+
+def _check_logits(logits: str):
+  if logits not in LOGITS:
+    raise ValueError(f"head_ce: logits={logits!r} must be one of {list(LOGITS)} (the dtype the "
+                     f"logits GEMM writes: float32, or the compute dtype as the reference's "
+                     f"fused cross-entropy does).")
+
+
+def _chunk_logits(hd, wc, logits: str):
+  """One chunk's logits hd @ wc as float32 values. logits="compute": the GEMM writes them in
+  the compute dtype (accumulating in float32, rounded once) and the softmax reads them as
+  float32 (the reference's fused cross-entropy, lightninglm/kernels/triton_cross_entropy.py,
+  keeps bf16 logits the same way): half the bytes of the largest tensors of the head."""
+  if logits == "compute":
+    return jnp.einsum("btd,dv->btv", hd, wc).astype(jnp.float32)
+  return jnp.einsum("btd,dv->btv", hd, wc, preferred_element_type=jnp.float32)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def head_logits(h, w, dtype):
   """float32 logits h [B, t, d] @ w [d, V] with both operands in the compute dtype.
@@ -44,14 +64,15 @@ def _head_logits_bwd(dtype, res, g):
 head_logits.defvjp(_head_logits_fwd, _head_logits_bwd)
 
 
-def chunked_cross_entropy(h, w, targets, chunk_tokens: int, dtype=jnp.float32):
+def chunked_cross_entropy(h, w, targets, chunk_tokens: int, dtype=jnp.float32,
+                          logits: str = "float32"):
   """Mean CE of logits h @ w against targets, chunked over the sequence.
 
   The chunk holds `chunk_tokens` tokens of the whole traced batch (seq chunk of
   max(1, chunk_tokens // B) positions); forward and backward each recompute one chunk's
   float32 logits [B, chunk, V] at a time (see `chunked_cross_entropies`).
   """
-  return chunked_cross_entropies([h], w, [targets], chunk_tokens, dtype)[0]
+  return chunked_cross_entropies([h], w, [targets], chunk_tokens, dtype, logits)[0]
 
 
 def _stack_passes(hs, targets, chunk_tokens: int):
@@ -79,7 +100,8 @@ def _stack_passes(hs, targets, chunk_tokens: int):
   return hc_all, ts, p, b1, t
 
 
-def chunked_cross_entropies(hs, w, targets, chunk_tokens: int, dtype=jnp.float32):
+def chunked_cross_entropies(hs, w, targets, chunk_tokens: int, dtype=jnp.float32,
+                            logits: str = "float32"):
   """[mean CE of hs[i] @ w against targets[i] for each i], in ONE chunked scan.
 
   Several passes through the same head (the next-token and the MTP read-outs) share the scan,
@@ -91,13 +113,14 @@ def chunked_cross_entropies(hs, w, targets, chunk_tokens: int, dtype=jnp.float32
   which computes every chunk's logits again (see `fused_cross_entropy_loss` for the training
   loss, which does not).
   """
+  _check_logits(logits)
   hc_all, ts, p, b1, t = _stack_passes(hs, targets, chunk_tokens)
-  total = _chunk_sums(hc_all, w, ts, p, t, dtype)
+  total = _chunk_sums(hc_all, w, ts, p, t, dtype, logits)
   return [total[i] / (b1 * t) for i in range(p)]
 
 
 def fused_cross_entropy_loss(hs, w, targets, chunk_tokens: int, dtype=jnp.float32,
-                             weights=None):
+                             weights=None, logits: str = "float32"):
   """(sum_i weights[i] * mean CE of pass i, [mean CE of pass i]) with the gradient computed in
   the forward: the training loss's head (model.ce_impl=fused).
 
@@ -113,6 +136,7 @@ def fused_cross_entropy_loss(hs, w, targets, chunk_tokens: int, dtype=jnp.float3
   the summed dw is rounded to `dtype` (no-op in float32), as a compute-dtype weight's gradient
   is.
   """
+  _check_logits(logits)
   hc_all, ts, p, b1, t = _stack_passes(hs, targets, chunk_tokens)
   weights = (1.0,) * p if weights is None else tuple(float(x) for x in weights)
   if len(weights) != p:
@@ -125,7 +149,8 @@ def fused_cross_entropy_loss(hs, w, targets, chunk_tokens: int, dtype=jnp.float3
   # the head and the update, the whole backward, the gradient then takes half the memory: 1 GiB
   # less at the 131K x 4096 head.
   wc = w.astype(dtype)
-  loss, sums = _fused_sums(hc_all, wc, ts, tuple(x / (b1 * t) for x in weights), t, dtype)
+  loss, sums = _fused_sums(hc_all, wc, ts, tuple(x / (b1 * t) for x in weights), t, dtype,
+                           logits)
   sums = jax.lax.stop_gradient(sums)
   return loss, [sums[i] / (b1 * t) for i in range(p)]
 
@@ -135,23 +160,23 @@ def _chunk_mask(i, tc, t):
   return (i * tc + jnp.arange(tc) < t).astype(jnp.float32)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _chunk_sums(hc_all, w, ts, p, t, dtype):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _chunk_sums(hc_all, w, ts, p, t, dtype, logits="float32"):
   """[p] sums of CE over chunks hc_all [n, b, tc, d] (targets ts [n, b, tc]; the p passes
   stacked on b; positions >= t padding). w [d, V] is converted to `dtype` once in the forward
   and once in the backward, not per chunk; the backward reconverts it rather than keep a copy,
   rounds the logit cotangent to `dtype` before both matmuls and accumulates one float32 dw.
   """
-  return _chunk_sums_fwd(hc_all, w, ts, p, t, dtype)[0]
+  return _chunk_sums_fwd(hc_all, w, ts, p, t, dtype, logits)[0]
 
 
-def _chunk_sums_fwd(hc_all, w, ts, p, t, dtype):
+def _chunk_sums_fwd(hc_all, w, ts, p, t, dtype, logits="float32"):
   wc = w.astype(dtype)
   tc = hc_all.shape[2]
 
   def body(acc, xs):
     hc, tgt, i = xs
-    lg = jnp.einsum("btd,dv->btv", hc.astype(dtype), wc, preferred_element_type=jnp.float32)
+    lg = _chunk_logits(hc.astype(dtype), wc, logits)
     lse = jax.nn.logsumexp(lg, axis=-1)
     picked = jnp.take_along_axis(lg, tgt[..., None], axis=-1)[..., 0]
     ce = (lse - picked) * _chunk_mask(i, tc, t)
@@ -162,7 +187,7 @@ def _chunk_sums_fwd(hc_all, w, ts, p, t, dtype):
   return total, (hc_all, w, ts, lse)
 
 
-def _chunk_sums_bwd(p, t, dtype, res, g):
+def _chunk_sums_bwd(p, t, dtype, logits, res, g):
   hc_all, w, ts, lse_all = res
   # the barrier ties the conversion to the cotangent, so that it is not scheduled early nor
   # merged with the forward's into one [d, V] copy kept alive in between (XLA on CPU drops
@@ -176,7 +201,7 @@ def _chunk_sums_bwd(p, t, dtype, res, g):
   def body(dw, xs):
     hc, tgt, lse, i = xs
     hd = hc.astype(dtype)
-    lg = jnp.einsum("btd,dv->btv", hd, wc, preferred_element_type=jnp.float32)
+    lg = _chunk_logits(hd, wc, logits)
     sm = jnp.exp(lg - lse[..., None])
     scale = g_row * _chunk_mask(i, tc, t)                                # [b, tc]
     dl = jnp.where(vocab == tgt[..., None], sm - 1.0, sm) * scale[..., None]
@@ -193,17 +218,17 @@ def _chunk_sums_bwd(p, t, dtype, res, g):
 _chunk_sums.defvjp(_chunk_sums_fwd, _chunk_sums_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _fused_sums(hc_all, w, ts, coef, t, dtype):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _fused_sums(hc_all, w, ts, coef, t, dtype, logits="float32"):
   """(sum_p coef[p] * CE sum of pass p, [p] CE sums) over chunks hc_all [n, b, tc, d] (see
   fused_cross_entropy_loss); the custom VJP's residuals are the gradients themselves. Called
   without differentiation (evaluation) it runs the forward alone, without the gradient
   matmuls."""
-  sums = _chunk_sums_fwd(hc_all, w, ts, len(coef), t, dtype)[0]
+  sums = _chunk_sums_fwd(hc_all, w, ts, len(coef), t, dtype, logits)[0]
   return jnp.sum(jnp.asarray(coef, jnp.float32) * sums), sums
 
 
-def _fused_sums_fwd(hc_all, w, ts, coef, t, dtype):
+def _fused_sums_fwd(hc_all, w, ts, coef, t, dtype, logits="float32"):
   wc = w.astype(dtype)
   n, b, tc, _ = hc_all.shape
   p = len(coef)
@@ -213,7 +238,7 @@ def _fused_sums_fwd(hc_all, w, ts, coef, t, dtype):
   def chunk(hc, tgt, i):
     """chunk i's (CE sums per pass, dw part in float32, dh)."""
     hd = hc.astype(dtype)
-    lg = jnp.einsum("btd,dv->btv", hd, wc, preferred_element_type=jnp.float32)
+    lg = _chunk_logits(hd, wc, logits)
     lse = jax.nn.logsumexp(lg, axis=-1)
     picked = jnp.take_along_axis(lg, tgt[..., None], axis=-1)[..., 0]
     mask = _chunk_mask(i, tc, t)
@@ -245,7 +270,7 @@ def _fused_sums_fwd(hc_all, w, ts, coef, t, dtype):
   return (loss, sums), (dh, jax.lax.optimization_barrier(dw.astype(w.dtype)))
 
 
-def _fused_sums_bwd(coef, t, dtype, res, g):
+def _fused_sums_bwd(coef, t, dtype, logits, res, g):
   # g[1], the per-pass sums' cotangent, is zero: fused_cross_entropy_loss stops their gradient
   dh, dw = res
   gl = g[0].astype(jnp.float32)
