@@ -9,8 +9,6 @@ kernel runs per device (`sharded`).
 """
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 
@@ -22,66 +20,25 @@ IMPLS = ("auto", "rolled", "kernel")
 _FALLBACK_LOGGED = set()
 
 
-def _round(m, eps):
-  """One Sinkhorn round: rows, then columns, normalised."""
-  m = m / (jnp.sum(m, axis=-1, keepdims=True) + eps)
-  return m / (jnp.sum(m, axis=-2, keepdims=True) + eps)
-
-
 def rolled(logits, iters: int = 20, eps: float = 1e-6, unroll: int = 1):
   """[..., n, n] logits -> doubly stochastic [..., n, n] (float32), the rounds in a rolled loop,
-  `unroll` rounds to a trip (the same arithmetic in the same order for any unroll).
-
-  The gradient is `_rolled`'s custom VJP: the forward keeps each round's input in one float32
-  [iters, ..., n, n] stack and the backward runs the rounds' VJPs in reverse, recomputing each
-  round's sums from its input. Autodiff through the loop kept four stacks (the matrix before
-  each half-round and both sums) and started each from a zero array that XLA shared between
-  the loops and copied into every one of them; on an H100 those device-to-device copies ran at
-  about 100 GB/s and took 19.8 ms of stage_2b's B4 step (docs/PERFORMANCE.md, session 18).
-  """
+  `unroll` rounds to a trip (the same arithmetic in the same order for any unroll)."""
   if int(unroll) < 1:
     raise ValueError(f"sinkhorn: unroll={unroll!r} must be a whole number of rounds >= 1.")
-  if int(iters) < 0:
-    raise ValueError(f"sinkhorn: iters={iters!r} must be an integer >= 0.")
-  return _rolled(logits.astype(jnp.float32), int(iters), float(eps),
-                 min(int(unroll), max(int(iters), 1)))
+  x = logits.astype(jnp.float32)
+  m = jnp.exp(x - jax.lax.stop_gradient(jnp.max(x, axis=-1, keepdims=True)))
 
+  def body(_, m):
+    m = m / (jnp.sum(m, axis=-1, keepdims=True) + eps)
+    return m / (jnp.sum(m, axis=-2, keepdims=True) + eps)
 
-# A rolled loop, not an unrolled one: unrolled, the 20 rounds' backward becomes ~100 separate
-# small reductions per call (x2 per layer); on GPU every one is a kernel to compile, and the
-# tiny model's training step did not finish compiling in 4 minutes (47 s rolled; PERFORMANCE.md).
-# A few rounds to a trip, though: XLA copies the carried [..., n, n] matrix once per trip (the
-# normalisation cannot write over its own input), and on stage_2b's step those copies were 738
-# device-to-device memcpys per step at 1 round a trip (PERFORMANCE.md, session 18).
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
-def _rolled(x, iters, eps, unroll):
-  return _rolled_fwd(x, iters, eps, unroll)[0]
-
-
-def _rolled_fwd(x, iters, eps, unroll):
-  m0 = jnp.exp(x - jnp.max(x, axis=-1, keepdims=True))    # the max is a constant (no gradient)
-  # slot i: the matrix entering round i. The stack starts as copies of m0 (slot 0 is m0), written
-  # by a fusion of this call's own, not from a shared zero array that XLA would copy in.
-  stack = jnp.broadcast_to(m0, (max(iters, 1),) + m0.shape)
-
-  def body(i, carry):
-    m, st = carry
-    return _round(m, eps), jax.lax.dynamic_update_index_in_dim(st, m, i, 0)
-
-  m, stack = jax.lax.fori_loop(0, iters, body, (m0, stack), unroll=unroll)
-  return m, stack
-
-
-def _rolled_bwd(iters, eps, unroll, stack, g):
-  def body(j, g):
-    m_in = jax.lax.dynamic_index_in_dim(stack, iters - 1 - j, 0, keepdims=False)
-    return jax.vjp(lambda m: _round(m, eps), m_in)[1](g)[0]
-
-  g = jax.lax.fori_loop(0, iters, body, g.astype(jnp.float32), unroll=unroll)
-  return (g * stack[0],)                                    # d exp(x - c) = exp(x - c) dx
-
-
-_rolled.defvjp(_rolled_fwd, _rolled_bwd)
+  # A rolled loop, not an unrolled one: unrolled, the 20 rounds' backward becomes ~100 separate
+  # small reductions per call (x2 per layer); on GPU every one is a kernel to compile, and the
+  # tiny model's training step did not finish compiling in 4 minutes (47 s rolled; PERFORMANCE.md).
+  # A few rounds to a trip, though: XLA copies the carried [..., n, n] matrix once per trip (the
+  # normalisation cannot write over its own input), and on stage_2b's step those copies were 738
+  # device-to-device memcpys per step at 1 round a trip (PERFORMANCE.md, session 18).
+  return jax.lax.fori_loop(0, iters, body, m, unroll=min(int(unroll), max(int(iters), 1)))
 
 
 def sharded(fn, logits):
