@@ -16,6 +16,7 @@ HLO category / a long name when the trace carries one.
 """
 from __future__ import annotations
 
+import bisect
 import collections
 import glob
 import gzip
@@ -66,7 +67,9 @@ def _pick_lines(events, procs, threads):
 
 
 # kernel families by name (GPU stream lines; on CPU the HLO op names fall into the XLA rows)
+COPY_STREAM = " [copy stream]"     # suffix of events on a stream that only copies (see op_table)
 FAMILIES = (
+    ("async copies on copy streams", re.compile(re.escape(COPY_STREAM) + "$")),
     ("XLA Triton GEMM fusions", re.compile(r"^(gemm_fusion|triton_gemm|cutlass_gemm_fusion)")),
     ("cuBLAS GEMMs", re.compile(r"nvjet|xmma_gemm|cublas|cutlass|^sm\d+_.*gemm", re.I)),
     ("cuDNN attention", re.compile(r"cudnn|sdpa|flash", re.I)),
@@ -104,12 +107,49 @@ def family_table(rows: list[dict]) -> list[dict]:
   return sorted(out, key=lambda r: -r["ms"])
 
 
+def _copy_only(thread_name: str) -> bool:
+  """A CUDA stream line that carries copies and nothing else, e.g. 'Stream #71(MemcpyD2D)' (the
+  compute stream reads 'Stream #14(MemcpyD2D,Compute,Memset)')."""
+  m = re.search(r"stream.*\((.*)\)", thread_name, re.I)
+  return bool(m) and all(k.strip().lower().startswith("memcpy") for k in m.group(1).split(","))
+
+
+def _merged(intervals):
+  out = []
+  for a, b in sorted(intervals):
+    if out and a <= out[-1][1]:
+      out[-1][1] = max(out[-1][1], b)
+    else:
+      out.append([a, b])
+  return out
+
+
+def _overlap_us(intervals, merged) -> float:
+  """Total time of `intervals` that falls inside the disjoint sorted `merged` ones."""
+  starts = [m[0] for m in merged]
+  total = 0.0
+  for a, b in intervals:
+    i = max(bisect.bisect_right(starts, a) - 1, 0)
+    while i < len(merged) and merged[i][0] < b:
+      total += max(0.0, min(b, merged[i][1]) - max(a, merged[i][0]))
+      i += 1
+  return total
+
+
 def op_table(trace_path: str, n_calls: int = 1, top: int = 25) -> tuple[list[dict], dict]:
-  """(rows sorted by total time, info) from one Perfetto trace JSON (optionally .gz)."""
+  """(rows sorted by total time, info) from one Perfetto trace JSON (optionally .gz).
+
+  On GPU stream lines, XLA runs some copies (dynamic slices of the scans' stacked operands) on
+  streams of their own, beside the compute stream. Their events are named with COPY_STREAM
+  appended and form their own family; info["copy_streams"] says how much of their time the
+  compute stream spent running kernels anyway, since only the rest can delay the step (session
+  18 read 20 ms of such copies at stage_2b B4 as step time: docs/PERFORMANCE.md)."""
   data = _load(trace_path)
   events = data["traceEvents"] if isinstance(data, dict) else data
   procs, threads = _names(events)
   lines, how = _pick_lines(events, procs, threads)
+  copy_lines = {k for k in lines if how.startswith("device stream") and _copy_only(threads[k])}
+  copies, compute = [], []
   acc = collections.defaultdict(lambda: [0, 0.0, ""])
   span = [float("inf"), 0.0]
   short = 0                                      # launches under 5 us
@@ -117,6 +157,11 @@ def op_table(trace_path: str, n_calls: int = 1, top: int = 25) -> tuple[list[dic
     if ev.get("ph") != "X" or (ev.get("pid"), ev.get("tid")) not in lines:
       continue
     name = str(ev.get("name", "?"))
+    if (ev.get("pid"), ev.get("tid")) in copy_lines:
+      name += COPY_STREAM
+      copies.append((float(ev.get("ts", 0.0)), float(ev.get("ts", 0.0)) + float(ev.get("dur", 0.0))))
+    elif copy_lines:
+      compute.append((float(ev.get("ts", 0.0)), float(ev.get("ts", 0.0)) + float(ev.get("dur", 0.0))))
     if how.startswith("host") and (name.startswith(("$", "end: ", "ThreadpoolListener",
                                                     "PjitFunction")) or "ThunkExecutor" in name):
       continue                                   # Python frames and executor wrappers
@@ -139,6 +184,12 @@ def op_table(trace_path: str, n_calls: int = 1, top: int = 25) -> tuple[list[dic
           "span_ms_per_call": (span[1] - span[0]) / 1e3 / n_calls if acc else 0.0,
           "trace": trace_path, "families": family_table(rows),
           "calls_per_call": sum(r["calls"] for r in rows), "calls_under_5us": short / n_calls}
+  if copy_lines:
+    merged = _merged(compute)
+    info["copy_streams"] = {
+        "lines": len(copy_lines), "ms": sum(b - a for a, b in copies) / 1e3 / n_calls,
+        "ms_beside_kernels": _overlap_us(copies, merged) / 1e3 / n_calls,
+        "compute_lines_busy_ms": sum(b - a for a, b in merged) / 1e3 / n_calls}
   return rows[:top], info
 
 
@@ -172,6 +223,11 @@ def format_table(rows: list[dict], info: dict, title: str = "") -> str:
   for i, r in enumerate(rows, 1):
     det = f"  [{r['detail']}]" if r["detail"] else ""
     out.append(f"{i:>3} {r['ms']:9.3f} {r['share'] * 100:5.1f}% {r['calls']:7.0f}  {r['name']}{det}")
+  cs = info.get("copy_streams")
+  if cs:
+    out.append(f"copies on {cs['lines']} copy streams: {cs['ms']:.2f} ms, {cs['ms_beside_kernels']:.2f} "
+               f"ms of it while the other streams ran kernels (busy {cs['compute_lines_busy_ms']:.1f} "
+               f"ms): op time counts them as if serial")
   if info.get("families"):
     out.append(f"by family ({info['calls_per_call']:,.0f} launches, "
                f"{info['calls_under_5us']:,.0f} under 5 us):")

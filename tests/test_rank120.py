@@ -64,6 +64,39 @@ def test_kernel_families_by_name():
       (pt.OTHER_FAMILY, 12.0, 1, 1, 0.75), ("cuBLAS GEMMs", 4.0, 3, 2, 0.25)]
 
 
+def test_copies_on_their_own_streams_are_told_apart(tmp_path):
+  """A trace whose copies run on a copy-only CUDA stream: their rows and family are marked, and
+  info says how much of their time overlapped kernels on the compute stream (op time alone
+  counts them as if they ran in series)."""
+  import gzip
+  import json
+  from benchmarks import profile_table as pt
+  meta = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+          {"ph": "M", "name": "thread_name", "pid": 1, "tid": 14,
+           "args": {"name": "Stream #14(MemcpyD2D,Compute,Memset)"}},
+          {"ph": "M", "name": "thread_name", "pid": 1, "tid": 71,
+           "args": {"name": "Stream #71(MemcpyD2D)"}}]
+  x = lambda tid, name, ts, dur: {"ph": "X", "pid": 1, "tid": tid, "name": name, "ts": ts,
+                                  "dur": dur}
+  ev = meta + [x(14, "nvjet_a", 0, 10), x(14, "MemcpyD2D", 12, 2), x(14, "nvjet_a", 20, 10),
+               x(71, "MemcpyD2D", 5, 20), x(71, "MemcpyD2D", 40, 10)]
+  path = tmp_path / "t.json.gz"
+  with gzip.open(path, "wt") as f:
+    json.dump({"traceEvents": ev}, f)
+  rows, info = pt.op_table(str(path), 1, 10)
+  by = {r["name"]: r for r in rows}
+  assert by["MemcpyD2D" + pt.COPY_STREAM]["calls"] == 2 and by["MemcpyD2D"]["calls"] == 1
+  cs = info["copy_streams"]
+  assert cs["lines"] == 1 and cs["ms"] == pytest.approx(0.030)
+  # [5, 25] meets the compute stream's [0, 10], [12, 14] and [20, 30]: 5 + 2 + 5 us
+  assert cs["ms_beside_kernels"] == pytest.approx(0.012)
+  assert cs["compute_lines_busy_ms"] == pytest.approx(0.022)
+  fams = {f["family"]: f["ms"] for f in info["families"]}
+  assert fams["async copies on copy streams"] == pytest.approx(0.030)
+  assert fams["memcpy / memset"] == pytest.approx(0.002)
+  assert "copies on 1 copy streams: 0.03 ms, 0.01 ms of it" in pt.format_table(rows, info)
+
+
 def test_largest_fitting_micro_batch():
   plans = [{"batch": 1, "total": 60e9}, {"batch": 2, "total": 80e9}]
   assert rank120.largest_fitting(plans, 1.0, 141e9)["batch"] == 5     # 80 + 20 x 3 = 140 GB
