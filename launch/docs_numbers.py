@@ -177,12 +177,12 @@ def step2b_table() -> str:
       ours = f"did not run: {x.get('error', 'no result')}"
       ratio = mem = "—"
     else:
-      ours = (f"{x['step_ms']:,.1f} / {x['tokens_per_s']:,.0f} / {x['peak_gib']:.1f} GiB / "
-              f"{x['mfu']:.1%}")
+      peak = f"{x['peak_gib']:.1f} GiB" if x.get("peak_gib") is not None else "peak not read"
+      ours = f"{x['step_ms']:,.1f} / {x['tokens_per_s']:,.0f} / {peak} / {x['mfu']:.1%}"
       ratio = f"{x['tokens_per_s'] / ref[1]:.2f}x" if ref else "—"
       if ref and card != "H200":       # a speed ratio across two kinds of card says so
         ratio += f" ({card} vs H200)"
-      mem = f"{x['peak_gib'] / ref[2]:.2f}x" if ref else "—"
+      mem = f"{x['peak_gib'] / ref[2]:.2f}x" if ref and x.get("peak_gib") is not None else "—"
     refs = f"{ref[0]:,.1f} / {ref[1]:,} / {ref[2]} GiB" if ref else "—"
     how = f"{x.get('commit', r['commit'])}, {x.get('settings', 'the default')}"
     rows.append(f"| {x['batch']} | {card} | {how} | {ours} | {refs} | {ratio} | {mem} |")
@@ -208,6 +208,12 @@ def step2b_profile() -> str:
   for i, x in enumerate(r["profile"][:25], 1):
     rows.append(f"| {i} | `{x['name'][:70]}` | {x['ms']:.2f} | {x['share']:.1%} | "
                 f"{x['calls']:.0f} |")
+  cs = info.get("copy_streams")
+  if cs:
+    rows.append(f"\nRows marked `[copy stream]` ran on {cs['lines']} copy-only CUDA streams beside "
+                f"the compute stream: {cs['ms']:.2f} ms in all, {cs['ms_beside_kernels']:.2f} ms of "
+                f"it while kernels ran there; the compute stream was busy "
+                f"{cs['compute_lines_busy_ms']:.1f} ms.")
   return "\n" + "\n".join(rows) + "\n"
 
 
