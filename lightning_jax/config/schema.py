@@ -169,14 +169,15 @@ FIELDS: tuple[Field, ...] = (
       "docs/PERFORMANCE.md, session 17) | auto (the kernel on GPU, else rolled)",
       choices=("rolled", "kernel", "auto"), resume=FREE),
     F("model.hc.sinkhorn_unroll", 1, "rounds to a trip of the rolled Sinkhorn loop: XLA copies "
-      "the carried matrices once a trip (stage_2b's B1 step: 902 device-to-device copies at 1, "
-      "326 at 5 with the same plan; at 20 the plan grows 1.7 GiB). stage_2b sets 5; 1 here "
+      "the carried matrices once a trip (stage_2b's B1 step compiled for an H100: 902 copies at 1, "
+      "325 at 5 with the same plan; at 20 the plan grows 1.7 GiB). stage_2b sets 5; 1 here "
       "keeps the CPU compiles short (+10% at 5). The result is the same to rounding "
       "(docs/PERFORMANCE.md, session 18).", check="size", resume=FREE),
     F("model.hc.pre", "autodiff", "how pre() reads the streams in: autodiff (JAX's backward) | "
       "fused (the same forward with a written-out backward that reads the state three times; "
       "compiled for an H100 it moves 6.8 GB less per group of 120B rank layers and plans 0.34 GB "
-      "more; not yet timed, docs/PERFORMANCE.md)",
+      "more; timed on stage_2b in session 18 it was slower: B4 +50.7 ms, B1 +11.0 ms on an "
+      "H100, docs/PERFORMANCE.md)",
       choices=("autodiff", "fused"), resume=FREE),
     F("model.hc.mix", "elementwise", "how post() mixes the streams, H_res @ x: elementwise (S "
       "broadcast products summed in float32: one pass over the state) | einsum (a batched "

@@ -36,8 +36,8 @@ def rolled(logits, iters: int = 20, eps: float = 1e-6, unroll: int = 1):
   # small reductions per call (x2 per layer); on GPU every one is a kernel to compile, and the
   # tiny model's training step did not finish compiling in 4 minutes (47 s rolled; PERFORMANCE.md).
   # A few rounds to a trip, though: XLA copies the carried [..., n, n] matrix once per trip (the
-  # normalisation cannot write over its own input), and on stage_2b's step those copies were 738
-  # device-to-device memcpys per step at 1 round a trip (PERFORMANCE.md, session 18).
+  # normalisation cannot write over its own input): 738 copies per stage_2b B1 step at 1 round a
+  # trip, each a memcpy launch on the compute stream (PERFORMANCE.md, session 18).
   return jax.lax.fori_loop(0, iters, body, m, unroll=min(int(unroll), max(int(iters), 1)))
 
 
