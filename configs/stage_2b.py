@@ -25,7 +25,7 @@ def get_config(phase=None):
   # (docs/PERFORMANCE.md, "Session 17")
   c.model.ce_chunk = 4096
   # five Sinkhorn rounds to a trip of the rolled loop: XLA copies the carried matrices once a
-  # trip, 902 copies per B1 step at 1 round, 326 at 5, with the same plan (docs/PERFORMANCE.md,
+  # trip, 902 copies per B1 step at 1 round, 325 at 5, with the same plan (docs/PERFORMANCE.md,
   # "Session 18")
   c.model.hc.sinkhorn_unroll = 5
   # the head's logits GEMM writes bf16, as the reference's fused cross-entropy keeps them; the

@@ -22,7 +22,8 @@ _FALLBACK_LOGGED = set()
 
 def rolled(logits, iters: int = 20, eps: float = 1e-6, unroll: int = 1):
   """[..., n, n] logits -> doubly stochastic [..., n, n] (float32), the rounds in a rolled loop,
-  `unroll` rounds to a trip (the same arithmetic in the same order for any unroll)."""
+  `unroll` rounds to a trip (the same rounds in the same order for any unroll; XLA may fuse them
+  differently, so results agree to float32 rounding)."""
   if int(unroll) < 1:
     raise ValueError(f"sinkhorn: unroll={unroll!r} must be a whole number of rounds >= 1.")
   x = logits.astype(jnp.float32)
