@@ -15,7 +15,9 @@ The record: device, date, commit; rows [{batch (sequences per device), seq, n_de
 tokens_per_s, peak_gib, mfu, command}] (an out-of-memory batch has `error` and `asks_gib` instead); delta_rule {shape,
 fwd_ms, fwdbwd_ms (one call, waited for), fwd_queued_ms, fwdbwd_queued_ms (calls queued back to
 back, as triton's do_bench times FLA), fwd_kernel_ms, fwdbwd_kernel_ms (the profile's kernel time
-per call), command, profile_fwd, profile_fwdbwd (top 12 kernels of each)}; profile (the first batch's top 25 ops).
+per call), command, profile_fwd, profile_fwdbwd (top 12 kernels of each)}; profile (the first batch's top 25 ops);
+complete (False while batches or the delta rule are still to come: --json is rewritten after
+every batch, so a run ended early keeps the batches it measured).
 """
 from __future__ import annotations
 
@@ -165,23 +167,25 @@ def main(argv=None) -> dict:
          "mem_fraction": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "default (0.75 on GPU)"),
          # the XLA flags every step ran with (e.g. the autotuner's split-K off: PERFORMANCE.md)
          "xla_flags": os.environ.get("XLA_FLAGS", "")}
+  # Each batch's line is printed, and the record written, as soon as that batch is measured: a
+  # call whose time limit ends the process keeps what it had (session 18 lost a whole H200 call
+  # that way). "complete" is False until the delta rule, when asked for, is in.
+  rec["rows"], rec["complete"] = [], False
   with tempfile.TemporaryDirectory() as tmp:
-    rec["rows"] = [step_row(a.config, bb, a.seq, a.steps, a.set, i == 0, tmp)
-                   for i, bb in enumerate(batches)]
-  rec["profile"] = rec["rows"][0].pop("profile", [])
-  rec["profile_info"] = rec["rows"][0].pop("profile_info", {})
+    for i, bb in enumerate(batches):
+      r = step_row(a.config, bb, a.seq, a.steps, a.set, i == 0, tmp)
+      if i == 0:
+        rec["profile"] = r.pop("profile", [])
+        rec["profile_info"] = r.pop("profile_info", {})
+      rec["rows"].append(r)
+      print(row_line(r), flush=True)
+      _write(rec, a.json)
   if not a.no_delta:
     rec["delta_rule"] = {**delta_rule(b, t, h, d, a.iters, a.set),
                          "command": "python -m benchmarks.step2b --delta_shape "
                                     f"{a.delta_shape} --iters {a.iters}"
                                     + "".join(f" --set {x}" for x in a.set)}
-  for r in rec["rows"]:
-    if "error" in r:
-      print(f"B{r['batch']} x T{r['seq']}: {r['error']}"
-            + (f" (asks {r['asks_gib']:.1f} GiB)" if r["asks_gib"] is not None else ""))
-    else:
-      print(f"B{r['batch']} x T{r['seq']}: {r['step_ms']:.1f} ms, {r['tokens_per_s']:,.0f} "
-            f"tokens/s, peak {r['peak_gib']:.2f} GiB, MFU {r['mfu'] * 100:.1f}%")
+  rec["complete"] = True
   dr = rec.get("delta_rule")
   if dr:
     print(f"delta rule {dr['shape']} ({dr['impl']}): forward {dr['fwd_ms']:.2f} ms, forward + "
@@ -191,11 +195,28 @@ def main(argv=None) -> dict:
     for name in ("fwd", "fwdbwd"):
       for row in dr[f"profile_{name}"]:
         print(f"  {name:6s} {row['name'][:60]:60s} {row['calls']:5.0f} {row['ms']:8.3f} ms")
-  if a.json:
-    os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
-    with open(a.json, "w") as f:
-      json.dump(rec, f, indent=1, default=float)
+  _write(rec, a.json)
   return rec
+
+
+def row_line(r: dict) -> str:
+  """One batch's summary line."""
+  if "error" in r:
+    return (f"B{r['batch']} x T{r['seq']}: {r['error']}"
+            + (f" (asks {r['asks_gib']:.1f} GiB)" if r.get("asks_gib") is not None else ""))
+  return (f"B{r['batch']} x T{r['seq']}: {r['step_ms']:.1f} ms, {r['tokens_per_s']:,.0f} "
+          f"tokens/s, peak {r['peak_gib']:.2f} GiB, MFU {r['mfu'] * 100:.1f}%")
+
+
+def _write(rec: dict, path: str):
+  """The record as JSON at `path` (nothing when empty), replaced in one rename."""
+  if not path:
+    return
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = f"{path}.tmp"
+  with open(tmp, "w") as f:
+    json.dump(rec, f, indent=1, default=float)
+  os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ def test_step2b_tiny_writes_the_record(tmp_path):
   assert json.loads(out.read_text()) == json.loads(json.dumps(rec, default=float))
   for k in ("device", "date", "commit", "rows", "delta_rule"):
     assert k in rec, k
+  assert rec["complete"] is True
   assert rec["xla_flags"] == os.environ.get("XLA_FLAGS", "")    # conftest's test flags
   assert "--xla_force_host_platform_device_count=8" in rec["xla_flags"]
   (row,) = rec["rows"]
@@ -35,6 +36,35 @@ def test_step2b_tiny_writes_the_record(tmp_path):
     assert dr[f"{name}_queued_ms"] > 0 and dr[f"{name}_kernel_ms"] > 0, name
   for name in ("profile_fwd", "profile_fwdbwd"):     # the delta rule's own per-kernel table
     assert 0 < len(dr[name]) <= 12 and all(r["ms"] > 0 for r in dr[name]), name
+
+
+def test_a_run_ended_early_keeps_the_batches_it_measured(tmp_path, monkeypatch, capsys):
+  """--json is written after every batch, marked incomplete until the end: a run stopped during
+  the delta rule (here: it raises) leaves the measured batch and its line behind."""
+  out = tmp_path / "step2b.json"
+  seen = []
+
+  def measured(cfg, batch, seq, steps, sets, profile, tmp):   # stands in for a step's process
+    seen.append(json.loads(out.read_text())["rows"] if out.exists() else None)
+    return {"batch": batch, "seq": seq, "step_ms": 10.0 * batch, "tokens_per_s": 100.0,
+            "peak_gib": 1.0, "mfu": 0.1, "profile": [{"name": "k", "ms": 1.0}] if profile else [],
+            "profile_info": {"op_ms_per_call": 1.0}}
+
+  def stopped(*args, **kw):
+    raise KeyboardInterrupt("the call's time limit")
+
+  monkeypatch.setattr(step2b, "step_row", measured)
+  monkeypatch.setattr(step2b, "delta_rule", stopped)
+  with pytest.raises(KeyboardInterrupt):
+    step2b.main(["--batches", "1,2", "--json", str(out)])
+  assert seen[0] is None and [r["batch"] for r in seen[1]] == [1]    # written after batch 1
+  rec = json.loads(out.read_text())
+  assert rec["complete"] is False and "delta_rule" not in rec
+  assert [r["step_ms"] for r in rec["rows"]] == [10.0, 20.0]
+  assert rec["profile"] == [{"name": "k", "ms": 1.0}] and "profile" not in rec["rows"][0]
+  printed = capsys.readouterr().out
+  assert all(step2b.row_line(r) in printed for r in rec["rows"])
+  assert not (tmp_path / "step2b.json.tmp").exists()
 
 
 def test_a_failing_batch_is_a_row_and_oom_sizes_are_read(tmp_path):
