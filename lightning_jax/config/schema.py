@@ -96,8 +96,9 @@ FIELDS: tuple[Field, ...] = (
       "chunk at a time)", check="size", resume=FREE),
     F("model.ce_logits", "float32", "the dtype the head's logits GEMM writes: float32 | compute "
       "(the compute dtype, rounded once from the float32 accumulation; the softmax still runs "
-      "in float32 on them, as in the reference's fused cross-entropy, and the head moves half "
-      "the bytes: docs/PERFORMANCE.md, session 18)", choices=("float32", "compute"),
+      "in float32 on them, as in the reference's fused cross-entropy; the logits take half the "
+      "bytes: stage_2b's head moves 32.6 GB per B1 step instead of 41.2, -0.5 ms at B1 and -2.4 "
+      "ms at B4 on an H100, docs/PERFORMANCE.md, session 18)", choices=("float32", "compute"),
       resume=FREE),
     F("model.ce_impl", "fused", "the training loss's head: fused (each chunk's logit gradient "
       "and both gradient matmuls in the forward; the backward scales them) | recompute (the "
