@@ -136,6 +136,22 @@ DELTA_SETTINGS = [   # (label, DeltaRuleOptions fields, run at both shapes)
     ("prep_fwd fused, prep warps 8", dict(prep_fwd="fused", num_warps_prep_bwd=8), True),
     ("fwd_o split", dict(fwd_o="split"), True),
     ("dS BV 64 warps 8", dict(block_v_bwd=64, num_warps_bwd=8), False),
+    # session 19: the inverse's diagonal blocks by the power series; the inverse and W / Uv in
+    # one kernel; W / Uv from bf16 operands (FLA's choice)
+    ("inverse_diag series", dict(inverse_diag="series"), True),
+    ("prep_fwd split2", dict(prep_fwd="split2"), True),
+    ("wy_dtype dot", dict(wy_dtype="dot"), True),
+    ("split2 + series + wy dot", dict(prep_fwd="split2", inverse_diag="series",
+                                      wy_dtype="dot"), True),
+    ("split2 + series + wy dot, inverse 4 warps",
+     dict(prep_fwd="split2", inverse_diag="series", wy_dtype="dot", num_warps_inv=4), True),
+    # the lean primal's recurrence kernel (it makes P, Qg, Kd itself) at 8 warps / 32 state rows
+    ("split2 + series + wy dot, inverse 4 warps, fwd 8 warps",
+     dict(prep_fwd="split2", inverse_diag="series", wy_dtype="dot", num_warps_inv=4,
+          num_warps=8), True),
+    ("split2 + series + wy dot, inverse 4 warps, fwd BV 32",
+     dict(prep_fwd="split2", inverse_diag="series", wy_dtype="dot", num_warps_inv=4,
+          block_v=32), True),
 ]
 
 
@@ -347,6 +363,8 @@ def resources(small, triton_python):
         return o, vjp(o)
       n0 = len(seen)
       guarded(f"resources lower [{label}]", lambda f=f: lower_for_gpu(f, *args))
+      # the primal alone takes its own (lean) kernels
+      guarded(f"resources lower primal [{label}]", lambda rule=rule: lower_for_gpu(rule, *args))
       print(f"# {label}: {[os.path.basename(p) for p in seen[n0:]]}", flush=True)
   finally:
     reg.lowering.lower_jaxpr_to_triton_module = orig

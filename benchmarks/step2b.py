@@ -143,6 +143,9 @@ def main(argv=None) -> dict:
                   "(median reported).")
   ap.add_argument("--no_delta", action="store_true", help="Skip the delta rule's own timing "
                   "(a step-only run beside a full record).")
+  ap.add_argument("--delta_variant", action="append", default=[], help="'label:a.b=x,c.d=y': "
+                  "also time the delta rule with these overrides (on top of --set), in the same "
+                  "process, into the record's delta_variants (repeatable).")
   ap.add_argument("--set", action="append", default=[], help="section.field=value override "
                   "passed to every step run (repeatable).")
   ap.add_argument("--tiny", action="store_true", help="configs/tiny.py at T=64, batch 1, one "
@@ -185,6 +188,18 @@ def main(argv=None) -> dict:
                          "command": "python -m benchmarks.step2b --delta_shape "
                                     f"{a.delta_shape} --iters {a.iters}"
                                     + "".join(f" --set {x}" for x in a.set)}
+  if a.delta_variant:
+    rec["delta_variants"] = []
+  for spec in a.delta_variant:
+    label, _, sets = spec.partition(":")
+    extra = [x for x in sets.split(",") if x.strip()]
+    try:
+      dv = delta_rule(b, t, h, d, a.iters, list(a.set) + extra)
+    except Exception as e:  # noqa: BLE001 (one variant failing must not lose the others)
+      dv = {"error": f"{type(e).__name__}: {e}"[:1500]}
+    rec["delta_variants"].append({"label": label, "sets": extra, **dv})
+    print(variant_line(rec["delta_variants"][-1]), flush=True)
+    _write(rec, a.json)
   rec["complete"] = True
   dr = rec.get("delta_rule")
   if dr:
@@ -197,6 +212,18 @@ def main(argv=None) -> dict:
         print(f"  {name:6s} {row['name'][:60]:60s} {row['calls']:5.0f} {row['ms']:8.3f} ms")
   _write(rec, a.json)
   return rec
+
+
+def variant_line(v: dict) -> str:
+  """One delta-rule variant's summary line, with its kernels by name."""
+  if "error" in v:
+    return f"delta variant {v['label']}: {v['error']}"
+  kern = lambda name: ", ".join(f"{r['name'][:28]} {r['ms']:.3f}" for r in v[f"profile_{name}"]
+                                if not r["name"].startswith(("copy", "Memcpy")))
+  return (f"delta variant {v['label']}: forward {v['fwd_queued_ms']:.3f} ms queued "
+          f"({v['fwd_kernel_ms']:.3f} kernels: {kern('fwd')}), forward + backward "
+          f"{v['fwdbwd_queued_ms']:.3f} ms queued ({v['fwdbwd_kernel_ms']:.3f} kernels: "
+          f"{kern('fwdbwd')})")
 
 
 def row_line(r: dict) -> str:

@@ -4,6 +4,7 @@ interpreter off GPU, and their CUDA lowering (Pallas -> Triton IR) is checked on
 Then what the ops' api adds: per-device runs under a mesh, the CPU fallback, bad options."""
 import logging
 import pathlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -76,6 +77,30 @@ def test_delta_rule_api_runs_the_kernels_per_device_under_a_mesh():
   o_r, s_r = jax.jit(delta_rule_op.recurrent)(*args)
   assert testing.rel_err(o, o_r) <= 1e-5, f"seed={seed} sharded output"
   assert testing.rel_err(s, s_r) <= 1e-5, f"seed={seed} sharded state"
+
+
+def test_delta_rule_kernels_undifferentiated_take_the_lean_path():
+  """Without a gradient the Pallas rule runs its lean path (the prep writes A, then W / Uv; the
+  recurrence kernel makes P, Qg, Kd from q, k and the decays and keeps no per-chunk states), and
+  it equals the token-by-token recurrence in float32 with an initial state and a padded tail;
+  so do the settings that keep the old primal (the fused prep; fwd_o split) and split2."""
+  seed = _seed()
+  q, k, v, la, be, s0 = testing.delta_inputs(np.random.default_rng(seed), 2, 100, 2, 16, 32)
+  o_r, s_r = jax.jit(delta_rule_op.recurrent)(q, k, v, la, be, s0)
+  for st, kernels in ((dict(), {"gdr_prep_a_only", "gdr_prep_inv", "gdr_prep_wy",
+                                "gdr_chunk_fwd_qk"}),
+                      (dict(prep_fwd="split2"), {"gdr_prep_a_only", "gdr_prep_inv_wy",
+                                                 "gdr_chunk_fwd_qk"}),
+                      (dict(prep_fwd="fused"), {"gdr_prep_fwd", "gdr_chunk_fwd"}),
+                      (dict(fwd_o="split"), {"gdr_prep_a", "gdr_prep_inv", "gdr_prep_wy",
+                                             "gdr_chunk_fwd_states", "gdr_chunk_fwd_out"})):
+    opts = delta_rule_op.DeltaRuleOptions(chunk=32, block_v=8, interpret=True, **st)
+    rule = lambda *a, opts=opts: delta_kernel.chunk_gated_delta_rule(*a, options=opts)
+    assert set(re.findall(r"gdr_[a-z_]+", str(jax.make_jaxpr(rule)(q, k, v, la, be, s0)))) \
+        == kernels, st
+    o, s = jax.jit(rule)(q, k, v, la, be, s0)
+    assert testing.rel_err(o, o_r) <= 1e-5, f"seed={seed} {st} output"
+    assert testing.rel_err(s, s_r) <= 1e-5, f"seed={seed} {st} final state"
 
 
 def test_attention_api_runs_the_kernels_per_device_under_a_mesh():

@@ -13,7 +13,9 @@ from lightning_jax.config import ConfigError
 
 def test_step2b_tiny_writes_the_record(tmp_path):
   out = tmp_path / "step2b.json"
-  rec = step2b.main(["--tiny", "--json", str(out)])
+  rec = step2b.main(["--tiny", "--json", str(out),
+                     "--delta_variant", "tf32_wy:model.deltanet.kernel.wy_dtype=float32",
+                     "--delta_variant", "bad:model.deltanet.no_such_option=1"])
   assert json.loads(out.read_text()) == json.loads(json.dumps(rec, default=float))
   for k in ("device", "date", "commit", "rows", "delta_rule"):
     assert k in rec, k
@@ -36,6 +38,12 @@ def test_step2b_tiny_writes_the_record(tmp_path):
     assert dr[f"{name}_queued_ms"] > 0 and dr[f"{name}_kernel_ms"] > 0, name
   for name in ("profile_fwd", "profile_fwdbwd"):     # the delta rule's own per-kernel table
     assert 0 < len(dr[name]) <= 12 and all(r["ms"] > 0 for r in dr[name]), name
+  # --delta_variant: the same timing under more overrides, each in the record; a bad one is an
+  # error row, not the end of the run
+  good, bad = rec["delta_variants"]
+  assert good["label"] == "tf32_wy" and good["sets"] == ["model.deltanet.kernel.wy_dtype=float32"]
+  assert good["fwd_queued_ms"] > 0 and good["fwdbwd_kernel_ms"] > 0 and "error" not in good
+  assert bad["label"] == "bad" and "no_such_option" in bad["error"]
 
 
 def test_a_run_ended_early_keeps_the_batches_it_measured(tmp_path, monkeypatch, capsys):

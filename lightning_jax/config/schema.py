@@ -126,8 +126,29 @@ FIELDS: tuple[Field, ...] = (
       choices=("xla", "pallas"), resume=FREE),
     F("model.deltanet.kernel.prep_fwd", "split", "kernel chunk prep's forward: split (three "
       "kernels: A, the inverse, W / Uv; 1.47 ms at B4 x T4096 on an H100) | fused (one kernel: "
-      "2.51 ms)", choices=("fused", "split"),
+      "2.51 ms) | split2 (two kernels: A, then the inverse with W / Uv; 0.49 ms for the second "
+      "against 0.43 for the split's two, H100)",
+      choices=("fused", "split", "split2"), resume=FREE),
+    F("model.deltanet.kernel.inverse_diag", "series", "kernel chunk prep's 16 x 16 diagonal "
+      "inverses: series (six float32 dots; the inverse kernel 0.18 ms at B4 x T4096 on an H100) "
+      "| substitution (row by row: 0.29 ms)", choices=("substitution", "series"), resume=FREE),
+    F("model.deltanet.kernel.wy_dtype", "dot", "kernel chunk prep's W / Uv dot operands: dot "
+      "(the dot dtype, bf16 in the model, as FLA; 0.25 ms at B4 x T4096 on an H100) | float32 "
+      "(TF32 on GPU: 0.46 ms)", choices=("float32", "dot"), resume=FREE),
+    F("model.deltanet.kernel.num_warps_prep", 8, "kernel chunk prep's forward warps (A; W / Uv)",
+      check="size", resume=FREE),
+    F("model.deltanet.kernel.num_warps_inv", 2, "kernel chunk prep's inverse warps (0: "
+      "num_warps_prep)", resume=FREE),
+    F("model.deltanet.kernel.num_warps_prep_bwd", 4, "kernel chunk prep's backward warps",
+      check="size", resume=FREE),
+    F("model.deltanet.kernel.block_v", 64, "kernel forward recurrence's value-block width",
+      check="size", resume=FREE),
+    F("model.deltanet.kernel.num_warps", 4, "kernel forward recurrence's warps", check="size",
       resume=FREE),
+    F("model.deltanet.kernel.block_k_grads", 32, "kernel per-chunk backward kernels' column "
+      "block", check="size", resume=FREE),
+    F("model.deltanet.kernel.num_warps_grads", 8, "kernel per-chunk gradient kernel's warps",
+      check="size", resume=FREE),
     F("model.deltanet.kernel.fwd_o", "fused", "kernel recurrence forward's outputs: fused (in "
       "the sequential kernel) | split (FLA's layout: a second kernel, parallel over chunks, "
       "from the saved states; 1.09 ms against the fused 0.91 ms at B4 x T4096 on an H100)", choices=("fused", "split"),

@@ -199,6 +199,14 @@ _DELTA = Op(
                                                              block_v=8, block_v_bwd=8,
                                                              block_k_grads=8)),
                                       ("b1_t100_dv16",)),
+        # the prep's forward as two kernels (A; the inverse with W / Uv), and the inverse's
+        # diagonal blocks by forward substitution (the default is the power series)
+        "kernel_c64_split2": Impl(_rule(DeltaRuleOptions(chunk=64, prep_fwd="split2", block_v=8,
+                                                         block_v_bwd=8, block_k_grads=8)),
+                                  ("b2_t100_dv32",)),
+        "kernel_c32_substitution": Impl(_rule(DeltaRuleOptions(
+            chunk=32, inverse_diag="substitution", wy_dtype="float32", block_v=8, block_v_bwd=8,
+            block_k_grads=8)), ("b1_t100_dv16",)),
         # the forward's outputs by a kernel parallel over chunks, from the saved states
         "kernel_c64_split_out": Impl(_rule(DeltaRuleOptions(chunk=64, fwd_o="split", block_v=8,
                                                             block_v_bwd=8, block_k_grads=8)),
@@ -217,9 +225,9 @@ def _xla_prep(q, k, v, la, b, chunk=64):
   return w, uv, p, qg, kd, jnp.broadcast_to(ge[..., None], ge.shape + (chunk,))
 
 
-def _pallas_prep(q, k, v, la, b, chunk=64, prep_fwd="split"):
+def _pallas_prep(q, k, v, la, b, chunk=64, prep_fwd="split", inverse_diag="series"):
   opts = DeltaRuleOptions(chunk=chunk, num_warps_prep=4, num_stages=1, block_k_grads=8,
-                          prep_fwd=prep_fwd)
+                          prep_fwd=prep_fwd, inverse_diag=inverse_diag)
   f32 = jnp.dtype(jnp.float32)
   plan = delta_kernel._Plan(opts, chunk, q.shape[2], f32, f32, f32, not on_gpu())
   return delta_kernel._prep_pallas(q, k, v, la, b, plan)
@@ -231,7 +239,10 @@ _DELTA_PREP = Op(
     cases={"t128_dv32": Case(lambda r: delta_inputs(r, 1, 128, 1, 16, 32)[:5], (0, 1, 2, 3, 4),
                              1e-5, 1e-5)},
     impls={"pallas": Impl(_pallas_prep, ("t128_dv32",)),
-           "pallas_fused": Impl(lambda *a: _pallas_prep(*a, prep_fwd="fused"), ("t128_dv32",))})
+           "pallas_fused": Impl(lambda *a: _pallas_prep(*a, prep_fwd="fused"), ("t128_dv32",)),
+           "pallas_split2_substitution": Impl(
+               lambda *a: _pallas_prep(*a, prep_fwd="split2", inverse_diag="substitution"),
+               ("t128_dv32",))})
 
 
 def _strict(shape):
@@ -552,16 +563,16 @@ def _fwd_bwd(rule, n):
   return f
 
 
-def _delta_lowering(**options):
+def _delta_lowering(primal=False, **options):
   """Every kernel of the default path (prep, recurrence, their backwards), bf16 inputs,
-  chunk 64, bf16 saved states."""
+  chunk 64, bf16 saved states; primal=True: the undifferentiated rule alone (its lean path)."""
   def build():
     q, k, v, la, b, _ = delta_inputs(np.random.default_rng(0), 1, 128, 2, 32, 32)
     q, k, v = (jnp.asarray(a, jnp.bfloat16) for a in (q, k, v))
     opts = DeltaRuleOptions(chunk=64, block_v=16, block_v_bwd=32, block_k_grads=16,
                             state_dtype="bfloat16", gpu_lowering=True, **options)
-    return _fwd_bwd(lambda *x: delta_kernel.chunk_gated_delta_rule(*x, options=opts)[0], 5), \
-        (q, k, v, la, b)
+    rule = lambda *x: delta_kernel.chunk_gated_delta_rule(*x, options=opts)[0]
+    return (rule if primal else _fwd_bwd(rule, 5)), (q, k, v, la, b)
   return build
 
 
@@ -627,6 +638,12 @@ LOWERINGS = {
                                                "gdr_chunk_bwd_grads", "gdr_prep_bwd")),
     "delta_rule.fused_prep": Lowering(_delta_lowering(prep_fwd="fused"),
                                       ("gdr_prep_fwd", "gdr_chunk_fwd", "gdr_prep_bwd")),
+    "delta_rule.split2": Lowering(_delta_lowering(prep_fwd="split2"),
+                                  ("gdr_prep_a", "gdr_prep_inv_wy", "gdr_chunk_fwd")),
+    # undifferentiated: the prep writes A, W, Uv; the recurrence makes P, Qg, Kd, keeps no states
+    "delta_rule.primal": Lowering(_delta_lowering(primal=True),
+                                  ("gdr_prep_a_only", "gdr_prep_inv", "gdr_prep_wy",
+                                   "gdr_chunk_fwd_qk")),
     "delta_rule.split_out": Lowering(_delta_lowering(fwd_o="split"),
                                      ("gdr_chunk_fwd_states", "gdr_chunk_fwd_out",
                                       "gdr_chunk_bwd_states")),

@@ -84,12 +84,16 @@ def _compiler_params(num_warps, num_stages, force=False):
 
 
 # ----------------------------------------------------------------------------- kernels
-def _fwd_kernel(w_ref, uv_ref, p_ref, qg_ref, kd_ref, ge_ref, s0_ref,
-                o_ref, hs_ref, sn_ref, *, n_chunks, dot_dtype):
+def _fwd_kernel(w_ref, uv_ref, p_ref, qg_ref, kd_ref, ge_ref, s0_ref, o_ref, *out_refs,
+                n_chunks, dot_dtype):
+  """out_refs: (hs, sn) when differentiated (the state entering every chunk, for the
+  backward), else (sn,): the primal writes no per-chunk states."""
   c = uv_ref.shape[1]
+  hs_ref, sn_ref = out_refs if len(out_refs) == 2 else (None, out_refs[0])
 
   def body(i, s):
-    hs_ref[i] = s.astype(hs_ref.dtype)
+    if hs_ref is not None:
+      hs_ref[i] = s.astype(hs_ref.dtype)
     u = uv_ref[i].astype(F32) - _dot(w_ref[i], s, _DN_T, dot_dtype)            # [C, BV]
     o = _dot(qg_ref[i], s, _DN_T, dot_dtype) + _dot(p_ref[i], u, _DN, dot_dtype)
     o_ref[pl.ds(i * c, c), :] = o.astype(o_ref.dtype)                          # [B, T, H, Dv]
@@ -97,6 +101,30 @@ def _fwd_kernel(w_ref, uv_ref, p_ref, qg_ref, kd_ref, ge_ref, s0_ref,
     return ge * s + _dot(u, kd_ref[i], _DN_TA, dot_dtype)                       # [BV, Dk]
   s = jax.lax.fori_loop(0, n_chunks, body, s0_ref[...].astype(F32))
   sn_ref[...] = s
+
+
+def _fwd_qk_kernel(w_ref, uv_ref, q_ref, k_ref, la_ref, s0_ref, o_ref, sn_ref, *, n_chunks,
+                   dot_dtype):
+  """The primal forward (nothing saved for a backward): _fwd_kernel with P, Qg, Kd and the
+  chunk decay made here from the chunk's q, k and log decays, read straight from their
+  [B, T, H, .] layouts, instead of read back from the prep (which then writes only A)."""
+  c = uv_ref.shape[1]
+
+  def body(i, s):
+    rows = pl.ds(i * c, c)
+    la = la_ref[rows].astype(F32)
+    g = _cum_full(la)
+    gc = jnp.sum(la)
+    q, k = q_ref[rows, :], k_ref[rows, :]
+    # rounded to the dot dtype at once, as the prep stores them (and half the registers)
+    p = (_decay_block(g, g, True) * _dot(q, k, _DN_T, dot_dtype)).astype(dot_dtype)  # [C, C]
+    qg = (q.astype(F32) * jnp.exp(g)[:, None]).astype(dot_dtype)
+    kd = (k.astype(F32) * jnp.exp(gc - g)[:, None]).astype(dot_dtype)
+    u = uv_ref[i].astype(F32) - _dot(w_ref[i], s, _DN_T, dot_dtype)            # [C, BV]
+    o = _dot(qg, s, _DN_T, dot_dtype) + _dot(p, u, _DN, dot_dtype)
+    o_ref[rows, :] = o.astype(o_ref.dtype)
+    return jnp.exp(gc) * s + _dot(u, kd, _DN_TA, dot_dtype)
+  sn_ref[...] = jax.lax.fori_loop(0, n_chunks, body, s0_ref[...].astype(F32))
 
 
 def _fwd_states_kernel(w_ref, uv_ref, kd_ref, ge_ref, s0_ref, hs_ref, sn_ref, *, n_chunks,
@@ -170,7 +198,9 @@ def _block_v(dv, want, name="block_v", dim="Dv"):
   return bv
 
 
-def _fwd_call(w, uv, p, qg, kd, gev, s0, opts):
+def _fwd_call(w, uv, p, qg, kd, gev, s0, opts, with_states=True):
+  """(o, hs, sn); with_states=False (the primal, fused outputs only): hs is None and the
+  kernel writes no per-chunk states (a quarter of the forward kernel's traffic at D = 128)."""
   if opts.fwd_o == "split":
     return _fwd_split_call(w, uv, p, qg, kd, gev, s0, opts)
   bh, n, c, dk = w.shape
@@ -178,19 +208,43 @@ def _fwd_call(w, uv, p, qg, kd, gev, s0, opts):
   bv = _block_v(dv, opts.block_v)
   sp = _specs(n, c, dk, bv)
   kern = functools.partial(_fwd_kernel, n_chunks=n, dot_dtype=opts.dot_dtype)
-  return pl.pallas_call(
+  states = ([sp["states"]], [jax.ShapeDtypeStruct((bh, n, dv, dk), opts.state_dtype)]
+            ) if with_states else ([], [])
+  out = pl.pallas_call(
       kern, grid=(bh, dv // bv),
       in_specs=[sp["full_k"], sp["blk_v"], sp["full_c"], sp["full_k"], sp["full_k"], sp["vec"],
                 sp["state"]],
-      out_specs=[_seq_spec(n, c, bv, opts.heads), sp["states"], sp["state"]],
+      out_specs=[_seq_spec(n, c, bv, opts.heads)] + states[0] + [sp["state"]],
       out_shape=[jax.ShapeDtypeStruct((bh // opts.heads, n * c, opts.heads, dv),
-                                      opts.out_dtype),
-                 jax.ShapeDtypeStruct((bh, n, dv, dk), opts.state_dtype),
-                 jax.ShapeDtypeStruct((bh, dv, dk), F32)],
+                                      opts.out_dtype)] + states[1] +
+                [jax.ShapeDtypeStruct((bh, dv, dk), F32)],
       interpret=opts.interpret, name="gdr_chunk_fwd",
       compiler_params=_compiler_params(opts.num_warps, opts.num_stages,
                                        opts.gpu_lowering),
   )(w, uv, p, qg, kd, gev, s0)
+  return tuple(out) if with_states else (out[0], None, out[1])
+
+
+def _fwd_qk_call(w, uv, q, k, la, s0, opts):
+  """o [B, T, H, Dv] and S_T [BH, Dv, Dk] by _fwd_qk_kernel (grid: batch x head, Dv block)."""
+  bh, n, c, dk = w.shape
+  dv = uv.shape[-1]
+  bv = _block_v(dv, opts.block_v)
+  sp = _specs(n, c, dk, bv)
+  heads = opts.heads
+  sq = pl.squeezed if hasattr(pl, "squeezed") else None
+  seq_k = pl.BlockSpec((sq, n * c, sq, dk), lambda i, j: (i // heads, 0, i % heads, 0))
+  seq_la = pl.BlockSpec((sq, n * c, sq), lambda i, j: (i // heads, 0, i % heads))
+  return pl.pallas_call(
+      functools.partial(_fwd_qk_kernel, n_chunks=n, dot_dtype=opts.dot_dtype),
+      grid=(bh, dv // bv),
+      in_specs=[sp["full_k"], sp["blk_v"], seq_k, seq_k, seq_la, sp["state"]],
+      out_specs=[_seq_spec(n, c, bv, heads), sp["state"]],
+      out_shape=[jax.ShapeDtypeStruct((bh // heads, n * c, heads, dv), opts.out_dtype),
+                 jax.ShapeDtypeStruct((bh, dv, dk), F32)],
+      interpret=opts.interpret, name="gdr_chunk_fwd_qk",
+      compiler_params=_compiler_params(opts.num_warps, opts.num_stages, opts.gpu_lowering),
+  )(w, uv, q, k, la, s0)
 
 
 def _fwd_split_call(w, uv, p, qg, kd, gev, s0, opts):
@@ -319,7 +373,7 @@ def _bwd_call_split_pallas(w, uv, p, qg, kd, gev, hs, do, dsn, opts):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
 def _recurrence(w, uv, p, qg, kd, gev, s0, opts):
-  o, _, sn = _fwd_call(w, uv, p, qg, kd, gev, s0, opts)
+  o, _, sn = _fwd_call(w, uv, p, qg, kd, gev, s0, opts, with_states=False)
   return o, sn
 
 
@@ -535,11 +589,36 @@ def _chunk_inverse(k, beta, g, dot_dtype):
   return kk, m, a, _block_inverse(a, nb)
 
 
-def _block_inverse(a, nb):
+def _inv_unit_lower_series(blocks):
+  """(I + a)^-1 for each strictly lower [sb, sb] float32 tile, by matmuls only: with x = -a
+  nilpotent of order sb, (I - x)^-1 = (I + x)(I + x^2)(I + x^4)...(I + x^{sb/2}), exactly
+  (2 log2(sb) - 2 dots a tile, float32 IEEE; the XLA prep's _unit_lower_inverse does the same
+  on its diagonal blocks). Entries of x^m stay below binomial(sb - 1, m) for |a| <= 1."""
+  sb = blocks[0].shape[0]
+  eye = jnp.where(_iota((sb, sb), 0) == _iota((sb, sb), 1), 1.0, 0.0).astype(F32)
+  out = []
+  for a in blocks:
+    x = -a
+    inv, pw, s = eye + x, x, 2
+    while s < sb:
+      pw = _mm(pw, pw, precision=_HI)
+      inv = inv + _mm(inv, pw, precision=_HI)
+      s *= 2
+    out.append(inv)
+  return out
+
+
+INVERSE_DIAGS = ("substitution", "series")
+
+
+def _block_inverse(a, nb, diag="substitution"):
   """T = (I + A)^-1 as {(i, j): [sb, sb]} for i >= j, from A's sub-blocks {(i, j): [sb, sb]}
-  (strictly lower on the diagonal): forward substitution on the diagonal blocks, then
-  T_ij = -T_ii sum_{j <= m < i} A_im T_mj, float32 IEEE dots."""
-  t = {(i, i): ti for i, ti in enumerate(_inv_unit_lower([a[i, i] for i in range(nb)]))}
+  (strictly lower on the diagonal): the diagonal blocks by forward substitution
+  (diag="substitution": a row at a time, cross-thread sums) or by the power series
+  (diag="series": six [sb, sb] dots), then T_ij = -T_ii sum_{j <= m < i} A_im T_mj, float32
+  IEEE dots."""
+  inv = _inv_unit_lower if diag == "substitution" else _inv_unit_lower_series
+  t = {(i, i): ti for i, ti in enumerate(inv([a[i, i] for i in range(nb)]))}
   for i in range(nb):
     for j in range(i - 1, -1, -1):
       acc = _mm(a[i, j], t[j, j], precision=_HI)
@@ -547,6 +626,30 @@ def _block_inverse(a, nb):
         acc = acc + _mm(a[i, mm_], t[mm_, j], precision=_HI)
       t[i, j] = -_mm(t[i, i], acc, precision=_HI)
   return t
+
+
+def _wy_blocks(t, k, v_ref, beta, g, rows, w_ref, uv_ref, wy_dt):
+  """W = T diag(beta gamma) K and Uv = T diag(beta) V by 16-row blocks from T's sub-blocks
+  {(i, j)}: W_i = sum_{j <= i} T_ij Kb_j. k: the chunk's [sb, Dk] row blocks of K (tiles or
+  refs' loads); wy_dt None: float32 operands (TF32 on GPU), else that operand dtype."""
+  mm = (lambda x, y: _mm(x, y)) if wy_dt is None else (lambda x, y: _dot(x, y, _DN, wy_dt))
+  for i in range(len(rows)):
+    w = uv = None
+    for j in range(i + 1):
+      kb = k[j].astype(F32) * (beta[j] * jnp.exp(g[j]))[:, None]
+      vb = v_ref[rows[j], :].astype(F32) * beta[j][:, None]
+      w = mm(t[i, j], kb) if w is None else w + mm(t[i, j], kb)
+      uv = mm(t[i, j], vb) if uv is None else uv + mm(t[i, j], vb)
+    w_ref[rows[i], :] = w.astype(w_ref.dtype)
+    uv_ref[rows[i], :] = uv.astype(uv_ref.dtype)
+
+
+def _store_blocks(t_ref, t, rows):
+  """A lower block-triangular {(i, j): [sb, sb]} written whole (zeros above the diagonal)."""
+  nb, sb = len(rows), t[0, 0].shape[0]
+  for i in range(nb):
+    for j in range(nb):
+      t_ref[rows[i], rows[j]] = t[i, j] if j <= i else jnp.zeros((sb, sb), F32)
 
 
 def _prep_fwd_kernel(q_ref, k_ref, v_ref, la_ref, b_ref,
@@ -559,19 +662,9 @@ def _prep_fwd_kernel(q_ref, k_ref, v_ref, la_ref, b_ref,
   beta = [b_ref[rows[i]].astype(F32) for i in range(nb)]
   k = [k_ref[rows[i], :] for i in range(nb)]
   _, _, _, t = _chunk_inverse(k, beta, g, dot_dtype)
-  for i in range(nb):
-    w = uv = None
-    for j in range(i + 1):
-      kb = k[j].astype(F32) * (beta[j] * jnp.exp(g[j]))[:, None]
-      vb = v_ref[rows[j], :].astype(F32) * beta[j][:, None]
-      w = _mm(t[i, j], kb) if w is None else w + _mm(t[i, j], kb)
-      uv = _mm(t[i, j], vb) if uv is None else uv + _mm(t[i, j], vb)
-    w_ref[rows[i], :] = w.astype(w_ref.dtype)
-    uv_ref[rows[i], :] = uv.astype(uv_ref.dtype)
-  if t_out:          # T = (I + A)^-1 for the backward, stored block by block (zeros above)
-    for i in range(nb):
-      for j in range(nb):
-        t_out[0][rows[i], rows[j]] = t[i, j] if j <= i else jnp.zeros((sb, sb), F32)
+  _wy_blocks(t, k, v_ref, beta, g, rows, w_ref, uv_ref, None)
+  if t_out:          # T = (I + A)^-1 for the backward
+    _store_blocks(t_out[0], t, rows)
   gf = _cum_full(la)
   gc = jnp.sum(la)
   q = q_ref[...]
@@ -600,28 +693,57 @@ def _prep_a_kernel(q_ref, k_ref, la_ref, b_ref, a_ref, p_ref, qg_ref, kd_ref, ge
   ge_ref[...] = jnp.zeros((c,), F32) + jnp.exp(gc)
 
 
-def _prep_inv_kernel(a_ref, t_ref, *, sb):
-  """Split prep, kernel 2 of 3: T = (I + A)^-1 from A's [sb, sb] sub-blocks, read from memory
-  (forward substitution on the diagonal blocks, T_ij = -T_ii sum_{j<=m<i} A_im T_mj below them,
-  float32 IEEE dots), written whole (zeros above the diagonal blocks)."""
-  c = a_ref.shape[0]
-  nb = c // sb
+def _read_blocks(a_ref, sb):
+  """The row slices of a [C, C] ref's sb-row blocks and its lower sub-blocks {(i, j)}."""
+  nb = a_ref.shape[0] // sb
   rows = [pl.ds(i * sb, sb) for i in range(nb)]
-  a = {(i, j): a_ref[rows[i], rows[j]] for i in range(nb) for j in range(i + 1)}
-  t = _block_inverse(a, nb)
-  for i in range(nb):
-    for j in range(nb):
-      t_ref[rows[i], rows[j]] = t[i, j] if j <= i else jnp.zeros((sb, sb), F32)
+  return rows, {(i, j): a_ref[rows[i], rows[j]] for i in range(nb) for j in range(i + 1)}
 
 
-def _prep_wy_kernel(k_ref, v_ref, la_ref, b_ref, t_ref, w_ref, uv_ref):
+def _prep_a_only_kernel(k_ref, la_ref, b_ref, a_ref, *, dot_dtype):
+  """The lean forward's prep kernel 1: only A (the recurrence kernel makes P, Qg, Kd)."""
+  c = k_ref.shape[0]
+  la, beta = la_ref[...].astype(F32), b_ref[...].astype(F32)
+  k = k_ref[...]
+  a_ref[...] = jnp.where(_iota((c, c), 1) < _iota((c, c), 0),
+                         beta[:, None] * _decay_block(*(2 * (_cum_full(la),)), True)
+                         * _dot(k, k, _DN_T, dot_dtype), 0.0)
+
+
+def _prep_inv_kernel(a_ref, t_ref, *, sb, diag):
+  """Split prep, kernel 2 of 3: T = (I + A)^-1 from A's [sb, sb] sub-blocks, read from memory
+  (_block_inverse), written whole (zeros above the diagonal blocks)."""
+  rows, a = _read_blocks(a_ref, sb)
+  _store_blocks(t_ref, _block_inverse(a, len(rows), diag), rows)
+
+
+def _prep_inv_wy_kernel(a_ref, k_ref, v_ref, la_ref, b_ref, w_ref, uv_ref, *t_out, sb, diag,
+                        wy_dt):
+  """prep_fwd="split2", kernel 2 of 2: the inverse kernel's T = (I + A)^-1 kept in registers
+  as sub-blocks, then W and Uv from them by 16-row blocks (_wy_blocks): T goes through memory
+  only when the backward needs it (t_out)."""
+  rows, a = _read_blocks(a_ref, sb)
+  nb = len(rows)
+  t = _block_inverse(a, nb, diag)
+  g = _cum_blocks(la_ref[...].astype(F32), nb, sb)
+  beta = [b_ref[rows[i]].astype(F32) for i in range(nb)]
+  _wy_blocks(t, [k_ref[rows[i], :] for i in range(nb)], v_ref, beta, g, rows, w_ref, uv_ref,
+             wy_dt)
+  if t_out:
+    _store_blocks(t_out[0], t, rows)
+
+
+def _prep_wy_kernel(k_ref, v_ref, la_ref, b_ref, t_ref, w_ref, uv_ref, *, wy_dt):
   """Split prep, kernel 3 of 3: W = T diag(beta gamma) K and Uv = T diag(beta) V as two
-  [C, C] x [C, D] dots (default precision: TF32 on GPU, as the fused prep's)."""
+  [C, C] x [C, D] dots (wy_dt None: float32 operands, TF32 on GPU, as the fused prep's; else
+  T and the scaled K / V in that dtype, float32 accumulation)."""
   la, beta = la_ref[...].astype(F32), b_ref[...].astype(F32)
   t = t_ref[...]
   kb = k_ref[...].astype(F32) * (beta * jnp.exp(_cum_full(la)))[:, None]
-  w_ref[...] = _mm(t, kb).astype(w_ref.dtype)
-  uv_ref[...] = _mm(t, v_ref[...].astype(F32) * beta[:, None]).astype(uv_ref.dtype)
+  vb = v_ref[...].astype(F32) * beta[:, None]
+  mm = (lambda x, y: _mm(x, y)) if wy_dt is None else (lambda x, y: _dot(x, y, _DN, wy_dt))
+  w_ref[...] = mm(t, kb).astype(w_ref.dtype)
+  uv_ref[...] = mm(t, vb).astype(uv_ref.dtype)
 
 
 def _prep_specs(c, dk, dv):
@@ -636,9 +758,8 @@ def _prep_specs(c, dk, dv):
 def _prep_fwd_call(q, k, v, la, beta, opts, with_t=False):
   """W, Uv, P, Qg, Kd [B, H, N, C, .] in dot_dtype, gev [B, H, N, C] float32 (and with_t:
   T = (I + A)^-1 [B, H, N, C, C] float32, the backward's residual)."""
-  if opts.prep_fwd == "split":
-    out = _prep_split_call(q, k, v, la, beta, opts)
-    return out if with_t else out[:-1]
+  if opts.prep_fwd in ("split", "split2"):
+    return _prep_split_call(q, k, v, la, beta, opts, with_t)
   c, dk, dv, dt, seq, vec, chunk, cvec, shp, call = _prep_forward_parts(q, v, opts)
   return call(functools.partial(_prep_fwd_kernel, sb=min(_SB, c), dot_dtype=dt), "gdr_prep_fwd",
               in_specs=[seq(dk), seq(dk), seq(dv), vec, vec],
@@ -664,24 +785,46 @@ def _prep_forward_parts(q, v, opts):
   return (c, dk, dv, dt, *_prep_specs(c, dk, dv), shp, call)
 
 
-def _prep_split_call(q, k, v, la, beta, opts):
+def _prep_split_call(q, k, v, la, beta, opts, with_t=False, lean=False):
   """The prep's forward as three kernels per (batch, head, chunk), with A and T passed through
-  memory (float32 [C, C] each): W, Uv, P, Qg, Kd, gev and T. The fused kernel's 16 x 16
-  sub-block dots over D hold 255 registers per thread at 8 warps (one program per SM on sm_90,
-  ptxas); here every dot over D is one [C, C] or [C, D] tile (123, 128 and 73 registers)."""
+  memory (float32 [C, C] each): W, Uv, P, Qg, Kd, gev (and with_t: T). The fused kernel's
+  16 x 16 sub-block dots over D hold 255 registers per thread at 8 warps (one program per SM
+  on sm_90, ptxas); here every dot over D is one [C, C] or [C, D] tile (123, 128 and 73
+  registers). prep_fwd="split2": two kernels, the inverse and W / Uv in one (T stays in
+  registers; written only with_t). lean=True (the primal): the first kernel writes only A and
+  the call returns (W, Uv); _fwd_qk_kernel makes the rest."""
   c, dk, dv, dt, seq, vec, chunk, cvec, shp, call = _prep_forward_parts(q, v, opts)
-  a, p, qg, kd, gev = call(
-      functools.partial(_prep_a_kernel, dot_dtype=dt), "gdr_prep_a",
-      in_specs=[seq(dk), seq(dk), vec, vec],
-      out_specs=[chunk(c), chunk(c), chunk(dk), chunk(dk), cvec],
-      out_shape=[shp(c, F32), shp(c), shp(dk), shp(dk), shp(None, F32)])(q, k, la, beta)
-  tinv = call(functools.partial(_prep_inv_kernel, sb=min(_SB, c)), "gdr_prep_inv",
-              opts.num_warps_inv or opts.num_warps_prep,
+  if lean:
+    a = call(functools.partial(_prep_a_only_kernel, dot_dtype=dt), "gdr_prep_a_only",
+             in_specs=[seq(dk), vec, vec], out_specs=chunk(c), out_shape=shp(c, F32)
+             )(k, la, beta)
+    mid = ()
+  else:
+    a, *mid = call(
+        functools.partial(_prep_a_kernel, dot_dtype=dt), "gdr_prep_a",
+        in_specs=[seq(dk), seq(dk), vec, vec],
+        out_specs=[chunk(c), chunk(c), chunk(dk), chunk(dk), cvec],
+        out_shape=[shp(c, F32), shp(c), shp(dk), shp(dk), shp(None, F32)])(q, k, la, beta)
+    mid = tuple(mid)
+  sb = min(_SB, c)
+  wy_dt = None if opts.wy_dtype == "float32" else dt
+  if opts.prep_fwd == "split2":
+    out = call(functools.partial(_prep_inv_wy_kernel, sb=sb, diag=opts.inverse_diag,
+                                 wy_dt=wy_dt), "gdr_prep_inv_wy",
+               opts.num_warps_inv or opts.num_warps_prep,
+               in_specs=[chunk(c), seq(dk), seq(dv), vec, vec],
+               out_specs=[chunk(dk), chunk(dv)] + ([chunk(c)] if with_t else []),
+               out_shape=[shp(dk), shp(dv)] + ([shp(c, F32)] if with_t else [])
+               )(a, k, v, la, beta)
+    return (out[0], out[1]) + mid + ((out[2],) if with_t else ())
+  tinv = call(functools.partial(_prep_inv_kernel, sb=sb, diag=opts.inverse_diag),
+              "gdr_prep_inv", opts.num_warps_inv or opts.num_warps_prep,
               in_specs=[chunk(c)], out_specs=chunk(c), out_shape=shp(c, F32))(a)
-  w, uv = call(_prep_wy_kernel, "gdr_prep_wy", in_specs=[seq(dk), seq(dv), vec, vec, chunk(c)],
+  w, uv = call(functools.partial(_prep_wy_kernel, wy_dt=wy_dt), "gdr_prep_wy",
+               in_specs=[seq(dk), seq(dv), vec, vec, chunk(c)],
                out_specs=[chunk(dk), chunk(dv)], out_shape=[shp(dk), shp(dv)]
                )(k, v, la, beta, tinv)
-  return w, uv, p, qg, kd, gev, tinv
+  return (w, uv) + mid + ((tinv,) if with_t else ())
 
 
 def _prep_bwd_kernel(q_ref, k_ref, v_ref, la_ref, b_ref, t_ref, dw_ref, duv_ref, dp_ref,
@@ -789,9 +932,53 @@ def _prep_pallas_bwd(opts, res, cts):
 _prep_pallas.defvjp(_prep_pallas_fwd, _prep_pallas_bwd)
 
 
+# ----------------------------------------------------------------------------- the whole rule
+def _lean(plan) -> bool:
+  """Whether the primal can take the lean path (prep writes A, W, Uv only; no states)."""
+  return plan.prep_fwd in ("split", "split2") and plan.fwd_o == "fused"
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _pallas_rule(q, k, v, la, beta, s0, plan):
+  """The rule with the Pallas prep, on inputs whose T is a multiple of the chunk: o [B, T, H,
+  Dv], S_T [BH, Dv, Dk]. Undifferentiated it writes nothing for a backward: the prep gives A,
+  then W and Uv, and the recurrence kernel makes P, Qg, Kd from q, k and the decays itself.
+  Differentiated (_pallas_rule_fwd) it is the prep's and the recurrence's forwards with their
+  residuals, and its backward theirs, in reverse."""
+  bsz, t, h, _ = q.shape
+  flat = lambda a: a.reshape((bsz * h,) + a.shape[2:])
+  if _lean(plan):
+    w, uv = _prep_split_call(q, k, v, la, beta, plan, lean=True)
+    return _fwd_qk_call(flat(w), flat(uv), q, k, la, s0, plan)
+  w, uv, p, qg, kd, gev = _prep_fwd_call(q, k, v, la, beta, plan)
+  o, _, sn = _fwd_call(*(flat(a) for a in (w, uv, p, qg, kd, gev)), s0, plan,
+                       with_states=False)
+  return o, sn
+
+
+def _pallas_rule_fwd(q, k, v, la, beta, s0, plan):
+  bsz, t, h, _ = q.shape
+  flat = lambda a: a.reshape((bsz * h,) + a.shape[2:])
+  chunks, prep_res = _prep_pallas_fwd(q, k, v, la, beta, plan)
+  out, rec_res = _recurrence_fwd(*(flat(a) for a in chunks), s0, plan)
+  return out, (prep_res, rec_res)
+
+
+def _pallas_rule_bwd(plan, res, cts):
+  prep_res, rec_res = res
+  bsz, _, h, _ = prep_res[0].shape
+  *d_chunks, ds0 = _recurrence_bwd(plan, rec_res, cts)
+  d_chunks = tuple(a.reshape((bsz, h) + a.shape[1:]) for a in d_chunks)
+  return tuple(_prep_pallas_bwd(plan, prep_res, d_chunks)) + (ds0,)
+
+
+_pallas_rule.defvjp(_pallas_rule_fwd, _pallas_rule_bwd)
+
+
 # ----------------------------------------------------------------------------- options
 PREPS = ("pallas", "xla")
-PREP_FWDS = ("fused", "split")
+PREP_FWDS = ("fused", "split", "split2")
+WY_DTYPES = ("float32", "dot")
 PRECISIONS = ("highest", "default")
 FWD_OS = ("fused", "split")
 
@@ -806,9 +993,13 @@ class DeltaRuleOptions:
   chunk: tokens per chunk (a power of two for the kernels; any size for the chunked
   reference). prep: "pallas" (one Pallas program per (batch,
   head, chunk); chunk, Dk, Dv >= 16; num_warps_prep / num_warps_prep_bwd warps for its forward /
-  backward kernels; prep_fwd: its forward as one kernel, "fused", or as three, "split": A,
-  (I + A)^-1 and W / Uv, with A and the inverse passed through memory; num_warps_inv: the
-  inverse kernel's warps, 0 = num_warps_prep) or "xla" (the chunk quantities in plain JAX,
+  backward kernels; prep_fwd: its forward as one kernel, "fused", as three, "split": A,
+  (I + A)^-1 and W / Uv, with A and the inverse passed through memory, or as two, "split2":
+  A, then the inverse and W / Uv in one kernel (T written only for the backward);
+  num_warps_inv: the inverse kernel's warps, 0 = num_warps_prep; inverse_diag: the inverse's
+  16 x 16 diagonal blocks by forward substitution or by the power series ("substitution" |
+  "series"); wy_dtype: the operands of W = T Kb and Uv = T Vb, "float32" (TF32 on GPU) or
+  "dot" (dot_dtype, bf16 for bf16 inputs, as FLA's recompute_w_u)) or "xla" (the chunk quantities in plain JAX,
   float32, differentiated by autodiff; inverse_precision: the matmul precision of its
   (I + A)^-1, "highest" | "default").
   block_v / num_warps: Dv rows of the state per program of the forward recurrence kernel;
@@ -842,6 +1033,8 @@ class DeltaRuleOptions:
   block_k_grads: int = 32
   num_warps_grads: int = 8
   state_dtype: str = "auto"
+  inverse_diag: str = "series"
+  wy_dtype: str = "dot"
   inverse_precision: str = "highest"
   dot_dtype: str | None = None
   interpret: bool | None = None
@@ -864,9 +1057,11 @@ class DeltaRuleOptions:
         raise ValueError(f"delta rule kernel: {name}={val!r} must be a positive integer.")
     if self.prep not in PREPS:
       raise ValueError(f"delta rule kernel: prep={self.prep!r} must be 'pallas' or 'xla'.")
-    if self.prep_fwd not in PREP_FWDS:
-      raise ValueError(f"delta rule kernel: prep_fwd={self.prep_fwd!r} must be 'fused' or "
-                       f"'split'.")
+    for name, allowed in (("prep_fwd", PREP_FWDS), ("inverse_diag", INVERSE_DIAGS),
+                          ("wy_dtype", WY_DTYPES)):
+      if getattr(self, name) not in allowed:
+        raise ValueError(f"delta rule kernel: {name}={getattr(self, name)!r} must be one of "
+                         f"{list(allowed)}.")
     if self.fwd_o not in FWD_OS:
       raise ValueError(f"delta rule kernel: fwd_o={self.fwd_o!r} must be 'fused' or 'split'.")
     if self.inverse_precision not in PRECISIONS:
@@ -932,12 +1127,12 @@ def chunk_gated_delta_rule(q, k, v, log_alpha, beta, initial_state=None,
     if pad:   # beta = 0, log_alpha = 0 on the tail: the state passes through unchanged
       padt = lambda a: jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
       q, k, v, log_alpha, beta = (padt(a) for a in (q, k, v, log_alpha, beta))
-    w, uv, p, qg, kd, gev = _prep_pallas(q, k, v, log_alpha.astype(F32), beta.astype(F32), plan)
+    o, sn = _pallas_rule(q, k, v, log_alpha.astype(F32), beta.astype(F32), s0, plan)
   else:
     w, uv, p, qg, kd, ge = _prep(q, k, v, log_alpha, beta, c,
                                  precision=getattr(jax.lax.Precision, o_.inverse_precision.upper()))
     w, uv, p, qg, kd = (a.astype(dot_dtype) for a in (w, uv, p, qg, kd))
     gev = jnp.broadcast_to(ge[..., None], ge.shape + (c,))
-  o, sn = _recurrence(flat(w), flat(uv), flat(p), flat(qg), flat(kd), flat(gev), s0, plan)
+    o, sn = _recurrence(flat(w), flat(uv), flat(p), flat(qg), flat(kd), flat(gev), s0, plan)
   o = remat.keep(o)    # else a selective jax.checkpoint recomputes o by running both kernels again
   return o[:, :t], sn.reshape(bsz, h, dv, dk)
