@@ -145,10 +145,12 @@ FIELDS: tuple[Field, ...] = (
       check="size", resume=FREE),
     F("model.deltanet.kernel.num_warps", 4, "kernel forward recurrence's warps", check="size",
       resume=FREE),
-    F("model.deltanet.kernel.block_k_grads", 32, "kernel per-chunk backward kernels' column "
-      "block", check="size", resume=FREE),
-    F("model.deltanet.kernel.num_warps_grads", 8, "kernel per-chunk gradient kernel's warps",
-      check="size", resume=FREE),
+    F("model.deltanet.kernel.block_k_grads", 64, "kernel per-chunk backward kernels' column "
+      "block (64: prep backward 1.18 ms at B4 x T4096 on an H100; 32: 1.57)", check="size",
+      resume=FREE),
+    F("model.deltanet.kernel.num_warps_grads", 4, "kernel per-chunk gradient kernel's warps "
+      "(4: 0.81 ms at B4 x T4096 with block_k_grads 64 on an H100; 8: 0.98)", check="size",
+      resume=FREE),
     F("model.deltanet.kernel.fwd_o", "fused", "kernel recurrence forward's outputs: fused (in "
       "the sequential kernel) | split (FLA's layout: a second kernel, parallel over chunks, "
       "from the saved states; 1.09 ms against the fused 0.91 ms at B4 x T4096 on an H100)", choices=("fused", "split"),

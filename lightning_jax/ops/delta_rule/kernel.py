@@ -986,9 +986,10 @@ FWD_OS = ("fused", "split")
 @dataclasses.dataclass(frozen=True)
 class DeltaRuleOptions:
   """How the Pallas delta rule runs. Defaults: the fastest setting measured on one H100 at
-  B4 x T4096, 32 heads x 128 (7.39 ms fwd+bwd; docs/PERFORMANCE.md, "Gated delta rule"), with
-  the prep's forward split and its inverse at 2 warps and the prep's backward at 4 warps since
-  the prep alone was measured (fwd+bwd 4.88 ms fused at 8 warps -> about 3.2 ms).
+  B4 x T4096, 32 heads x 128 (session 19: forward 1.00 ms, forward + backward 3.81 ms, queued;
+  docs/PERFORMANCE.md, "Session 19"): the prep's forward split with its inverse at 2 warps and
+  the power series on the diagonal blocks, W / Uv from bf16 operands, the per-chunk backward
+  kernels on 64-column blocks, the gradient kernel at 4 warps.
 
   chunk: tokens per chunk (a power of two for the kernels; any size for the chunked
   reference). prep: "pallas" (one Pallas program per (batch,
@@ -1030,8 +1031,8 @@ class DeltaRuleOptions:
   num_warps_prep: int = 8
   num_warps_inv: int = 2
   num_warps_prep_bwd: int = 4
-  block_k_grads: int = 32
-  num_warps_grads: int = 8
+  block_k_grads: int = 64
+  num_warps_grads: int = 4
   state_dtype: str = "auto"
   inverse_diag: str = "series"
   wy_dtype: str = "dot"
