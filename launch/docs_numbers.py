@@ -18,7 +18,7 @@ arguments after colons (`count:stage_2b`). Sources:
   rank120_table             the rows of benchmarks/results/rank120.json
   step2b_table              stage_2b at B1, B2, B4 beside the reference's numbers
                             (benchmarks/results/step2b.json, issue 17)
-  step2b_profile            the top 25 kernels of its B1 step
+  step2b_profile            the top 25 kernels of its profiled step (the first batch timed)
   decode_table              decode and prefill speed (benchmarks/results/decode_bench_2b.json)
   house_table               step time before and after the house move
                             (benchmarks/results/house_timing.json)
