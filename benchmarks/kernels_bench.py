@@ -145,6 +145,9 @@ DELTA_SETTINGS = [   # (label, DeltaRuleOptions fields, run at both shapes)
                                       wy_dtype="dot"), True),
     ("split2 + series + wy dot, inverse 4 warps",
      dict(prep_fwd="split2", inverse_diag="series", wy_dtype="dot", num_warps_inv=4), True),
+    # the differentiated forward keeps W, Uv, T and the states; the recurrence's kernels make
+    # P, Qg, Kd from q, k (forward and backward)
+    ("residuals qk", dict(residuals="qk"), True),
     # the lean primal's recurrence kernel (it makes P, Qg, Kd itself) at 8 warps / 32 state rows
     ("split2 + series + wy dot, inverse 4 warps, fwd 8 warps",
      dict(prep_fwd="split2", inverse_diag="series", wy_dtype="dot", num_warps_inv=4,

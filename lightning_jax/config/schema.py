@@ -135,6 +135,9 @@ FIELDS: tuple[Field, ...] = (
     F("model.deltanet.kernel.wy_dtype", "dot", "kernel chunk prep's W / Uv dot operands: dot "
       "(the dot dtype, bf16 in the model, as FLA; 0.25 ms at B4 x T4096 on an H100) | float32 "
       "(TF32 on GPU: 0.46 ms)", choices=("float32", "dot"), resume=FREE),
+    F("model.deltanet.kernel.residuals", "chunks", "kernel forward's residuals for the "
+      "backward: chunks (the prep's P, Qg, Kd among them) | qk (the recurrence's kernels remake "
+      "P, Qg, Kd from q, k)", choices=("chunks", "qk"), resume=FREE),
     F("model.deltanet.kernel.num_warps_prep", 8, "kernel chunk prep's forward warps (A; W / Uv)",
       check="size", resume=FREE),
     F("model.deltanet.kernel.num_warps_inv", 2, "kernel chunk prep's inverse warps (0: "

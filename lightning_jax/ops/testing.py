@@ -204,6 +204,11 @@ _DELTA = Op(
         "kernel_c64_split2": Impl(_rule(DeltaRuleOptions(chunk=64, prep_fwd="split2", block_v=8,
                                                          block_v_bwd=8, block_k_grads=8)),
                                   ("b2_t100_dv32",)),
+        # the differentiated forward keeps W, Uv, T and the states; the recurrence's kernels
+        # (forward, dS, per-chunk gradients) make P, Qg, Kd from q, k and the decays
+        "kernel_c64_qk_residuals": Impl(_rule(DeltaRuleOptions(
+            chunk=64, residuals="qk", block_v=8, block_v_bwd=8, block_k_grads=8)),
+            ("b2_t100_dv32", "bf16_t64_grads")),
         "kernel_c32_substitution": Impl(_rule(DeltaRuleOptions(
             chunk=32, inverse_diag="substitution", wy_dtype="float32", block_v=8, block_v_bwd=8,
             block_k_grads=8)), ("b1_t100_dv16",)),
@@ -640,6 +645,10 @@ LOWERINGS = {
                                       ("gdr_prep_fwd", "gdr_chunk_fwd", "gdr_prep_bwd")),
     "delta_rule.split2": Lowering(_delta_lowering(prep_fwd="split2"),
                                   ("gdr_prep_a", "gdr_prep_inv_wy", "gdr_chunk_fwd")),
+    "delta_rule.qk_residuals": Lowering(_delta_lowering(residuals="qk"),
+                                        ("gdr_prep_a_only", "gdr_chunk_fwd_qk",
+                                         "gdr_chunk_bwd_states_qk", "gdr_chunk_bwd_grads_qk",
+                                         "gdr_prep_bwd")),
     # undifferentiated: the prep writes A, W, Uv; the recurrence makes P, Qg, Kd, keeps no states
     "delta_rule.primal": Lowering(_delta_lowering(primal=True),
                                   ("gdr_prep_a_only", "gdr_prep_inv", "gdr_prep_wy",

@@ -84,46 +84,51 @@ def _compiler_params(num_warps, num_stages, force=False):
 
 
 # ----------------------------------------------------------------------------- kernels
-def _fwd_kernel(w_ref, uv_ref, p_ref, qg_ref, kd_ref, ge_ref, s0_ref, o_ref, *out_refs,
-                n_chunks, dot_dtype):
-  """out_refs: (hs, sn) when differentiated (the state entering every chunk, for the
-  backward), else (sn,): the primal writes no per-chunk states."""
+def _chunk_from_qk(q_ref, k_ref, la_ref, rows, dot_dtype):
+  """One chunk's P = M o Q K^T, Qg = diag(gamma) Q and Kd = diag(e^{g_C - g}) K, rounded to the
+  dot dtype as the prep stores them (and half the registers), and its decay e^{g_C}, from the
+  chunk's rows of q, k [., Dk] and log decays [.] (the log decays are loaded first: ptxas gives
+  the forward kernel less spill in that order)."""
+  la = la_ref[rows].astype(F32)
+  g = _cum_full(la)
+  gc = jnp.sum(la)
+  q, k = q_ref[rows, :], k_ref[rows, :]
+  p = (_decay_block(g, g, True) * _dot(q, k, _DN_T, dot_dtype)).astype(dot_dtype)
+  qg = (q.astype(F32) * jnp.exp(g)[:, None]).astype(dot_dtype)
+  kd = (k.astype(F32) * jnp.exp(gc - g)[:, None]).astype(dot_dtype)
+  return p, qg, kd, jnp.exp(gc)
+
+
+def _chunk_source(refs, from_qk, c, dot_dtype):
+  """(refs left over, chunk(i) -> (P, Qg, Kd, ge) of chunk i) for the sequential kernels: read
+  back from the prep's [N, C, .] outputs (p, qg, kd, gev refs), or (from_qk) made from the
+  [T, .] slabs of q, k and the log decays (q, k, la refs)."""
+  if from_qk:
+    q_ref, k_ref, la_ref, *rest = refs
+    rows = lambda i: pl.ds(i * c, c)
+    return rest, lambda i: _chunk_from_qk(q_ref, k_ref, la_ref, rows(i), dot_dtype)
+  p_ref, qg_ref, kd_ref, ge_ref, *rest = refs
+  # every entry of a chunk's gev row holds the same ge
+  return rest, lambda i: (p_ref[i], qg_ref[i], kd_ref[i], jnp.max(ge_ref[i].astype(F32)))
+
+
+def _fwd_kernel(w_ref, uv_ref, *refs, n_chunks, dot_dtype, from_qk=False, with_states=True):
+  """The forward recurrence for one (batch x head, Dv block): refs are the chunk source
+  (_chunk_source), s0, then the outputs o, hs (with_states: the state entering every chunk,
+  for the backward; the primal writes none) and sn. from_qk: P, Qg, Kd and the decay are made
+  here from the chunk's q, k and log decays instead of read back from the prep."""
   c = uv_ref.shape[1]
-  hs_ref, sn_ref = out_refs if len(out_refs) == 2 else (None, out_refs[0])
+  (s0_ref, o_ref, *out_refs), chunk = _chunk_source(refs, from_qk, c, dot_dtype)
+  hs_ref, sn_ref = out_refs if with_states else (None, out_refs[0])
 
   def body(i, s):
     if hs_ref is not None:
       hs_ref[i] = s.astype(hs_ref.dtype)
-    u = uv_ref[i].astype(F32) - _dot(w_ref[i], s, _DN_T, dot_dtype)            # [C, BV]
-    o = _dot(qg_ref[i], s, _DN_T, dot_dtype) + _dot(p_ref[i], u, _DN, dot_dtype)
-    o_ref[pl.ds(i * c, c), :] = o.astype(o_ref.dtype)                          # [B, T, H, Dv]
-    ge = jnp.max(ge_ref[i].astype(F32))                                         # all equal
-    return ge * s + _dot(u, kd_ref[i], _DN_TA, dot_dtype)                       # [BV, Dk]
-  s = jax.lax.fori_loop(0, n_chunks, body, s0_ref[...].astype(F32))
-  sn_ref[...] = s
-
-
-def _fwd_qk_kernel(w_ref, uv_ref, q_ref, k_ref, la_ref, s0_ref, o_ref, sn_ref, *, n_chunks,
-                   dot_dtype):
-  """The primal forward (nothing saved for a backward): _fwd_kernel with P, Qg, Kd and the
-  chunk decay made here from the chunk's q, k and log decays, read straight from their
-  [B, T, H, .] layouts, instead of read back from the prep (which then writes only A)."""
-  c = uv_ref.shape[1]
-
-  def body(i, s):
-    rows = pl.ds(i * c, c)
-    la = la_ref[rows].astype(F32)
-    g = _cum_full(la)
-    gc = jnp.sum(la)
-    q, k = q_ref[rows, :], k_ref[rows, :]
-    # rounded to the dot dtype at once, as the prep stores them (and half the registers)
-    p = (_decay_block(g, g, True) * _dot(q, k, _DN_T, dot_dtype)).astype(dot_dtype)  # [C, C]
-    qg = (q.astype(F32) * jnp.exp(g)[:, None]).astype(dot_dtype)
-    kd = (k.astype(F32) * jnp.exp(gc - g)[:, None]).astype(dot_dtype)
+    p, qg, kd, ge = chunk(i)
     u = uv_ref[i].astype(F32) - _dot(w_ref[i], s, _DN_T, dot_dtype)            # [C, BV]
     o = _dot(qg, s, _DN_T, dot_dtype) + _dot(p, u, _DN, dot_dtype)
-    o_ref[rows, :] = o.astype(o_ref.dtype)
-    return jnp.exp(gc) * s + _dot(u, kd, _DN_TA, dot_dtype)
+    o_ref[pl.ds(i * c, c), :] = o.astype(o_ref.dtype)                          # [B, T, H, Dv]
+    return ge * s + _dot(u, kd, _DN_TA, dot_dtype)                              # [BV, Dk]
   sn_ref[...] = jax.lax.fori_loop(0, n_chunks, body, s0_ref[...].astype(F32))
 
 
@@ -150,22 +155,22 @@ def _fwd_out_kernel(w_ref, uv_ref, p_ref, qg_ref, hs_ref, o_ref, *, dot_dtype):
 
 
 
-def _bwd_states_kernel(w_ref, p_ref, qg_ref, kd_ref, ge_ref, do_ref, dsn_ref, dss_ref, ds0_ref,
-                       *, n_chunks, dot_dtype):
-  """Only the sequential part of the backward: dS entering each chunk from the right.
-  do_ref: this (batch, head)'s [T, BV] slab of dO in the [B, T, H, Dv] layout."""
-  c = p_ref.shape[1]
+def _bwd_states_kernel(w_ref, *refs, n_chunks, dot_dtype, from_qk=False):
+  """Only the sequential part of the backward: dS entering each chunk from the right. refs:
+  the chunk source (_chunk_source), then do (this (batch, head)'s [T, BV] slab of dO in the
+  [B, T, H, Dv] layout), dsn, and the outputs dss, ds0."""
+  c = w_ref.shape[1]
+  (do_ref, dsn_ref, dss_ref, ds0_ref), chunk = _chunk_source(refs, from_qk, c, dot_dtype)
 
   def body(j, ds):
     i = n_chunks - 1 - j
     dss_ref[i] = ds.astype(dss_ref.dtype)                                        # dS_{i+1}
+    p, qg, kd, ge = chunk(i)
     do = do_ref[pl.ds(i * c, c), :].astype(F32)
-    du = _dot(kd_ref[i], ds, _DN_T, dot_dtype) + _dot(p_ref[i], do, _DN_TA, dot_dtype)
-    ge = jnp.max(ge_ref[i].astype(F32))
-    return (ge * ds + _dot(do, qg_ref[i], _DN_TA, dot_dtype)
+    du = _dot(kd, ds, _DN_T, dot_dtype) + _dot(p, do, _DN_TA, dot_dtype)
+    return (ge * ds + _dot(do, qg, _DN_TA, dot_dtype)
             - _dot(du, w_ref[i], _DN_TA, dot_dtype))
-  ds = jax.lax.fori_loop(0, n_chunks, body, dsn_ref[...].astype(F32))
-  ds0_ref[...] = ds
+  ds0_ref[...] = jax.lax.fori_loop(0, n_chunks, body, dsn_ref[...].astype(F32))
 
 
 
@@ -198,53 +203,47 @@ def _block_v(dv, want, name="block_v", dim="Dv"):
   return bv
 
 
-def _fwd_call(w, uv, p, qg, kd, gev, s0, opts, with_states=True):
-  """(o, hs, sn); with_states=False (the primal, fused outputs only): hs is None and the
-  kernel writes no per-chunk states (a quarter of the forward kernel's traffic at D = 128)."""
+def _source_specs(src, n, c, dk, heads):
+  """BlockSpecs (grid (batch x head, Dv block)) of a sequential kernel's chunk source: the
+  prep's P, Qg, Kd, gev [BH, N, C, .], or (three arrays) q, k [B, T, H, Dk] and the log decays
+  [B, T, H] as [T, .] slabs of one (batch, head)."""
+  if len(src) == 3:
+    sq = pl.squeezed if hasattr(pl, "squeezed") else None
+    seq_k = pl.BlockSpec((sq, n * c, sq, dk), lambda i, j: (i // heads, 0, i % heads, 0))
+    return [seq_k, seq_k, pl.BlockSpec((sq, n * c, sq), lambda i, j: (i // heads, 0, i % heads))]
+  sp = _specs(n, c, dk, 1)
+  return [sp["full_c"], sp["full_k"], sp["full_k"], sp["vec"]]
+
+
+def _fwd_call(w, uv, src, s0, opts, with_states=True):
+  """(o, hs, sn) from W, Uv and the chunk source src: (P, Qg, Kd, gev) from the prep, or
+  (q, k, log_alpha) in their [B, T, H, .] layouts (the kernel makes P, Qg, Kd:
+  gdr_chunk_fwd_qk). with_states=False (the primal): hs is None and the kernel writes no
+  per-chunk states (a quarter of the forward kernel's traffic at D = 128)."""
   if opts.fwd_o == "split":
-    return _fwd_split_call(w, uv, p, qg, kd, gev, s0, opts)
+    return _fwd_split_call(w, uv, *src, s0, opts)
   bh, n, c, dk = w.shape
   dv = uv.shape[-1]
   bv = _block_v(dv, opts.block_v)
   sp = _specs(n, c, dk, bv)
-  kern = functools.partial(_fwd_kernel, n_chunks=n, dot_dtype=opts.dot_dtype)
+  from_qk = len(src) == 3
+  kern = functools.partial(_fwd_kernel, n_chunks=n, dot_dtype=opts.dot_dtype, from_qk=from_qk,
+                           with_states=with_states)
   states = ([sp["states"]], [jax.ShapeDtypeStruct((bh, n, dv, dk), opts.state_dtype)]
             ) if with_states else ([], [])
   out = pl.pallas_call(
       kern, grid=(bh, dv // bv),
-      in_specs=[sp["full_k"], sp["blk_v"], sp["full_c"], sp["full_k"], sp["full_k"], sp["vec"],
-                sp["state"]],
+      in_specs=[sp["full_k"], sp["blk_v"]] + _source_specs(src, n, c, dk, opts.heads) +
+               [sp["state"]],
       out_specs=[_seq_spec(n, c, bv, opts.heads)] + states[0] + [sp["state"]],
       out_shape=[jax.ShapeDtypeStruct((bh // opts.heads, n * c, opts.heads, dv),
                                       opts.out_dtype)] + states[1] +
                 [jax.ShapeDtypeStruct((bh, dv, dk), F32)],
-      interpret=opts.interpret, name="gdr_chunk_fwd",
+      interpret=opts.interpret, name="gdr_chunk_fwd_qk" if from_qk else "gdr_chunk_fwd",
       compiler_params=_compiler_params(opts.num_warps, opts.num_stages,
                                        opts.gpu_lowering),
-  )(w, uv, p, qg, kd, gev, s0)
+  )(w, uv, *src, s0)
   return tuple(out) if with_states else (out[0], None, out[1])
-
-
-def _fwd_qk_call(w, uv, q, k, la, s0, opts):
-  """o [B, T, H, Dv] and S_T [BH, Dv, Dk] by _fwd_qk_kernel (grid: batch x head, Dv block)."""
-  bh, n, c, dk = w.shape
-  dv = uv.shape[-1]
-  bv = _block_v(dv, opts.block_v)
-  sp = _specs(n, c, dk, bv)
-  heads = opts.heads
-  sq = pl.squeezed if hasattr(pl, "squeezed") else None
-  seq_k = pl.BlockSpec((sq, n * c, sq, dk), lambda i, j: (i // heads, 0, i % heads, 0))
-  seq_la = pl.BlockSpec((sq, n * c, sq), lambda i, j: (i // heads, 0, i % heads))
-  return pl.pallas_call(
-      functools.partial(_fwd_qk_kernel, n_chunks=n, dot_dtype=opts.dot_dtype),
-      grid=(bh, dv // bv),
-      in_specs=[sp["full_k"], sp["blk_v"], seq_k, seq_k, seq_la, sp["state"]],
-      out_specs=[_seq_spec(n, c, bv, heads), sp["state"]],
-      out_shape=[jax.ShapeDtypeStruct((bh // heads, n * c, heads, dv), opts.out_dtype),
-                 jax.ShapeDtypeStruct((bh, dv, dk), F32)],
-      interpret=opts.interpret, name="gdr_chunk_fwd_qk",
-      compiler_params=_compiler_params(opts.num_warps, opts.num_stages, opts.gpu_lowering),
-  )(w, uv, q, k, la, s0)
 
 
 def _fwd_split_call(w, uv, p, qg, kd, gev, s0, opts):
@@ -284,48 +283,64 @@ def _fwd_split_call(w, uv, p, qg, kd, gev, s0, opts):
 
 
 
-def _states_call(w, p, qg, kd, gev, do, dsn, opts):
-  """The reverse dS kernel: dS_{n+1} for every chunk n (in state_dtype) and dS_0 (float32)."""
+def _states_call(w, src, do, dsn, opts):
+  """The reverse dS kernel: dS_{n+1} for every chunk n (in state_dtype) and dS_0 (float32);
+  src as _fwd_call's."""
   bh, n, c, dk = w.shape
   dv = do.shape[-1]
   bv = _block_v(dv, opts.block_v_bwd)
   sp = _specs(n, c, dk, bv)
-  kern = functools.partial(_bwd_states_kernel, n_chunks=n, dot_dtype=opts.dot_dtype)
+  from_qk = len(src) == 3
+  kern = functools.partial(_bwd_states_kernel, n_chunks=n, dot_dtype=opts.dot_dtype,
+                           from_qk=from_qk)
   return pl.pallas_call(
       kern, grid=(bh, dv // bv),
-      in_specs=[sp["full_k"], sp["full_c"], sp["full_k"], sp["full_k"], sp["vec"],
-                _seq_spec(n, c, bv, opts.heads), sp["state"]],
+      in_specs=[sp["full_k"]] + _source_specs(src, n, c, dk, opts.heads) +
+               [_seq_spec(n, c, bv, opts.heads), sp["state"]],
       out_specs=[sp["states"], sp["state"]],
       out_shape=[jax.ShapeDtypeStruct((bh, n, dv, dk), opts.state_dtype),
                  jax.ShapeDtypeStruct((bh, dv, dk), F32)],
-      interpret=opts.interpret, name="gdr_chunk_bwd_states",
+      interpret=opts.interpret,
+      name="gdr_chunk_bwd_states_qk" if from_qk else "gdr_chunk_bwd_states",
       compiler_params=_compiler_params(opts.num_warps_bwd, opts.num_stages,
                                        opts.gpu_lowering),
-  )(w, p, qg, kd, gev, do, dsn)
+  )(w, *src, do, dsn)
 
 
 
 
-def _bwd_grads_kernel(w_ref, uv_ref, p_ref, kd_ref, hs_ref, dss_ref, do_ref,
-                      duv_ref, dw_ref, dp_ref, dqg_ref, dkd_ref, dge_ref, *, bk, dot_dtype):
+def _bwd_grads_kernel(w_ref, uv_ref, *refs, bk, dot_dtype, from_qk=False):
   """Every chunk-local gradient of one chunk, given S_n (hs [Dv, Dk]) and dS_{n+1} (dss), with
   Dk in column blocks of bk (only [C, Dv] tiles and [., bk] slabs live, no accumulators):
     pass A: W S^T, Kd dS^T; then U = Uv - W S^T, dU = Kd dS^T + P^T dO (= dUv), dP = dO U^T;
-    pass B: dKd = U dS, dQg = dO S, dW = -dU S per column block, and dge = <S, dS>."""
+    pass B: dKd = U dS, dQg = dO S, dW = -dU S per column block, and dge = <S, dS>.
+  refs: the chunk's P and Kd from the prep, or (from_qk) its q, k and log decays (P made here,
+  Kd a column block at a time), then hs, dss, do and the outputs."""
   c, dk = w_ref.shape
   dt = dot_dtype
   f = lambda x: x.astype(F32)
+  if from_qk:
+    q_ref, k_ref, la_ref, hs_ref, dss_ref, do_ref, *outs = refs
+    p, _, _, _ = _chunk_from_qk(q_ref, k_ref, la_ref, slice(None), dt)
+    la = la_ref[...].astype(F32)
+    kdec = jnp.exp(jnp.sum(la) - _cum_full(la))[:, None]
+    kd_cols = lambda cols: (f(k_ref[:, cols]) * kdec).astype(dt)
+  else:
+    p_ref, kd_ref, hs_ref, dss_ref, do_ref, *outs = refs
+    p = p_ref[...]
+    kd_cols = lambda cols: kd_ref[:, cols]
+  duv_ref, dw_ref, dp_ref, dqg_ref, dkd_ref, dge_ref = outs
   zs = jnp.zeros((c, uv_ref.shape[1]), F32)
 
   def pass_a(j, carry):
     ws, kds = carry
     cols = pl.ds(j * bk, bk)
     return (ws + _dot(w_ref[:, cols], hs_ref[:, cols], _DN_T, dt),
-            kds + _dot(kd_ref[:, cols], dss_ref[:, cols], _DN_T, dt))
+            kds + _dot(kd_cols(cols), dss_ref[:, cols], _DN_T, dt))
   ws, kds = jax.lax.fori_loop(0, dk // bk, pass_a, (zs, zs))
   do = do_ref[...]
   u = f(uv_ref[...]) - ws
-  du = kds + _dot(p_ref[...], do, _DN_TA, dt)
+  du = kds + _dot(p, do, _DN_TA, dt)
   duv_ref[...] = du.astype(duv_ref.dtype)
   dp_ref[...] = _dot(do, u, _DN_T, dt).astype(dp_ref.dtype)
   u, du = u.astype(dt), du.astype(dt)
@@ -342,43 +357,56 @@ def _bwd_grads_kernel(w_ref, uv_ref, p_ref, kd_ref, hs_ref, dss_ref, do_ref,
   dge_ref[...] = jnp.zeros((c,), F32) + dge / c
 
 
-def _bwd_call_split_pallas(w, uv, p, qg, kd, gev, hs, do, dsn, opts):
+def _bwd_call_split_pallas(w, uv, src, hs, do, dsn, opts):
   """Backward as the sequential dS kernel (Dv blocks of block_v_bwd rows) + one parallel Pallas
   kernel over (batch x head, chunk) for every chunk-local gradient, written in the operands'
-  dtype (no float32 partials)."""
+  dtype (no float32 partials); src as _fwd_call's. Returns dUv, dW, dP, dQg, dKd (as the prep
+  stores P, Qg, Kd), d(gev) [BH, N, C] (each entry the chunk's whole dge) and dS_0."""
   bh, n, c, dk = w.shape
   dv = uv.shape[-1]
-  dss, ds0 = _states_call(w, p, qg, kd, gev, do, dsn, opts)
+  dss, ds0 = _states_call(w, src, do, dsn, opts)
   heads = opts.heads
   sq = pl.squeezed if hasattr(pl, "squeezed") else None
   do_spec = pl.BlockSpec((sq, c, sq, dv), lambda i, j: (i // heads, j, i % heads, 0))
   ck = lambda d: pl.BlockSpec((sq, sq, c, d), lambda i, j: (i, j, 0, 0))
   st = pl.BlockSpec((sq, sq, dv, dk), lambda i, j: (i, j, 0, 0))
   cv = pl.BlockSpec((sq, sq, c), lambda i, j: (i, j, 0))
-  kern = functools.partial(_bwd_grads_kernel, bk=_block_v(dk, opts.block_k_grads, "block_k_grads", "Dk"),
-                           dot_dtype=opts.dot_dtype)
-  like = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype)
+  from_qk = len(src) == 3
+  if from_qk:
+    q, k, la = src
+    src_specs = [pl.BlockSpec((sq, c, sq, dk), lambda i, j: (i // heads, j, i % heads, 0))] * 2 \
+        + [pl.BlockSpec((sq, c, sq), lambda i, j: (i // heads, j, i % heads))]
+    src_in = (q, k, la)
+  else:
+    p, _, kd, _ = src
+    src_specs, src_in = [ck(c), ck(dk)], (p, kd)
+  kern = functools.partial(_bwd_grads_kernel, bk=_block_v(dk, opts.block_k_grads,
+                                                           "block_k_grads", "Dk"),
+                           dot_dtype=opts.dot_dtype, from_qk=from_qk)
+  shp = lambda d, dtype=opts.dot_dtype: jax.ShapeDtypeStruct((bh, n, c) + ((d,) if d else ()),
+                                                              dtype)
   duv, dw, dp, dqg, dkd, dgev = pl.pallas_call(
       kern, grid=(bh, n),
-      in_specs=[ck(dk), ck(dv), ck(c), ck(dk), st, st, do_spec],
+      in_specs=[ck(dk), ck(dv)] + src_specs + [st, st, do_spec],
       out_specs=[ck(dv), ck(dk), ck(c), ck(dk), ck(dk), cv],
-      out_shape=[like(uv), like(w), like(p), like(qg), like(kd),
-                 jax.ShapeDtypeStruct(gev.shape, F32)],
-      interpret=opts.interpret, name="gdr_chunk_bwd_grads",
+      out_shape=[jax.ShapeDtypeStruct(uv.shape, uv.dtype), jax.ShapeDtypeStruct(w.shape, w.dtype),
+                 shp(c), shp(dk), shp(dk), shp(None, F32)],
+      interpret=opts.interpret,
+      name="gdr_chunk_bwd_grads_qk" if from_qk else "gdr_chunk_bwd_grads",
       compiler_params=_compiler_params(opts.num_warps_grads, opts.num_stages,
                                        opts.gpu_lowering),
-  )(w, uv, p, kd, hs, dss, do)
+  )(w, uv, *src_in, hs, dss, do)
   return duv, dw, dp, dqg, dkd, dgev * c, ds0
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
 def _recurrence(w, uv, p, qg, kd, gev, s0, opts):
-  o, _, sn = _fwd_call(w, uv, p, qg, kd, gev, s0, opts, with_states=False)
+  o, _, sn = _fwd_call(w, uv, (p, qg, kd, gev), s0, opts, with_states=False)
   return o, sn
 
 
 def _recurrence_fwd(w, uv, p, qg, kd, gev, s0, opts):
-  o, hs, sn = _fwd_call(w, uv, p, qg, kd, gev, s0, opts)
+  o, hs, sn = _fwd_call(w, uv, (p, qg, kd, gev), s0, opts)
   # named so that a selective jax.checkpoint (model.remat) keeps them: no kernel runs twice
   return (o, sn), remat.keep((w, uv, p, qg, kd, gev, hs))
 
@@ -386,7 +414,7 @@ def _recurrence_fwd(w, uv, p, qg, kd, gev, s0, opts):
 def _recurrence_bwd(opts, res, cts):
   w, uv, p, qg, kd, gev, hs = res
   do, dsn = cts
-  duv, dw, dp, dqg, dkd, dge, ds0 = _bwd_call_split_pallas(w, uv, p, qg, kd, gev, hs, do,
+  duv, dw, dp, dqg, dkd, dge, ds0 = _bwd_call_split_pallas(w, uv, (p, qg, kd, gev), hs, do,
                                                            dsn.astype(F32), opts)
   return (dw.astype(w.dtype), duv.astype(uv.dtype), dp.astype(p.dtype), dqg.astype(qg.dtype),
           dkd.astype(kd.dtype), (dge / gev.shape[-1]).astype(gev.dtype), ds0)
@@ -792,7 +820,7 @@ def _prep_split_call(q, k, v, la, beta, opts, with_t=False, lean=False):
   on sm_90, ptxas); here every dot over D is one [C, C] or [C, D] tile (123, 128 and 73
   registers). prep_fwd="split2": two kernels, the inverse and W / Uv in one (T stays in
   registers; written only with_t). lean=True (the primal): the first kernel writes only A and
-  the call returns (W, Uv); _fwd_qk_kernel makes the rest."""
+  the call returns (W, Uv) (with_t: and T); the recurrence kernels make the rest from q, k."""
   c, dk, dv, dt, seq, vec, chunk, cvec, shp, call = _prep_forward_parts(q, v, opts)
   if lean:
     a = call(functools.partial(_prep_a_only_kernel, dot_dtype=dt), "gdr_prep_a_only",
@@ -943,15 +971,18 @@ def _pallas_rule(q, k, v, la, beta, s0, plan):
   """The rule with the Pallas prep, on inputs whose T is a multiple of the chunk: o [B, T, H,
   Dv], S_T [BH, Dv, Dk]. Undifferentiated it writes nothing for a backward: the prep gives A,
   then W and Uv, and the recurrence kernel makes P, Qg, Kd from q, k and the decays itself.
-  Differentiated (_pallas_rule_fwd) it is the prep's and the recurrence's forwards with their
-  residuals, and its backward theirs, in reverse."""
+  Differentiated (_pallas_rule_fwd): residuals="chunks" runs the prep's and the recurrence's
+  forwards with their residuals (W, Uv, P, Qg, Kd, ge, T and the states), and the backward
+  theirs in reverse; residuals="qk" keeps only W, Uv, T and the states, and the recurrence's
+  kernels, forward and backward, make P, Qg, Kd from q, k and the decays as the primal does."""
   bsz, t, h, _ = q.shape
   flat = lambda a: a.reshape((bsz * h,) + a.shape[2:])
   if _lean(plan):
     w, uv = _prep_split_call(q, k, v, la, beta, plan, lean=True)
-    return _fwd_qk_call(flat(w), flat(uv), q, k, la, s0, plan)
+    o, _, sn = _fwd_call(flat(w), flat(uv), (q, k, la), s0, plan, with_states=False)
+    return o, sn
   w, uv, p, qg, kd, gev = _prep_fwd_call(q, k, v, la, beta, plan)
-  o, _, sn = _fwd_call(*(flat(a) for a in (w, uv, p, qg, kd, gev)), s0, plan,
+  o, _, sn = _fwd_call(flat(w), flat(uv), tuple(flat(a) for a in (p, qg, kd, gev)), s0, plan,
                        with_states=False)
   return o, sn
 
@@ -959,6 +990,12 @@ def _pallas_rule(q, k, v, la, beta, s0, plan):
 def _pallas_rule_fwd(q, k, v, la, beta, s0, plan):
   bsz, t, h, _ = q.shape
   flat = lambda a: a.reshape((bsz * h,) + a.shape[2:])
+  if _lean(plan) and plan.residuals == "qk":
+    w, uv, tinv = _prep_split_call(q, k, v, la, beta, plan, with_t=True, lean=True)
+    o, hs, sn = _fwd_call(flat(w), flat(uv), (q, k, la), s0, plan)
+    # named so that a selective jax.checkpoint (model.remat) keeps them: no kernel runs twice
+    return (o, sn), ((q, k, v, la, beta, remat.keep(tinv)),
+                     remat.keep((flat(w), flat(uv), hs)))
   chunks, prep_res = _prep_pallas_fwd(q, k, v, la, beta, plan)
   out, rec_res = _recurrence_fwd(*(flat(a) for a in chunks), s0, plan)
   return out, (prep_res, rec_res)
@@ -967,7 +1004,16 @@ def _pallas_rule_fwd(q, k, v, la, beta, s0, plan):
 def _pallas_rule_bwd(plan, res, cts):
   prep_res, rec_res = res
   bsz, _, h, _ = prep_res[0].shape
-  *d_chunks, ds0 = _recurrence_bwd(plan, rec_res, cts)
+  if _lean(plan) and plan.residuals == "qk":
+    q, k, _, la, _, _ = prep_res
+    w, uv, hs = rec_res
+    do, dsn = cts
+    duv, dw, dp, dqg, dkd, dgev, ds0 = _bwd_call_split_pallas(
+        w, uv, (q, k, la), hs, do, dsn.astype(F32), plan)
+    # in the prep's output order; as _recurrence_bwd, the chunk's dge spread over its C entries
+    d_chunks = (dw, duv, dp, dqg, dkd, dgev / plan.chunk)
+  else:
+    *d_chunks, ds0 = _recurrence_bwd(plan, rec_res, cts)
   d_chunks = tuple(a.reshape((bsz, h) + a.shape[1:]) for a in d_chunks)
   return tuple(_prep_pallas_bwd(plan, prep_res, d_chunks)) + (ds0,)
 
@@ -979,6 +1025,7 @@ _pallas_rule.defvjp(_pallas_rule_fwd, _pallas_rule_bwd)
 PREPS = ("pallas", "xla")
 PREP_FWDS = ("fused", "split", "split2")
 WY_DTYPES = ("float32", "dot")
+RESIDUALS = ("chunks", "qk")
 PRECISIONS = ("highest", "default")
 FWD_OS = ("fused", "split")
 
@@ -1000,7 +1047,11 @@ class DeltaRuleOptions:
   num_warps_inv: the inverse kernel's warps, 0 = num_warps_prep; inverse_diag: the inverse's
   16 x 16 diagonal blocks by forward substitution or by the power series ("substitution" |
   "series"); wy_dtype: the operands of W = T Kb and Uv = T Vb, "float32" (TF32 on GPU) or
-  "dot" (dot_dtype, bf16 for bf16 inputs, as FLA's recompute_w_u)) or "xla" (the chunk quantities in plain JAX,
+  "dot" (dot_dtype, bf16 for bf16 inputs, as FLA's recompute_w_u); residuals: what the
+  differentiated forward keeps for the backward with the split prep and fused outputs:
+  "chunks" (the prep's W, Uv, P, Qg, Kd, ge, its T and the states) or "qk" (W, Uv, T and the
+  states; the recurrence's kernels make P, Qg, Kd from q, k and the decays, forward and
+  backward)) or "xla" (the chunk quantities in plain JAX,
   float32, differentiated by autodiff; inverse_precision: the matmul precision of its
   (I + A)^-1, "highest" | "default").
   block_v / num_warps: Dv rows of the state per program of the forward recurrence kernel;
@@ -1036,6 +1087,7 @@ class DeltaRuleOptions:
   state_dtype: str = "auto"
   inverse_diag: str = "series"
   wy_dtype: str = "dot"
+  residuals: str = "chunks"
   inverse_precision: str = "highest"
   dot_dtype: str | None = None
   interpret: bool | None = None
@@ -1059,7 +1111,7 @@ class DeltaRuleOptions:
     if self.prep not in PREPS:
       raise ValueError(f"delta rule kernel: prep={self.prep!r} must be 'pallas' or 'xla'.")
     for name, allowed in (("prep_fwd", PREP_FWDS), ("inverse_diag", INVERSE_DIAGS),
-                          ("wy_dtype", WY_DTYPES)):
+                          ("wy_dtype", WY_DTYPES), ("residuals", RESIDUALS)):
       if getattr(self, name) not in allowed:
         raise ValueError(f"delta rule kernel: {name}={getattr(self, name)!r} must be one of "
                          f"{list(allowed)}.")
