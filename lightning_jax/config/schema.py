@@ -136,8 +136,10 @@ FIELDS: tuple[Field, ...] = (
       "(the dot dtype, bf16 in the model, as FLA; 0.25 ms at B4 x T4096 on an H100) | float32 "
       "(TF32 on GPU: 0.46 ms)", choices=("float32", "dot"), resume=FREE),
     F("model.deltanet.kernel.residuals", "chunks", "kernel forward's residuals for the "
-      "backward: chunks (the prep's P, Qg, Kd among them) | qk (the recurrence's kernels remake "
-      "P, Qg, Kd from q, k)", choices=("chunks", "qk"), resume=FREE),
+      "backward: chunks (the prep's P, Qg, Kd among them; the delta rule's fwd+bwd 3.86 ms at "
+      "B4 x T4096 on an H100) | qk (the recurrence's kernels remake P, Qg, Kd from q, k: 4.17 "
+      "ms, but stage_2b's B4 step holds 2.3 GiB less at the same step time)",
+      choices=("chunks", "qk"), resume=FREE),
     F("model.deltanet.kernel.num_warps_prep", 8, "kernel chunk prep's forward warps (A; W / Uv)",
       check="size", resume=FREE),
     F("model.deltanet.kernel.num_warps_inv", 2, "kernel chunk prep's inverse warps (0: "
