@@ -148,6 +148,7 @@ DELTA_SETTINGS = [   # (label, DeltaRuleOptions fields, run at both shapes)
     # the differentiated forward keeps W, Uv, T and the states; the recurrence's kernels make
     # P, Qg, Kd from q, k (forward and backward)
     ("residuals qk", dict(residuals="qk"), True),
+    ("prep_bwd_p", dict(prep_bwd_p=True), True),
     # the lean primal's recurrence kernel (it makes P, Qg, Kd itself) at 8 warps / 32 state rows
     ("split2 + series + wy dot, inverse 4 warps, fwd 8 warps",
      dict(prep_fwd="split2", inverse_diag="series", wy_dtype="dot", num_warps_inv=4,

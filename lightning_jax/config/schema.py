@@ -140,6 +140,9 @@ FIELDS: tuple[Field, ...] = (
       "B4 x T4096 on an H100) | qk (the recurrence's kernels remake P, Qg, Kd from q, k: 4.17 "
       "ms, but stage_2b's B4 step holds 2.3 GiB less at the same step time)",
       choices=("chunks", "qk"), resume=FREE),
+    F("model.deltanet.kernel.prep_bwd_p", False, "kernel chunk prep's backward reads the "
+      "saved P for the decay gradient (residuals=chunks) instead of rebuilding Q K^T",
+      resume=FREE),
     F("model.deltanet.kernel.num_warps_prep", 8, "kernel chunk prep's forward warps (A; W / Uv)",
       check="size", resume=FREE),
     F("model.deltanet.kernel.num_warps_inv", 2, "kernel chunk prep's inverse warps (0: "

@@ -209,6 +209,10 @@ _DELTA = Op(
         "kernel_c64_qk_residuals": Impl(_rule(DeltaRuleOptions(
             chunk=64, residuals="qk", block_v=8, block_v_bwd=8, block_k_grads=8)),
             ("b2_t100_dv32", "bf16_t64_grads")),
+        # the prep's backward reads the saved P (dP o P) instead of rebuilding Q K^T
+        "kernel_c64_prep_bwd_p": Impl(_rule(DeltaRuleOptions(
+            chunk=64, prep_bwd_p=True, block_v=8, block_v_bwd=8, block_k_grads=8)),
+            ("b2_t100_dv32",)),
         "kernel_c32_substitution": Impl(_rule(DeltaRuleOptions(
             chunk=32, inverse_diag="substitution", wy_dtype="float32", block_v=8, block_v_bwd=8,
             block_k_grads=8)), ("b1_t100_dv16",)),

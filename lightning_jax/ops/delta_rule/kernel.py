@@ -856,8 +856,7 @@ def _prep_split_call(q, k, v, la, beta, opts, with_t=False, lean=False):
 
 
 def _prep_bwd_kernel(q_ref, k_ref, v_ref, la_ref, b_ref, t_ref, dw_ref, duv_ref, dp_ref,
-                     dqg_ref, dkd_ref, dge_ref, dq_ref, dk_ref, dv_ref, dla_ref, db_ref, *,
-                     bk, dot_dtype):
+                     dqg_ref, dkd_ref, dge_ref, *refs, bk, dot_dtype, with_p=False):
   """Cotangents of W, Uv, P, Qg, Kd, ge -> of q, k, v, log_alpha, beta for one chunk, with the
   forward's T = (I + A)^-1 (Kb = diag(beta gamma) K, Vb = diag(beta) V, W = T Kb, Uv = T Vb).
   Every [C, D] operand is taken in column blocks of bk (loops over D), so that only [C, C]
@@ -867,7 +866,10 @@ def _prep_bwd_kernel(q_ref, k_ref, v_ref, la_ref, b_ref, t_ref, dw_ref, duv_ref,
       (A = diag(beta) (M o K K^T), P = M o Q K^T, M_ts = e^{g_t - g_s}: dg_t += rowsum(dA o A
       + dP o P), dg_s -= colsum(...));
     pass 2: dq, dk per column block (W = T Kb: dKb = T^T dW; Qg, Kd: diagonal scalings), with
-      the row sums that feed dbeta and dg; dlog_alpha = reverse cumsum of dg (+ dg_C)."""
+      the row sums that feed dbeta and dg; dlog_alpha = reverse cumsum of dg (+ dg_C).
+  with_p: refs start with the forward's P (as the recurrence saved it), and dP o P is formed
+  from it instead of from Q K^T accumulated in pass 1 (one [C, C] float32 tile fewer live)."""
+  p_ref, (dq_ref, dk_ref, dv_ref, dla_ref, db_ref) = (refs[0] if with_p else None), refs[-5:]
   c, dk_total = q_ref.shape
   dv_total = v_ref.shape[1]
   dt = dot_dtype
@@ -875,13 +877,14 @@ def _prep_bwd_kernel(q_ref, k_ref, v_ref, la_ref, b_ref, t_ref, dw_ref, duv_ref,
   la, beta, t, row, col, g, gc, gam, kdec, bg, zc, zv = _bwd_chunk_setup(la_ref, b_ref, t_ref, c)
 
   def pass1_k(j, carry):
-    dtt, kk, qk = carry
+    dtt, kk, *qk = carry
     cols = pl.ds(j * bk, bk)
     k_b = k_ref[:, cols]
     kb = f(k_b) * bg[:, None]
     return (dtt + _dot(dw_ref[:, cols], kb, _DN_T, dt), kk + _dot(k_b, k_b, _DN_T, dt),
-            qk + _dot(q_ref[:, cols], k_b, _DN_T, dt))
-  dtt, kk, qk = jax.lax.fori_loop(0, dk_total // bk, pass1_k, (zc, zc, zc))
+            *(qk[0] + _dot(q_ref[:, cols], k_b, _DN_T, dt) for _ in qk))
+  dtt, kk, *qk = jax.lax.fori_loop(0, dk_total // bk, pass1_k,
+                                   (zc, zc) if with_p else (zc, zc, zc))
 
   def pass1_v(j, carry):
     dtt, db = carry
@@ -895,7 +898,7 @@ def _prep_bwd_kernel(q_ref, k_ref, v_ref, la_ref, b_ref, t_ref, dw_ref, duv_ref,
 
   m, dkk, db, dg = _inverse_grads(t, dtt, kk, beta, g, row, col, db)
   dpm = f(dp_ref[...]) * m
-  z = dpm * qk                                                 # dP o P
+  z = f(dp_ref[...]) * f(p_ref[...]) if with_p else dpm * qk[0]     # dP o P
   dg = dg + jnp.sum(z, axis=1) - jnp.sum(z, axis=0)
 
   def pass2(j, carry):
@@ -922,24 +925,27 @@ def _prep_bwd_kernel(q_ref, k_ref, v_ref, la_ref, b_ref, t_ref, dw_ref, duv_ref,
                   ).astype(dla_ref.dtype)
 
 
-def _prep_bwd_call(q, k, v, la, beta, t, dw, duv, dp, dqg, dkd, dge, opts):
+def _prep_bwd_call(q, k, v, la, beta, t, dw, duv, dp, dqg, dkd, dge, opts, p=None):
+  """dq, dk, dv, dlog_alpha, dbeta; p: the forward's P [B, H, N, C, C] (prep_bwd_p), or None."""
   bsz, tt, h, dk = q.shape
   dv = v.shape[-1]
   c = opts.chunk
   seq, vec, chunk, cvec = _prep_specs(c, dk, dv)
   kern = functools.partial(_prep_bwd_kernel, bk=_block_v(min(dk, dv), opts.block_k_grads,
                                                  "block_k_grads", "min(Dk, Dv)"),
-                           dot_dtype=opts.dot_dtype)
+                           dot_dtype=opts.dot_dtype, with_p=p is not None)
+  extra = () if p is None else (p,)
   return tuple(pl.pallas_call(
       kern, grid=(bsz, h, tt // c),
       in_specs=[seq(dk), seq(dk), seq(dv), vec, vec, chunk(c),
-                chunk(dk), chunk(dv), chunk(c), chunk(dk), chunk(dk), cvec],
+                chunk(dk), chunk(dv), chunk(c), chunk(dk), chunk(dk), cvec] +
+               [chunk(c)] * len(extra),
       out_specs=[seq(dk), seq(dk), seq(dv), vec, vec],
       out_shape=[jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (q, k, v, la, beta)],
       interpret=opts.interpret, name="gdr_prep_bwd",
       compiler_params=_compiler_params(opts.num_warps_prep_bwd, opts.num_stages,
                                        opts.gpu_lowering),
-  )(q, k, v, la, beta, t, dw, duv, dp, dqg, dkd, dge))
+  )(q, k, v, la, beta, t, dw, duv, dp, dqg, dkd, dge, *extra))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -1012,10 +1018,12 @@ def _pallas_rule_bwd(plan, res, cts):
         w, uv, (q, k, la), hs, do, dsn.astype(F32), plan)
     # in the prep's output order; as _recurrence_bwd, the chunk's dge spread over its C entries
     d_chunks = (dw, duv, dp, dqg, dkd, dgev / plan.chunk)
+    p = None
   else:
     *d_chunks, ds0 = _recurrence_bwd(plan, rec_res, cts)
+    p = rec_res[2].reshape((bsz, h) + rec_res[2].shape[1:]) if plan.prep_bwd_p else None
   d_chunks = tuple(a.reshape((bsz, h) + a.shape[1:]) for a in d_chunks)
-  return tuple(_prep_pallas_bwd(plan, prep_res, d_chunks)) + (ds0,)
+  return tuple(_prep_bwd_call(*prep_res, *d_chunks, plan, p=p)) + (ds0,)
 
 
 _pallas_rule.defvjp(_pallas_rule_fwd, _pallas_rule_bwd)
@@ -1051,7 +1059,8 @@ class DeltaRuleOptions:
   differentiated forward keeps for the backward with the split prep and fused outputs:
   "chunks" (the prep's W, Uv, P, Qg, Kd, ge, its T and the states) or "qk" (W, Uv, T and the
   states; the recurrence's kernels make P, Qg, Kd from q, k and the decays, forward and
-  backward)) or "xla" (the chunk quantities in plain JAX,
+  backward); prep_bwd_p (residuals "chunks"): the prep's backward reads the saved P for the
+  decay gradient's dP o P instead of rebuilding Q K^T) or "xla" (the chunk quantities in plain JAX,
   float32, differentiated by autodiff; inverse_precision: the matmul precision of its
   (I + A)^-1, "highest" | "default").
   block_v / num_warps: Dv rows of the state per program of the forward recurrence kernel;
@@ -1088,6 +1097,7 @@ class DeltaRuleOptions:
   inverse_diag: str = "series"
   wy_dtype: str = "dot"
   residuals: str = "chunks"
+  prep_bwd_p: bool = False
   inverse_precision: str = "highest"
   dot_dtype: str | None = None
   interpret: bool | None = None
@@ -1108,6 +1118,9 @@ class DeltaRuleOptions:
       val = getattr(self, name)
       if not isinstance(val, int) or val < 1:
         raise ValueError(f"delta rule kernel: {name}={val!r} must be a positive integer.")
+    if not isinstance(self.prep_bwd_p, bool):
+      raise ValueError(f"delta rule kernel: prep_bwd_p={self.prep_bwd_p!r} must be True or "
+                       f"False.")
     if self.prep not in PREPS:
       raise ValueError(f"delta rule kernel: prep={self.prep!r} must be 'pallas' or 'xla'.")
     for name, allowed in (("prep_fwd", PREP_FWDS), ("inverse_diag", INVERSE_DIAGS),
