@@ -199,11 +199,6 @@ _DELTA = Op(
                                                              block_v=8, block_v_bwd=8,
                                                              block_k_grads=8)),
                                       ("b1_t100_dv16",)),
-        # the prep's forward as two kernels (A; the inverse with W / Uv), and the inverse's
-        # diagonal blocks by forward substitution (the default is the power series)
-        "kernel_c64_split2": Impl(_rule(DeltaRuleOptions(chunk=64, prep_fwd="split2", block_v=8,
-                                                         block_v_bwd=8, block_k_grads=8)),
-                                  ("b2_t100_dv32",)),
         # the differentiated forward keeps W, Uv, T and the states; the recurrence's kernels
         # (forward, dS, per-chunk gradients) make P, Qg, Kd from q, k and the decays
         "kernel_c64_qk_residuals": Impl(_rule(DeltaRuleOptions(
@@ -213,9 +208,6 @@ _DELTA = Op(
         "kernel_c64_prep_bwd_p": Impl(_rule(DeltaRuleOptions(
             chunk=64, prep_bwd_p=True, block_v=8, block_v_bwd=8, block_k_grads=8)),
             ("b2_t100_dv32",)),
-        "kernel_c32_substitution": Impl(_rule(DeltaRuleOptions(
-            chunk=32, inverse_diag="substitution", wy_dtype="float32", block_v=8, block_v_bwd=8,
-            block_k_grads=8)), ("b1_t100_dv16",)),
         # the forward's outputs by a kernel parallel over chunks, from the saved states
         "kernel_c64_split_out": Impl(_rule(DeltaRuleOptions(chunk=64, fwd_o="split", block_v=8,
                                                             block_v_bwd=8, block_k_grads=8)),
@@ -249,6 +241,9 @@ _DELTA_PREP = Op(
                              1e-5, 1e-5)},
     impls={"pallas": Impl(_pallas_prep, ("t128_dv32",)),
            "pallas_fused": Impl(lambda *a: _pallas_prep(*a, prep_fwd="fused"), ("t128_dv32",)),
+           # the prep's forward as two kernels (A; the inverse with W / Uv) and the inverse's
+           # diagonal blocks by forward substitution (the defaults: three kernels, the series);
+           # the rule composes the prep's custom_vjp as it is tested here
            "pallas_split2_substitution": Impl(
                lambda *a: _pallas_prep(*a, prep_fwd="split2", inverse_diag="substitution"),
                ("t128_dv32",))})
