@@ -136,26 +136,15 @@ DELTA_SETTINGS = [   # (label, DeltaRuleOptions fields, run at both shapes)
     ("prep_fwd fused, prep warps 8", dict(prep_fwd="fused", num_warps_prep_bwd=8), True),
     ("fwd_o split", dict(fwd_o="split"), True),
     ("dS BV 64 warps 8", dict(block_v_bwd=64, num_warps_bwd=8), False),
-    # session 19: the inverse's diagonal blocks by the power series; the inverse and W / Uv in
-    # one kernel; W / Uv from bf16 operands (FLA's choice)
-    ("inverse_diag series", dict(inverse_diag="series"), True),
+    # session 19 (its defaults: the series inverse, bf16 W / Uv): the settings before it, the
+    # inverse and W / Uv in one kernel, the two residual layouts, the forward kernel's shape
+    ("inverse substitution, W / Uv float32", dict(inverse_diag="substitution",
+                                                  wy_dtype="float32"), True),
     ("prep_fwd split2", dict(prep_fwd="split2"), True),
-    ("wy_dtype dot", dict(wy_dtype="dot"), True),
-    ("split2 + series + wy dot", dict(prep_fwd="split2", inverse_diag="series",
-                                      wy_dtype="dot"), True),
-    ("split2 + series + wy dot, inverse 4 warps",
-     dict(prep_fwd="split2", inverse_diag="series", wy_dtype="dot", num_warps_inv=4), True),
-    # the differentiated forward keeps W, Uv, T and the states; the recurrence's kernels make
-    # P, Qg, Kd from q, k (forward and backward)
     ("residuals qk", dict(residuals="qk"), True),
     ("prep_bwd_p", dict(prep_bwd_p=True), True),
-    # the lean primal's recurrence kernel (it makes P, Qg, Kd itself) at 8 warps / 32 state rows
-    ("split2 + series + wy dot, inverse 4 warps, fwd 8 warps",
-     dict(prep_fwd="split2", inverse_diag="series", wy_dtype="dot", num_warps_inv=4,
-          num_warps=8), True),
-    ("split2 + series + wy dot, inverse 4 warps, fwd BV 32",
-     dict(prep_fwd="split2", inverse_diag="series", wy_dtype="dot", num_warps_inv=4,
-          block_v=32), True),
+    ("forward kernel 8 warps", dict(num_warps=8), False),
+    ("forward kernel BV 32", dict(block_v=32), False),
 ]
 
 

@@ -656,11 +656,17 @@ def _block_inverse(a, nb, diag="substitution"):
   return t
 
 
+def _wy_mm(wy_dt):
+  """T x (scaled K or V): float32 operands (TF32 on GPU) for wy_dt None, else wy_dt operands;
+  float32 accumulation either way."""
+  return (lambda x, y: _mm(x, y)) if wy_dt is None else (lambda x, y: _dot(x, y, _DN, wy_dt))
+
+
 def _wy_blocks(t, k, v_ref, beta, g, rows, w_ref, uv_ref, wy_dt):
   """W = T diag(beta gamma) K and Uv = T diag(beta) V by 16-row blocks from T's sub-blocks
   {(i, j)}: W_i = sum_{j <= i} T_ij Kb_j. k: the chunk's [sb, Dk] row blocks of K (tiles or
-  refs' loads); wy_dt None: float32 operands (TF32 on GPU), else that operand dtype."""
-  mm = (lambda x, y: _mm(x, y)) if wy_dt is None else (lambda x, y: _dot(x, y, _DN, wy_dt))
+  refs' loads); wy_dt as _wy_mm's."""
+  mm = _wy_mm(wy_dt)
   for i in range(len(rows)):
     w = uv = None
     for j in range(i + 1):
@@ -703,22 +709,23 @@ def _prep_fwd_kernel(q_ref, k_ref, v_ref, la_ref, b_ref,
   ge_ref[...] = jnp.zeros((c,), F32) + jnp.exp(gc)
 
 
+def _a_tile(k, beta, m, dot_dtype):
+  """A = strictly-lower(diag(beta) (M o K K^T)) [C, C] float32 from the chunk's k [C, Dk]."""
+  c = k.shape[0]
+  return jnp.where(_iota((c, c), 1) < _iota((c, c), 0),
+                   beta[:, None] * m * _dot(k, k, _DN_T, dot_dtype), 0.0)
+
+
 def _prep_a_kernel(q_ref, k_ref, la_ref, b_ref, a_ref, p_ref, qg_ref, kd_ref, ge_ref, *,
                    dot_dtype):
   """Split prep, kernel 1 of 3, on full [C, C] / [C, D] tiles: A = strictly-lower(diag(beta)
   (M o K K^T)) in float32 for the inverse kernel, and P, Qg, Kd, ge as the fused prep writes them."""
   c = q_ref.shape[0]
-  la, beta = la_ref[...].astype(F32), b_ref[...].astype(F32)
-  g = _cum_full(la)
-  gc = jnp.sum(la)
-  m = _decay_block(g, g, True)
-  q, k = q_ref[...], k_ref[...]
-  a_ref[...] = jnp.where(_iota((c, c), 1) < _iota((c, c), 0),
-                         beta[:, None] * m * _dot(k, k, _DN_T, dot_dtype), 0.0)
-  p_ref[...] = (m * _dot(q, k, _DN_T, dot_dtype)).astype(p_ref.dtype)
-  qg_ref[...] = (q.astype(F32) * jnp.exp(g)[:, None]).astype(qg_ref.dtype)
-  kd_ref[...] = (k.astype(F32) * jnp.exp(gc - g)[:, None]).astype(kd_ref.dtype)
-  ge_ref[...] = jnp.zeros((c,), F32) + jnp.exp(gc)
+  g = _cum_full(la_ref[...].astype(F32))
+  a_ref[...] = _a_tile(k_ref[...], b_ref[...].astype(F32), _decay_block(g, g, True), dot_dtype)
+  p, qg, kd, ge = _chunk_from_qk(q_ref, k_ref, la_ref, slice(None), dot_dtype)
+  p_ref[...], qg_ref[...], kd_ref[...] = p, qg, kd
+  ge_ref[...] = jnp.zeros((c,), F32) + ge
 
 
 def _read_blocks(a_ref, sb):
@@ -730,12 +737,8 @@ def _read_blocks(a_ref, sb):
 
 def _prep_a_only_kernel(k_ref, la_ref, b_ref, a_ref, *, dot_dtype):
   """The lean forward's prep kernel 1: only A (the recurrence kernel makes P, Qg, Kd)."""
-  c = k_ref.shape[0]
-  la, beta = la_ref[...].astype(F32), b_ref[...].astype(F32)
-  k = k_ref[...]
-  a_ref[...] = jnp.where(_iota((c, c), 1) < _iota((c, c), 0),
-                         beta[:, None] * _decay_block(*(2 * (_cum_full(la),)), True)
-                         * _dot(k, k, _DN_T, dot_dtype), 0.0)
+  g = _cum_full(la_ref[...].astype(F32))
+  a_ref[...] = _a_tile(k_ref[...], b_ref[...].astype(F32), _decay_block(g, g, True), dot_dtype)
 
 
 def _prep_inv_kernel(a_ref, t_ref, *, sb, diag):
@@ -769,7 +772,7 @@ def _prep_wy_kernel(k_ref, v_ref, la_ref, b_ref, t_ref, w_ref, uv_ref, *, wy_dt)
   t = t_ref[...]
   kb = k_ref[...].astype(F32) * (beta * jnp.exp(_cum_full(la)))[:, None]
   vb = v_ref[...].astype(F32) * beta[:, None]
-  mm = (lambda x, y: _mm(x, y)) if wy_dt is None else (lambda x, y: _dot(x, y, _DN, wy_dt))
+  mm = _wy_mm(wy_dt)
   w_ref[...] = mm(t, kb).astype(w_ref.dtype)
   uv_ref[...] = mm(t, vb).astype(uv_ref.dtype)
 
@@ -877,14 +880,14 @@ def _prep_bwd_kernel(q_ref, k_ref, v_ref, la_ref, b_ref, t_ref, dw_ref, duv_ref,
   la, beta, t, row, col, g, gc, gam, kdec, bg, zc, zv = _bwd_chunk_setup(la_ref, b_ref, t_ref, c)
 
   def pass1_k(j, carry):
-    dtt, kk, *qk = carry
+    dtt, kk, qk = carry               # qk: None with_p (P is read instead)
     cols = pl.ds(j * bk, bk)
     k_b = k_ref[:, cols]
     kb = f(k_b) * bg[:, None]
     return (dtt + _dot(dw_ref[:, cols], kb, _DN_T, dt), kk + _dot(k_b, k_b, _DN_T, dt),
-            *(qk[0] + _dot(q_ref[:, cols], k_b, _DN_T, dt) for _ in qk))
-  dtt, kk, *qk = jax.lax.fori_loop(0, dk_total // bk, pass1_k,
-                                   (zc, zc) if with_p else (zc, zc, zc))
+            None if with_p else qk + _dot(q_ref[:, cols], k_b, _DN_T, dt))
+  dtt, kk, qk = jax.lax.fori_loop(0, dk_total // bk, pass1_k,
+                                  (zc, zc, None if with_p else zc))
 
   def pass1_v(j, carry):
     dtt, db = carry
@@ -898,7 +901,7 @@ def _prep_bwd_kernel(q_ref, k_ref, v_ref, la_ref, b_ref, t_ref, dw_ref, duv_ref,
 
   m, dkk, db, dg = _inverse_grads(t, dtt, kk, beta, g, row, col, db)
   dpm = f(dp_ref[...]) * m
-  z = f(dp_ref[...]) * f(p_ref[...]) if with_p else dpm * qk[0]     # dP o P
+  z = f(dp_ref[...]) * f(p_ref[...]) if with_p else dpm * qk        # dP o P
   dg = dg + jnp.sum(z, axis=1) - jnp.sum(z, axis=0)
 
   def pass2(j, carry):
