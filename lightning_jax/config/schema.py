@@ -209,8 +209,10 @@ FIELDS: tuple[Field, ...] = (
       "fused (the same forward with a written-out backward that reads the state three times; "
       "compiled for an H100 it moves 6.8 GB less per group of 120B rank layers and plans 0.34 GB "
       "more; timed on stage_2b in session 18 it was slower: B4 +50.7 ms, B1 +11.0 ms on an "
-      "H100, docs/PERFORMANCE.md)",
-      choices=("autodiff", "fused"), resume=FREE),
+      "H100, docs/PERFORMANCE.md) | kernel (the autodiff forward; pre and post as a pair of "
+      "custom VJPs whose backward writes the state's gradient in one Pallas kernel on GPU, "
+      "ops/stream_grad; off GPU the same formula in XLA)",
+      choices=("autodiff", "fused", "kernel"), resume=FREE),
     F("model.hc.mix", "elementwise", "how post() mixes the streams, H_res @ x: elementwise (S "
       "broadcast products summed in float32: one pass over the state) | einsum (a batched "
       "S x S matmul per token, which XLA on GPU runs as a Triton GEMM at half the bandwidth)",

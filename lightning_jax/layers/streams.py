@@ -28,6 +28,7 @@ from lightning_jax import nn, remat
 from lightning_jax.config import compat
 from lightning_jax.layers.norms import rms_norm
 from lightning_jax.ops.sinkhorn.api import sinkhorn
+from lightning_jax.ops.stream_grad import api as stream_grad
 
 PHI_STD = 0.02
 A_INIT = 0.1
@@ -92,8 +93,12 @@ def _raw(p: dict, x, cfg):
     return jnp.einsum("btk,kn->btn", xf, _phi(p, x.dtype), preferred_element_type=jnp.float32)
   xf = x2.astype(jnp.float32)
   r = jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + eps)    # [B, T, 1]
-  gw = (p["norm"]["scale"].astype(jnp.float32)[:, None] * _phi(p, jnp.float32)).astype(x.dtype)
-  return r * jnp.einsum("btk,kn->btn", x2, gw, preferred_element_type=jnp.float32)
+  return r * jnp.einsum("btk,kn->btn", x2, _gw(p, x.dtype), preferred_element_type=jnp.float32)
+
+
+def _gw(p: dict, dtype):
+  """The projections [S*d, n] with the norm's scale folded in, in `dtype` (see _raw)."""
+  return (p["norm"]["scale"].astype(jnp.float32)[:, None] * _phi(p, jnp.float32)).astype(dtype)
 
 
 def coefficients(p: dict, x, cfg):
@@ -106,14 +111,15 @@ def pre(p: dict, x, cfg):
   """Coefficients and the sublayer input RMSNorm(sum_s H_pre[s] x_s) [B, T, d].
 
   model.hc.pre: "autodiff" (the default) under JAX's autodiff, the read-in as an einsum;
-  "fused" the same forward with a written-out backward (`_pre_fused`)."""
+  "fused" the same forward with a written-out backward (`_pre_fused`). "kernel" pairs pre with
+  post (`apply`); pre alone then runs the autodiff form, whose forward is the same."""
   impl = cfg.model.hc.pre
   if impl == "fused":
     u, h_post, h_res = _pre_fused(p, x, cfg)
     return u, remat.keep((h_post, h_res))
-  if impl != "autodiff":
-    raise ValueError(f"model.hc.pre={impl!r} is not a stream read-in; expected fused or "
-                     f"autodiff.")
+  if impl not in ("autodiff", "kernel"):
+    raise ValueError(f"model.hc.pre={impl!r} is not a stream read-in; expected autodiff, "
+                     f"fused or kernel.")
   h_pre, h_post, h_res = coefficients(p, x, cfg)
   u = jnp.einsum("bts,btsd->btd", h_pre.astype(x.dtype), x, preferred_element_type=jnp.float32)
   u = rms_norm(u.astype(x.dtype), p["in_norm"]["scale"], cfg.model.norm_eps)
@@ -222,14 +228,121 @@ def post(coeffs, x, y, mix: str = "elementwise"):
   return jax.lax.optimization_barrier(out.astype(x.dtype))
 
 
-def apply(p: dict, x, sublayer, cfg):
-  """Run `sublayer(u) -> (y, *extras)` inside the streams; returns (new_x, extras)."""
+def apply(p: dict, x, sublayer, cfg, *, interpret: bool | None = None):
+  """Run `sublayer(u) -> (y, *extras)` inside the streams; returns (new_x, extras).
+
+  model.hc.pre=kernel: pre and post as a pair of custom VJPs whose backward writes the state's
+  gradient in one kernel (`_paired`); interpret: that kernel in the Pallas interpreter (tests)."""
+  if cfg.model.hc.pre == "kernel":
+    return _paired(p, x, sublayer, cfg, interpret)
   with jax.named_scope("hc_pre"):
     u, coeffs = pre(p, x, cfg)
   out = sublayer(u)
   y, extras = out[0], out[1:]
   with jax.named_scope("hc_post"):
     return post(coeffs, x, y, cfg.model.hc.mix), extras
+
+
+def _paired(p: dict, x, sublayer, cfg, interpret):
+  """apply() with the state's whole gradient written by one kernel (ops/stream_grad).
+
+  The state x feeds the read-in and the projections (pre) and the mix (post), so under autodiff
+  its gradient is a sum that XLA fuses into one pass, but that pass reads the output of a
+  separate GEMM, dz W^T ([B T, S d], K = 24), written only to be read back. A kernel can form
+  that product on the tensor cores, but it cannot join XLA's sum of the two uses' cotangents.
+  So the forward is the autodiff path's, split differently: `pre_` returns, besides u and the
+  coefficients, x itself as `xa`, and `post_` mixes `xa`. Their backward rules keep a private
+  contract: post_'s rule returns, as xa's cotangent, the new state's gradient dx' itself (not
+  the mix's H_res^T dx'), and pre_'s rule, receiving it, adds the mix's term inside the kernel:
+    dx = H_res^T dx' + r (dz gw^T) - c x + H_pre (x) dv     (ops/stream_grad/reference.py)
+  xa must therefore reach post_ and nothing else (both live only here). The values, forward
+  and backward, are those of the autodiff path up to float32 rounding (tests/test_streams.py)."""
+  eps = float(cfg.model.norm_eps)
+  b, t, s, d = x.shape
+  mix = cfg.model.hc.mix
+  if compat(cfg) == "reference_cuda":
+    raise ValueError("model.hc.pre=kernel needs the projections that read the state "
+                     "(model.compat other than reference_cuda); expected autodiff or fused "
+                     "with reference_cuda.")
+  scale = lambda p_: p_["in_norm"]["scale"]
+
+  def read_in(h_pre, x):
+    return jnp.einsum("bts,btsd->btd", h_pre.astype(x.dtype), x,
+                      preferred_element_type=jnp.float32).astype(x.dtype)
+
+  def forward(p, x):
+    x2 = x.reshape(b, t, s * d)
+    r = jax.lax.rsqrt(jnp.mean(jnp.square(x2.astype(jnp.float32)), axis=-1) + eps)   # [B, T]
+    raw = r[..., None] * jnp.einsum("btk,kn->btn", x2, _gw(p, x.dtype),
+                                    preferred_element_type=jnp.float32)     # = _raw(p, x, cfg)
+    h_pre, h_post, h_res = _from_raw(p, raw, s, cfg)
+    v = read_in(h_pre, x)
+    return (rms_norm(v, scale(p), eps), h_post, h_res, x), (raw, r, v)
+
+  @jax.custom_vjp
+  def pre_(p, x):
+    return forward(p, x)[0]
+
+  def pre_fwd(p, x):
+    out, (raw, r, v) = forward(p, x)
+    # v is not named: under model.remat=selective it is recomputed, as the autodiff path does;
+    # raw and r are a few floats a token
+    return out, (p, x, remat.keep(raw), remat.keep(r), v)
+
+  def pre_bwd(res, cts):
+    p, x, raw, r, v = res
+    du, dh_post, dh_res, dxp = cts             # dxp: the new state's gradient (post_'s contract)
+    f32 = jnp.float32
+    # the read-in's RMSNorm, then the read-in (H_pre rounded to x's dtype, as the forward)
+    dp_in, dv = jax.vjp(lambda p_, v_: rms_norm(v_, scale(p_), eps), p, v)[1](du.astype(v.dtype))
+    hp = _h_pre(p, raw, s).astype(x.dtype)
+    (dh_pre,) = jax.vjp(lambda h: read_in(h, x), hp)[1](dv)
+    # the coefficients (sigmoids, Sinkhorn) back to the projections
+    (_, _, h_res), coef_vjp = jax.vjp(lambda p_, r_: _from_raw(p_, r_, s, cfg), p, raw)
+    dp_coef, dz = coef_vjp((dh_pre.astype(f32), dh_post.astype(f32), dh_res.astype(f32)))
+    # raw = r (x2 gw): the weights' gradient x2^T (r dz) as the autodiff path forms it
+    x2 = x.reshape(b, t, s * d)
+    gw, gw_vjp = jax.vjp(lambda p_: _gw(p_, x.dtype), p)
+    (dgw,) = jax.vjp(lambda w: jnp.einsum("btk,kn->btn", x2, w, preferred_element_type=f32),
+                     gw)[1](dz * r[..., None])
+    (dp_gw,) = gw_vjp(dgw)
+    c = jnp.sum(dz * raw, axis=-1) * (r * r / (s * d))
+    dx = stream_grad.state_grad(x, dxp, dv, r, c, hp.astype(f32),
+                                h_res.astype(x.dtype).astype(f32), dz, gw,
+                                interpret=interpret)
+    dp = jax.tree_util.tree_map(lambda a, b_, c_: (a + b_ + c_).astype(a.dtype), dp_in,
+                                dp_coef, dp_gw)
+    return dp, dx
+
+  pre_.defvjp(pre_fwd, pre_bwd)
+
+  @jax.custom_vjp
+  def post_(h_post, h_res, xa, y):
+    return post((h_post, h_res), xa, y, mix)
+
+  def post_fwd(h_post, h_res, xa, y):
+    return post_(h_post, h_res, xa, y), (h_post, h_res, xa, y)
+
+  def post_bwd(res, dxp):
+    h_post, h_res, xa, y = res
+    dxf = dxp.astype(jnp.float32)
+    yf = y.astype(jnp.float32)
+    dy = jnp.sum(h_post[..., None] * dxf, axis=-2).astype(y.dtype)
+    dh_post = jnp.sum(dxf * yf[:, :, None, :], axis=-1)
+    # H_res entered the mix rounded to the state's dtype: its cotangent is rounded likewise
+    dh_res = jnp.sum(dxf[..., :, None, :] * xa.astype(jnp.float32)[..., None, :, :], axis=-1)
+    dh_res = dh_res.astype(xa.dtype).astype(jnp.float32)
+    return dh_post.astype(h_post.dtype), dh_res.astype(h_res.dtype), dxp, dy
+
+  post_.defvjp(post_fwd, post_bwd)
+
+  with jax.named_scope("hc_pre"):
+    u, h_post, h_res, xa = pre_(p, x)
+    h_post, h_res = remat.keep((h_post, h_res))
+  out = sublayer(u)
+  y, extras = out[0], out[1:]
+  with jax.named_scope("hc_post"):
+    return post_(h_post, h_res, xa, y), extras
 
 
 def expand(e, n_streams: int):

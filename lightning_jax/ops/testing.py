@@ -37,6 +37,8 @@ from lightning_jax.ops.sparse_attention import api as sa_api
 from lightning_jax.ops.sparse_attention import kernel as sa_kernel
 from lightning_jax.ops.sparse_attention import reference as sa_reference
 from lightning_jax.ops.sparse_attention.kernel import GSAKernelOptions
+from lightning_jax.ops.stream_grad import api as sg_api
+from lightning_jax.ops.stream_grad import reference as sg_reference
 
 F32 = np.float32
 
@@ -491,6 +493,48 @@ _SINKHORN = Op(
     })
 
 
+def _stream_grad_inputs(n, s, d, m, gw_scale=0.02):
+  """x, dxp [N, S, d], dv [N, d], r > 0, c, hp in (0, 1), hr doubly stochastic-ish, dz, gw."""
+  def make(rng):
+    g = lambda *shape: rng.standard_normal(shape).astype(F32)
+    hr = rng.uniform(0.0, 1.0, (n, s, s)).astype(F32)
+    return (g(n, s, d), g(n, s, d), g(n, d), rng.uniform(0.5, 2.0, n).astype(F32), g(n),
+            rng.uniform(0.0, 1.0, (n, s)).astype(F32), hr / hr.sum(-1, keepdims=True), g(n, m),
+            (gw_scale * g(s * d, m)).astype(F32))
+  return make
+
+
+def _stream_grad_bf16(inputs):
+  """The state, its gradients and gw as a bf16 state's step has them."""
+  return tuple(jnp.asarray(a, jnp.bfloat16) if i in (0, 1, 2, 8) else a
+               for i, a in enumerate(inputs))
+
+
+def _stream_grad_kernel(**kw):
+  return lambda *a: sg_api.kernel.state_grad(*a, **kw)
+
+
+_STREAM_GRAD = Op(
+    reference=sg_reference.state_grad,
+    cases={"128x4x256_m24": Case(_stream_grad_inputs(128, 4, 256, 24)),
+           # a bf16 state: the output is rounded to bf16 once (2^-9)
+           "128x4x256_m24_bf16": Case(_stream_grad_inputs(128, 4, 256, 24), tol=4e-3,
+                                      low=_stream_grad_bf16),
+           # two streams, m = 8 (padded to 16), float32 gw (the three-part product)
+           "64x2x128_m8": Case(_stream_grad_inputs(64, 2, 128, 8, gw_scale=1.0))},
+    impls={
+        "kernel": Impl(_stream_grad_kernel(), ("128x4x256_m24", "128x4x256_m24_bf16",
+                                               "64x2x128_m8")),
+        "kernel_blocks32": Impl(_stream_grad_kernel(block_n=32, block_d=64, num_warps=2),
+                                ("64x2x128_m8",)),
+        # the api on [B, T, ...] inputs (off GPU forced into the interpreter)
+        "api_kernel": Impl(lambda *a: sg_api.state_grad(
+            *(x.reshape((2, -1) + x.shape[1:]) if i < 8 else x for i, x in enumerate(a)),
+            impl="kernel", interpret=None if on_gpu() else True).reshape(a[0].shape),
+            ("128x4x256_m24",)),
+    })
+
+
 REGISTRY = {
     "delta_rule": _DELTA, "delta_rule.prep": _DELTA_PREP,
     "delta_rule.unit_lower_inverse": _INVERSE,
@@ -498,6 +542,7 @@ REGISTRY = {
     "expert_matmul": _EXPERT_MATMUL, "expert_matmul.rotate": _ROTATE,
     "dispatch.dispatch_rows": _DISPATCH_ROWS, "dispatch.combine_rows": _COMBINE_ROWS,
     "rms_norm": _RMS_NORM, "head_ce": _HEAD_CE, "sinkhorn": _SINKHORN,
+    "stream_grad": _STREAM_GRAD,
 }
 
 
@@ -635,6 +680,15 @@ def _sinkhorn_lowering():
   return _fwd_bwd(rule, 1), (_S((2, 4096, 4, 4), jnp.float32),)
 
 
+def _stream_grad_lowering():
+  """stage_2b's shape at B1 x T4096: 4 streams of 4096, bf16 state and gw, m = 24."""
+  n, s, d, m = 4096, 4, 4096, 24
+  bf, f = jnp.bfloat16, jnp.float32
+  return (lambda *a: sg_api.kernel.state_grad(*a, gpu_lowering=True)), (
+      _S((n, s, d), bf), _S((n, s, d), bf), _S((n, d), bf), _S((n,), f), _S((n,), f),
+      _S((n, s), f), _S((n, s, s), f), _S((n, m), f), _S((s * d, m), bf))
+
+
 _TRITON = "__gpu$xla.gpu.triton"
 LOWERINGS = {
     "delta_rule": Lowering(_delta_lowering(), ("gdr_prep_a", "gdr_prep_inv", "gdr_prep_wy",
@@ -672,6 +726,7 @@ LOWERINGS = {
     "expert_matmul.rotate_split": Lowering(_rotate_lowering(True), ("tqp_rotate",)),
     "expert_matmul.rotate": Lowering(_rotate_lowering(False), ("tqp_rotate",)),
     "sinkhorn": Lowering(_sinkhorn_lowering, (_TRITON, "sinkhorn_fwd", "sinkhorn_bwd")),
+    "stream_grad": Lowering(_stream_grad_lowering, (_TRITON, "stream_state_grad")),
 }
 
 
