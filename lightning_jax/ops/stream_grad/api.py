@@ -49,11 +49,11 @@ def _fits(x, block_n, block_d) -> bool:
     b_ax = shd._fits(x.shape, shd.spec_for(("batch",)), mesh)[0]
     axes = () if b_ax is None else ((b_ax,) if isinstance(b_ax, str) else tuple(b_ax))
     n //= math.prod(mesh.shape[a] for a in axes)
-  return n % block_n == 0 and x.shape[-1] % block_d == 0 and x.shape[-2] <= kernel.ROWS - 3
+  return n % block_n == 0 and x.shape[-1] % block_d == 0 and 2 + x.shape[-2] * (x.shape[-2] + 1) <= kernel.ROWS
 
 
 def state_grad(x, dxp, dv, r, c, hp, hr, dz, gw, *, impl: str = "auto",
-               interpret: bool | None = None, block_n: int = 64, block_d: int = 128,
+               interpret: bool | None = None, block_n: int = 16, block_d: int = 128,
                num_warps: int = 4):
   """x, dxp [B, T, S, d]; dv [B, T, d]; r, c [B, T]; hp [B, T, S]; hr [B, T, S, S]; dz [B, T, m];
   gw [S d, m] -> dx [B, T, S, d] in x's dtype (reference.py's formula)."""

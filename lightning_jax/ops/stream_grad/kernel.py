@@ -5,15 +5,18 @@ the state, the new state's gradient, the read-in's gradient and the output of a 
 dz gw^T ([N, S d] with K = m = 24 for four streams), written only to be read back (537 MB per
 sublayer at stage_2b's B4 x T4096). Here that product runs on the tensor cores inside the kernel.
 
-Layout: the state and its gradients as [N, S d] (N tokens), one program per (token block,
-output stream s, column block): it reads the new state's gradient of all S streams for its
-columns, the state's stream s, the read-in's gradient, and writes stream s of dx. The per-token
-scalars come transposed, [S K, N] (K = 8 rows a stream: r, c, hp[s], hr[0..S-1, s], zero
-padding), so each is one row load over the block's tokens (as the Sinkhorn kernels do).
+Layout: one program per (token block, column block) writes all S streams of dx there: it
+reads the state and the new state's gradient as [block_n, S, block_d] blocks of [N, S, d] (each
+once), the read-in's gradient [block_n, block_d] and gw^T's columns of every stream. The
+per-token scalars come transposed, [ROWS, N] (r, c, hp[0..S-1], hr[t, s] at 2 + S + t S + s,
+zero padding), so each is one row load over the block's tokens (as the Sinkhorn kernels do).
 
 The product dz gw^T: dz is float32 [N, m]; it is split into bf16 high and low parts (and gw too
 when it is float32), padded to 32 columns a part, so one bf16 dot with float32 accumulation
 gives dz gw^T to about 2^-16 relative (float32 gw: the three largest of the four part products).
+
+Blocks: 16 tokens x 128 columns at 4 warps compile to 168 registers and no spill for sm_90
+(ptxas, stage_2b's shape); 32 x 128 spills at 4 warps (216 registers at 8), 64 x 128 at 4.
 
 Backends: Triton on GPU, the Pallas interpreter elsewhere (interpret=None); gpu_lowering=True
 builds the native call with Triton compiler parameters on any host (ops.pallas.lower_for_gpu).
@@ -30,19 +33,22 @@ from lightning_jax.ops.pallas import compiler_params, interpret_default
 
 F32 = jnp.float32
 BF16 = jnp.bfloat16
-ROWS = 8          # per-token scalars a stream: r, c, hp[s], hr[:, s] (S <= 5), padding
+ROWS = 32         # per-token scalars: r, c, hp [S], hr [S, S] (S <= 5), padding
 
 
-def _body(*refs, n_streams):
-  dxp = refs[:n_streams]
-  x_ref, dv_ref, coef_ref, dz_ref, gw_ref, o_ref = refs[n_streams:]
-  acc = jax.lax.dot_general(dz_ref[...], gw_ref[...], (((1,), (0,)), ((), ())),
-                            preferred_element_type=F32)                   # [bn, bd]
+def _body(dxp_ref, x_ref, dv_ref, coef_ref, dz_ref, gw_ref, o_ref, *, n_streams):
+  ns = n_streams
   col = lambda k: coef_ref[k, :][:, None]
-  out = col(0) * acc - col(1) * x_ref[...].astype(F32) + col(2) * dv_ref[...].astype(F32)
-  for t in range(n_streams):
-    out = out + col(3 + t) * dxp[t][...].astype(F32)
-  o_ref[...] = out.astype(o_ref.dtype)
+  dz = dz_ref[...]
+  dv = dv_ref[...].astype(F32)
+  dxp = [dxp_ref[:, t, :] for t in range(ns)]              # kept in the state's dtype
+  for s in range(ns):
+    acc = jax.lax.dot_general(dz, gw_ref[:, s, :], (((1,), (0,)), ((), ())),
+                              preferred_element_type=F32)                 # [bn, bd]
+    out = col(0) * acc - col(1) * x_ref[:, s, :].astype(F32) + col(2 + s) * dv
+    for t in range(ns):
+      out = out + col(2 + ns + t * ns + s) * dxp[t].astype(F32)
+    o_ref[:, s, :] = out.astype(o_ref.dtype)
 
 
 def _split(a, parts: int):
@@ -67,25 +73,21 @@ def check_shapes(n: int, d: int, block_n: int, block_d: int, n_streams: int):
   if n % block_n or d % block_d:
     raise ValueError(f"stream_grad kernel: {n} tokens and width {d} must be multiples of "
                      f"block_n={block_n} and block_d={block_d}.")
-  if not 1 <= n_streams <= ROWS - 3:
-    raise ValueError(f"stream_grad kernel: {n_streams} streams; expected 1 to {ROWS - 3}.")
+  if not 1 <= n_streams or 2 + n_streams + n_streams ** 2 > ROWS:
+    raise ValueError(f"stream_grad kernel: {n_streams} streams; expected 1 to 5.")
 
 
-def state_grad(x, dxp, dv, r, c, hp, hr, dz, gw, *, block_n: int = 64, block_d: int = 128,
+def state_grad(x, dxp, dv, r, c, hp, hr, dz, gw, *, block_n: int = 16, block_d: int = 128,
                num_warps: int = 4, interpret: bool | None = None, gpu_lowering: bool = False):
   """reference.state_grad's dx [N, S, d], in x's dtype, from one Pallas launch."""
   n, s, d = x.shape
   m = dz.shape[-1]
   check_shapes(n, d, block_n, block_d, s)
-  nd = d // block_d
   mp = max(16, 1 << (m - 1).bit_length())
-  # the per-token scalars, stream by stream: [S, ROWS, N] -> [S ROWS, N]
-  per_s = [jnp.stack([r, c, hp[:, j]] + [hr[:, t, j] for t in range(s)]
-                     + [jnp.zeros_like(r)] * (ROWS - 3 - s)).astype(F32) for j in range(s)]
-  coef = jnp.concatenate(per_s, axis=0)
+  rows = [r, c] + [hp[:, j] for j in range(s)] + [hr[:, t, j] for t in range(s) for j in range(s)]
+  coef = jnp.stack(rows + [jnp.zeros_like(r)] * (ROWS - len(rows))).astype(F32)   # [ROWS, N]
   gwt = jnp.pad(gw.T.astype(F32), ((0, mp - m), (0, 0)))                   # [mp, S d]
-  dzp = _pad_cols(dz.astype(F32), mp)                                       # [N, mp]
-  dz_hi, dz_lo = _split(dzp, 2)
+  dz_hi, dz_lo = _split(_pad_cols(dz.astype(F32), mp), 2)
   if gw.dtype == F32:
     g_hi, g_lo = _split(gwt, 2)
     a_parts, b_parts = [dz_hi, dz_lo, dz_hi], [g_hi, g_hi, g_lo]
@@ -96,26 +98,20 @@ def state_grad(x, dxp, dv, r, c, hp, hr, dz, gw, *, block_n: int = 64, block_d: 
     a_parts.append(jnp.zeros_like(dz_hi))
     b_parts.append(jnp.zeros_like(b_parts[0]))
   dz2 = jnp.concatenate(a_parts, axis=1)                                     # [N, K]
-  gw2 = jnp.concatenate(b_parts, axis=0)                                     # [K, S d]
+  gw2 = jnp.concatenate(b_parts, axis=0).reshape(-1, s, d)                   # [K, S, d]
   kk = dz2.shape[1]
-  x2, dxp2 = x.reshape(n, s * d), dxp.reshape(n, s * d)
-  blk = (block_n, block_d)
-  stream_t = [pl.BlockSpec(blk, functools.partial(lambda i, j, col, t: (i, t * nd + col), t=t))
-              for t in range(s)]
-  own = pl.BlockSpec(blk, lambda i, j, col: (i, j * nd + col))
+  state = pl.BlockSpec((block_n, s, block_d), lambda i, j: (i, 0, j))
   interp = False if gpu_lowering else interpret_default(interpret)
-  out = pl.pallas_call(
+  return pl.pallas_call(
       functools.partial(_body, n_streams=s),
-      grid=(n // block_n, s, nd),
-      in_specs=stream_t + [
-          own,
-          pl.BlockSpec(blk, lambda i, j, col: (i, col)),
-          pl.BlockSpec((ROWS, block_n), lambda i, j, col: (j, i)),
-          pl.BlockSpec((block_n, kk), lambda i, j, col: (i, 0)),
-          pl.BlockSpec((kk, block_d), lambda i, j, col: (0, j * nd + col))],
-      out_specs=own,
-      out_shape=jax.ShapeDtypeStruct((n, s * d), x.dtype),
+      grid=(n // block_n, d // block_d),
+      in_specs=[state, state,
+                pl.BlockSpec((block_n, block_d), lambda i, j: (i, j)),
+                pl.BlockSpec((ROWS, block_n), lambda i, j: (0, i)),
+                pl.BlockSpec((block_n, kk), lambda i, j: (i, 0)),
+                pl.BlockSpec((kk, s, block_d), lambda i, j: (0, 0, j))],
+      out_specs=state,
+      out_shape=jax.ShapeDtypeStruct((n, s, d), x.dtype),
       interpret=interp, name="stream_state_grad",
       compiler_params=compiler_params(num_warps, 1, force=gpu_lowering),
-  )(*([dxp2] * s), x2, dv, coef, dz2, gw2)
-  return out.reshape(n, s, d)
+  )(dxp, x, dv, coef, dz2, gw2)
