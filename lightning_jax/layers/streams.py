@@ -325,12 +325,9 @@ def _paired(p: dict, x, sublayer, cfg, interpret):
 
   def post_bwd(res, dxp):
     h_post, h_res, xa, y = res
-    dxf = dxp.astype(jnp.float32)
-    yf = y.astype(jnp.float32)
-    dy = jnp.sum(h_post[..., None] * dxf, axis=-2).astype(y.dtype)
-    dh_post = jnp.sum(dxf * yf[:, :, None, :], axis=-1)
+    # dy, and the coefficients' sums over the width, in one pass over dxp, xa and y
+    dy, dh_post, dh_res = stream_grad.mix_grads(dxp, xa, y, h_post, interpret=interpret)
     # H_res entered the mix rounded to the state's dtype: its cotangent is rounded likewise
-    dh_res = jnp.sum(dxf[..., :, None, :] * xa.astype(jnp.float32)[..., None, :, :], axis=-1)
     dh_res = dh_res.astype(xa.dtype).astype(jnp.float32)
     return dh_post.astype(h_post.dtype), dh_res.astype(h_res.dtype), dxp, dy
 

@@ -535,6 +535,32 @@ _STREAM_GRAD = Op(
     })
 
 
+def _mix_inputs(n, s, d):
+  def make(rng):
+    g = lambda *shape: rng.standard_normal(shape).astype(F32)
+    return g(n, s, d), g(n, s, d), g(n, d), rng.uniform(0.0, 2.0, (n, s)).astype(F32)
+  return make
+
+
+_MIX_GRADS = Op(
+    reference=sg_reference.mix_grads,
+    cases={"64x4x256": Case(_mix_inputs(64, 4, 256)),
+           # bf16 state and y: dy is rounded to bf16 once, the sums stay float32
+           "64x4x256_bf16": Case(_mix_inputs(64, 4, 256), tol=4e-3, low=lambda a: tuple(
+               jnp.asarray(x, jnp.bfloat16) if i < 3 else x for i, x in enumerate(a))),
+           "32x3x128": Case(_mix_inputs(32, 3, 128))},
+    impls={
+        "kernel": Impl(lambda *a: sg_api.kernel.mix_grads(*a),
+                       ("64x4x256", "64x4x256_bf16", "32x3x128")),
+        "kernel_blocks32": Impl(lambda *a: sg_api.kernel.mix_grads(
+            *a, block_n=32, block_d=64, num_warps=2), ("64x4x256",)),
+        "api_kernel": Impl(lambda *a: jax.tree_util.tree_map(
+            lambda o: o.reshape((-1,) + o.shape[2:]), sg_api.mix_grads(
+                *(x.reshape((2, -1) + x.shape[1:]) for x in a), impl="kernel",
+                interpret=None if on_gpu() else True)), ("64x4x256",)),
+    })
+
+
 REGISTRY = {
     "delta_rule": _DELTA, "delta_rule.prep": _DELTA_PREP,
     "delta_rule.unit_lower_inverse": _INVERSE,
@@ -542,7 +568,7 @@ REGISTRY = {
     "expert_matmul": _EXPERT_MATMUL, "expert_matmul.rotate": _ROTATE,
     "dispatch.dispatch_rows": _DISPATCH_ROWS, "dispatch.combine_rows": _COMBINE_ROWS,
     "rms_norm": _RMS_NORM, "head_ce": _HEAD_CE, "sinkhorn": _SINKHORN,
-    "stream_grad": _STREAM_GRAD,
+    "stream_grad": _STREAM_GRAD, "stream_grad.mix_grads": _MIX_GRADS,
 }
 
 
@@ -727,6 +753,11 @@ LOWERINGS = {
     "expert_matmul.rotate": Lowering(_rotate_lowering(False), ("tqp_rotate",)),
     "sinkhorn": Lowering(_sinkhorn_lowering, (_TRITON, "sinkhorn_fwd", "sinkhorn_bwd")),
     "stream_grad": Lowering(_stream_grad_lowering, (_TRITON, "stream_state_grad")),
+    "stream_grad.mix_grads": Lowering(lambda: (
+        lambda *a: sg_api.kernel.mix_grads(*a, gpu_lowering=True),
+        (_S((4096, 4, 4096), jnp.bfloat16), _S((4096, 4, 4096), jnp.bfloat16),
+         _S((4096, 4096), jnp.bfloat16), _S((4096, 4), jnp.float32))),
+        (_TRITON, "stream_mix_grads")),
 }
 
 

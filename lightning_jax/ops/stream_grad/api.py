@@ -21,25 +21,39 @@ IMPLS = ("auto", "reference", "kernel")
 _FALLBACK_LOGGED = set()
 
 
-def _flat(fn, x, dxp, dv, r, c, hp, hr, dz, gw):
-  """fn on the [N, ...] forms of [B, T, ...] inputs; dx back as [B, T, S, d]."""
-  lead = x.shape[:-2]
+def _flat(fn, n_tok: int, *args):
+  """fn on the [N, ...] forms of the first n_tok args ([B, T, ...] each; the rest pass as they
+  are); every output back to [B, T, ...]."""
+  lead = args[0].shape[:2]
   n = math.prod(lead)
-  f = lambda a: a.reshape((n,) + a.shape[len(lead):])
-  return fn(f(x), f(dxp), f(dv), f(r), f(c), f(hp), f(hr), f(dz), gw).reshape(x.shape)
+  f = lambda a: a.reshape((n,) + a.shape[2:])
+  out = fn(*[f(a) for a in args[:n_tok]], *args[n_tok:])
+  return jax.tree_util.tree_map(lambda o: o.reshape(lead + o.shape[1:]), out)
 
 
-def sharded(fn, x, dxp, dv, r, c, hp, hr, dz, gw):
-  """fn per device under the active mesh, the batch dim over the batch axes (a pallas_call is
-  never partitioned by XLA); gw replicated."""
+def sharded(fn, n_tok: int, *args):
+  """fn per device under the active mesh: the first n_tok args ([B, T, ...]) and every output
+  split over the batch axes (a pallas_call is never partitioned by XLA), the rest replicated."""
   mesh = shd.current_mesh()
   if mesh is None or mesh.size == 1:
-    return fn(x, dxp, dv, r, c, hp, hr, dz, gw)
-  b_ax = shd._fits(x.shape, shd.spec_for(("batch",)), mesh)[0]
+    return fn(*args)
+  b_ax = shd._fits(args[0].shape, shd.spec_for(("batch",)), mesh)[0]
   spec = lambda a: P(b_ax, *([None] * (a.ndim - 1)))
-  args = (x, dxp, dv, r, c, hp, hr, dz)
-  return jax.shard_map(fn, mesh=mesh, in_specs=tuple(spec(a) for a in args) + (P(None, None),),
-                       out_specs=spec(x), check_vma=False)(*args, gw)
+  out_shapes = jax.eval_shape(fn, *args)
+  return jax.shard_map(fn, mesh=mesh,
+                       in_specs=tuple(spec(a) if i < n_tok else P(*([None] * a.ndim))
+                                      for i, a in enumerate(args)),
+                       out_specs=jax.tree_util.tree_map(spec, out_shapes),
+                       check_vma=False)(*args)
+
+
+def _use_kernel(impl: str, x, block_n: int, block_d: int, interpret) -> bool:
+  if impl not in IMPLS:
+    raise ValueError(f"stream_grad: impl={impl!r} must be one of {list(IMPLS)}.")
+  if impl == "auto":
+    impl = "kernel" if on_gpu() and _fits(x, block_n, block_d) else "reference"
+  return impl == "kernel" and not falls_back(
+      _FALLBACK_LOGGED, interpret is True, "the streams' gradient kernels", "their reference")
 
 
 def _fits(x, block_n, block_d) -> bool:
@@ -57,14 +71,22 @@ def state_grad(x, dxp, dv, r, c, hp, hr, dz, gw, *, impl: str = "auto",
                num_warps: int = 4):
   """x, dxp [B, T, S, d]; dv [B, T, d]; r, c [B, T]; hp [B, T, S]; hr [B, T, S, S]; dz [B, T, m];
   gw [S d, m] -> dx [B, T, S, d] in x's dtype (reference.py's formula)."""
-  if impl not in IMPLS:
-    raise ValueError(f"stream_grad: impl={impl!r} must be one of {list(IMPLS)}.")
-  if impl == "auto":
-    impl = "kernel" if on_gpu() and _fits(x, block_n, block_d) else "reference"
   args = (x, dxp, dv, r, c, hp, hr, dz, gw)
-  if impl == "kernel" and not falls_back(_FALLBACK_LOGGED, interpret is True,
-                                         "the streams' state-gradient kernel", "its reference"):
+  if _use_kernel(impl, x, block_n, block_d, interpret):
     run = lambda *a: _flat(lambda *f: kernel.state_grad(
-        *f, block_n=block_n, block_d=block_d, num_warps=num_warps, interpret=interpret), *a)
-    return sharded(run, *args)
-  return _flat(reference.state_grad, *args).astype(x.dtype)
+        *f, block_n=block_n, block_d=block_d, num_warps=num_warps, interpret=interpret), 8, *a)
+    return sharded(run, 8, *args)
+  return _flat(reference.state_grad, 8, *args).astype(x.dtype)
+
+
+def mix_grads(dxp, x, y, h_post, *, impl: str = "auto", interpret: bool | None = None,
+              block_n: int = 16, block_d: int = 128, num_warps: int = 4):
+  """The mix's backward (reference.mix_grads): dxp, x [B, T, S, d], y [B, T, d], h_post
+  [B, T, S] -> dy [B, T, d] in y's dtype, dh_post [B, T, S], dh_res [B, T, S, S] float32."""
+  args = (dxp, x, y, h_post)
+  if _use_kernel(impl, x, block_n, block_d, interpret):
+    run = lambda *a: _flat(lambda *f: kernel.mix_grads(
+        *f, block_n=block_n, block_d=block_d, num_warps=num_warps, interpret=interpret), 4, *a)
+    return sharded(run, 4, *args)
+  dy, dh_post, dh_res = _flat(reference.mix_grads, 4, *args)
+  return dy.astype(y.dtype), dh_post, dh_res

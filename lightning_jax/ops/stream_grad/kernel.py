@@ -1,4 +1,5 @@
-"""The streams' state gradient (reference.py's formula) as one Pallas launch.
+"""The streams' state gradient (reference.state_grad) as one Pallas launch, and the mix's
+backward sums (reference.mix_grads) as another.
 
 What it replaces: under JAX's autodiff the state's gradient is one XLA loop fusion that reads
 the state, the new state's gradient, the read-in's gradient and the output of a separate GEMM,
@@ -115,3 +116,57 @@ def state_grad(x, dxp, dv, r, c, hp, hr, dz, gw, *, block_n: int = 16, block_d: 
       interpret=interp, name="stream_state_grad",
       compiler_params=compiler_params(num_warps, 1, force=gpu_lowering),
   )(dxp, x, dv, coef, dz2, gw2)
+
+
+def _mix_body(dxp_ref, x_ref, y_ref, hp_ref, dy_ref, sums_ref, *, n_streams, block_d, width):
+  ns = n_streams
+  h_post = [hp_ref[s, :][:, None] for s in range(ns)]
+
+  def chunk(j, acc):
+    cols = pl.ds(j * block_d, block_d)
+    dxp = [dxp_ref[:, s, cols].astype(F32) for s in range(ns)]
+    y = y_ref[:, cols].astype(F32)
+    dy = h_post[0] * dxp[0]
+    for s in range(1, ns):
+      dy = dy + h_post[s] * dxp[s]
+    dy_ref[:, cols] = dy.astype(dy_ref.dtype)
+    new = [a + jnp.sum(dxp[s] * y, axis=1) for s, a in zip(range(ns), acc[:ns])]
+    for t in range(ns):
+      xt = x_ref[:, t, cols].astype(F32)
+      new += [acc[ns + s * ns + t] + jnp.sum(dxp[s] * xt, axis=1) for s in range(ns)]
+    # reorder the t-major list built above to acc's s-major order
+    res = new[ns:]
+    new = new[:ns] + [res[t * ns + s] for s in range(ns) for t in range(ns)]
+    return tuple(new)
+
+  zero = jnp.zeros((dxp_ref.shape[0],), F32)
+  acc = jax.lax.fori_loop(0, width // block_d, chunk, (zero,) * (ns + ns * ns))
+  for k, a in enumerate(acc):
+    sums_ref[k, :] = a
+  for k in range(len(acc), sums_ref.shape[0]):
+    sums_ref[k, :] = zero
+
+
+def mix_grads(dxp, x, y, h_post, *, block_n: int = 16, block_d: int = 128, num_warps: int = 4,
+              interpret: bool | None = None, gpu_lowering: bool = False):
+  """reference.mix_grads from one Pallas launch: dy in y's dtype, dh_post and dh_res float32.
+
+  One program per block of tokens walks the width in `block_d` columns, reading the new state's
+  gradient, the state and y once and writing dy; the S + S^2 sums stay in registers and leave
+  transposed ([ROWS, N]), as the scalars enter state_grad."""
+  n, s, d = x.shape
+  check_shapes(n, d, block_n, block_d, s)
+  hp = jnp.concatenate([h_post.T.astype(F32), jnp.zeros((ROWS - s, n), F32)])      # [ROWS, N]
+  state = pl.BlockSpec((block_n, s, d), lambda i: (i, 0, 0))
+  rows = pl.BlockSpec((ROWS, block_n), lambda i: (0, i))
+  interp = False if gpu_lowering else interpret_default(interpret)
+  dy, sums = pl.pallas_call(
+      functools.partial(_mix_body, n_streams=s, block_d=block_d, width=d),
+      grid=(n // block_n,),
+      in_specs=[state, state, pl.BlockSpec((block_n, d), lambda i: (i, 0)), rows],
+      out_specs=[pl.BlockSpec((block_n, d), lambda i: (i, 0)), rows],
+      out_shape=[jax.ShapeDtypeStruct((n, d), y.dtype), jax.ShapeDtypeStruct((ROWS, n), F32)],
+      interpret=interp, name="stream_mix_grads",
+      compiler_params=compiler_params(num_warps, 1, force=gpu_lowering),
+  )(dxp, x, y, hp)
+  return dy, sums[:s].T, sums[s:s + s * s].T.reshape(n, s, s)

@@ -28,3 +28,14 @@ def state_grad(x, dxp, dv, r, c, hp, hr, dz, gw):
   proj = jnp.einsum("nm,cm->nc", f(dz), f(gw), precision=HI).reshape(n, s, d)
   return (mix + f(r)[:, None, None] * proj - f(c)[:, None, None] * f(x)
           + f(hp)[..., None] * f(dv)[:, None, :])
+
+
+def mix_grads(dxp, x, y, h_post):
+  """The mix's backward, out[s] = sum_t hr[s, t] x[t] + h_post[s] y: dxp, x [N, S, d], y [N, d],
+  h_post [N, S] -> dy [N, d], dh_post [N, S], dh_res [N, S, S] (float32), with
+  dy = sum_s h_post[s] dxp[s], dh_post[s] = dxp[s] . y, dh_res[s, t] = dxp[s] . x[t]."""
+  f = lambda a: jnp.asarray(a).astype(F32)
+  dxf = f(dxp)
+  return (jnp.einsum("ns,nsd->nd", f(h_post), dxf, precision=HI),
+          jnp.einsum("nsd,nd->ns", dxf, f(y), precision=HI),
+          jnp.einsum("nsd,ntd->nst", dxf, f(x), precision=HI))
