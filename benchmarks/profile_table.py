@@ -398,3 +398,31 @@ def attribution(trace_path: str, hlo_text_path: str, top: int = 30) -> dict:
   out["scope"] = source_table(trace_path, hlo_scopes(hlo_text_path), 1, by="line", top=2 * top)
   return out
 
+
+
+def main(argv=None):
+  """python -m benchmarks.profile_table --trace T.json.gz [--top N] [--grep a,b] [--json F]:
+  the per-op table of a kept trace (e.g. step.py's --keep_trace), one call per trace."""
+  import argparse
+  import json
+  ap = argparse.ArgumentParser(description=main.__doc__)
+  ap.add_argument("--trace", required=True, help="A jax.profiler .trace.json.gz.")
+  ap.add_argument("--top", type=int, default=40, help="Rows to keep.")
+  ap.add_argument("--grep", default="", help="Also print every op whose name holds one of "
+                  "these comma-separated strings.")
+  ap.add_argument("--json", default="", help="Write {rows, info} here.")
+  a = ap.parse_args(argv)
+  rows, info = op_table(a.trace, 1, a.top)
+  print(format_table(rows, info))
+  if a.grep:
+    every, _ = op_table(a.trace, 1, 100000)
+    for r in every:
+      if any(g and g in r["name"] for g in a.grep.split(",")):
+        print(f"    {r['ms']:9.3f} ms {r['calls']:5.0f} calls  {r['name']}")
+  if a.json:
+    with open(a.json, "w") as fh:
+      json.dump({"rows": rows, "info": info}, fh, indent=1)
+
+
+if __name__ == "__main__":
+  main()
