@@ -16,6 +16,7 @@ HLO category / a long name when the trace carries one.
 """
 from __future__ import annotations
 
+import argparse
 import bisect
 import collections
 import glob
@@ -403,8 +404,6 @@ def attribution(trace_path: str, hlo_text_path: str, top: int = 30) -> dict:
 def main(argv=None):
   """python -m benchmarks.profile_table --trace T.json.gz [--top N] [--grep a,b] [--json F]:
   the per-op table of a kept trace (e.g. step.py's --keep_trace), one call per trace."""
-  import argparse
-  import json
   ap = argparse.ArgumentParser(description=main.__doc__)
   ap.add_argument("--trace", required=True, help="A jax.profiler .trace.json.gz.")
   ap.add_argument("--top", type=int, default=40, help="Rows to keep.")
