@@ -404,7 +404,8 @@ def attribution(trace_path: str, hlo_text_path: str, top: int = 30) -> dict:
 def main(argv=None):
   """python -m benchmarks.profile_table --trace T.json.gz [--top N] [--grep a,b] [--json F]:
   the per-op table of a kept trace (e.g. step.py's --keep_trace), one call per trace."""
-  ap = argparse.ArgumentParser(description=main.__doc__)
+  ap = argparse.ArgumentParser(prog="python -m benchmarks.profile_table",
+                               description=__doc__.splitlines()[0])
   ap.add_argument("--trace", required=True, help="A jax.profiler .trace.json.gz.")
   ap.add_argument("--top", type=int, default=40, help="Rows to keep.")
   ap.add_argument("--grep", default="", help="Also print every op whose name holds one of "
