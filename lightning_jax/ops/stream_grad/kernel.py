@@ -37,18 +37,20 @@ BF16 = jnp.bfloat16
 ROWS = 32         # per-token scalars: r, c, hp [S], hr [S, S] (S <= 5), padding
 
 
-def _body(dxp_ref, x_ref, dv_ref, coef_ref, dz_ref, gw_ref, o_ref, *, n_streams):
+def _body(dxp_ref, x_ref, dv_ref, coef_ref, dz_ref, gw_ref, o_ref, *, n_streams, dot_last):
   ns = n_streams
   col = lambda k: coef_ref[k, :][:, None]
   dz = dz_ref[...]
   dv = dv_ref[...].astype(F32)
   dxp = [dxp_ref[:, t, :] for t in range(ns)]              # kept in the state's dtype
   for s in range(ns):
-    acc = jax.lax.dot_general(dz, gw_ref[:, s, :], (((1,), (0,)), ((), ())),
-                              preferred_element_type=F32)                 # [bn, bd]
-    out = col(0) * acc - col(1) * x_ref[:, s, :].astype(F32) + col(2 + s) * dv
+    acc = lambda: col(0) * jax.lax.dot_general(dz, gw_ref[:, s, :], (((1,), (0,)), ((), ())),
+                                               preferred_element_type=F32)    # [bn, bd]
+    out = None if dot_last else acc()
+    rest = col(2 + s) * dv - col(1) * x_ref[:, s, :].astype(F32)
     for t in range(ns):
-      out = out + col(2 + ns + t * ns + s) * dxp[t].astype(F32)
+      rest = rest + col(2 + ns + t * ns + s) * dxp[t].astype(F32)
+    out = rest + acc() if dot_last else out + rest
     o_ref[:, s, :] = out.astype(o_ref.dtype)
 
 
@@ -79,8 +81,12 @@ def check_shapes(n: int, d: int, block_n: int, block_d: int, n_streams: int):
 
 
 def state_grad(x, dxp, dv, r, c, hp, hr, dz, gw, *, block_n: int = 16, block_d: int = 128,
-               num_warps: int = 4, interpret: bool | None = None, gpu_lowering: bool = False):
-  """reference.state_grad's dx [N, S, d], in x's dtype, from one Pallas launch."""
+               num_warps: int = 4, interpret: bool | None = None, gpu_lowering: bool = False,
+               dot_last: bool = False):
+  """reference.state_grad's dx [N, S, d], in x's dtype, from one Pallas launch.
+
+  dot_last: the elementwise terms first and the product dz gw^T added last (how Triton places
+  the layout conversion between the dot's result and the loaded tiles)."""
   n, s, d = x.shape
   m = dz.shape[-1]
   check_shapes(n, d, block_n, block_d, s)
@@ -104,7 +110,7 @@ def state_grad(x, dxp, dv, r, c, hp, hr, dz, gw, *, block_n: int = 16, block_d: 
   state = pl.BlockSpec((block_n, s, block_d), lambda i, j: (i, 0, j))
   interp = False if gpu_lowering else interpret_default(interpret)
   return pl.pallas_call(
-      functools.partial(_body, n_streams=s),
+      functools.partial(_body, n_streams=s, dot_last=bool(dot_last)),
       grid=(n // block_n, d // block_d),
       in_specs=[state, state,
                 pl.BlockSpec((block_n, block_d), lambda i, j: (i, j)),
