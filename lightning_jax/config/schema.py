@@ -211,8 +211,9 @@ FIELDS: tuple[Field, ...] = (
       "more; timed on stage_2b in session 18 it was slower: B4 +50.7 ms, B1 +11.0 ms on an "
       "H100, docs/PERFORMANCE.md) | kernel (the autodiff forward; pre and post as a pair of "
       "custom VJPs whose backward writes the state's gradient in one Pallas kernel on GPU, "
-      "ops/stream_grad; off GPU the same formulas in XLA. Not timed yet; compiled for an H100 "
-      "the B4 step moves 711.8 GB against 692.1: docs/PERFORMANCE.md, session 20)",
+      "ops/stream_grad; off GPU the same formulas in XLA. Measured slower: stage_2b B4 592.7 "
+      "against 576.8 ms and +3.0 GiB on an H100, its state kernel at 0.76 TB/s: "
+      "docs/PERFORMANCE.md, session 20)",
       choices=("autodiff", "fused", "kernel"), resume=FREE),
     F("model.hc.mix", "elementwise", "how post() mixes the streams, H_res @ x: elementwise (S "
       "broadcast products summed in float32: one pass over the state) | einsum (a batched "
