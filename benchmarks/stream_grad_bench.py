@@ -49,12 +49,12 @@ def main(argv=None):
   ref = jax.jit(lambda *a: reference.state_grad(*a).astype(bf))
   t = _time(ref, args, a.iters)
   print(f"state_grad XLA reference: {t * 1e3:.3f} ms, {sg_bytes / t / 1e12:.2f} TB/s", flush=True)
-  for bn, bd, w, last in ((16, 128, 4, False), (16, 128, 4, True), (64, 64, 4, False),
-                          (64, 64, 4, True), (64, 128, 8, True), (32, 128, 4, True),
-                          (32, 64, 4, True), (128, 64, 8, True)):
-    f = jax.jit(lambda *a, bn=bn, bd=bd, w=w, last=last: kernel.state_grad(
-        *a, block_n=bn, block_d=bd, num_warps=w, dot_last=last))
-    name = f"state_grad {bn}x{bd} w{w}{' dot_last' if last else ''}"
+  for bn, bd, w, prod in ((16, 128, 4, "fma"), (32, 128, 8, "fma"), (64, 64, 8, "fma"),
+                          (32, 128, 4, "fma"), (16, 256, 4, "fma"), (64, 128, 8, "fma"),
+                          (16, 128, 4, "mma"), (64, 64, 4, "mma")):
+    f = jax.jit(lambda *a, bn=bn, bd=bd, w=w, prod=prod: kernel.state_grad(
+        *a, block_n=bn, block_d=bd, num_warps=w, product=prod))
+    name = f"state_grad {prod} {bn}x{bd} w{w}"
     try:
       t = _time(f, args, a.iters)
       print(f"{name}: {t * 1e3:.3f} ms, {sg_bytes / t / 1e12:.2f} TB/s", flush=True)

@@ -527,7 +527,9 @@ _STREAM_GRAD = Op(
                                                "64x2x128_m8")),
         "kernel_blocks32": Impl(_stream_grad_kernel(block_n=32, block_d=64, num_warps=2),
                                 ("64x2x128_m8",)),
-        "kernel_dot_last": Impl(_stream_grad_kernel(dot_last=True), ("128x4x256_m24_bf16",)),
+        "kernel_mma": Impl(_stream_grad_kernel(product="mma"), ("128x4x256_m24",
+                                                                "128x4x256_m24_bf16",
+                                                                "64x2x128_m8")),
         # the api on [B, T, ...] inputs (off GPU forced into the interpreter)
         "api_kernel": Impl(lambda *a: sg_api.state_grad(
             *(x.reshape((2, -1) + x.shape[1:]) if i < 8 else x for i, x in enumerate(a)),

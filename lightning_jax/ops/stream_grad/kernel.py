@@ -4,7 +4,7 @@ backward sums (reference.mix_grads) as another.
 What it replaces: under JAX's autodiff the state's gradient is one XLA loop fusion that reads
 the state, the new state's gradient, the read-in's gradient and the output of a separate GEMM,
 dz gw^T ([N, S d] with K = m = 24 for four streams), written only to be read back (537 MB per
-sublayer at stage_2b's B4 x T4096). Here that product runs on the tensor cores inside the kernel.
+sublayer at stage_2b's B4 x T4096). Here that product is formed inside the kernel.
 
 Layout: one program per (token block, column block) writes all S streams of dx there: it
 reads the state and the new state's gradient as [block_n, S, block_d] blocks of [N, S, d] (each
@@ -12,12 +12,13 @@ once), the read-in's gradient [block_n, block_d] and gw^T's columns of every str
 per-token scalars come transposed, [ROWS, N] (r, c, hp[0..S-1], hr[t, s] at 2 + S + t S + s,
 zero padding), so each is one row load over the block's tokens (as the Sinkhorn kernels do).
 
-The product dz gw^T: dz is float32 [N, m]; it is split into bf16 high and low parts (and gw too
-when it is float32), padded to 32 columns a part, so one bf16 dot with float32 accumulation
-gives dz gw^T to about 2^-16 relative (float32 gw: the three largest of the four part products).
+The product r (dz gw^T) (`product`, see state_grad): m float32 rank-1 updates on the CUDA
+cores ("fma", the default), or one tensor-core dot a stream from bf16 high / low parts ("mma").
 
-Blocks: 16 tokens x 128 columns at 4 warps compile to 168 registers and no spill for sm_90
-(ptxas, stage_2b's shape); 32 x 128 spills at 4 warps (216 registers at 8), 64 x 128 at 4.
+Blocks (Triton 3.5 and ptxas for sm_90 at stage_2b's shape, docs/PERFORMANCE.md session 20):
+"fma" at 16 tokens x 128 columns and 4 warps: 139 registers, no spill, 4 layout conversions
+(of [128] rows) and 8 barriers; 32 x 128 at 8 warps: 162 registers, none of either. "mma" at
+16 x 128: 168 registers, 31 conversions, 101 barriers (measured at 0.66 TB/s on an H100).
 
 Backends: Triton on GPU, the Pallas interpreter elsewhere (interpret=None); gpu_lowering=True
 builds the native call with Triton compiler parameters on any host (ops.pallas.lower_for_gpu).
@@ -37,20 +38,26 @@ BF16 = jnp.bfloat16
 ROWS = 32         # per-token scalars: r, c, hp [S], hr [S, S] (S <= 5), padding
 
 
-def _body(dxp_ref, x_ref, dv_ref, coef_ref, dz_ref, gw_ref, o_ref, *, n_streams, dot_last):
+def _body(dxp_ref, x_ref, dv_ref, coef_ref, dz_ref, gw_ref, o_ref, *, n_streams, m, product):
   ns = n_streams
-  col = lambda k: coef_ref[k, :][:, None]
-  dz = dz_ref[...]
+  col = lambda ref, k: ref[k, :][:, None]
   dv = dv_ref[...].astype(F32)
   dxp = [dxp_ref[:, t, :] for t in range(ns)]              # kept in the state's dtype
+  if product == "mma":
+    dz = dz_ref[...]
   for s in range(ns):
-    acc = lambda: col(0) * jax.lax.dot_general(dz, gw_ref[:, s, :], (((1,), (0,)), ((), ())),
-                                               preferred_element_type=F32)    # [bn, bd]
-    out = None if dot_last else acc()
-    rest = col(2 + s) * dv - col(1) * x_ref[:, s, :].astype(F32)
+    out = col(coef_ref, 2 + s) * dv - col(coef_ref, 1) * x_ref[:, s, :].astype(F32)
     for t in range(ns):
-      rest = rest + col(2 + ns + t * ns + s) * dxp[t].astype(F32)
-    out = rest + acc() if dot_last else out + rest
+      out = out + col(coef_ref, 2 + ns + t * ns + s) * dxp[t].astype(F32)
+    if product == "mma":
+      out = out + col(coef_ref, 0) * jax.lax.dot_general(
+          dz, gw_ref[:, s, :], (((1,), (0,)), ((), ())), preferred_element_type=F32)
+    else:
+      # a loop (the m rows of gw are not all live at once) carrying the sum so far, whose
+      # layout is the loaded tiles': only the [block_d] rows and [block_n] columns convert
+      out = jax.lax.fori_loop(
+          0, m, lambda k, acc, s=s: acc + col(dz_ref, k) * gw_ref[k, s, :][None, :].astype(F32),
+          out)
     o_ref[:, s, :] = out.astype(o_ref.dtype)
 
 
@@ -80,43 +87,58 @@ def check_shapes(n: int, d: int, block_n: int, block_d: int, n_streams: int):
     raise ValueError(f"stream_grad kernel: {n_streams} streams; expected 1 to 5.")
 
 
+PRODUCTS = ("fma", "mma")
+
+
 def state_grad(x, dxp, dv, r, c, hp, hr, dz, gw, *, block_n: int = 16, block_d: int = 128,
                num_warps: int = 4, interpret: bool | None = None, gpu_lowering: bool = False,
-               dot_last: bool = False):
+               product: str = "fma"):
   """reference.state_grad's dx [N, S, d], in x's dtype, from one Pallas launch.
 
-  dot_last: the elementwise terms first and the product dz gw^T added last (how Triton places
-  the layout conversion between the dot's result and the loaded tiles)."""
+  product: how r (dz gw^T) is formed. "mma": one tensor-core dot a stream from bf16 high / low
+  parts of dz (and of gw when float32), about 2^-16 relative. Triton then holds the whole
+  elementwise sum in the dot's MMA layout: every loaded tile and per-token scalar goes through
+  shared memory to get there (31 layout conversions and 101 barriers at 16 x 128 for sm_90),
+  and the kernel measured 0.66 TB/s on an H100 (docs/PERFORMANCE.md, session 20). "fma": m
+  float32 rank-1 updates (r dz_k) (x) gw_k on the CUDA cores, all in the loads' layout (m + 30
+  multiply-adds an element; no dot, no conversion of the state tiles)."""
   n, s, d = x.shape
   m = dz.shape[-1]
   check_shapes(n, d, block_n, block_d, s)
+  if product not in PRODUCTS:
+    raise ValueError(f"stream_grad kernel: product={product!r} must be one of {list(PRODUCTS)}.")
   mp = max(16, 1 << (m - 1).bit_length())
   rows = [r, c] + [hp[:, j] for j in range(s)] + [hr[:, t, j] for t in range(s) for j in range(s)]
   coef = jnp.stack(rows + [jnp.zeros_like(r)] * (ROWS - len(rows))).astype(F32)   # [ROWS, N]
   gwt = jnp.pad(gw.T.astype(F32), ((0, mp - m), (0, 0)))                   # [mp, S d]
-  dz_hi, dz_lo = _split(_pad_cols(dz.astype(F32), mp), 2)
-  if gw.dtype == F32:
-    g_hi, g_lo = _split(gwt, 2)
-    a_parts, b_parts = [dz_hi, dz_lo, dz_hi], [g_hi, g_hi, g_lo]
+  if product == "fma":
+    dz2 = jnp.pad((dz.astype(F32) * r.astype(F32)[:, None]).T, ((0, mp - m), (0, 0)))  # [mp, N]
+    gw2 = gwt.astype(gw.dtype).reshape(mp, s, d)
+    dz_spec = pl.BlockSpec((mp, block_n), lambda i, j: (0, i))
   else:
-    g = gwt.astype(BF16)
-    a_parts, b_parts = [dz_hi, dz_lo], [g, g]
-  if len(a_parts) & (len(a_parts) - 1):                   # pad the contraction to a power of 2
-    a_parts.append(jnp.zeros_like(dz_hi))
-    b_parts.append(jnp.zeros_like(b_parts[0]))
-  dz2 = jnp.concatenate(a_parts, axis=1)                                     # [N, K]
-  gw2 = jnp.concatenate(b_parts, axis=0).reshape(-1, s, d)                   # [K, S, d]
-  kk = dz2.shape[1]
+    dz_hi, dz_lo = _split(_pad_cols(dz.astype(F32), mp), 2)
+    if gw.dtype == F32:
+      g_hi, g_lo = _split(gwt, 2)
+      a_parts, b_parts = [dz_hi, dz_lo, dz_hi], [g_hi, g_hi, g_lo]
+    else:
+      g = gwt.astype(BF16)
+      a_parts, b_parts = [dz_hi, dz_lo], [g, g]
+    if len(a_parts) & (len(a_parts) - 1):                 # pad the contraction to a power of 2
+      a_parts.append(jnp.zeros_like(dz_hi))
+      b_parts.append(jnp.zeros_like(b_parts[0]))
+    dz2 = jnp.concatenate(a_parts, axis=1)                                   # [N, K]
+    gw2 = jnp.concatenate(b_parts, axis=0).reshape(-1, s, d)                 # [K, S, d]
+    dz_spec = pl.BlockSpec((block_n, dz2.shape[1]), lambda i, j: (i, 0))
   state = pl.BlockSpec((block_n, s, block_d), lambda i, j: (i, 0, j))
   interp = False if gpu_lowering else interpret_default(interpret)
   return pl.pallas_call(
-      functools.partial(_body, n_streams=s, dot_last=bool(dot_last)),
+      functools.partial(_body, n_streams=s, m=m, product=product),
       grid=(n // block_n, d // block_d),
       in_specs=[state, state,
                 pl.BlockSpec((block_n, block_d), lambda i, j: (i, j)),
                 pl.BlockSpec((ROWS, block_n), lambda i, j: (0, i)),
-                pl.BlockSpec((block_n, kk), lambda i, j: (i, 0)),
-                pl.BlockSpec((kk, s, block_d), lambda i, j: (0, 0, j))],
+                dz_spec,
+                pl.BlockSpec((gw2.shape[0], s, block_d), lambda i, j: (0, 0, j))],
       out_specs=state,
       out_shape=jax.ShapeDtypeStruct((n, s, d), x.dtype),
       interpret=interp, name="stream_state_grad",
