@@ -49,6 +49,7 @@ from lightning_jax.ops.delta_rule import api as delta_rule_op
 from lightning_jax.ops.delta_rule import kernel as kdr
 from lightning_jax.ops.pallas import lower_for_gpu, on_gpu
 from lightning_jax.ops.sparse_attention import api as attention_op
+from lightning_jax.ops.stream_grad import kernel as sg_kernel
 
 RESULTS: dict = {}
 JSON_PATH = ""   # set by main: every recorded row is written at once, so a timed-out run keeps them
@@ -312,7 +313,12 @@ for path in sys.argv[1:]:
   r = subprocess.run([tool, "--dump-resource-usage", cub], capture_output=True, text=True)
   use = " ".join(l.split("Resource usage:")[-1].strip() for l in r.stdout.splitlines()
                  if "REG" in l)
-  print(path, f"shared={k.metadata.shared}", use.split(" TEXTURE")[0], flush=True)
+  # layout conversions in Triton's GPU IR and barriers in the PTX: each conversion of a tile is
+  # a round trip through shared memory (session 20: 31 of them made a kernel run at 0.66 TB/s)
+  conv = k.asm["ttgir"].count("ttg.convert_layout")
+  bars = k.asm["ptx"].count("bar.sync")
+  print(path, f"shared={k.metadata.shared}", use.split(" TEXTURE")[0],
+        f"CONVERT:{conv} BAR:{bars}", flush=True)
 """
 
 
@@ -359,6 +365,19 @@ def resources(small, triton_python):
       # the primal alone takes its own (lean) kernels
       guarded(f"resources lower primal [{label}]", lambda rule=rule: lower_for_gpu(rule, *args))
       print(f"# {label}: {[os.path.basename(p) for p in seen[n0:]]}", flush=True)
+    # the streams' gradient kernels at stage_2b's B1 shape (their default blocks)
+    n, st, w, m = 4096, 4, 4096, 24
+    bf, f32 = jnp.bfloat16, jnp.float32
+    sds = jax.ShapeDtypeStruct
+    sg_args = (sds((n, st, w), bf), sds((n, st, w), bf), sds((n, w), bf), sds((n,), f32),
+               sds((n,), f32), sds((n, st), f32), sds((n, st, st), f32), sds((n, m), f32),
+               sds((st * w, m), bf))
+    for prod in ("fma", "mma"):
+      guarded(f"resources lower [stream_state_grad {prod}]", lambda prod=prod: lower_for_gpu(
+          lambda *a: sg_kernel.state_grad(*a, product=prod, gpu_lowering=True), *sg_args))
+    guarded("resources lower [stream_mix_grads]", lambda: lower_for_gpu(
+        lambda *a: sg_kernel.mix_grads(*a, gpu_lowering=True), *sg_args[:3],
+        sds((n, st), f32)))
   finally:
     reg.lowering.lower_jaxpr_to_triton_module = orig
   r = subprocess.run([triton_python, "-c", _TRITON_COMPILE] + seen, capture_output=True,

@@ -17,8 +17,10 @@ cores ("fma", the default), or one tensor-core dot a stream from bf16 high / low
 
 Blocks (Triton 3.5 and ptxas for sm_90 at stage_2b's shape, docs/PERFORMANCE.md session 20):
 "fma" at 16 tokens x 128 columns and 4 warps: 139 registers, no spill, 4 layout conversions
-(of [128] rows) and 8 barriers; 32 x 128 at 8 warps: 162 registers, none of either. "mma" at
-16 x 128: 168 registers, 31 conversions, 101 barriers (measured at 0.66 TB/s on an H100).
+(of a [128] row of gw, inside the loop over m) and 8 barriers in the code; 32 x 128 at 8 warps: 162 registers, none of either. "mma" at
+16 x 128: 168 registers, 13 conversions (of [16, 128] tiles) and 61 barriers, measured at
+0.66 TB/s on an H100. (A [2-D] load of gw's row or dz's column instead of the [128] / [16] row
+loads brings tile conversions back into the fma loop: 8, tried.)
 
 Backends: Triton on GPU, the Pallas interpreter elsewhere (interpret=None); gpu_lowering=True
 builds the native call with Triton compiler parameters on any host (ops.pallas.lower_for_gpu).
@@ -46,13 +48,14 @@ def _body(dxp_ref, x_ref, dv_ref, coef_ref, dz_ref, gw_ref, o_ref, *, n_streams,
   if product == "mma":
     dz = dz_ref[...]
   for s in range(ns):
-    out = col(coef_ref, 2 + s) * dv - col(coef_ref, 1) * x_ref[:, s, :].astype(F32)
+    # "mma" as measured in session 20: the dot's result first, the elementwise terms onto it
+    out = col(coef_ref, 0) * jax.lax.dot_general(
+        dz, gw_ref[:, s, :], (((1,), (0,)), ((), ())),
+        preferred_element_type=F32) if product == "mma" else 0.0
+    out = out - col(coef_ref, 1) * x_ref[:, s, :].astype(F32) + col(coef_ref, 2 + s) * dv
     for t in range(ns):
       out = out + col(coef_ref, 2 + ns + t * ns + s) * dxp[t].astype(F32)
-    if product == "mma":
-      out = out + col(coef_ref, 0) * jax.lax.dot_general(
-          dz, gw_ref[:, s, :], (((1,), (0,)), ((), ())), preferred_element_type=F32)
-    else:
+    if product == "fma":
       # a loop (the m rows of gw are not all live at once) carrying the sum so far, whose
       # layout is the loaded tiles': only the [block_d] rows and [block_n] columns convert
       out = jax.lax.fori_loop(
@@ -97,9 +100,9 @@ def state_grad(x, dxp, dv, r, c, hp, hr, dz, gw, *, block_n: int = 16, block_d: 
 
   product: how r (dz gw^T) is formed. "mma": one tensor-core dot a stream from bf16 high / low
   parts of dz (and of gw when float32), about 2^-16 relative. Triton then holds the whole
-  elementwise sum in the dot's MMA layout: every loaded tile and per-token scalar goes through
-  shared memory to get there (31 layout conversions and 101 barriers at 16 x 128 for sm_90),
-  and the kernel measured 0.66 TB/s on an H100 (docs/PERFORMANCE.md, session 20). "fma": m
+  elementwise sum in the dot's MMA layout: the loaded tiles go through shared memory to get
+  there (13 layout conversions of [16, 128] tiles and 61 barriers at 16 x 128 for sm_90), and
+  the kernel measured 0.66 TB/s on an H100 (docs/PERFORMANCE.md, session 20). "fma": m
   float32 rank-1 updates (r dz_k) (x) gw_k on the CUDA cores, all in the loads' layout (m + 30
   multiply-adds an element; no dot, no conversion of the state tiles)."""
   n, s, d = x.shape
