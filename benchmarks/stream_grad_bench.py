@@ -9,23 +9,16 @@ written), and the same formulas as XLA fusions (ops/stream_grad/reference.py) be
 from __future__ import annotations
 
 import argparse
-import time
-
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from benchmarks.kernels_bench import bench
 from lightning_jax.ops.stream_grad import kernel, reference
 
 
 def _time(f, args, iters):
-  jax.block_until_ready(f(*args))
-  ts = []
-  for _ in range(iters):
-    t0 = time.perf_counter()
-    jax.block_until_ready(f(*args))
-    ts.append(time.perf_counter() - t0)
-  return float(np.median(ts))
+  """Median seconds of f(*args) (kernels_bench.bench: jit, warm-up, median)."""
+  return bench(f, args, iters)[0] / 1e3
 
 
 def main(argv=None):

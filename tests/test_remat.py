@@ -54,13 +54,18 @@ def test_selective_inside_the_reversible_rebuild_gives_the_same_gradients():
   v = model.init_variables(cfg, jax.random.PRNGKey(seed), _words(VOCAB))
   ids = jnp.asarray(np.random.default_rng(seed).integers(0, VOCAB, (2, 34)), jnp.int32)
 
-  def grads(mode):
+  def grads(mode, pre="autodiff"):
     c = cfg.copy_and_resolve_references()
     c.model.remat = mode
+    c.model.hc.pre = pre
     return jax.grad(lambda p: model.loss_fn(p, v["frozen"], v["stats"], {"ids": ids}, c)[0])
 
-  g_none, g_sel = jax.jit(lambda p: (grads("none")(p), grads("selective")(p)))(v["params"])
+  # with model.hc.pre=kernel too: the streams as a pair of custom VJPs with a private cotangent
+  # contract (layers/streams._paired) inside the per-layer rebuild
+  g_none, g_sel, g_kern = jax.jit(lambda p: (grads("none")(p), grads("selective")(p),
+                                             grads("selective", "kernel")(p)))(v["params"])
   _assert_close(g_none, g_sel, f"seed {seed}: reversible selective")
+  _assert_close(g_none, g_kern, f"seed {seed}: reversible selective, hc.pre=kernel")
 
 
 def _assert_close(want, got, what):
@@ -143,23 +148,3 @@ def test_residuals_benchmark_records_every_layer_kind_and_the_step(tmp_path):
     assert 0 < sel["residual_gb"] < none["residual_gb"] and none["dot_gflop"] > 0
   assert rep["step"]["selective"]["residual_gb"] < rep["step"]["none"]["residual_gb"]
 
-
-def test_streams_kernel_pair_inside_the_reversible_rebuild():
-  """model.hc.pre=kernel (pre and post as a pair of custom VJPs with a private cotangent
-  contract, layers/streams._paired) inside the reversible stack's per-layer rebuild under
-  selective remat: the float32 gradients of the autodiff streams."""
-  seed = np.random.randint(1 << 30)
-  cfg = _cfg()
-  cfg.model.mtp.enabled = False
-  cfg.reversible.enabled = True
-  v = model.init_variables(cfg, jax.random.PRNGKey(seed), _words(VOCAB))
-  ids = jnp.asarray(np.random.default_rng(seed).integers(0, VOCAB, (2, 34)), jnp.int32)
-
-  def grads(pre):
-    c = cfg.copy_and_resolve_references()
-    c.model.remat = "selective"
-    c.model.hc.pre = pre
-    return jax.grad(lambda p: model.loss_fn(p, v["frozen"], v["stats"], {"ids": ids}, c)[0])
-
-  g_a, g_k = jax.jit(lambda p: (grads("autodiff")(p), grads("kernel")(p)))(v["params"])
-  _assert_close(g_a, g_k, f"seed {seed}: hc.pre=kernel")
