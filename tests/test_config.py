@@ -103,6 +103,16 @@ def test_resume_view_holds_fixed_fields_only():
   assert {k for k in va if va[k] != vb[k]} == {"model.d_model", "data.pools.D1.domains"}
 
 
+def test_streams_kernel_backward_needs_the_state_reading_projections():
+  c = config.base_config()
+  c.model.hc.pre, c.model.compat = "kernel", "reference_cuda"
+  with pytest.raises(ConfigError, match=r"^model.hc.pre='kernel' needs the projections that "
+                     r"read the state, .*'fused' with it\.$"):
+    validate(c)
+  c.model.compat = "spec"
+  validate(c)
+
+
 def test_expert_layout_is_a_model_field_kept_across_meshes():
   c = load_config(str(REPO / "configs" / "tiny_120b.py"))
   c.mesh.expert = 4

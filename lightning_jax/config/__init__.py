@@ -186,6 +186,10 @@ def validate(cfg: ConfigDict) -> ConfigDict:
         f"model.gsa.n_sinks={g.n_sinks} must be between 0 and k_min={g.k_min}.")
   _need(dn.head_dim % 2 == 0 and g.head_dim % 2 == 0,
         "model.deltanet.head_dim and model.gsa.head_dim must be even for interleaved rotary.")
+  _need(not (m.hc.pre == "kernel" and m.compat == "reference_cuda"),
+        "model.hc.pre='kernel' needs the projections that read the state, which "
+        "model.compat='reference_cuda' replaces; expected model.hc.pre 'autodiff' or 'fused' "
+        "with it.")
 
   e = cfg.moe
   if e.enabled:
