@@ -249,7 +249,7 @@ def _paired(p: dict, x, sublayer, cfg, interpret):
   The state x feeds the read-in and the projections (pre) and the mix (post), so under autodiff
   its gradient is a sum that XLA fuses into one pass, but that pass reads the output of a
   separate GEMM, dz W^T ([B T, S d], K = 24), written only to be read back. A kernel can form
-  that product on the tensor cores, but it cannot join XLA's sum of the two uses' cotangents.
+  that product in registers, but it cannot join XLA's sum of the two uses' cotangents.
   So the forward is the autodiff path's, split differently: `pre_` returns, besides u and the
   coefficients, x itself as `xa`, and `post_` mixes `xa`. Their backward rules keep a private
   contract: post_'s rule returns, as xa's cotangent, the new state's gradient dx' itself (not

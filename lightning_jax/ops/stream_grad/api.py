@@ -1,4 +1,5 @@
-"""The streams' state gradient: the op's entry point (reference.py has the formula).
+"""The streams' backward kernels: the op's entry points, `state_grad` (the state's whole
+gradient) and `mix_grads` (the mix's sums); reference.py has both formulas.
 
 impl: "auto" (the Pallas kernel on GPU where the shapes fit its blocks, the reference elsewhere),
 "reference", or "kernel" (off GPU it gives way to the reference, said once per backend on logger
@@ -63,7 +64,8 @@ def _fits(x, block_n, block_d) -> bool:
     b_ax = shd._fits(x.shape, shd.spec_for(("batch",)), mesh)[0]
     axes = () if b_ax is None else ((b_ax,) if isinstance(b_ax, str) else tuple(b_ax))
     n //= math.prod(mesh.shape[a] for a in axes)
-  return n % block_n == 0 and x.shape[-1] % block_d == 0 and 2 + x.shape[-2] * (x.shape[-2] + 1) <= kernel.ROWS
+  s = x.shape[-2]
+  return n % block_n == 0 and x.shape[-1] % block_d == 0 and 2 + s * (s + 1) <= kernel.ROWS
 
 
 def state_grad(x, dxp, dv, r, c, hp, hr, dz, gw, *, impl: str = "auto",

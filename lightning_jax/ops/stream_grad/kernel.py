@@ -17,10 +17,11 @@ cores ("fma", the default), or one tensor-core dot a stream from bf16 high / low
 
 Blocks (Triton 3.5 and ptxas for sm_90 at stage_2b's shape, docs/PERFORMANCE.md session 20):
 "fma" at 16 tokens x 128 columns and 4 warps: 139 registers, no spill, 4 layout conversions
-(of a [128] row of gw, inside the loop over m) and 8 barriers in the code; 32 x 128 at 8 warps: 162 registers, none of either. "mma" at
-16 x 128: 168 registers, 13 conversions (of [16, 128] tiles) and 61 barriers, measured at
-0.66 TB/s on an H100. (A [2-D] load of gw's row or dz's column instead of the [128] / [16] row
-loads brings tile conversions back into the fma loop: 8, tried.)
+(of a [128] row of gw, inside the loop over m) and 8 barriers in the code; 32 x 128 at 8
+warps: 162 registers, none of either. "mma" at 16 x 128: 168 registers, 13 conversions (of
+[16, 128] tiles) and 61 barriers, measured at 0.66 TB/s on an H100. (2-D loads of gw's row or
+dz's column in place of the [128] / [16] row loads bring tile conversions back into the fma
+loop: 8, tried.)
 
 Backends: Triton on GPU, the Pallas interpreter elsewhere (interpret=None); gpu_lowering=True
 builds the native call with Triton compiler parameters on any host (ops.pallas.lower_for_gpu).
