@@ -520,7 +520,7 @@ _STREAM_GRAD = Op(
            # a bf16 state: the output is rounded to bf16 once (2^-9)
            "128x4x256_m24_bf16": Case(_stream_grad_inputs(128, 4, 256, 24), tol=4e-3,
                                       low=_stream_grad_bf16),
-           # two streams, m = 8 (padded to 16), float32 gw (the three-part product)
+           # two streams, m = 8 (padded to 16), float32 gw (product=mma: the three-part dot)
            "64x2x128_m8": Case(_stream_grad_inputs(64, 2, 128, 8, gw_scale=1.0))},
     impls={
         "kernel": Impl(_stream_grad_kernel(), ("128x4x256_m24", "128x4x256_m24_bf16",
@@ -709,11 +709,11 @@ def _sinkhorn_lowering():
   return _fwd_bwd(rule, 1), (_S((2, 4096, 4, 4), jnp.float32),)
 
 
-def _stream_grad_lowering():
+def _stream_grad_lowering(product="fma"):
   """stage_2b's shape at B1 x T4096: 4 streams of 4096, bf16 state and gw, m = 24."""
   n, s, d, m = 4096, 4, 4096, 24
   bf, f = jnp.bfloat16, jnp.float32
-  return (lambda *a: sg_api.kernel.state_grad(*a, gpu_lowering=True)), (
+  return (lambda *a: sg_api.kernel.state_grad(*a, product=product, gpu_lowering=True)), (
       _S((n, s, d), bf), _S((n, s, d), bf), _S((n, d), bf), _S((n,), f), _S((n,), f),
       _S((n, s), f), _S((n, s, s), f), _S((n, m), f), _S((s * d, m), bf))
 
@@ -756,6 +756,8 @@ LOWERINGS = {
     "expert_matmul.rotate": Lowering(_rotate_lowering(False), ("tqp_rotate",)),
     "sinkhorn": Lowering(_sinkhorn_lowering, (_TRITON, "sinkhorn_fwd", "sinkhorn_bwd")),
     "stream_grad": Lowering(_stream_grad_lowering, (_TRITON, "stream_state_grad")),
+    "stream_grad.mma": Lowering(lambda: _stream_grad_lowering("mma"),
+                                (_TRITON, "stream_state_grad")),
     "stream_grad.mix_grads": Lowering(lambda: (
         lambda *a: sg_api.kernel.mix_grads(*a, gpu_lowering=True),
         (_S((4096, 4, 4096), jnp.bfloat16), _S((4096, 4, 4096), jnp.bfloat16),
