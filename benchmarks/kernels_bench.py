@@ -323,10 +323,11 @@ for path in sys.argv[1:]:
 
 
 def resources(small, triton_python):
-  """Per-kernel registers / spills (STACK) / shared memory of the delta rule's Pallas kernels for
-  sm_90, without a GPU: lower jit(fwd+bwd) for CUDA here (ops.pallas.lower_for_gpu), keep each
-  kernel's Triton IR, and compile it with the `triton` package of --triton_python (a Python
-  with `pip install triton`; ptxas / cuobjdump ship in its wheel). Uses a private JAX hook
+  """Per-kernel registers / spills (STACK) / shared memory / layout conversions / barriers of the
+  delta rule's and the streams' gradient Pallas kernels for sm_90, without a GPU: lower each
+  for CUDA here (ops.pallas.lower_for_gpu), keep each kernel's Triton IR, and compile it with
+  the `triton` package of --triton_python (a Python with `pip install triton`; ptxas /
+  cuobjdump ship in its wheel). Uses a private JAX hook
   (jax._src.pallas.triton.pallas_call_registration) to see the IR: diagnostic only."""
   import jax._src.pallas.triton.pallas_call_registration as reg
   if not triton_python:
@@ -366,18 +367,18 @@ def resources(small, triton_python):
       guarded(f"resources lower primal [{label}]", lambda rule=rule: lower_for_gpu(rule, *args))
       print(f"# {label}: {[os.path.basename(p) for p in seen[n0:]]}", flush=True)
     # the streams' gradient kernels at stage_2b's B1 shape (their default blocks)
-    n, st, w, m = 4096, 4, 4096, 24
+    n, ns, w, m = 4096, 4, 4096, 24
     bf, f32 = jnp.bfloat16, jnp.float32
     sds = jax.ShapeDtypeStruct
-    sg_args = (sds((n, st, w), bf), sds((n, st, w), bf), sds((n, w), bf), sds((n,), f32),
-               sds((n,), f32), sds((n, st), f32), sds((n, st, st), f32), sds((n, m), f32),
-               sds((st * w, m), bf))
+    sg_args = (sds((n, ns, w), bf), sds((n, ns, w), bf), sds((n, w), bf), sds((n,), f32),
+               sds((n,), f32), sds((n, ns), f32), sds((n, ns, ns), f32), sds((n, m), f32),
+               sds((ns * w, m), bf))
     for prod in ("fma", "mma"):
       guarded(f"resources lower [stream_state_grad {prod}]", lambda prod=prod: lower_for_gpu(
           lambda *a: sg_kernel.state_grad(*a, product=prod, gpu_lowering=True), *sg_args))
     guarded("resources lower [stream_mix_grads]", lambda: lower_for_gpu(
         lambda *a: sg_kernel.mix_grads(*a, gpu_lowering=True), *sg_args[:3],
-        sds((n, st), f32)))
+        sds((n, ns), f32)))
   finally:
     reg.lowering.lower_jaxpr_to_triton_module = orig
   r = subprocess.run([triton_python, "-c", _TRITON_COMPILE] + seen, capture_output=True,
