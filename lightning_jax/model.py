@@ -325,7 +325,7 @@ def forward(params, frozen, stats, ids, cfg, with_mtp: bool | None = None, moe_c
   fns = [functools.partial(layer_apply, cfg=cfg, kind=k) for k in m.pattern]
   x, aux, step_stats, choices = reversible.run_stack(
       cfg.reversible, fns, _group_vars(params, frozen, stats, cfg), x, consts,
-      remat=m.remat)
+      remat=m.remat, unroll=m.unroll_layers)
   h = streams.readout(x, params["final_norm"]["scale"], m.norm_eps)
   h = sharding.constrain(h, ("batch", "seq", "embed"))
   step_stats = {"groups": {f"l{j}": s for j, s in enumerate(step_stats)}}

@@ -93,9 +93,12 @@ def _slice(tree, i):
 
 
 def plain_stack(layer_fns: Sequence[LayerFn], group_vars: Sequence[dict], x, consts,
-                remat: str | bool = "none"):
+                remat: str | bool = "none", unroll: bool = False):
   """x <- layer(x) for every layer, lax.scan over groups; ordinary autodiff. remat: what each
-  layer keeps for the backward (lightning_jax.remat; a bool means "full" / "none")."""
+  layer keeps for the backward (lightning_jax.remat; a bool means "full" / "none"). unroll
+  (model.unroll_layers): the scan unrolled into straight-line code, so that each group's
+  residuals are buffers of their own rather than slices of stacked ones (no dynamic slices or
+  copies of them in the backward; compile time grows with the number of groups)."""
   fns = [remat_lib.wrap(f, remat) for f in layer_fns]
 
   def body(carry, gv):
@@ -109,7 +112,7 @@ def plain_stack(layer_fns: Sequence[LayerFn], group_vars: Sequence[dict], x, con
     return (h, aux), (tuple(stats), tuple(choices))
 
   (x, aux), (stats, choices) = jax.lax.scan(body, (x, jnp.zeros((), jnp.float32)),
-                                            tuple(group_vars))
+                                            tuple(group_vars), unroll=bool(unroll))
   return x, aux, stats, choices
 
 
@@ -495,15 +498,16 @@ def reversible_stack(rcfg, layer_fns: Sequence[LayerFn], group_vars: Sequence[di
 
 
 def run_stack(rcfg, layer_fns: Sequence[LayerFn], group_vars: Sequence[dict], x, consts,
-              remat: str | bool = "none"):
+              remat: str | bool = "none", unroll: bool = False):
   """Dispatch on the `reversible` config section (plain stack when disabled).
 
   `remat` (model.remat): in the plain stack and the reversible stack's store_layers mode, what
   each layer keeps from the forward for the backward; in the other modes, which rebuild every
-  layer anyway, what each layer's rebuild keeps for its vjp.
+  layer anyway, what each layer's rebuild keeps for its vjp. `unroll` (model.unroll_layers):
+  the plain stack's scan unrolled (see plain_stack); the reversible modes keep their scans.
   """
   if not rcfg.enabled:
-    return plain_stack(layer_fns, group_vars, x, consts, remat=remat)
+    return plain_stack(layer_fns, group_vars, x, consts, remat=remat, unroll=unroll)
   if rcfg.mode == "store_layers":
     _check_rcfg(rcfg)
     _check_layers(layer_fns, group_vars, x, consts)

@@ -148,3 +148,24 @@ def test_residuals_benchmark_records_every_layer_kind_and_the_step(tmp_path):
     assert 0 < sel["residual_gb"] < none["residual_gb"] and none["dot_gflop"] > 0
   assert rep["step"]["selective"]["residual_gb"] < rep["step"]["none"]["residual_gb"]
 
+
+
+def test_unrolled_layer_scan_gives_the_same_float32_loss_and_gradients():
+  """model.unroll_layers: the layer groups' scan as straight-line code changes no number."""
+  seed = np.random.randint(1 << 30)
+  cfg = _cfg()
+  cfg.model.pattern = "D"          # two groups of one layer: the unrolled stack has two bodies
+  v = model.init_variables(cfg, jax.random.PRNGKey(seed), _words(VOCAB))
+  ids = jnp.asarray(np.random.default_rng(seed).integers(0, VOCAB, (1, 34)), jnp.int32)
+
+  def loss_and_grads(unroll):
+    c = _cfg()
+    c.model.pattern = "D"
+    c.model.unroll_layers = unroll
+    return jax.value_and_grad(
+        lambda p: model.loss_fn(p, v["frozen"], v["stats"], {"ids": ids}, c)[0])
+
+  (l_scan, g_scan), (l_unr, g_unr) = jax.jit(
+      lambda p: (loss_and_grads(False)(p), loss_and_grads(True)(p)))(v["params"])
+  np.testing.assert_allclose(float(l_unr), float(l_scan), rtol=1e-6, err_msg=f"seed {seed}")
+  _assert_close(g_scan, g_unr, f"seed {seed}: unrolled")
