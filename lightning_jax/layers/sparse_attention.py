@@ -125,18 +125,28 @@ def _chunk(g, T: int) -> int:
 
 
 # ----------------------------------------------------------------------------- indexer
-def select_from_scores(scores, q_pos, var_ema, g, var_row: str = "full_row"):
-  """Budget and top-k selection from indexer scores [B, Q, T] (-inf after the query).
+def select_from_scores(scores, q_pos, var_ema, g, var_row: str = "full_row",
+                       n_keys: int | None = None):
+  """Budget and top-k selection from indexer scores [B, Q, W] (-inf after the query).
 
+  n_keys: the row's full length T when the scores hold only its first W keys (every query of
+  the block is < W, so the rest are future keys): var_row="full_row" still averages over T,
+  the future keys counting as 0, as in the reference. Default W.
   Returns (idx int32 [B, Q, k_max] with -1 padding, k_t int32 [B, Q], var_t float32 [B, Q]).
   """
   T = scores.shape[-1]
+  n_all = T if n_keys is None else int(n_keys)
   kpos = jnp.arange(T)
   causal = (kpos[None, :] <= q_pos[:, None])[None]                  # [1, Q, T]
   s0 = jnp.where(causal, scores, 0.0)
-  if var_row == "full_row":
+  if var_row == "full_row" and n_all == T:
     mean = jnp.mean(s0, axis=-1, keepdims=True)
     var_t = jnp.mean(jnp.square(s0 - mean), axis=-1)
+  elif var_row == "full_row":
+    # the n_all - T keys not in the block are zeros: each adds mean^2 to the squared deviations
+    mean = jnp.sum(s0, axis=-1, keepdims=True) / n_all
+    var_t = (jnp.sum(jnp.square(s0 - mean), axis=-1)
+             + (n_all - T) * jnp.square(mean[..., 0])) / n_all
   else:
     cnt = jnp.minimum(q_pos + 1, T).astype(jnp.float32)[None, :]     # [1, Q]
     mean = jnp.sum(s0, axis=-1) / cnt
@@ -183,16 +193,38 @@ def gsa_select(p, stats, x, cfg):
   qc = _chunk(g, T)
   n = -(-T // qc)
   pos = jnp.arange(n * qc, dtype=jnp.int32).reshape(n, qc)
+  qi_n, wi_n = attention_op.to_chunks(qi, n, qc), attention_op.to_chunks(wi, n, qc)
+  outs = []
+  for c0, c1, width in key_widths(n, qc, T):
+    def body(args, width=width):
+      qi_c, wi_c, pos_c = args
+      s = attention_op.indexer_scores(qi_c, ki[:, :width], wi_c, p["idx_b"], pos_c)
+      return select_from_scores(s, pos_c, var_ema, g, var_row, n_keys=T)
 
-  def body(args):
-    qi_c, wi_c, pos_c = args
-    s = attention_op.indexer_scores(qi_c, ki, wi_c, p["idx_b"], pos_c)
-    return select_from_scores(s, pos_c, var_ema, g, var_row)
-
-  idx, k_t, var_t = jax.lax.map(body, (attention_op.to_chunks(qi, n, qc),
-                                        attention_op.to_chunks(wi, n, qc), pos))
+    outs.append(jax.lax.map(body, (qi_n[c0:c1], wi_n[c0:c1], pos[c0:c1])))
+  idx, k_t, var_t = (outs[0][i] if len(outs) == 1 else
+                     jnp.concatenate([o[i] for o in outs], axis=0) for i in range(3))
   return (attention_op.from_chunks(idx, T), attention_op.from_chunks(k_t, T),
           attention_op.from_chunks(var_t, T))
+
+
+def key_widths(n: int, qc: int, T: int, levels: int = 4) -> list:
+  """[(first chunk, end chunk, keys)]: the query chunks grouped by how many leading keys their
+  scores need. Chunk c's queries are < (c + 1) qc, so it needs keys [0, (c + 1) qc) only, the
+  rest being future keys; each chunk takes the smallest of T, T/2, ..., T/2^(levels-1) (rounded
+  up) that covers them. At T = 4096 with 512-query chunks: 512, 1024, 2048 (x2) and 4096 (x4)
+  keys, about 0.6 of the indexer's scores and top-k work of T keys for all; at most `levels`
+  chunk loops to compile."""
+  widths = sorted({min(T, -(-T // 2 ** j)) for j in range(levels)})
+  out = []
+  for c in range(n):
+    need = min(T, (c + 1) * qc)
+    w = min(x for x in widths if x >= need)
+    if out and out[-1][2] == w:
+      out[-1] = (out[-1][0], c + 1, w)
+    else:
+      out.append((c, c + 1, w))
+  return out
 
 
 # ----------------------------------------------------------------------------- attention
