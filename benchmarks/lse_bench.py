@@ -38,9 +38,9 @@ def _two_pass(lg, tgt):
 def main(argv=None):
   ap = argparse.ArgumentParser(prog="python -m benchmarks.lse_bench",
                                description=__doc__.splitlines()[0])
-  ap.add_argument("--tokens", type=int, default=4096)
-  ap.add_argument("--vocab", type=int, default=131072)
-  ap.add_argument("--iters", type=int, default=20)
+  ap.add_argument("--tokens", type=int, default=4096, help="Tokens in the chunk.")
+  ap.add_argument("--vocab", type=int, default=131072, help="Vocabulary (the logits' width).")
+  ap.add_argument("--iters", type=int, default=20, help="Timed calls per form (median).")
   a = ap.parse_args(argv)
   k1, k2 = jax.random.split(jax.random.PRNGKey(0))
   lg = (4.0 * jax.random.normal(k1, (a.tokens, a.vocab), jnp.float32)).astype(jnp.bfloat16)

@@ -275,7 +275,7 @@ def test_tiny_moe_model_20_layers(monkeypatch):
   probe = []
   run_stack = R.run_stack
 
-  def stack(rc, fns, gv, x, consts, remat=False):
+  def stack(rc, fns, gv, x, consts, remat=False, unroll=False):
     if rc.mode == "reference":
       # the float integrator under plain autodiff, reached as the model reaches it:
       # reversible.mode=store_layers (tested against the written-out formula above)
