@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lightning_jax import model, nn, sharding
-from lightning_jax.ops.head_ce.api import head_logits, lse_and_picked
+from lightning_jax.ops.head_ce.api import head_logits
 from lightning_jax.decode import GenerationError
 
 
@@ -63,7 +63,8 @@ def token_nll(h, w, targets, chunk_tokens: int, dtype):
   def body(_, xs):
     hc, tg = xs
     lg = head_logits(hc, w, dtype)
-    lse, picked = lse_and_picked(lg, tg)
+    lse = jax.nn.logsumexp(lg, axis=-1)
+    picked = jnp.take_along_axis(lg, tg[..., None].astype(jnp.int32), axis=-1)[..., 0]
     return None, lse - picked
 
   _, out = jax.lax.scan(body, None, (hs, ts))

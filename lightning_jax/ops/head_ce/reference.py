@@ -15,10 +15,3 @@ def cross_entropy(h, w, targets):
   lg = logits(h, w)
   picked = jnp.take_along_axis(lg, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
   return jnp.mean(jax.nn.logsumexp(lg, axis=-1) - picked)
-
-
-def lse_and_picked(lg, targets):
-  """(logsumexp over the last axis, the target's logit): two passes and a gather."""
-  lg = lg.astype(jnp.float32)
-  picked = jnp.take_along_axis(lg, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-  return jax.nn.logsumexp(lg, axis=-1), picked
