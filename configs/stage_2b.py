@@ -32,6 +32,11 @@ def get_config(phase=None):
   # softmax runs in float32 on them (fwd head_ce 41.2 -> 32.6 GB per B1 step, same plan;
   # docs/PERFORMANCE.md, "Session 18")
   c.model.ce_logits = "compute"
+  # model.unroll_layers stays off here: unrolled, the B4 step measured 518.1 ms against 563.2 ms
+  # (MFU 42.0% against 38.7%, one H100) but peaked at 66.91 GiB against 54.11, above the 60 GB
+  # an 80 GB card gives at the default XLA_PYTHON_CLIENT_MEM_FRACTION=0.75. Where memory allows
+  # (an H200, or 0.95 on an H100), pass --config.model.unroll_layers=True
+  # (docs/PERFORMANCE.md, "Session 21")
 
   # ---- optimiser (SPEC §5): 2B seed, cosine 1e-3 -> 1e-4, warmup 1000 steps from 0, wd 0.1
   o = c.optim
