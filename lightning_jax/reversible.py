@@ -504,7 +504,7 @@ def run_stack(rcfg, layer_fns: Sequence[LayerFn], group_vars: Sequence[dict], x,
   `remat` (model.remat): in the plain stack and the reversible stack's store_layers mode, what
   each layer keeps from the forward for the backward; in the other modes, which rebuild every
   layer anyway, what each layer's rebuild keeps for its vjp. `unroll` (model.unroll_layers):
-  the plain stack's scan unrolled (see plain_stack); the reversible modes keep their scans.
+  the plain stack's scan unrolled (see plain_stack; the config refuses it with a reversible stack).
   """
   if not rcfg.enabled:
     return plain_stack(layer_fns, group_vars, x, consts, remat=remat, unroll=unroll)

@@ -113,6 +113,16 @@ def test_streams_kernel_backward_needs_the_state_reading_projections():
   validate(c)
 
 
+def test_unrolled_layers_need_the_plain_stack():
+  c = config.base_config()
+  c.model.unroll_layers, c.reversible.enabled = True, True
+  with pytest.raises(ConfigError, match=r"^model.unroll_layers=True unrolls the plain layer "
+                     r"stack, .*with a reversible stack\.$"):
+    validate(c)
+  c.reversible.enabled = False
+  validate(c)
+
+
 def test_expert_layout_is_a_model_field_kept_across_meshes():
   c = load_config(str(REPO / "configs" / "tiny_120b.py"))
   c.mesh.expert = 4

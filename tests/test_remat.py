@@ -149,7 +149,6 @@ def test_residuals_benchmark_records_every_layer_kind_and_the_step(tmp_path):
   assert rep["step"]["selective"]["residual_gb"] < rep["step"]["none"]["residual_gb"]
 
 
-
 def test_unrolled_layer_scan_gives_the_same_float32_loss_and_gradients():
   """model.unroll_layers: the layer groups' scan as straight-line code changes no number."""
   seed = np.random.randint(1 << 30)

@@ -190,6 +190,9 @@ def validate(cfg: ConfigDict) -> ConfigDict:
         "model.hc.pre='kernel' needs the projections that read the state, which "
         "model.compat='reference_cuda' replaces; expected model.hc.pre 'autodiff' or 'fused' "
         "with it.")
+  _need(not (m.unroll_layers and cfg.reversible.enabled),
+        "model.unroll_layers=True unrolls the plain layer stack, which reversible.enabled=True "
+        "replaces; expected model.unroll_layers=False with a reversible stack.")
 
   e = cfg.moe
   if e.enabled:

@@ -111,8 +111,8 @@ FIELDS: tuple[Field, ...] = (
       choices=("none", "selective", "full"), resume=FREE),
     F("model.unroll_layers", False, "the plain layer stack's scan over layer groups unrolled: "
       "each group's residuals are buffers of their own instead of slices of stacked ones, which "
-      "the backward would copy out (compile time grows with the number of groups; the "
-      "reversible modes keep their scans)", resume=FREE),
+      "the backward would copy out (compile time grows with the number of groups; plain stack "
+      "only: refused with reversible.enabled)", resume=FREE),
     F("model.compat", "spec", "'spec' (SPEC.md and the reference's CPU code) or 'reference_cuda' "
       "(what the reference's CUDA kernels compute, for its released weights; docs/reference.md)",
       choices=("spec", "reference_cuda")),
