@@ -4,7 +4,8 @@
 #     bash benchmarks/session21_call.sh
 # Unless NOBENCH is set: benchmarks.topk_bench and benchmarks.stream_grad_bench. Cases: base (the
 # B4 step, profiled), kern (model.hc.pre=kernel), unroll (model.unroll_layers=True at batches UB),
-# old (the same B4 step from .before/, a trimmed `git archive` of the baseline, carried), lse
+# old (the same B4 step from .before/, a trimmed `git archive` of the baseline, carried; its
+# commit label OLD_COMMIT), lse
 # (benchmarks.lse_bench), full (issue 17's whole record on an H200: B8, B4, B1, B2, the delta rule).
 set -u
 : "${OUT:=/tmp/out}"; export OUT
@@ -22,7 +23,7 @@ for c in ${CASES:-base old kern}; do
     unroll) OUT=$OUT COMMIT=$COMMIT T_STEP2B=${TU:-300} NAME=s21_unroll EXTRA="--batches ${UB:-4,1,2} --no_delta --set model.unroll_layers=True" bash benchmarks/run_rank120.sh step2b | grep -v '^\s*$' | grep -iv "warn" | tail -14; prof unroll ;;
     lse) timeout 60 python3 -m benchmarks.lse_bench 2>&1 | tail -4 | tee $OUT/lse.txt ;;
     full) OUT=$OUT COMMIT=$COMMIT NAME=step2b_h200 T_STEP2B=520 EXTRA="--batches 8,4,1,2 --delta_variant pbp:model.deltanet.kernel.prep_bwd_p=True" bash benchmarks/run_rank120.sh step2b 2>&1 | grep -v '^\s*$' | grep -iv warn | tail -60 ;;
-    old) (cd .before && OUT=$OUT COMMIT=7680674-without-e7c961d T_STEP2B=170 NAME=s21_old EXTRA="--batches 4 --no_delta" bash benchmarks/run_rank120.sh step2b | grep -v '^\s*$' | grep -iv "warn" | tail -12); prof old ;;
+    old) (cd .before && OUT=$OUT COMMIT=${OLD_COMMIT:-unknown} T_STEP2B=170 NAME=s21_old EXTRA="--batches 4 --no_delta" bash benchmarks/run_rank120.sh step2b | grep -v '^\s*$' | grep -iv "warn" | tail -12); prof old ;;
   esac
 done
-cp .jcache/jcache.tar.gz /dev/null 2>/dev/null; ls -la $OUT
+ls -la $OUT

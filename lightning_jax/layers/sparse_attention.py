@@ -202,8 +202,7 @@ def gsa_select(p, stats, x, cfg):
       return select_from_scores(s, pos_c, var_ema, g, var_row, n_keys=T)
 
     outs.append(jax.lax.map(body, (qi_n[c0:c1], wi_n[c0:c1], pos[c0:c1])))
-  idx, k_t, var_t = (outs[0][i] if len(outs) == 1 else
-                     jnp.concatenate([o[i] for o in outs], axis=0) for i in range(3))
+  idx, k_t, var_t = (jnp.concatenate([o[i] for o in outs], axis=0) for i in range(3))
   return (attention_op.from_chunks(idx, T), attention_op.from_chunks(k_t, T),
           attention_op.from_chunks(var_t, T))
 
